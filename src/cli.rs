@@ -1,0 +1,421 @@
+//! The command line: `serve` (default), `demo`, `sim`, `check` and `token`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, EXIT_CONFIG, LogFormat, Sources};
+use crate::sim::{Sim, SimConfig};
+use crate::token::TokenProvider;
+
+/// Authenticating reverse proxy for Microsoft Dataverse.
+#[derive(Debug, Parser)]
+#[command(name = "dataverse-proxy", version, about, long_about = None)]
+pub struct Cli {
+    /// Config file (TOML); default: ./config.toml when it exists.
+    #[arg(
+        long,
+        global = true,
+        env = "DATAVERSE_PROXY_CONFIG",
+        value_name = "PATH"
+    )]
+    pub config: Option<PathBuf>,
+    /// Proxy listen address (default 127.0.0.1:8080).
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Admin listen address for /livez and /readyz (default 127.0.0.1:9090).
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// Dataverse org URL, e.g. https://contoso.crm.dynamics.com.
+    #[arg(long, global = true, value_name = "URL")]
+    pub org_url: Option<String>,
+    /// The proxy's URL as callers see it.
+    #[arg(long, global = true, value_name = "URL")]
+    pub public_url: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, global = true, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// What to do (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy from configuration (the default).
+    Serve,
+    /// Start the built-in Entra ID + Dataverse simulator and the proxy in front of it.
+    Demo,
+    /// Run only the simulator, printing the environment that points a proxy at it.
+    Sim {
+        /// Entra ID listen address.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        entra_listen: String,
+        /// Dataverse listen address.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        dataverse_listen: String,
+        /// Client secret the simulated app accepts (default: random).
+        #[arg(long)]
+        client_secret: Option<String>,
+    },
+    /// Validate config, fetch a token, call WhoAmI and print the ids.
+    Check,
+    /// Print a fresh access token to stdout (for debugging).
+    Token,
+}
+
+impl Cli {
+    fn sources(&self, env: HashMap<String, String>) -> Sources {
+        let mut flags = Vec::new();
+        for (flag, value) in [
+            ("--listen", &self.listen),
+            ("--admin-listen", &self.admin_listen),
+            ("--org-url", &self.org_url),
+            ("--public-url", &self.public_url),
+            ("--log-format", &self.log_format),
+        ] {
+            if let Some(v) = value {
+                flags.push((flag, v.clone()));
+            }
+        }
+        Sources {
+            file: self.config.clone(),
+            default_file: true,
+            env,
+            flags,
+            overrides: Vec::new(),
+        }
+    }
+}
+
+/// Runs the command line; `env` is the process environment.
+pub async fn run(cli: Cli, env: HashMap<String, String>) -> ExitCode {
+    let sources = cli.sources(env);
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => match load(&sources) {
+            Ok(config) => serve(config).await,
+            Err(code) => code,
+        },
+        Command::Demo => demo(sources).await,
+        Command::Sim {
+            entra_listen,
+            dataverse_listen,
+            client_secret,
+        } => sim(&entra_listen, &dataverse_listen, client_secret).await,
+        Command::Check => match load(&sources) {
+            Ok(config) => check(&config).await,
+            Err(code) => code,
+        },
+        Command::Token => match load(&sources) {
+            Ok(config) => token(&config).await,
+            Err(code) => code,
+        },
+    }
+}
+
+fn load(sources: &Sources) -> Result<Config, ExitCode> {
+    Config::load(sources).map_err(|e| {
+        eprint!("dataverse-proxy: {e}");
+        ExitCode::from(EXIT_CONFIG as u8)
+    })
+}
+
+/// Sets up logging to stderr; `RUST_LOG` filters (default `info`).
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    token.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown signal received, draining");
+    token.cancel();
+}
+
+async fn bind(config: &Config) -> Result<(TcpListener, TcpListener), ExitCode> {
+    let proxy = TcpListener::bind(config.listen).await;
+    let admin = TcpListener::bind(config.admin_listen).await;
+    match (proxy, admin) {
+        (Ok(p), Ok(a)) => Ok((p, a)),
+        (Err(e), _) => {
+            eprintln!(
+                "dataverse-proxy: cannot listen on {} (`listen`): {e}",
+                config.listen
+            );
+            Err(ExitCode::FAILURE)
+        }
+        (_, Err(e)) => {
+            eprintln!(
+                "dataverse-proxy: cannot listen on {} (`admin_listen`): {e}",
+                config.admin_listen
+            );
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    init_tracing(config.log.format);
+    let (proxy, admin) = match bind(&config).await {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    tracing::info!(
+        listen = %config.listen,
+        admin_listen = %config.admin_listen,
+        org = %config.org.origin(),
+        "dataverse-proxy listening"
+    );
+    let shutdown = CancellationToken::new();
+    tokio::spawn(shutdown_signal(shutdown.clone()));
+    match crate::serve(config, proxy, admin, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "server failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn demo(mut sources: Sources) -> ExitCode {
+    let sim = match Sim::start(SimConfig::default()).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("dataverse-proxy demo: cannot start the simulator: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let h = &sim.handle;
+    // The demo ignores config files and credentials from the environment:
+    // it always fronts its own simulator.
+    sources.file = None;
+    sources.default_file = false;
+    sources.env.retain(|k, _| {
+        matches!(
+            k.as_str(),
+            "DATAVERSE_PROXY_LISTEN"
+                | "DATAVERSE_PROXY_ADMIN_LISTEN"
+                | "DATAVERSE_PROXY_PUBLIC_URL"
+                | "DATAVERSE_PROXY_LOG_FORMAT"
+        )
+    });
+    sources.overrides = vec![
+        ("org.url", h.org_url().to_owned()),
+        ("credential.tenant_id", h.config().tenant_id.clone()),
+        ("credential.client_id", h.config().client_id.clone()),
+        ("credential.client_secret", h.config().client_secret.clone()),
+        ("credential.token_url", h.token_url()),
+    ];
+    let config = match load(&sources) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_tracing(config.log.format);
+    let (proxy, admin) = match bind(&config).await {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let p = format!("http://{}", config.listen);
+    let a = format!("http://{}", config.admin_listen);
+    println!(
+        "dataverse-proxy demo\n\
+         \x20 simulated Entra ID:  {entra}\n\
+         \x20 simulated Dataverse: {org}\n\
+         \x20 proxy:               {p}   (admin: {a})\n\n\
+         Try (no credentials needed: the proxy fetches and injects the token):\n\
+         \x20 curl '{p}/api/data/v9.2/WhoAmI'\n\
+         \x20 curl '{p}/api/data/v9.2/leads?$select=subject'\n\
+         \x20 curl -H 'Prefer: odata.maxpagesize=5' '{p}/api/data/v9.2/accounts?$select=name,address1_city'\n\
+         \x20 curl \"{p}/api/data/v9.2/contacts?\\$select=fullname&\\$filter=jobtitle%20eq%20'CFO'\"\n\
+         \x20 curl -i -X POST -H 'Content-Type: application/json' -d '{{\"name\":\"Demo Ltd\"}}' '{p}/api/data/v9.2/accounts'\n\
+         \x20 curl '{a}/readyz'\n\n\
+         Press Ctrl-C to stop.",
+        entra = h.entra_url(),
+        org = h.org_url(),
+    );
+    let shutdown = CancellationToken::new();
+    tokio::spawn(shutdown_signal(shutdown.clone()));
+    let result = crate::serve(config, proxy, admin, shutdown).await;
+    sim.shutdown();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dataverse-proxy demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn sim(entra: &str, dataverse: &str, client_secret: Option<String>) -> ExitCode {
+    init_tracing(LogFormat::Text);
+    let mut cfg = SimConfig::default();
+    if let Some(s) = client_secret {
+        cfg.client_secret = s;
+    }
+    let listeners = (
+        TcpListener::bind(entra).await,
+        TcpListener::bind(dataverse).await,
+    );
+    let (entra, dataverse) = match listeners {
+        (Ok(e), Ok(d)) => (e, d),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("dataverse-proxy sim: cannot listen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let sim = match Sim::start_on(cfg, entra, dataverse) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("dataverse-proxy sim: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let h = &sim.handle;
+    println!(
+        "# simulator running; point a proxy at it with:\n\
+         export DATAVERSE_URL={}\n\
+         export AZURE_TENANT_ID={}\n\
+         export AZURE_CLIENT_ID={}\n\
+         export AZURE_CLIENT_SECRET={}\n\
+         export DATAVERSE_PROXY_TOKEN_URL={}",
+        h.org_url(),
+        h.config().tenant_id,
+        h.config().client_id,
+        h.config().client_secret,
+        h.token_url()
+    );
+    let stop = CancellationToken::new();
+    shutdown_signal(stop.clone()).await;
+    sim.shutdown();
+    ExitCode::SUCCESS
+}
+
+async fn check(config: &Config) -> ExitCode {
+    init_tracing(config.log.format);
+    println!("configuration: ok");
+    println!("  org:         {}", config.org.origin());
+    println!("  token URL:   {}", config.credential.token_url);
+    println!("  client id:   {}", config.credential.client_id);
+    println!("  scope:       {}", config.credential.scope);
+    let provider = match TokenProvider::new(config.credential.clone(), config.token.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            println!("token: cannot build the HTTP client: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let token = match provider.fetch_uncached().await {
+        Ok(t) => {
+            println!("token: ok (lifetime {} s)", t.lifetime.as_secs());
+            t
+        }
+        Err(e) => {
+            println!("token: FAILED: {e}");
+            if let Some(advice) = e.advice() {
+                println!("  what to do: {advice}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let http = match reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(config.upstream.response_timeout)
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            println!("WhoAmI: cannot build the HTTP client: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let url = format!("{}/api/data/v9.2/WhoAmI", config.org.origin());
+    let resp = http
+        .get(&url)
+        .header(reqwest::header::AUTHORIZATION, token.header())
+        .header(reqwest::header::ACCEPT, "application/json")
+        .send()
+        .await;
+    match resp {
+        Ok(r) if r.status().is_success() => {
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            println!("WhoAmI: ok");
+            for key in ["OrganizationId", "UserId", "BusinessUnitId"] {
+                println!("  {key}: {}", body[key].as_str().unwrap_or("?"));
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            let status = r.status();
+            println!("WhoAmI: FAILED with HTTP {status}");
+            if status == reqwest::StatusCode::UNAUTHORIZED
+                || status == reqwest::StatusCode::FORBIDDEN
+            {
+                println!(
+                    "  what to do: Entra ID issued a token but Dataverse refused it. Add the app as an application user \
+                     of this environment (Power Platform admin center > Environments > Settings > Users + permissions > \
+                     Application users) with a security role, and check that the org URL is this environment's."
+                );
+            }
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            println!("WhoAmI: FAILED, Dataverse unreachable: {}", e.without_url());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn token(config: &Config) -> ExitCode {
+    init_tracing(config.log.format);
+    let provider = match TokenProvider::new(config.credential.clone(), config.token.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("dataverse-proxy token: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match provider.fetch_uncached().await {
+        Ok(t) => {
+            println!("{}", t.expose());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dataverse-proxy token: {e}");
+            if let Some(advice) = e.advice() {
+                eprintln!("  what to do: {advice}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,975 @@
+//! Typed configuration: layering, validation and error reporting.
+//!
+//! Precedence, highest first: command-line flags, environment variables, the
+//! config file, built-in defaults. The file is `--config PATH`, else
+//! `$DATAVERSE_PROXY_CONFIG`, else `./config.toml` when present.
+//!
+//! Loading happens in two steps. [figment] merges the layers and deserialises
+//! them into [`RawConfig`], whose structs reject unknown keys. Then
+//! [`RawConfig::validate`] turns every field into its typed form and collects
+//! *all* problems before failing, so an operator sees every mistake at once.
+//! Each problem names the key, where its value came from (file, variable or
+//! flag) and the fix.
+//!
+//! The process environment is never read here: callers pass it in as a map
+//! (`main.rs` collects it), which keeps tests free of `std::env::set_var`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Format, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider, Source};
+use secrecy::SecretString;
+use serde::Deserialize;
+use url::Url;
+
+/// Exit code for configuration errors (`EX_USAGE` from sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Environment variables and the config keys they set (design §2).
+pub const ENV_KEYS: &[(&str, &str)] = &[
+    ("DATAVERSE_URL", "org.url"),
+    ("AZURE_TENANT_ID", "credential.tenant_id"),
+    ("AZURE_CLIENT_ID", "credential.client_id"),
+    ("AZURE_CLIENT_SECRET", "credential.client_secret"),
+    ("AZURE_CLIENT_SECRET_FILE", "credential.client_secret_file"),
+    ("AZURE_AUTHORITY_HOST", "credential.authority_host"),
+    ("DATAVERSE_PROXY_TOKEN_URL", "credential.token_url"),
+    ("DATAVERSE_PROXY_LISTEN", "listen"),
+    ("DATAVERSE_PROXY_ADMIN_LISTEN", "admin_listen"),
+    ("DATAVERSE_PROXY_PUBLIC_URL", "public_url"),
+    ("DATAVERSE_PROXY_LOG_FORMAT", "log.format"),
+];
+
+/// Command-line flags and the config keys they set.
+pub const FLAG_KEYS: &[(&str, &str)] = &[
+    ("--listen", "listen"),
+    ("--admin-listen", "admin_listen"),
+    ("--org-url", "org.url"),
+    ("--public-url", "public_url"),
+    ("--log-format", "log.format"),
+];
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
+
+// === Validated configuration ===
+
+/// The validated configuration the proxy runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address of the proxy listener.
+    pub listen: SocketAddr,
+    /// Address of the admin listener (`/livez`, `/readyz`).
+    pub admin_listen: SocketAddr,
+    /// The proxy's URL as callers see it, when fixed by configuration.
+    pub public_url: Option<Url>,
+    /// The Dataverse organisation requests are forwarded to.
+    pub org: OrgConfig,
+    /// The Entra ID app registration used for the client-credentials grant.
+    pub credential: CredentialConfig,
+    /// Upstream (Dataverse) connection settings.
+    pub upstream: UpstreamConfig,
+    /// Token cache and refresh settings.
+    pub token: TokenConfig,
+    /// Log output settings.
+    pub log: LogConfig,
+}
+
+/// One Dataverse organisation.
+#[derive(Debug, Clone)]
+pub struct OrgConfig {
+    /// Origin of the org, e.g. `https://contoso.crm.dynamics.com`, without a
+    /// trailing slash or path.
+    pub url: Url,
+}
+
+impl OrgConfig {
+    /// The org origin as a string without a trailing slash.
+    pub fn origin(&self) -> String {
+        self.url.as_str().trim_end_matches('/').to_owned()
+    }
+}
+
+/// An app registration's client-credentials settings.
+#[derive(Debug, Clone)]
+pub struct CredentialConfig {
+    /// Directory (tenant) id or domain.
+    pub tenant_id: String,
+    /// Application (client) id.
+    pub client_id: String,
+    /// Where the client secret comes from.
+    pub secret: SecretSource,
+    /// Full token endpoint URL (v2), derived from the authority host and
+    /// tenant unless overridden.
+    pub token_url: Url,
+    /// The OAuth2 scope, `{org}/.default` unless overridden.
+    pub scope: String,
+}
+
+/// Where a client secret is read from.
+#[derive(Clone)]
+pub enum SecretSource {
+    /// Given inline (config file or `AZURE_CLIENT_SECRET`).
+    Inline(SecretString),
+    /// Read from this file at every token fetch, so rotation needs no restart.
+    File(PathBuf),
+}
+
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Inline(_) => f.write_str("Inline([REDACTED])"),
+            Self::File(path) => f.debug_tuple("File").field(path).finish(),
+        }
+    }
+}
+
+/// Upstream connection settings; defaults suit Dataverse, whose `$batch`
+/// and `$metadata` calls can take minutes.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// TCP + TLS connect timeout.
+    pub connect_timeout: Duration,
+    /// Time from sending the request until the response headers arrive.
+    pub response_timeout: Duration,
+    /// Longest pause between two chunks of a response body.
+    pub idle_timeout: Duration,
+    /// How long an unused pooled connection is kept.
+    pub pool_idle_timeout: Duration,
+    /// Idle connections kept per upstream host.
+    pub pool_max_idle: usize,
+}
+
+/// Token cache and refresh settings.
+#[derive(Debug, Clone)]
+pub struct TokenConfig {
+    /// Timeout of one token request.
+    pub fetch_timeout: Duration,
+    /// First retry delay after a failed fetch; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    /// Longest retry delay after failed fetches.
+    pub max_backoff: Duration,
+}
+
+/// Log output settings.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Line format.
+    pub format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable text.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+// === Raw (deserialised, unvalidated) configuration ===
+
+/// The configuration as deserialised, before validation. Every struct rejects
+/// unknown keys.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    public_url: Option<String>,
+    org: RawOrg,
+    credential: RawCredential,
+    upstream: RawUpstream,
+    token: RawToken,
+    log: RawLog,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawOrg {
+    url: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawCredential {
+    tenant_id: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<RawSecret>,
+    client_secret_file: Option<String>,
+    authority_host: Option<String>,
+    token_url: Option<String>,
+    scope: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawUpstream {
+    connect_timeout: Option<String>,
+    response_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    pool_idle_timeout: Option<String>,
+    pool_max_idle: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawToken {
+    fetch_timeout: Option<String>,
+    min_backoff: Option<String>,
+    max_backoff: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    format: Option<String>,
+}
+
+/// A secret as deserialised. Its deserialiser never echoes the value in an
+/// error, whatever type was given.
+struct RawSecret(SecretString);
+
+impl<'de> Deserialize<'de> for RawSecret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = RawSecret;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawSecret, E> {
+                Ok(RawSecret(SecretString::from(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<RawSecret, E> {
+                Err(E::custom("a secret must be a quoted string"))
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<RawSecret, E> {
+                Err(E::custom("a secret must be a quoted string"))
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<RawSecret, E> {
+                Err(E::custom("a secret must be a quoted string"))
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<RawSecret, E> {
+                Err(E::custom("a secret must be a quoted string"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+// === Loading ===
+
+/// Everything configuration is read from. Built by `main.rs` from the process
+/// and by tests from literals.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    /// Explicit config file (`--config` or `$DATAVERSE_PROXY_CONFIG`); it must exist.
+    pub file: Option<PathBuf>,
+    /// Read `./config.toml` when no file is named and it exists.
+    pub default_file: bool,
+    /// Environment variables (only the names in [`ENV_KEYS`] are used).
+    pub env: HashMap<String, String>,
+    /// Flag values as `(flag, value)`, flags from [`FLAG_KEYS`].
+    pub flags: Vec<(&'static str, String)>,
+    /// Values that win over everything, as `(key, value)`, e.g. the `demo`
+    /// command's simulator endpoints.
+    pub overrides: Vec<(&'static str, String)>,
+}
+
+/// Every problem found while loading the configuration.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// One line per problem, each naming the key, its source and the fix.
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        writeln!(
+            f,
+            "invalid configuration ({n} problem{}):",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Loads, layers and validates the configuration.
+    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = &sources.file {
+            if !path.is_file() {
+                return Err(ConfigError {
+                    problems: vec![format!(
+                        "config file {} does not exist or is not a file; fix the path given by --config or $DATAVERSE_PROXY_CONFIG",
+                        path.display()
+                    )],
+                });
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        } else if sources.default_file && Path::new("config.toml").is_file() {
+            figment = figment.merge(Toml::file_exact("config.toml"));
+        }
+        figment = figment
+            .merge(MapProvider::from_env(&sources.env))
+            .merge(MapProvider::new(
+                "command-line flag",
+                FLAG_KEYS,
+                sources.flags.clone(),
+            ))
+            .merge(MapProvider::overrides(&sources.overrides));
+
+        let raw: RawConfig = figment.extract().map_err(|e| ConfigError {
+            problems: e.into_iter().map(|e| explain_figment(&e)).collect(),
+        })?;
+        raw.validate(&figment)
+    }
+}
+
+/// Turns a figment error into one line that says what to do.
+fn explain_figment(e: &figment::Error) -> String {
+    let mut line = e.to_string();
+    if let figment::error::Kind::UnknownField(field, expected) = &e.kind {
+        line = format!(
+            "unknown key `{field}`{}; remove it or fix its spelling (known keys here: {})",
+            e.metadata
+                .as_ref()
+                .map(|m| format!(" in {}", describe_metadata(m)))
+                .unwrap_or_default(),
+            expected.join(", ")
+        );
+    }
+    line
+}
+
+fn describe_metadata(md: &Metadata) -> String {
+    match &md.source {
+        Some(Source::File(p)) => format!("config file {}", p.display()),
+        Some(other) => format!("{} {}", md.name, other),
+        None => md.name.to_string(),
+    }
+}
+
+/// Collects validation problems with the origin of each key.
+struct Problems<'a> {
+    figment: &'a Figment,
+    list: Vec<String>,
+}
+
+impl Problems<'_> {
+    /// Where `key`'s value came from, for error messages.
+    fn origin(&self, key: &str) -> String {
+        match self.figment.find_metadata(key) {
+            None => "(not set)".to_owned(),
+            Some(md) => {
+                let keys: Vec<&str> = key.split('.').collect();
+                match &md.source {
+                    Some(Source::File(p)) => format!("(in config file {})", p.display()),
+                    _ => format!("(from {})", md.interpolate(&Profile::Default, &keys)),
+                }
+            }
+        }
+    }
+
+    fn push(&mut self, key: &str, what: &str, fix: &str) {
+        let origin = self.origin(key);
+        self.list.push(format!("`{key}` {origin}: {what}; {fix}"));
+    }
+
+    fn addr(&mut self, key: &str, value: Option<&str>, default: &str) -> Option<SocketAddr> {
+        let v = value.unwrap_or(default);
+        match v.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.push(
+                    key,
+                    &format!("{v:?} is not a socket address"),
+                    "use IP:PORT, e.g. \"127.0.0.1:8080\" or \"0.0.0.0:8080\"",
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str, value: Option<&str>, default: Duration) -> Duration {
+        match value {
+            None => default,
+            Some(v) => match parse_duration(v) {
+                Some(d) => d,
+                None => {
+                    self.push(
+                        key,
+                        &format!("{v:?} is not a duration"),
+                        "use a number with a unit: \"500ms\", \"30s\", \"5m\" or \"1h\"",
+                    );
+                    default
+                }
+            },
+        }
+    }
+
+    /// Parses an http(s) URL; `http` only for loopback hosts.
+    fn url(&mut self, key: &str, value: &str) -> Option<Url> {
+        let url = match Url::parse(value) {
+            Ok(u) => u,
+            Err(e) => {
+                self.push(
+                    key,
+                    &format!("{value:?} is not a URL ({e})"),
+                    "give an absolute URL such as \"https://contoso.crm.dynamics.com\"",
+                );
+                return None;
+            }
+        };
+        match url.scheme() {
+            "https" => {}
+            "http" if is_loopback(&url) => {}
+            "http" => {
+                self.push(
+                    key,
+                    &format!("{value:?} uses http:// for a host that is not loopback"),
+                    "use https:// (plain http is accepted only for 127.0.0.1, ::1 and localhost)",
+                );
+                return None;
+            }
+            other => {
+                self.push(
+                    key,
+                    &format!("scheme {other:?} is not supported"),
+                    "use https://",
+                );
+                return None;
+            }
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            self.push(
+                key,
+                "the URL contains user information",
+                "remove the user:password@ part; credentials belong in the credential section",
+            );
+            return None;
+        }
+        Some(url)
+    }
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+        None => false,
+    }
+}
+
+/// Parses `"500ms"`, `"30s"`, `"5m"`, `"1h"` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60)?),
+        "h" => Duration::from_secs(n.checked_mul(3600)?),
+        _ => return None,
+    };
+    Some(d)
+}
+
+impl RawConfig {
+    /// Validates every field, collecting all problems.
+    fn validate(self, figment: &Figment) -> Result<Config, ConfigError> {
+        let mut p = Problems {
+            figment,
+            list: Vec::new(),
+        };
+
+        let listen = p.addr("listen", self.listen.as_deref(), DEFAULT_LISTEN);
+        let admin_listen = p.addr(
+            "admin_listen",
+            self.admin_listen.as_deref(),
+            DEFAULT_ADMIN_LISTEN,
+        );
+        let public_url = self.public_url.as_deref().and_then(|v| {
+            let u = p.url("public_url", v)?;
+            Some(u)
+        });
+
+        let org_url = match self.org.url.as_deref() {
+            None => {
+                p.push(
+                    "org.url",
+                    "the Dataverse org URL is required",
+                    "set DATAVERSE_URL, --org-url or [org] url, e.g. \"https://contoso.crm.dynamics.com\"",
+                );
+                None
+            }
+            Some(v) => p.url("org.url", v).and_then(|u| {
+                let path = u.path().trim_end_matches('/');
+                if !path.is_empty() || u.query().is_some() {
+                    p.push(
+                        "org.url",
+                        &format!("{v:?} has a path or query"),
+                        "give only the origin, e.g. \"https://contoso.crm.dynamics.com\" (the proxy adds /api/data/v9.x/)",
+                    );
+                    None
+                } else {
+                    Some(u)
+                }
+            }),
+        };
+
+        let c = self.credential;
+        let tenant_id = required(
+            &mut p,
+            "credential.tenant_id",
+            c.tenant_id,
+            "set AZURE_TENANT_ID or [credential] tenant_id to the directory (tenant) id",
+        );
+        let client_id = required(
+            &mut p,
+            "credential.client_id",
+            c.client_id,
+            "set AZURE_CLIENT_ID or [credential] client_id to the application (client) id",
+        );
+        let secret = match (c.client_secret, c.client_secret_file) {
+            (Some(s), None) => Some(SecretSource::Inline(s.0)),
+            (None, Some(f)) => Some(SecretSource::File(PathBuf::from(f))),
+            (Some(_), Some(_)) => {
+                p.push(
+                    "credential.client_secret",
+                    "both client_secret and client_secret_file are set",
+                    "set only one of them",
+                );
+                None
+            }
+            (None, None) => {
+                p.push(
+                    "credential.client_secret",
+                    "no client secret is configured",
+                    "set AZURE_CLIENT_SECRET or AZURE_CLIENT_SECRET_FILE (or [credential] client_secret_file)",
+                );
+                None
+            }
+        };
+        if let Some(SecretSource::File(path)) = &secret
+            && let Err(e) = std::fs::metadata(path)
+        {
+            p.push(
+                "credential.client_secret_file",
+                &format!("cannot read {} ({e})", path.display()),
+                "point it at a readable file that holds only the secret",
+            );
+        }
+
+        let token_url = match (c.token_url.as_deref(), tenant_id.as_deref()) {
+            (Some(u), _) => p.url("credential.token_url", u),
+            (None, Some(tenant)) => {
+                let host = c.authority_host.as_deref().unwrap_or(DEFAULT_AUTHORITY);
+                let host = if host.contains("://") {
+                    host.to_owned()
+                } else {
+                    format!("https://{host}")
+                };
+                p.url("credential.authority_host", &host).and_then(|h| {
+                    let base = h.as_str().trim_end_matches('/');
+                    let url = format!("{base}/{tenant}/oauth2/v2.0/token");
+                    p.url("credential.tenant_id", &url)
+                })
+            }
+            (None, None) => None,
+        };
+        let scope = match (c.scope, &org_url) {
+            (Some(s), _) => Some(s),
+            (None, Some(u)) => Some(format!("{}/.default", u.as_str().trim_end_matches('/'))),
+            (None, None) => None,
+        };
+
+        let u = self.upstream;
+        let upstream = UpstreamConfig {
+            connect_timeout: p.duration(
+                "upstream.connect_timeout",
+                u.connect_timeout.as_deref(),
+                Duration::from_secs(10),
+            ),
+            response_timeout: p.duration(
+                "upstream.response_timeout",
+                u.response_timeout.as_deref(),
+                Duration::from_secs(300),
+            ),
+            idle_timeout: p.duration(
+                "upstream.idle_timeout",
+                u.idle_timeout.as_deref(),
+                Duration::from_secs(120),
+            ),
+            pool_idle_timeout: p.duration(
+                "upstream.pool_idle_timeout",
+                u.pool_idle_timeout.as_deref(),
+                Duration::from_secs(90),
+            ),
+            pool_max_idle: u.pool_max_idle.unwrap_or(64),
+        };
+
+        let t = self.token;
+        let token = TokenConfig {
+            fetch_timeout: p.duration(
+                "token.fetch_timeout",
+                t.fetch_timeout.as_deref(),
+                Duration::from_secs(30),
+            ),
+            min_backoff: p.duration(
+                "token.min_backoff",
+                t.min_backoff.as_deref(),
+                Duration::from_secs(1),
+            ),
+            max_backoff: p.duration(
+                "token.max_backoff",
+                t.max_backoff.as_deref(),
+                Duration::from_secs(60),
+            ),
+        };
+        if token.min_backoff.is_zero() || token.min_backoff > token.max_backoff {
+            p.push(
+                "token.min_backoff",
+                "must be above zero and at most token.max_backoff",
+                "e.g. min_backoff = \"1s\", max_backoff = \"60s\"",
+            );
+        }
+
+        let format = match self.log.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                p.push(
+                    "log.format",
+                    &format!("{other:?} is not a log format"),
+                    "use \"text\" or \"json\"",
+                );
+                LogFormat::Text
+            }
+        };
+
+        match (
+            listen,
+            admin_listen,
+            org_url,
+            tenant_id,
+            client_id,
+            secret,
+            token_url,
+            scope,
+        ) {
+            (
+                Some(listen),
+                Some(admin_listen),
+                Some(url),
+                Some(tenant_id),
+                Some(client_id),
+                Some(secret),
+                Some(token_url),
+                Some(scope),
+            ) if p.list.is_empty() => Ok(Config {
+                listen,
+                admin_listen,
+                public_url,
+                org: OrgConfig { url },
+                credential: CredentialConfig {
+                    tenant_id,
+                    client_id,
+                    secret,
+                    token_url,
+                    scope,
+                },
+                upstream,
+                token,
+                log: LogConfig { format },
+            }),
+            _ => Err(ConfigError { problems: p.list }),
+        }
+    }
+}
+
+fn required(p: &mut Problems<'_>, key: &str, value: Option<String>, fix: &str) -> Option<String> {
+    match value {
+        Some(v) if !v.trim().is_empty() => Some(v.trim().to_owned()),
+        _ => {
+            p.push(key, "is required", fix);
+            None
+        }
+    }
+}
+
+// === impl MapProvider ===
+
+/// A figment provider over `(name, key, value)` triples, whose metadata names
+/// the environment variable or flag a key came from.
+struct MapProvider {
+    name: &'static str,
+    table: &'static [(&'static str, &'static str)],
+    values: Vec<(&'static str, String)>,
+}
+
+impl MapProvider {
+    fn new(
+        name: &'static str,
+        table: &'static [(&'static str, &'static str)],
+        values: Vec<(&'static str, String)>,
+    ) -> Self {
+        Self {
+            name,
+            table,
+            values,
+        }
+    }
+
+    fn from_env(env: &HashMap<String, String>) -> Self {
+        let values = ENV_KEYS
+            .iter()
+            .filter_map(|(var, _)| {
+                env.get(*var)
+                    .filter(|v| !v.is_empty())
+                    .map(|v| (*var, v.clone()))
+            })
+            .collect();
+        Self::new("environment variable", ENV_KEYS, values)
+    }
+
+    /// Overrides are given by key directly; the table maps each key to itself.
+    fn overrides(values: &[(&'static str, String)]) -> Self {
+        Self {
+            name: "built-in override",
+            table: &[],
+            values: values.to_vec(),
+        }
+    }
+
+    fn key_of(&self, name: &'static str) -> &'static str {
+        self.table
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(name, |(_, k)| k)
+    }
+}
+
+impl Provider for MapProvider {
+    fn metadata(&self) -> Metadata {
+        let table = self.table;
+        let name = self.name;
+        Metadata::named(name).interpolater(move |_, keys| {
+            let key = keys.join(".");
+            match table.iter().find(|(_, k)| *k == key) {
+                Some((var, _)) if name == "environment variable" => format!("${var}"),
+                Some((flag, _)) => (*flag).to_owned(),
+                None => format!("{name} {key}"),
+            }
+        })
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut root = Dict::new();
+        for (name, value) in &self.values {
+            let key = self.key_of(name);
+            insert_nested(&mut root, key, Value::from(value.clone()));
+        }
+        let mut map = Map::new();
+        map.insert(Profile::Default, root);
+        Ok(map)
+    }
+}
+
+fn insert_nested(dict: &mut Dict, key: &str, value: Value) {
+    match key.split_once('.') {
+        None => {
+            dict.insert(key.to_owned(), value);
+        }
+        Some((head, rest)) => {
+            let entry = dict
+                .entry(head.to_owned())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if let Value::Dict(_, inner) = entry {
+                insert_nested(inner, rest, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn minimal_env() -> HashMap<String, String> {
+        env(&[
+            ("DATAVERSE_URL", "https://contoso.crm.dynamics.com"),
+            ("AZURE_TENANT_ID", "tenant-1"),
+            ("AZURE_CLIENT_ID", "client-1"),
+            ("AZURE_CLIENT_SECRET", "s3cr3t-value"),
+        ])
+    }
+
+    #[test]
+    fn env_alone_is_enough() {
+        let cfg = Config::load(&Sources {
+            env: minimal_env(),
+            ..Sources::default()
+        })
+        .expect("valid");
+        assert_eq!(cfg.org.origin(), "https://contoso.crm.dynamics.com");
+        assert_eq!(
+            cfg.credential.token_url.as_str(),
+            "https://login.microsoftonline.com/tenant-1/oauth2/v2.0/token"
+        );
+        assert_eq!(
+            cfg.credential.scope,
+            "https://contoso.crm.dynamics.com/.default"
+        );
+        assert_eq!(cfg.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(cfg.upstream.response_timeout, Duration::from_secs(300));
+        // The secret never shows in Debug output.
+        assert!(!format!("{cfg:?}").contains("s3cr3t-value"));
+    }
+
+    #[test]
+    fn flags_beat_env_and_authority_host_is_used() {
+        let mut e = minimal_env();
+        e.insert("DATAVERSE_PROXY_LISTEN".into(), "127.0.0.1:1111".into());
+        e.insert(
+            "AZURE_AUTHORITY_HOST".into(),
+            "login.microsoftonline.us".into(),
+        );
+        let cfg = Config::load(&Sources {
+            env: e,
+            flags: vec![("--listen", "127.0.0.1:2222".into())],
+            ..Sources::default()
+        })
+        .expect("valid");
+        assert_eq!(cfg.listen.port(), 2222);
+        assert_eq!(
+            cfg.credential.token_url.as_str(),
+            "https://login.microsoftonline.us/tenant-1/oauth2/v2.0/token"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_source() {
+        let e = env(&[
+            ("DATAVERSE_URL", "http://contoso.crm.dynamics.com"),
+            ("DATAVERSE_PROXY_LISTEN", "nonsense"),
+        ]);
+        let err = Config::load(&Sources {
+            env: e,
+            ..Sources::default()
+        })
+        .expect_err("invalid");
+        let text = err.to_string();
+        assert!(text.contains("`org.url` (from $DATAVERSE_URL)"), "{text}");
+        assert!(text.contains("https://"), "{text}");
+        assert!(
+            text.contains("`listen` (from $DATAVERSE_PROXY_LISTEN)"),
+            "{text}"
+        );
+        assert!(text.contains("`credential.tenant_id` (not set)"), "{text}");
+        assert!(text.contains("`credential.client_id`"), "{text}");
+        assert!(text.contains("`credential.client_secret`"), "{text}");
+        assert_eq!(err.problems.len(), 5, "{text}");
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_rejected() {
+        let dir = std::env::temp_dir().join(format!("dvp-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "[org]\nurl = \"https://a.crm.dynamics.com\"\nurll = 1\n",
+        )
+        .expect("write");
+        let err = Config::load(&Sources {
+            file: Some(path.clone()),
+            ..Sources::default()
+        })
+        .expect_err("unknown key");
+        let text = err.to_string();
+        assert!(text.contains("unknown key `urll`"), "{text}");
+        assert!(text.contains(&path.display().to_string()), "{text}");
+    }
+
+    #[test]
+    fn a_secret_of_the_wrong_type_is_not_echoed() {
+        let dir = std::env::temp_dir().join(format!("dvp-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "[credential]\nclient_secret = 987654321\n").expect("write");
+        let err = Config::load(&Sources {
+            file: Some(path),
+            ..Sources::default()
+        })
+        .expect_err("bad type");
+        assert!(!err.to_string().contains("987654321"), "{err}");
+    }
+
+    #[test]
+    fn http_is_loopback_only() {
+        let mut e = minimal_env();
+        e.insert("DATAVERSE_URL".into(), "http://127.0.0.1:9999".into());
+        e.insert(
+            "DATAVERSE_PROXY_TOKEN_URL".into(),
+            "http://localhost:1/t/oauth2/v2.0/token".into(),
+        );
+        assert!(
+            Config::load(&Sources {
+                env: e,
+                ..Sources::default()
+            })
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("12"), Some(Duration::from_secs(12)));
+        assert_eq!(parse_duration("5 minutes"), None);
+        assert_eq!(parse_duration("s"), None);
+    }
+
+    #[test]
+    fn the_shipped_example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        let mut e = HashMap::new();
+        e.insert("AZURE_CLIENT_SECRET".to_owned(), "x".to_owned());
+        let cfg = Config::load(&Sources {
+            file: Some(path),
+            env: e,
+            ..Sources::default()
+        })
+        .expect("config.toml is valid");
+        assert_eq!(cfg.org.origin(), "https://contoso.crm.dynamics.com");
+        assert_eq!(cfg.upstream.idle_timeout, Duration::from_secs(120));
+    }
+}

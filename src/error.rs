@@ -1,0 +1,140 @@
+//! Proxy-made errors: one enum, one status table, one conversion to HTTP.
+//!
+//! Every error the proxy itself produces becomes an OData-shaped JSON body
+//! (`{"error":{"code":…,"message":…}}`) so Dataverse clients parse it, plus an
+//! `x-dataverse-proxy-error` header carrying the same code, so callers can
+//! tell proxy failures from Dataverse's own errors (which pass through
+//! untouched and are never wrapped). Messages say what happened and what to
+//! do; they never contain secrets or tokens.
+
+use std::time::Duration;
+
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+/// Header that marks a response as made by the proxy, valued with the error code.
+pub const PROXY_ERROR_HEADER: HeaderName = HeaderName::from_static("x-dataverse-proxy-error");
+
+/// An error produced by the proxy (not by Dataverse).
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// 404: the path is not under `/api/data/v9.x/`.
+    #[error("only /api/data/v9.0, v9.1 and v9.2 paths are proxied to Dataverse")]
+    NotFound,
+    /// 400: the request target cannot be forwarded.
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    /// 503: no valid access token (Entra ID unreachable or refusing).
+    #[error(
+        "no valid Dataverse access token is available ({reason}); the proxy keeps retrying Entra ID, try again later"
+    )]
+    TokenUnavailable {
+        /// Why the token could not be had (safe to show: no secrets).
+        reason: String,
+        /// When the next fetch attempt is due.
+        retry_after: Duration,
+    },
+    /// 502: the upstream could not be reached or broke the protocol.
+    #[error("Dataverse could not be reached: {0}")]
+    UpstreamUnavailable(#[source] hyper_util::client::legacy::Error),
+    /// 504: the upstream did not send response headers in time.
+    #[error("Dataverse did not answer within {0:?}")]
+    UpstreamTimeout(Duration),
+}
+
+impl ProxyError {
+    /// The HTTP status for this error; exhaustive on purpose.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The stable machine-readable code, used in the body and the header.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotFound => "not_found",
+            Self::BadRequest(_) => "bad_request",
+            Self::TokenUnavailable { .. } => "token_unavailable",
+            Self::UpstreamUnavailable(_) => "upstream_unavailable",
+            Self::UpstreamTimeout(_) => "upstream_timeout",
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::TokenUnavailable { retry_after, .. } => Some(*retry_after),
+            Self::NotFound
+            | Self::BadRequest(_)
+            | Self::UpstreamUnavailable(_)
+            | Self::UpstreamTimeout(_) => None,
+        }
+    }
+
+    /// The message shown to callers: the error and its sources.
+    fn message(&self) -> String {
+        let mut msg = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            source = s.source();
+        }
+        msg
+    }
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "error": { "code": self.code(), "message": self.message() }
+        });
+        let mut resp = (self.status(), axum::Json(body)).into_response();
+        let h = resp.headers_mut();
+        h.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(self.code()));
+        if let Some(after) = self.retry_after() {
+            let secs = after.as_secs_f64().ceil().max(1.0) as u64;
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_table_is_pinned() {
+        let cases = [
+            (ProxyError::NotFound, 404, "not_found"),
+            (ProxyError::BadRequest("x"), 400, "bad_request"),
+            (
+                ProxyError::TokenUnavailable {
+                    reason: "r".into(),
+                    retry_after: Duration::from_millis(1500),
+                },
+                503,
+                "token_unavailable",
+            ),
+            (
+                ProxyError::UpstreamTimeout(Duration::from_secs(1)),
+                504,
+                "upstream_timeout",
+            ),
+        ];
+        for (err, status, code) in cases {
+            assert_eq!(err.status().as_u16(), status);
+            assert_eq!(err.code(), code);
+            let resp = err.into_response();
+            assert_eq!(resp.headers()[&PROXY_ERROR_HEADER], code);
+            if status == 503 {
+                assert_eq!(resp.headers()[header::RETRY_AFTER], "2");
+            }
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! A simulator of Microsoft Entra ID and the Dataverse Web API.
+//!
+//! It follows the wire dossier (`shared/dataverse-wire.md`) closely enough
+//! to be the proxy's test oracle and the `demo` command's backend:
+//!
+//! - [`entra`]: the v2 client-credentials token endpoint, issuing signed JWT
+//!   access tokens (`aud`, `tid`, `appid`, `exp`…) and answering mistakes
+//!   with Entra's JSON errors and AADSTS codes;
+//! - [`dataverse`]: an in-memory Web API (accounts, contacts, leads) that
+//!   checks the bearer and answers like Dataverse: OData JSON with absolute
+//!   `@odata.context` / `@odata.nextLink`, paging cookies, ETags, file
+//!   columns, Dataverse-format errors and the 401 bearer challenge.
+//!
+//! Entra ID and Dataverse listen on separate ports, as they are separate
+//! hosts in real life. A [`SimHandle`] gives tests their hooks: counters, the
+//! requests Dataverse saw, and fault switches.
+//!
+//! The simulator signs tokens with HS256 and a random per-run key instead of
+//! Entra's RS256 keys: the proxy treats tokens as opaque, and only the
+//! simulator itself checks them.
+
+pub mod dataverse;
+pub mod entra;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Settings of a simulated tenant, app registration and org.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// The tenant (directory) id.
+    pub tenant_id: String,
+    /// The registered app's client id.
+    pub client_id: String,
+    /// The registered app's client secret.
+    pub client_secret: String,
+    /// Lifetime of issued tokens (Entra's default is about an hour).
+    pub token_lifetime: Duration,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            tenant_id: "7f3c8a2e-1b4d-4c6a-9e21-5d8f0a3b6c11".to_owned(),
+            client_id: "3d9e5f1a-6b2c-4a8d-b7e4-0c1f2a3b4d5e".to_owned(),
+            client_secret: format!("sim~{}", Uuid::new_v4().simple()),
+            token_lifetime: Duration::from_secs(3599),
+        }
+    }
+}
+
+/// A request Dataverse received, as recorded for tests.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    /// HTTP method.
+    pub method: String,
+    /// Path and query exactly as received.
+    pub target: String,
+    /// All request headers.
+    pub headers: HeaderMap,
+    /// Whether the bearer token was accepted.
+    pub authorized: bool,
+    /// Claims of the accepted token.
+    pub claims: Option<entra::Claims>,
+}
+
+/// Most recent requests kept by the recorder.
+const SEEN_CAPACITY: usize = 20_000;
+
+/// Shared simulator state.
+pub struct SimState {
+    config: SimConfig,
+    entra_url: String,
+    org_url: String,
+    signing_key: Vec<u8>,
+    token_lifetime: Mutex<Duration>,
+    refresh_in: Mutex<Option<Duration>>,
+    token_requests: AtomicU64,
+    fail_token_requests: AtomicU64,
+    entra_down: AtomicBool,
+    latency: Mutex<Duration>,
+    abort_downloads_after: Mutex<Option<usize>>,
+    seen: Mutex<VecDeque<SeenRequest>>,
+    db: Mutex<dataverse::Db>,
+    ids: dataverse::OrgIds,
+}
+
+/// Test hooks over a running simulator. Cheap to clone.
+#[derive(Clone)]
+pub struct SimHandle(Arc<SimState>);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl SimHandle {
+    /// The Entra ID base URL, e.g. `http://127.0.0.1:40001`.
+    pub fn entra_url(&self) -> &str {
+        &self.0.entra_url
+    }
+
+    /// The org URL, e.g. `http://127.0.0.1:40002`.
+    pub fn org_url(&self) -> &str {
+        &self.0.org_url
+    }
+
+    /// The v2 token endpoint of the simulated tenant.
+    pub fn token_url(&self) -> String {
+        format!(
+            "{}/{}/oauth2/v2.0/token",
+            self.0.entra_url, self.0.config.tenant_id
+        )
+    }
+
+    /// The simulated tenant, app and secret.
+    pub fn config(&self) -> &SimConfig {
+        &self.0.config
+    }
+
+    /// Token requests received so far (successful or not).
+    pub fn token_requests(&self) -> u64 {
+        self.0.token_requests.load(Ordering::SeqCst)
+    }
+
+    /// Makes the next `n` token requests fail with 503 `temporarily_unavailable`.
+    pub fn fail_next_token_requests(&self, n: u64) {
+        self.0.fail_token_requests.store(n, Ordering::SeqCst);
+    }
+
+    /// Takes Entra ID down (every token request fails with 503) or back up.
+    pub fn set_entra_down(&self, down: bool) {
+        self.0.entra_down.store(down, Ordering::SeqCst);
+    }
+
+    /// Sets the lifetime of tokens issued from now on.
+    pub fn set_token_lifetime(&self, lifetime: Duration) {
+        *lock(&self.0.token_lifetime) = lifetime;
+    }
+
+    /// Makes Entra ID send `refresh_in` (seconds) with new tokens.
+    pub fn set_refresh_in(&self, refresh_in: Option<Duration>) {
+        *lock(&self.0.refresh_in) = refresh_in;
+    }
+
+    /// Adds latency before Dataverse answers.
+    pub fn set_latency(&self, latency: Duration) {
+        *lock(&self.0.latency) = latency;
+    }
+
+    /// Makes file downloads break off after `bytes` (the connection is
+    /// dropped mid-body), or behave again with `None`.
+    pub fn abort_downloads_after(&self, bytes: Option<usize>) {
+        *lock(&self.0.abort_downloads_after) = bytes;
+    }
+
+    /// The requests Dataverse saw, oldest first (the most recent 20,000).
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        lock(&self.0.seen).iter().cloned().collect()
+    }
+
+    /// Forgets the recorded requests.
+    pub fn clear_seen(&self) {
+        lock(&self.0.seen).clear();
+    }
+
+    /// Stores a file column value, as an upload would.
+    pub fn put_file(
+        &self,
+        entity_set: &str,
+        id: Uuid,
+        column: &str,
+        name: &str,
+        data: Bytes,
+    ) -> bool {
+        lock(&self.0.db).put_file(entity_set, id, column, name, data)
+    }
+
+    /// A file column's content.
+    pub fn file(&self, entity_set: &str, id: Uuid, column: &str) -> Option<Bytes> {
+        lock(&self.0.db).file(entity_set, id, column)
+    }
+
+    /// Ids of the rows of a table, in paging order.
+    pub fn ids(&self, entity_set: &str) -> Vec<Uuid> {
+        lock(&self.0.db).ids(entity_set)
+    }
+
+    /// A row's attributes as JSON, if it exists.
+    pub fn row(&self, entity_set: &str, id: Uuid) -> Option<serde_json::Value> {
+        lock(&self.0.db).row(entity_set, id)
+    }
+}
+
+/// A running simulator; dropping it does not stop it, [`Sim::shutdown`] does.
+pub struct Sim {
+    /// Hooks and addresses.
+    pub handle: SimHandle,
+    shutdown: CancellationToken,
+}
+
+impl Sim {
+    /// Starts the simulator on two ephemeral loopback ports.
+    pub async fn start(config: SimConfig) -> std::io::Result<Self> {
+        let entra = TcpListener::bind("127.0.0.1:0").await?;
+        let dataverse = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(config, entra, dataverse)
+    }
+
+    /// Starts the simulator on the given listeners.
+    pub fn start_on(
+        config: SimConfig,
+        entra: TcpListener,
+        dataverse: TcpListener,
+    ) -> std::io::Result<Self> {
+        let entra_url = format!("http://{}", entra.local_addr()?);
+        let org_url = format!("http://{}", dataverse.local_addr()?);
+        let signing_key: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
+        let state = Arc::new(SimState {
+            token_lifetime: Mutex::new(config.token_lifetime),
+            config,
+            entra_url,
+            org_url,
+            signing_key,
+            refresh_in: Mutex::new(None),
+            token_requests: AtomicU64::new(0),
+            fail_token_requests: AtomicU64::new(0),
+            entra_down: AtomicBool::new(false),
+            latency: Mutex::new(Duration::ZERO),
+            abort_downloads_after: Mutex::new(None),
+            seen: Mutex::new(VecDeque::new()),
+            db: Mutex::new(dataverse::Db::seeded()),
+            ids: dataverse::OrgIds::new(),
+        });
+        let shutdown = CancellationToken::new();
+        for (listener, router) in [
+            (entra, entra::router(state.clone())),
+            (dataverse, dataverse::router(state.clone())),
+        ] {
+            let stop = shutdown.clone().cancelled_owned();
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, router)
+                    .with_graceful_shutdown(stop)
+                    .await
+                {
+                    tracing::error!(error = %e, "simulator listener failed");
+                }
+            });
+        }
+        Ok(Self {
+            handle: SimHandle(state),
+            shutdown,
+        })
+    }
+
+    /// Stops both listeners.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Formats seconds since the Unix epoch as `YYYY-MM-DD HH:MM:SSZ` (UTC), the
+/// form Entra ID and Dataverse use in bodies.
+pub fn utc_timestamp(epoch: u64) -> String {
+    let days = epoch / 86_400;
+    let secs = epoch % 86_400;
+    // Civil-from-days (H. Hinnant), valid for the years we meet.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_epoch() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_utc_civil_dates() {
+        assert_eq!(utc_timestamp(0), "1970-01-01 00:00:00Z");
+        assert_eq!(utc_timestamp(1_452_304_932), "2016-01-09 02:02:12Z");
+        assert_eq!(utc_timestamp(1_709_210_096), "2024-02-29 12:34:56Z");
+    }
+}

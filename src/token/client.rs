@@ -1,0 +1,325 @@
+//! The OAuth2 client-credentials request and Entra ID's answers (dossier §1).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::config::{CredentialConfig, SecretSource};
+
+/// A successful token response, with the token already in a secret wrapper.
+pub struct TokenResponse {
+    /// The access token itself.
+    pub access_token: SecretString,
+    /// Lifetime from now.
+    pub expires_in: Duration,
+    /// Entra ID's hint of when to refresh, for long-lived tokens.
+    pub refresh_in: Option<Duration>,
+}
+
+impl fmt::Debug for TokenResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenResponse")
+            .field("access_token", &"[REDACTED]")
+            .field("expires_in", &self.expires_in)
+            .field("refresh_in", &self.refresh_in)
+            .finish()
+    }
+}
+
+/// Why a token could not be fetched. Display texts never contain secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The client secret file could not be read.
+    #[error("cannot read the client secret file {path}: {source}")]
+    SecretFile {
+        /// The configured path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The token endpoint could not be reached or timed out.
+    #[error("token endpoint unreachable: {0}")]
+    Network(#[source] reqwest::Error),
+    /// Entra ID answered with an OAuth2 error.
+    #[error("Entra ID refused the token request: HTTP {status} {error}{}: {description}", aadsts_suffix(.codes))]
+    Entra {
+        /// HTTP status of the answer.
+        status: u16,
+        /// The OAuth2 `error` field, e.g. `invalid_client`.
+        error: String,
+        /// The AADSTS numbers from `error_codes`.
+        codes: Vec<u32>,
+        /// First line of `error_description` (without the trace lines).
+        description: String,
+    },
+    /// The answer was not a token response nor an OAuth2 error.
+    #[error("token endpoint answered HTTP {status} with an unexpected body: {detail}")]
+    Malformed {
+        /// HTTP status of the answer.
+        status: u16,
+        /// What was wrong with it.
+        detail: String,
+    },
+}
+
+fn aadsts_suffix(codes: &[u32]) -> String {
+    codes
+        .first()
+        .map(|c| format!(" (AADSTS{c})"))
+        .unwrap_or_default()
+}
+
+impl TokenError {
+    /// True when retrying soon cannot help (bad secret, unknown app…): such
+    /// errors need an operator.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::SecretFile { .. } => true,
+            Self::Network(_) | Self::Malformed { .. } => false,
+            Self::Entra { status, error, .. } => {
+                *status < 500
+                    && *status != 429
+                    && error != "temporarily_unavailable"
+                    && !self.codes().iter().any(|c| TRANSIENT_CODES.contains(c))
+            }
+        }
+    }
+
+    fn codes(&self) -> &[u32] {
+        match self {
+            Self::Entra { codes, .. } => codes,
+            Self::SecretFile { .. } | Self::Network(_) | Self::Malformed { .. } => &[],
+        }
+    }
+
+    /// Plain-words advice for an operator, by AADSTS code.
+    pub fn advice(&self) -> Option<&'static str> {
+        let code = *self.codes().first()?;
+        advice_for(code)
+    }
+}
+
+/// AADSTS codes that are worth retrying soon (throttling, transient outages).
+const TRANSIENT_CODES: &[u32] = &[50196, 90055, 90024, 50033, 90033];
+
+/// Advice for the AADSTS codes a client-credentials setup meets (dossier §1.6).
+pub fn advice_for(code: u32) -> Option<&'static str> {
+    Some(match code {
+        7000215 => {
+            "The client secret is wrong. Use the secret's Value (shown once when it was created), not its Secret ID, and check it belongs to this app registration."
+        }
+        7000222 => {
+            "The client secret has expired. Create a new one under Certificates & secrets of the app registration and update AZURE_CLIENT_SECRET (or the secret file)."
+        }
+        7000218 => {
+            "No client secret or assertion was sent. Set AZURE_CLIENT_SECRET or AZURE_CLIENT_SECRET_FILE."
+        }
+        700016 => {
+            "No application with this client id exists in this tenant. Check AZURE_CLIENT_ID and AZURE_TENANT_ID; a multi-tenant app must first be consented to by an admin of this tenant."
+        }
+        90002 => {
+            "The tenant was not found. Check AZURE_TENANT_ID (a GUID or a domain such as contoso.onmicrosoft.com) and that the authority host matches the cloud (public, US government, China)."
+        }
+        70011 => {
+            "The scope is invalid. It must be the org URL followed by /.default, e.g. https://contoso.crm.dynamics.com/.default."
+        }
+        500011 => {
+            "Dataverse's service principal was not found in this tenant: the org URL is probably wrong or belongs to another tenant."
+        }
+        700022 => "The scope names more than one resource. Use only {org}/.default.",
+        9001023 => {
+            "Client credentials need a tenant-specific authority. Set AZURE_TENANT_ID to the tenant id, not 'common' or 'organizations'."
+        }
+        901002 => {
+            "The v2 token endpoint does not accept 'resource'; the proxy sends 'scope' there. Check DATAVERSE_PROXY_TOKEN_URL."
+        }
+        50196 | 90055 | 90024 => {
+            "Entra ID is throttling this app. The proxy backs off and retries; reduce restarts or token-cache misses if this persists."
+        }
+        50033 | 90033 => "Entra ID had a transient failure. The proxy retries on its own.",
+        _ => return None,
+    })
+}
+
+/// Entra ID's OAuth2 error body.
+#[derive(Deserialize)]
+struct EntraErrorBody {
+    error: String,
+    #[serde(default)]
+    error_description: String,
+    #[serde(default)]
+    error_codes: Vec<u32>,
+}
+
+/// The success body; numbers may be JSON integers (v2) or strings (v1, managed identity).
+#[derive(Deserialize)]
+struct TokenBody {
+    access_token: String,
+    #[serde(deserialize_with = "number_or_string")]
+    expires_in: u64,
+    #[serde(default, deserialize_with = "opt_number_or_string")]
+    refresh_in: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumOrStr {
+    Num(u64),
+    Str(String),
+}
+
+impl NumOrStr {
+    fn get<E: serde::de::Error>(self) -> Result<u64, E> {
+        match self {
+            Self::Num(n) => Ok(n),
+            Self::Str(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| E::custom("expected a number or a numeric string")),
+        }
+    }
+}
+
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    NumOrStr::deserialize(d)?.get()
+}
+
+fn opt_number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Option::<NumOrStr>::deserialize(d)?
+        .map(NumOrStr::get)
+        .transpose()
+}
+
+/// Reads the client secret (a secret file is re-read at every fetch so that
+/// rotating it needs no restart).
+fn read_secret(source: &SecretSource) -> Result<SecretString, TokenError> {
+    match source {
+        SecretSource::Inline(s) => Ok(s.clone()),
+        SecretSource::File(path) => std::fs::read_to_string(path)
+            .map(|s| SecretString::from(s.trim_end_matches(['\r', '\n']).to_owned()))
+            .map_err(|source| TokenError::SecretFile {
+                path: path.clone(),
+                source,
+            }),
+    }
+}
+
+/// Performs one client-credentials request against the v2 endpoint.
+pub async fn request_token(
+    http: &reqwest::Client,
+    cred: &CredentialConfig,
+) -> Result<TokenResponse, TokenError> {
+    let secret = read_secret(&cred.secret)?;
+    let form = [
+        ("grant_type", "client_credentials"),
+        ("client_id", cred.client_id.as_str()),
+        ("client_secret", secret.expose_secret()),
+        ("scope", cred.scope.as_str()),
+    ];
+    let resp = http
+        .post(cred.token_url.clone())
+        .header(reqwest::header::ACCEPT, "application/json")
+        .form(&form)
+        .send()
+        .await
+        .map_err(|e| TokenError::Network(e.without_url()))?;
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| TokenError::Network(e.without_url()))?;
+    parse_response(status, &bytes)
+}
+
+/// Interprets a token endpoint answer.
+pub fn parse_response(status: u16, body: &[u8]) -> Result<TokenResponse, TokenError> {
+    if (200..300).contains(&status) {
+        let b: TokenBody = serde_json::from_slice(body).map_err(|e| TokenError::Malformed {
+            status,
+            // serde_json's message names the field and position, never the value.
+            detail: e.to_string(),
+        })?;
+        return Ok(TokenResponse {
+            access_token: SecretString::from(b.access_token),
+            expires_in: Duration::from_secs(b.expires_in),
+            refresh_in: b.refresh_in.map(Duration::from_secs),
+        });
+    }
+    match serde_json::from_slice::<EntraErrorBody>(body) {
+        Ok(e) => Err(TokenError::Entra {
+            status,
+            error: e.error,
+            codes: e.error_codes,
+            description: first_line(&e.error_description),
+        }),
+        Err(_) => Err(TokenError::Malformed {
+            status,
+            detail: "not an OAuth2 error body".to_owned(),
+        }),
+    }
+}
+
+/// The human part of an `error_description`, without the `Trace ID:` lines,
+/// capped in length.
+fn first_line(description: &str) -> String {
+    let line = description.lines().next().unwrap_or_default().trim();
+    line.chars().take(400).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v2_numbers_are_ints_and_v1_numbers_strings() {
+        let v2 = parse_response(
+            200,
+            br#"{"token_type":"Bearer","expires_in":3599,"ext_expires_in":3599,"access_token":"abc"}"#,
+        )
+        .expect("v2");
+        assert_eq!(v2.expires_in, Duration::from_secs(3599));
+        let v1 = parse_response(
+            200,
+            br#"{"token_type":"Bearer","expires_in":"3599","refresh_in":"1800","access_token":"abc"}"#,
+        )
+        .expect("v1");
+        assert_eq!(v1.refresh_in, Some(Duration::from_secs(1800)));
+        assert!(!format!("{v1:?}").contains("abc"));
+    }
+
+    #[test]
+    fn entra_errors_are_classified_with_advice() {
+        let bad_secret = parse_response(
+            401,
+            br#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided.\r\nTrace ID: x\r\nCorrelation ID: y","error_codes":[7000215]}"#,
+        )
+        .expect_err("401");
+        assert!(bad_secret.is_permanent());
+        assert!(
+            bad_secret
+                .advice()
+                .expect("advice")
+                .contains("not its Secret ID")
+        );
+        let text = bad_secret.to_string();
+        assert!(text.contains("AADSTS7000215"), "{text}");
+        assert!(!text.contains("Trace ID"), "{text}");
+
+        let busy = parse_response(
+            503,
+            br#"{"error":"temporarily_unavailable","error_description":"AADSTS50033: retry","error_codes":[50033]}"#,
+        )
+        .expect_err("503");
+        assert!(!busy.is_permanent());
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        let e = parse_response(502, b"<html>bad gateway</html>").expect_err("html");
+        assert!(matches!(e, TokenError::Malformed { status: 502, .. }));
+        assert!(!e.is_permanent());
+    }
+}

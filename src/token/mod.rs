@@ -1,0 +1,349 @@
+//! Access tokens: fetch, cache, refresh ahead, and serve through Entra outages.
+//!
+//! One [`TokenProvider`] per credential. Its token lives in a moka cache keyed
+//! by [`TokenKey`] (authority + tenant, client, scope) whose per-entry expiry
+//! is the moment the token stops being served (see [`expiry`]). Requests call
+//! [`TokenProvider::get`]:
+//!
+//! - a cached token is returned at once (the hot path: one cache lookup);
+//! - on a miss, moka's `try_get_with` makes the fetch single-flight, so a cold
+//!   start under load costs one token request;
+//! - after a failed fetch, requests fail fast with `Retry-After` until the next
+//!   retry is due, so an Entra outage is not hammered once per request.
+//!
+//! A background task ([`TokenProvider::spawn_refresher`]) fetches at startup,
+//! refreshes ahead of expiry and, when a refresh fails, keeps the current
+//! token (it is still in the cache) and retries with jittered exponential
+//! backoff until it succeeds or the token really expires.
+
+pub mod client;
+pub mod expiry;
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::HeaderValue;
+use moka::Expiry;
+use moka::future::Cache;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{CredentialConfig, TokenConfig};
+use crate::error::ProxyError;
+pub use client::TokenError;
+
+/// Identifies a token: the same app in two tenants, or for two orgs, gets two.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TokenKey {
+    /// Token endpoint URL (authority host + tenant).
+    pub token_url: String,
+    /// Application (client) id.
+    pub client_id: String,
+    /// Requested scope (`{org}/.default`).
+    pub scope: String,
+}
+
+/// A cached access token with its schedule.
+pub struct AccessToken {
+    /// The token itself, for `dataverse-proxy token`.
+    token: SecretString,
+    /// `Bearer …`, marked sensitive so it never prints in Debug output.
+    header: HeaderValue,
+    /// When the background task refreshes it.
+    pub refresh_at: Instant,
+    /// When it stops being served (just before it really expires).
+    pub serve_until: Instant,
+    /// Lifetime granted by Entra ID.
+    pub lifetime: Duration,
+}
+
+impl AccessToken {
+    fn new(resp: client::TokenResponse, now: Instant) -> Result<Self, TokenError> {
+        let mut header =
+            HeaderValue::try_from(format!("Bearer {}", resp.access_token.expose_secret()))
+                .map_err(|_| TokenError::Malformed {
+                    status: 200,
+                    detail: "access_token contains bytes not allowed in a header".to_owned(),
+                })?;
+        header.set_sensitive(true);
+        Ok(Self {
+            refresh_at: now + expiry::refresh_after(resp.expires_in, resp.refresh_in),
+            serve_until: now + expiry::serve_for(resp.expires_in),
+            lifetime: resp.expires_in,
+            header,
+            token: resp.access_token,
+        })
+    }
+
+    /// The `Authorization` header value to inject.
+    pub fn header(&self) -> HeaderValue {
+        self.header.clone()
+    }
+
+    /// The raw token, for the `token` subcommand only.
+    pub fn expose(&self) -> &str {
+        self.token.expose_secret()
+    }
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("token", &"[REDACTED]")
+            .field("refresh_at", &self.refresh_at)
+            .field("serve_until", &self.serve_until)
+            .finish()
+    }
+}
+
+/// Per-entry expiry: an entry leaves the cache when it stops being served.
+struct ServeUntil;
+
+impl Expiry<TokenKey, Arc<AccessToken>> for ServeUntil {
+    fn expire_after_create(
+        &self,
+        _key: &TokenKey,
+        value: &Arc<AccessToken>,
+        _now: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.serve_until.saturating_duration_since(Instant::now()))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &TokenKey,
+        value: &Arc<AccessToken>,
+        _now: std::time::Instant,
+        _current: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.serve_until.saturating_duration_since(Instant::now()))
+    }
+}
+
+/// The last failed fetch, which gates further attempts.
+struct Failure {
+    /// Safe, secret-free description.
+    reason: String,
+    /// Failed attempts in a row.
+    attempts: u32,
+    /// No new attempt before this.
+    retry_at: Instant,
+}
+
+/// Fetches, caches and refreshes the token of one credential. Cheap to clone.
+#[derive(Clone)]
+pub struct TokenProvider {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    key: TokenKey,
+    credential: CredentialConfig,
+    settings: TokenConfig,
+    http: reqwest::Client,
+    cache: Cache<TokenKey, Arc<AccessToken>>,
+    /// Guarded by a std mutex: held only for short, non-async sections.
+    failure: Mutex<Option<Failure>>,
+}
+
+impl fmt::Debug for TokenProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenProvider")
+            .field("key", &self.inner.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenProvider {
+    /// Creates a provider; nothing is fetched until [`Self::get`] or the refresher runs.
+    pub fn new(
+        credential: CredentialConfig,
+        settings: TokenConfig,
+    ) -> Result<Self, reqwest::Error> {
+        crate::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .timeout(settings.fetch_timeout)
+            .connect_timeout(settings.fetch_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("dataverse-proxy/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let key = TokenKey {
+            token_url: credential.token_url.to_string(),
+            client_id: credential.client_id.clone(),
+            scope: credential.scope.clone(),
+        };
+        let cache = Cache::builder()
+            .max_capacity(64)
+            .expire_after(ServeUntil)
+            .build();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                key,
+                credential,
+                settings,
+                http,
+                cache,
+                failure: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The cache key of this provider's token.
+    pub fn key(&self) -> &TokenKey {
+        &self.inner.key
+    }
+
+    /// A token to inject, or `TokenUnavailable` (503) when none can be had now.
+    pub async fn get(&self) -> Result<Arc<AccessToken>, ProxyError> {
+        let inner = &self.inner;
+        if let Some(token) = inner.cache.get(&inner.key).await {
+            return Ok(token);
+        }
+        if let Some(err) = self.failing_fast() {
+            return Err(err);
+        }
+        inner
+            .cache
+            .try_get_with(inner.key.clone(), self.fetch())
+            .await
+            .map_err(|e| ProxyError::TokenUnavailable {
+                reason: e.to_string(),
+                retry_after: self.retry_after(),
+            })
+    }
+
+    /// Fetches a token now, bypassing the cache (for `check` and `token`).
+    pub async fn fetch_uncached(&self) -> Result<Arc<AccessToken>, TokenError> {
+        self.fetch().await
+    }
+
+    /// True when a token is cached and servable (admin `/readyz`).
+    pub async fn is_ready(&self) -> bool {
+        self.inner.cache.get(&self.inner.key).await.is_some()
+    }
+
+    /// While a recent failure's backoff runs, fail without calling Entra ID.
+    fn failing_fast(&self) -> Option<ProxyError> {
+        let guard = self.lock_failure();
+        let f = guard.as_ref()?;
+        let now = Instant::now();
+        (f.retry_at > now).then(|| ProxyError::TokenUnavailable {
+            reason: f.reason.clone(),
+            retry_after: f.retry_at - now,
+        })
+    }
+
+    fn retry_after(&self) -> Duration {
+        let guard = self.lock_failure();
+        guard.as_ref().map_or(self.inner.settings.min_backoff, |f| {
+            f.retry_at.saturating_duration_since(Instant::now())
+        })
+    }
+
+    fn lock_failure(&self) -> std::sync::MutexGuard<'_, Option<Failure>> {
+        // A poisoned lock only means a panic elsewhere; the data stays usable.
+        self.inner
+            .failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// One token request; records success or failure for the backoff gate.
+    async fn fetch(&self) -> Result<Arc<AccessToken>, TokenError> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        let result = client::request_token(&inner.http, &inner.credential)
+            .await
+            .and_then(|resp| AccessToken::new(resp, started));
+        let mut failure = self.lock_failure();
+        match result {
+            Ok(token) => {
+                if let Some(f) = failure.take() {
+                    tracing::info!(
+                        failed_attempts = f.attempts,
+                        "token fetch recovered after failures"
+                    );
+                }
+                tracing::debug!(
+                    lifetime_s = token.lifetime.as_secs(),
+                    "fetched access token"
+                );
+                Ok(Arc::new(token))
+            }
+            Err(e) => {
+                let attempts = failure.as_ref().map_or(0, |f| f.attempts) + 1;
+                let s = &inner.settings;
+                let delay =
+                    expiry::backoff(attempts, s.min_backoff, s.max_backoff, fastrand::f64());
+                // Permanent errors (bad secret, unknown app) need an operator:
+                // log them loudly once, then quietly while retrying slowly.
+                let advice = e.advice().unwrap_or("");
+                if attempts == 1 || !e.is_permanent() {
+                    tracing::warn!(
+                        error = %e,
+                        advice,
+                        attempt = attempts,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "token fetch failed"
+                    );
+                } else {
+                    tracing::debug!(error = %e, attempt = attempts, "token fetch failed again");
+                }
+                *failure = Some(Failure {
+                    reason: e.to_string(),
+                    attempts,
+                    retry_at: Instant::now() + delay,
+                });
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts the background task that fetches at startup and refreshes
+    /// ahead of expiry until `shutdown` is cancelled.
+    pub fn spawn_refresher(&self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let due = this.next_due().await;
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep_until(due) => {}
+                }
+                this.refresh_once().await;
+            }
+        })
+    }
+
+    /// When the refresher should act next.
+    async fn next_due(&self) -> Instant {
+        let retry_at = self.lock_failure().as_ref().map(|f| f.retry_at);
+        match self.inner.cache.get(&self.inner.key).await {
+            // Refresh ahead; after a failed refresh, wait out the backoff.
+            Some(token) => retry_at.map_or(token.refresh_at, |r| r.max(token.refresh_at)),
+            None => retry_at.unwrap_or_else(Instant::now),
+        }
+    }
+
+    async fn refresh_once(&self) {
+        let inner = &self.inner;
+        match inner.cache.get(&inner.key).await {
+            Some(token) if Instant::now() < token.refresh_at => {}
+            Some(_) => {
+                // The current token stays cached (and served) if this fails.
+                if let Ok(fresh) = self.fetch().await {
+                    inner.cache.insert(inner.key.clone(), fresh).await;
+                }
+            }
+            None => {
+                // Shares the fetch with any request waiting on a cold cache.
+                let _ = inner
+                    .cache
+                    .try_get_with(inner.key.clone(), self.fetch())
+                    .await;
+            }
+        }
+    }
+}
