@@ -1,6 +1,7 @@
 //! The command line: `serve` (default), `demo`, `sim`, `check` and `token`.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -246,9 +247,10 @@ async fn demo(mut sources: Sources) -> ExitCode {
         Ok(l) => l,
         Err(code) => return code,
     };
-    let p = format!("http://{}", config.listen);
-    let a = format!("http://{}", config.admin_listen);
-    println!(
+    let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+    let p = format!("http://{}", local(&proxy, config.listen));
+    let a = format!("http://{}", local(&admin, config.admin_listen));
+    let banner = format!(
         "dataverse-proxy demo\n\
          \x20 simulated Entra ID:  {entra}\n\
          \x20 simulated Dataverse: {org}\n\
@@ -264,6 +266,8 @@ async fn demo(mut sources: Sources) -> ExitCode {
         entra = h.entra_url(),
         org = h.org_url(),
     );
+    // A closed stdout (e.g. piped into `head`) must not stop the demo.
+    let _ = writeln!(std::io::stdout().lock(), "{banner}");
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_signal(shutdown.clone()));
     let result = crate::serve(config, proxy, admin, shutdown).await;

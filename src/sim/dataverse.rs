@@ -18,6 +18,10 @@
 //!
 //! Errors use Dataverse's `{"error":{"code":"0x…","message":…}}` shape.
 
+// Handlers here return early with ready-made responses; their size is
+// irrelevant off the proxy's hot path.
+#![expect(clippy::result_large_err, reason = "simulator code, not on the hot path")]
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -389,11 +393,39 @@ async fn handle(State(sim): State<Arc<SimState>>, req: Request) -> Response {
     let claims = check_token(&sim, req.headers());
     record(&sim, &req, claims.clone());
     let mut resp = match claims {
-        Ok(_) => route(&sim, req).await,
+        Ok(_) => match take_fault(&sim) {
+            Some(resp) => resp,
+            None => route(&sim, req).await,
+        },
         Err(why) => challenge(&sim, why),
     };
     common_headers(resp.headers_mut());
     resp
+}
+
+/// The injected error for this request, if one is pending.
+fn take_fault(sim: &SimState) -> Option<Response> {
+    let mut slot = lock(&sim.dataverse_faults);
+    let fault = slot.as_mut()?;
+    if fault.count == 0 {
+        *slot = None;
+        return None;
+    }
+    fault.count -= 1;
+    let status = StatusCode::from_u16(fault.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let mut resp = match status {
+        StatusCode::TOO_MANY_REQUESTS => dv_error(
+            status,
+            "0x80072322",
+            "Number of requests exceeded the limit of 6000 over time window of 300 seconds.",
+        ),
+        _ => dv_error(status, "0x80040216", "An unexpected error occurred."),
+    };
+    if let Some(secs) = fault.retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    Some(resp)
 }
 
 fn record(sim: &SimState, req: &Request, claims: Result<Claims, &'static str>) {

@@ -72,6 +72,17 @@ pub struct SeenRequest {
     pub claims: Option<entra::Claims>,
 }
 
+/// An error Dataverse answers instead of serving, for the next `count` requests.
+#[derive(Debug, Clone)]
+pub struct DataverseFault {
+    /// HTTP status, e.g. 429 or 503.
+    pub status: u16,
+    /// `Retry-After` seconds, if any.
+    pub retry_after: Option<u64>,
+    /// How many requests get it.
+    pub count: u64,
+}
+
 /// Most recent requests kept by the recorder.
 const SEEN_CAPACITY: usize = 20_000;
 
@@ -88,6 +99,7 @@ pub struct SimState {
     entra_down: AtomicBool,
     latency: Mutex<Duration>,
     abort_downloads_after: Mutex<Option<usize>>,
+    dataverse_faults: Mutex<Option<DataverseFault>>,
     seen: Mutex<VecDeque<SeenRequest>>,
     db: Mutex<dataverse::Db>,
     ids: dataverse::OrgIds,
@@ -159,6 +171,12 @@ impl SimHandle {
     /// dropped mid-body), or behave again with `None`.
     pub fn abort_downloads_after(&self, bytes: Option<usize>) {
         *lock(&self.0.abort_downloads_after) = bytes;
+    }
+
+    /// Makes Dataverse answer the next requests with an error (after
+    /// authenticating them). A 429 carries the request-limit error code.
+    pub fn inject_dataverse_fault(&self, fault: DataverseFault) {
+        *lock(&self.0.dataverse_faults) = Some(fault);
     }
 
     /// The requests Dataverse saw, oldest first (the most recent 20,000).
@@ -235,6 +253,7 @@ impl Sim {
             entra_down: AtomicBool::new(false),
             latency: Mutex::new(Duration::ZERO),
             abort_downloads_after: Mutex::new(None),
+            dataverse_faults: Mutex::new(None),
             seen: Mutex::new(VecDeque::new()),
             db: Mutex::new(dataverse::Db::seeded()),
             ids: dataverse::OrgIds::new(),

@@ -1,0 +1,266 @@
+//! The real binary: exit codes, the demo, `check`, and what reaches the logs.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use dataverse_proxy::sim::{DataverseFault, Sim, SimConfig};
+
+use crate::harness::{client, sim_overrides};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dataverse-proxy");
+
+/// A command with a clean environment (no stray AZURE_* from the machine).
+fn command() -> Command {
+    let mut c = Command::new(BIN);
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(std::env::temp_dir());
+    c
+}
+
+/// The environment variables that point the binary at `sim`.
+fn sim_env(sim: &dataverse_proxy::sim::SimHandle) -> Vec<(&'static str, String)> {
+    let names = [
+        ("org.url", "DATAVERSE_URL"),
+        ("credential.tenant_id", "AZURE_TENANT_ID"),
+        ("credential.client_id", "AZURE_CLIENT_ID"),
+        ("credential.client_secret", "AZURE_CLIENT_SECRET"),
+        ("credential.token_url", "DATAVERSE_PROXY_TOKEN_URL"),
+    ];
+    sim_overrides(sim)
+        .into_iter()
+        .map(|(key, value)| {
+            let var = names.iter().find(|(k, _)| *k == key).expect("known key").1;
+            (var, value)
+        })
+        .collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+#[test]
+fn config_errors_exit_64_and_name_every_key() {
+    let out = command()
+        .env("DATAVERSE_URL", "http://contoso.crm.dynamics.com")
+        .env("AZURE_CLIENT_SECRET", "do-not-print-me")
+        .arg("serve")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`org.url` (from $DATAVERSE_URL)"), "{err}");
+    assert!(err.contains("`credential.tenant_id` (not set)"), "{err}");
+    assert!(err.contains("`credential.client_id` (not set)"), "{err}");
+    assert!(!err.contains("do-not-print-me"), "{err}");
+}
+
+#[test]
+fn a_missing_explicit_config_file_is_an_error() {
+    let out = command()
+        .args(["--config", "/nonexistent/dataverse-proxy.toml", "check"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/dataverse-proxy.toml"));
+}
+
+#[tokio::test]
+async fn check_reports_ids_or_explains_the_entra_error() {
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let env = sim_env(&sim.handle);
+    let ok = tokio::task::spawn_blocking({
+        let env = env.clone();
+        move || command().envs(env).arg("check").output().expect("run")
+    })
+    .await
+    .expect("join");
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert_eq!(ok.status.code(), Some(0), "{text}");
+    assert!(text.contains("WhoAmI: ok"), "{text}");
+    assert!(text.contains("OrganizationId: "), "{text}");
+
+    let bad = tokio::task::spawn_blocking(move || {
+        command()
+            .envs(env)
+            .env("AZURE_CLIENT_SECRET", "the-secret-id-not-the-value")
+            .arg("check")
+            .output()
+            .expect("run")
+    })
+    .await
+    .expect("join");
+    let text = String::from_utf8_lossy(&bad.stdout);
+    assert_eq!(bad.status.code(), Some(1), "{text}");
+    assert!(text.contains("AADSTS7000215"), "{text}");
+    assert!(text.contains("not its Secret ID"), "{text}");
+    assert!(!text.contains("the-secret-id-not-the-value"), "{text}");
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn the_token_command_prints_a_token_dataverse_accepts() {
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let env = sim_env(&sim.handle);
+    let out = tokio::task::spawn_blocking(move || {
+        command().envs(env).arg("token").output().expect("run")
+    })
+    .await
+    .expect("join");
+    assert_eq!(out.status.code(), Some(0));
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let resp = client()
+        .get(format!("{}/api/data/v9.2/WhoAmI", sim.handle.org_url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("whoami");
+    assert_eq!(resp.status(), 200);
+    sim.shutdown();
+}
+
+/// The README's first command: `demo` prints curl lines that work.
+#[tokio::test]
+async fn demo_serves_the_simulators_leads() {
+    let mut child = command()
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    // Read the banner on a thread that keeps draining stdout afterwards.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("/leads?$select=subject") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let line = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+        .await
+        .expect("join")
+        .expect("a leads curl line");
+    let url = line.split('\'').nth(1).expect("quoted URL").to_owned();
+    let resp = client().get(&url).send().await.expect("request");
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert!(body["value"][0]["subject"].is_string(), "{body}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Runs the real binary at trace level through successes and failures and
+/// checks that neither the client secret nor any token reaches its logs.
+#[tokio::test]
+async fn logs_never_contain_the_secret_or_a_token() {
+    let sim = Sim::start(SimConfig {
+        token_lifetime: Duration::from_secs(2),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let h = sim.handle.clone();
+    let (port, admin) = (free_port(), free_port());
+    let log_path = std::env::temp_dir().join(format!("dvp-log-{}.txt", uuid::Uuid::new_v4()));
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut child = command()
+        .envs(sim_env(&h))
+        .env("RUST_LOG", "trace")
+        .env("DATAVERSE_PROXY_LISTEN", format!("127.0.0.1:{port}"))
+        .env("DATAVERSE_PROXY_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("DATAVERSE_PROXY_LOG_FORMAT", "json")
+        .arg("serve")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+
+    let c = client();
+    let base = format!("http://127.0.0.1:{port}/api/data/v9.2");
+    let mut ready = false;
+    for _ in 0..200 {
+        if let Ok(r) = c
+            .get(format!("http://127.0.0.1:{admin}/readyz"))
+            .send()
+            .await
+            && r.status() == 200
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(ready, "proxy became ready");
+    let caller_token = "caller-supplied-token-ABC123";
+    for _ in 0..3 {
+        let r = c
+            .get(format!("{base}/leads?$top=2"))
+            .bearer_auth(caller_token)
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), 200);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+    }
+    c.post(format!("{base}/accounts"))
+        .json(&serde_json::json!({"name": "x"}))
+        .send()
+        .await
+        .expect("post");
+    h.inject_dataverse_fault(DataverseFault {
+        status: 401,
+        retry_after: None,
+        count: 1,
+    });
+    let _ = c.get(format!("{base}/WhoAmI")).send().await;
+    // A failing Entra ID, then an expired token: errors are logged too.
+    h.set_entra_down(true);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let r = c.get(format!("{base}/WhoAmI")).send().await.expect("get");
+    assert_eq!(r.status(), 503);
+    let _ = c.get(format!("http://127.0.0.1:{port}/nope")).send().await;
+
+    let _ = child.kill();
+    let _ = child.wait();
+    let logs = std::fs::read_to_string(&log_path).expect("logs");
+    let _ = std::fs::remove_file(&log_path);
+    assert!(logs.contains("token fetch failed"), "logs were captured");
+    assert!(logs.lines().count() > 20, "trace logging was on");
+
+    let secret = &h.config().client_secret;
+    assert!(
+        !logs.contains(secret.as_str()),
+        "client secret leaked into logs"
+    );
+    assert!(
+        !logs.contains(caller_token),
+        "caller token leaked into logs"
+    );
+    let tokens: Vec<String> = h
+        .seen()
+        .iter()
+        .filter_map(|r| r.headers.get("authorization"))
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.trim_start_matches("Bearer ").to_owned())
+        .collect();
+    assert!(tokens.len() >= 4);
+    for t in &tokens {
+        // The JWT signature part alone must not appear either.
+        let sig = t.rsplit('.').next().expect("signature");
+        assert!(!logs.contains(sig), "an access token leaked into logs");
+    }
+    sim.shutdown();
+}

@@ -1,0 +1,175 @@
+//! Test support: a simulator plus a proxy in front of it.
+
+use std::time::Duration;
+
+use dataverse_proxy::config::{Config, Sources};
+use dataverse_proxy::sim::{Sim, SimConfig, SimHandle};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A running simulator and proxy.
+pub struct Harness {
+    pub sim: SimHandle,
+    sim_server: Sim,
+    /// `http://127.0.0.1:PORT` of the proxy.
+    pub proxy: String,
+    /// `http://127.0.0.1:PORT` of the admin listener.
+    pub admin: String,
+    /// A client with redirects off and no proxy from the environment.
+    pub client: reqwest::Client,
+    shutdown: CancellationToken,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+/// How to set up a harness.
+pub struct Setup {
+    pub sim: SimConfig,
+    /// Extra config overrides as `(key, value)`.
+    pub overrides: Vec<(&'static str, String)>,
+    /// Use this org URL instead of the simulator's (the scope still names the simulator's org).
+    pub org_url: Option<String>,
+    /// Runs on the simulator before the proxy starts (faults for cold starts).
+    pub prepare: Option<fn(&SimHandle)>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            sim: SimConfig::default(),
+            overrides: vec![
+                ("token.min_backoff", "100ms".to_owned()),
+                ("token.max_backoff", "400ms".to_owned()),
+            ],
+            org_url: None,
+            prepare: None,
+        }
+    }
+}
+
+impl Setup {
+    pub fn lifetime(mut self, lifetime: Duration) -> Self {
+        self.sim.token_lifetime = lifetime;
+        self
+    }
+
+    pub fn prepare(mut self, f: fn(&SimHandle)) -> Self {
+        self.prepare = Some(f);
+        self
+    }
+
+    pub fn set(mut self, key: &'static str, value: &str) -> Self {
+        self.overrides.push((key, value.to_owned()));
+        self
+    }
+}
+
+/// The config overrides that point a proxy at `sim`.
+pub fn sim_overrides(sim: &SimHandle) -> Vec<(&'static str, String)> {
+    vec![
+        ("org.url", sim.org_url().to_owned()),
+        ("credential.tenant_id", sim.config().tenant_id.clone()),
+        ("credential.client_id", sim.config().client_id.clone()),
+        (
+            "credential.client_secret",
+            sim.config().client_secret.clone(),
+        ),
+        ("credential.token_url", sim.token_url()),
+    ]
+}
+
+pub fn client() -> reqwest::Client {
+    dataverse_proxy::install_crypto_provider();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .expect("client")
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::with(Setup::default()).await
+    }
+
+    pub async fn with(setup: Setup) -> Self {
+        let sim_server = Sim::start(setup.sim).await.expect("simulator");
+        let sim = sim_server.handle.clone();
+        if let Some(prepare) = setup.prepare {
+            prepare(&sim);
+        }
+        let mut overrides = sim_overrides(&sim);
+        if let Some(url) = setup.org_url {
+            overrides.push(("credential.scope", format!("{}/.default", sim.org_url())));
+            overrides.push(("org.url", url));
+        }
+        overrides.extend(setup.overrides);
+        let config = Config::load(&Sources {
+            overrides,
+            ..Sources::default()
+        })
+        .expect("test config is valid");
+        let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let proxy_url = format!("http://{}", proxy.local_addr().expect("addr"));
+        let admin_url = format!("http://{}", admin.local_addr().expect("addr"));
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(dataverse_proxy::serve(
+            config,
+            proxy,
+            admin,
+            shutdown.clone(),
+        ));
+        Self {
+            sim,
+            sim_server,
+            proxy: proxy_url,
+            admin: admin_url,
+            client: client(),
+            shutdown,
+            server,
+        }
+    }
+
+    /// URL of a Web API path through the proxy, e.g. `url("/leads")`.
+    pub fn url(&self, api_path: &str) -> String {
+        format!("{}/api/data/v9.2{api_path}", self.proxy)
+    }
+
+    pub async fn get(&self, api_path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(api_path))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// Waits until the proxy holds a token (admin /readyz).
+    pub async fn wait_ready(&self) {
+        for _ in 0..200 {
+            if let Ok(r) = self
+                .client
+                .get(format!("{}/readyz", self.admin))
+                .send()
+                .await
+                && r.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("proxy never became ready");
+    }
+
+    /// Stops the proxy and the simulator, re-raising a server panic.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.sim_server.shutdown();
+        match tokio::time::timeout(Duration::from_secs(10), self.server).await {
+            Ok(Ok(result)) => result.expect("server error"),
+            Ok(Err(join)) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            Ok(Err(_)) => {}
+            Err(_) => panic!("server did not stop"),
+        }
+    }
+}

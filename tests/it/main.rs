@@ -1,0 +1,9 @@
+//! End-to-end tests: the simulator and the proxy on ephemeral loopback ports,
+//! talking HTTP over real sockets. One binary, several modules (a single
+//! link step keeps the suite fast).
+
+mod binary;
+mod forward;
+mod harness;
+mod streaming;
+mod token;
