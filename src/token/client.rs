@@ -123,7 +123,7 @@ pub fn advice_for(code: u32) -> Option<&'static str> {
         90002 => {
             "The tenant was not found. Check AZURE_TENANT_ID (a GUID or a domain such as contoso.onmicrosoft.com) and that the authority host matches the cloud (public, US government, China)."
         }
-        70011 => {
+        70011 | 1002012 => {
             "The scope is invalid. It must be the org URL followed by /.default, e.g. https://contoso.crm.dynamics.com/.default."
         }
         500011 => {

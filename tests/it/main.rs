@@ -5,5 +5,6 @@
 mod binary;
 mod forward;
 mod harness;
+mod sim;
 mod streaming;
 mod token;
