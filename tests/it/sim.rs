@@ -7,6 +7,9 @@ use serde_json::Value;
 
 use crate::harness::client;
 
+/// A token request that must fail: form, URL, status, `error`, AADSTS code.
+type Case<'a> = (Vec<(&'a str, &'a str)>, String, u16, &'a str, u64);
+
 async fn token_request(url: &str, form: &[(&str, &str)]) -> (u16, Value) {
     let resp = client()
         .post(url)
@@ -72,7 +75,7 @@ async fn entra_issues_tokens_and_explains_mistakes_with_aadsts_codes() {
         .expect("basic");
     assert_eq!(resp.status(), 200);
 
-    let cases: Vec<(Vec<(&str, &str)>, String, u16, &str, u64)> = vec![
+    let cases: Vec<Case<'_>> = vec![
         (
             vec![base[0], base[1], ("client_secret", "wrong"), base[3]],
             url.clone(),
