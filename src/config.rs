@@ -69,6 +69,8 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// The proxy's URL as callers see it, when fixed by configuration.
     pub public_url: Option<Url>,
+    /// Peers whose `Forwarded` / `X-Forwarded-*` headers are believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// The Dataverse organisation requests are forwarded to.
     pub org: OrgConfig,
     /// The Entra ID app registration used for the client-credentials grant.
@@ -77,6 +79,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Token cache and refresh settings.
     pub token: TokenConfig,
+    /// Service-protection governor settings.
+    pub governor: GovernorConfig,
     /// Log output settings.
     pub log: LogConfig,
 }
@@ -144,6 +148,29 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per upstream host.
     pub pool_max_idle: usize,
+    /// Request bodies up to this size (with a `Content-Length`) are buffered,
+    /// so they can be replayed after a 429 or a 401 and their links
+    /// rewritten with an exact `Content-Length`; larger ones stream.
+    pub replay_buffer: usize,
+}
+
+/// Service-protection governor settings (per org).
+#[derive(Debug, Clone)]
+pub struct GovernorConfig {
+    /// Requests in flight to the org at most (Dataverse allows 52 per user
+    /// per web server).
+    pub max_concurrency: usize,
+    /// Callers waiting for a slot at most; more get 429.
+    pub max_queue: usize,
+    /// Longest wait for a slot before a 429.
+    pub queue_timeout: Duration,
+    /// Replays of a throttled (429) request at most.
+    pub max_retries: u32,
+    /// A throttled request is replayed only if the wait ends within this
+    /// time from its arrival; otherwise the 429 goes to the caller.
+    pub retry_deadline: Duration,
+    /// Longest pause honoured from one `Retry-After`.
+    pub max_retry_after: Duration,
 }
 
 /// Token cache and refresh settings.
@@ -183,11 +210,27 @@ pub struct RawConfig {
     listen: Option<String>,
     admin_listen: Option<String>,
     public_url: Option<String>,
+    trusted_proxies: Option<Vec<String>>,
     org: RawOrg,
     credential: RawCredential,
     upstream: RawUpstream,
     token: RawToken,
+    governor: RawGovernor,
     log: RawLog,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawGovernor {
+    #[serde(deserialize_with = "lenient_number")]
+    max_concurrency: Option<usize>,
+    #[serde(deserialize_with = "lenient_number")]
+    max_queue: Option<usize>,
+    queue_timeout: Option<String>,
+    #[serde(deserialize_with = "lenient_number")]
+    max_retries: Option<u32>,
+    retry_deadline: Option<String>,
+    max_retry_after: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -215,7 +258,9 @@ struct RawUpstream {
     response_timeout: Option<String>,
     idle_timeout: Option<String>,
     pool_idle_timeout: Option<String>,
+    #[serde(deserialize_with = "lenient_number")]
     pool_max_idle: Option<usize>,
+    replay_buffer: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -230,6 +275,30 @@ struct RawToken {
 #[serde(deny_unknown_fields, default)]
 struct RawLog {
     format: Option<String>,
+}
+
+/// A number given as a number (TOML) or as a numeric string (environment
+/// variables and flags are strings).
+fn lenient_number<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr + Deserialize<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either<T> {
+        Num(T),
+        Str(String),
+    }
+    match Option::<Either<T>>::deserialize(d)? {
+        None => Ok(None),
+        Some(Either::Num(n)) => Ok(Some(n)),
+        Some(Either::Str(s)) => s
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a whole number"))),
+    }
 }
 
 /// A secret as deserialised. Its deserialiser never echoes the value in an
@@ -422,6 +491,20 @@ impl Problems<'_> {
         }
     }
 
+    fn size(&mut self, key: &str, value: Option<&str>, default: usize) -> usize {
+        match value {
+            None => default,
+            Some(v) => parse_size(v).unwrap_or_else(|| {
+                self.push(
+                    key,
+                    &format!("{v:?} is not a size"),
+                    "use bytes or a unit: \"64KiB\", \"1MiB\", \"128MiB\"",
+                );
+                default
+            }),
+        }
+    }
+
     /// Parses an http(s) URL; `http` only for loopback hosts.
     fn url(&mut self, key: &str, value: &str) -> Option<Url> {
         let url = match Url::parse(value) {
@@ -476,6 +559,22 @@ fn is_loopback(url: &Url) -> bool {
     }
 }
 
+/// Parses `"512"`, `"64KiB"`, `"1MiB"`, `"2GiB"` (also `KB`/`MB`/`GB` as binary units).
+pub fn parse_size(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num.parse().ok()?;
+    let mult: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "KB" | "k" | "K" => 1 << 10,
+        "MiB" | "MB" | "M" => 1 << 20,
+        "GiB" | "GB" | "G" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
 /// Parses `"500ms"`, `"30s"`, `"5m"`, `"1h"` (a bare number is seconds).
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
@@ -506,10 +605,39 @@ impl RawConfig {
             self.admin_listen.as_deref(),
             DEFAULT_ADMIN_LISTEN,
         );
-        let public_url = self.public_url.as_deref().and_then(|v| {
-            let u = p.url("public_url", v)?;
-            Some(u)
+        let public_url = self.public_url.as_deref().and_then(|v| match Url::parse(v) {
+            Ok(u)
+                if matches!(u.scheme(), "http" | "https")
+                    && u.host().is_some()
+                    && u.query().is_none()
+                    && u.fragment().is_none() =>
+            {
+                Some(u)
+            }
+            _ => {
+                p.push(
+                    "public_url",
+                    &format!("{v:?} is not an http(s) URL without query"),
+                    "give the URL callers use, e.g. \"https://dataverse-proxy.example.com\" (a path prefix is allowed)",
+                );
+                None
+            }
         });
+
+        let mut trusted_proxies = Vec::new();
+        for entry in self.trusted_proxies.unwrap_or_default() {
+            let parsed = entry
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| entry.parse::<IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(net) => trusted_proxies.push(net),
+                Err(_) => p.push(
+                    "trusted_proxies",
+                    &format!("{entry:?} is not an IP address or CIDR block"),
+                    "list addresses or blocks such as \"10.0.0.0/8\" or \"192.0.2.7\"",
+                ),
+            }
+        }
 
         let org_url = match self.org.url.as_deref() {
             None => {
@@ -624,7 +752,41 @@ impl RawConfig {
                 Duration::from_secs(90),
             ),
             pool_max_idle: u.pool_max_idle.unwrap_or(64),
+            replay_buffer: p.size(
+                "upstream.replay_buffer",
+                u.replay_buffer.as_deref(),
+                1 << 20,
+            ),
         };
+
+        let g = self.governor;
+        let governor = GovernorConfig {
+            max_concurrency: g.max_concurrency.unwrap_or(50),
+            max_queue: g.max_queue.unwrap_or(1000),
+            queue_timeout: p.duration(
+                "governor.queue_timeout",
+                g.queue_timeout.as_deref(),
+                Duration::from_secs(30),
+            ),
+            max_retries: g.max_retries.unwrap_or(3),
+            retry_deadline: p.duration(
+                "governor.retry_deadline",
+                g.retry_deadline.as_deref(),
+                Duration::from_secs(60),
+            ),
+            max_retry_after: p.duration(
+                "governor.max_retry_after",
+                g.max_retry_after.as_deref(),
+                Duration::from_secs(300),
+            ),
+        };
+        if governor.max_concurrency == 0 || governor.max_concurrency > 52 {
+            p.push(
+                "governor.max_concurrency",
+                &format!("{} is outside 1..=52", governor.max_concurrency),
+                "Dataverse allows 52 concurrent requests per user and web server; keep a margin, e.g. 50 (split it between replicas)",
+            );
+        }
 
         let t = self.token;
         let token = TokenConfig {
@@ -688,6 +850,7 @@ impl RawConfig {
                 listen,
                 admin_listen,
                 public_url,
+                trusted_proxies,
                 org: OrgConfig { url },
                 credential: CredentialConfig {
                     tenant_id,
@@ -698,6 +861,7 @@ impl RawConfig {
                 },
                 upstream,
                 token,
+                governor,
                 log: LogConfig { format },
             }),
             _ => Err(ConfigError { problems: p.list }),
@@ -945,6 +1109,15 @@ mod tests {
             })
             .is_ok()
         );
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("512"), Some(512));
+        assert_eq!(parse_size("64KiB"), Some(65_536));
+        assert_eq!(parse_size("1MiB"), Some(1 << 20));
+        assert_eq!(parse_size("128 MB"), Some(128 << 20));
+        assert_eq!(parse_size("1 furlong"), None);
     }
 
     #[test]

@@ -34,6 +34,24 @@ pub enum ProxyError {
         /// When the next fetch attempt is due.
         retry_after: Duration,
     },
+    /// 429: the governor's queue for the org is full.
+    #[error(
+        "too many requests are waiting for this Dataverse org (the proxy keeps it under its service-protection limits); retry later"
+    )]
+    GovernorQueueFull {
+        /// Suggested wait.
+        retry_after: Duration,
+    },
+    /// 429: the request waited in the governor's queue too long.
+    #[error(
+        "the request waited {waited:?} for a free slot towards this Dataverse org (service-protection limits); retry later"
+    )]
+    GovernorQueueTimeout {
+        /// How long it waited.
+        waited: Duration,
+        /// Suggested wait.
+        retry_after: Duration,
+    },
     /// 502: the upstream could not be reached or broke the protocol.
     #[error("Dataverse could not be reached: {0}")]
     UpstreamUnavailable(#[source] hyper_util::client::legacy::Error),
@@ -49,6 +67,9 @@ impl ProxyError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::GovernorQueueFull { .. } | Self::GovernorQueueTimeout { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -60,6 +81,8 @@ impl ProxyError {
             Self::NotFound => "not_found",
             Self::BadRequest(_) => "bad_request",
             Self::TokenUnavailable { .. } => "token_unavailable",
+            Self::GovernorQueueFull { .. } => "governor_queue_full",
+            Self::GovernorQueueTimeout { .. } => "governor_queue_timeout",
             Self::UpstreamUnavailable(_) => "upstream_unavailable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
         }
@@ -67,7 +90,9 @@ impl ProxyError {
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::TokenUnavailable { retry_after, .. } => Some(*retry_after),
+            Self::TokenUnavailable { retry_after, .. }
+            | Self::GovernorQueueFull { retry_after }
+            | Self::GovernorQueueTimeout { retry_after, .. } => Some(*retry_after),
             Self::NotFound
             | Self::BadRequest(_)
             | Self::UpstreamUnavailable(_)
@@ -122,6 +147,13 @@ mod tests {
                 "token_unavailable",
             ),
             (
+                ProxyError::GovernorQueueFull {
+                    retry_after: Duration::from_secs(2),
+                },
+                429,
+                "governor_queue_full",
+            ),
+            (
                 ProxyError::UpstreamTimeout(Duration::from_secs(1)),
                 504,
                 "upstream_timeout",
@@ -132,7 +164,7 @@ mod tests {
             assert_eq!(err.code(), code);
             let resp = err.into_response();
             assert_eq!(resp.headers()[&PROXY_ERROR_HEADER], code);
-            if status == 503 {
+            if status == 503 || status == 429 {
                 assert_eq!(resp.headers()[header::RETRY_AFTER], "2");
             }
         }

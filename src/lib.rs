@@ -17,6 +17,10 @@
 //!   single-flight fetches and the background refresher.
 //! - [`proxy`]: the forwarding handler, header policy, path check and the
 //!   pooled upstream client.
+//! - [`rewrite`]: streaming org-URL ⇄ proxy-URL rewriting of links in
+//!   headers and bodies (pure, no I/O).
+//! - [`governor`]: the per-org service-protection governor: concurrency cap,
+//!   bounded queue, and a gate closed for everyone after a 429.
 //! - [`sim`]: a simulator of Entra ID and the Dataverse Web API, used by the
 //!   `demo` and `sim` commands and by the tests.
 //! - [`cli`]: the command-line interface and its subcommands.
@@ -28,7 +32,9 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod governor;
 pub mod proxy;
+pub mod rewrite;
 pub mod sim;
 pub mod token;
 
@@ -59,8 +65,11 @@ pub async fn serve(
         // Small OData responses should not wait for Nagle.
         let _ = tcp.set_nodelay(true);
     });
-    let proxy_server = axum::serve(proxy, app::router(state.clone()))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let proxy_server = axum::serve(
+        proxy,
+        app::router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let admin_server = axum::serve(admin, app::admin_router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 

@@ -1,53 +1,174 @@
 //! The forwarding handler: everything between the caller and Dataverse.
 //!
-//! Steps, in order: path check (only the Web API is reachable), token (503
-//! without one: nothing is ever forwarded unauthenticated), header policy,
-//! send with a response-header timeout, then stream the answer back with an
-//! idle-body timeout. Bodies are never buffered: the caller's body is handed
-//! to hyper as a stream and Dataverse's body is returned as a stream.
+//! Steps, in order:
+//! 1. path check: only the Web API is reachable (404/400 otherwise);
+//! 2. header policy towards Dataverse; `Accept-Encoding` is dropped for
+//!    everything but file downloads, so bodies whose links are rewritten
+//!    always arrive uncompressed (see `docs/configuration.md`);
+//! 3. the request body is buffered when small (replayable, links rewritten
+//!    to the org, exact `Content-Length`) or streamed;
+//! 4. a governor slot for the org (429 when the queue is full or too slow);
+//! 5. a token (503 without one: nothing is ever forwarded unauthenticated);
+//! 6. send, with a response-header timeout; a 429 from Dataverse closes the
+//!    org's gate for everyone and is replayed after the wait when the body
+//!    allows, within the retry budget and deadline;
+//! 7. the answer streams back: headers filtered, org links in
+//!    `OData-EntityId` / `Location` / `Content-Location` and in JSON and
+//!    `$batch` bodies rewritten to the proxy's public URL, an idle-body
+//!    timeout, and the governor slot held until the body ends.
 
+pub mod body;
 pub mod headers;
 pub mod path;
+pub mod public;
 pub mod upstream;
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{Uri, Version, header};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri, Version, header};
 use axum::response::Response;
+use hyper::body::Incoming;
+use tokio::time::Instant;
 
 use crate::app::AppState;
 use crate::error::ProxyError;
+use crate::rewrite::{RewriteBody, Rewriter};
+use body::{Guarded, RequestBody};
 use upstream::IdleTimeout;
+
+/// Response headers that carry absolute org URLs.
+static LINK_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("odata-entityid"),
+    header::LOCATION,
+    header::CONTENT_LOCATION,
+];
 
 /// Forwards one request to the org and streams the answer back.
 pub async fn forward(State(state): State<AppState>, req: Request) -> Result<Response, ProxyError> {
-    let (mut parts, body) = req.into_parts();
+    let arrived = Instant::now();
+    let (parts, body) = req.into_parts();
     path::check(parts.uri.path())?;
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+    let links = state.links(&parts.headers, peer);
+
+    // Path and query bytes are kept exactly as received; only the origin changes.
     let target = parts
         .uri
         .path_and_query()
         .map_or(parts.uri.path(), |pq| pq.as_str());
-
-    let token = state.token.get().await?;
-
-    // Path and query bytes are kept exactly as received; only the origin changes.
     let uri: Uri = format!("{}{}", state.org_origin, target)
         .parse()
         .map_err(|_| ProxyError::BadRequest("the request target is not a valid URI"))?;
-    headers::to_upstream(&mut parts.headers);
-    parts.headers.insert(header::AUTHORIZATION, token.header());
-    parts.uri = uri;
-    parts.version = Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, body);
+    let mut headers = parts.headers;
+    headers::to_upstream(&mut headers);
+    if !path::is_file_download(parts.uri.path()) {
+        headers.remove(header::ACCEPT_ENCODING);
+    }
+    let mut body = RequestBody::prepare(
+        &mut headers,
+        body,
+        links.to_org.as_ref(),
+        state.upstream.replay_buffer,
+    )
+    .await?;
+    let method = parts.method;
 
-    let timeout = state.upstream.response_timeout;
-    let resp = tokio::time::timeout(timeout, state.client.request(upstream_req))
-        .await
-        .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
-        .map_err(ProxyError::UpstreamUnavailable)?;
+    let governor = &state.governor;
+    let mut permit = governor.acquire().await?;
+    let mut attempt = 0u32;
+    let resp = loop {
+        let token = state.token.get().await?;
+        let mut req = Request::new(body.take());
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = uri.clone();
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = headers.clone();
+        req.headers_mut()
+            .insert(header::AUTHORIZATION, token.header());
+        let resp = send(&state, req).await?;
+        if resp.status() != StatusCode::TOO_MANY_REQUESTS {
+            break resp;
+        }
+        // Dataverse throttled the shared application user: everyone waits.
+        let wait = crate::governor::retry_after(resp.headers())
+            .unwrap_or(Duration::from_secs(1 << attempt.min(6)));
+        governor.throttled(wait);
+        let limits = governor.config();
+        if !body.replayable()
+            || attempt >= limits.max_retries
+            || arrived.elapsed() + wait > limits.retry_deadline
+        {
+            break resp;
+        }
+        attempt += 1;
+        governor.retried();
+        drop(resp);
+        drop(permit);
+        permit = governor.acquire().await?;
+    };
 
     let (mut parts, body) = resp.into_parts();
     headers::to_caller(&mut parts.headers);
-    let body = Body::new(IdleTimeout::new(body, state.upstream.idle_timeout));
-    Ok(Response::from_parts(parts, body))
+    if let Some(hint) = parts
+        .headers
+        .get("x-ms-dop-hint")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+    {
+        governor.dop_hint(hint);
+    }
+    let rewriter = links.to_caller.as_ref();
+    if let Some(r) = rewriter {
+        rewrite_link_headers(&mut parts.headers, r);
+    }
+    let has_body = method != Method::HEAD
+        && !matches!(
+            parts.status,
+            StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+        );
+    let rewrite_body = rewriter
+        .filter(|_| has_body && body::is_rewritable(&parts.headers) && is_identity(&parts.headers))
+        .cloned();
+    if rewrite_body.is_some() {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    let body = IdleTimeout::new(body, state.upstream.idle_timeout);
+    let body = Guarded::new(RewriteBody::new(body, rewrite_body), permit);
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+async fn send(state: &AppState, req: Request) -> Result<Response<Incoming>, ProxyError> {
+    let timeout = state.upstream.response_timeout;
+    tokio::time::timeout(timeout, state.client.request(req))
+        .await
+        .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
+        .map_err(ProxyError::UpstreamUnavailable)
+}
+
+/// True when the body is not compressed (rewriting compressed bytes would
+/// corrupt them, so such bodies pass through as they are).
+fn is_identity(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|v| v.trim().eq_ignore_ascii_case("identity"))
+}
+
+fn rewrite_link_headers(headers: &mut axum::http::HeaderMap, rewriter: &Rewriter) {
+    for name in &LINK_HEADERS {
+        let Some(value) = headers.get(name) else {
+            continue;
+        };
+        if let Some(new) = rewriter.rewrite_all(value.as_bytes())
+            && let Ok(v) = HeaderValue::from_bytes(&new)
+        {
+            headers.insert(name, v);
+        }
+    }
 }

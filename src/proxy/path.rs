@@ -43,6 +43,12 @@ pub fn check(path: &str) -> Result<(), ProxyError> {
     Ok(())
 }
 
+/// True for file and image downloads (`…/$value`), whose binary bodies are
+/// never rewritten and may come compressed.
+pub fn is_file_download(path: &str) -> bool {
+    path.ends_with("/$value")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -113,7 +113,8 @@ pub async fn raw_request(base: &str, request: &str) -> String {
 
 #[tokio::test]
 async fn dataverse_statuses_and_headers_pass_through_untouched() {
-    let h = Harness::start().await;
+    // No replays, so the injected 429 itself reaches the caller.
+    let h = Harness::with(Setup::default().set("governor.max_retries", "0")).await;
     let id = h.sim.ids("accounts")[0];
 
     // Retrieve: ETag and OData headers come back; request headers go out.

@@ -1,0 +1,189 @@
+//! The proxy's public URL as a caller sees it, for link rewriting.
+//!
+//! In order: the configured `public_url`; else, when the peer is a trusted
+//! proxy, `Forwarded` (RFC 7239) or `X-Forwarded-Proto` / `-Host` /
+//! `-Prefix`; else `http://` + the `Host` header; else the listen address.
+//! Forwarded values from untrusted peers are ignored: anyone could send
+//! them and steer the links of the answer. Every value is validated before
+//! it is written into a body.
+
+use std::net::IpAddr;
+
+use axum::http::{HeaderMap, header};
+
+/// Settings for deriving the public URL.
+#[derive(Debug, Clone)]
+pub struct PublicUrl {
+    /// Configured `public_url`, without a trailing slash.
+    pub fixed: Option<String>,
+    /// Peers whose forwarding headers are believed.
+    pub trusted: Vec<ipnet::IpNet>,
+    /// Fallback authority (the listen address).
+    pub fallback_host: String,
+}
+
+impl PublicUrl {
+    /// The public base URL (`scheme://host[:port][/prefix]`, no trailing slash).
+    pub fn derive(&self, headers: &HeaderMap, peer: IpAddr) -> String {
+        if let Some(fixed) = &self.fixed {
+            return fixed.clone();
+        }
+        let mut proto = "http";
+        let mut host = header_str(headers, header::HOST.as_str()).filter(|h| valid_host(h));
+        let mut prefix = "";
+        if self.trusted.iter().any(|net| net.contains(&peer)) {
+            if let Some(fwd) = header_str(headers, "forwarded") {
+                let (p, h) = parse_forwarded(fwd);
+                if let Some(p) = p {
+                    proto = p;
+                }
+                if h.is_some() {
+                    host = h;
+                }
+            } else {
+                match header_str(headers, "x-forwarded-proto").map(first_value) {
+                    Some(p) if p.eq_ignore_ascii_case("https") => proto = "https",
+                    Some(p) if p.eq_ignore_ascii_case("http") => proto = "http",
+                    _ => {}
+                }
+                if let Some(h) = header_str(headers, "x-forwarded-host")
+                    .map(first_value)
+                    .filter(|h| valid_host(h))
+                {
+                    host = Some(h);
+                }
+            }
+            if let Some(p) = header_str(headers, "x-forwarded-prefix")
+                .map(first_value)
+                .filter(|p| valid_prefix(p))
+            {
+                prefix = p.trim_end_matches('/');
+            }
+        }
+        let host = host.unwrap_or(&self.fallback_host);
+        format!("{proto}://{host}{prefix}")
+    }
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn first_value(v: &str) -> &str {
+    v.split(',').next().unwrap_or("").trim()
+}
+
+/// `proto` and `host` of the first element of a `Forwarded` header.
+fn parse_forwarded(value: &str) -> (Option<&'static str>, Option<&str>) {
+    let first = value.split(',').next().unwrap_or("");
+    let (mut proto, mut host) = (None, None);
+    for pair in first.split(';') {
+        let Some((k, v)) = pair.split_once('=') else {
+            continue;
+        };
+        let v = v.trim().trim_matches('"');
+        match k.trim().to_ascii_lowercase().as_str() {
+            "proto" if v.eq_ignore_ascii_case("https") => proto = Some("https"),
+            "proto" if v.eq_ignore_ascii_case("http") => proto = Some("http"),
+            "host" if valid_host(v) => host = Some(v),
+            _ => {}
+        }
+    }
+    (proto, host)
+}
+
+/// A host[:port] made only of characters a hostname, IPv6 literal or port uses.
+fn valid_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 255
+        && h.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_')
+        })
+}
+
+/// A path prefix such as `/dataverse`, with only unreserved characters.
+fn valid_prefix(p: &str) -> bool {
+    p.starts_with('/')
+        && p.len() <= 200
+        && !p.contains("//")
+        && !p.split('/').any(|s| s == ".." || s == ".")
+        && p.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.' | b'~'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn cfg(trusted: &[&str]) -> PublicUrl {
+        PublicUrl {
+            fixed: None,
+            trusted: trusted.iter().map(|t| t.parse().expect("net")).collect(),
+            fallback_host: "127.0.0.1:8080".into(),
+        }
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 2, 3));
+
+    #[test]
+    fn host_header_without_trust() {
+        let h = headers(&[
+            ("host", "proxy.local:8080"),
+            ("x-forwarded-host", "evil.example"),
+        ]);
+        assert_eq!(cfg(&[]).derive(&h, PEER), "http://proxy.local:8080");
+    }
+
+    #[test]
+    fn forwarded_headers_from_a_trusted_peer() {
+        let h = headers(&[
+            ("host", "10.0.0.5:8080"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "dv.example.com"),
+            ("x-forwarded-prefix", "/sales/"),
+        ]);
+        assert_eq!(
+            cfg(&["10.0.0.0/8"]).derive(&h, PEER),
+            "https://dv.example.com/sales"
+        );
+        let h = headers(&[
+            ("host", "x"),
+            (
+                "forwarded",
+                "for=1.2.3.4;proto=https;host=\"gw.example.com\", for=5.6.7.8",
+            ),
+        ]);
+        assert_eq!(
+            cfg(&["10.0.0.0/8"]).derive(&h, PEER),
+            "https://gw.example.com"
+        );
+    }
+
+    #[test]
+    fn junk_is_never_used() {
+        let h = headers(&[("host", "a\"b"), ("x-forwarded-prefix", "/../x")]);
+        assert_eq!(
+            cfg(&["10.0.0.0/8"]).derive(&h, PEER),
+            "http://127.0.0.1:8080"
+        );
+    }
+
+    #[test]
+    fn a_fixed_public_url_wins() {
+        let mut c = cfg(&["10.0.0.0/8"]);
+        c.fixed = Some("https://fixed.example.com/dv".into());
+        assert_eq!(
+            c.derive(&headers(&[("host", "x")]), PEER),
+            "https://fixed.example.com/dv"
+        );
+    }
+}

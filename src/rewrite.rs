@@ -1,0 +1,281 @@
+//! Streaming org-URL ⇄ proxy-URL rewriting (pure: no I/O).
+//!
+//! Dataverse writes absolute URLs of the org into `@odata.context`,
+//! `@odata.nextLink`, `@odata.id`, `@odata.editLink`, the `OData-EntityId`,
+//! `Location` and `Content-Location` headers and every part of a `$batch`
+//! answer (dossier §2, §4.1). Clients follow those links, so the proxy
+//! replaces the org's `{origin}/api/data/` with the proxy's public
+//! `{base}/api/data/` in responses, and the reverse in request bodies
+//! (`$batch` request lines, `@odata.id` and `@odata.bind` values).
+//!
+//! Only `scheme://host[:port]/api/data/` prefixes are replaced; every other
+//! byte, `$skiptoken` paging cookies included, is left as it was. The
+//! prefix ends with `/api/data/`, so no pattern is a prefix of another and
+//! a match never depends on bytes after it.
+//!
+//! [`Rewriter`] is built once per direction and request (its patterns are
+//! tiny); [`RewriteBody`] applies it to a body chunk by chunk, carrying the
+//! few bytes at a chunk's end that could start a match into the next one, so
+//! matches across chunk boundaries work and memory stays bounded.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use aho_corasick::AhoCorasick;
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+
+/// Replaces any of a few URL prefixes with one replacement.
+#[derive(Debug, Clone)]
+pub struct Rewriter {
+    finder: AhoCorasick,
+    replacement: Bytes,
+    /// Length of the longest pattern, minus one: bytes kept between chunks.
+    keep: usize,
+}
+
+impl Rewriter {
+    /// Rewrites every `{from}/api/data/` to `{to}/api/data/`. Origins are
+    /// given without a trailing slash; `to` may carry a path prefix.
+    /// Returns `None` when there is nothing to do (all `from` equal `to`).
+    pub fn api_prefix(from: &[&str], to: &str) -> Option<Self> {
+        let to = to.trim_end_matches('/');
+        let patterns: Vec<String> = from
+            .iter()
+            .map(|f| f.trim_end_matches('/'))
+            .filter(|f| *f != to)
+            .map(|f| format!("{f}/api/data/"))
+            .collect();
+        if patterns.is_empty() {
+            return None;
+        }
+        let keep = patterns.iter().map(String::len).max().unwrap_or(1) - 1;
+        let finder = AhoCorasick::new(&patterns).ok()?;
+        Some(Self {
+            finder,
+            replacement: Bytes::from(format!("{to}/api/data/")),
+            keep,
+        })
+    }
+
+    /// Rewrites a whole value (a header, a buffered body).
+    pub fn rewrite_all(&self, input: &[u8]) -> Option<Vec<u8>> {
+        self.finder.find(input)?;
+        let mut out = Vec::with_capacity(input.len() + 64);
+        let mut last = 0;
+        for m in self.finder.find_iter(input) {
+            out.extend_from_slice(&input[last..m.start()]);
+            out.extend_from_slice(&self.replacement);
+            last = m.end();
+        }
+        out.extend_from_slice(&input[last..]);
+        Some(out)
+    }
+
+    /// Feeds one chunk; returns what can be emitted now. `carry` holds the
+    /// bytes kept back from the previous chunk and receives the new ones.
+    pub fn feed(&self, carry: &mut BytesMut, chunk: Bytes) -> Bytes {
+        if carry.is_empty() && self.finder.find(&chunk).is_none() {
+            // Fast path: no match in this chunk; keep back only its tail.
+            let cut = chunk.len().saturating_sub(self.keep);
+            carry.extend_from_slice(&chunk[cut..]);
+            return chunk.slice(..cut);
+        }
+        carry.extend_from_slice(&chunk);
+        let buf = carry.split().freeze();
+        let mut out = BytesMut::with_capacity(buf.len() + 64);
+        let mut last = 0;
+        for m in self.finder.find_iter(&buf[..]) {
+            out.extend_from_slice(&buf[last..m.start()]);
+            out.extend_from_slice(&self.replacement);
+            last = m.end();
+        }
+        // After the last match, keep back bytes that could start a match.
+        let cut = last.max(buf.len().saturating_sub(self.keep));
+        out.extend_from_slice(&buf[last..cut]);
+        carry.extend_from_slice(&buf[cut..]);
+        out.freeze()
+    }
+}
+
+/// A body rewritten chunk by chunk (or passed through untouched when the
+/// rewriter is `None`).
+pub struct RewriteBody<B> {
+    inner: B,
+    rewriter: Option<Rewriter>,
+    carry: BytesMut,
+    /// Trailers that arrived while bytes were still kept back.
+    trailers: Option<http::HeaderMap>,
+    done: bool,
+}
+
+impl<B> RewriteBody<B> {
+    /// Wraps `inner`.
+    pub fn new(inner: B, rewriter: Option<Rewriter>) -> Self {
+        Self {
+            inner,
+            rewriter,
+            carry: BytesMut::new(),
+            trailers: None,
+            done: false,
+        }
+    }
+}
+
+impl<B> Body for RewriteBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let Some(rewriter) = &this.rewriter else {
+            return Pin::new(&mut this.inner).poll_frame(cx);
+        };
+        loop {
+            if this.done {
+                // Kept-back bytes first, then any trailers, then the end.
+                if !this.carry.is_empty() {
+                    return Poll::Ready(Some(Ok(Frame::data(this.carry.split().freeze()))));
+                }
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = rewriter.feed(&mut this.carry, data);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                    }
+                    Err(frame) => {
+                        // Trailers end the body.
+                        this.trailers = frame.into_trailers().ok();
+                        this.done = true;
+                    }
+                },
+                Poll::Ready(None) => this.done = true,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self.rewriter {
+            None => self.inner.is_end_stream(),
+            Some(_) => self.done && self.carry.is_empty() && self.trailers.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.rewriter {
+            None => self.inner.size_hint(),
+            // Rewriting changes the length.
+            Some(_) => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORG: &str = "https://contoso.crm.dynamics.com";
+    const PROXY: &str = "http://127.0.0.1:8080";
+
+    fn rw() -> Rewriter {
+        Rewriter::api_prefix(&[ORG], PROXY).expect("rewriter")
+    }
+
+    fn stream(r: &Rewriter, input: &[u8], splits: &[usize]) -> Vec<u8> {
+        let mut carry = BytesMut::new();
+        let mut out = Vec::new();
+        let mut start = 0;
+        for &s in splits.iter().chain(std::iter::once(&input.len())) {
+            let s = s.clamp(start, input.len());
+            out.extend_from_slice(&r.feed(&mut carry, Bytes::copy_from_slice(&input[start..s])));
+            start = s;
+        }
+        out.extend_from_slice(&carry);
+        out
+    }
+
+    #[test]
+    fn links_are_rewritten_and_skiptokens_untouched() {
+        let body = format!(
+            r#"{{"@odata.context":"{ORG}/api/data/v9.2/$metadata#accounts(name)","value":[],"@odata.nextLink":"{ORG}/api/data/v9.2/accounts?$select=name&$skiptoken=%3Ccookie%20pagenumber=%222%22%20pagingcookie=%22%253ccookie%2520page%253d%25221%2522%253e%22%20/%3E"}}"#
+        );
+        let out =
+            String::from_utf8(rw().rewrite_all(body.as_bytes()).expect("match")).expect("utf8");
+        assert_eq!(out, body.replace(ORG, PROXY));
+        assert!(out.contains("$skiptoken=%3Ccookie%20pagenumber=%222%22%20pagingcookie=%22%253ccookie%2520page%253d%25221%2522%253e%22%20/%3E"));
+    }
+
+    #[test]
+    fn other_urls_of_the_org_are_left_alone() {
+        let body = format!(r#"{{"url":"{ORG}/main.aspx?etn=account","x":"{ORG}/api/data"}}"#);
+        assert!(rw().rewrite_all(body.as_bytes()).is_none());
+    }
+
+    #[test]
+    fn a_match_split_across_chunks_is_found() {
+        let body = format!("xx {ORG}/api/data/v9.2/accounts(1) yy {ORG}/api/data/v9.2/x");
+        let expected = body.replace(ORG, PROXY);
+        for split in 0..body.len() {
+            assert_eq!(
+                stream(&rw(), body.as_bytes(), &[split]),
+                expected.as_bytes(),
+                "split at {split}"
+            );
+        }
+    }
+
+    #[test]
+    fn nothing_to_do_when_origins_match() {
+        assert!(Rewriter::api_prefix(&[PROXY], PROXY).is_none());
+    }
+
+    #[test]
+    fn the_reverse_direction_and_path_prefixes() {
+        let r = Rewriter::api_prefix(&["https://gw.example.com/dv"], ORG).expect("rewriter");
+        let line = b"POST https://gw.example.com/dv/api/data/v9.2/accounts HTTP/1.1";
+        assert_eq!(
+            r.rewrite_all(line).expect("match"),
+            format!("POST {ORG}/api/data/v9.2/accounts HTTP/1.1").as_bytes()
+        );
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn body_strategy() -> impl Strategy<Value = Vec<u8>> {
+            let piece = prop_oneof![
+                Just(format!("{ORG}/api/data/v9.2/").into_bytes()),
+                Just(format!("{ORG}/api/dat").into_bytes()),
+                Just(b"https://contoso.crm".to_vec()),
+                Just(b"%3Ccookie%20page%253d".to_vec()),
+                proptest::collection::vec(any::<u8>(), 0..40),
+            ];
+            proptest::collection::vec(piece, 0..30).prop_map(|v| v.concat())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+            #[test]
+            fn chunked_equals_whole(body in body_strategy(), splits in proptest::collection::vec(0usize..2000, 0..12)) {
+                let r = rw();
+                let mut splits = splits;
+                splits.sort_unstable();
+                let whole = r.rewrite_all(&body).unwrap_or_else(|| body.clone());
+                prop_assert_eq!(stream(&r, &body, &splits), whole);
+            }
+        }
+    }
+}
