@@ -42,6 +42,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("DATAVERSE_PROXY_LISTEN", "listen"),
     ("DATAVERSE_PROXY_ADMIN_LISTEN", "admin_listen"),
     ("DATAVERSE_PROXY_PUBLIC_URL", "public_url"),
+    ("DATAVERSE_PROXY_TRUSTED_PROXIES", "trusted_proxies"),
     ("DATAVERSE_PROXY_LOG_FORMAT", "log.format"),
 ];
 
@@ -210,6 +211,7 @@ pub struct RawConfig {
     listen: Option<String>,
     admin_listen: Option<String>,
     public_url: Option<String>,
+    #[serde(deserialize_with = "lenient_list")]
     trusted_proxies: Option<Vec<String>>,
     org: RawOrg,
     credential: RawCredential,
@@ -299,6 +301,26 @@ where
             .map(Some)
             .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a whole number"))),
     }
+}
+
+/// A list given as a list (TOML) or as a comma-separated string
+/// (environment variables and flags).
+fn lenient_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        Str(String),
+    }
+    Ok(Option::<Either>::deserialize(d)?.map(|e| match e {
+        Either::List(l) => l,
+        Either::Str(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    }))
 }
 
 /// A secret as deserialised. Its deserialiser never echoes the value in an

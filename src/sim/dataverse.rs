@@ -139,11 +139,13 @@ fn schema(entity_set: &str) -> Option<&'static Schema> {
     SCHEMAS.iter().find(|s| s.entity_set == entity_set)
 }
 
+#[derive(Clone)]
 struct StoredFile {
     name: String,
     data: Bytes,
 }
 
+#[derive(Clone)]
 struct Row {
     fields: Map<String, Value>,
     version: u64,
@@ -151,6 +153,7 @@ struct Row {
 }
 
 /// The in-memory database.
+#[derive(Clone)]
 pub(super) struct Db {
     tables: HashMap<&'static str, BTreeMap<Uuid, Row>>,
     next_version: u64,
@@ -313,6 +316,26 @@ impl Db {
         self.next_version
     }
 
+    pub(super) fn seed_rows(&mut self, set: &str, n: usize) {
+        let Some(schema) = schema(set) else {
+            return;
+        };
+        for i in 0..n {
+            let fields = match schema.entity_set {
+                "accounts" => {
+                    json!({"name": format!("{} #{i}", COMPANIES[i % COMPANIES.len()]), "accountnumber": format!("GEN-{i:06}"), "statecode": 0})
+                }
+                "contacts" => {
+                    json!({"firstname": FIRST[i % FIRST.len()], "lastname": format!("Generated{i}"), "fullname": format!("{} Generated{i}", FIRST[i % FIRST.len()]), "statecode": 0})
+                }
+                _ => {
+                    json!({"subject": format!("{} #{i}", SUBJECTS[i % SUBJECTS.len()]), "lastname": format!("Generated{i}"), "statecode": 0})
+                }
+            };
+            self.insert_seed(schema.entity_set, fields);
+        }
+    }
+
     pub(super) fn put_file(
         &mut self,
         set: &str,
@@ -354,6 +377,18 @@ impl Db {
     }
 }
 
+/// A chunked file upload in progress (dossier §2.11).
+pub(super) struct Upload {
+    entity_set: &'static str,
+    id: Uuid,
+    column: String,
+    name: String,
+    data: Vec<u8>,
+}
+
+/// Chunk size the simulator asks for, as Dataverse does.
+const UPLOAD_CHUNK: usize = 4 * 1024 * 1024;
+
 // === HTTP ===
 
 pub(super) fn router(state: Arc<SimState>) -> Router {
@@ -361,7 +396,7 @@ pub(super) fn router(state: Arc<SimState>) -> Router {
 }
 
 /// A Dataverse-format error.
-fn dv_error(status: StatusCode, code: &str, message: &str) -> Response {
+pub(super) fn dv_error(status: StatusCode, code: &str, message: &str) -> Response {
     let body = json!({"error": {"code": code, "message": message}});
     let mut resp = (status, body.to_string()).into_response();
     let h = resp.headers_mut();
@@ -389,18 +424,26 @@ fn common_headers(h: &mut HeaderMap) {
 }
 
 async fn handle(State(sim): State<Arc<SimState>>, req: Request) -> Response {
-    let latency = *lock(&sim.latency);
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
-    }
     let claims = check_token(&sim, req.headers());
     record(&sim, &req, claims.clone());
     let mut resp = match claims {
-        Ok(_) => match take_fault(&sim) {
-            Some(resp) => resp,
-            None => route(&sim, req).await,
-        },
         Err(why) => challenge(&sim, why),
+        Ok(_) => match sim.limiter.admit() {
+            Err(throttled) => throttled,
+            Ok(in_flight) => {
+                let latency = *lock(&sim.latency);
+                if !latency.is_zero() {
+                    tokio::time::sleep(latency).await;
+                }
+                let mut resp = match take_fault(&sim) {
+                    Some(resp) => resp,
+                    None => route(&sim, req).await,
+                };
+                drop(in_flight);
+                sim.limiter.headers(resp.headers_mut());
+                resp
+            }
+        },
     };
     common_headers(resp.headers_mut());
     resp
@@ -495,6 +538,7 @@ fn challenge(sim: &SimState, why: &str) -> Response {
 /// What a path under `/api/data/vX.Y/` addresses.
 enum Target<'a> {
     WhoAmI,
+    Batch,
     Metadata,
     Collection(&'static Schema),
     Entity(&'static Schema, Uuid),
@@ -516,6 +560,7 @@ fn parse_target(rest: &str) -> Result<Target<'_>, Response> {
         match first {
             "WhoAmI" | "WhoAmI()" => return Ok(Target::WhoAmI),
             "$metadata" => return Ok(Target::Metadata),
+            "$batch" => return Ok(Target::Batch),
             _ => {}
         }
     }
@@ -548,7 +593,7 @@ fn parse_target(rest: &str) -> Result<Target<'_>, Response> {
     }
 }
 
-async fn route(sim: &Arc<SimState>, req: Request) -> Response {
+pub(super) async fn route(sim: &Arc<SimState>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
     let Some(rest) = path.strip_prefix("/api/data/") else {
         return dv_error(
@@ -579,6 +624,28 @@ async fn route(sim: &Arc<SimState>, req: Request) -> Response {
     match (method, target) {
         (Method::GET, Target::WhoAmI) => ctx.whoami(),
         (Method::GET, Target::Metadata) => metadata(),
+        (Method::POST, Target::Batch) => {
+            let (parts, body) = req.into_parts();
+            match http_body_util::Limited::new(body, JSON_LIMIT)
+                .collect()
+                .await
+            {
+                Ok(b) => {
+                    super::batch::execute(
+                        sim,
+                        &format!("/api/data/{version}"),
+                        &parts.headers,
+                        b.to_bytes(),
+                    )
+                    .await
+                }
+                Err(_) => dv_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "0x80040216",
+                    "The request length is too large.",
+                ),
+            }
+        }
         (Method::GET, Target::Collection(s)) => ctx.list(s, req.headers()),
         (Method::POST, Target::Collection(s)) => match read_json(req).await {
             Ok((headers, body)) => ctx.create(s, &headers, body),
@@ -1197,17 +1264,26 @@ impl Ctx {
         if !self.exists(s, id) {
             return not_found(s, id);
         }
+        let q = Query::parse(&self.query);
         let name = req
             .headers()
             .get("x-ms-file-name")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
-            .or_else(|| {
-                Query::parse(&self.query)
-                    .get("x-ms-file-name")
-                    .map(str::to_owned)
-            })
+            .or_else(|| q.get("x-ms-file-name").map(str::to_owned))
             .unwrap_or_else(|| "file.bin".to_owned());
+        let chunked = req
+            .headers()
+            .get("x-ms-transfer-mode")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+        if chunked {
+            return self.start_upload(s, id, col, name);
+        }
+        if let Some(token) = q.get("sessiontoken") {
+            let token = token.to_owned();
+            return self.upload_chunk(&token, req).await;
+        }
         let body = match http_body_util::Limited::new(req.into_body(), FILE_LIMIT)
             .collect()
             .await
@@ -1225,6 +1301,109 @@ impl Ctx {
             StatusCode::NO_CONTENT.into_response()
         } else {
             not_found(s, id)
+        }
+    }
+
+    /// First request of a chunked upload: a session and where to send chunks.
+    fn start_upload(&self, s: &'static Schema, id: Uuid, col: &str, name: String) -> Response {
+        let token = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
+        lock(&self.sim.uploads).insert(
+            token.clone(),
+            Upload {
+                entity_set: s.entity_set,
+                id,
+                column: col.to_owned(),
+                name,
+                data: Vec::new(),
+            },
+        );
+        let mut resp = StatusCode::OK.into_response();
+        let h = resp.headers_mut();
+        let location = format!("{}/{col}?sessiontoken={token}", self.entity_url(s, id));
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            h.insert(header::LOCATION, v);
+        }
+        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        h.insert("x-ms-chunk-size", HeaderValue::from(UPLOAD_CHUNK));
+        h.insert(
+            "access-control-expose-headers",
+            HeaderValue::from_static("x-ms-chunk-size"),
+        );
+        resp
+    }
+
+    /// One chunk: 206 until the last byte arrives, then 204.
+    async fn upload_chunk(&self, token: &str, req: Request) -> Response {
+        let range = req
+            .headers()
+            .get(header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_content_range);
+        let Some((start, end, total)) = range else {
+            return dv_error(
+                StatusCode::BAD_REQUEST,
+                "0x80090011",
+                "A Content-Range header 'bytes start-end/total' is required for a chunk.",
+            );
+        };
+        let body = match http_body_util::Limited::new(req.into_body(), UPLOAD_CHUNK * 2)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return dv_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "0x80044a02",
+                    "The chunk is too big.",
+                );
+            }
+        };
+        let mut uploads = lock(&self.sim.uploads);
+        let Some(upload) = uploads.get_mut(token) else {
+            return dv_error(
+                StatusCode::BAD_REQUEST,
+                "0x80090012",
+                "The upload session is invalid or has expired.",
+            );
+        };
+        if start != upload.data.len() || end + 1 - start != body.len() || end >= total {
+            return dv_error(
+                StatusCode::BAD_REQUEST,
+                "0x80090013",
+                &format!(
+                    "The chunk range {start}-{end}/{total} does not continue the upload at byte {}.",
+                    upload.data.len()
+                ),
+            );
+        }
+        upload.data.extend_from_slice(&body);
+        if upload.data.len() < total {
+            return StatusCode::PARTIAL_CONTENT.into_response();
+        }
+        let Some(done) = uploads.remove(token) else {
+            return dv_error(
+                StatusCode::BAD_REQUEST,
+                "0x80090012",
+                "The upload session is invalid.",
+            );
+        };
+        drop(uploads);
+        let stored = lock(&self.sim.db).put_file(
+            done.entity_set,
+            done.id,
+            &done.column,
+            &done.name,
+            Bytes::from(done.data),
+        );
+        if stored {
+            StatusCode::NO_CONTENT.into_response()
+        } else {
+            dv_error(
+                StatusCode::NOT_FOUND,
+                "0x80040217",
+                "The record was deleted during the upload.",
+            )
         }
     }
 
@@ -1317,6 +1496,19 @@ impl Ctx {
 }
 
 const CHUNK: usize = 64 * 1024;
+
+/// `bytes 0-4194303/25870370` → (0, 4194303, 25870370).
+fn parse_content_range(v: &str) -> Option<(usize, usize, usize)> {
+    let v = v.trim().strip_prefix("bytes")?.trim();
+    let (range, total) = v.split_once('/')?;
+    let (start, end) = range.split_once('-')?;
+    let (start, end, total) = (
+        start.trim().parse().ok()?,
+        end.trim().parse().ok()?,
+        total.trim().parse().ok()?,
+    );
+    (start <= end).then_some((start, end, total))
+}
 
 fn insert_etag(h: &mut HeaderMap, tag: &str) {
     if let Ok(v) = HeaderValue::from_str(tag) {

@@ -19,8 +19,12 @@
 //! Entra's RS256 keys: the proxy treats tokens as opaque, and only the
 //! simulator itself checks them.
 
+mod batch;
 pub mod dataverse;
 pub mod entra;
+mod limits;
+
+pub use limits::ServiceLimits;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -103,6 +107,8 @@ pub struct SimState {
     seen: Mutex<VecDeque<SeenRequest>>,
     db: Mutex<dataverse::Db>,
     ids: dataverse::OrgIds,
+    limiter: limits::Limiter,
+    uploads: Mutex<std::collections::HashMap<String, dataverse::Upload>>,
 }
 
 /// Test hooks over a running simulator. Cheap to clone.
@@ -171,6 +177,26 @@ impl SimHandle {
     /// dropped mid-body), or behave again with `None`.
     pub fn abort_downloads_after(&self, bytes: Option<usize>) {
         *lock(&self.0.abort_downloads_after) = bytes;
+    }
+
+    /// Sets the service-protection limits (default: Dataverse's own).
+    pub fn set_service_limits(&self, limits: ServiceLimits) {
+        self.0.limiter.set(limits);
+    }
+
+    /// The most requests Dataverse ever had in flight at once.
+    pub fn max_concurrency_seen(&self) -> usize {
+        self.0.limiter.max_in_flight()
+    }
+
+    /// How many 429s the service-protection limits produced.
+    pub fn throttled(&self) -> u64 {
+        self.0.limiter.throttled()
+    }
+
+    /// Adds `n` generated rows to a table (for paging tests).
+    pub fn seed_rows(&self, entity_set: &str, n: usize) {
+        lock(&self.0.db).seed_rows(entity_set, n);
     }
 
     /// Makes Dataverse answer the next requests with an error (after
@@ -257,6 +283,8 @@ impl Sim {
             seen: Mutex::new(VecDeque::new()),
             db: Mutex::new(dataverse::Db::seeded()),
             ids: dataverse::OrgIds::new(),
+            limiter: limits::Limiter::default(),
+            uploads: Mutex::new(std::collections::HashMap::new()),
         });
         let shutdown = CancellationToken::new();
         for (listener, router) in [

@@ -4,7 +4,9 @@
 
 mod binary;
 mod forward;
+mod governor;
 mod harness;
+mod links;
 mod sim;
 mod streaming;
 mod token;

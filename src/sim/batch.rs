@@ -1,0 +1,477 @@
+//! Simulated `$batch` (dossier §2.10): `multipart/mixed` requests of
+//! `application/http` parts and change sets, executed in order.
+//!
+//! - Change sets are atomic: a failing operation rolls the whole set back.
+//! - `Content-ID` references: a later request in a change set may use `$n`
+//!   as its URL (or URL prefix), or as an `@odata.bind` value.
+//! - Without `Prefer: odata.continue-on-error`, processing stops at the first
+//!   failure; the answer then has the failing status and only the failing
+//!   part. With it, the answer is 200 and every part has its own status.
+//! - Request URLs may be absolute (their origin must be this org's: the
+//!   simulator refuses foreign hosts, which is what makes a proxy rewrite
+//!   them), absolute paths, or relative to the service root.
+//! - Answers use `batchresponse_…` / `changesetresponse_…` boundaries and
+//!   absolute org URLs in `Location` / `OData-EntityId` and JSON bodies.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use uuid::Uuid;
+
+use super::dataverse::{dv_error, route};
+use super::{SimState, lock};
+
+/// Most operations in one batch (Dataverse: 1000).
+const MAX_OPERATIONS: usize = 1000;
+
+/// One MIME part: its headers and content.
+struct Part<'a> {
+    headers: Vec<(String, String)>,
+    content: &'a [u8],
+}
+
+impl Part<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The `boundary` parameter of a `multipart/mixed` content type.
+fn boundary(content_type: &str) -> Option<String> {
+    let (kind, params) = content_type.split_once(';')?;
+    if !kind.trim().eq_ignore_ascii_case("multipart/mixed") {
+        return None;
+    }
+    params.split(';').find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| v.trim().trim_matches('"').to_owned())
+    })
+}
+
+/// Splits a multipart body into its parts.
+fn split<'a>(body: &'a [u8], boundary: &str) -> Option<Vec<Part<'a>>> {
+    let delimiter = format!("--{boundary}");
+    let finder = memchr::memmem::Finder::new(delimiter.as_bytes());
+    let positions: Vec<usize> = finder.find_iter(body).collect();
+    let mut parts = Vec::new();
+    for pair in positions.windows(2) {
+        let mut segment = &body[pair[0] + delimiter.len()..pair[1]];
+        if segment.starts_with(b"--") {
+            break;
+        }
+        segment = strip_crlf_start(segment);
+        segment = segment
+            .strip_suffix(b"\r\n")
+            .or_else(|| segment.strip_suffix(b"\n"))
+            .unwrap_or(segment);
+        let (head, content) = split_head(segment)?;
+        parts.push(Part {
+            headers: parse_headers(head),
+            content,
+        });
+    }
+    // The last delimiter must close the body.
+    let last = *positions.last()?;
+    body[last + delimiter.len()..]
+        .starts_with(b"--")
+        .then_some(parts)
+}
+
+fn strip_crlf_start(s: &[u8]) -> &[u8] {
+    s.strip_prefix(b"\r\n")
+        .or_else(|| s.strip_prefix(b"\n"))
+        .unwrap_or(s)
+}
+
+/// Splits at the first empty line: (header block, rest).
+fn split_head(s: &[u8]) -> Option<(&[u8], &[u8])> {
+    if let Some(i) = memchr::memmem::find(s, b"\r\n\r\n") {
+        return Some((&s[..i], &s[i + 4..]));
+    }
+    if let Some(i) = memchr::memmem::find(s, b"\n\n") {
+        return Some((&s[..i], &s[i + 2..]));
+    }
+    // Headers only, no body.
+    Some((s, &[]))
+}
+
+fn parse_headers(block: &[u8]) -> Vec<(String, String)> {
+    String::from_utf8_lossy(block)
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            Some((k.trim().to_owned(), v.trim().to_owned()))
+        })
+        .collect()
+}
+
+/// A request parsed from an `application/http` part.
+struct Operation {
+    content_id: Option<String>,
+    method: Method,
+    url: String,
+    headers: Vec<(String, String)>,
+    body: Bytes,
+}
+
+fn parse_operation(part: &Part<'_>) -> Result<Operation, String> {
+    let (head, body) = split_head(part.content).ok_or_else(|| "empty operation".to_owned())?;
+    let head = String::from_utf8_lossy(head);
+    let mut lines = head.lines();
+    let request_line = lines.next().unwrap_or_default();
+    let mut words = request_line.split_whitespace();
+    let (Some(method), Some(url)) = (words.next(), words.next()) else {
+        return Err(format!("invalid request line '{request_line}'"));
+    };
+    let method =
+        Method::from_bytes(method.as_bytes()).map_err(|_| format!("invalid method '{method}'"))?;
+    let headers = lines
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            Some((k.trim().to_owned(), v.trim().to_owned()))
+        })
+        .collect();
+    Ok(Operation {
+        content_id: part.header("content-id").map(str::to_owned),
+        method,
+        url: url.to_owned(),
+        headers,
+        body: Bytes::copy_from_slice(body),
+    })
+}
+
+/// The result of one operation, ready to be written as a part.
+struct Outcome {
+    content_id: Option<String>,
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Outcome {
+    fn failed(&self) -> bool {
+        self.status.is_client_error() || self.status.is_server_error()
+    }
+
+    fn write(&self, out: &mut String) {
+        out.push_str("Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n");
+        if let Some(id) = &self.content_id {
+            out.push_str(&format!("Content-ID: {id}\r\n"));
+        }
+        out.push_str(&format!(
+            "\r\nHTTP/1.1 {} {}\r\n",
+            self.status.as_u16(),
+            self.status.canonical_reason().unwrap_or("")
+        ));
+        for (k, v) in &self.headers {
+            if let Ok(v) = v.to_str() {
+                out.push_str(&format!("{}: {v}\r\n", canonical(k)));
+            }
+        }
+        out.push_str("\r\n");
+        out.push_str(&String::from_utf8_lossy(&self.body));
+        out.push_str("\r\n");
+    }
+}
+
+/// `odata-entityid` → `OData-EntityId`, as Dataverse writes headers.
+fn canonical(name: &HeaderName) -> String {
+    match name.as_str() {
+        "odata-entityid" => "OData-EntityId".to_owned(),
+        "odata-version" => "OData-Version".to_owned(),
+        "etag" => "ETag".to_owned(),
+        "req_id" => "REQ_ID".to_owned(),
+        other => other
+            .split('-')
+            .map(|w| {
+                let mut c = w.chars();
+                c.next()
+                    .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("-"),
+    }
+}
+
+/// A top-level item: one operation or a change set.
+enum Item {
+    Single(Operation),
+    ChangeSet(Vec<Operation>),
+}
+
+/// Runs a `$batch` request.
+pub(super) async fn execute(
+    sim: &Arc<SimState>,
+    api_path: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
+    let bad = |msg: &str| dv_error(StatusCode::BAD_REQUEST, "0x80048d19", msg);
+    let Some(outer) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(boundary)
+    else {
+        return bad("The batch request must have a multipart/mixed content type with a boundary.");
+    };
+    let Some(parts) = split(&body, &outer) else {
+        return bad("The batch request body is not valid multipart/mixed content.");
+    };
+    let mut items = Vec::new();
+    let mut count = 0;
+    for part in &parts {
+        let ct = part.header("content-type").unwrap_or_default();
+        if let Some(inner) = boundary(ct) {
+            let Some(inner_parts) = split(part.content, &inner) else {
+                return bad("A change set is not valid multipart/mixed content.");
+            };
+            let ops: Result<Vec<_>, String> = inner_parts.iter().map(parse_operation).collect();
+            match ops {
+                Ok(ops) => {
+                    count += ops.len();
+                    items.push(Item::ChangeSet(ops));
+                }
+                Err(e) => return bad(&e),
+            }
+        } else {
+            match parse_operation(part) {
+                Ok(op) => {
+                    count += 1;
+                    items.push(Item::Single(op));
+                }
+                Err(e) => return bad(&e),
+            }
+        }
+    }
+    if count > MAX_OPERATIONS {
+        return bad("The batch request exceeds the limit of 1000 operations.");
+    }
+    let continue_on_error = headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("odata.continue-on-error"));
+
+    let boundary_out = format!("batchresponse_{}", Uuid::new_v4());
+    let mut out = String::new();
+    let mut outer_status = StatusCode::OK;
+    for item in items {
+        match item {
+            Item::Single(op) => {
+                let outcome = run(sim, api_path, op, &HashMap::new()).await;
+                if outcome.failed() && !continue_on_error {
+                    outer_status = outcome.status;
+                    out.clear();
+                    out.push_str(&format!("--{boundary_out}\r\n"));
+                    outcome.write(&mut out);
+                    break;
+                }
+                out.push_str(&format!("--{boundary_out}\r\n"));
+                outcome.write(&mut out);
+            }
+            Item::ChangeSet(ops) => {
+                let snapshot = lock(&sim.db).clone();
+                let mut ids: HashMap<String, String> = HashMap::new();
+                let mut outcomes = Vec::new();
+                let mut failure = None;
+                for op in ops {
+                    let outcome = run(sim, api_path, op, &ids).await;
+                    if outcome.failed() {
+                        failure = Some(outcome);
+                        break;
+                    }
+                    if let (Some(id), Some(url)) = (
+                        &outcome.content_id,
+                        outcome
+                            .headers
+                            .get("odata-entityid")
+                            .and_then(|v| v.to_str().ok()),
+                    ) {
+                        ids.insert(id.clone(), url.to_owned());
+                    }
+                    outcomes.push(outcome);
+                }
+                if let Some(failed) = failure {
+                    // All or nothing: undo the set's earlier operations.
+                    *lock(&sim.db) = snapshot;
+                    if !continue_on_error {
+                        outer_status = failed.status;
+                        out.clear();
+                    }
+                    out.push_str(&format!("--{boundary_out}\r\n"));
+                    failed.write(&mut out);
+                    if !continue_on_error {
+                        break;
+                    }
+                    continue;
+                }
+                let cs = format!("changesetresponse_{}", Uuid::new_v4());
+                out.push_str(&format!(
+                    "--{boundary_out}\r\nContent-Type: multipart/mixed; boundary={cs}\r\n\r\n"
+                ));
+                for o in &outcomes {
+                    out.push_str(&format!("--{cs}\r\n"));
+                    o.write(&mut out);
+                }
+                out.push_str(&format!("--{cs}--\r\n"));
+            }
+        }
+    }
+    out.push_str(&format!("--{boundary_out}--\r\n"));
+    let mut resp = (outer_status, out).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("multipart/mixed; boundary={boundary_out}")) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+/// Executes one operation through the normal routes.
+async fn run(
+    sim: &Arc<SimState>,
+    api_path: &str,
+    op: Operation,
+    ids: &HashMap<String, String>,
+) -> Outcome {
+    let content_id = op.content_id.clone();
+    let done = |resp: Response| async {
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Outcome {
+            content_id: content_id.clone(),
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    };
+    let path = match resolve(sim, api_path, &op.url, ids) {
+        Ok(p) => p,
+        Err(msg) => return done(dv_error(StatusCode::BAD_REQUEST, "0x80060888", &msg)).await,
+    };
+    let mut body = op.body;
+    for (id, url) in ids {
+        let needle = format!("\"${id}\"");
+        let text = String::from_utf8_lossy(&body);
+        if text.contains(&needle) {
+            let relative = url
+                .split_once("/api/data/")
+                .map_or(url.as_str(), |(_, r)| r);
+            let relative = relative.split_once('/').map_or(relative, |(_, r)| r);
+            body = Bytes::from(text.replace(&needle, &format!("\"/{relative}\"")));
+        }
+    }
+    let mut req = Request::new(Body::from(body));
+    *req.method_mut() = op.method;
+    match path.parse() {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(_) => {
+            return done(dv_error(
+                StatusCode::BAD_REQUEST,
+                "0x80060888",
+                "Invalid URL in batch operation.",
+            ))
+            .await;
+        }
+    }
+    for (k, v) in &op.headers {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            req.headers_mut().append(k, v);
+        }
+    }
+    // Boxed: route() runs batches, which run route().
+    done(Box::pin(route(sim, req)).await).await
+}
+
+/// The path and query an operation's URL addresses.
+fn resolve(
+    sim: &SimState,
+    api_path: &str,
+    url: &str,
+    ids: &HashMap<String, String>,
+) -> Result<String, String> {
+    if let Some(reference) = url.strip_prefix('$') {
+        let (id, rest) = reference
+            .split_once('/')
+            .map_or((reference, ""), |(i, r)| (i, r));
+        let target = ids.get(id).ok_or_else(|| {
+            format!("Content-ID reference '${id}' was not found in this change set.")
+        })?;
+        let path = target.strip_prefix(&sim.org_url).unwrap_or(target);
+        return Ok(if rest.is_empty() {
+            path.to_owned()
+        } else {
+            format!("{path}/{rest}")
+        });
+    }
+    if url.split('?').next().is_some_and(|p| p.ends_with("$batch")) {
+        return Err("Nested $batch requests are not supported.".to_owned());
+    }
+    if url.starts_with("http://") || url.starts_with("https://") {
+        return url
+            .strip_prefix(&sim.org_url)
+            .filter(|p| p.starts_with('/'))
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                format!(
+                    "The URL '{url}' in the batch does not address this organization ({}).",
+                    sim.org_url
+                )
+            });
+    }
+    if url.starts_with('/') {
+        return Ok(url.to_owned());
+    }
+    Ok(format!("{api_path}/{url}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boundaries_and_parts() {
+        assert_eq!(
+            boundary("multipart/mixed; boundary=\"batch_AAA\"").as_deref(),
+            Some("batch_AAA")
+        );
+        assert_eq!(boundary("application/json"), None);
+        let body = b"--b\r\nContent-Type: application/http\r\n\r\nGET accounts HTTP/1.1\r\n\r\n\r\n--b\r\nContent-Type: application/http\r\n\r\nGET leads HTTP/1.1\r\n\r\n\r\n--b--\r\n";
+        let parts = split(body, "b").expect("parts");
+        assert_eq!(parts.len(), 2);
+        let op = parse_operation(&parts[1]).expect("op");
+        assert_eq!(op.method, Method::GET);
+        assert_eq!(op.url, "leads");
+        assert!(split(b"--b\r\nx\r\n\r\n", "b").is_none(), "unterminated");
+    }
+
+    #[test]
+    fn header_names_are_written_like_dataverse() {
+        assert_eq!(
+            canonical(&HeaderName::from_static("odata-entityid")),
+            "OData-EntityId"
+        );
+        assert_eq!(
+            canonical(&HeaderName::from_static("content-type")),
+            "Content-Type"
+        );
+        assert_eq!(canonical(&HeaderName::from_static("location")), "Location");
+    }
+}

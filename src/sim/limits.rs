@@ -1,0 +1,237 @@
+//! Dataverse's service-protection limits, per application user and web
+//! server (dossier §3): concurrent requests, requests per sliding window and
+//! execution time per window. Exceeding one answers 429 with `Retry-After`
+//! (seconds) and the hex error code of the facet; every admitted answer
+//! carries the `x-ms-ratelimit-*` headers.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use tokio::time::Instant;
+
+use super::lock;
+
+/// The limits the simulator enforces.
+#[derive(Debug, Clone)]
+pub struct ServiceLimits {
+    /// Concurrent requests (Dataverse: 52).
+    pub concurrency: usize,
+    /// Requests per window (Dataverse: 6000).
+    pub requests: usize,
+    /// Combined execution time per window (Dataverse: 1,200 s).
+    pub execution: Duration,
+    /// The sliding window (Dataverse: 300 s).
+    pub window: Duration,
+}
+
+impl Default for ServiceLimits {
+    fn default() -> Self {
+        Self {
+            concurrency: 52,
+            requests: 6000,
+            execution: Duration::from_secs(1200),
+            window: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Tracks one user's usage.
+#[derive(Default)]
+pub(super) struct Limiter {
+    limits: Mutex<ServiceLimits>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    /// Admission times within the window.
+    requests: Mutex<VecDeque<Instant>>,
+    /// Completion times and execution durations within the window.
+    executions: Mutex<VecDeque<(Instant, Duration)>>,
+    throttled: AtomicU64,
+}
+
+/// An admitted request; records its execution time when dropped.
+pub(super) struct InFlight<'a> {
+    limiter: &'a Limiter,
+    started: Instant,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.limiter.in_flight.fetch_sub(1, Ordering::SeqCst);
+        lock(&self.limiter.executions).push_back((Instant::now(), self.started.elapsed()));
+    }
+}
+
+impl Limiter {
+    pub(super) fn set(&self, limits: ServiceLimits) {
+        *lock(&self.limits) = limits;
+    }
+
+    pub(super) fn max_in_flight(&self) -> usize {
+        self.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn throttled(&self) -> u64 {
+        self.throttled.load(Ordering::SeqCst)
+    }
+
+    /// Admits a request or answers 429 like Dataverse.
+    #[expect(clippy::result_large_err, reason = "simulator code, not on the hot path")]
+    pub(super) fn admit(&self) -> Result<InFlight<'_>, Response> {
+        let limits = lock(&self.limits).clone();
+        let now = Instant::now();
+        let horizon = now.checked_sub(limits.window);
+
+        let in_flight = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        if in_flight > limits.concurrency {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(self.reject(
+                "0x80072326",
+                &format!(
+                    "Number of concurrent requests exceeded the limit of {}.",
+                    limits.concurrency
+                ),
+                Duration::from_secs(1),
+            ));
+        }
+
+        let mut requests = lock(&self.requests);
+        while requests
+            .front()
+            .is_some_and(|t| horizon.is_some_and(|h| *t < h))
+        {
+            requests.pop_front();
+        }
+        if requests.len() >= limits.requests {
+            let wait = requests.front().map_or(limits.window, |oldest| {
+                limits.window.saturating_sub(now - *oldest)
+            });
+            drop(requests);
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(self.reject(
+                "0x80072322",
+                &format!(
+                    "Number of requests exceeded the limit of {} over time window of {} seconds.",
+                    limits.requests,
+                    limits.window.as_secs()
+                ),
+                wait,
+            ));
+        }
+
+        let mut executions = lock(&self.executions);
+        while executions
+            .front()
+            .is_some_and(|(t, _)| horizon.is_some_and(|h| *t < h))
+        {
+            executions.pop_front();
+        }
+        let used: Duration = executions.iter().map(|(_, d)| *d).sum();
+        if used >= limits.execution {
+            let wait = executions.front().map_or(limits.window, |(oldest, _)| {
+                limits.window.saturating_sub(now - *oldest)
+            });
+            drop(executions);
+            drop(requests);
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(self.reject(
+                "0x80072321",
+                &format!(
+                    "Combined execution time of incoming requests exceeded limit of {} milliseconds over time window of {} seconds. Decrease number of concurrent requests or reduce the duration of requests and try again later.",
+                    limits.execution.as_millis(),
+                    limits.window.as_secs()
+                ),
+                wait,
+            ));
+        }
+        drop(executions);
+        requests.push_back(now);
+        drop(requests);
+        self.max_in_flight.fetch_max(in_flight, Ordering::SeqCst);
+        Ok(InFlight {
+            limiter: self,
+            started: now,
+        })
+    }
+
+    fn reject(&self, code: &str, message: &str, wait: Duration) -> Response {
+        self.throttled.fetch_add(1, Ordering::SeqCst);
+        let mut resp = super::dataverse::dv_error(StatusCode::TOO_MANY_REQUESTS, code, message);
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        resp
+    }
+
+    /// The `x-ms-ratelimit-*` headers (remaining requests, remaining seconds).
+    pub(super) fn headers(&self, h: &mut HeaderMap) {
+        let limits = lock(&self.limits).clone();
+        let requests = lock(&self.requests).len();
+        let used: Duration = lock(&self.executions).iter().map(|(_, d)| *d).sum();
+        let remaining = limits.requests.saturating_sub(requests);
+        h.insert(
+            "x-ms-ratelimit-burst-remaining-xrm-requests",
+            HeaderValue::from(remaining),
+        );
+        let secs = limits.execution.saturating_sub(used).as_secs_f64();
+        if let Ok(v) = HeaderValue::from_str(&thousands(secs)) {
+            h.insert("x-ms-ratelimit-time-remaining-xrm-requests", v);
+        }
+    }
+}
+
+/// `1199.83` → `"1,199.83"`, the form seen on the wire.
+fn thousands(v: f64) -> String {
+    let s = format!("{v:.2}");
+    let (int, frac) = s.split_once('.').unwrap_or((&s, "00"));
+    let mut out = String::new();
+    for (i, c) in int.chars().enumerate() {
+        if i > 0 && (int.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    format!("{out}.{frac}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(1199.834), "1,199.83");
+        assert_eq!(thousands(12.0), "12.00");
+        assert_eq!(thousands(1_200_000.0), "1,200,000.00");
+    }
+
+    #[tokio::test]
+    async fn concurrency_and_request_limits() {
+        let l = Limiter::default();
+        l.set(ServiceLimits {
+            concurrency: 2,
+            requests: 3,
+            ..ServiceLimits::default()
+        });
+        let a = l.admit().expect("a");
+        let b = l.admit().expect("b");
+        let c = l.admit().err().expect("third concurrent is refused");
+        assert_eq!(c.status(), 429);
+        drop((a, b));
+        let _d = l.admit().expect("d");
+        let e = l.admit().err().expect("fourth in window is refused");
+        assert!(
+            e.headers()[header::RETRY_AFTER]
+                .to_str()
+                .expect("ra")
+                .parse::<u64>()
+                .expect("n")
+                > 200
+        );
+        assert_eq!(l.max_in_flight(), 2);
+        assert_eq!(l.throttled(), 2);
+    }
+}
