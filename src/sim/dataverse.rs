@@ -504,17 +504,25 @@ fn check_token(sim: &SimState, headers: &HeaderMap) -> Result<Claims, &'static s
         .ok_or("InvalidAuthTicket")?;
     let mut validation = Validation::new(Algorithm::HS256);
     validation.set_audience(&[&sim.org_url]);
+    validation.set_issuer(&[format!("https://sts.windows.net/{}/", sim.tenant_id)]);
     validation.leeway = 0;
     validation.set_required_spec_claims(&["exp", "aud"]);
     jsonwebtoken::decode::<Claims>(
         token,
-        &DecodingKey::from_secret(&sim.signing_key),
+        &DecodingKey::from_secret(&sim.entra.signing_key),
         &validation,
     )
-    .map(|d| d.claims)
     .map_err(|e| match e.kind() {
         jsonwebtoken::errors::ErrorKind::ExpiredSignature => "ExpiredAuthTicket",
         _ => "InvalidAuthTicket",
+    })
+    .and_then(|d| {
+        // A token Entra ID has revoked is refused as a bad ticket.
+        if lock(&sim.entra.revoked).contains(&d.claims.uti) {
+            Err("BadAuthTicket")
+        } else {
+            Ok(d.claims)
+        }
     })
 }
 
@@ -527,7 +535,7 @@ fn challenge(sim: &SimState, why: &str) -> Response {
     );
     let challenge = format!(
         "Bearer authorization_uri={}/{}/oauth2/authorize, resource_id={}/",
-        sim.entra_url, sim.config.tenant_id, sim.org_url
+        sim.entra.url, sim.tenant_id, sim.org_url
     );
     if let Ok(v) = HeaderValue::from_str(&challenge) {
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);

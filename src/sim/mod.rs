@@ -3,16 +3,18 @@
 //! It follows the wire dossier (`shared/dataverse-wire.md`) closely enough
 //! to be the proxy's test oracle and the `demo` command's backend:
 //!
-//! - [`entra`]: the v2 client-credentials token endpoint, issuing signed JWT
-//!   access tokens (`aud`, `tid`, `appid`, `exp`…) and answering mistakes
-//!   with Entra's JSON errors and AADSTS codes;
+//! - [`entra`]: the v2 and v1 client-credentials token endpoints (client
+//!   secret, certificate assertion, federated assertion) and the managed
+//!   identity endpoints (IMDS, App Service), issuing signed JWT access
+//!   tokens (`aud`, `tid`, `appid`, `exp`…) and answering mistakes with
+//!   Entra's JSON errors and AADSTS codes; several tenants;
 //! - [`dataverse`]: an in-memory Web API (accounts, contacts, leads) that
 //!   checks the bearer and answers like Dataverse: OData JSON with absolute
 //!   `@odata.context` / `@odata.nextLink`, paging cookies, ETags, file
 //!   columns, Dataverse-format errors and the 401 bearer challenge.
 //!
-//! Entra ID and Dataverse listen on separate ports, as they are separate
-//! hosts in real life. A [`SimHandle`] gives tests their hooks: counters, the
+//! Entra ID and each org listen on separate ports, as they are separate
+//! hosts in real life; [`Sim::add_org`] adds orgs, in any registered tenant. A [`SimHandle`] gives tests their hooks: counters, the
 //! requests Dataverse saw, and fault switches.
 //!
 //! The simulator signs tokens with HS256 and a random per-run key instead of
@@ -37,10 +39,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// Settings of a simulated tenant, app registration and org.
+/// Settings of the simulated home tenant, its app registration and org.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
-    /// The tenant (directory) id.
+    /// The home tenant (directory) id.
     pub tenant_id: String,
     /// The registered app's client id.
     pub client_id: String,
@@ -48,7 +50,31 @@ pub struct SimConfig {
     pub client_secret: String,
     /// Lifetime of issued tokens (Entra's default is about an hour).
     pub token_lifetime: Duration,
+    /// A PEM certificate registered for the app (certificate credentials).
+    pub certificate_pem: Option<String>,
+    /// A federated identity credential trusted for the app.
+    pub federation: Option<Federation>,
+    /// The managed identity's client id (system-assigned, or the one
+    /// user-assigned identity attached to the simulated host).
+    pub managed_identity_client_id: String,
+    /// The secret App Service hands its apps in `IDENTITY_HEADER`.
+    pub identity_header: String,
 }
+
+/// A federated identity credential: tokens of `issuer` for `subject`,
+/// signed with `key` (HS256), are accepted as client assertions.
+#[derive(Debug, Clone)]
+pub struct Federation {
+    /// The external issuer, e.g. a Kubernetes cluster's OIDC issuer URL.
+    pub issuer: String,
+    /// The subject, e.g. `system:serviceaccount:ns:name`.
+    pub subject: String,
+    /// The issuer's signing key.
+    pub key: Vec<u8>,
+}
+
+/// The audience Entra ID expects in federated assertions.
+pub const FEDERATION_AUDIENCE: &str = "api://AzureADTokenExchange";
 
 impl Default for SimConfig {
     fn default() -> Self {
@@ -57,6 +83,10 @@ impl Default for SimConfig {
             client_id: "3d9e5f1a-6b2c-4a8d-b7e4-0c1f2a3b4d5e".to_owned(),
             client_secret: format!("sim~{}", Uuid::new_v4().simple()),
             token_lifetime: Duration::from_secs(3599),
+            certificate_pem: None,
+            federation: None,
+            managed_identity_client_id: "5a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d".to_owned(),
+            identity_header: format!("ih-{}", Uuid::new_v4().simple()),
         }
     }
 }
@@ -90,17 +120,34 @@ pub struct DataverseFault {
 /// Most recent requests kept by the recorder.
 const SEEN_CAPACITY: usize = 20_000;
 
-/// Shared simulator state.
-pub struct SimState {
+/// The simulated Entra ID, shared by every org of the simulator.
+pub struct EntraState {
     config: SimConfig,
-    entra_url: String,
-    org_url: String,
+    url: String,
     signing_key: Vec<u8>,
+    /// Tenants the app is registered or consented in.
+    tenants: Mutex<Vec<String>>,
+    /// Orgs (resource URL, tenant) tokens can be issued for.
+    orgs: Mutex<Vec<(String, String)>>,
     token_lifetime: Mutex<Duration>,
     refresh_in: Mutex<Option<Duration>>,
     token_requests: AtomicU64,
     fail_token_requests: AtomicU64,
     entra_down: AtomicBool,
+    /// `uti` of every token issued, and those revoked.
+    issued: Mutex<Vec<String>>,
+    revoked: Mutex<std::collections::HashSet<String>>,
+    /// Assertion ids already used (replays are refused).
+    used_jti: Mutex<std::collections::HashSet<String>>,
+    /// Headers of the last token request (tests inspect assertions).
+    last_request: Mutex<Option<(HeaderMap, String)>>,
+}
+
+/// One simulated Dataverse org.
+pub struct SimState {
+    entra: Arc<EntraState>,
+    tenant_id: String,
+    org_url: String,
     latency: Mutex<Duration>,
     abort_downloads_after: Mutex<Option<usize>>,
     dataverse_faults: Mutex<Option<DataverseFault>>,
@@ -111,7 +158,7 @@ pub struct SimState {
     uploads: Mutex<std::collections::HashMap<String, dataverse::Upload>>,
 }
 
-/// Test hooks over a running simulator. Cheap to clone.
+/// Test hooks over one simulated org and the shared Entra ID. Cheap to clone.
 #[derive(Clone)]
 pub struct SimHandle(Arc<SimState>);
 
@@ -122,7 +169,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl SimHandle {
     /// The Entra ID base URL, e.g. `http://127.0.0.1:40001`.
     pub fn entra_url(&self) -> &str {
-        &self.0.entra_url
+        &self.0.entra.url
     }
 
     /// The org URL, e.g. `http://127.0.0.1:40002`.
@@ -130,42 +177,76 @@ impl SimHandle {
         &self.0.org_url
     }
 
-    /// The v2 token endpoint of the simulated tenant.
+    /// The tenant this org belongs to.
+    pub fn tenant_id(&self) -> &str {
+        &self.0.tenant_id
+    }
+
+    /// The v2 token endpoint of this org's tenant.
     pub fn token_url(&self) -> String {
-        format!(
-            "{}/{}/oauth2/v2.0/token",
-            self.0.entra_url, self.0.config.tenant_id
-        )
+        format!("{}/{}/oauth2/v2.0/token", self.0.entra.url, self.0.tenant_id)
     }
 
-    /// The simulated tenant, app and secret.
+    /// The v1 token endpoint of this org's tenant.
+    pub fn token_url_v1(&self) -> String {
+        format!("{}/{}/oauth2/token", self.0.entra.url, self.0.tenant_id)
+    }
+
+    /// The IMDS managed-identity endpoint.
+    pub fn imds_endpoint(&self) -> String {
+        format!("{}/metadata/identity/oauth2/token", self.0.entra.url)
+    }
+
+    /// The App Service managed-identity endpoint (`IDENTITY_ENDPOINT`).
+    pub fn app_service_endpoint(&self) -> String {
+        format!("{}/msi/token", self.0.entra.url)
+    }
+
+    /// The simulated home tenant, app and secret.
     pub fn config(&self) -> &SimConfig {
-        &self.0.config
+        &self.0.entra.config
     }
 
-    /// Token requests received so far (successful or not).
+    /// Token requests received so far (successful or not, all endpoints).
     pub fn token_requests(&self) -> u64 {
-        self.0.token_requests.load(Ordering::SeqCst)
+        self.0.entra.token_requests.load(Ordering::SeqCst)
+    }
+
+    /// Headers and form body of the last token request.
+    pub fn last_token_request(&self) -> Option<(HeaderMap, String)> {
+        lock(&self.0.entra.last_request).clone()
     }
 
     /// Makes the next `n` token requests fail with 503 `temporarily_unavailable`.
     pub fn fail_next_token_requests(&self, n: u64) {
-        self.0.fail_token_requests.store(n, Ordering::SeqCst);
+        self.0.entra.fail_token_requests.store(n, Ordering::SeqCst);
     }
 
     /// Takes Entra ID down (every token request fails with 503) or back up.
     pub fn set_entra_down(&self, down: bool) {
-        self.0.entra_down.store(down, Ordering::SeqCst);
+        self.0.entra.entra_down.store(down, Ordering::SeqCst);
     }
 
     /// Sets the lifetime of tokens issued from now on.
     pub fn set_token_lifetime(&self, lifetime: Duration) {
-        *lock(&self.0.token_lifetime) = lifetime;
+        *lock(&self.0.entra.token_lifetime) = lifetime;
     }
 
     /// Makes Entra ID send `refresh_in` (seconds) with new tokens.
     pub fn set_refresh_in(&self, refresh_in: Option<Duration>) {
-        *lock(&self.0.refresh_in) = refresh_in;
+        *lock(&self.0.entra.refresh_in) = refresh_in;
+    }
+
+    /// Revokes every token issued so far: Dataverse refuses them from now on.
+    pub fn revoke_tokens(&self) {
+        let issued = std::mem::take(&mut *lock(&self.0.entra.issued));
+        lock(&self.0.entra.revoked).extend(issued);
+    }
+
+    /// Registers (consents) the app in another tenant, as a multi-tenant
+    /// app an admin of that tenant approved.
+    pub fn add_tenant(&self, tenant_id: &str) {
+        lock(&self.0.entra.tenants).push(tenant_id.to_owned());
     }
 
     /// Adds latency before Dataverse answers.
@@ -216,14 +297,7 @@ impl SimHandle {
     }
 
     /// Stores a file column value, as an upload would.
-    pub fn put_file(
-        &self,
-        entity_set: &str,
-        id: Uuid,
-        column: &str,
-        name: &str,
-        data: Bytes,
-    ) -> bool {
+    pub fn put_file(&self, entity_set: &str, id: Uuid, column: &str, name: &str, data: Bytes) -> bool {
         lock(&self.0.db).put_file(entity_set, id, column, name, data)
     }
 
@@ -245,13 +319,14 @@ impl SimHandle {
 
 /// A running simulator; dropping it does not stop it, [`Sim::shutdown`] does.
 pub struct Sim {
-    /// Hooks and addresses.
+    /// Hooks and addresses of the first org.
     pub handle: SimHandle,
+    entra: Arc<EntraState>,
     shutdown: CancellationToken,
 }
 
 impl Sim {
-    /// Starts the simulator on two ephemeral loopback ports.
+    /// Starts the simulator (Entra ID and one org) on two ephemeral loopback ports.
     pub async fn start(config: SimConfig) -> std::io::Result<Self> {
         let entra = TcpListener::bind("127.0.0.1:0").await?;
         let dataverse = TcpListener::bind("127.0.0.1:0").await?;
@@ -264,19 +339,45 @@ impl Sim {
         entra: TcpListener,
         dataverse: TcpListener,
     ) -> std::io::Result<Self> {
-        let entra_url = format!("http://{}", entra.local_addr()?);
-        let org_url = format!("http://{}", dataverse.local_addr()?);
-        let signing_key: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
-        let state = Arc::new(SimState {
+        let shutdown = CancellationToken::new();
+        let entra_state = Arc::new(EntraState {
+            url: format!("http://{}", entra.local_addr()?),
+            signing_key: (0..32).map(|_| fastrand::u8(..)).collect(),
+            tenants: Mutex::new(vec![config.tenant_id.clone()]),
+            orgs: Mutex::new(Vec::new()),
             token_lifetime: Mutex::new(config.token_lifetime),
             config,
-            entra_url,
-            org_url,
-            signing_key,
             refresh_in: Mutex::new(None),
             token_requests: AtomicU64::new(0),
             fail_token_requests: AtomicU64::new(0),
             entra_down: AtomicBool::new(false),
+            issued: Mutex::new(Vec::new()),
+            revoked: Mutex::new(std::collections::HashSet::new()),
+            used_jti: Mutex::new(std::collections::HashSet::new()),
+            last_request: Mutex::new(None),
+        });
+        spawn(entra, entra::router(entra_state.clone()), &shutdown);
+        let tenant = entra_state.config.tenant_id.clone();
+        let handle = Self::org(&entra_state, &tenant, dataverse, &shutdown)?;
+        Ok(Self {
+            handle,
+            entra: entra_state,
+            shutdown,
+        })
+    }
+
+    fn org(
+        entra: &Arc<EntraState>,
+        tenant_id: &str,
+        listener: TcpListener,
+        shutdown: &CancellationToken,
+    ) -> std::io::Result<SimHandle> {
+        let org_url = format!("http://{}", listener.local_addr()?);
+        lock(&entra.orgs).push((org_url.clone(), tenant_id.to_owned()));
+        let state = Arc::new(SimState {
+            entra: entra.clone(),
+            tenant_id: tenant_id.to_owned(),
+            org_url,
             latency: Mutex::new(Duration::ZERO),
             abort_downloads_after: Mutex::new(None),
             dataverse_faults: Mutex::new(None),
@@ -286,31 +387,30 @@ impl Sim {
             limiter: limits::Limiter::default(),
             uploads: Mutex::new(std::collections::HashMap::new()),
         });
-        let shutdown = CancellationToken::new();
-        for (listener, router) in [
-            (entra, entra::router(state.clone())),
-            (dataverse, dataverse::router(state.clone())),
-        ] {
-            let stop = shutdown.clone().cancelled_owned();
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, router)
-                    .with_graceful_shutdown(stop)
-                    .await
-                {
-                    tracing::error!(error = %e, "simulator listener failed");
-                }
-            });
-        }
-        Ok(Self {
-            handle: SimHandle(state),
-            shutdown,
-        })
+        spawn(listener, dataverse::router(state.clone()), shutdown);
+        Ok(SimHandle(state))
     }
 
-    /// Stops both listeners.
+    /// Adds another org, in `tenant_id` (which the app must be registered
+    /// in: the home tenant or one added with [`SimHandle::add_tenant`]).
+    pub async fn add_org(&self, tenant_id: &str) -> std::io::Result<SimHandle> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::org(&self.entra, tenant_id, listener, &self.shutdown)
+    }
+
+    /// Stops every listener.
     pub fn shutdown(&self) {
         self.shutdown.cancel();
     }
+}
+
+fn spawn(listener: TcpListener, router: axum::Router, shutdown: &CancellationToken) {
+    let stop = shutdown.clone().cancelled_owned();
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop).await {
+            tracing::error!(error = %e, "simulator listener failed");
+        }
+    });
 }
 
 /// Formats seconds since the Unix epoch as `YYYY-MM-DD HH:MM:SSZ` (UTC), the
