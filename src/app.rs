@@ -13,7 +13,6 @@
 //! The admin router (`/livez`, `/readyz`) is served on its own listener.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,12 +27,16 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
 use crate::config::{Config, UpstreamConfig};
+use crate::error::ProxyError;
 use crate::governor::Governor;
 use crate::proxy::public::PublicUrl;
 use crate::proxy::{self, upstream::UpstreamClient};
 use crate::rewrite::Rewriter;
-use crate::token::TokenProvider;
+use crate::token::{Target, TokenKey, TokenProvider};
 
 /// Request-id header, accepted from callers and generated otherwise.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -41,23 +44,35 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// State shared by every request. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    /// The org's token.
-    pub token: TokenProvider,
-    /// Pooled client towards the org.
+    /// The configured orgs.
+    pub orgs: Arc<[Arc<OrgState>]>,
+    /// How requests find their org.
+    routes: Arc<Routes>,
+    /// One token provider per distinct token (orgs may share one).
+    providers: Arc<[TokenProvider]>,
+    /// Pooled client towards the orgs.
     pub client: UpstreamClient,
-    /// Org origin without a trailing slash, e.g. `https://contoso.crm.dynamics.com`.
-    pub org_origin: Arc<str>,
-    /// Every origin under which the org writes its links: the configured
-    /// one and its `.api.` sibling (`contoso.crm…` ⇄ `contoso.api.crm…`).
-    pub org_aliases: Arc<[String]>,
-    /// Timeouts towards the org.
+    /// Timeouts towards the orgs.
     pub upstream: UpstreamConfig,
-    /// The org's service-protection governor.
-    pub governor: Governor,
     /// How the proxy's public URL is found.
     pub public: Arc<PublicUrl>,
-    /// Rewriters by public URL (usually one entry).
-    links: Arc<Mutex<HashMap<String, Arc<Links>>>>,
+}
+
+/// One org and everything per org: its token, its governor, its rewriters.
+pub struct OrgState {
+    /// Short name (path prefix, log and metrics label).
+    pub name: String,
+    /// Origin without a trailing slash, e.g. `https://contoso.crm.dynamics.com`.
+    pub origin: String,
+    /// Every origin under which the org writes its links: the configured
+    /// one and its `.api.` sibling (`contoso.crm…` ⇄ `contoso.api.crm…`).
+    pub aliases: Vec<String>,
+    /// The org's token.
+    pub token: TokenProvider,
+    /// The org's service-protection governor.
+    pub governor: Governor,
+    /// Rewriters by public base URL (usually one entry).
+    links: Mutex<HashMap<String, Arc<Links>>>,
 }
 
 /// The two link rewriters for one public URL.
@@ -69,37 +84,12 @@ pub struct Links {
     pub to_org: Option<Rewriter>,
 }
 
-/// Most distinct public URLs whose rewriters are kept.
+/// Most distinct public URLs whose rewriters are kept per org.
 const LINK_CACHE: usize = 64;
 
-impl AppState {
-    /// Builds the state from a validated config (binds nothing, fetches nothing).
-    pub fn new(config: &Config) -> std::io::Result<Self> {
-        let token = TokenProvider::new(config.credential.clone(), config.token.clone())
-            .map_err(std::io::Error::other)?;
-        let origin = config.org.origin();
-        Ok(Self {
-            token,
-            client: proxy::upstream::build_client(&config.upstream)?,
-            org_aliases: org_aliases(&origin).into(),
-            org_origin: origin.into(),
-            upstream: config.upstream.clone(),
-            governor: Governor::new(config.governor.clone()),
-            public: Arc::new(PublicUrl {
-                fixed: config
-                    .public_url
-                    .as_ref()
-                    .map(|u| u.as_str().trim_end_matches('/').to_owned()),
-                trusted: config.trusted_proxies.clone(),
-                fallback_host: config.listen.to_string(),
-            }),
-            links: Arc::default(),
-        })
-    }
-
-    /// The link rewriters for this request's public URL.
-    pub fn links(&self, headers: &axum::http::HeaderMap, peer: IpAddr) -> Arc<Links> {
-        let public = self.public.derive(headers, peer);
+impl OrgState {
+    /// The link rewriters for a public base URL (`{public}` or `{public}/{name}`).
+    pub fn links(&self, public: String) -> Arc<Links> {
         let mut cache = self
             .links
             .lock()
@@ -110,13 +100,147 @@ impl AppState {
         if cache.len() >= LINK_CACHE {
             cache.clear();
         }
-        let aliases: Vec<&str> = self.org_aliases.iter().map(String::as_str).collect();
+        let aliases: Vec<&str> = self.aliases.iter().map(String::as_str).collect();
         let links = Arc::new(Links {
             to_caller: Rewriter::api_prefix(&aliases, &public),
-            to_org: Rewriter::api_prefix(&[&public], &self.org_origin),
+            to_org: Rewriter::api_prefix(&[&public], &self.origin),
         });
         cache.insert(public, links.clone());
         links
+    }
+}
+
+impl std::fmt::Debug for OrgState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrgState")
+            .field("name", &self.name)
+            .field("origin", &self.origin)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Request routing: by path prefix, by `Host`, or to the default org.
+#[derive(Debug, Default)]
+struct Routes {
+    by_name: HashMap<String, usize>,
+    by_host: HashMap<String, usize>,
+    default: Option<usize>,
+}
+
+/// Where a request goes.
+#[derive(Debug)]
+pub struct Routed<'a> {
+    /// The org.
+    pub org: &'a Arc<OrgState>,
+    /// Bytes of the path taken by the `/{name}` prefix (0 without one).
+    pub prefix_len: usize,
+}
+
+impl AppState {
+    /// Builds the state from a validated config (binds nothing, fetches nothing).
+    pub fn new(config: &Config) -> std::io::Result<Self> {
+        let cache = crate::token::new_cache();
+        let mut providers: HashMap<TokenKey, TokenProvider> = HashMap::new();
+        let mut orgs = Vec::new();
+        let mut routes = Routes::default();
+        for (i, org) in config.orgs.iter().enumerate() {
+            let origin = org.origin();
+            let target = Target {
+                scope: org.scope.clone(),
+                resource: origin.clone(),
+            };
+            let key = TokenKey::new(&org.credential, &target);
+            let token = match providers.get(&key) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = TokenProvider::new(
+                        org.credential.clone(),
+                        target,
+                        config.token.clone(),
+                        cache.clone(),
+                    )
+                    .map_err(std::io::Error::other)?;
+                    providers.insert(key, p.clone());
+                    p
+                }
+            };
+            routes.by_name.insert(org.name.clone(), i);
+            for host in &org.hosts {
+                routes.by_host.insert(host.clone(), i);
+            }
+            if org.default {
+                routes.default = Some(i);
+            }
+            orgs.push(Arc::new(OrgState {
+                name: org.name.clone(),
+                aliases: org_aliases(&origin),
+                origin,
+                token,
+                governor: Governor::new(config.governor.clone()),
+                links: Mutex::new(HashMap::new()),
+            }));
+        }
+        Ok(Self {
+            orgs: orgs.into(),
+            routes: Arc::new(routes),
+            providers: providers.into_values().collect(),
+            client: proxy::upstream::build_client(&config.upstream)?,
+            upstream: config.upstream.clone(),
+            public: Arc::new(PublicUrl {
+                fixed: config
+                    .public_url
+                    .as_ref()
+                    .map(|u| u.as_str().trim_end_matches('/').to_owned()),
+                trusted: config.trusted_proxies.clone(),
+                fallback_host: config.listen.to_string(),
+            }),
+        })
+    }
+
+    /// The org a request is for: `/{name}/api/…` by name; `/api/…` by `Host`
+    /// when a host is configured for an org, else the default org.
+    pub fn route(&self, path: &str, host: Option<&str>) -> Result<Routed<'_>, ProxyError> {
+        let r = &self.routes;
+        if path == "/api" || path.starts_with("/api/") {
+            let by_host = host.and_then(|h| r.by_host.get(&h.to_ascii_lowercase()));
+            return match by_host.or(r.default.as_ref()) {
+                Some(&i) => Ok(Routed {
+                    org: &self.orgs[i],
+                    prefix_len: 0,
+                }),
+                None => Err(ProxyError::UnknownOrg),
+            };
+        }
+        let name = path
+            .strip_prefix('/')
+            .and_then(|p| p.split('/').next())
+            .unwrap_or("");
+        match r.by_name.get(name) {
+            Some(&i) => Ok(Routed {
+                org: &self.orgs[i],
+                prefix_len: name.len() + 1,
+            }),
+            None if r.default.is_some() => Err(ProxyError::NotFound),
+            None => Err(ProxyError::UnknownOrg),
+        }
+    }
+
+    /// Starts one background refresher per distinct token.
+    pub fn spawn_refreshers(&self, shutdown: &CancellationToken) -> Vec<JoinHandle<()>> {
+        self.providers
+            .iter()
+            .map(|p| p.spawn_refresher(shutdown.child_token()))
+            .collect()
+    }
+
+    /// True when every org holds a valid token.
+    pub async fn ready(&self) -> bool {
+        for p in self.providers.iter() {
+            if !p.is_ready().await {
+                return false;
+            }
+        }
+        true
     }
 }
 
@@ -188,7 +312,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// The admin router: `/livez` (the process is up) and `/readyz` (a valid
-/// token is held for the org).
+/// token is held for every org).
 pub fn admin_router(state: AppState) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
@@ -197,10 +321,13 @@ pub fn admin_router(state: AppState) -> Router {
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    if state.token.is_ready().await {
+    if state.ready().await {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "no valid token yet\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no valid token for every org yet\n",
+        )
     }
 }
 

@@ -9,9 +9,12 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, EXIT_CONFIG, LogFormat, Sources};
+use crate::config::{
+    Config, CredentialConfig, CredentialKind, EXIT_CONFIG, LogFormat, ManagedIdentity, OrgConfig,
+    Sources,
+};
 use crate::sim::{Sim, SimConfig};
-use crate::token::TokenProvider;
+use crate::token::{Target, TokenProvider};
 
 /// Authenticating reverse proxy for Microsoft Dataverse.
 #[derive(Debug, Parser)]
@@ -67,7 +70,11 @@ pub enum Command {
     /// Validate config, fetch a token, call WhoAmI and print the ids.
     Check,
     /// Print a fresh access token to stdout (for debugging).
-    Token,
+    Token {
+        /// The org whose token to print (default: the default org).
+        #[arg(long)]
+        org: Option<String>,
+    },
 }
 
 impl Cli {
@@ -96,6 +103,7 @@ impl Cli {
 
 /// Runs the command line; `env` is the process environment.
 pub async fn run(cli: Cli, env: HashMap<String, String>) -> ExitCode {
+    crate::install_crypto_provider();
     let sources = cli.sources(env);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => match load(&sources) {
@@ -112,8 +120,8 @@ pub async fn run(cli: Cli, env: HashMap<String, String>) -> ExitCode {
             Ok(config) => check(&config).await,
             Err(code) => code,
         },
-        Command::Token => match load(&sources) {
-            Ok(config) => token(&config).await,
+        Command::Token { org } => match load(&sources) {
+            Ok(config) => token(&config, org.as_deref()).await,
             Err(code) => code,
         },
     }
@@ -192,10 +200,15 @@ async fn serve(config: Config) -> ExitCode {
         Ok(l) => l,
         Err(code) => return code,
     };
+    let orgs: Vec<String> = config
+        .orgs
+        .iter()
+        .map(|o| format!("{}={}", o.name, o.origin()))
+        .collect();
     tracing::info!(
         listen = %config.listen,
         admin_listen = %config.admin_listen,
-        org = %config.org.origin(),
+        orgs = %orgs.join(","),
         "dataverse-proxy listening"
     );
     let shutdown = CancellationToken::new();
@@ -325,33 +338,46 @@ async fn sim(entra: &str, dataverse: &str, client_secret: Option<String>) -> Exi
     ExitCode::SUCCESS
 }
 
+/// What a credential is, in words (for `check`).
+fn describe(c: &CredentialConfig) -> String {
+    match &c.kind {
+        CredentialKind::Secret(_) => "client secret".to_owned(),
+        CredentialKind::Certificate {
+            path, algorithm, ..
+        } => {
+            format!("certificate {} ({algorithm:?} assertion)", path.display())
+        }
+        CredentialKind::Federated { token_file } => {
+            format!("federated token file {}", token_file.display())
+        }
+        CredentialKind::ManagedIdentity(ManagedIdentity::Imds { endpoint }) => {
+            format!("managed identity via IMDS {endpoint}")
+        }
+        CredentialKind::ManagedIdentity(ManagedIdentity::AppService { endpoint, .. }) => {
+            format!("managed identity via App Service {endpoint}")
+        }
+    }
+}
+
+fn provider_for(config: &Config, org: &OrgConfig) -> Result<TokenProvider, reqwest::Error> {
+    TokenProvider::new(
+        org.credential.clone(),
+        Target {
+            scope: org.scope.clone(),
+            resource: org.origin(),
+        },
+        config.token.clone(),
+        crate::token::new_cache(),
+    )
+}
+
 async fn check(config: &Config) -> ExitCode {
     init_tracing(config.log.format);
-    println!("configuration: ok");
-    println!("  org:         {}", config.org.origin());
-    println!("  token URL:   {}", config.credential.token_url);
-    println!("  client id:   {}", config.credential.client_id);
-    println!("  scope:       {}", config.credential.scope);
-    let provider = match TokenProvider::new(config.credential.clone(), config.token.clone()) {
-        Ok(p) => p,
-        Err(e) => {
-            println!("token: cannot build the HTTP client: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let token = match provider.fetch_uncached().await {
-        Ok(t) => {
-            println!("token: ok (lifetime {} s)", t.lifetime.as_secs());
-            t
-        }
-        Err(e) => {
-            println!("token: FAILED: {e}");
-            if let Some(advice) = e.advice() {
-                println!("  what to do: {advice}");
-            }
-            return ExitCode::FAILURE;
-        }
-    };
+    println!(
+        "configuration: ok ({} org{})",
+        config.orgs.len(),
+        if config.orgs.len() == 1 { "" } else { "s" }
+    );
     let http = match reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(config.upstream.response_timeout)
@@ -359,11 +385,58 @@ async fn check(config: &Config) -> ExitCode {
     {
         Ok(c) => c,
         Err(e) => {
-            println!("WhoAmI: cannot build the HTTP client: {e}");
+            println!("cannot build the HTTP client: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let url = format!("{}/api/data/v9.2/WhoAmI", config.org.origin());
+    let mut all_ok = true;
+    for org in &config.orgs {
+        all_ok &= check_org(config, org, &http).await;
+    }
+    if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+async fn check_org(config: &Config, org: &OrgConfig, http: &reqwest::Client) -> bool {
+    let c = &org.credential;
+    println!(
+        "\norg {}{}",
+        org.name,
+        if org.default { " (default)" } else { "" }
+    );
+    println!("  url:         {}", org.origin());
+    println!("  credential:  {} ({})", c.name, describe(c));
+    if let Some(url) = &c.token_url {
+        println!("  token URL:   {url}");
+    }
+    if let Some(id) = &c.client_id {
+        println!("  client id:   {id}");
+    }
+    println!("  scope:       {}", org.scope);
+    let provider = match provider_for(config, org) {
+        Ok(p) => p,
+        Err(e) => {
+            println!("  token: cannot build the HTTP client: {e}");
+            return false;
+        }
+    };
+    let token = match provider.fetch_uncached().await {
+        Ok(t) => {
+            println!("  token: ok (lifetime {} s)", t.lifetime.as_secs());
+            t
+        }
+        Err(e) => {
+            println!("  token: FAILED: {e}");
+            if let Some(advice) = e.advice() {
+                println!("    what to do: {advice}");
+            }
+            return false;
+        }
+    };
+    let url = format!("{}/api/data/v9.2/WhoAmI", org.origin());
     let resp = http
         .get(&url)
         .header(reqwest::header::AUTHORIZATION, token.header())
@@ -373,36 +446,54 @@ async fn check(config: &Config) -> ExitCode {
     match resp {
         Ok(r) if r.status().is_success() => {
             let body: serde_json::Value = r.json().await.unwrap_or_default();
-            println!("WhoAmI: ok");
+            println!("  WhoAmI: ok");
             for key in ["OrganizationId", "UserId", "BusinessUnitId"] {
-                println!("  {key}: {}", body[key].as_str().unwrap_or("?"));
+                println!("    {key}: {}", body[key].as_str().unwrap_or("?"));
             }
-            ExitCode::SUCCESS
+            true
         }
         Ok(r) => {
             let status = r.status();
-            println!("WhoAmI: FAILED with HTTP {status}");
+            println!("  WhoAmI: FAILED with HTTP {status}");
             if status == reqwest::StatusCode::UNAUTHORIZED
                 || status == reqwest::StatusCode::FORBIDDEN
             {
                 println!(
-                    "  what to do: Entra ID issued a token but Dataverse refused it. Add the app as an application user \
+                    "    what to do: Entra ID issued a token but Dataverse refused it. Add the app as an application user \
                      of this environment (Power Platform admin center > Environments > Settings > Users + permissions > \
                      Application users) with a security role, and check that the org URL is this environment's."
                 );
             }
-            ExitCode::FAILURE
+            false
         }
         Err(e) => {
-            println!("WhoAmI: FAILED, Dataverse unreachable: {}", e.without_url());
-            ExitCode::FAILURE
+            println!(
+                "  WhoAmI: FAILED, Dataverse unreachable: {}",
+                e.without_url()
+            );
+            false
         }
     }
 }
 
-async fn token(config: &Config) -> ExitCode {
+async fn token(config: &Config, name: Option<&str>) -> ExitCode {
     init_tracing(config.log.format);
-    let provider = match TokenProvider::new(config.credential.clone(), config.token.clone()) {
+    let org = match name {
+        Some(n) => config.orgs.iter().find(|o| o.name == n),
+        None => config
+            .orgs
+            .iter()
+            .find(|o| o.default)
+            .or(config.orgs.first()),
+    };
+    let Some(org) = org else {
+        eprintln!(
+            "dataverse-proxy token: no org named {:?}",
+            name.unwrap_or("")
+        );
+        return ExitCode::from(EXIT_CONFIG as u8);
+    };
+    let provider = match provider_for(config, org) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("dataverse-proxy token: {e}");

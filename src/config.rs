@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use figment::providers::{Format, Toml};
@@ -37,6 +38,30 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("AZURE_CLIENT_ID", "credential.client_id"),
     ("AZURE_CLIENT_SECRET", "credential.client_secret"),
     ("AZURE_CLIENT_SECRET_FILE", "credential.client_secret_file"),
+    (
+        "AZURE_CLIENT_CERTIFICATE_PATH",
+        "credential.certificate_path",
+    ),
+    (
+        "AZURE_CLIENT_CERTIFICATE_PASSWORD",
+        "credential.certificate_password",
+    ),
+    (
+        "AZURE_CLIENT_SEND_CERTIFICATE_CHAIN",
+        "credential.send_certificate_chain",
+    ),
+    (
+        "AZURE_FEDERATED_TOKEN_FILE",
+        "credential.federated_token_file",
+    ),
+    ("IDENTITY_ENDPOINT", "credential.identity_endpoint"),
+    ("IDENTITY_HEADER", "credential.identity_header"),
+    (
+        "DATAVERSE_PROXY_MANAGED_IDENTITY",
+        "credential.managed_identity",
+    ),
+    ("DATAVERSE_PROXY_IMDS_ENDPOINT", "credential.imds_endpoint"),
+    ("DATAVERSE_PROXY_CLOUD", "credential.cloud"),
     ("AZURE_AUTHORITY_HOST", "credential.authority_host"),
     ("DATAVERSE_PROXY_TOKEN_URL", "credential.token_url"),
     ("DATAVERSE_PROXY_LISTEN", "listen"),
@@ -58,6 +83,7 @@ pub const FLAG_KEYS: &[(&str, &str)] = &[
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
+const DEFAULT_IMDS: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
 
 // === Validated configuration ===
 
@@ -72,10 +98,8 @@ pub struct Config {
     pub public_url: Option<Url>,
     /// Peers whose `Forwarded` / `X-Forwarded-*` headers are believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
-    /// The Dataverse organisation requests are forwarded to.
-    pub org: OrgConfig,
-    /// The Entra ID app registration used for the client-credentials grant.
-    pub credential: CredentialConfig,
+    /// The Dataverse organisations requests are forwarded to (at least one).
+    pub orgs: Vec<OrgConfig>,
     /// Upstream (Dataverse) connection settings.
     pub upstream: UpstreamConfig,
     /// Token cache and refresh settings.
@@ -89,9 +113,19 @@ pub struct Config {
 /// One Dataverse organisation.
 #[derive(Debug, Clone)]
 pub struct OrgConfig {
+    /// Short name: the path prefix `/{name}/api/data/…` and the log/metrics label.
+    pub name: String,
     /// Origin of the org, e.g. `https://contoso.crm.dynamics.com`, without a
     /// trailing slash or path.
     pub url: Url,
+    /// The credential its tokens are requested with.
+    pub credential: Arc<CredentialConfig>,
+    /// OAuth2 scope (v2), `{url}/.default` unless overridden.
+    pub scope: String,
+    /// `Host` values routed to this org (host routing), lower-case.
+    pub hosts: Vec<String>,
+    /// Whether bare `/api/data/…` paths go to this org.
+    pub default: bool,
 }
 
 impl OrgConfig {
@@ -101,20 +135,95 @@ impl OrgConfig {
     }
 }
 
-/// An app registration's client-credentials settings.
+/// An app registration's (or managed identity's) credential settings.
 #[derive(Debug, Clone)]
 pub struct CredentialConfig {
-    /// Directory (tenant) id or domain.
-    pub tenant_id: String,
-    /// Application (client) id.
-    pub client_id: String,
-    /// Where the client secret comes from.
-    pub secret: SecretSource,
-    /// Full token endpoint URL (v2), derived from the authority host and
+    /// Name (`default` for `[credential]`, else the `[credentials.NAME]` key).
+    pub name: String,
+    /// Directory (tenant) id or domain (not used by managed identity).
+    pub tenant_id: Option<String>,
+    /// Application (client) id; for managed identity, the user-assigned
+    /// identity's client id (none: system-assigned).
+    pub client_id: Option<String>,
+    /// How the credential proves itself.
+    pub kind: CredentialKind,
+    /// Token endpoint (Entra ID flows): derived from the authority and
     /// tenant unless overridden.
-    pub token_url: Url,
-    /// The OAuth2 scope, `{org}/.default` unless overridden.
-    pub scope: String,
+    pub token_url: Option<Url>,
+    /// Token endpoint version (Entra ID flows).
+    pub version: TokenVersion,
+}
+
+/// The kinds of credential, in azure-identity's precedence order.
+#[derive(Debug, Clone)]
+pub enum CredentialKind {
+    /// A client secret.
+    Secret(SecretSource),
+    /// A certificate (PEM with key and certificate, or PFX / PKCS#12); the
+    /// file is read at every fetch, so replacing it rotates the certificate.
+    Certificate {
+        /// The PEM or PFX file.
+        path: PathBuf,
+        /// Password of a PFX file.
+        password: Option<SecretRef>,
+        /// Send the certificate chain (`x5c`) for subject-name/issuer auth.
+        send_chain: bool,
+        /// Assertion signature algorithm.
+        algorithm: AssertionAlgorithm,
+    },
+    /// Workload identity federation: a token file (e.g. a Kubernetes
+    /// service-account token), re-read at every fetch.
+    Federated {
+        /// The token file.
+        token_file: PathBuf,
+    },
+    /// An Azure managed identity.
+    ManagedIdentity(ManagedIdentity),
+}
+
+/// A password or header value that must not print.
+#[derive(Clone)]
+pub struct SecretRef(pub SecretString);
+
+impl fmt::Debug for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+/// Where a managed identity's token comes from.
+#[derive(Debug, Clone)]
+pub enum ManagedIdentity {
+    /// The Instance Metadata Service of VMs and VM scale sets.
+    Imds {
+        /// The token endpoint (default `http://169.254.169.254/metadata/identity/oauth2/token`).
+        endpoint: Url,
+    },
+    /// App Service / Functions (`IDENTITY_ENDPOINT`, `IDENTITY_HEADER`).
+    AppService {
+        /// `IDENTITY_ENDPOINT`.
+        endpoint: Url,
+        /// `IDENTITY_HEADER`.
+        header: SecretRef,
+    },
+}
+
+/// Client-assertion signature algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AssertionAlgorithm {
+    /// RSASSA-PSS with SHA-256 and an `x5t#S256` header (Entra's current default).
+    Ps256,
+    /// RSASSA-PKCS1-v1_5 with SHA-256 and an `x5t` (SHA-1) header (ADFS, older tenants).
+    Rs256,
+}
+
+/// Entra ID token endpoint version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenVersion {
+    /// `/oauth2/v2.0/token` with `scope`.
+    V2,
+    /// `/oauth2/token` with `resource` (ADFS, on-premises Dynamics).
+    V1,
 }
 
 /// Where a client secret is read from.
@@ -215,6 +324,8 @@ pub struct RawConfig {
     trusted_proxies: Option<Vec<String>>,
     org: RawOrg,
     credential: RawCredential,
+    orgs: Option<Vec<RawNamedOrg>>,
+    credentials: Option<std::collections::BTreeMap<String, RawCredential>>,
     upstream: RawUpstream,
     token: RawToken,
     governor: RawGovernor,
@@ -239,18 +350,48 @@ struct RawGovernor {
 #[serde(deny_unknown_fields, default)]
 struct RawOrg {
     url: Option<String>,
+    scope: Option<String>,
+    #[serde(deserialize_with = "lenient_list")]
+    hosts: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNamedOrg {
+    name: String,
+    url: Option<String>,
+    #[serde(default)]
+    credential: Option<String>,
+    #[serde(default, deserialize_with = "lenient_bool")]
+    default: Option<bool>,
+    #[serde(default, deserialize_with = "lenient_list")]
+    hosts: Option<Vec<String>>,
+    #[serde(default)]
+    scope: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 struct RawCredential {
+    kind: Option<String>,
     tenant_id: Option<String>,
     client_id: Option<String>,
     client_secret: Option<RawSecret>,
     client_secret_file: Option<String>,
+    certificate_path: Option<String>,
+    certificate_password: Option<RawSecret>,
+    #[serde(deserialize_with = "lenient_bool")]
+    send_certificate_chain: Option<bool>,
+    assertion_algorithm: Option<String>,
+    federated_token_file: Option<String>,
+    managed_identity: Option<String>,
+    identity_endpoint: Option<String>,
+    identity_header: Option<RawSecret>,
+    imds_endpoint: Option<String>,
     authority_host: Option<String>,
+    cloud: Option<String>,
     token_url: Option<String>,
-    scope: Option<String>,
+    token_version: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -300,6 +441,28 @@ where
             .parse()
             .map(Some)
             .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a whole number"))),
+    }
+}
+
+/// A boolean given as a boolean (TOML) or as a string (`true`/`1`/`false`/`0`,
+/// any case, as azure-identity reads `AZURE_CLIENT_SEND_CERTIFICATE_CHAIN`).
+fn lenient_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Bool(bool),
+        Str(String),
+    }
+    match Option::<Either>::deserialize(d)? {
+        None => Ok(None),
+        Some(Either::Bool(b)) => Ok(Some(b)),
+        Some(Either::Str(s)) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" => Ok(Some(true)),
+            "false" | "0" | "" => Ok(Some(false)),
+            _ => Err(serde::de::Error::custom(format!(
+                "{s:?} is not true or false"
+            ))),
+        },
     }
 }
 
@@ -572,6 +735,36 @@ impl Problems<'_> {
     }
 }
 
+impl Problems<'_> {
+    /// A managed-identity endpoint: http is fine for loopback and link-local
+    /// (IMDS is http://169.254.169.254) hosts, https anywhere.
+    fn local_url(&mut self, key: &str, value: &str) -> Option<Url> {
+        let url = Url::parse(value)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https"));
+        let Some(url) = url else {
+            self.push(
+                key,
+                &format!("{value:?} is not an http(s) URL"),
+                "give the endpoint URL, e.g. http://169.254.169.254/metadata/identity/oauth2/token",
+            );
+            return None;
+        };
+        let link_local = matches!(url.host(), Some(url::Host::Ipv4(ip)) if ip.is_link_local());
+        if url.scheme() == "http" && !is_loopback(&url) && !link_local {
+            self.push(
+                key,
+                &format!(
+                    "{value:?} uses http:// for a host that is neither loopback nor link-local"
+                ),
+                "use https://",
+            );
+            return None;
+        }
+        Some(url)
+    }
+}
+
 fn is_loopback(url: &Url) -> bool {
     match url.host() {
         Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
@@ -661,95 +854,13 @@ impl RawConfig {
             }
         }
 
-        let org_url = match self.org.url.as_deref() {
-            None => {
-                p.push(
-                    "org.url",
-                    "the Dataverse org URL is required",
-                    "set DATAVERSE_URL, --org-url or [org] url, e.g. \"https://contoso.crm.dynamics.com\"",
-                );
-                None
-            }
-            Some(v) => p.url("org.url", v).and_then(|u| {
-                let path = u.path().trim_end_matches('/');
-                if !path.is_empty() || u.query().is_some() {
-                    p.push(
-                        "org.url",
-                        &format!("{v:?} has a path or query"),
-                        "give only the origin, e.g. \"https://contoso.crm.dynamics.com\" (the proxy adds /api/data/v9.x/)",
-                    );
-                    None
-                } else {
-                    Some(u)
-                }
-            }),
-        };
-
-        let c = self.credential;
-        let tenant_id = required(
+        let orgs = validate_orgs(
             &mut p,
-            "credential.tenant_id",
-            c.tenant_id,
-            "set AZURE_TENANT_ID or [credential] tenant_id to the directory (tenant) id",
+            self.org,
+            self.credential,
+            self.orgs,
+            self.credentials,
         );
-        let client_id = required(
-            &mut p,
-            "credential.client_id",
-            c.client_id,
-            "set AZURE_CLIENT_ID or [credential] client_id to the application (client) id",
-        );
-        let secret = match (c.client_secret, c.client_secret_file) {
-            (Some(s), None) => Some(SecretSource::Inline(s.0)),
-            (None, Some(f)) => Some(SecretSource::File(PathBuf::from(f))),
-            (Some(_), Some(_)) => {
-                p.push(
-                    "credential.client_secret",
-                    "both client_secret and client_secret_file are set",
-                    "set only one of them",
-                );
-                None
-            }
-            (None, None) => {
-                p.push(
-                    "credential.client_secret",
-                    "no client secret is configured",
-                    "set AZURE_CLIENT_SECRET or AZURE_CLIENT_SECRET_FILE (or [credential] client_secret_file)",
-                );
-                None
-            }
-        };
-        if let Some(SecretSource::File(path)) = &secret
-            && let Err(e) = std::fs::metadata(path)
-        {
-            p.push(
-                "credential.client_secret_file",
-                &format!("cannot read {} ({e})", path.display()),
-                "point it at a readable file that holds only the secret",
-            );
-        }
-
-        let token_url = match (c.token_url.as_deref(), tenant_id.as_deref()) {
-            (Some(u), _) => p.url("credential.token_url", u),
-            (None, Some(tenant)) => {
-                let host = c.authority_host.as_deref().unwrap_or(DEFAULT_AUTHORITY);
-                let host = if host.contains("://") {
-                    host.to_owned()
-                } else {
-                    format!("https://{host}")
-                };
-                p.url("credential.authority_host", &host).and_then(|h| {
-                    let base = h.as_str().trim_end_matches('/');
-                    let url = format!("{base}/{tenant}/oauth2/v2.0/token");
-                    p.url("credential.tenant_id", &url)
-                })
-            }
-            (None, None) => None,
-        };
-        let scope = match (c.scope, &org_url) {
-            (Some(s), _) => Some(s),
-            (None, Some(u)) => Some(format!("{}/.default", u.as_str().trim_end_matches('/'))),
-            (None, None) => None,
-        };
 
         let u = self.upstream;
         let upstream = UpstreamConfig {
@@ -849,38 +960,13 @@ impl RawConfig {
             }
         };
 
-        match (
-            listen,
-            admin_listen,
-            org_url,
-            tenant_id,
-            client_id,
-            secret,
-            token_url,
-            scope,
-        ) {
-            (
-                Some(listen),
-                Some(admin_listen),
-                Some(url),
-                Some(tenant_id),
-                Some(client_id),
-                Some(secret),
-                Some(token_url),
-                Some(scope),
-            ) if p.list.is_empty() => Ok(Config {
+        match (listen, admin_listen) {
+            (Some(listen), Some(admin_listen)) if p.list.is_empty() => Ok(Config {
                 listen,
                 admin_listen,
                 public_url,
                 trusted_proxies,
-                org: OrgConfig { url },
-                credential: CredentialConfig {
-                    tenant_id,
-                    client_id,
-                    secret,
-                    token_url,
-                    scope,
-                },
+                orgs,
                 upstream,
                 token,
                 governor,
@@ -889,6 +975,434 @@ impl RawConfig {
             _ => Err(ConfigError { problems: p.list }),
         }
     }
+}
+
+/// Builds the org list: the `[org]` shorthand (named `default`) and every
+/// `[[orgs]]` entry, each with its credential validated once.
+fn validate_orgs(
+    p: &mut Problems<'_>,
+    org: RawOrg,
+    credential: RawCredential,
+    named: Option<Vec<RawNamedOrg>>,
+    credentials: Option<std::collections::BTreeMap<String, RawCredential>>,
+) -> Vec<OrgConfig> {
+    struct Wanted {
+        key: String,
+        name: String,
+        url: Option<String>,
+        credential: String,
+        default: Option<bool>,
+        hosts: Vec<String>,
+        scope: Option<String>,
+    }
+    let mut wanted = Vec::new();
+    let named = named.unwrap_or_default();
+    if org.url.is_some() || named.is_empty() {
+        wanted.push(Wanted {
+            key: "org".to_owned(),
+            name: "default".to_owned(),
+            url: org.url,
+            credential: "default".to_owned(),
+            default: None,
+            hosts: org.hosts.unwrap_or_default(),
+            scope: org.scope,
+        });
+    }
+    for (i, o) in named.into_iter().enumerate() {
+        wanted.push(Wanted {
+            key: format!("orgs[{i}]"),
+            name: o.name,
+            url: o.url,
+            credential: o.credential.unwrap_or_else(|| "default".to_owned()),
+            default: o.default,
+            hosts: o.hosts.unwrap_or_default(),
+            scope: o.scope,
+        });
+    }
+
+    let mut raw_creds = credentials.unwrap_or_default();
+    if raw_creds.contains_key("default") {
+        p.push(
+            "credentials.default",
+            "the name `default` is taken by the [credential] section",
+            "rename this credential, or move its keys to [credential]",
+        );
+    }
+    raw_creds.insert("default".to_owned(), credential);
+    let mut validated: std::collections::HashMap<String, Option<Arc<CredentialConfig>>> =
+        std::collections::HashMap::new();
+
+    let explicit_defaults = wanted.iter().filter(|w| w.default == Some(true)).count();
+    if explicit_defaults > 1 {
+        p.push(
+            "orgs",
+            "more than one org is marked default = true",
+            "mark at most one",
+        );
+    }
+    let single = wanted.len() == 1;
+    let mut names = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for w in wanted {
+        let name_ok = !w.name.is_empty()
+            && w.name.len() <= 64
+            && w.name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            && w.name != "api";
+        if !name_ok {
+            p.push(
+                &format!("{}.name", w.key),
+                &format!(
+                    "{:?} cannot be an org name (it is the path prefix /NAME/api/data/…)",
+                    w.name
+                ),
+                "use lower-case letters, digits, - and _ (and not \"api\")",
+            );
+        }
+        if !names.insert(w.name.clone()) {
+            p.push(
+                &format!("{}.name", w.key),
+                &format!("the org name {:?} is used twice", w.name),
+                "give every org its own name",
+            );
+        }
+        let url_key = format!("{}.url", w.key);
+        let url = match w.url.as_deref() {
+            None => {
+                p.push(
+                    &url_key,
+                    "the Dataverse org URL is required",
+                    "set DATAVERSE_URL, --org-url or [org] url, e.g. \"https://contoso.crm.dynamics.com\"",
+                );
+                None
+            }
+            Some(v) => p.url(&url_key, v).and_then(|u| {
+                let path = u.path().trim_end_matches('/');
+                if !path.is_empty() || u.query().is_some() {
+                    p.push(
+                        &url_key,
+                        &format!("{v:?} has a path or query"),
+                        "give only the origin, e.g. \"https://contoso.crm.dynamics.com\" (the proxy adds /api/data/v9.x/)",
+                    );
+                    None
+                } else {
+                    Some(u)
+                }
+            }),
+        };
+        let credential = match validated.get(&w.credential) {
+            Some(c) => c.clone(),
+            None => {
+                let c = match raw_creds.remove(&w.credential) {
+                    Some(raw) => validate_credential(p, &w.credential, raw).map(Arc::new),
+                    None => {
+                        p.push(
+                            &format!("{}.credential", w.key),
+                            &format!("no credential named {:?}", w.credential),
+                            "define it as [credentials.NAME], or use \"default\" for [credential]",
+                        );
+                        None
+                    }
+                };
+                validated.insert(w.credential.clone(), c.clone());
+                c
+            }
+        };
+        if let (Some(url), Some(credential)) = (url, credential) {
+            let origin = url.as_str().trim_end_matches('/').to_owned();
+            out.push(OrgConfig {
+                name: w.name,
+                scope: w.scope.unwrap_or_else(|| format!("{origin}/.default")),
+                url,
+                credential,
+                hosts: w
+                    .hosts
+                    .iter()
+                    .map(|h| h.trim().to_ascii_lowercase())
+                    .collect(),
+                default: w
+                    .default
+                    .unwrap_or(single || (explicit_defaults == 0 && w.key == "org")),
+            });
+        }
+    }
+    out
+}
+
+/// The authority host of a sovereign cloud (dossier §1.8).
+fn cloud_authority(cloud: &str) -> Option<&'static str> {
+    Some(
+        match cloud
+            .to_ascii_lowercase()
+            .replace(['-', '_', ' '], "")
+            .as_str()
+        {
+            "public" | "azurepublic" | "azurepubliccloud" | "global" => {
+                "https://login.microsoftonline.com"
+            }
+            "usgovernment" | "usgov" | "azureusgovernment" | "gcchigh" | "dod" => {
+                "https://login.microsoftonline.us"
+            }
+            "china" | "azurechina" | "azurechinacloud" | "21vianet" => {
+                "https://login.partner.microsoftonline.cn"
+            }
+            _ => return None,
+        },
+    )
+}
+
+/// Validates one credential; `name` is `default` for `[credential]`.
+fn validate_credential(
+    p: &mut Problems<'_>,
+    name: &str,
+    c: RawCredential,
+) -> Option<CredentialConfig> {
+    let prefix = if name == "default" {
+        "credential".to_owned()
+    } else {
+        format!("credentials.{name}")
+    };
+    let key = |k: &str| format!("{prefix}.{k}");
+    let kind = match c.kind.as_deref() {
+        Some(k) => k.to_ascii_lowercase().replace('-', "_"),
+        None if c.client_secret.is_some() || c.client_secret_file.is_some() => {
+            "client_secret".to_owned()
+        }
+        None if c.certificate_path.is_some() => "certificate".to_owned(),
+        None if c.federated_token_file.is_some() => "federated".to_owned(),
+        None if c.managed_identity.is_some() || c.identity_endpoint.is_some() => {
+            "managed_identity".to_owned()
+        }
+        None => {
+            p.push(
+                &key("client_secret"),
+                "no credential is configured",
+                "set AZURE_CLIENT_SECRET / AZURE_CLIENT_SECRET_FILE, AZURE_CLIENT_CERTIFICATE_PATH, AZURE_FEDERATED_TOKEN_FILE, or managed_identity (see docs/configuration.md)",
+            );
+            // Keep going, so missing tenant and client ids are reported too.
+            "unknown".to_owned()
+        }
+    };
+    let version = match c.token_version.as_deref() {
+        None | Some("v2" | "2" | "2.0") => TokenVersion::V2,
+        Some("v1" | "1" | "1.0") => TokenVersion::V1,
+        Some(other) => {
+            p.push(
+                &key("token_version"),
+                &format!("{other:?} is not a token endpoint version"),
+                "use \"v2\" (default) or \"v1\"",
+            );
+            TokenVersion::V2
+        }
+    };
+    let client_id = c
+        .client_id
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty());
+
+    if kind == "managed_identity" {
+        let mode = c.managed_identity.as_deref().map(str::to_ascii_lowercase);
+        let app_service = match mode.as_deref() {
+            Some("app_service" | "appservice" | "functions") => true,
+            Some("imds" | "vm") => false,
+            None | Some("true" | "1" | "auto" | "system") => c.identity_endpoint.is_some(),
+            Some(other) => {
+                p.push(
+                    &key("managed_identity"),
+                    &format!("{other:?} is not a managed identity kind"),
+                    "use \"imds\", \"app_service\" or \"auto\"",
+                );
+                return None;
+            }
+        };
+        let identity = if app_service {
+            let endpoint = match c.identity_endpoint.as_deref() {
+                Some(e) => p.local_url(&key("identity_endpoint"), e)?,
+                None => {
+                    p.push(
+                        &key("identity_endpoint"),
+                        "App Service managed identity needs IDENTITY_ENDPOINT",
+                        "set IDENTITY_ENDPOINT (App Service sets it for you)",
+                    );
+                    return None;
+                }
+            };
+            let Some(header) = c.identity_header else {
+                p.push(
+                    &key("identity_header"),
+                    "App Service managed identity needs IDENTITY_HEADER",
+                    "set IDENTITY_HEADER (App Service sets it for you)",
+                );
+                return None;
+            };
+            ManagedIdentity::AppService {
+                endpoint,
+                header: SecretRef(header.0),
+            }
+        } else {
+            let e = c.imds_endpoint.as_deref().unwrap_or(DEFAULT_IMDS);
+            ManagedIdentity::Imds {
+                endpoint: p.local_url(&key("imds_endpoint"), e)?,
+            }
+        };
+        return Some(CredentialConfig {
+            name: name.to_owned(),
+            tenant_id: c.tenant_id,
+            client_id,
+            kind: CredentialKind::ManagedIdentity(identity),
+            token_url: None,
+            version,
+        });
+    }
+
+    let tenant_id = required(
+        p,
+        &key("tenant_id"),
+        c.tenant_id,
+        "set AZURE_TENANT_ID or tenant_id to the directory (tenant) id",
+    );
+    let client_id = required(
+        p,
+        &key("client_id"),
+        client_id,
+        "set AZURE_CLIENT_ID or client_id to the application (client) id",
+    );
+    let kind = match kind.as_str() {
+        "client_secret" | "secret" => match (c.client_secret, c.client_secret_file) {
+            (Some(s), None) => CredentialKind::Secret(SecretSource::Inline(s.0)),
+            (None, Some(f)) => {
+                let path = PathBuf::from(f);
+                if let Err(e) = std::fs::metadata(&path) {
+                    p.push(
+                        &key("client_secret_file"),
+                        &format!("cannot read {} ({e})", path.display()),
+                        "point it at a readable file that holds only the secret",
+                    );
+                }
+                CredentialKind::Secret(SecretSource::File(path))
+            }
+            (Some(_), Some(_)) => {
+                p.push(
+                    &key("client_secret"),
+                    "both client_secret and client_secret_file are set",
+                    "set only one of them",
+                );
+                return None;
+            }
+            (None, None) => {
+                p.push(
+                    &key("client_secret"),
+                    "kind is client_secret but no secret is set",
+                    "set AZURE_CLIENT_SECRET or AZURE_CLIENT_SECRET_FILE",
+                );
+                return None;
+            }
+        },
+        "certificate" => {
+            let Some(path) = c.certificate_path.map(PathBuf::from) else {
+                p.push(
+                    &key("certificate_path"),
+                    "kind is certificate but no certificate file is set",
+                    "set AZURE_CLIENT_CERTIFICATE_PATH to a PEM (key + certificate) or PFX file",
+                );
+                return None;
+            };
+            if let Err(e) = std::fs::metadata(&path) {
+                p.push(
+                    &key("certificate_path"),
+                    &format!("cannot read {} ({e})", path.display()),
+                    "point it at a readable PEM or PFX file",
+                );
+            }
+            let algorithm = match c
+                .assertion_algorithm
+                .as_deref()
+                .map(str::to_ascii_uppercase)
+                .as_deref()
+            {
+                None | Some("PS256") => AssertionAlgorithm::Ps256,
+                Some("RS256") => AssertionAlgorithm::Rs256,
+                Some(other) => {
+                    p.push(
+                        &key("assertion_algorithm"),
+                        &format!("{other:?} is not supported"),
+                        "use \"PS256\" (default) or \"RS256\" (ADFS, older tenants)",
+                    );
+                    AssertionAlgorithm::Ps256
+                }
+            };
+            CredentialKind::Certificate {
+                path,
+                password: c.certificate_password.map(|s| SecretRef(s.0)),
+                send_chain: c.send_certificate_chain.unwrap_or(false),
+                algorithm,
+            }
+        }
+        "federated" | "workload_identity" => {
+            let Some(file) = c.federated_token_file.map(PathBuf::from) else {
+                p.push(
+                    &key("federated_token_file"),
+                    "kind is federated but no token file is set",
+                    "set AZURE_FEDERATED_TOKEN_FILE",
+                );
+                return None;
+            };
+            CredentialKind::Federated { token_file: file }
+        }
+        "unknown" => return None,
+        other => {
+            p.push(
+                &key("kind"),
+                &format!("{other:?} is not a credential kind"),
+                "use client_secret, certificate, federated or managed_identity",
+            );
+            return None;
+        }
+    };
+
+    let authority = match (c.authority_host.as_deref(), c.cloud.as_deref()) {
+        (Some(h), _) => Some(h.to_owned()),
+        (None, Some(cloud)) => match cloud_authority(cloud) {
+            Some(h) => Some(h.to_owned()),
+            None => {
+                p.push(
+                    &key("cloud"),
+                    &format!("{cloud:?} is not a known cloud"),
+                    "use \"public\", \"usgovernment\" or \"china\", or set authority_host",
+                );
+                None
+            }
+        },
+        (None, None) => Some(DEFAULT_AUTHORITY.to_owned()),
+    };
+    let token_url = match (c.token_url.as_deref(), tenant_id.as_deref(), authority) {
+        (Some(u), _, _) => p.url(&key("token_url"), u),
+        (None, Some(tenant), Some(host)) => {
+            let host = if host.contains("://") {
+                host
+            } else {
+                format!("https://{host}")
+            };
+            p.url(&key("authority_host"), &host).and_then(|h| {
+                let base = h.as_str().trim_end_matches('/');
+                let path = match version {
+                    TokenVersion::V2 => "oauth2/v2.0/token",
+                    TokenVersion::V1 => "oauth2/token",
+                };
+                p.url(&key("tenant_id"), &format!("{base}/{tenant}/{path}"))
+            })
+        }
+        _ => None,
+    };
+    Some(CredentialConfig {
+        name: name.to_owned(),
+        tenant_id: Some(tenant_id?),
+        client_id: Some(client_id?),
+        kind,
+        token_url: Some(token_url?),
+        version,
+    })
 }
 
 fn required(p: &mut Problems<'_>, key: &str, value: Option<String>, fix: &str) -> Option<String> {
@@ -1022,15 +1536,14 @@ mod tests {
             ..Sources::default()
         })
         .expect("valid");
-        assert_eq!(cfg.org.origin(), "https://contoso.crm.dynamics.com");
+        let org = &cfg.orgs[0];
+        assert_eq!(org.origin(), "https://contoso.crm.dynamics.com");
         assert_eq!(
-            cfg.credential.token_url.as_str(),
-            "https://login.microsoftonline.com/tenant-1/oauth2/v2.0/token"
+            org.credential.token_url.as_ref().map(Url::as_str),
+            Some("https://login.microsoftonline.com/tenant-1/oauth2/v2.0/token")
         );
-        assert_eq!(
-            cfg.credential.scope,
-            "https://contoso.crm.dynamics.com/.default"
-        );
+        assert_eq!(org.scope, "https://contoso.crm.dynamics.com/.default");
+        assert!(org.default);
         assert_eq!(cfg.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(cfg.upstream.response_timeout, Duration::from_secs(300));
         // The secret never shows in Debug output.
@@ -1053,8 +1566,8 @@ mod tests {
         .expect("valid");
         assert_eq!(cfg.listen.port(), 2222);
         assert_eq!(
-            cfg.credential.token_url.as_str(),
-            "https://login.microsoftonline.us/tenant-1/oauth2/v2.0/token"
+            cfg.orgs[0].credential.token_url.as_ref().map(Url::as_str),
+            Some("https://login.microsoftonline.us/tenant-1/oauth2/v2.0/token")
         );
     }
 
@@ -1164,7 +1677,7 @@ mod tests {
             ..Sources::default()
         })
         .expect("config.toml is valid");
-        assert_eq!(cfg.org.origin(), "https://contoso.crm.dynamics.com");
+        assert_eq!(cfg.orgs[0].origin(), "https://contoso.crm.dynamics.com");
         assert_eq!(cfg.upstream.idle_timeout, Duration::from_secs(120));
     }
 }

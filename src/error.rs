@@ -21,6 +21,11 @@ pub enum ProxyError {
     /// 404: the path is not under `/api/data/v9.x/`.
     #[error("only /api/data/v9.0, v9.1 and v9.2 paths are proxied to Dataverse")]
     NotFound,
+    /// 404: the path names no configured org and there is no default org.
+    #[error(
+        "no org matches this path: use /{{org name}}/api/data/v9.x/… (several orgs are configured and none is the default)"
+    )]
+    UnknownOrg,
     /// 400: the request target cannot be forwarded.
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
@@ -64,7 +69,7 @@ impl ProxyError {
     /// The HTTP status for this error; exhaustive on purpose.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::NotFound | Self::UnknownOrg => StatusCode::NOT_FOUND,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::GovernorQueueFull { .. } | Self::GovernorQueueTimeout { .. } => {
@@ -79,6 +84,7 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::NotFound => "not_found",
+            Self::UnknownOrg => "unknown_org",
             Self::BadRequest(_) => "bad_request",
             Self::TokenUnavailable { .. } => "token_unavailable",
             Self::GovernorQueueFull { .. } => "governor_queue_full",
@@ -94,6 +100,7 @@ impl ProxyError {
             | Self::GovernorQueueFull { retry_after }
             | Self::GovernorQueueTimeout { retry_after, .. } => Some(*retry_after),
             Self::NotFound
+            | Self::UnknownOrg
             | Self::BadRequest(_)
             | Self::UpstreamUnavailable(_)
             | Self::UpstreamTimeout(_) => None,

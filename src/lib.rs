@@ -59,7 +59,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let state = app::AppState::new(&config)?;
-    let refresher = state.token.spawn_refresher(shutdown.child_token());
+    let refreshers = state.spawn_refreshers(&shutdown);
 
     let proxy = proxy.tap_io(|tcp| {
         // Small OData responses should not wait for Nagle.
@@ -74,6 +74,8 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
     let result = tokio::try_join!(proxy_server.into_future(), admin_server.into_future());
-    refresher.abort();
+    for r in refreshers {
+        r.abort();
+    }
     result.map(|_| ())
 }

@@ -1,7 +1,8 @@
 //! The forwarding handler: everything between the caller and Dataverse.
 //!
 //! Steps, in order:
-//! 1. path check: only the Web API is reachable (404/400 otherwise);
+//! 1. routing to an org (`/{org}/api/…`, `Host`, or the default org) and
+//!    the path check: only the Web API is reachable (404/400 otherwise);
 //! 2. header policy towards Dataverse; `Accept-Encoding` is dropped for
 //!    everything but file downloads, so bodies whose links are rewritten
 //!    always arrive uncompressed (see `docs/configuration.md`);
@@ -9,6 +10,8 @@
 //!    to the org, exact `Content-Length`) or streamed;
 //! 4. a governor slot for the org (429 when the queue is full or too slow);
 //! 5. a token (503 without one: nothing is ever forwarded unauthenticated);
+//!    a 401 from Dataverse drops that token, fetches once and replays once
+//!    when the body allows;
 //! 6. send, with a response-header timeout; a 429 from Dataverse closes the
 //!    org's gate for everyone and is replayed after the wait when the body
 //!    allows, within the retry budget and deadline;
@@ -50,19 +53,33 @@ static LINK_HEADERS: [HeaderName; 3] = [
 pub async fn forward(State(state): State<AppState>, req: Request) -> Result<Response, ProxyError> {
     let arrived = Instant::now();
     let (parts, body) = req.into_parts();
-    path::check(parts.uri.path())?;
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok());
+    let routed = state.route(parts.uri.path(), host)?;
+    let org = routed.org.clone();
+    let prefix_len = routed.prefix_len;
+    path::check(&parts.uri.path()[prefix_len..])?;
     let peer = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
-    let links = state.links(&parts.headers, peer);
+    let mut public = state.public.derive(&parts.headers, peer);
+    if prefix_len > 0 {
+        // Links keep the form the caller used: /{org}/api/data/…
+        public.push('/');
+        public.push_str(&org.name);
+    }
+    let links = org.links(public);
 
-    // Path and query bytes are kept exactly as received; only the origin changes.
+    // Path and query bytes are kept exactly as received; only the origin
+    // (and the org prefix) change.
     let target = parts
         .uri
         .path_and_query()
         .map_or(parts.uri.path(), |pq| pq.as_str());
-    let uri: Uri = format!("{}{}", state.org_origin, target)
+    let uri: Uri = format!("{}{}", org.origin, &target[prefix_len..])
         .parse()
         .map_err(|_| ProxyError::BadRequest("the request target is not a valid URI"))?;
     let mut headers = parts.headers;
@@ -79,11 +96,12 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Result<Resp
     .await?;
     let method = parts.method;
 
-    let governor = &state.governor;
+    let governor = &org.governor;
     let mut permit = governor.acquire().await?;
     let mut attempt = 0u32;
+    let mut refreshed = false;
     let resp = loop {
-        let token = state.token.get().await?;
+        let token = org.token.get().await?;
         let mut req = Request::new(body.take());
         *req.method_mut() = method.clone();
         *req.uri_mut() = uri.clone();
@@ -92,8 +110,20 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Result<Resp
         req.headers_mut()
             .insert(header::AUTHORIZATION, token.header());
         let resp = send(&state, req).await?;
-        if resp.status() != StatusCode::TOO_MANY_REQUESTS {
-            break resp;
+        match resp.status() {
+            StatusCode::UNAUTHORIZED if !refreshed => {
+                // Revoked or rotated: drop this token (not a newer one),
+                // fetch once, and replay once if the body allows. Never loops.
+                refreshed = true;
+                org.token.invalidate(&token).await;
+                if !body.replayable() {
+                    break resp;
+                }
+                drop(resp);
+                continue;
+            }
+            StatusCode::TOO_MANY_REQUESTS => {}
+            _ => break resp,
         }
         // Dataverse throttled the shared application user: everyone waits.
         let wait = crate::governor::retry_after(resp.headers())

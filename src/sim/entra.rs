@@ -18,6 +18,10 @@
 //! `invalid_client` for a bad secret or assertion, 400 for an unknown app,
 //! an unknown tenant or a bad scope.
 
+// Handlers return early with ready-made responses; their size is irrelevant
+// off the proxy's hot path.
+#![expect(clippy::result_large_err, reason = "simulator code, not on the hot path")]
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -98,7 +102,10 @@ fn entra_error(status: StatusCode, error: &str, code: u32, message: &str) -> Res
 }
 
 fn no_store(h: &mut HeaderMap) {
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store, no-cache"));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store, no-cache"),
+    );
     h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
     if let Ok(v) = HeaderValue::from_str(&Uuid::new_v4().to_string()) {
         h.insert("x-ms-request-id", v);
@@ -185,7 +192,10 @@ fn token(
     }
 }
 
-#[expect(clippy::result_large_err, reason = "simulator code, not on the hot path")]
+#[expect(
+    clippy::result_large_err,
+    reason = "simulator code, not on the hot path"
+)]
 fn issue_for_client(
     sim: &EntraState,
     tenant: &str,
@@ -208,7 +218,9 @@ fn issue_for_client(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             90002,
-            &format!("Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud."),
+            &format!(
+                "Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud."
+            ),
         ));
     }
     match form.get("grant_type").map(String::as_str) {
@@ -249,7 +261,9 @@ fn issue_for_client(
             StatusCode::BAD_REQUEST,
             "unauthorized_client",
             700016,
-            &format!("Application with identifier '{client_id}' was not found in the directory '{tenant}'. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant. You may have sent your authentication request to the wrong tenant."),
+            &format!(
+                "Application with identifier '{client_id}' was not found in the directory '{tenant}'. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant. You may have sent your authentication request to the wrong tenant."
+            ),
         ));
     }
     let secret = form
@@ -262,7 +276,9 @@ fn issue_for_client(
                 StatusCode::UNAUTHORIZED,
                 "invalid_client",
                 7000215,
-                &format!("Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client_id}'."),
+                &format!(
+                    "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client_id}'."
+                ),
             ));
         }
         (Some(_), _) => "1",
@@ -364,7 +380,10 @@ fn issue_for_client(
 }
 
 /// The org a resource names, if it lives in `tenant`.
-#[expect(clippy::result_large_err, reason = "simulator code, not on the hot path")]
+#[expect(
+    clippy::result_large_err,
+    reason = "simulator code, not on the hot path"
+)]
 fn check_resource(sim: &EntraState, resource: &str, tenant: &str) -> Result<String, Response> {
     let wanted = resource.trim_end_matches('/');
     let orgs = lock(&sim.orgs);
@@ -382,11 +401,24 @@ fn check_resource(sim: &EntraState, resource: &str, tenant: &str) -> Result<Stri
 }
 
 /// Signs an access token; returns it and its lifetime in seconds.
-#[expect(clippy::result_large_err, reason = "simulator code, not on the hot path")]
-fn sign(sim: &EntraState, org: &str, tenant: &str, client_id: &str, acr: &str) -> Result<(String, u64), Response> {
+#[expect(
+    clippy::result_large_err,
+    reason = "simulator code, not on the hot path"
+)]
+fn sign(
+    sim: &EntraState,
+    org: &str,
+    tenant: &str,
+    client_id: &str,
+    acr: &str,
+) -> Result<(String, u64), Response> {
     let lifetime = *lock(&sim.token_lifetime);
     let now = now_epoch();
-    let oid = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("{tenant}/{client_id}").as_bytes()).to_string();
+    let oid = Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("{tenant}/{client_id}").as_bytes(),
+    )
+    .to_string();
     let claims = Claims {
         aud: org.to_owned(),
         iss: format!("https://sts.windows.net/{tenant}/"),
@@ -404,16 +436,20 @@ fn sign(sim: &EntraState, org: &str, tenant: &str, client_id: &str, acr: &str) -
     lock(&sim.issued).push(claims.uti.clone());
     let mut jwt_header = Header::new(Algorithm::HS256);
     jwt_header.kid = Some("sim-key".to_owned());
-    jsonwebtoken::encode(&jwt_header, &claims, &EncodingKey::from_secret(&sim.signing_key))
-        .map(|t| (t, lifetime.as_secs()))
-        .map_err(|e| {
-            entra_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                50000,
-                &format!("could not sign the token: {e}"),
-            )
-        })
+    jsonwebtoken::encode(
+        &jwt_header,
+        &claims,
+        &EncodingKey::from_secret(&sim.signing_key),
+    )
+    .map(|t| (t, lifetime.as_secs()))
+    .map_err(|e| {
+        entra_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            50000,
+            &format!("could not sign the token: {e}"),
+        )
+    })
 }
 
 /// Claims of a client assertion (certificate or federated).
@@ -432,16 +468,32 @@ fn b64url(data: &[u8]) -> String {
 
 /// Verifies a client assertion: a certificate-signed JWT (`x5t` /
 /// `x5t#S256` header) or a federated token from the registered issuer.
-#[expect(clippy::result_large_err, reason = "simulator code, not on the hot path")]
-fn check_assertion(sim: &EntraState, assertion: &str, client_id: &str, endpoint: &str) -> Result<(), Response> {
-    let invalid = |code: u32, msg: &str| entra_error(StatusCode::UNAUTHORIZED, "invalid_client", code, msg);
-    let header = jsonwebtoken::decode_header(assertion)
-        .map_err(|_| invalid(50027, "Invalid JWT token. The token is not in a valid format."))?;
+#[expect(
+    clippy::result_large_err,
+    reason = "simulator code, not on the hot path"
+)]
+fn check_assertion(
+    sim: &EntraState,
+    assertion: &str,
+    client_id: &str,
+    endpoint: &str,
+) -> Result<(), Response> {
+    let invalid =
+        |code: u32, msg: &str| entra_error(StatusCode::UNAUTHORIZED, "invalid_client", code, msg);
+    let header = jsonwebtoken::decode_header(assertion).map_err(|_| {
+        invalid(
+            50027,
+            "Invalid JWT token. The token is not in a valid format.",
+        )
+    })?;
     let cfg = &sim.config;
 
     if header.x5t.is_some() || header.x5t_s256.is_some() {
         let Some(pem) = &cfg.certificate_pem else {
-            return Err(invalid(700027, "Client assertion failed signature validation: no certificate is registered for the app."));
+            return Err(invalid(
+                700027,
+                "Client assertion failed signature validation: no certificate is registered for the app.",
+            ));
         };
         let der = ::pem::parse(pem)
             .map_err(|_| invalid(700027, "The registered certificate is unreadable."))?
@@ -458,14 +510,24 @@ fn check_assertion(sim: &EntraState, assertion: &str, client_id: &str, endpoint:
                 "Client assertion failed signature validation. The key was not found: the thumbprint does not match a certificate registered for the app.",
             ));
         }
-        let expected_alg = if header.x5t_s256.is_some() { Algorithm::PS256 } else { Algorithm::RS256 };
-        if header.alg != expected_alg && !(header.alg == Algorithm::RS256 || header.alg == Algorithm::PS256) {
+        let expected_alg = if header.x5t_s256.is_some() {
+            Algorithm::PS256
+        } else {
+            Algorithm::RS256
+        };
+        if header.alg != expected_alg
+            && !(header.alg == Algorithm::RS256 || header.alg == Algorithm::PS256)
+        {
             return Err(invalid(700027, "Unsupported assertion signing algorithm."));
         }
         if let Some(chain) = &header.x5c
-            && chain.first().map(String::as_str) != Some(&base64::engine::general_purpose::STANDARD.encode(&der))
+            && chain.first().map(String::as_str)
+                != Some(&base64::engine::general_purpose::STANDARD.encode(&der))
         {
-            return Err(invalid(700030, "The certificate chain (x5c) does not start with the registered certificate."));
+            return Err(invalid(
+                700030,
+                "The certificate chain (x5c) does not start with the registered certificate.",
+            ));
         }
         let key = DecodingKey::from_rsa_pem(pem.as_bytes())
             .map_err(|_| invalid(700027, "The registered certificate has no usable RSA key."))?;
@@ -487,36 +549,54 @@ fn check_assertion(sim: &EntraState, assertion: &str, client_id: &str, endpoint:
         })?;
         let c = data.claims;
         if c.iss != client_id || c.sub != client_id {
-            return Err(invalid(50012, "The client assertion's iss and sub must both be the client id."));
+            return Err(invalid(
+                50012,
+                "The client assertion's iss and sub must both be the client id.",
+            ));
         }
         let Some(jti) = c.jti else {
             return Err(invalid(50012, "The client assertion must carry a jti."));
         };
         if !lock(&sim.used_jti).insert(jti) {
-            return Err(invalid(50013, "The client assertion was already used (jti replay)."));
+            return Err(invalid(
+                50013,
+                "The client assertion was already used (jti replay).",
+            ));
         }
         return Ok(());
     }
 
     // A federated assertion from an external issuer.
     let Some(fed) = &cfg.federation else {
-        return Err(invalid(700211, "No matching federated identity record found for presented assertion issuer."));
+        return Err(invalid(
+            700211,
+            "No matching federated identity record found for presented assertion issuer.",
+        ));
     };
     let mut validation = Validation::new(Algorithm::HS256);
     validation.set_audience(&[FEDERATION_AUDIENCE]);
     validation.set_issuer(&[&fed.issuer]);
     validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
     validation.leeway = 30;
-    let data = jsonwebtoken::decode::<AssertionClaims>(assertion, &DecodingKey::from_secret(&fed.key), &validation)
-        .map_err(|e| match e.kind() {
-            jsonwebtoken::errors::ErrorKind::InvalidIssuer => {
-                invalid(700211, "No matching federated identity record found for presented assertion issuer.")
-            }
-            jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
-                invalid(700024, "Client assertion is not within its valid time range.")
-            }
-            _ => invalid(700213, "The federated assertion could not be validated against the issuer's keys."),
-        })?;
+    let data = jsonwebtoken::decode::<AssertionClaims>(
+        assertion,
+        &DecodingKey::from_secret(&fed.key),
+        &validation,
+    )
+    .map_err(|e| match e.kind() {
+        jsonwebtoken::errors::ErrorKind::InvalidIssuer => invalid(
+            700211,
+            "No matching federated identity record found for presented assertion issuer.",
+        ),
+        jsonwebtoken::errors::ErrorKind::ExpiredSignature => invalid(
+            700024,
+            "Client assertion is not within its valid time range.",
+        ),
+        _ => invalid(
+            700213,
+            "The federated assertion could not be validated against the issuer's keys.",
+        ),
+    })?;
     if data.claims.sub != fed.subject {
         return Err(invalid(
             70021,
@@ -537,15 +617,27 @@ struct MiQuery {
 }
 
 /// IMDS (VM / VMSS): `Metadata: true` required; every number is a string.
-async fn imds(State(sim): State<Arc<EntraState>>, headers: HeaderMap, Query(q): Query<MiQuery>) -> Response {
+async fn imds(
+    State(sim): State<Arc<EntraState>>,
+    headers: HeaderMap,
+    Query(q): Query<MiQuery>,
+) -> Response {
     if let Err(resp) = gate(&sim) {
         return resp;
     }
     if headers.get("metadata").and_then(|v| v.to_str().ok()) != Some("true") {
-        return mi_error(StatusCode::BAD_REQUEST, "invalid_request", "Required metadata header not specified");
+        return mi_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "Required metadata header not specified",
+        );
     }
     if q.api_version.is_none() {
-        return mi_error(StatusCode::BAD_REQUEST, "invalid_request", "Required query variable 'api-version' is missing");
+        return mi_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "Required query variable 'api-version' is missing",
+        );
     }
     match managed_token(&sim, &q) {
         Ok((token, secs, resource)) => {
@@ -567,7 +659,11 @@ async fn imds(State(sim): State<Arc<EntraState>>, headers: HeaderMap, Query(q): 
 
 /// App Service / Functions: `X-IDENTITY-HEADER` required; `expires_on` is an
 /// integer and there is no `expires_in`.
-async fn app_service(State(sim): State<Arc<EntraState>>, headers: HeaderMap, Query(q): Query<MiQuery>) -> Response {
+async fn app_service(
+    State(sim): State<Arc<EntraState>>,
+    headers: HeaderMap,
+    Query(q): Query<MiQuery>,
+) -> Response {
     if let Err(resp) = gate(&sim) {
         return resp;
     }
@@ -596,14 +692,25 @@ async fn app_service(State(sim): State<Arc<EntraState>>, headers: HeaderMap, Que
 }
 
 fn mi_error(status: StatusCode, error: &str, description: &str) -> Response {
-    (status, axum::Json(serde_json::json!({"error": error, "error_description": description}))).into_response()
+    (
+        status,
+        axum::Json(serde_json::json!({"error": error, "error_description": description})),
+    )
+        .into_response()
 }
 
-#[expect(clippy::result_large_err, reason = "simulator code, not on the hot path")]
+#[expect(
+    clippy::result_large_err,
+    reason = "simulator code, not on the hot path"
+)]
 fn managed_token(sim: &EntraState, q: &MiQuery) -> Result<(String, u64, String), Response> {
     let cfg = &sim.config;
     let Some(resource) = &q.resource else {
-        return Err(mi_error(StatusCode::BAD_REQUEST, "invalid_request", "Required query variable 'resource' is missing"));
+        return Err(mi_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "Required query variable 'resource' is missing",
+        ));
     };
     if let Some(id) = &q.client_id
         && *id != cfg.managed_identity_client_id

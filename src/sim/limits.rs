@@ -79,7 +79,10 @@ impl Limiter {
     }
 
     /// Admits a request or answers 429 like Dataverse.
-    #[expect(clippy::result_large_err, reason = "simulator code, not on the hot path")]
+    #[expect(
+        clippy::result_large_err,
+        reason = "simulator code, not on the hot path"
+    )]
     pub(super) fn admit(&self) -> Result<InFlight<'_>, Response> {
         let limits = lock(&self.limits).clone();
         let now = Instant::now();

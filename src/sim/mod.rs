@@ -184,7 +184,10 @@ impl SimHandle {
 
     /// The v2 token endpoint of this org's tenant.
     pub fn token_url(&self) -> String {
-        format!("{}/{}/oauth2/v2.0/token", self.0.entra.url, self.0.tenant_id)
+        format!(
+            "{}/{}/oauth2/v2.0/token",
+            self.0.entra.url, self.0.tenant_id
+        )
     }
 
     /// The v1 token endpoint of this org's tenant.
@@ -297,7 +300,14 @@ impl SimHandle {
     }
 
     /// Stores a file column value, as an upload would.
-    pub fn put_file(&self, entity_set: &str, id: Uuid, column: &str, name: &str, data: Bytes) -> bool {
+    pub fn put_file(
+        &self,
+        entity_set: &str,
+        id: Uuid,
+        column: &str,
+        name: &str,
+        data: Bytes,
+    ) -> bool {
         lock(&self.0.db).put_file(entity_set, id, column, name, data)
     }
 
@@ -407,7 +417,10 @@ impl Sim {
 fn spawn(listener: TcpListener, router: axum::Router, shutdown: &CancellationToken) {
     let stop = shutdown.clone().cancelled_owned();
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop).await {
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(stop)
+            .await
+        {
             tracing::error!(error = %e, "simulator listener failed");
         }
     });

@@ -7,7 +7,22 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::config::{CredentialConfig, SecretSource};
+use crate::config::{
+    CredentialConfig, CredentialKind, ManagedIdentity, SecretSource, TokenVersion,
+};
+use crate::token::certificate::ClientCertificate;
+
+/// `client_assertion_type` of certificate and federated assertions.
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// What a token is requested for: one org.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// v2 scope, `{org}/.default`.
+    pub scope: String,
+    /// v1 / managed identity resource, the org URL.
+    pub resource: String,
+}
 
 /// A successful token response, with the token already in a secret wrapper.
 pub struct TokenResponse {
@@ -32,14 +47,19 @@ impl fmt::Debug for TokenResponse {
 /// Why a token could not be fetched. Display texts never contain secrets.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    /// The client secret file could not be read.
-    #[error("cannot read the client secret file {path}: {source}")]
-    SecretFile {
+    /// A credential file (secret, federated token) could not be read.
+    #[error("cannot read the {what} file {path}: {source}")]
+    CredentialFile {
+        /// Which file.
+        what: &'static str,
         /// The configured path.
         path: PathBuf,
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The credential cannot be used as configured (e.g. an unreadable certificate).
+    #[error("the configured credential cannot be used: {0}")]
+    Credential(String),
     /// The token endpoint could not be reached or timed out.
     #[error("token endpoint unreachable: {0}")]
     Network(#[source] reqwest::Error),
@@ -77,7 +97,7 @@ impl TokenError {
     /// errors need an operator.
     pub fn is_permanent(&self) -> bool {
         match self {
-            Self::SecretFile { .. } => true,
+            Self::CredentialFile { .. } | Self::Credential(_) => true,
             Self::Network(_) | Self::Malformed { .. } => false,
             Self::Entra { status, error, .. } => {
                 *status < 500
@@ -91,7 +111,10 @@ impl TokenError {
     fn codes(&self) -> &[u32] {
         match self {
             Self::Entra { codes, .. } => codes,
-            Self::SecretFile { .. } | Self::Network(_) | Self::Malformed { .. } => &[],
+            Self::CredentialFile { .. }
+            | Self::Credential(_)
+            | Self::Network(_)
+            | Self::Malformed { .. } => &[],
         }
     }
 
@@ -140,6 +163,18 @@ pub fn advice_for(code: u32) -> Option<&'static str> {
             "Entra ID is throttling this app. The proxy backs off and retries; reduce restarts or token-cache misses if this persists."
         }
         50033 | 90033 => "Entra ID had a transient failure. The proxy retries on its own.",
+        700027 | 50012 => {
+            "The client assertion was refused: the certificate is not the one uploaded to the app registration (Certificates & secrets), or the assertion's signature or claims are wrong."
+        }
+        700024 => {
+            "The client assertion is outside its validity window: check this machine's clock."
+        }
+        700030 => {
+            "Subject-name/issuer authentication failed: the app registration does not trust this certificate's subject, or AZURE_CLIENT_SEND_CERTIFICATE_CHAIN is off."
+        }
+        700211 | 700212 | 70021 | 700213 => {
+            "The federated token was refused: add a federated credential to the app registration whose issuer, subject and audience (api://AzureADTokenExchange) match the token in AZURE_FEDERATED_TOKEN_FILE."
+        }
         _ => return None,
     })
 }
@@ -154,14 +189,23 @@ struct EntraErrorBody {
     error_codes: Vec<u32>,
 }
 
-/// The success body; numbers may be JSON integers (v2) or strings (v1, managed identity).
+/// The success body; numbers may be JSON integers (v2) or strings (v1,
+/// managed identity). App Service sends `expires_on` but no `expires_in`.
 #[derive(Deserialize)]
 struct TokenBody {
     access_token: String,
-    #[serde(deserialize_with = "number_or_string")]
-    expires_in: u64,
+    #[serde(default, deserialize_with = "opt_number_or_string")]
+    expires_in: Option<u64>,
+    #[serde(default, deserialize_with = "opt_number_or_string")]
+    expires_on: Option<u64>,
     #[serde(default, deserialize_with = "opt_number_or_string")]
     refresh_in: Option<u64>,
+}
+
+/// App Service's error body.
+#[derive(Deserialize)]
+struct AppServiceError {
+    message: String,
 }
 
 #[derive(Deserialize)]
@@ -183,46 +227,104 @@ impl NumOrStr {
     }
 }
 
-fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    NumOrStr::deserialize(d)?.get()
-}
-
 fn opt_number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     Option::<NumOrStr>::deserialize(d)?
         .map(NumOrStr::get)
         .transpose()
 }
 
-/// Reads the client secret (a secret file is re-read at every fetch so that
-/// rotating it needs no restart).
+/// Reads a credential file, trimmed of its line end (files are re-read at
+/// every fetch so that rotating them needs no restart).
+fn read_file(what: &'static str, path: &std::path::Path) -> Result<SecretString, TokenError> {
+    std::fs::read_to_string(path)
+        .map(|s| SecretString::from(s.trim_end_matches(['\r', '\n']).to_owned()))
+        .map_err(|source| TokenError::CredentialFile {
+            what,
+            path: path.to_owned(),
+            source,
+        })
+}
+
 fn read_secret(source: &SecretSource) -> Result<SecretString, TokenError> {
     match source {
         SecretSource::Inline(s) => Ok(s.clone()),
-        SecretSource::File(path) => std::fs::read_to_string(path)
-            .map(|s| SecretString::from(s.trim_end_matches(['\r', '\n']).to_owned()))
-            .map_err(|source| TokenError::SecretFile {
-                path: path.clone(),
-                source,
-            }),
+        SecretSource::File(path) => read_file("client secret", path),
     }
 }
 
-/// Performs one client-credentials request against the v2 endpoint.
+fn now_epoch() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Performs one token request for `target` with the configured credential.
 pub async fn request_token(
     http: &reqwest::Client,
     cred: &CredentialConfig,
+    target: &Target,
 ) -> Result<TokenResponse, TokenError> {
-    let secret = read_secret(&cred.secret)?;
-    let form = [
-        ("grant_type", "client_credentials"),
-        ("client_id", cred.client_id.as_str()),
-        ("client_secret", secret.expose_secret()),
-        ("scope", cred.scope.as_str()),
+    let (token_url, client_id) = match (&cred.kind, &cred.token_url, &cred.client_id) {
+        (CredentialKind::ManagedIdentity(mi), _, client_id) => {
+            return managed_identity(http, mi, client_id.as_deref(), &target.resource).await;
+        }
+        (_, Some(url), Some(id)) => (url, id),
+        _ => {
+            return Err(TokenError::Credential(
+                "no token URL or client id is configured".to_owned(),
+            ));
+        }
+    };
+    let mut form: Vec<(&str, SecretString)> = vec![
+        ("grant_type", "client_credentials".into()),
+        ("client_id", client_id.as_str().into()),
     ];
+    match cred.version {
+        TokenVersion::V2 => form.push(("scope", target.scope.as_str().into())),
+        TokenVersion::V1 => form.push(("resource", target.resource.as_str().into())),
+    }
+    match &cred.kind {
+        CredentialKind::Secret(source) => form.push(("client_secret", read_secret(source)?)),
+        CredentialKind::Certificate {
+            path,
+            password,
+            send_chain,
+            algorithm,
+        } => {
+            let cert = ClientCertificate::load(path, password.as_ref().map(|p| &p.0))
+                .map_err(TokenError::Credential)?;
+            let assertion = cert
+                .assertion(
+                    client_id,
+                    token_url.as_str(),
+                    *algorithm,
+                    *send_chain,
+                    now_epoch(),
+                )
+                .map_err(TokenError::Credential)?;
+            form.push(("client_assertion_type", JWT_BEARER.into()));
+            form.push(("client_assertion", assertion));
+        }
+        CredentialKind::Federated { token_file } => {
+            form.push(("client_assertion_type", JWT_BEARER.into()));
+            form.push((
+                "client_assertion",
+                read_file("federated token", token_file)?,
+            ));
+        }
+        CredentialKind::ManagedIdentity(_) => {}
+    }
+    let body: String = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form.iter().map(|(k, v)| (*k, v.expose_secret())))
+        .finish();
     let resp = http
-        .post(cred.token_url.clone())
+        .post(token_url.clone())
         .header(reqwest::header::ACCEPT, "application/json")
-        .form(&form)
+        .header(
+            reqwest::header::CONTENT_TYPE,
+            "application/x-www-form-urlencoded",
+        )
+        .body(body)
         .send()
         .await
         .map_err(|e| TokenError::Network(e.without_url()))?;
@@ -234,6 +336,50 @@ pub async fn request_token(
     parse_response(status, &bytes)
 }
 
+/// A managed identity token from IMDS or App Service (dossier §1.10).
+async fn managed_identity(
+    http: &reqwest::Client,
+    mi: &ManagedIdentity,
+    client_id: Option<&str>,
+    resource: &str,
+) -> Result<TokenResponse, TokenError> {
+    let (endpoint, api_version) = match mi {
+        ManagedIdentity::Imds { endpoint } => (endpoint, "2018-02-01"),
+        ManagedIdentity::AppService { endpoint, .. } => (endpoint, "2019-08-01"),
+    };
+    let mut query = vec![("api-version", api_version), ("resource", resource)];
+    if let Some(id) = client_id {
+        query.push(("client_id", id));
+    }
+    let mut req = http.get(endpoint.clone()).query(&query);
+    req = match mi {
+        ManagedIdentity::Imds { .. } => req.header("Metadata", "true"),
+        ManagedIdentity::AppService { header, .. } => {
+            req.header("X-IDENTITY-HEADER", header.0.expose_secret())
+        }
+    };
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| TokenError::Network(e.without_url()))?;
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| TokenError::Network(e.without_url()))?;
+    if !(200..300).contains(&status)
+        && let Ok(e) = serde_json::from_slice::<AppServiceError>(&bytes)
+    {
+        return Err(TokenError::Entra {
+            status,
+            error: "managed_identity_error".to_owned(),
+            codes: Vec::new(),
+            description: first_line(&e.message),
+        });
+    }
+    parse_response(status, &bytes)
+}
+
 /// Interprets a token endpoint answer.
 pub fn parse_response(status: u16, body: &[u8]) -> Result<TokenResponse, TokenError> {
     if (200..300).contains(&status) {
@@ -242,9 +388,19 @@ pub fn parse_response(status: u16, body: &[u8]) -> Result<TokenResponse, TokenEr
             // serde_json's message names the field and position, never the value.
             detail: e.to_string(),
         })?;
+        let expires_in = match (b.expires_in, b.expires_on) {
+            (Some(secs), _) => secs,
+            (None, Some(on)) => on.saturating_sub(now_epoch()),
+            (None, None) => {
+                return Err(TokenError::Malformed {
+                    status,
+                    detail: "neither expires_in nor expires_on is present".to_owned(),
+                });
+            }
+        };
         return Ok(TokenResponse {
             access_token: SecretString::from(b.access_token),
-            expires_in: Duration::from_secs(b.expires_in),
+            expires_in: Duration::from_secs(expires_in),
             refresh_in: b.refresh_in.map(Duration::from_secs),
         });
     }
@@ -314,6 +470,23 @@ mod tests {
         )
         .expect_err("503");
         assert!(!busy.is_permanent());
+    }
+
+    #[test]
+    fn app_service_sends_only_expires_on() {
+        let on = now_epoch() + 3000;
+        let r = parse_response(
+            200,
+            format!(r#"{{"access_token":"x","expires_on":{on},"resource":"r"}}"#).as_bytes(),
+        )
+        .expect("app service");
+        assert!((2990..=3000).contains(&r.expires_in.as_secs()));
+        let r = parse_response(
+            200,
+            format!(r#"{{"access_token":"x","expires_on":"{on}"}}"#).as_bytes(),
+        )
+        .expect("string form");
+        assert!(r.expires_in.as_secs() > 2900);
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! token (it is still in the cache) and retries with jittered exponential
 //! backoff until it succeeds or the token really expires.
 
+pub mod certificate;
 pub mod client;
 pub mod expiry;
 
@@ -30,19 +31,53 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{CredentialConfig, TokenConfig};
+use crate::config::{CredentialConfig, CredentialKind, ManagedIdentity, TokenConfig};
 use crate::error::ProxyError;
-pub use client::TokenError;
+pub use client::{Target, TokenError};
 
 /// Identifies a token: the same app in two tenants, or for two orgs, gets two.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TokenKey {
-    /// Token endpoint URL (authority host + tenant).
-    pub token_url: String,
-    /// Application (client) id.
+    /// Token endpoint URL (authority host + tenant), or the managed identity endpoint.
+    pub endpoint: String,
+    /// Tenant, when known.
+    pub tenant: String,
+    /// Application (client) id (`system` for a system-assigned identity).
     pub client_id: String,
     /// Requested scope (`{org}/.default`).
     pub scope: String,
+}
+
+impl TokenKey {
+    /// The cache key of `credential`'s token for `target`.
+    pub fn new(credential: &CredentialConfig, target: &Target) -> Self {
+        let endpoint = match (&credential.kind, &credential.token_url) {
+            (CredentialKind::ManagedIdentity(ManagedIdentity::Imds { endpoint }), _)
+            | (CredentialKind::ManagedIdentity(ManagedIdentity::AppService { endpoint, .. }), _)
+            | (_, Some(endpoint)) => endpoint.to_string(),
+            (_, None) => String::new(),
+        };
+        Self {
+            endpoint,
+            tenant: credential.tenant_id.clone().unwrap_or_default(),
+            client_id: credential
+                .client_id
+                .clone()
+                .unwrap_or_else(|| "system".to_owned()),
+            scope: target.scope.clone(),
+        }
+    }
+}
+
+/// The token cache shared by every provider of the process.
+pub type TokenCache = Cache<TokenKey, Arc<AccessToken>>;
+
+/// A new, empty token cache whose entries leave when they stop being served.
+pub fn new_cache() -> TokenCache {
+    Cache::builder()
+        .max_capacity(1024)
+        .expire_after(ServeUntil)
+        .build()
 }
 
 /// A cached access token with its schedule.
@@ -140,7 +175,8 @@ pub struct TokenProvider {
 
 struct Inner {
     key: TokenKey,
-    credential: CredentialConfig,
+    credential: Arc<CredentialConfig>,
+    target: Target,
     settings: TokenConfig,
     http: reqwest::Client,
     cache: Cache<TokenKey, Arc<AccessToken>>,
@@ -159,8 +195,10 @@ impl fmt::Debug for TokenProvider {
 impl TokenProvider {
     /// Creates a provider; nothing is fetched until [`Self::get`] or the refresher runs.
     pub fn new(
-        credential: CredentialConfig,
+        credential: Arc<CredentialConfig>,
+        target: Target,
         settings: TokenConfig,
+        cache: TokenCache,
     ) -> Result<Self, reqwest::Error> {
         crate::install_crypto_provider();
         let http = reqwest::Client::builder()
@@ -169,19 +207,12 @@ impl TokenProvider {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("dataverse-proxy/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        let key = TokenKey {
-            token_url: credential.token_url.to_string(),
-            client_id: credential.client_id.clone(),
-            scope: credential.scope.clone(),
-        };
-        let cache = Cache::builder()
-            .max_capacity(64)
-            .expire_after(ServeUntil)
-            .build();
+        let key = TokenKey::new(&credential, &target);
         Ok(Self {
             inner: Arc::new(Inner {
                 key,
                 credential,
+                target,
                 settings,
                 http,
                 cache,
@@ -219,6 +250,26 @@ impl TokenProvider {
         self.fetch().await
     }
 
+    /// Drops `stale` from the cache (Dataverse refused it with 401), unless a
+    /// newer token has replaced it already; the next [`Self::get`] fetches.
+    pub async fn invalidate(&self, stale: &Arc<AccessToken>) {
+        use moka::ops::compute::Op;
+        let stale = stale.clone();
+        let _ = self
+            .inner
+            .cache
+            .entry(self.inner.key.clone())
+            .and_compute_with(|entry| {
+                let op = match entry {
+                    Some(e) if Arc::ptr_eq(e.value(), &stale) => Op::Remove,
+                    _ => Op::Nop,
+                };
+                std::future::ready(op)
+            })
+            .await;
+        tracing::info!("Dataverse refused the token (401); fetching a new one");
+    }
+
     /// True when a token is cached and servable (admin `/readyz`).
     pub async fn is_ready(&self) -> bool {
         self.inner.cache.get(&self.inner.key).await.is_some()
@@ -254,7 +305,7 @@ impl TokenProvider {
     async fn fetch(&self) -> Result<Arc<AccessToken>, TokenError> {
         let inner = &self.inner;
         let started = Instant::now();
-        let result = client::request_token(&inner.http, &inner.credential)
+        let result = client::request_token(&inner.http, &inner.credential, &inner.target)
             .await
             .and_then(|resp| AccessToken::new(resp, started));
         let mut failure = self.lock_failure();

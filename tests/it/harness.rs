@@ -100,7 +100,7 @@ impl Harness {
         }
         let mut overrides = sim_overrides(&sim);
         if let Some(url) = setup.org_url {
-            overrides.push(("credential.scope", format!("{}/.default", sim.org_url())));
+            overrides.push(("org.scope", format!("{}/.default", sim.org_url())));
             overrides.push(("org.url", url));
         }
         overrides.extend(setup.overrides);
