@@ -427,7 +427,14 @@ async fn handle(State(sim): State<Arc<SimState>>, req: Request) -> Response {
     let claims = check_token(&sim, req.headers());
     record(&sim, &req, claims.clone());
     let mut resp = match claims {
-        Err(why) => challenge(&sim, why),
+        Err(why) => {
+            // Read (and drop) the body first, as IIS does for small bodies,
+            // so the caller sees the 401 rather than a reset connection.
+            let _ = http_body_util::Limited::new(req.into_body(), JSON_LIMIT)
+                .collect()
+                .await;
+            challenge(&sim, why)
+        }
         Ok(_) => match sim.limiter.admit() {
             Err(throttled) => throttled,
             Ok(in_flight) => {

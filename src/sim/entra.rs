@@ -20,7 +20,10 @@
 
 // Handlers return early with ready-made responses; their size is irrelevant
 // off the proxy's hot path.
-#![expect(clippy::result_large_err, reason = "simulator code, not on the hot path")]
+#![expect(
+    clippy::result_large_err,
+    reason = "simulator code, not on the hot path"
+)]
 
 use std::collections::HashMap;
 use std::sync::Arc;

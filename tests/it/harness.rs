@@ -31,6 +31,8 @@ pub struct Setup {
     pub org_url: Option<String>,
     /// Runs on the simulator before the proxy starts (faults for cold starts).
     pub prepare: Option<fn(&SimHandle)>,
+    /// A whole config file instead of the simulator overrides.
+    pub toml: Option<String>,
 }
 
 impl Default for Setup {
@@ -43,6 +45,7 @@ impl Default for Setup {
             ],
             org_url: None,
             prepare: None,
+            toml: None,
         }
     }
 }
@@ -55,6 +58,12 @@ impl Setup {
 
     pub fn prepare(mut self, f: fn(&SimHandle)) -> Self {
         self.prepare = Some(f);
+        self
+    }
+
+    /// Uses a whole config file (with the simulator's URLs filled in by the test).
+    pub fn toml(mut self, toml: String) -> Self {
+        self.toml = Some(toml);
         self
     }
 
@@ -93,18 +102,35 @@ impl Harness {
     }
 
     pub async fn with(setup: Setup) -> Self {
-        let sim_server = Sim::start(setup.sim).await.expect("simulator");
+        let sim_server = Sim::start(setup.sim.clone()).await.expect("simulator");
+        Self::on(sim_server, setup).await
+    }
+
+    /// Starts a proxy in front of a simulator the test set up itself.
+    pub async fn on(sim_server: Sim, setup: Setup) -> Self {
         let sim = sim_server.handle.clone();
         if let Some(prepare) = setup.prepare {
             prepare(&sim);
         }
-        let mut overrides = sim_overrides(&sim);
+        let mut overrides = Vec::new();
+        let mut file = None;
+        match setup.toml {
+            Some(toml) => {
+                let dir = std::env::temp_dir().join(format!("dvp-it-{}", uuid::Uuid::new_v4()));
+                std::fs::create_dir_all(&dir).expect("mkdir");
+                let path = dir.join("config.toml");
+                std::fs::write(&path, toml).expect("write config");
+                file = Some(path);
+            }
+            None => overrides = sim_overrides(&sim),
+        }
         if let Some(url) = setup.org_url {
             overrides.push(("org.scope", format!("{}/.default", sim.org_url())));
             overrides.push(("org.url", url));
         }
         overrides.extend(setup.overrides);
         let config = Config::load(&Sources {
+            file,
             overrides,
             ..Sources::default()
         })

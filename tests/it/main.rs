@@ -3,6 +3,7 @@
 //! link step keeps the suite fast).
 
 mod binary;
+mod credentials;
 mod forward;
 mod governor;
 mod harness;
