@@ -1680,4 +1680,77 @@ mod tests {
         assert_eq!(cfg.orgs[0].origin(), "https://contoso.crm.dynamics.com");
         assert_eq!(cfg.upstream.idle_timeout, Duration::from_secs(120));
     }
+
+    #[test]
+    fn the_shipped_multi_org_example_parses_when_uncommented() {
+        let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))
+            .expect("config.toml");
+        let start = text.find("# --- multi-org example").expect("example start");
+        let end = text.find("# --- end of multi-org example").expect("example end");
+        let block: String = text[start..end]
+            .lines()
+            .skip(1)
+            .map(|l| l.strip_prefix("# ").or_else(|| l.strip_prefix('#')).unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let full = format!("{}{block}\n{}", &text[..start], &text[end..]);
+        let dir = std::env::temp_dir().join(format!("dvp-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("multi.toml");
+        std::fs::write(&path, full).expect("write");
+        let mut e = HashMap::new();
+        e.insert("AZURE_CLIENT_SECRET".to_owned(), "x".to_owned());
+        let cfg = Config::load(&Sources {
+            file: Some(path),
+            env: e,
+            ..Sources::default()
+        })
+        .expect("the multi-org example is valid");
+        assert_eq!(cfg.orgs.len(), 2);
+        assert!(cfg.orgs[0].default && !cfg.orgs[1].default);
+        assert_eq!(cfg.orgs[1].name, "fabrikam");
+        assert_eq!(cfg.orgs[1].hosts, ["fabrikam-dataverse.internal.example.com"]);
+        assert!(matches!(cfg.orgs[1].credential.kind, CredentialKind::Federated { .. }));
+    }
+
+    #[test]
+    fn credential_kinds_are_inferred_in_azure_identity_order() {
+        let mut e = minimal_env();
+        e.remove("AZURE_CLIENT_SECRET");
+        e.insert("AZURE_FEDERATED_TOKEN_FILE".into(), "/tmp/t".into());
+        e.insert("DATAVERSE_PROXY_CLOUD".into(), "usgovernment".into());
+        let cfg = Config::load(&Sources { env: e.clone(), ..Sources::default() }).expect("valid");
+        let c = &cfg.orgs[0].credential;
+        assert!(matches!(c.kind, CredentialKind::Federated { .. }));
+        assert_eq!(
+            c.token_url.as_ref().map(Url::as_str),
+            Some("https://login.microsoftonline.us/tenant-1/oauth2/v2.0/token")
+        );
+        e.remove("AZURE_FEDERATED_TOKEN_FILE");
+        e.insert("DATAVERSE_PROXY_MANAGED_IDENTITY".into(), "imds".into());
+        let cfg = Config::load(&Sources { env: e.clone(), ..Sources::default() }).expect("valid");
+        assert!(matches!(
+            cfg.orgs[0].credential.kind,
+            CredentialKind::ManagedIdentity(ManagedIdentity::Imds { .. })
+        ));
+        e.insert("DATAVERSE_PROXY_IMDS_ENDPOINT".into(), "http://10.1.2.3/token".into());
+        let err = Config::load(&Sources { env: e, ..Sources::default() }).expect_err("plain http off-host");
+        assert!(err.to_string().contains("credential.imds_endpoint"), "{err}");
+    }
+
+    #[test]
+    fn org_names_and_references_are_checked() {
+        let dir = std::env::temp_dir().join(format!("dvp-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "[[orgs]]\nname = \"api\"\nurl = \"https://a.crm.dynamics.com\"\ncredential = \"nope\"\n",
+        )
+        .expect("write");
+        let err = Config::load(&Sources { file: Some(path), ..Sources::default() }).expect_err("invalid");
+        let text = err.to_string();
+        assert!(text.contains("`orgs[0].name`"), "{text}");
+        assert!(text.contains("no credential named \"nope\""), "{text}");
+    }
 }
