@@ -6,26 +6,28 @@
 //! 2. sensitive headers: `Authorization`, `Proxy-Authorization` and `Cookie`
 //!    are marked so no trace or debug output ever prints them;
 //! 3. trace: one span per request with id, method and path (never the
-//!    query: it can carry personal data), one log line per response;
-//! 4. the forwarding handler, which takes every path (the path check
-//!    answers 404 outside `/api/data/v9.x/`).
+//!    query: it can carry personal data);
+//! 4. access log and metrics ([`crate::access`]): one line per request when
+//!    its answer's body ends;
+//! 5. the forwarding handler, which takes every path (routing and the path
+//!    check answer 404 outside `/[org/]api/data/v9.x/`).
 //!
-//! The admin router (`/livez`, `/readyz`) is served on its own listener.
+//! The admin router (`/livez`, `/readyz`, `/metrics`) is served on its own
+//! listener.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
-use tracing::Span;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::governor::Governor;
+use crate::metrics::{Metrics, RateLimitSeen};
 use crate::proxy::public::PublicUrl;
 use crate::proxy::{self, upstream::UpstreamClient};
 use crate::rewrite::Rewriter;
@@ -56,6 +59,12 @@ pub struct AppState {
     pub upstream: UpstreamConfig,
     /// How the proxy's public URL is found.
     pub public: Arc<PublicUrl>,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Set when shutdown begins: `/readyz` answers 503 from then on.
+    pub draining: Arc<AtomicBool>,
+    /// Log query strings (off by default: they can carry personal data).
+    pub log_query: bool,
 }
 
 /// One org and everything per org: its token, its governor, its rewriters.
@@ -71,6 +80,8 @@ pub struct OrgState {
     pub token: TokenProvider,
     /// The org's service-protection governor.
     pub governor: Governor,
+    /// Last rate-limit headers Dataverse sent.
+    pub ratelimit: RateLimitSeen,
     /// Rewriters by public base URL (usually one entry).
     links: Mutex<HashMap<String, Arc<Links>>>,
 }
@@ -177,6 +188,7 @@ impl AppState {
                 origin,
                 token,
                 governor: Governor::new(config.governor.clone()),
+                ratelimit: RateLimitSeen::default(),
                 links: Mutex::new(HashMap::new()),
             }));
         }
@@ -194,7 +206,20 @@ impl AppState {
                 trusted: config.trusted_proxies.clone(),
                 fallback_host: config.listen.to_string(),
             }),
+            metrics: Arc::new(Metrics::new()),
+            draining: Arc::new(AtomicBool::new(false)),
+            log_query: config.log.query,
         })
+    }
+
+    /// The distinct token providers.
+    pub fn providers(&self) -> &[TokenProvider] {
+        &self.providers
+    }
+
+    /// Marks the start of shutdown (readiness goes false).
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
     }
 
     /// The org a request is for: `/{name}/api/…` by name; `/api/…` by `Host`
@@ -233,8 +258,11 @@ impl AppState {
             .collect()
     }
 
-    /// True when every org holds a valid token.
+    /// True when every org holds a valid token and shutdown has not begun.
     pub async fn ready(&self) -> bool {
+        if self.draining.load(Ordering::SeqCst) {
+            return false;
+        }
         for p in self.providers.iter() {
             if !p.is_ready().await {
                 return false;
@@ -261,42 +289,26 @@ fn org_aliases(origin: &str) -> Vec<String> {
 
 /// The proxy router with all its layers.
 pub fn router(state: AppState) -> Router {
-    let trace = TraceLayer::new_for_http()
-        .make_span_with(|req: &Request| {
-            let id = req
-                .headers()
-                .get(&REQUEST_ID)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            tracing::info_span!(
-                "request",
-                request.id = %id,
-                method = %req.method(),
-                path = %req.uri().path(),
-            )
-        })
-        .on_request(())
-        .on_response(|resp: &Response, latency: Duration, _span: &Span| {
-            let proxy_error = resp
-                .headers()
-                .get(crate::error::PROXY_ERROR_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            tracing::info!(
-                status = resp.status().as_u16(),
-                duration_ms = latency.as_millis() as u64,
-                proxy_error,
-                "response"
-            );
-        })
-        .on_failure(
-            |failure: tower_http::classify::ServerErrorsFailureClass, latency: Duration, _span: &Span| {
-                tracing::warn!(%failure, duration_ms = latency.as_millis() as u64, "request failed");
-            },
-        );
+    let trace = TraceLayer::new_for_http().make_span_with(|req: &Request| {
+        let id = req
+            .headers()
+            .get(&REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        tracing::info_span!(
+            "request",
+            request.id = %id,
+            method = %req.method(),
+            path = %req.uri().path(),
+        )
+    });
 
     Router::new()
         .fallback(proxy::forward)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::access::log_and_measure,
+        ))
         .with_state(state)
         .layer(
             ServiceBuilder::new()
@@ -317,7 +329,19 @@ pub fn admin_router(state: AppState) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let body = state.metrics.render(&state).await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {

@@ -172,6 +172,22 @@ async fn shutdown_signal(token: CancellationToken) {
     token.cancel();
 }
 
+/// Notifies `reload` on every SIGHUP.
+async fn reload_signal(reload: std::sync::Arc<tokio::sync::Notify>) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            reload.notify_one();
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = reload;
+}
+
 async fn bind(config: &Config) -> Result<(TcpListener, TcpListener), ExitCode> {
     let proxy = TcpListener::bind(config.listen).await;
     let admin = TcpListener::bind(config.admin_listen).await;
@@ -211,9 +227,10 @@ async fn serve(config: Config) -> ExitCode {
         orgs = %orgs.join(","),
         "dataverse-proxy listening"
     );
-    let shutdown = CancellationToken::new();
-    tokio::spawn(shutdown_signal(shutdown.clone()));
-    match crate::serve(config, proxy, admin, shutdown).await {
+    let control = crate::Control::default();
+    tokio::spawn(shutdown_signal(control.shutdown.clone()));
+    tokio::spawn(reload_signal(control.reload.clone()));
+    match crate::serve_with(config, proxy, admin, control).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "server failed");

@@ -108,6 +108,8 @@ pub struct Config {
     pub governor: GovernorConfig,
     /// Log output settings.
     pub log: LogConfig,
+    /// Shutdown settings.
+    pub shutdown: ShutdownConfig,
 }
 
 /// One Dataverse organisation.
@@ -299,6 +301,19 @@ pub struct TokenConfig {
 pub struct LogConfig {
     /// Line format.
     pub format: LogFormat,
+    /// Log query strings in request lines (they can carry personal data).
+    pub query: bool,
+}
+
+/// Shutdown settings.
+#[derive(Debug, Clone)]
+pub struct ShutdownConfig {
+    /// After SIGTERM, how long `/readyz` answers 503 while the listener still
+    /// accepts (lets load balancers stop sending first).
+    pub delay: Duration,
+    /// How long in-flight requests may finish after the listener closes;
+    /// the rest are then aborted.
+    pub grace: Duration,
 }
 
 /// Log line format.
@@ -330,6 +345,7 @@ pub struct RawConfig {
     token: RawToken,
     governor: RawGovernor,
     log: RawLog,
+    shutdown: RawShutdown,
 }
 
 #[derive(Deserialize, Default)]
@@ -418,6 +434,15 @@ struct RawToken {
 #[serde(deny_unknown_fields, default)]
 struct RawLog {
     format: Option<String>,
+    #[serde(deserialize_with = "lenient_bool")]
+    query: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawShutdown {
+    delay: Option<String>,
+    grace: Option<String>,
 }
 
 /// A number given as a number (TOML) or as a numeric string (environment
@@ -947,6 +972,18 @@ impl RawConfig {
             );
         }
 
+        let shutdown = ShutdownConfig {
+            delay: p.duration(
+                "shutdown.delay",
+                self.shutdown.delay.as_deref(),
+                Duration::ZERO,
+            ),
+            grace: p.duration(
+                "shutdown.grace",
+                self.shutdown.grace.as_deref(),
+                Duration::from_secs(30),
+            ),
+        };
         let format = match self.log.format.as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
@@ -970,7 +1007,11 @@ impl RawConfig {
                 upstream,
                 token,
                 governor,
-                log: LogConfig { format },
+                log: LogConfig {
+                    format,
+                    query: self.log.query.unwrap_or(false),
+                },
+                shutdown,
             }),
             _ => Err(ConfigError { problems: p.list }),
         }
@@ -1683,14 +1724,21 @@ mod tests {
 
     #[test]
     fn the_shipped_multi_org_example_parses_when_uncommented() {
-        let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))
-            .expect("config.toml");
+        let text =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml"))
+                .expect("config.toml");
         let start = text.find("# --- multi-org example").expect("example start");
-        let end = text.find("# --- end of multi-org example").expect("example end");
+        let end = text
+            .find("# --- end of multi-org example")
+            .expect("example end");
         let block: String = text[start..end]
             .lines()
             .skip(1)
-            .map(|l| l.strip_prefix("# ").or_else(|| l.strip_prefix('#')).unwrap_or(l))
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .or_else(|| l.strip_prefix('#'))
+                    .unwrap_or(l)
+            })
             .collect::<Vec<_>>()
             .join("\n");
         let full = format!("{}{block}\n{}", &text[..start], &text[end..]);
@@ -1709,8 +1757,14 @@ mod tests {
         assert_eq!(cfg.orgs.len(), 2);
         assert!(cfg.orgs[0].default && !cfg.orgs[1].default);
         assert_eq!(cfg.orgs[1].name, "fabrikam");
-        assert_eq!(cfg.orgs[1].hosts, ["fabrikam-dataverse.internal.example.com"]);
-        assert!(matches!(cfg.orgs[1].credential.kind, CredentialKind::Federated { .. }));
+        assert_eq!(
+            cfg.orgs[1].hosts,
+            ["fabrikam-dataverse.internal.example.com"]
+        );
+        assert!(matches!(
+            cfg.orgs[1].credential.kind,
+            CredentialKind::Federated { .. }
+        ));
     }
 
     #[test]
@@ -1719,7 +1773,11 @@ mod tests {
         e.remove("AZURE_CLIENT_SECRET");
         e.insert("AZURE_FEDERATED_TOKEN_FILE".into(), "/tmp/t".into());
         e.insert("DATAVERSE_PROXY_CLOUD".into(), "usgovernment".into());
-        let cfg = Config::load(&Sources { env: e.clone(), ..Sources::default() }).expect("valid");
+        let cfg = Config::load(&Sources {
+            env: e.clone(),
+            ..Sources::default()
+        })
+        .expect("valid");
         let c = &cfg.orgs[0].credential;
         assert!(matches!(c.kind, CredentialKind::Federated { .. }));
         assert_eq!(
@@ -1728,14 +1786,28 @@ mod tests {
         );
         e.remove("AZURE_FEDERATED_TOKEN_FILE");
         e.insert("DATAVERSE_PROXY_MANAGED_IDENTITY".into(), "imds".into());
-        let cfg = Config::load(&Sources { env: e.clone(), ..Sources::default() }).expect("valid");
+        let cfg = Config::load(&Sources {
+            env: e.clone(),
+            ..Sources::default()
+        })
+        .expect("valid");
         assert!(matches!(
             cfg.orgs[0].credential.kind,
             CredentialKind::ManagedIdentity(ManagedIdentity::Imds { .. })
         ));
-        e.insert("DATAVERSE_PROXY_IMDS_ENDPOINT".into(), "http://10.1.2.3/token".into());
-        let err = Config::load(&Sources { env: e, ..Sources::default() }).expect_err("plain http off-host");
-        assert!(err.to_string().contains("credential.imds_endpoint"), "{err}");
+        e.insert(
+            "DATAVERSE_PROXY_IMDS_ENDPOINT".into(),
+            "http://10.1.2.3/token".into(),
+        );
+        let err = Config::load(&Sources {
+            env: e,
+            ..Sources::default()
+        })
+        .expect_err("plain http off-host");
+        assert!(
+            err.to_string().contains("credential.imds_endpoint"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1748,7 +1820,11 @@ mod tests {
             "[[orgs]]\nname = \"api\"\nurl = \"https://a.crm.dynamics.com\"\ncredential = \"nope\"\n",
         )
         .expect("write");
-        let err = Config::load(&Sources { file: Some(path), ..Sources::default() }).expect_err("invalid");
+        let err = Config::load(&Sources {
+            file: Some(path),
+            ..Sources::default()
+        })
+        .expect_err("invalid");
         let text = err.to_string();
         assert!(text.contains("`orgs[0].name`"), "{text}");
         assert!(text.contains("no credential named \"nope\""), "{text}");

@@ -126,6 +126,9 @@ impl IntoResponse for ProxyError {
             "error": { "code": self.code(), "message": self.message() }
         });
         let mut resp = (self.status(), axum::Json(body)).into_response();
+        // Logged once, by the access log, not here.
+        resp.extensions_mut()
+            .insert(crate::access::ErrorMessage(self.message()));
         let h = resp.headers_mut();
         h.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(self.code()));
         if let Some(after) = self.retry_after() {

@@ -13,6 +13,8 @@
 //! - [`error`]: [`error::ProxyError`], its status table and its OData-shaped
 //!   JSON body; the one place proxy errors become responses.
 //! - [`app`]: shared state and the routers with all their layers, in order.
+//! - [`access`]: the per-request log line and request metrics.
+//! - [`metrics`]: the Prometheus registry behind the admin `/metrics`.
 //! - [`token`]: the client-credentials request, the moka token cache,
 //!   single-flight fetches and the background refresher.
 //! - [`proxy`]: the forwarding handler, header policy, path check and the
@@ -28,18 +30,23 @@
 //! The library never binds sockets itself: [`serve`] takes bound listeners
 //! and a shutdown token, so tests run everything on ephemeral ports.
 
+pub mod access;
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod governor;
+pub mod metrics;
 pub mod proxy;
 pub mod rewrite;
 pub mod sim;
 pub mod token;
 
+use std::sync::Arc;
+
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Installs rustls' ring crypto provider as the process default (idempotent).
@@ -50,7 +57,7 @@ pub fn install_crypto_provider() {
 
 /// Runs the proxy and admin listeners until `shutdown` is cancelled.
 ///
-/// The token refresher starts at once, so the first token is fetched at
+/// The token refreshers start at once, so the first tokens are fetched at
 /// startup rather than by the first request.
 pub async fn serve(
     config: config::Config,
@@ -58,24 +65,108 @@ pub async fn serve(
     admin: TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_with(
+        config,
+        proxy,
+        admin,
+        Control {
+            shutdown,
+            reload: Arc::default(),
+        },
+    )
+    .await
+}
+
+/// How the binary steers a running proxy (signals, in `cli.rs`).
+#[derive(Debug, Clone, Default)]
+pub struct Control {
+    /// Cancelled to shut down gracefully (SIGTERM, SIGINT).
+    pub shutdown: CancellationToken,
+    /// Notified to re-read credential files now (SIGHUP).
+    pub reload: Arc<Notify>,
+}
+
+/// [`serve`] with a reload trigger.
+///
+/// Shutdown sequence: `/readyz` turns 503 at once; after `shutdown.delay`
+/// the proxy listener closes (new connections are refused) and idle
+/// keep-alive connections are closed; in-flight requests (long downloads
+/// included) get `shutdown.grace` to finish, then the rest are aborted; the
+/// admin listener closes last.
+pub async fn serve_with(
+    config: config::Config,
+    proxy: TcpListener,
+    admin: TcpListener,
+    control: Control,
+) -> std::io::Result<()> {
     let state = app::AppState::new(&config)?;
-    let refreshers = state.spawn_refreshers(&shutdown);
+    let refreshers = state.spawn_refreshers(&control.shutdown);
+    let reloader = tokio::spawn(reload_on(state.clone(), control.reload.clone()));
 
     let proxy = proxy.tap_io(|tcp| {
         // Small OData responses should not wait for Nagle.
         let _ = tcp.set_nodelay(true);
     });
+    let delay = config.shutdown.delay;
+    let grace = config.shutdown.grace;
+    let stop_accepting = {
+        let (shutdown, state) = (control.shutdown.clone(), state.clone());
+        async move {
+            shutdown.cancelled().await;
+            state.set_draining();
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                "shutting down: readiness is now false"
+            );
+            tokio::time::sleep(delay).await;
+            tracing::info!(
+                grace_ms = grace.as_millis() as u64,
+                "listener closed; draining in-flight requests"
+            );
+        }
+    };
     let proxy_server = axum::serve(
         proxy,
         app::router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let admin_server = axum::serve(admin, app::admin_router(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    .with_graceful_shutdown(stop_accepting);
+    let admin_stop = CancellationToken::new();
+    let admin_server = tokio::spawn(
+        axum::serve(admin, app::admin_router(state.clone()))
+            .with_graceful_shutdown(admin_stop.clone().cancelled_owned())
+            .into_future(),
+    );
 
-    let result = tokio::try_join!(proxy_server.into_future(), admin_server.into_future());
+    let deadline = async {
+        control.shutdown.cancelled().await;
+        tokio::time::sleep(delay + grace).await;
+    };
+    let result = tokio::select! {
+        r = proxy_server.into_future() => r,
+        () = deadline => {
+            tracing::warn!("grace period over: aborting the requests still in flight");
+            Ok(())
+        }
+    };
+    admin_stop.cancel();
+    let _ = admin_server.await;
+    reloader.abort();
     for r in refreshers {
         r.abort();
     }
-    result.map(|_| ())
+    result
+}
+
+/// Fetches new tokens for every credential whenever `reload` is notified
+/// (credential files are re-read at each fetch).
+async fn reload_on(state: app::AppState, reload: Arc<Notify>) {
+    loop {
+        reload.notified().await;
+        tracing::info!("reload: fetching new tokens with the current credential files");
+        for provider in state.providers() {
+            if let Err(e) = provider.refresh_now().await {
+                tracing::warn!(credential = provider.credential_name(), error = %e, "reload: token fetch failed; the current token stays");
+            }
+        }
+    }
 }

@@ -32,10 +32,11 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri, Version, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::access::RequestInfo;
 use crate::app::AppState;
 use crate::error::ProxyError;
 use crate::rewrite::{RewriteBody, Rewriter};
@@ -49,8 +50,23 @@ static LINK_HEADERS: [HeaderName; 3] = [
     header::CONTENT_LOCATION,
 ];
 
-/// Forwards one request to the org and streams the answer back.
-pub async fn forward(State(state): State<AppState>, req: Request) -> Result<Response, ProxyError> {
+/// Forwards one request to the org and streams the answer back; tells the
+/// access log what happened, whatever the outcome.
+pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
+    let mut info = RequestInfo::default();
+    let mut resp = match forward_inner(&state, req, &mut info).await {
+        Ok(resp) => resp,
+        Err(e) => e.into_response(),
+    };
+    resp.extensions_mut().insert(info);
+    resp
+}
+
+async fn forward_inner(
+    state: &AppState,
+    req: Request,
+    info: &mut RequestInfo,
+) -> Result<Response, ProxyError> {
     let arrived = Instant::now();
     let (parts, body) = req.into_parts();
     let host = parts
@@ -59,6 +75,7 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Result<Resp
         .and_then(|v| v.to_str().ok());
     let routed = state.route(parts.uri.path(), host)?;
     let org = routed.org.clone();
+    info.org = Some(org.name.as_str().into());
     let prefix_len = routed.prefix_len;
     path::check(&parts.uri.path()[prefix_len..])?;
     let peer = parts
@@ -109,7 +126,11 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Result<Resp
         *req.headers_mut() = headers.clone();
         req.headers_mut()
             .insert(header::AUTHORIZATION, token.header());
-        let resp = send(&state, req).await?;
+        let sent = Instant::now();
+        let resp = send(state, req).await?;
+        let waited = sent.elapsed();
+        info.upstream = Some(waited);
+        state.metrics.upstream(&org.name, waited);
         match resp.status() {
             StatusCode::UNAUTHORIZED if !refreshed => {
                 // Revoked or rotated: drop this token (not a newer one),
@@ -144,6 +165,12 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Result<Resp
     };
 
     let (mut parts, body) = resp.into_parts();
+    org.ratelimit.record(&parts.headers);
+    info.dataverse_request_id = parts
+        .headers
+        .get("x-ms-service-request-id")
+        .or_else(|| parts.headers.get("req_id"))
+        .cloned();
     headers::to_caller(&mut parts.headers);
     if let Some(hint) = parts
         .headers

@@ -182,6 +182,64 @@ struct Inner {
     cache: Cache<TokenKey, Arc<AccessToken>>,
     /// Guarded by a std mutex: held only for short, non-async sections.
     failure: Mutex<Option<Failure>>,
+    /// Fetch counts for the metrics.
+    stats: TokenStats,
+    /// A token was fetched at least once.
+    fetched_once: std::sync::atomic::AtomicBool,
+    /// The last token was dropped after a 401.
+    invalidated: std::sync::atomic::AtomicBool,
+}
+
+/// Why a token was fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchReason {
+    /// The first token.
+    Startup,
+    /// Ahead of expiry, in the background.
+    Refresh,
+    /// The last one stopped being served before a new one arrived.
+    Expired,
+    /// Dataverse refused the last one (401).
+    Invalidated,
+    /// An operator asked (SIGHUP), or a command (`check`, `token`).
+    Manual,
+}
+
+const REASONS: [(FetchReason, &str); 5] = [
+    (FetchReason::Startup, "startup"),
+    (FetchReason::Refresh, "refresh"),
+    (FetchReason::Expired, "expired"),
+    (FetchReason::Invalidated, "invalidated"),
+    (FetchReason::Manual, "manual"),
+];
+
+/// Token fetches by reason and result.
+#[derive(Debug, Default)]
+pub struct TokenStats {
+    ok: [std::sync::atomic::AtomicU64; 5],
+    error: [std::sync::atomic::AtomicU64; 5],
+}
+
+impl TokenStats {
+    fn record(&self, reason: FetchReason, ok: bool) {
+        let i = REASONS.iter().position(|(r, _)| *r == reason).unwrap_or(0);
+        let slot = if ok { &self.ok[i] } else { &self.error[i] };
+        slot.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `(result, reason, count)` for every combination seen.
+    pub fn snapshot(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let mut out = Vec::new();
+        for (i, (_, name)) in REASONS.iter().enumerate() {
+            for (result, slot) in [("ok", &self.ok[i]), ("error", &self.error[i])] {
+                let n = slot.load(std::sync::atomic::Ordering::Relaxed);
+                if n > 0 {
+                    out.push((result, *name, n));
+                }
+            }
+        }
+        out
+    }
 }
 
 impl fmt::Debug for TokenProvider {
@@ -217,6 +275,9 @@ impl TokenProvider {
                 http,
                 cache,
                 failure: Mutex::new(None),
+                stats: TokenStats::default(),
+                fetched_once: std::sync::atomic::AtomicBool::new(false),
+                invalidated: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -224,6 +285,43 @@ impl TokenProvider {
     /// The cache key of this provider's token.
     pub fn key(&self) -> &TokenKey {
         &self.inner.key
+    }
+
+    /// The credential's name (for logs and metrics).
+    pub fn credential_name(&self) -> &str {
+        &self.inner.credential.name
+    }
+
+    /// Fetch counters.
+    pub fn stats(&self) -> &TokenStats {
+        &self.inner.stats
+    }
+
+    /// How long the cached token is still served, if there is one.
+    pub async fn expires_in(&self) -> Option<Duration> {
+        let token = self.inner.cache.get(&self.inner.key).await?;
+        Some(token.serve_until.saturating_duration_since(Instant::now()))
+    }
+
+    /// Fetches a new token now and caches it (SIGHUP: credential files are
+    /// re-read, so a rotated secret or certificate is used at once). The
+    /// current token stays if the fetch fails.
+    pub async fn refresh_now(&self) -> Result<(), TokenError> {
+        let fresh = self.fetch(FetchReason::Manual).await?;
+        self.inner.cache.insert(self.inner.key.clone(), fresh).await;
+        Ok(())
+    }
+
+    /// Why a fetch on an empty cache happens.
+    fn miss_reason(&self) -> FetchReason {
+        use std::sync::atomic::Ordering;
+        if self.inner.invalidated.swap(false, Ordering::Relaxed) {
+            FetchReason::Invalidated
+        } else if self.inner.fetched_once.load(Ordering::Relaxed) {
+            FetchReason::Expired
+        } else {
+            FetchReason::Startup
+        }
     }
 
     /// A token to inject, or `TokenUnavailable` (503) when none can be had now.
@@ -237,7 +335,7 @@ impl TokenProvider {
         }
         inner
             .cache
-            .try_get_with(inner.key.clone(), self.fetch())
+            .try_get_with(inner.key.clone(), self.fetch(self.miss_reason()))
             .await
             .map_err(|e| ProxyError::TokenUnavailable {
                 reason: e.to_string(),
@@ -247,7 +345,7 @@ impl TokenProvider {
 
     /// Fetches a token now, bypassing the cache (for `check` and `token`).
     pub async fn fetch_uncached(&self) -> Result<Arc<AccessToken>, TokenError> {
-        self.fetch().await
+        self.fetch(FetchReason::Manual).await
     }
 
     /// Drops `stale` from the cache (Dataverse refused it with 401), unless a
@@ -267,6 +365,9 @@ impl TokenProvider {
                 std::future::ready(op)
             })
             .await;
+        self.inner
+            .invalidated
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!("Dataverse refused the token (401); fetching a new one");
     }
 
@@ -302,15 +403,19 @@ impl TokenProvider {
     }
 
     /// One token request; records success or failure for the backoff gate.
-    async fn fetch(&self) -> Result<Arc<AccessToken>, TokenError> {
+    async fn fetch(&self, reason: FetchReason) -> Result<Arc<AccessToken>, TokenError> {
         let inner = &self.inner;
         let started = Instant::now();
         let result = client::request_token(&inner.http, &inner.credential, &inner.target)
             .await
             .and_then(|resp| AccessToken::new(resp, started));
+        inner.stats.record(reason, result.is_ok());
         let mut failure = self.lock_failure();
         match result {
             Ok(token) => {
+                inner
+                    .fetched_once
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 if let Some(f) = failure.take() {
                     tracing::info!(
                         failed_attempts = f.attempts,
@@ -384,7 +489,7 @@ impl TokenProvider {
             Some(token) if Instant::now() < token.refresh_at => {}
             Some(_) => {
                 // The current token stays cached (and served) if this fails.
-                if let Ok(fresh) = self.fetch().await {
+                if let Ok(fresh) = self.fetch(FetchReason::Refresh).await {
                     inner.cache.insert(inner.key.clone(), fresh).await;
                 }
             }
@@ -392,7 +497,7 @@ impl TokenProvider {
                 // Shares the fetch with any request waiting on a cold cache.
                 let _ = inner
                     .cache
-                    .try_get_with(inner.key.clone(), self.fetch())
+                    .try_get_with(inner.key.clone(), self.fetch(self.miss_reason()))
                     .await;
             }
         }

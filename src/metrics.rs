@@ -1,0 +1,445 @@
+//! Prometheus metrics (OpenMetrics text on the admin listener's `/metrics`).
+//!
+//! Labels are low-cardinality on purpose: org name, normalised method,
+//! status class, who made the answer (`proxy` or `dataverse`) and the caller
+//! name (API-key callers; `-` otherwise). Paths and queries are never labels.
+//!
+//! Request metrics are recorded as requests finish. Governor, token and
+//! rate-limit figures live in atomics next to what they describe and are
+//! copied into the registry at scrape time, so the hot path pays only for
+//! the request counters. Each [`Metrics`] is its own registry (no global
+//! recorder), so several proxies in one process (tests) do not mix.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::app::AppState;
+
+/// Labels of a finished request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Org name, `-` when the request never reached one.
+    pub org: String,
+    /// `GET`, `POST`, `PATCH`, `PUT`, `DELETE`, `HEAD`, `OPTIONS` or `OTHER`.
+    pub method: &'static str,
+    /// `2xx` … `5xx`.
+    pub status: &'static str,
+    /// `proxy` when the proxy made the answer, `dataverse` otherwise.
+    pub source: &'static str,
+    /// Caller name, `-` when callers are not identified.
+    pub caller: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OrgLabel {
+    org: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OrgMethod {
+    org: String,
+    method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    credential: String,
+    result: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenOrg {
+    org: String,
+    credential: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// Last `x-ms-ratelimit-*` values Dataverse sent for an org.
+#[derive(Debug, Default)]
+pub struct RateLimitSeen {
+    /// `x-ms-ratelimit-burst-remaining-xrm-requests`.
+    pub burst_remaining: AtomicU64,
+    /// `x-ms-ratelimit-time-remaining-xrm-requests`, in milliseconds.
+    pub time_remaining_ms: AtomicU64,
+    /// Whether any value was seen.
+    pub seen: AtomicU64,
+}
+
+impl RateLimitSeen {
+    /// Records the headers of a Dataverse answer, if present.
+    pub fn record(&self, headers: &http::HeaderMap) {
+        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        if let Some(n) =
+            get("x-ms-ratelimit-burst-remaining-xrm-requests").and_then(|v| v.trim().parse().ok())
+        {
+            self.burst_remaining.store(n, Ordering::Relaxed);
+            self.seen.store(1, Ordering::Relaxed);
+        }
+        // Seen as "1,199.83" (seconds with a thousands separator).
+        if let Some(secs) = get("x-ms-ratelimit-time-remaining-xrm-requests")
+            .and_then(|v| v.replace(',', "").trim().parse::<f64>().ok())
+        {
+            self.time_remaining_ms
+                .store((secs * 1000.0) as u64, Ordering::Relaxed);
+            self.seen.store(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The proxy's metrics registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<OrgMethod, Histogram>,
+    upstream_duration: Family<OrgLabel, Histogram>,
+    bytes_in: Family<OrgLabel, Counter>,
+    bytes_out: Family<OrgLabel, Counter>,
+    in_flight: Gauge,
+    governor_in_flight: Family<OrgLabel, Gauge>,
+    governor_queued: Family<OrgLabel, Gauge>,
+    governor_waits: Family<OrgLabel, Counter>,
+    governor_throttled: Family<OrgLabel, Counter>,
+    governor_retries: Family<OrgLabel, Counter>,
+    governor_rejected: Family<OrgLabel, Counter>,
+    dop_hint: Family<OrgLabel, Gauge>,
+    ratelimit_burst: Family<OrgLabel, Gauge>,
+    ratelimit_time: Family<OrgLabel, Gauge<f64, AtomicU64>>,
+    token_fetches: Family<TokenLabels, Counter>,
+    token_expiry: Family<TokenOrg, Gauge<f64, AtomicU64>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn histogram() -> Histogram {
+    // 1 ms … ~33 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// `GET` etc., or `OTHER` (keeps label values bounded).
+pub fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PATCH => "PATCH",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+/// `2xx` … `5xx`.
+pub fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every metric registered.
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("dataverse_proxy");
+        let requests = Family::<RequestLabels, Counter>::default();
+        r.register(
+            "requests",
+            "Requests answered, by org, method, status class, source and caller",
+            requests.clone(),
+        );
+        let duration = Family::<OrgMethod, Histogram>::new_with_constructor(histogram);
+        r.register(
+            "request_duration_seconds",
+            "Time from request to the end of the answer's body",
+            duration.clone(),
+        );
+        let upstream_duration = Family::<OrgLabel, Histogram>::new_with_constructor(histogram);
+        r.register(
+            "upstream_duration_seconds",
+            "Time from sending to Dataverse until its response headers",
+            upstream_duration.clone(),
+        );
+        let bytes_in = Family::<OrgLabel, Counter>::default();
+        r.register(
+            "request_bytes",
+            "Request body bytes received from callers",
+            bytes_in.clone(),
+        );
+        let bytes_out = Family::<OrgLabel, Counter>::default();
+        r.register(
+            "response_bytes",
+            "Response body bytes sent to callers",
+            bytes_out.clone(),
+        );
+        let in_flight = Gauge::default();
+        r.register(
+            "in_flight_requests",
+            "Requests being served now",
+            in_flight.clone(),
+        );
+        let governor_in_flight = Family::<OrgLabel, Gauge>::default();
+        r.register(
+            "governor_in_flight",
+            "Requests holding a governor slot towards the org",
+            governor_in_flight.clone(),
+        );
+        let governor_queued = Family::<OrgLabel, Gauge>::default();
+        r.register(
+            "governor_queued",
+            "Callers waiting for a slot or for the 429 gate",
+            governor_queued.clone(),
+        );
+        let governor_waits = Family::<OrgLabel, Counter>::default();
+        r.register(
+            "governor_waits",
+            "Callers that had to wait for a slot or the gate",
+            governor_waits.clone(),
+        );
+        let governor_throttled = Family::<OrgLabel, Counter>::default();
+        r.register(
+            "governor_throttled",
+            "429 answers received from Dataverse",
+            governor_throttled.clone(),
+        );
+        let governor_retries = Family::<OrgLabel, Counter>::default();
+        r.register(
+            "governor_retries",
+            "Throttled requests replayed after the pause",
+            governor_retries.clone(),
+        );
+        let governor_rejected = Family::<OrgLabel, Counter>::default();
+        r.register(
+            "governor_rejected",
+            "Callers turned away with a proxy 429 (queue full or timeout)",
+            governor_rejected.clone(),
+        );
+        let dop_hint = Family::<OrgLabel, Gauge>::default();
+        r.register(
+            "dataverse_dop_hint",
+            "Last x-ms-dop-hint (recommended parallelism) from Dataverse",
+            dop_hint.clone(),
+        );
+        let ratelimit_burst = Family::<OrgLabel, Gauge>::default();
+        r.register(
+            "dataverse_ratelimit_burst_remaining",
+            "Last x-ms-ratelimit-burst-remaining-xrm-requests",
+            ratelimit_burst.clone(),
+        );
+        let ratelimit_time = Family::<OrgLabel, Gauge<f64, AtomicU64>>::default();
+        r.register(
+            "dataverse_ratelimit_time_remaining_seconds",
+            "Last x-ms-ratelimit-time-remaining-xrm-requests",
+            ratelimit_time.clone(),
+        );
+        let token_fetches = Family::<TokenLabels, Counter>::default();
+        r.register(
+            "token_fetches",
+            "Token requests to Entra ID, by credential, result and reason",
+            token_fetches.clone(),
+        );
+        let token_expiry = Family::<TokenOrg, Gauge<f64, AtomicU64>>::default();
+        r.register(
+            "token_expiry_seconds",
+            "Seconds until the org's cached token stops being served (0: none)",
+            token_expiry.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        r.register("build_info", "Build information", build);
+        Self {
+            registry: r,
+            requests,
+            duration,
+            upstream_duration,
+            bytes_in,
+            bytes_out,
+            in_flight,
+            governor_in_flight,
+            governor_queued,
+            governor_waits,
+            governor_throttled,
+            governor_retries,
+            governor_rejected,
+            dop_hint,
+            ratelimit_burst,
+            ratelimit_time,
+            token_fetches,
+            token_expiry,
+        }
+    }
+
+    /// The gauge of requests being served.
+    pub fn in_flight(&self) -> &Gauge {
+        &self.in_flight
+    }
+
+    /// Records a finished request.
+    pub fn finished(
+        &self,
+        labels: &RequestLabels,
+        duration: Duration,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) {
+        self.requests.get_or_create(labels).inc();
+        let org = OrgLabel {
+            org: labels.org.clone(),
+        };
+        self.duration
+            .get_or_create(&OrgMethod {
+                org: labels.org.clone(),
+                method: labels.method,
+            })
+            .observe(duration.as_secs_f64());
+        if bytes_in > 0 {
+            self.bytes_in.get_or_create(&org).inc_by(bytes_in);
+        }
+        self.bytes_out.get_or_create(&org).inc_by(bytes_out);
+    }
+
+    /// Records the time Dataverse took to send response headers.
+    pub fn upstream(&self, org: &str, duration: Duration) {
+        self.upstream_duration
+            .get_or_create(&OrgLabel {
+                org: org.to_owned(),
+            })
+            .observe(duration.as_secs_f64());
+    }
+
+    /// Renders the registry, after copying the scrape-time figures in.
+    pub async fn render(&self, state: &AppState) -> String {
+        for org in state.orgs.iter() {
+            let l = OrgLabel {
+                org: org.name.clone(),
+            };
+            let g = org.governor.stats();
+            let load = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as i64;
+            self.governor_in_flight
+                .get_or_create(&l)
+                .set(load(&g.in_flight));
+            self.governor_queued.get_or_create(&l).set(load(&g.queued));
+            self.dop_hint.get_or_create(&l).set(load(&g.dop_hint));
+            sync_counter(
+                &self.governor_waits.get_or_create(&l),
+                g.waits.load(Ordering::Relaxed),
+            );
+            sync_counter(
+                &self.governor_throttled.get_or_create(&l),
+                g.throttled.load(Ordering::Relaxed),
+            );
+            sync_counter(
+                &self.governor_retries.get_or_create(&l),
+                g.retries.load(Ordering::Relaxed),
+            );
+            sync_counter(
+                &self.governor_rejected.get_or_create(&l),
+                g.rejected.load(Ordering::Relaxed),
+            );
+            if org.ratelimit.seen.load(Ordering::Relaxed) == 1 {
+                self.ratelimit_burst
+                    .get_or_create(&l)
+                    .set(org.ratelimit.burst_remaining.load(Ordering::Relaxed) as i64);
+                self.ratelimit_time
+                    .get_or_create(&l)
+                    .set(org.ratelimit.time_remaining_ms.load(Ordering::Relaxed) as f64 / 1000.0);
+            }
+            let credential = org.token.credential_name().to_owned();
+            let left = org
+                .token
+                .expires_in()
+                .await
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.token_expiry
+                .get_or_create(&TokenOrg {
+                    org: org.name.clone(),
+                    credential,
+                })
+                .set(left);
+        }
+        for provider in state.providers() {
+            for (result, reason, count) in provider.stats().snapshot() {
+                let c = self.token_fetches.get_or_create(&TokenLabels {
+                    credential: provider.credential_name().to_owned(),
+                    result,
+                    reason,
+                });
+                sync_counter(&c, count);
+            }
+        }
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Raises a counter to `value` (counters mirrored from atomics only grow).
+fn sync_counter(c: &Counter, value: u64) {
+    let current = c.get();
+    if value > current {
+        c.inc_by(value - current);
+    }
+}
+
+/// Shared handle.
+pub type SharedMetrics = Arc<Metrics>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratelimit_headers_parse() {
+        let r = RateLimitSeen::default();
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            "x-ms-ratelimit-burst-remaining-xrm-requests",
+            http::HeaderValue::from_static("5999"),
+        );
+        h.insert(
+            "x-ms-ratelimit-time-remaining-xrm-requests",
+            http::HeaderValue::from_static("1,199.83"),
+        );
+        r.record(&h);
+        assert_eq!(r.burst_remaining.load(Ordering::Relaxed), 5999);
+        assert_eq!(r.time_remaining_ms.load(Ordering::Relaxed), 1_199_830);
+    }
+
+    #[test]
+    fn labels_stay_bounded() {
+        assert_eq!(
+            method_label(&http::Method::from_bytes(b"PROPFIND").expect("m")),
+            "OTHER"
+        );
+        assert_eq!(status_class(http::StatusCode::IM_A_TEAPOT), "4xx");
+    }
+}
