@@ -68,6 +68,8 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("DATAVERSE_PROXY_ADMIN_LISTEN", "admin_listen"),
     ("DATAVERSE_PROXY_PUBLIC_URL", "public_url"),
     ("DATAVERSE_PROXY_TRUSTED_PROXIES", "trusted_proxies"),
+    ("DATAVERSE_PROXY_MAX_CONCURRENCY", "governor.max_concurrency"),
+    ("DATAVERSE_PROXY_SHUTDOWN_GRACE", "shutdown.grace"),
     ("DATAVERSE_PROXY_LOG_FORMAT", "log.format"),
 ];
 

@@ -8,6 +8,7 @@ mod forward;
 mod governor;
 mod harness;
 mod links;
+mod operations;
 mod sim;
 mod streaming;
 mod token;

@@ -1,0 +1,157 @@
+//! Operations: metrics move, readiness follows tokens and drain, SIGTERM
+//! drains a long download, request ids and access-log fields.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use dataverse_proxy::sim::{DataverseFault, Sim, SimConfig};
+use sha2::{Digest, Sha256};
+
+use crate::harness::{Harness, Setup, client};
+
+async fn metrics(h: &Harness) -> String {
+    h.client
+        .get(format!("{}/metrics", h.admin))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
+/// The value of the first sample whose line starts with `prefix`.
+fn sample(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_move_for_requests_token_fetches_429s_and_waits() {
+    let h = Harness::with(
+        Setup::default()
+            .set("governor.max_concurrency", "1")
+            .set("governor.max_retries", "0"),
+    )
+    .await;
+    h.wait_ready().await;
+    let before = metrics(&h).await;
+    assert!(before.contains("dataverse_proxy_build_info{version=\""), "{before}");
+    assert_eq!(
+        sample(&before, "dataverse_proxy_token_fetches_total{credential=\"default\",result=\"ok\",reason=\"startup\"}"),
+        1.0,
+        "{before}"
+    );
+
+    assert_eq!(h.get("/WhoAmI").await.status(), 200);
+    h.sim.inject_dataverse_fault(DataverseFault { status: 429, retry_after: Some(1), count: 1 });
+    assert_eq!(h.get("/WhoAmI").await.status(), 429);
+    // While the gate is closed, the next caller waits.
+    assert_eq!(h.get("/WhoAmI").await.status(), 200);
+    let after = metrics(&h).await;
+    let ok = "dataverse_proxy_requests_total{org=\"default\",method=\"GET\",status=\"2xx\",source=\"dataverse\",caller=\"-\"}";
+    assert_eq!(sample(&after, ok), 2.0, "{after}");
+    assert_eq!(sample(&after, "dataverse_proxy_governor_throttled_total{org=\"default\"}"), 1.0, "{after}");
+    assert!(sample(&after, "dataverse_proxy_governor_waits_total{org=\"default\"}") >= 1.0, "{after}");
+    assert!(sample(&after, "dataverse_proxy_token_expiry_seconds{org=\"default\",credential=\"default\"}") > 3000.0, "{after}");
+    assert!(sample(&after, "dataverse_proxy_dataverse_ratelimit_burst_remaining{org=\"default\"}") > 5000.0, "{after}");
+    assert!(after.contains("dataverse_proxy_upstream_duration_seconds_bucket{"), "{after}");
+    assert!(sample(&after, "dataverse_proxy_response_bytes_total{org=\"default\"}") > 100.0, "{after}");
+    h.stop().await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+/// SIGTERM to the real binary while a slow 64 MiB download runs: the download
+/// completes, readiness is false, new connections are refused, exit code 0.
+#[tokio::test]
+async fn sigterm_drains_a_slow_download_then_exits_zero() {
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let h = sim.handle.clone();
+    let id = h.ids("accounts")[0];
+    let mut data = vec![0u8; 64 * 1024 * 1024];
+    fastrand::Rng::with_seed(7).fill(&mut data);
+    let digest = Sha256::digest(&data);
+    assert!(h.put_file("accounts", id, "dvp_document", "big.bin", data.into()));
+
+    let (port, admin) = (free_port(), free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dataverse-proxy"))
+        .env_clear()
+        .env("DATAVERSE_URL", h.org_url())
+        .env("AZURE_TENANT_ID", &h.config().tenant_id)
+        .env("AZURE_CLIENT_ID", &h.config().client_id)
+        .env("AZURE_CLIENT_SECRET", &h.config().client_secret)
+        .env("DATAVERSE_PROXY_TOKEN_URL", h.token_url())
+        .env("DATAVERSE_PROXY_LISTEN", format!("127.0.0.1:{port}"))
+        .env("DATAVERSE_PROXY_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .current_dir(std::env::temp_dir())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let c = client();
+    let ready = format!("http://127.0.0.1:{admin}/readyz");
+    let mut up = false;
+    for _ in 0..200 {
+        if c.get(&ready).send().await.is_ok_and(|r| r.status() == 200) {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(up, "proxy became ready");
+
+    // A raw, slow reader: 64 KiB every 2 ms keeps the download going ~2 s.
+    let url = format!("/api/data/v9.2/accounts({id})/dvp_document/$value");
+    let download = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        write!(s, "GET {url} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").expect("write");
+        let mut all = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("download broke: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        all
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = child.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    assert!(status.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Draining: not ready, and the proxy port refuses new connections.
+    let r = c.get(&ready).send().await.expect("admin still up while draining");
+    assert_eq!(r.status(), 503);
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "new connections are refused while draining"
+    );
+
+    let raw = tokio::task::spawn_blocking(move || download.join().expect("download thread"))
+        .await
+        .expect("join");
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("headers") + 4;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(raw.len() - split, 64 * 1024 * 1024, "the whole body arrived");
+    assert_eq!(Sha256::digest(&raw[split..])[..], digest[..]);
+
+    let exit = tokio::task::spawn_blocking(move || child.wait().expect("wait")).await.expect("join");
+    assert_eq!(exit.code(), Some(0));
+    sim.shutdown();
+}
