@@ -112,6 +112,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Shutdown settings.
     pub shutdown: ShutdownConfig,
+    /// Limits at the edge.
+    pub limits: LimitsConfig,
 }
 
 /// One Dataverse organisation.
@@ -307,6 +309,25 @@ pub struct LogConfig {
     pub query: bool,
 }
 
+/// Limits at the edge.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Open client connections at most; more are closed at once.
+    pub max_connections: usize,
+    /// Size of the request line and headers at most (431 beyond).
+    pub max_header_bytes: usize,
+    /// Number of request headers at most (431 beyond).
+    pub max_headers: usize,
+    /// Time a client has to send its request headers (slowloris).
+    pub header_read_timeout: Duration,
+    /// Request body size at most (413 beyond).
+    pub max_body: usize,
+    /// Path length at most (414 beyond).
+    pub max_path: usize,
+    /// Query string length at most (414 beyond).
+    pub max_query: usize,
+}
+
 /// Shutdown settings.
 #[derive(Debug, Clone)]
 pub struct ShutdownConfig {
@@ -348,6 +369,7 @@ pub struct RawConfig {
     governor: RawGovernor,
     log: RawLog,
     shutdown: RawShutdown,
+    limits: RawLimits,
 }
 
 #[derive(Deserialize, Default)]
@@ -438,6 +460,20 @@ struct RawLog {
     format: Option<String>,
     #[serde(deserialize_with = "lenient_bool")]
     query: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    #[serde(deserialize_with = "lenient_number")]
+    max_connections: Option<usize>,
+    max_header_bytes: Option<String>,
+    #[serde(deserialize_with = "lenient_number")]
+    max_headers: Option<usize>,
+    header_read_timeout: Option<String>,
+    max_body: Option<String>,
+    max_path: Option<String>,
+    max_query: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -986,6 +1022,20 @@ impl RawConfig {
                 Duration::from_secs(30),
             ),
         };
+        let l = self.limits;
+        let limits = LimitsConfig {
+            max_connections: l.max_connections.unwrap_or(4096),
+            max_header_bytes: p.size("limits.max_header_bytes", l.max_header_bytes.as_deref(), 64 << 10),
+            max_headers: l.max_headers.unwrap_or(100),
+            header_read_timeout: p.duration(
+                "limits.header_read_timeout",
+                l.header_read_timeout.as_deref(),
+                Duration::from_secs(10),
+            ),
+            max_body: p.size("limits.max_body", l.max_body.as_deref(), 128 << 20),
+            max_path: p.size("limits.max_path", l.max_path.as_deref(), 4 << 10),
+            max_query: p.size("limits.max_query", l.max_query.as_deref(), 32 << 10),
+        };
         let format = match self.log.format.as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
@@ -1014,6 +1064,7 @@ impl RawConfig {
                     query: self.log.query.unwrap_or(false),
                 },
                 shutdown,
+                limits,
             }),
             _ => Err(ConfigError { problems: p.list }),
         }

@@ -37,14 +37,15 @@ pub mod config;
 pub mod error;
 pub mod governor;
 pub mod metrics;
+pub mod multipart;
 pub mod proxy;
 pub mod rewrite;
+pub mod server;
 pub mod sim;
 pub mod token;
 
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -103,10 +104,6 @@ pub async fn serve_with(
     let refreshers = state.spawn_refreshers(&control.shutdown);
     let reloader = tokio::spawn(reload_on(state.clone(), control.reload.clone()));
 
-    let proxy = proxy.tap_io(|tcp| {
-        // Small OData responses should not wait for Nagle.
-        let _ = tcp.set_nodelay(true);
-    });
     let delay = config.shutdown.delay;
     let grace = config.shutdown.grace;
     let stop_accepting = {
@@ -114,40 +111,19 @@ pub async fn serve_with(
         async move {
             shutdown.cancelled().await;
             state.set_draining();
-            tracing::info!(
-                delay_ms = delay.as_millis() as u64,
-                "shutting down: readiness is now false"
-            );
+            tracing::info!(delay_ms = delay.as_millis() as u64, "shutting down: readiness is now false");
             tokio::time::sleep(delay).await;
-            tracing::info!(
-                grace_ms = grace.as_millis() as u64,
-                "listener closed; draining in-flight requests"
-            );
+            tracing::info!(grace_ms = grace.as_millis() as u64, "listener closed; draining in-flight requests");
         }
     };
-    let proxy_server = axum::serve(
-        proxy,
-        app::router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop_accepting);
     let admin_stop = CancellationToken::new();
     let admin_server = tokio::spawn(
         axum::serve(admin, app::admin_router(state.clone()))
             .with_graceful_shutdown(admin_stop.clone().cancelled_owned())
             .into_future(),
     );
-
-    let deadline = async {
-        control.shutdown.cancelled().await;
-        tokio::time::sleep(delay + grace).await;
-    };
-    let result = tokio::select! {
-        r = proxy_server.into_future() => r,
-        () = deadline => {
-            tracing::warn!("grace period over: aborting the requests still in flight");
-            Ok(())
-        }
-    };
+    server::run(proxy, app::router(state.clone()), &config.limits, stop_accepting, grace).await;
+    let result: std::io::Result<()> = Ok(());
     admin_stop.cancel();
     let _ = admin_server.await;
     reloader.abort();

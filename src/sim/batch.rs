@@ -25,96 +25,11 @@ use http_body_util::BodyExt;
 use uuid::Uuid;
 
 use super::dataverse::{dv_error, route};
+use crate::multipart::{Part, boundary, split, split_head};
 use super::{SimState, lock};
 
 /// Most operations in one batch (Dataverse: 1000).
 const MAX_OPERATIONS: usize = 1000;
-
-/// One MIME part: its headers and content.
-struct Part<'a> {
-    headers: Vec<(String, String)>,
-    content: &'a [u8],
-}
-
-impl Part<'_> {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// The `boundary` parameter of a `multipart/mixed` content type.
-fn boundary(content_type: &str) -> Option<String> {
-    let (kind, params) = content_type.split_once(';')?;
-    if !kind.trim().eq_ignore_ascii_case("multipart/mixed") {
-        return None;
-    }
-    params.split(';').find_map(|p| {
-        let (k, v) = p.split_once('=')?;
-        k.trim()
-            .eq_ignore_ascii_case("boundary")
-            .then(|| v.trim().trim_matches('"').to_owned())
-    })
-}
-
-/// Splits a multipart body into its parts.
-fn split<'a>(body: &'a [u8], boundary: &str) -> Option<Vec<Part<'a>>> {
-    let delimiter = format!("--{boundary}");
-    let finder = memchr::memmem::Finder::new(delimiter.as_bytes());
-    let positions: Vec<usize> = finder.find_iter(body).collect();
-    let mut parts = Vec::new();
-    for pair in positions.windows(2) {
-        let mut segment = &body[pair[0] + delimiter.len()..pair[1]];
-        if segment.starts_with(b"--") {
-            break;
-        }
-        segment = strip_crlf_start(segment);
-        segment = segment
-            .strip_suffix(b"\r\n")
-            .or_else(|| segment.strip_suffix(b"\n"))
-            .unwrap_or(segment);
-        let (head, content) = split_head(segment)?;
-        parts.push(Part {
-            headers: parse_headers(head),
-            content,
-        });
-    }
-    // The last delimiter must close the body.
-    let last = *positions.last()?;
-    body[last + delimiter.len()..]
-        .starts_with(b"--")
-        .then_some(parts)
-}
-
-fn strip_crlf_start(s: &[u8]) -> &[u8] {
-    s.strip_prefix(b"\r\n")
-        .or_else(|| s.strip_prefix(b"\n"))
-        .unwrap_or(s)
-}
-
-/// Splits at the first empty line: (header block, rest).
-fn split_head(s: &[u8]) -> Option<(&[u8], &[u8])> {
-    if let Some(i) = memchr::memmem::find(s, b"\r\n\r\n") {
-        return Some((&s[..i], &s[i + 4..]));
-    }
-    if let Some(i) = memchr::memmem::find(s, b"\n\n") {
-        return Some((&s[..i], &s[i + 2..]));
-    }
-    // Headers only, no body.
-    Some((s, &[]))
-}
-
-fn parse_headers(block: &[u8]) -> Vec<(String, String)> {
-    String::from_utf8_lossy(block)
-        .lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            Some((k.trim().to_owned(), v.trim().to_owned()))
-        })
-        .collect()
-}
 
 /// A request parsed from an `application/http` part.
 struct Operation {
