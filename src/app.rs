@@ -65,6 +65,8 @@ pub struct AppState {
     pub draining: Arc<AtomicBool>,
     /// Log query strings (off by default: they can carry personal data).
     pub log_query: bool,
+    /// Limits at the edge.
+    pub limits: Arc<crate::config::LimitsConfig>,
 }
 
 /// One org and everything per org: its token, its governor, its rewriters.
@@ -209,6 +211,7 @@ impl AppState {
             metrics: Arc::new(Metrics::new()),
             draining: Arc::new(AtomicBool::new(false)),
             log_query: config.log.query,
+            limits: Arc::new(config.limits.clone()),
         })
     }
 

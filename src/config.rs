@@ -68,7 +68,10 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("DATAVERSE_PROXY_ADMIN_LISTEN", "admin_listen"),
     ("DATAVERSE_PROXY_PUBLIC_URL", "public_url"),
     ("DATAVERSE_PROXY_TRUSTED_PROXIES", "trusted_proxies"),
-    ("DATAVERSE_PROXY_MAX_CONCURRENCY", "governor.max_concurrency"),
+    (
+        "DATAVERSE_PROXY_MAX_CONCURRENCY",
+        "governor.max_concurrency",
+    ),
     ("DATAVERSE_PROXY_SHUTDOWN_GRACE", "shutdown.grace"),
     ("DATAVERSE_PROXY_LOG_FORMAT", "log.format"),
 ];
@@ -1025,7 +1028,11 @@ impl RawConfig {
         let l = self.limits;
         let limits = LimitsConfig {
             max_connections: l.max_connections.unwrap_or(4096),
-            max_header_bytes: p.size("limits.max_header_bytes", l.max_header_bytes.as_deref(), 64 << 10),
+            max_header_bytes: p.size(
+                "limits.max_header_bytes",
+                l.max_header_bytes.as_deref(),
+                64 << 10,
+            ),
             max_headers: l.max_headers.unwrap_or(100),
             header_read_timeout: p.duration(
                 "limits.header_read_timeout",

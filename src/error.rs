@@ -26,6 +26,21 @@ pub enum ProxyError {
         "no org matches this path: use /{{org name}}/api/data/v9.x/… (several orgs are configured and none is the default)"
     )]
     UnknownOrg,
+    /// 405: a method the proxy never forwards (CONNECT, TRACE) or that the
+    /// access policy does not allow.
+    #[error("this method is not allowed through the proxy")]
+    MethodNotAllowed,
+    /// 414: the path or query is longer than the configured limit.
+    #[error(
+        "the request path or query is longer than the proxy accepts (limits.max_path, limits.max_query)"
+    )]
+    UriTooLong,
+    /// 431: the request headers are larger or more numerous than the limits.
+    #[error("the request headers are too large (limits.max_header_bytes, limits.max_headers)")]
+    HeadersTooLarge,
+    /// 413: the request body is larger than the configured limit.
+    #[error("the request body is larger than the proxy accepts ({0} bytes, limits.max_body)")]
+    BodyTooLarge(usize),
     /// 400: the request target cannot be forwarded.
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
@@ -70,6 +85,10 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NotFound | Self::UnknownOrg => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UriTooLong => StatusCode::URI_TOO_LONG,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::GovernorQueueFull { .. } | Self::GovernorQueueTimeout { .. } => {
@@ -85,6 +104,10 @@ impl ProxyError {
         match self {
             Self::NotFound => "not_found",
             Self::UnknownOrg => "unknown_org",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::UriTooLong => "uri_too_long",
+            Self::HeadersTooLarge => "headers_too_large",
+            Self::BodyTooLarge(_) => "body_too_large",
             Self::BadRequest(_) => "bad_request",
             Self::TokenUnavailable { .. } => "token_unavailable",
             Self::GovernorQueueFull { .. } => "governor_queue_full",
@@ -101,6 +124,10 @@ impl ProxyError {
             | Self::GovernorQueueTimeout { retry_after, .. } => Some(*retry_after),
             Self::NotFound
             | Self::UnknownOrg
+            | Self::MethodNotAllowed
+            | Self::UriTooLong
+            | Self::HeadersTooLarge
+            | Self::BodyTooLarge(_)
             | Self::BadRequest(_)
             | Self::UpstreamUnavailable(_)
             | Self::UpstreamTimeout(_) => None,
@@ -131,6 +158,10 @@ impl IntoResponse for ProxyError {
             .insert(crate::access::ErrorMessage(self.message()));
         let h = resp.headers_mut();
         h.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(self.code()));
+        if matches!(self, Self::BodyTooLarge(_)) {
+            // The unread body must not reach a reused connection.
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(after) = self.retry_after() {
             let secs = after.as_secs_f64().ceil().max(1.0) as u64;
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs));

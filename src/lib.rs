@@ -111,9 +111,15 @@ pub async fn serve_with(
         async move {
             shutdown.cancelled().await;
             state.set_draining();
-            tracing::info!(delay_ms = delay.as_millis() as u64, "shutting down: readiness is now false");
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                "shutting down: readiness is now false"
+            );
             tokio::time::sleep(delay).await;
-            tracing::info!(grace_ms = grace.as_millis() as u64, "listener closed; draining in-flight requests");
+            tracing::info!(
+                grace_ms = grace.as_millis() as u64,
+                "listener closed; draining in-flight requests"
+            );
         }
     };
     let admin_stop = CancellationToken::new();
@@ -122,7 +128,14 @@ pub async fn serve_with(
             .with_graceful_shutdown(admin_stop.clone().cancelled_owned())
             .into_future(),
     );
-    server::run(proxy, app::router(state.clone()), &config.limits, stop_accepting, grace).await;
+    server::run(
+        proxy,
+        app::router(state.clone()),
+        &config.limits,
+        stop_accepting,
+        grace,
+    )
+    .await;
     let result: std::io::Result<()> = Ok(());
     admin_stop.cancel();
     let _ = admin_server.await;

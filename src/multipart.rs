@@ -58,7 +58,9 @@ pub fn split<'a>(body: &'a [u8], boundary: &str) -> Option<Vec<Part<'a>>> {
         });
     }
     let last = *positions.last()?;
-    body[last + delimiter.len()..].starts_with(b"--").then_some(parts)
+    body[last + delimiter.len()..]
+        .starts_with(b"--")
+        .then_some(parts)
 }
 
 fn strip_crlf_start(s: &[u8]) -> &[u8] {

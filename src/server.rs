@@ -61,7 +61,10 @@ pub async fn run(
             },
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tracing::warn!(max = limits.max_connections, "connection limit reached; closing a new connection");
+            tracing::warn!(
+                max = limits.max_connections,
+                "connection limit reached; closing a new connection"
+            );
             drop(tcp);
             continue;
         };

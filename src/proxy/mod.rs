@@ -69,6 +69,18 @@ async fn forward_inner(
 ) -> Result<Response, ProxyError> {
     let arrived = Instant::now();
     let (parts, body) = req.into_parts();
+    path::check_target(&parts.method, &parts.uri, &parts.headers, &state.limits)?;
+    if let Some(len) = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        && len > state.limits.max_body
+    {
+        return Err(ProxyError::BodyTooLarge(state.limits.max_body));
+    }
+    // Bodies without a length are cut off at the same limit.
+    let body = axum::body::Body::new(http_body_util::Limited::new(body, state.limits.max_body));
     let host = parts
         .headers
         .get(header::HOST)

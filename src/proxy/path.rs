@@ -6,7 +6,71 @@
 //! raw backslashes, control bytes) are refused, so that what the proxy checks
 //! is what Dataverse serves. The scheme and host always come from config.
 
+use axum::http::{Method, Uri};
+
+use crate::config::LimitsConfig;
 use crate::error::ProxyError;
+
+/// Checks what the request line may contain before routing: the method,
+/// the request-target form and the lengths.
+pub fn check_target(
+    method: &Method,
+    uri: &Uri,
+    headers: &axum::http::HeaderMap,
+    limits: &LimitsConfig,
+) -> Result<(), ProxyError> {
+    // hyper bounds its read buffer; this bounds what was parsed, exactly.
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if header_bytes > limits.max_header_bytes || headers.len() > limits.max_headers {
+        return Err(ProxyError::HeadersTooLarge);
+    }
+    // Request smuggling defences (RFC 9112 §6.1, §6.3): one framing only,
+    // and a transfer coding the proxy can forward.
+    let te: Vec<_> = headers
+        .get_all(axum::http::header::TRANSFER_ENCODING)
+        .iter()
+        .collect();
+    let cl = headers
+        .get_all(axum::http::header::CONTENT_LENGTH)
+        .iter()
+        .count();
+    if !te.is_empty() {
+        if cl > 0 {
+            return Err(ProxyError::BadRequest(
+                "both Content-Length and Transfer-Encoding are present",
+            ));
+        }
+        let only_chunked = te.len() == 1
+            && te[0]
+                .to_str()
+                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+        if !only_chunked {
+            return Err(ProxyError::BadRequest(
+                "only Transfer-Encoding: chunked is accepted on requests",
+            ));
+        }
+    }
+    if cl > 1 {
+        return Err(ProxyError::BadRequest(
+            "more than one Content-Length header",
+        ));
+    }
+    if matches!(*method, Method::CONNECT | Method::TRACE) {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    if uri.scheme().is_some() || uri.authority().is_some() {
+        return Err(ProxyError::BadRequest(
+            "absolute-form and authority-form request targets are not accepted; send the path only",
+        ));
+    }
+    if uri.path().len() > limits.max_path || uri.query().map_or(0, str::len) > limits.max_query {
+        return Err(ProxyError::UriTooLong);
+    }
+    Ok(())
+}
 
 const API_VERSIONS: &[&str] = &["v9.0", "v9.1", "v9.2"];
 
@@ -18,6 +82,29 @@ pub fn check(path: &str) -> Result<(), ProxyError> {
     let (version, _) = rest.split_once('/').unwrap_or((rest, ""));
     if !API_VERSIONS.contains(&version) {
         return Err(ProxyError::NotFound);
+    }
+    if path.contains("//") {
+        return Err(ProxyError::BadRequest(
+            "empty path segments are not allowed",
+        ));
+    }
+    let decoded = percent_encoding::percent_decode_str(path);
+    let Ok(decoded) = decoded.decode_utf8() else {
+        return Err(ProxyError::BadRequest(
+            "the path is not valid UTF-8 once percent-decoded",
+        ));
+    };
+    if decoded.chars().any(char::is_control) {
+        return Err(ProxyError::BadRequest(
+            "control characters are not allowed in the path",
+        ));
+    }
+    // No OData segment starts with a dot; dot segments in any spelling
+    // ("..", ".", "..;x", "%2e%2e" once decoded) are refused.
+    if decoded.split('/').any(|seg| seg.starts_with('.')) {
+        return Err(ProxyError::BadRequest(
+            "dot segments are not allowed in the path",
+        ));
     }
     for segment in path.split('/') {
         if segment == "." || segment == ".." {
@@ -52,6 +139,28 @@ pub fn is_file_download(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+            /// Whatever the input, an accepted path is under the API, has no
+            /// dot segment and no encoded separator, once decoded.
+            #[test]
+            fn accepted_paths_stay_inside_the_api(tail in "[a-zA-Z0-9%./\\\\()$'=_-]{0,40}") {
+                let path = format!("/api/data/v9.2/{tail}");
+                if check(&path).is_ok() {
+                    let decoded = percent_encoding::percent_decode_str(&path).decode_utf8_lossy().to_string();
+                    prop_assert!(decoded.starts_with("/api/data/v9.2/"));
+                    prop_assert!(!decoded.split('/').any(|s| s == ".." || s == "."));
+                    prop_assert!(!decoded.contains('\\'));
+                    prop_assert!(decoded[1..].split('/').count() == path[1..].split('/').count(), "no encoded slash");
+                }
+            }
+        }
+    }
 
     #[test]
     fn api_paths_pass() {
@@ -94,6 +203,10 @@ mod tests {
             "/api/data/v9.2/a%5Cb",
             "/api/data/v9.2/a%252fb",
             "/api/data/v9.2/a\\b",
+            "/api/data/v9.2//accounts",
+            "/api/data/v9.2/a%00b",
+            "/api/data/v9.2/a%0d%0aX-Injected:%201",
+            "/api/data/v9.2/%ff%fe",
         ] {
             assert!(matches!(check(p), Err(ProxyError::BadRequest(_))), "{p}");
         }

@@ -25,8 +25,8 @@ use http_body_util::BodyExt;
 use uuid::Uuid;
 
 use super::dataverse::{dv_error, route};
-use crate::multipart::{Part, boundary, split, split_head};
 use super::{SimState, lock};
+use crate::multipart::{Part, boundary, split, split_head};
 
 /// Most operations in one batch (Dataverse: 1000).
 const MAX_OPERATIONS: usize = 1000;

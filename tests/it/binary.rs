@@ -247,20 +247,54 @@ async fn logs_never_contain_the_secret_or_a_token() {
         .collect();
     assert!(access.len() >= 7, "{} access lines", access.len());
     for field in [
-        "request.id", "caller", "org", "method", "path", "status", "bytes_in", "bytes_out",
-        "duration_ms", "upstream_ms", "dataverse_request_id", "proxy_error", "error", "outcome",
+        "request.id",
+        "caller",
+        "org",
+        "method",
+        "path",
+        "status",
+        "bytes_in",
+        "bytes_out",
+        "duration_ms",
+        "upstream_ms",
+        "dataverse_request_id",
+        "proxy_error",
+        "error",
+        "outcome",
     ] {
-        assert!(access.iter().all(|v| v.get(field).is_some()), "field {field} missing");
+        assert!(
+            access.iter().all(|v| v.get(field).is_some()),
+            "field {field} missing"
+        );
     }
-    assert!(access.iter().all(|v| !v["path"].as_str().unwrap_or("?").contains('?')), "no query by default");
-    let leads = access.iter().find(|v| v["path"] == "/api/data/v9.2/leads").expect("a leads line");
+    assert!(
+        access
+            .iter()
+            .all(|v| !v["path"].as_str().unwrap_or("?").contains('?')),
+        "no query by default"
+    );
+    let leads = access
+        .iter()
+        .find(|v| v["path"] == "/api/data/v9.2/leads")
+        .expect("a leads line");
     assert_eq!(leads["status"], 200);
     assert_eq!(leads["org"], "default");
     assert!(leads["bytes_out"].as_u64().expect("bytes") > 100);
-    assert_eq!(leads["dataverse_request_id"].as_str().map(str::len), Some(36));
-    let unavailable = access.iter().find(|v| v["status"] == 503).expect("a 503 line");
+    assert_eq!(
+        leads["dataverse_request_id"].as_str().map(str::len),
+        Some(36)
+    );
+    let unavailable = access
+        .iter()
+        .find(|v| v["status"] == 503)
+        .expect("a 503 line");
     assert_eq!(unavailable["proxy_error"], "token_unavailable");
-    assert!(unavailable["error"].as_str().expect("error").contains("AADSTS50033"));
+    assert!(
+        unavailable["error"]
+            .as_str()
+            .expect("error")
+            .contains("AADSTS50033")
+    );
     assert!(logs.lines().count() > 20, "trace logging was on");
 
     let secret = &h.config().client_secret;

@@ -7,6 +7,7 @@ mod credentials;
 mod forward;
 mod governor;
 mod harness;
+mod hostile;
 mod links;
 mod operations;
 mod sim;

@@ -40,27 +40,71 @@ async fn metrics_move_for_requests_token_fetches_429s_and_waits() {
     .await;
     h.wait_ready().await;
     let before = metrics(&h).await;
-    assert!(before.contains("dataverse_proxy_build_info{version=\""), "{before}");
+    assert!(
+        before.contains("dataverse_proxy_build_info{version=\""),
+        "{before}"
+    );
     assert_eq!(
-        sample(&before, "dataverse_proxy_token_fetches_total{credential=\"default\",result=\"ok\",reason=\"startup\"}"),
+        sample(
+            &before,
+            "dataverse_proxy_token_fetches_total{credential=\"default\",result=\"ok\",reason=\"startup\"}"
+        ),
         1.0,
         "{before}"
     );
 
     assert_eq!(h.get("/WhoAmI").await.status(), 200);
-    h.sim.inject_dataverse_fault(DataverseFault { status: 429, retry_after: Some(1), count: 1 });
+    h.sim.inject_dataverse_fault(DataverseFault {
+        status: 429,
+        retry_after: Some(1),
+        count: 1,
+    });
     assert_eq!(h.get("/WhoAmI").await.status(), 429);
     // While the gate is closed, the next caller waits.
     assert_eq!(h.get("/WhoAmI").await.status(), 200);
     let after = metrics(&h).await;
     let ok = "dataverse_proxy_requests_total{org=\"default\",method=\"GET\",status=\"2xx\",source=\"dataverse\",caller=\"-\"}";
     assert_eq!(sample(&after, ok), 2.0, "{after}");
-    assert_eq!(sample(&after, "dataverse_proxy_governor_throttled_total{org=\"default\"}"), 1.0, "{after}");
-    assert!(sample(&after, "dataverse_proxy_governor_waits_total{org=\"default\"}") >= 1.0, "{after}");
-    assert!(sample(&after, "dataverse_proxy_token_expiry_seconds{org=\"default\",credential=\"default\"}") > 3000.0, "{after}");
-    assert!(sample(&after, "dataverse_proxy_dataverse_ratelimit_burst_remaining{org=\"default\"}") > 5000.0, "{after}");
-    assert!(after.contains("dataverse_proxy_upstream_duration_seconds_bucket{"), "{after}");
-    assert!(sample(&after, "dataverse_proxy_response_bytes_total{org=\"default\"}") > 100.0, "{after}");
+    assert_eq!(
+        sample(
+            &after,
+            "dataverse_proxy_governor_throttled_total{org=\"default\"}"
+        ),
+        1.0,
+        "{after}"
+    );
+    assert!(
+        sample(
+            &after,
+            "dataverse_proxy_governor_waits_total{org=\"default\"}"
+        ) >= 1.0,
+        "{after}"
+    );
+    assert!(
+        sample(
+            &after,
+            "dataverse_proxy_token_expiry_seconds{org=\"default\",credential=\"default\"}"
+        ) > 3000.0,
+        "{after}"
+    );
+    assert!(
+        sample(
+            &after,
+            "dataverse_proxy_dataverse_ratelimit_burst_remaining{org=\"default\"}"
+        ) > 5000.0,
+        "{after}"
+    );
+    assert!(
+        after.contains("dataverse_proxy_upstream_duration_seconds_bucket{"),
+        "{after}"
+    );
+    assert!(
+        sample(
+            &after,
+            "dataverse_proxy_response_bytes_total{org=\"default\"}"
+        ) > 100.0,
+        "{after}"
+    );
     h.stop().await;
 }
 
@@ -115,7 +159,11 @@ async fn sigterm_drains_a_slow_download_then_exits_zero() {
     let download = std::thread::spawn(move || {
         use std::io::Write;
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        write!(s, "GET {url} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").expect("write");
+        write!(
+            s,
+            "GET {url} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        .expect("write");
         let mut all = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -130,12 +178,19 @@ async fn sigterm_drains_a_slow_download_then_exits_zero() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = child.id().to_string();
-    let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
     assert!(status.success());
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Draining: not ready, and the proxy port refuses new connections.
-    let r = c.get(&ready).send().await.expect("admin still up while draining");
+    let r = c
+        .get(&ready)
+        .send()
+        .await
+        .expect("admin still up while draining");
     assert_eq!(r.status(), 503);
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
@@ -145,13 +200,23 @@ async fn sigterm_drains_a_slow_download_then_exits_zero() {
     let raw = tokio::task::spawn_blocking(move || download.join().expect("download thread"))
         .await
         .expect("join");
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("headers") + 4;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("headers")
+        + 4;
     let head = String::from_utf8_lossy(&raw[..split]);
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert_eq!(raw.len() - split, 64 * 1024 * 1024, "the whole body arrived");
+    assert_eq!(
+        raw.len() - split,
+        64 * 1024 * 1024,
+        "the whole body arrived"
+    );
     assert_eq!(Sha256::digest(&raw[split..])[..], digest[..]);
 
-    let exit = tokio::task::spawn_blocking(move || child.wait().expect("wait")).await.expect("join");
+    let exit = tokio::task::spawn_blocking(move || child.wait().expect("wait"))
+        .await
+        .expect("join");
     assert_eq!(exit.code(), Some(0));
     sim.shutdown();
 }
