@@ -67,6 +67,10 @@ pub struct AppState {
     pub log_query: bool,
     /// Limits at the edge.
     pub limits: Arc<crate::config::LimitsConfig>,
+    /// Caller identification.
+    pub access: Arc<crate::policy::Access>,
+    /// Caller request-rate quotas.
+    pub quotas: Arc<crate::policy::Quotas>,
 }
 
 /// One org and everything per org: its token, its governor, its rewriters.
@@ -84,6 +88,8 @@ pub struct OrgState {
     pub governor: Governor,
     /// Last rate-limit headers Dataverse sent.
     pub ratelimit: RateLimitSeen,
+    /// What may reach this org.
+    pub policy: crate::policy::Policy,
     /// Rewriters by public base URL (usually one entry).
     links: Mutex<HashMap<String, Arc<Links>>>,
 }
@@ -191,6 +197,7 @@ impl AppState {
                 token,
                 governor: Governor::new(config.governor.clone()),
                 ratelimit: RateLimitSeen::default(),
+                policy: org.policy.clone(),
                 links: Mutex::new(HashMap::new()),
             }));
         }
@@ -212,6 +219,8 @@ impl AppState {
             draining: Arc::new(AtomicBool::new(false)),
             log_query: config.log.query,
             limits: Arc::new(config.limits.clone()),
+            access: Arc::new(config.access.clone()),
+            quotas: Arc::default(),
         })
     }
 
@@ -321,6 +330,7 @@ pub fn router(state: AppState) -> Router {
                     header::AUTHORIZATION,
                     header::PROXY_AUTHORIZATION,
                     header::COOKIE,
+                    HeaderName::from_static("x-api-key"),
                 ]))
                 .layer(trace),
         )

@@ -117,6 +117,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Limits at the edge.
     pub limits: LimitsConfig,
+    /// Caller identification.
+    pub access: crate::policy::Access,
 }
 
 /// One Dataverse organisation.
@@ -135,6 +137,8 @@ pub struct OrgConfig {
     pub hosts: Vec<String>,
     /// Whether bare `/api/data/…` paths go to this org.
     pub default: bool,
+    /// What may reach this org.
+    pub policy: crate::policy::Policy,
 }
 
 impl OrgConfig {
@@ -373,6 +377,8 @@ pub struct RawConfig {
     log: RawLog,
     shutdown: RawShutdown,
     limits: RawLimits,
+    callers: Option<Vec<RawCaller>>,
+    access: RawAccess,
 }
 
 #[derive(Deserialize, Default)]
@@ -394,6 +400,7 @@ struct RawGovernor {
 struct RawOrg {
     url: Option<String>,
     scope: Option<String>,
+    policy: Option<RawPolicy>,
     #[serde(deserialize_with = "lenient_list")]
     hosts: Option<Vec<String>>,
 }
@@ -411,6 +418,51 @@ struct RawNamedOrg {
     hosts: Option<Vec<String>>,
     #[serde(default)]
     scope: Option<String>,
+    #[serde(default)]
+    policy: Option<RawPolicy>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawPolicy {
+    #[serde(deserialize_with = "lenient_bool")]
+    read_only: Option<bool>,
+    #[serde(deserialize_with = "lenient_list")]
+    methods: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_list")]
+    allow: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_list")]
+    deny: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_bool")]
+    metadata: Option<bool>,
+    #[serde(deserialize_with = "lenient_list")]
+    impersonation: Option<Vec<String>>,
+    batch_buffer: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCaller {
+    name: String,
+    #[serde(default)]
+    api_key_sha256: Option<String>,
+    #[serde(default, deserialize_with = "lenient_list")]
+    cidrs: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "lenient_list")]
+    orgs: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "lenient_bool")]
+    read_only: Option<bool>,
+    #[serde(default)]
+    requests_per_second: Option<f64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawAccess {
+    #[serde(deserialize_with = "lenient_list")]
+    allow_cidrs: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_bool")]
+    require_api_key: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1025,6 +1077,7 @@ impl RawConfig {
                 Duration::from_secs(30),
             ),
         };
+        let access = validate_access(&mut p, self.callers, self.access, &trusted_proxies);
         let l = self.limits;
         let limits = LimitsConfig {
             max_connections: l.max_connections.unwrap_or(4096),
@@ -1072,6 +1125,7 @@ impl RawConfig {
                 },
                 shutdown,
                 limits,
+                access,
             }),
             _ => Err(ConfigError { problems: p.list }),
         }
@@ -1095,6 +1149,7 @@ fn validate_orgs(
         default: Option<bool>,
         hosts: Vec<String>,
         scope: Option<String>,
+        policy: Option<RawPolicy>,
     }
     let mut wanted = Vec::new();
     let named = named.unwrap_or_default();
@@ -1107,6 +1162,7 @@ fn validate_orgs(
             default: None,
             hosts: org.hosts.unwrap_or_default(),
             scope: org.scope,
+            policy: org.policy,
         });
     }
     for (i, o) in named.into_iter().enumerate() {
@@ -1118,6 +1174,7 @@ fn validate_orgs(
             default: o.default,
             hosts: o.hosts.unwrap_or_default(),
             scope: o.scope,
+            policy: o.policy,
         });
     }
 
@@ -1210,6 +1267,11 @@ fn validate_orgs(
                 c
             }
         };
+        let policy = validate_policy(
+            p,
+            &format!("{}.policy", w.key),
+            w.policy.unwrap_or_default(),
+        );
         if let (Some(url), Some(credential)) = (url, credential) {
             let origin = url.as_str().trim_end_matches('/').to_owned();
             out.push(OrgConfig {
@@ -1225,10 +1287,149 @@ fn validate_orgs(
                 default: w
                     .default
                     .unwrap_or(single || (explicit_defaults == 0 && w.key == "org")),
+                policy,
             });
         }
     }
     out
+}
+
+/// Validates an org's access policy.
+fn validate_policy(p: &mut Problems<'_>, key: &str, r: RawPolicy) -> crate::policy::Policy {
+    use crate::policy::{Impersonation, Policy};
+    let mut methods = Vec::new();
+    for m in r.methods.unwrap_or_default() {
+        match http::Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes()) {
+            Ok(method) => methods.push(method),
+            Err(_) => p.push(
+                &format!("{key}.methods"),
+                &format!("{m:?} is not an HTTP method"),
+                "list methods such as \"GET\", \"PATCH\"",
+            ),
+        }
+    }
+    let lower = |v: Option<Vec<String>>| -> Vec<String> {
+        v.unwrap_or_default()
+            .into_iter()
+            .map(|s| s.trim().to_ascii_lowercase())
+            .collect()
+    };
+    let impersonation = match r.impersonation {
+        None => Impersonation::Drop,
+        Some(list) => match list.as_slice() {
+            [one] if one.eq_ignore_ascii_case("drop") => Impersonation::Drop,
+            [one] if one.eq_ignore_ascii_case("allow") => Impersonation::Allow,
+            ids => Impersonation::Only(ids.iter().map(|s| s.trim().to_owned()).collect()),
+        },
+    };
+    Policy {
+        read_only: r.read_only.unwrap_or(false),
+        methods,
+        allow: lower(r.allow),
+        deny: lower(r.deny),
+        metadata: r.metadata.unwrap_or(true),
+        impersonation,
+        batch_buffer: p.size(
+            &format!("{key}.batch_buffer"),
+            r.batch_buffer.as_deref(),
+            16 << 20,
+        ),
+    }
+}
+
+/// Validates callers and the global source list.
+fn validate_access(
+    p: &mut Problems<'_>,
+    callers: Option<Vec<RawCaller>>,
+    access: RawAccess,
+    trusted_proxies: &[ipnet::IpNet],
+) -> crate::policy::Access {
+    use crate::policy::{Access, Caller};
+    let nets = |p: &mut Problems<'_>, key: &str, list: Option<Vec<String>>| -> Vec<ipnet::IpNet> {
+        let mut out = Vec::new();
+        for entry in list.unwrap_or_default() {
+            match entry
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| entry.parse::<IpAddr>().map(ipnet::IpNet::from))
+            {
+                Ok(n) => out.push(n),
+                Err(_) => p.push(
+                    key,
+                    &format!("{entry:?} is not an IP address or CIDR block"),
+                    "use e.g. \"10.0.0.0/8\"",
+                ),
+            }
+        }
+        out
+    };
+    let allow_cidrs = nets(p, "access.allow_cidrs", access.allow_cidrs);
+    let mut out = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    for (i, c) in callers.unwrap_or_default().into_iter().enumerate() {
+        let key = format!("callers[{i}]");
+        if !names.insert(c.name.clone()) || c.name.trim().is_empty() {
+            p.push(
+                &format!("{key}.name"),
+                &format!("caller name {:?} is empty or used twice", c.name),
+                "give every caller its own name",
+            );
+        }
+        let key_sha256 = match c.api_key_sha256.as_deref() {
+            None => None,
+            Some(h) => {
+                let bytes: Option<Vec<u8>> = (h.len() == 64)
+                    .then(|| {
+                        (0..32)
+                            .map(|j| u8::from_str_radix(&h[2 * j..2 * j + 2], 16).ok())
+                            .collect()
+                    })
+                    .flatten();
+                match bytes.and_then(|b| <[u8; 32]>::try_from(b).ok()) {
+                    Some(b) => Some(b),
+                    None => {
+                        p.push(
+                            &format!("{key}.api_key_sha256"),
+                            "is not 64 hex digits",
+                            "store the SHA-256 of the key, e.g. `printf %s \"$KEY\" | sha256sum`",
+                        );
+                        None
+                    }
+                }
+            }
+        };
+        let cidrs = nets(p, &format!("{key}.cidrs"), c.cidrs);
+        if key_sha256.is_none() && cidrs.is_empty() {
+            p.push(
+                &key,
+                "a caller needs an api_key_sha256 or cidrs to be recognised",
+                "set one of them",
+            );
+        }
+        if let Some(r) = c.requests_per_second
+            && !(r > 0.0 && r.is_finite())
+        {
+            p.push(
+                &format!("{key}.requests_per_second"),
+                "must be above zero",
+                "e.g. requests_per_second = 20",
+            );
+        }
+        out.push(Caller {
+            name: c.name.into(),
+            key_sha256,
+            cidrs,
+            orgs: c.orgs.unwrap_or_default(),
+            read_only: c.read_only.unwrap_or(false),
+            requests_per_second: c.requests_per_second,
+        });
+    }
+    let any_key = out.iter().any(|c| c.key_sha256.is_some());
+    Access {
+        require_key: access.require_api_key.unwrap_or(any_key),
+        callers: out,
+        allow_cidrs,
+        trusted_proxies: trusted_proxies.to_vec(),
+    }
 }
 
 /// The authority host of a sovereign cloud (dossier §1.8).

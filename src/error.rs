@@ -41,6 +41,21 @@ pub enum ProxyError {
     /// 413: the request body is larger than the configured limit.
     #[error("the request body is larger than the proxy accepts ({0} bytes, limits.max_body)")]
     BodyTooLarge(usize),
+    /// 401: the caller's API key is missing or unknown.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// 403: the caller may not use the proxy from here, or this org.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 403: the access policy does not allow this request.
+    #[error("denied by the access policy: {0}")]
+    PolicyDenied(String),
+    /// 429: the caller used up its request-rate quota.
+    #[error("this caller's request-rate quota is used up; retry later")]
+    CallerQuota {
+        /// When a request is allowed again.
+        retry_after: Duration,
+    },
     /// 400: the request target cannot be forwarded.
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
@@ -86,6 +101,9 @@ impl ProxyError {
         match self {
             Self::NotFound | Self::UnknownOrg => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) | Self::PolicyDenied(_) => StatusCode::FORBIDDEN,
+            Self::CallerQuota { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -105,6 +123,10 @@ impl ProxyError {
             Self::NotFound => "not_found",
             Self::UnknownOrg => "unknown_org",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
+            Self::PolicyDenied(_) => "policy_denied",
+            Self::CallerQuota { .. } => "caller_quota_exceeded",
             Self::UriTooLong => "uri_too_long",
             Self::HeadersTooLarge => "headers_too_large",
             Self::BodyTooLarge(_) => "body_too_large",
@@ -121,10 +143,14 @@ impl ProxyError {
         match self {
             Self::TokenUnavailable { retry_after, .. }
             | Self::GovernorQueueFull { retry_after }
-            | Self::GovernorQueueTimeout { retry_after, .. } => Some(*retry_after),
+            | Self::GovernorQueueTimeout { retry_after, .. }
+            | Self::CallerQuota { retry_after } => Some(*retry_after),
             Self::NotFound
             | Self::UnknownOrg
             | Self::MethodNotAllowed
+            | Self::Unauthorized(_)
+            | Self::Forbidden(_)
+            | Self::PolicyDenied(_)
             | Self::UriTooLong
             | Self::HeadersTooLarge
             | Self::BodyTooLarge(_)
@@ -158,6 +184,12 @@ impl IntoResponse for ProxyError {
             .insert(crate::access::ErrorMessage(self.message()));
         let h = resp.headers_mut();
         h.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(self.code()));
+        if matches!(self, Self::Unauthorized(_)) {
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("ApiKey header=\"X-API-Key\""),
+            );
+        }
         if matches!(self, Self::BodyTooLarge(_)) {
             // The unread body must not reach a reused connection.
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -23,6 +23,9 @@
 //!   headers and bodies (pure, no I/O).
 //! - [`governor`]: the per-org service-protection governor: concurrency cap,
 //!   bounded queue, and a gate closed for everyone after a 429.
+//! - [`policy`]: caller identity (API keys, source CIDRs, quotas) and the
+//!   per-org access policy, `$batch` parts included.
+//! - [`server`]: the HTTP/1.1 server loop with the edge limits and drain.
 //! - [`sim`]: a simulator of Entra ID and the Dataverse Web API, used by the
 //!   `demo` and `sim` commands and by the tests.
 //! - [`cli`]: the command-line interface and its subcommands.
@@ -38,6 +41,7 @@ pub mod error;
 pub mod governor;
 pub mod metrics;
 pub mod multipart;
+pub mod policy;
 pub mod proxy;
 pub mod rewrite;
 pub mod server;
@@ -101,6 +105,7 @@ pub async fn serve_with(
     control: Control,
 ) -> std::io::Result<()> {
     let state = app::AppState::new(&config)?;
+    warn_about_exposure(&config);
     let refreshers = state.spawn_refreshers(&control.shutdown);
     let reloader = tokio::spawn(reload_on(state.clone(), control.reload.clone()));
 
@@ -144,6 +149,29 @@ pub async fn serve_with(
         r.abort();
     }
     result
+}
+
+/// Startup warnings an operator must see: an open proxy, readable secrets.
+fn warn_about_exposure(config: &config::Config) {
+    if !config.listen.ip().is_loopback() && config.access.is_open() {
+        tracing::warn!(
+            listen = %config.listen,
+            "THE PROXY LISTENS BEYOND LOOPBACK WITH NO CALLER CONTROL: anyone who can reach it acts as the \
+             Dataverse application user. Configure [[callers]] API keys or [access] allow_cidrs, or restrict \
+             the network (docs/security.md)"
+        );
+    }
+    for org in &config.orgs {
+        match &org.credential.kind {
+            config::CredentialKind::Secret(config::SecretSource::File(path)) => {
+                policy::warn_if_readable_by_others("client secret", path);
+            }
+            config::CredentialKind::Certificate { path, .. } => {
+                policy::warn_if_readable_by_others("certificate", path);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Fetches new tokens for every credential whenever `reload` is notified

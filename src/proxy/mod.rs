@@ -89,11 +89,24 @@ async fn forward_inner(
     let org = routed.org.clone();
     info.org = Some(org.name.as_str().into());
     let prefix_len = routed.prefix_len;
-    path::check(&parts.uri.path()[prefix_len..])?;
+    let api_path = &parts.uri.path()[prefix_len..];
+    path::check(api_path)?;
     let peer = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+
+    // Who is calling, and may they do this?
+    let caller = state
+        .access
+        .admit(peer, &parts.headers, &org.name, &state.quotas)?;
+    info.caller = caller.map(|c| c.name.clone());
+    let caller_read_only = caller.is_some_and(|c| c.read_only);
+    let resource = crate::policy::resource(api_path).unwrap_or_default();
+    org.policy
+        .check(&parts.method, &resource, caller_read_only)?;
+    let impersonation = org.policy.impersonation_headers(&parts.headers);
+
     let mut public = state.public.derive(&parts.headers, peer);
     if prefix_len > 0 {
         // Links keep the form the caller used: /{org}/api/data/…
@@ -113,9 +126,30 @@ async fn forward_inner(
         .map_err(|_| ProxyError::BadRequest("the request target is not a valid URI"))?;
     let mut headers = parts.headers;
     headers::to_upstream(&mut headers);
+    crate::policy::strip_key(&mut headers);
+    for (name, value) in impersonation {
+        headers.insert(name, value);
+    }
     if !path::is_file_download(parts.uri.path()) {
         headers.remove(header::ACCEPT_ENCODING);
     }
+    // A batch is checked operation by operation, so it is no way around the policy.
+    let body = if resource == "$batch" && org.policy.restricts(caller_read_only) {
+        let limit = org.policy.batch_buffer;
+        let bytes = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit))
+            .await
+            .map_err(|_| ProxyError::BodyTooLarge(limit))?
+            .to_bytes();
+        let ct = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        org.policy.check_batch(ct, &bytes, caller_read_only)?;
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        headers.remove(header::TRANSFER_ENCODING);
+        axum::body::Body::from(bytes)
+    } else {
+        body
+    };
     let mut body = RequestBody::prepare(
         &mut headers,
         body,

@@ -10,6 +10,7 @@ mod harness;
 mod hostile;
 mod links;
 mod operations;
+mod security;
 mod sim;
 mod streaming;
 mod token;

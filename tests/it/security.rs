@@ -1,0 +1,297 @@
+//! Access policy, `$batch` checks, impersonation, API keys, source CIDRs and
+//! quotas, end to end.
+
+use std::time::Duration;
+
+use dataverse_proxy::policy::hash_key;
+use dataverse_proxy::sim::{Sim, SimConfig};
+
+use crate::harness::{Harness, Setup, sim_overrides};
+
+fn hex(bytes: [u8; 32]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A proxy whose config file is `extra` plus the simulator's org and credential.
+async fn with_toml(extra: &str) -> Harness {
+    with_toml_top("", extra).await
+}
+
+/// `top` holds top-level keys, which TOML needs before the first table.
+async fn with_toml_top(top: &str, extra: &str) -> Harness {
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let mut toml = format!("{top}\n[org]\n");
+    for (k, v) in sim_overrides(&sim.handle) {
+        if let Some(key) = k.strip_prefix("org.") {
+            toml.push_str(&format!("{key} = \"{v}\"\n"));
+        }
+    }
+    toml.push_str(extra);
+    let mut setup = Setup::default().toml(toml);
+    setup.overrides.extend(
+        sim_overrides(&sim.handle)
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("credential.")),
+    );
+    let h = Harness::on(sim, setup).await;
+    h.wait_ready().await;
+    h
+}
+
+fn batch(proxy: &str, method: &str, target: &str) -> String {
+    format!(
+        "--b\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\nGET {proxy}/api/data/v9.2/accounts?$top=1 HTTP/1.1\r\n\r\n\r\n\
+--b\r\nContent-Type: multipart/mixed; boundary=c\r\n\r\n--c\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-ID: 1\r\n\r\n\
+{method} {proxy}/api/data/v9.2/{target} HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{{\"name\":\"x\"}}\r\n--c--\r\n\r\n--b--\r\n"
+    )
+}
+
+async fn post_batch(h: &Harness, body: String) -> reqwest::Response {
+    h.client
+        .post(h.url("/$batch"))
+        .header("content-type", "multipart/mixed; boundary=b")
+        .body(body)
+        .send()
+        .await
+        .expect("batch")
+}
+
+#[tokio::test]
+async fn read_only_blocks_writes_directly_and_inside_batch() {
+    let h = with_toml("[org.policy]\nread_only = true\n").await;
+    assert_eq!(h.get("/accounts?$top=1").await.status(), 200);
+    let id = h.sim.ids("accounts")[0];
+    for (method, path) in [
+        (reqwest::Method::POST, "/accounts".to_owned()),
+        (reqwest::Method::PATCH, format!("/accounts({id})")),
+        (reqwest::Method::DELETE, format!("/accounts({id})")),
+    ] {
+        let resp = h
+            .client
+            .request(method.clone(), h.url(&path))
+            .json(&serde_json::json!({"name": "x"}))
+            .send()
+            .await
+            .expect("write");
+        assert_eq!(resp.status(), 403, "{method}");
+        assert_eq!(resp.headers()["x-dataverse-proxy-error"], "policy_denied");
+    }
+    let before = h.sim.seen().len();
+    let resp = post_batch(&h, batch(&h.proxy, "POST", "accounts")).await;
+    assert_eq!(resp.status(), 403);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .expect("msg")
+            .contains("in $batch"),
+        "{body}"
+    );
+    assert_eq!(
+        h.sim.seen().len(),
+        before,
+        "the batch never reached Dataverse"
+    );
+    // A batch of reads passes.
+    let reads = "--b\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\nGET accounts?$top=1 HTTP/1.1\r\n\r\n\r\n--b--\r\n".to_owned();
+    assert_eq!(post_batch(&h, reads).await.status(), 200);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_denied_table_is_denied_directly_and_inside_batch() {
+    let h = with_toml("[org.policy]\ndeny = [\"contacts\"]\nmetadata = false\n").await;
+    assert_eq!(h.get("/accounts?$top=1").await.status(), 200);
+    assert_eq!(h.get("/contacts?$top=1").await.status(), 403);
+    assert_eq!(
+        h.get("/Contacts?$top=1").await.status(),
+        403,
+        "case does not matter"
+    );
+    assert_eq!(h.get("/$metadata").await.status(), 403);
+    let before = h.sim.seen().len();
+    let resp = post_batch(&h, batch(&h.proxy, "POST", "contacts")).await;
+    assert_eq!(resp.status(), 403);
+    assert_eq!(h.sim.seen().len(), before);
+    assert_eq!(
+        post_batch(&h, batch(&h.proxy, "POST", "accounts"))
+            .await
+            .status(),
+        200
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn impersonation_headers_reach_dataverse_only_when_allowed() {
+    let allowed = "00000000-0000-0000-0000-00000000a11e";
+    let h = with_toml(&format!("[org.policy]\nimpersonation = [\"{allowed}\"]\n")).await;
+    for (value, expect) in [
+        (allowed, true),
+        ("00000000-0000-0000-0000-00000000bad0", false),
+    ] {
+        h.client
+            .get(h.url("/WhoAmI"))
+            .header("CallerObjectId", value)
+            .header("MSCRMCallerID", value)
+            .send()
+            .await
+            .expect("get");
+        let seen = h.sim.seen().pop().expect("seen");
+        assert_eq!(
+            seen.headers.get("callerobjectid").is_some(),
+            expect,
+            "{value}"
+        );
+        assert_eq!(
+            seen.headers.get("mscrmcallerid").is_some(),
+            expect,
+            "{value}"
+        );
+    }
+    h.stop().await;
+    // The default drops them.
+    let h = Harness::start().await;
+    h.client
+        .get(h.url("/WhoAmI"))
+        .header("CallerObjectId", allowed)
+        .send()
+        .await
+        .expect("get");
+    assert!(
+        h.sim
+            .seen()
+            .pop()
+            .expect("seen")
+            .headers
+            .get("callerobjectid")
+            .is_none()
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn api_keys_name_callers_and_unknown_keys_are_401() {
+    let key = "reporting-key-0123456789";
+    let h = with_toml(&format!(
+        "[[callers]]\nname = \"reporting\"\napi_key_sha256 = \"{}\"\nread_only = true\n\n[[callers]]\nname = \"etl\"\napi_key_sha256 = \"{}\"\nrequests_per_second = 2\n",
+        hex(hash_key(key)),
+        hex(hash_key("etl-key")),
+    ))
+    .await;
+    let resp = h.get("/WhoAmI").await;
+    assert_eq!(resp.status(), 401, "no key");
+    assert_eq!(resp.headers()["x-dataverse-proxy-error"], "unauthorized");
+    let resp = h
+        .client
+        .get(h.url("/WhoAmI"))
+        .header("x-api-key", "wrong")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(resp.status(), 401);
+    let resp = h
+        .client
+        .get(h.url("/WhoAmI"))
+        .header("x-api-key", key)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(resp.status(), 200);
+    let seen = h.sim.seen().pop().expect("seen");
+    assert!(
+        seen.headers.get("x-api-key").is_none(),
+        "the key is not forwarded"
+    );
+    // The caller's own read-only flag.
+    let resp = h
+        .client
+        .post(h.url("/accounts"))
+        .header("x-api-key", key)
+        .json(&serde_json::json!({"name": "x"}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status(), 403);
+    // Quota: 2 per second, then 429 with Retry-After.
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let r = h
+            .client
+            .get(h.url("/WhoAmI"))
+            .header("x-api-key", "etl-key")
+            .send()
+            .await
+            .expect("get");
+        statuses.push((
+            r.status().as_u16(),
+            r.headers().get("retry-after").is_some(),
+        ));
+    }
+    assert_eq!(statuses[..2], [(200, false), (200, false)]);
+    assert!(
+        statuses[2..].iter().all(|s| *s == (429, true)),
+        "{statuses:?}"
+    );
+    // Callers are named in the metrics.
+    let m = h
+        .client
+        .get(format!("{}/metrics", h.admin))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(m.contains("caller=\"reporting\""), "{m}");
+    assert!(m.contains("caller=\"etl\""), "{m}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn source_cidrs_and_forwarded_for_from_trusted_proxies() {
+    // Only 10.0.0.0/8 may call; the ingress (127.0.0.1) is trusted.
+    let h = with_toml_top(
+        "trusted_proxies = [\"127.0.0.1\"]",
+        "[access]\nallow_cidrs = [\"10.0.0.0/8\"]\n",
+    )
+    .await;
+    assert_eq!(
+        h.get("/WhoAmI").await.status(),
+        403,
+        "loopback itself is not allowed"
+    );
+    let ok = h
+        .client
+        .get(h.url("/WhoAmI"))
+        .header("x-forwarded-for", "10.1.2.3")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(ok.status(), 200);
+    let spoofed = h
+        .client
+        .get(h.url("/WhoAmI"))
+        .header("x-forwarded-for", "10.9.9.9, 192.0.2.1")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(
+        spoofed.status(),
+        403,
+        "the hop the ingress saw is 192.0.2.1"
+    );
+    h.stop().await;
+    // Untrusted peers' X-Forwarded-For is ignored.
+    let h = with_toml("[access]\nallow_cidrs = [\"10.0.0.0/8\"]\n").await;
+    let r = h
+        .client
+        .get(h.url("/WhoAmI"))
+        .header("x-forwarded-for", "10.1.2.3")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 403);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    h.stop().await;
+}
