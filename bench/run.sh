@@ -1,0 +1,281 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of dataverse-proxy against nginx and the direct path.
+#
+# Everything runs on 127.0.0.1, every run is bounded in time, and every
+# process this script starts is stopped by its PID on exit. The load
+# generator (wrk) is pinned to core 0 and the servers to core 1, so the CPU
+# each proxy spends per request is comparable. Results: a Markdown table on
+# stdout and in bench/results/<timestamp>.md.
+#
+#   bash bench/run.sh                 # 10 s per load run
+#   DURATION=30s bash bench/run.sh
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+DURATION=${DURATION:-10s}
+WORK=$(mktemp -d /tmp/dvp-bench.XXXXXX)
+# nginx workers run as nobody: they must be able to read the files.
+chmod 755 "$WORK"
+UP=18081 NGX=18082 DVP=18083 ADMIN=18093
+PIDS=()
+
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+if [ -n "${BENCH_DEBUG:-}" ]; then trap - EXIT; fi
+
+# --- tools, from Debian's packages ---
+if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null || ! command -v taskset >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk util-linux curl >/dev/null
+fi
+NGINX=$(command -v nginx)
+(cd "$ROOT" && cargo build --release --quiet)
+BIN="$ROOT/target/release/dataverse-proxy"
+
+# --- data ---
+ORIGIN="http://127.0.0.1:$UP"
+mkdir -p "$WORK/www/api/data/v9.2" "$WORK/logs" "$WORK/tmp"
+python3 - "$WORK/www/api/data/v9.2" "$ORIGIN" <<'PY'
+import json, sys
+d, origin = sys.argv[1], sys.argv[2]
+def row(i):
+    return {"@odata.etag": f'W/"{7100000+i}"', "accountid": f"00000000-0000-0000-0000-{i:012d}",
+            "name": f"Account {i}", "telephone1": "555-0100", "address1_city": "Redmond"}
+page = {"@odata.context": f"{origin}/api/data/v9.2/$metadata#accounts(name,telephone1,address1_city)",
+        "value": [row(i) for i in range(12)],
+        "@odata.nextLink": f"{origin}/api/data/v9.2/accounts?$select=name&$skiptoken=%3Ccookie%20pagenumber=%222%22%20/%3E"}
+open(f"{d}/accounts", "w").write(json.dumps(page))
+big = {"@odata.context": f"{origin}/api/data/v9.2/$metadata#accounts", "value": []}
+i = 0
+while len(json.dumps(big)) < 1_000_000:
+    r = row(i); r["@odata.id"] = f"{origin}/api/data/v9.2/accounts({r['accountid']})"
+    big["value"].append(r); i += 1
+text = json.dumps(big)
+open(f"{d}/page1m", "w").write(text)
+open(f"{d}/page1m.bin", "w").write(text)
+PY
+head -c $((1024 * 1024 * 1024)) /dev/zero > "$WORK/www/api/data/v9.2/big"
+chmod -R a+rX "$WORK/www"
+SMALL_BYTES=$(stat -c %s "$WORK/www/api/data/v9.2/accounts")
+
+# --- the upstream (Dataverse stand-in + token endpoint) and nginx as a proxy ---
+cat > "$WORK/upstream.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $WORK/upstream.pid;
+error_log $WORK/logs/upstream-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/tmp; proxy_temp_path $WORK/tmp; fastcgi_temp_path $WORK/tmp;
+  uwsgi_temp_path $WORK/tmp; scgi_temp_path $WORK/tmp;
+  keepalive_requests 1000000;
+  sendfile on;
+  server {
+    listen 127.0.0.1:$UP backlog=4096;
+    location = /tenant/oauth2/v2.0/token {
+      access_log $WORK/logs/token.log;
+      default_type application/json;
+      return 200 '{"token_type":"Bearer","expires_in":3599,"access_token":"bench-token"}';
+    }
+    location /api/data/v9.2/ {
+      if (\$http_authorization != "Bearer bench-token") { return 401; }
+      root $WORK/www;
+      default_type application/json;
+    }
+    location = /api/data/v9.2/page1m.bin {
+      if (\$http_authorization != "Bearer bench-token") { return 401; }
+      root $WORK/www;
+      default_type application/octet-stream;
+    }
+  }
+}
+CONF
+cat > "$WORK/nginx-proxy.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx-proxy.pid;
+error_log $WORK/logs/proxy-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/tmp; proxy_temp_path $WORK/tmp; fastcgi_temp_path $WORK/tmp;
+  uwsgi_temp_path $WORK/tmp; scgi_temp_path $WORK/tmp;
+  keepalive_requests 1000000;
+  upstream dataverse { server 127.0.0.1:$UP; keepalive 64; }
+  server {
+    listen 127.0.0.1:$NGX backlog=4096;
+    location / {
+      proxy_pass http://dataverse;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer bench-token";
+      # Stream like dataverse-proxy does, instead of spooling to disk.
+      proxy_buffering off;
+      proxy_request_buffering off;
+    }
+  }
+}
+CONF
+
+start() { # name, command... -> LAST (its PID)
+  local name=$1; shift
+  taskset -c 1 "$@" >"$WORK/logs/$name.out" 2>&1 &
+  LAST=$!
+  PIDS+=("$LAST")
+}
+wait_port() {
+  for _ in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  echo "port $1 never opened" >&2; return 1
+}
+
+start upstream "$NGINX" -p "$WORK" -c "$WORK/upstream.conf"
+start nginx-proxy "$NGINX" -p "$WORK" -c "$WORK/nginx-proxy.conf"; NGX_PID=$LAST
+wait_port $UP; wait_port $NGX
+# nginx's master forks one worker: measure the worker.
+NGX_WORKER=""
+for _ in $(seq 100); do
+  NGX_WORKER=$(pgrep -P "$NGX_PID" | head -1 || true)
+  [ -n "$NGX_WORKER" ] && break
+  sleep 0.05
+done
+
+export DATAVERSE_URL="$ORIGIN" AZURE_TENANT_ID=tenant AZURE_CLIENT_ID=bench AZURE_CLIENT_SECRET=bench
+export DATAVERSE_PROXY_TOKEN_URL="$ORIGIN/tenant/oauth2/v2.0/token"
+export DATAVERSE_PROXY_LISTEN=127.0.0.1:$DVP DATAVERSE_PROXY_ADMIN_LISTEN=127.0.0.1:$ADMIN
+export RUST_LOG=warn TOKIO_WORKER_THREADS=1
+# Run from the scratch directory: no ./config.toml is picked up there.
+cd "$WORK"
+start dataverse-proxy "$BIN" serve; DVP_PID=$LAST
+wait_port $DVP
+
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TCK=$(getconf CLK_TCK)
+RSS_REST=$(rss_kb "$DVP_PID")
+RSS_REST_NGX=$(rss_kb "$NGX_WORKER")
+
+to_ms() { # wrk latency value (us/ms/s) to milliseconds
+  awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'
+}
+
+# run NAME PORT PATH CONNS PID -> sets RPS P50 P99 CPU_US REQS
+run() {
+  local port=$2 path=$3 conns=$4 pid=$5
+  local before after out
+  before=$( [ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
+  out=$(taskset -c 0 wrk -t1 -c"$conns" -d"$DURATION" --latency "http://127.0.0.1:$port$path")
+  after=$( [ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
+  RPS=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+  REQS=$(awk '/requests in/ {print $1}' <<<"$out")
+  P50=$(to_ms "$(awk '$1=="50%" {print $2}' <<<"$out")")
+  P99=$(to_ms "$(awk '$1=="99%" {print $2}' <<<"$out")")
+  local errs; errs=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+  if [ -n "$errs" ]; then echo "WARNING: $1 had $errs non-2xx answers" >&2; fi
+  if [ -n "$pid" ]; then
+    CPU_US=$(awk -v t=$((after - before)) -v n="$REQS" -v hz="$TCK" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')
+  else
+    CPU_US="-"
+  fi
+}
+
+RESULTS="$WORK/results.md"
+{
+  echo "| target | conns | req/s | p50 ms | p99 ms | proxy CPU µs/req |"
+  echo "|---|---|---|---|---|---|"
+} > "$RESULTS"
+
+# Cold start: the first load run starts while the proxy may not have a token yet.
+declare -A R
+for conns in 16 256; do
+  for target in dataverse-proxy nginx direct; do
+    case $target in
+      direct) port=$UP; pid=""; path=/api/data/v9.2/accounts ;;
+      nginx) port=$NGX; pid=$NGX_WORKER; path=/api/data/v9.2/accounts ;;
+      dataverse-proxy) port=$DVP; pid=$DVP_PID; path=/api/data/v9.2/accounts ;;
+    esac
+    if [ "$target" = direct ]; then
+      out=$(taskset -c 0 wrk -t1 -c"$conns" -d"$DURATION" --latency -H "Authorization: Bearer bench-token" "http://127.0.0.1:$port$path")
+      if grep -q Non-2xx <<<"$out"; then echo "WARNING: direct had non-2xx answers" >&2; fi
+      RPS=$(awk '/^Requests\/sec/ {print $2}' <<<"$out"); P50=$(to_ms "$(awk '$1=="50%" {print $2}' <<<"$out")"); P99=$(to_ms "$(awk '$1=="99%" {print $2}' <<<"$out")"); CPU_US="-"
+    else
+      if [ "$target" = dataverse-proxy ] && [ "$conns" = 256 ]; then
+        ( sleep 3; rss_kb "$DVP_PID" > "$WORK/rss256" ) &
+        SAMPLER=$!
+      fi
+      run "$target" "$port" "$path" "$conns" "$pid"
+      if [ "$target" = dataverse-proxy ] && [ "$conns" = 16 ]; then COLD_REQS=$REQS; fi
+    fi
+    R[$target-$conns]="$RPS $P50 $P99 $CPU_US"
+    echo "| $target | $conns | $RPS | $P50 | $P99 | $CPU_US |" >> "$RESULTS"
+  done
+done
+wait "$SAMPLER"
+TOKENS=$(wc -l < "$WORK/logs/token.log")
+RSS_256=$(cat "$WORK/rss256")
+
+# Link rewriting on 1 MB pages: the same bytes as JSON (rewritten) and as
+# octet-stream (passed through), through dataverse-proxy.
+run rewrite $DVP /api/data/v9.2/page1m 16 "$DVP_PID"; REW_RPS=$RPS; REW_CPU=$CPU_US
+run passthrough $DVP /api/data/v9.2/page1m.bin 16 "$DVP_PID"; RAW_RPS=$RPS; RAW_CPU=$CPU_US
+
+# Streaming 1 GiB: MB/s and the proxy's peak RSS during the transfer.
+stream() { # port [auth]
+  taskset -c 0 curl -s -o /dev/null -w '%{speed_download}' ${2:+-H "$2"} "http://127.0.0.1:$1/api/data/v9.2/big"
+}
+echo 5 > "/proc/$DVP_PID/clear_refs" 2>/dev/null || true
+echo 5 > "/proc/$NGX_WORKER/clear_refs" 2>/dev/null || true
+S_DIRECT=$(stream $UP "Authorization: Bearer bench-token")
+S_NGX=$(stream $NGX)
+S_DVP=$(stream $DVP)
+PEAK_DVP=$(hwm_kb "$DVP_PID"); PEAK_NGX=$(hwm_kb "$NGX_WORKER")
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0 || a == "-" || b == "-") print "-"; else printf "%.2f", a / b }'; }
+mb() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1e6 }'; }
+{
+  echo
+  echo "| ratio (dataverse-proxy ÷ nginx) | 16 conns | 256 conns |"
+  echo "|---|---|---|"
+  for i in 1 2 3 4; do
+    name=$(echo "req/s p50 p99 CPU-µs/req" | cut -d' ' -f$i)
+    a16=$(echo "${R[dataverse-proxy-16]}" | cut -d' ' -f$i); n16=$(echo "${R[nginx-16]}" | cut -d' ' -f$i)
+    a256=$(echo "${R[dataverse-proxy-256]}" | cut -d' ' -f$i); n256=$(echo "${R[nginx-256]}" | cut -d' ' -f$i)
+    echo "| $name | $(ratio "$a16" "$n16") | $(ratio "$a256" "$n256") |"
+  done
+  echo
+  echo "| ratio to direct (req/s) | 16 conns | 256 conns |"
+  echo "|---|---|---|"
+  for t in dataverse-proxy nginx; do
+    echo "| $t | $(ratio "$(echo "${R[$t-16]}" | cut -d' ' -f1)" "$(echo "${R[direct-16]}" | cut -d' ' -f1)") | $(ratio "$(echo "${R[$t-256]}" | cut -d' ' -f1)" "$(echo "${R[direct-256]}" | cut -d' ' -f1)") |"
+  done
+  echo
+  echo "| streaming 1 GiB | MB/s | peak RSS of the proxy |"
+  echo "|---|---|---|"
+  echo "| direct | $(mb "$S_DIRECT") | - |"
+  echo "| nginx | $(mb "$S_NGX") | $((PEAK_NGX / 1024)) MiB |"
+  echo "| dataverse-proxy | $(mb "$S_DVP") ($(ratio "$S_DVP" "$S_NGX") × nginx) | $((PEAK_DVP / 1024)) MiB |"
+  echo
+  echo "| other | value |"
+  echo "|---|---|"
+  echo "| dataverse-proxy RSS at rest | $((RSS_REST / 1024)) MiB (nginx worker: $((RSS_REST_NGX / 1024)) MiB) |"
+  echo "| dataverse-proxy RSS under 256 connections | $((RSS_256 / 1024)) MiB |"
+  echo "| 1 MB JSON page, rewritten vs passed through (req/s) | $REW_RPS vs $RAW_RPS ($(awk -v a="$REW_RPS" -v b="$RAW_RPS" 'BEGIN { printf "%.1f", (1 - a / b) * 100 }')% cost) |"
+  echo "| 1 MB JSON page, CPU µs/req rewritten vs passed through | $REW_CPU vs $RAW_CPU |"
+  echo "| token requests during the cold-start run ($COLD_REQS requests) | $TOKENS |"
+  echo "| small response body | $SMALL_BYTES bytes |"
+  echo
+  echo "Run: $(date -u +%Y-%m-%dT%H:%MZ), $DURATION per load run, $(nproc) cores, wrk on core 0, servers on core 1,"
+  echo "dataverse-proxy with TOKIO_WORKER_THREADS=1, nginx $("$NGINX" -v 2>&1 | cut -d/ -f2) with worker_processes 1."
+} >> "$RESULTS"
+
+mkdir -p "$ROOT/bench/results"
+cp "$RESULTS" "$ROOT/bench/results/$(date -u +%Y%m%dT%H%M%SZ).md"
+cat "$RESULTS"
