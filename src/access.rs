@@ -33,6 +33,8 @@ use crate::metrics::{RequestLabels, method_label, status_class};
 pub struct RequestInfo {
     /// The org it was routed to.
     pub org: Option<Arc<str>>,
+    /// The org's index (for per-org metric handles).
+    pub org_index: Option<usize>,
     /// Time until Dataverse's response headers.
     pub upstream: Option<Duration>,
     /// Dataverse's own request id (`x-ms-service-request-id` or `REQ_ID`).

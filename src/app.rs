@@ -44,9 +44,21 @@ use crate::token::{Target, TokenKey, TokenProvider};
 /// Request-id header, accepted from callers and generated otherwise.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// State shared by every request. Cheap to clone.
+/// State shared by every request: one `Arc`, so handing it to each request
+/// is a single reference-count increment.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+pub struct Shared {
     /// The configured orgs.
     pub orgs: Arc<[Arc<OrgState>]>,
     /// How requests find their org.
@@ -153,6 +165,8 @@ pub struct Routed<'a> {
     pub org: &'a Arc<OrgState>,
     /// Bytes of the path taken by the `/{name}` prefix (0 without one).
     pub prefix_len: usize,
+    /// The org's position in [`Shared::orgs`].
+    pub index: usize,
 }
 
 impl AppState {
@@ -201,7 +215,7 @@ impl AppState {
                 links: Mutex::new(HashMap::new()),
             }));
         }
-        Ok(Self {
+        Ok(Self(Arc::new(Shared {
             orgs: orgs.into(),
             routes: Arc::new(routes),
             providers: providers.into_values().collect(),
@@ -215,13 +229,13 @@ impl AppState {
                 trusted: config.trusted_proxies.clone(),
                 fallback_host: config.listen.to_string(),
             }),
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(Metrics::with_orgs(config.orgs.len())),
             draining: Arc::new(AtomicBool::new(false)),
             log_query: config.log.query,
             limits: Arc::new(config.limits.clone()),
             access: Arc::new(config.access.clone()),
             quotas: Arc::default(),
-        })
+        })))
     }
 
     /// The distinct token providers.
@@ -239,11 +253,14 @@ impl AppState {
     pub fn route(&self, path: &str, host: Option<&str>) -> Result<Routed<'_>, ProxyError> {
         let r = &self.routes;
         if path == "/api" || path.starts_with("/api/") {
-            let by_host = host.and_then(|h| r.by_host.get(&h.to_ascii_lowercase()));
+            let by_host = host
+                .filter(|_| !r.by_host.is_empty())
+                .and_then(|h| r.by_host.get(&h.to_ascii_lowercase()));
             return match by_host.or(r.default.as_ref()) {
                 Some(&i) => Ok(Routed {
                     org: &self.orgs[i],
                     prefix_len: 0,
+                    index: i,
                 }),
                 None => Err(ProxyError::UnknownOrg),
             };
@@ -256,6 +273,7 @@ impl AppState {
             Some(&i) => Ok(Routed {
                 org: &self.orgs[i],
                 prefix_len: name.len() + 1,
+                index: i,
             }),
             None if r.default.is_some() => Err(ProxyError::NotFound),
             None => Err(ProxyError::UnknownOrg),

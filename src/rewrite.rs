@@ -74,27 +74,56 @@ impl Rewriter {
 
     /// Feeds one chunk; returns what can be emitted now. `carry` holds the
     /// bytes kept back from the previous chunk and receives the new ones.
+    ///
+    /// A chunk without a match is returned as a slice of itself (no copy);
+    /// a chunk with matches is copied once, with the replacements.
     pub fn feed(&self, carry: &mut BytesMut, chunk: Bytes) -> Bytes {
-        if carry.is_empty() && self.finder.find(&chunk).is_none() {
-            // Fast path: no match in this chunk; keep back only its tail.
-            let cut = chunk.len().saturating_sub(self.keep);
-            carry.extend_from_slice(&chunk[cut..]);
-            return chunk.slice(..cut);
+        if !carry.is_empty() && chunk.len() < self.keep {
+            // A tiny chunk: join it to the kept bytes and go on.
+            carry.extend_from_slice(&chunk);
+            let joined = carry.split().freeze();
+            return self.feed(carry, joined);
         }
-        carry.extend_from_slice(&chunk);
-        let buf = carry.split().freeze();
-        let mut out = BytesMut::with_capacity(buf.len() + 64);
-        let mut last = 0;
-        for m in self.finder.find_iter(&buf[..]) {
-            out.extend_from_slice(&buf[last..m.start()]);
-            out.extend_from_slice(&self.replacement);
-            last = m.end();
+        let mut out: Option<BytesMut> = None;
+        let mut start = 0;
+        if !carry.is_empty() {
+            // Only a match that begins in the kept bytes needs them: such a
+            // match ends within the first `keep` bytes of this chunk, and two
+            // cannot begin there (the kept bytes are shorter than a pattern).
+            let kept = carry.len();
+            let head = &chunk[..self.keep.min(chunk.len())];
+            let mut joined = BytesMut::with_capacity(kept + head.len());
+            joined.extend_from_slice(carry);
+            joined.extend_from_slice(head);
+            let mut o = BytesMut::with_capacity(chunk.len() + kept + 64);
+            match self.finder.find(&joined[..]) {
+                Some(m) if m.start() < kept => {
+                    o.extend_from_slice(&joined[..m.start()]);
+                    o.extend_from_slice(&self.replacement);
+                    start = m.end() - kept;
+                }
+                _ => o.extend_from_slice(carry),
+            }
+            carry.clear();
+            out = Some(o);
+        }
+        let mut last = start;
+        for m in self.finder.find_iter(&chunk[start..]) {
+            let o = out.get_or_insert_with(|| BytesMut::with_capacity(chunk.len() + 64));
+            o.extend_from_slice(&chunk[last..start + m.start()]);
+            o.extend_from_slice(&self.replacement);
+            last = start + m.end();
         }
         // After the last match, keep back bytes that could start a match.
-        let cut = last.max(buf.len().saturating_sub(self.keep));
-        out.extend_from_slice(&buf[last..cut]);
-        carry.extend_from_slice(&buf[cut..]);
-        out.freeze()
+        let cut = last.max(chunk.len().saturating_sub(self.keep));
+        carry.extend_from_slice(&chunk[cut..]);
+        match out {
+            None => chunk.slice(last..cut),
+            Some(mut o) => {
+                o.extend_from_slice(&chunk[last..cut]);
+                o.freeze()
+            }
+        }
     }
 }
 

@@ -88,6 +88,7 @@ async fn forward_inner(
     let routed = state.route(parts.uri.path(), host)?;
     let org = routed.org.clone();
     info.org = Some(org.name.as_str().into());
+    info.org_index = Some(routed.index);
     let prefix_len = routed.prefix_len;
     let api_path = &parts.uri.path()[prefix_len..];
     path::check(api_path)?;
@@ -176,7 +177,9 @@ async fn forward_inner(
         let resp = send(state, req).await?;
         let waited = sent.elapsed();
         info.upstream = Some(waited);
-        state.metrics.upstream(&org.name, waited);
+        state
+            .metrics
+            .upstream_fast(info.org_index.unwrap_or(0), &org.name, waited);
         match resp.status() {
             StatusCode::UNAUTHORIZED if !refreshed => {
                 // Revoked or rotated: drop this token (not a newer one),

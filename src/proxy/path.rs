@@ -106,17 +106,16 @@ pub fn check(path: &str) -> Result<(), ProxyError> {
             "dot segments are not allowed in the path",
         ));
     }
-    for segment in path.split('/') {
-        if segment == "." || segment == ".." {
-            return Err(ProxyError::BadRequest(
-                "dot segments are not allowed in the path",
-            ));
-        }
-        let lower = segment.to_ascii_lowercase();
-        if ["%2e", "%2f", "%5c", "%25"]
-            .iter()
-            .any(|enc| lower.contains(enc))
-        {
+    // Encoded dots, slashes, backslashes and percent signs, in any case.
+    let bytes = path.as_bytes();
+    for (i, _) in bytes.iter().enumerate().filter(|(_, b)| **b == b'%') {
+        let pair = bytes
+            .get(i + 1..i + 3)
+            .map(|p| [p[0].to_ascii_lowercase(), p[1]]);
+        if matches!(
+            pair,
+            Some([b'2', b'e' | b'E' | b'f' | b'F' | b'5']) | Some([b'5', b'c' | b'C'])
+        ) {
             return Err(ProxyError::BadRequest(
                 "percent-encoded dots, slashes, backslashes or percent signs are not allowed in the path",
             ));

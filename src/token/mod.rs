@@ -188,6 +188,9 @@ struct Inner {
     fetched_once: std::sync::atomic::AtomicBool,
     /// The last token was dropped after a 401.
     invalidated: std::sync::atomic::AtomicBool,
+    /// The token last taken from the cache: the hot path reads it under a
+    /// read lock instead of hashing the key into moka on every request.
+    current: std::sync::RwLock<Option<Arc<AccessToken>>>,
 }
 
 /// Why a token was fetched.
@@ -278,6 +281,7 @@ impl TokenProvider {
                 stats: TokenStats::default(),
                 fetched_once: std::sync::atomic::AtomicBool::new(false),
                 invalidated: std::sync::atomic::AtomicBool::new(false),
+                current: std::sync::RwLock::new(None),
             }),
         })
     }
@@ -308,7 +312,11 @@ impl TokenProvider {
     /// current token stays if the fetch fails.
     pub async fn refresh_now(&self) -> Result<(), TokenError> {
         let fresh = self.fetch(FetchReason::Manual).await?;
-        self.inner.cache.insert(self.inner.key.clone(), fresh).await;
+        self.inner
+            .cache
+            .insert(self.inner.key.clone(), fresh.clone())
+            .await;
+        self.set_current(Some(fresh));
         Ok(())
     }
 
@@ -326,21 +334,48 @@ impl TokenProvider {
 
     /// A token to inject, or `TokenUnavailable` (503) when none can be had now.
     pub async fn get(&self) -> Result<Arc<AccessToken>, ProxyError> {
+        if let Some(token) = self.current() {
+            return Ok(token);
+        }
         let inner = &self.inner;
         if let Some(token) = inner.cache.get(&inner.key).await {
+            self.set_current(Some(token.clone()));
             return Ok(token);
         }
         if let Some(err) = self.failing_fast() {
             return Err(err);
         }
-        inner
+        let token = inner
             .cache
             .try_get_with(inner.key.clone(), self.fetch(self.miss_reason()))
             .await
             .map_err(|e| ProxyError::TokenUnavailable {
                 reason: e.to_string(),
                 retry_after: self.retry_after(),
-            })
+            })?;
+        self.set_current(Some(token.clone()));
+        Ok(token)
+    }
+
+    /// The remembered token while it is still served.
+    fn current(&self) -> Option<Arc<AccessToken>> {
+        let guard = self
+            .inner
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        guard
+            .as_ref()
+            .filter(|t| Instant::now() < t.serve_until)
+            .cloned()
+    }
+
+    fn set_current(&self, token: Option<Arc<AccessToken>>) {
+        *self
+            .inner
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = token;
     }
 
     /// Fetches a token now, bypassing the cache (for `check` and `token`).
@@ -368,6 +403,15 @@ impl TokenProvider {
         self.inner
             .invalidated
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        // Forget it on the hot path too (a newer one is left alone).
+        let mut current = self
+            .inner
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &stale)) {
+            *current = None;
+        }
         tracing::info!("Dataverse refused the token (401); fetching a new one");
     }
 
@@ -490,7 +534,8 @@ impl TokenProvider {
             Some(_) => {
                 // The current token stays cached (and served) if this fails.
                 if let Ok(fresh) = self.fetch(FetchReason::Refresh).await {
-                    inner.cache.insert(inner.key.clone(), fresh).await;
+                    inner.cache.insert(inner.key.clone(), fresh.clone()).await;
+                    self.set_current(Some(fresh));
                 }
             }
             None => {
