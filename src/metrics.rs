@@ -81,21 +81,28 @@ pub struct RateLimitSeen {
 impl RateLimitSeen {
     /// Records the headers of a Dataverse answer, if present.
     pub fn record(&self, headers: &http::HeaderMap) {
-        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        if let Some(n) =
-            get("x-ms-ratelimit-burst-remaining-xrm-requests").and_then(|v| v.trim().parse().ok())
-        {
+        use crate::proxy::headers::names;
+        let get = |name: http::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+        if let Some(n) = get(names::RATELIMIT_BURST).and_then(|v| v.trim().parse().ok()) {
             self.burst_remaining.store(n, Ordering::Relaxed);
             self.seen.store(1, Ordering::Relaxed);
         }
         // Seen as "1,199.83" (seconds with a thousands separator).
-        if let Some(secs) = get("x-ms-ratelimit-time-remaining-xrm-requests")
-            .and_then(|v| v.replace(',', "").trim().parse::<f64>().ok())
-        {
+        if let Some(secs) = get(names::RATELIMIT_TIME).and_then(parse_seconds) {
             self.time_remaining_ms
                 .store((secs * 1000.0) as u64, Ordering::Relaxed);
             self.seen.store(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// `"1,199.83"` → 1199.83, without allocating for the common form.
+fn parse_seconds(v: &str) -> Option<f64> {
+    let v = v.trim();
+    if v.contains(',') {
+        v.replace(',', "").parse().ok()
+    } else {
+        v.parse().ok()
     }
 }
 

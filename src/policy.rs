@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use crate::error::ProxyError;
 use crate::multipart;
+use crate::proxy::headers::names;
 
 /// What to do with `CallerObjectId` / `MSCRMCallerID`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,8 +197,11 @@ impl Policy {
     /// header policy drops them; returns the ones to put back.
     pub fn impersonation_headers(&self, headers: &HeaderMap) -> Vec<(&'static str, HeaderValue)> {
         let mut keep = Vec::new();
-        for name in ["callerobjectid", "mscrmcallerid"] {
-            let Some(v) = headers.get(name) else { continue };
+        for (name, key) in [
+            ("callerobjectid", names::CALLER_OBJECT_ID),
+            ("mscrmcallerid", names::MSCRM_CALLER_ID),
+        ] {
+            let Some(v) = headers.get(key) else { continue };
             let allowed = match &self.impersonation {
                 Impersonation::Drop => false,
                 Impersonation::Allow => true,
@@ -305,7 +309,7 @@ impl Access {
             return peer;
         }
         let hops: Vec<IpAddr> = headers
-            .get_all("x-forwarded-for")
+            .get_all(names::X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
@@ -332,7 +336,7 @@ impl Access {
             )));
         }
         let key = headers
-            .get("x-api-key")
+            .get(names::X_API_KEY)
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
             .filter(|k| !k.is_empty());
@@ -401,7 +405,7 @@ pub fn warn_if_readable_by_others(what: &str, path: &std::path::Path) {
 
 /// Removes the caller's API key header before forwarding.
 pub fn strip_key(headers: &mut HeaderMap) {
-    headers.remove("x-api-key");
+    headers.remove(names::X_API_KEY);
 }
 
 #[cfg(test)]

@@ -11,60 +11,121 @@
 
 use axum::http::{HeaderMap, HeaderName, header};
 
-/// Hop-by-hop headers per RFC 9110 §7.6.1 (and the obsolete `Proxy-Connection`).
-static HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("proxy-connection"),
-    HeaderName::from_static("keep-alive"),
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::TRAILER,
-];
+/// Header names used on the hot path, parsed once.
+pub mod names {
+    use axum::http::HeaderName;
 
-/// Request headers that never reach Dataverse.
-static DROPPED_TOWARDS_UPSTREAM: [HeaderName; 6] = [
-    header::AUTHORIZATION,
-    header::PROXY_AUTHORIZATION,
-    header::HOST,
-    // hyper's client cannot wait for `100 Continue`; the proxy's own server
-    // side answers the caller's `Expect` instead.
-    header::EXPECT,
-    HeaderName::from_static("callerobjectid"),
-    HeaderName::from_static("mscrmcallerid"),
-];
+    /// Dataverse's recommended degree of parallelism.
+    pub const X_MS_DOP_HINT: HeaderName = HeaderName::from_static("x-ms-dop-hint");
+    /// Dataverse's request id.
+    pub const X_MS_SERVICE_REQUEST_ID: HeaderName =
+        HeaderName::from_static("x-ms-service-request-id");
+    /// Dataverse's request id on errors.
+    pub const REQ_ID: HeaderName = HeaderName::from_static("req_id");
+    /// Remaining requests in the window.
+    pub const RATELIMIT_BURST: HeaderName =
+        HeaderName::from_static("x-ms-ratelimit-burst-remaining-xrm-requests");
+    /// Remaining execution time in the window.
+    pub const RATELIMIT_TIME: HeaderName =
+        HeaderName::from_static("x-ms-ratelimit-time-remaining-xrm-requests");
+    /// A caller's API key.
+    pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+    /// Impersonation by Entra object id.
+    pub const CALLER_OBJECT_ID: HeaderName = HeaderName::from_static("callerobjectid");
+    /// Impersonation by systemuser id (legacy; no dot in the name).
+    pub const MSCRM_CALLER_ID: HeaderName = HeaderName::from_static("mscrmcallerid");
+    /// RFC 7239.
+    pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+    /// De-facto forwarding headers.
+    pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    /// De-facto forwarding headers.
+    pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    /// De-facto forwarding headers.
+    pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+    /// De-facto forwarding headers.
+    pub const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
+}
+
+/// Hop-by-hop headers per RFC 9110 §7.6.1 (and the obsolete `Proxy-Connection`).
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "proxy-connection"
+            | "keep-alive"
+            | "te"
+            | "transfer-encoding"
+            | "upgrade"
+            | "trailer"
+    )
+}
+
+/// Request headers that never reach Dataverse: hop-by-hop ones, the
+/// caller's credentials, `Host` (the org's is set), `Expect` (hyper's client
+/// cannot wait for `100 Continue`; the proxy's server side answers the
+/// caller's), impersonation (put back by the policy when allowed) and API keys.
+fn is_dropped_upstream(name: &str) -> bool {
+    is_hop_by_hop(name)
+        || matches!(
+            name,
+            "authorization"
+                | "proxy-authorization"
+                | "host"
+                | "expect"
+                | "callerobjectid"
+                | "mscrmcallerid"
+                | "x-api-key"
+        )
+}
 
 /// Response headers from Dataverse that are not passed to callers.
-static DROPPED_TOWARDS_CALLER: [HeaderName; 1] = [header::PROXY_AUTHENTICATE];
+fn is_dropped_downstream(name: &str) -> bool {
+    is_hop_by_hop(name) || name == "proxy-authenticate"
+}
+
+/// Removes the headers named in `Connection`, then those `drop` selects.
+///
+/// One pass over the names finds what to remove, so a request with nothing
+/// to strip costs no hashing.
+fn strip(headers: &mut HeaderMap, drop: fn(&str) -> bool) {
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    let mut has_connection = false;
+    for name in headers.keys() {
+        if name == header::CONNECTION {
+            has_connection = true;
+        }
+        if drop(name.as_str()) {
+            doomed.push(name.clone());
+        }
+    }
+    if has_connection {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        doomed.extend(named);
+    }
+    for name in doomed {
+        headers.remove(name);
+    }
+}
 
 /// Removes hop-by-hop headers, including those listed in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
+    strip(headers, is_hop_by_hop);
 }
 
 /// Prepares a caller's request headers for Dataverse (the bearer is added by the caller of this).
 pub fn to_upstream(headers: &mut HeaderMap) {
-    strip_hop_by_hop(headers);
-    for name in &DROPPED_TOWARDS_UPSTREAM {
-        headers.remove(name);
-    }
+    strip(headers, is_dropped_upstream);
 }
 
 /// Prepares Dataverse's response headers for the caller.
 pub fn to_caller(headers: &mut HeaderMap) {
-    strip_hop_by_hop(headers);
-    for name in &DROPPED_TOWARDS_CALLER {
-        headers.remove(name);
-    }
+    strip(headers, is_dropped_downstream);
 }
 
 #[cfg(test)]

@@ -217,13 +217,13 @@ async fn forward_inner(
     org.ratelimit.record(&parts.headers);
     info.dataverse_request_id = parts
         .headers
-        .get("x-ms-service-request-id")
-        .or_else(|| parts.headers.get("req_id"))
+        .get(headers::names::X_MS_SERVICE_REQUEST_ID)
+        .or_else(|| parts.headers.get(headers::names::REQ_ID))
         .cloned();
     headers::to_caller(&mut parts.headers);
     if let Some(hint) = parts
         .headers
-        .get("x-ms-dop-hint")
+        .get(headers::names::X_MS_DOP_HINT)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
     {

@@ -11,6 +11,8 @@ use std::net::IpAddr;
 
 use axum::http::{HeaderMap, header};
 
+use super::headers::names;
+
 /// Settings for deriving the public URL.
 #[derive(Debug, Clone)]
 pub struct PublicUrl {
@@ -29,10 +31,10 @@ impl PublicUrl {
             return fixed.clone();
         }
         let mut proto = "http";
-        let mut host = header_str(headers, header::HOST.as_str()).filter(|h| valid_host(h));
+        let mut host = header_str(headers, header::HOST).filter(|h| valid_host(h));
         let mut prefix = "";
         if self.trusted.iter().any(|net| net.contains(&peer)) {
-            if let Some(fwd) = header_str(headers, "forwarded") {
+            if let Some(fwd) = header_str(headers, names::FORWARDED) {
                 let (p, h) = parse_forwarded(fwd);
                 if let Some(p) = p {
                     proto = p;
@@ -41,19 +43,19 @@ impl PublicUrl {
                     host = h;
                 }
             } else {
-                match header_str(headers, "x-forwarded-proto").map(first_value) {
+                match header_str(headers, names::X_FORWARDED_PROTO).map(first_value) {
                     Some(p) if p.eq_ignore_ascii_case("https") => proto = "https",
                     Some(p) if p.eq_ignore_ascii_case("http") => proto = "http",
                     _ => {}
                 }
-                if let Some(h) = header_str(headers, "x-forwarded-host")
+                if let Some(h) = header_str(headers, names::X_FORWARDED_HOST)
                     .map(first_value)
                     .filter(|h| valid_host(h))
                 {
                     host = Some(h);
                 }
             }
-            if let Some(p) = header_str(headers, "x-forwarded-prefix")
+            if let Some(p) = header_str(headers, names::X_FORWARDED_PREFIX)
                 .map(first_value)
                 .filter(|p| valid_prefix(p))
             {
@@ -65,7 +67,7 @@ impl PublicUrl {
     }
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn header_str(headers: &HeaderMap, name: axum::http::HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
