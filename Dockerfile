@@ -7,11 +7,13 @@ FROM rust:1-slim-bookworm AS build
 WORKDIR /src
 # Dependencies first, so code changes reuse the cached dependency layer.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && cargo build --release --locked \
-    && rm -rf src
+RUN mkdir src benches && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && echo 'fn main() {}' > benches/hot_path.rs \
+    && cargo build --release --locked --bin dataverse-proxy \
+    && rm -rf src benches
 COPY src ./src
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked
+COPY benches ./benches
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin dataverse-proxy
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/dataverse-proxy /usr/local/bin/dataverse-proxy
