@@ -17,12 +17,15 @@ const PROXY: &str = "http://127.0.0.1:8080";
 
 /// A ~1 MB OData page; `links` decides whether rows carry org URLs.
 fn page(links: bool) -> Bytes {
-    let mut s = format!("{{\"@odata.context\":\"{ORG}/api/data/v9.2/$metadata#accounts\",\"value\":[");
+    let mut s =
+        format!("{{\"@odata.context\":\"{ORG}/api/data/v9.2/$metadata#accounts\",\"value\":[");
     let mut i = 0;
     while s.len() < 1_000_000 {
         let id = format!("00000000-0000-0000-0000-{i:012}");
         if links {
-            s.push_str(&format!("{{\"@odata.id\":\"{ORG}/api/data/v9.2/accounts({id})\",\"name\":\"Account {i}\"}},"));
+            s.push_str(&format!(
+                "{{\"@odata.id\":\"{ORG}/api/data/v9.2/accounts({id})\",\"name\":\"Account {i}\"}},"
+            ));
         } else {
             s.push_str(&format!("{{\"@odata.idx\":\"urn:accounts:{id}:xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\",\"name\":\"Account {i}\"}},"));
         }

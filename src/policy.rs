@@ -104,17 +104,7 @@ impl Policy {
             // Judged by its operations (check_batch), not by its own POST.
             return Ok(());
         }
-        let read = matches!(*method, Method::GET | Method::HEAD);
-        if (self.read_only || caller_read_only) && !read {
-            return Err(ProxyError::PolicyDenied(format!(
-                "{method} is not allowed: the policy is read-only"
-            )));
-        }
-        if !self.methods.is_empty() && !self.methods.contains(method) {
-            return Err(ProxyError::PolicyDenied(format!(
-                "{method} is not among the allowed methods"
-            )));
-        }
+        self.check_method_only(method, caller_read_only)?;
         if resource == "$metadata" && !self.metadata {
             return Err(ProxyError::PolicyDenied(
                 "$metadata is switched off by the policy".to_owned(),

@@ -317,23 +317,26 @@ pub async fn request_token(
     let body: String = url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs(form.iter().map(|(k, v)| (*k, v.expose_secret())))
         .finish();
-    let resp = http
+    let req = http
         .post(token_url.clone())
         .header(reqwest::header::ACCEPT, "application/json")
         .header(
             reqwest::header::CONTENT_TYPE,
             "application/x-www-form-urlencoded",
         )
-        .body(body)
-        .send()
-        .await
-        .map_err(|e| TokenError::Network(e.without_url()))?;
-    let status = resp.status().as_u16();
-    let bytes = resp
-        .bytes()
-        .await
-        .map_err(|e| TokenError::Network(e.without_url()))?;
+        .body(body);
+    let (status, bytes) = exchange(req).await?;
     parse_response(status, &bytes)
+}
+
+/// Sends a token request; the status and the whole (small) body.
+async fn exchange(req: reqwest::RequestBuilder) -> Result<(u16, bytes::Bytes), TokenError> {
+    // The URL is configuration, not secret, but it adds nothing to the error.
+    let network = |e: reqwest::Error| TokenError::Network(e.without_url());
+    let resp = req.send().await.map_err(network)?;
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.map_err(network)?;
+    Ok((status, bytes))
 }
 
 /// A managed identity token from IMDS or App Service (dossier §1.10).
@@ -358,15 +361,7 @@ async fn managed_identity(
             req.header("X-IDENTITY-HEADER", header.0.expose_secret())
         }
     };
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| TokenError::Network(e.without_url()))?;
-    let status = resp.status().as_u16();
-    let bytes = resp
-        .bytes()
-        .await
-        .map_err(|e| TokenError::Network(e.without_url()))?;
+    let (status, bytes) = exchange(req).await?;
     if !(200..300).contains(&status)
         && let Ok(e) = serde_json::from_slice::<AppServiceError>(&bytes)
     {
