@@ -329,6 +329,8 @@ pub struct LimitsConfig {
     pub header_read_timeout: Duration,
     /// Request body size at most (413 beyond).
     pub max_body: usize,
+    /// Longest pause in a request body (408 beyond).
+    pub body_idle_timeout: Duration,
     /// Path length at most (414 beyond).
     pub max_path: usize,
     /// Query string length at most (414 beyond).
@@ -527,6 +529,7 @@ struct RawLimits {
     max_headers: Option<usize>,
     header_read_timeout: Option<String>,
     max_body: Option<String>,
+    body_idle_timeout: Option<String>,
     max_path: Option<String>,
     max_query: Option<String>,
 }
@@ -1093,6 +1096,11 @@ impl RawConfig {
                 Duration::from_secs(10),
             ),
             max_body: p.size("limits.max_body", l.max_body.as_deref(), 128 << 20),
+            body_idle_timeout: p.duration(
+                "limits.body_idle_timeout",
+                l.body_idle_timeout.as_deref(),
+                Duration::from_secs(60),
+            ),
             max_path: p.size("limits.max_path", l.max_path.as_deref(), 4 << 10),
             max_query: p.size("limits.max_query", l.max_query.as_deref(), 32 << 10),
         };

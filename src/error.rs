@@ -38,6 +38,9 @@ pub enum ProxyError {
     /// 431: the request headers are larger or more numerous than the limits.
     #[error("the request headers are too large (limits.max_header_bytes, limits.max_headers)")]
     HeadersTooLarge,
+    /// 408: the caller stopped sending its body.
+    #[error("the request body stalled for longer than limits.body_idle_timeout")]
+    RequestTimeout,
     /// 413: the request body is larger than the configured limit.
     #[error("the request body is larger than the proxy accepts ({0} bytes, limits.max_body)")]
     BodyTooLarge(usize),
@@ -107,6 +110,7 @@ impl ProxyError {
             Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::GovernorQueueFull { .. } | Self::GovernorQueueTimeout { .. } => {
@@ -130,6 +134,7 @@ impl ProxyError {
             Self::UriTooLong => "uri_too_long",
             Self::HeadersTooLarge => "headers_too_large",
             Self::BodyTooLarge(_) => "body_too_large",
+            Self::RequestTimeout => "request_timeout",
             Self::BadRequest(_) => "bad_request",
             Self::TokenUnavailable { .. } => "token_unavailable",
             Self::GovernorQueueFull { .. } => "governor_queue_full",
@@ -154,6 +159,7 @@ impl ProxyError {
             | Self::UriTooLong
             | Self::HeadersTooLarge
             | Self::BodyTooLarge(_)
+            | Self::RequestTimeout
             | Self::BadRequest(_)
             | Self::UpstreamUnavailable(_)
             | Self::UpstreamTimeout(_) => None,
@@ -190,7 +196,7 @@ impl IntoResponse for ProxyError {
                 HeaderValue::from_static("ApiKey header=\"X-API-Key\""),
             );
         }
-        if matches!(self, Self::BodyTooLarge(_)) {
+        if matches!(self, Self::BodyTooLarge(_) | Self::RequestTimeout) {
             // The unread body must not reach a reused connection.
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

@@ -64,7 +64,13 @@ impl RequestBody {
                 let bytes = body
                     .collect()
                     .await
-                    .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?
+                    .map_err(|e| {
+                        if super::caused_by_idle_body(&e) {
+                            ProxyError::RequestTimeout
+                        } else {
+                            ProxyError::BadRequest("the request body could not be read")
+                        }
+                    })?
                     .to_bytes();
                 let bytes = match rewriter.and_then(|r| r.rewrite_all(&bytes)) {
                     Some(rewritten) => Bytes::from(rewritten),

@@ -80,7 +80,12 @@ async fn forward_inner(
         return Err(ProxyError::BodyTooLarge(state.limits.max_body));
     }
     // Bodies without a length are cut off at the same limit.
-    let body = axum::body::Body::new(http_body_util::Limited::new(body, state.limits.max_body));
+    // A caller that stops sending its body for longer than the idle limit
+    // gets 408 (slow uploads cannot hold a slot and a Dataverse connection).
+    let body = axum::body::Body::new(IdleTimeout::new(
+        http_body_util::Limited::new(body, state.limits.max_body),
+        state.limits.body_idle_timeout,
+    ));
     let host = parts
         .headers
         .get(header::HOST)
@@ -254,7 +259,26 @@ async fn send(state: &AppState, req: Request) -> Result<Response<Incoming>, Prox
     tokio::time::timeout(timeout, state.client.request(req))
         .await
         .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
-        .map_err(ProxyError::UpstreamUnavailable)
+        .map_err(|e| {
+            // The caller's body stalling surfaces as a client error here.
+            if caused_by_idle_body(&e) {
+                ProxyError::RequestTimeout
+            } else {
+                ProxyError::UpstreamUnavailable(e)
+            }
+        })
+}
+
+/// True when `e` was caused by the caller's body stalling.
+pub(crate) fn caused_by_idle_body(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(err) = source {
+        if err.is::<upstream::BodyIdleTimeout>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// True when the body is not compressed (rewriting compressed bytes would

@@ -231,3 +231,22 @@ async fn content_length_with_transfer_encoding_is_forwarded_with_one_framing() {
     }
     h.stop().await;
 }
+
+/// A caller that stops sending its body gets 408, with the connection closed.
+#[tokio::test]
+async fn a_stalled_upload_is_a_408() {
+    let h =
+        Harness::with(crate::harness::Setup::default().set("limits.body_idle_timeout", "300ms"))
+            .await;
+    h.wait_ready().await;
+    let addr = h.proxy.trim_start_matches("http://").to_owned();
+    // Larger than the replay buffer would be buffered; both paths time out.
+    for len in [100usize, 5_000_000] {
+        let raw = format!(
+            "POST /api/data/v9.2/accounts HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n\r\n0123456789"
+        );
+        let status = send(&addr, raw.as_bytes()).await;
+        assert_eq!(status, Some(408), "body of {len} bytes");
+    }
+    h.stop().await;
+}
