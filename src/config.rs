@@ -73,6 +73,11 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
         "governor.max_concurrency",
     ),
     ("DATAVERSE_PROXY_SHUTDOWN_GRACE", "shutdown.grace"),
+    ("https_proxy", "upstream.proxy"),
+    ("HTTPS_PROXY", "upstream.proxy"),
+    ("no_proxy", "upstream.no_proxy"),
+    ("NO_PROXY", "upstream.no_proxy"),
+    ("DATAVERSE_PROXY_CA_FILE", "upstream.ca_file"),
     ("DATAVERSE_PROXY_LOG_FORMAT", "log.format"),
 ];
 
@@ -271,10 +276,32 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per upstream host.
     pub pool_max_idle: usize,
+    /// Outbound HTTP proxy for Entra ID and Dataverse traffic (CONNECT tunnels).
+    pub egress: Option<EgressProxy>,
+    /// Extra trusted CA certificates (PEM bundle) besides the system store.
+    pub ca_file: Option<PathBuf>,
     /// Request bodies up to this size (with a `Content-Length`) are buffered,
     /// so they can be replayed after a 429 or a 401 and their links
     /// rewritten with an exact `Content-Length`; larger ones stream.
     pub replay_buffer: usize,
+}
+
+/// A corporate egress proxy.
+#[derive(Clone)]
+pub struct EgressProxy {
+    /// `http://proxy.example.com:3128` (credentials in the URL are sent as Basic auth).
+    pub url: String,
+    /// Hosts reached directly: a comma list as in `NO_PROXY`.
+    pub no_proxy: String,
+}
+
+impl fmt::Debug for EgressProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EgressProxy")
+            .field("url", &redact_userinfo(&self.url))
+            .field("no_proxy", &self.no_proxy)
+            .finish()
+    }
 }
 
 /// Service-protection governor settings (per org).
@@ -299,6 +326,10 @@ pub struct GovernorConfig {
 /// Token cache and refresh settings.
 #[derive(Debug, Clone)]
 pub struct TokenConfig {
+    /// Egress proxy and extra CAs, shared with the upstream client.
+    pub egress: Option<EgressProxy>,
+    /// Extra trusted CA certificates.
+    pub ca_file: Option<PathBuf>,
     /// Timeout of one token request.
     pub fetch_timeout: Duration,
     /// First retry delay after a failed fetch; doubles up to `max_backoff`.
@@ -501,6 +532,9 @@ struct RawUpstream {
     #[serde(deserialize_with = "lenient_number")]
     pool_max_idle: Option<usize>,
     replay_buffer: Option<String>,
+    proxy: Option<String>,
+    no_proxy: Option<String>,
+    ca_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -886,6 +920,14 @@ impl Problems<'_> {
     }
 }
 
+/// A URL with any `user:password@` replaced, for error messages.
+fn redact_userinfo(v: &str) -> String {
+    match (v.find("://"), v.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://[REDACTED]@{}", &v[..s], &v[at + 1..]),
+        _ => v.to_owned(),
+    }
+}
+
 fn is_loopback(url: &Url) -> bool {
     match url.host() {
         Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
@@ -984,7 +1026,35 @@ impl RawConfig {
         );
 
         let u = self.upstream;
+        let egress = u.proxy.as_deref().filter(|v| !v.trim().is_empty()).and_then(|v| {
+            match Url::parse(v) {
+                Ok(url) if url.scheme() == "http" && url.host().is_some() => Some(EgressProxy {
+                    url: v.trim().to_owned(),
+                    no_proxy: u.no_proxy.clone().unwrap_or_default(),
+                }),
+                _ => {
+                    p.push(
+                        "upstream.proxy",
+                        &format!("{:?} is not an http:// proxy URL", redact_userinfo(v)),
+                        "use e.g. \"http://proxy.example.com:3128\" (HTTPS traffic is tunnelled with CONNECT)",
+                    );
+                    None
+                }
+            }
+        });
+        let ca_file = u.ca_file.map(PathBuf::from);
+        if let Some(path) = &ca_file
+            && let Err(e) = std::fs::read(path)
+        {
+            p.push(
+                "upstream.ca_file",
+                &format!("cannot read {} ({e})", path.display()),
+                "point it at a PEM file of CA certificates",
+            );
+        }
         let upstream = UpstreamConfig {
+            egress,
+            ca_file,
             connect_timeout: p.duration(
                 "upstream.connect_timeout",
                 u.connect_timeout.as_deref(),
@@ -1044,6 +1114,8 @@ impl RawConfig {
 
         let t = self.token;
         let token = TokenConfig {
+            egress: upstream.egress.clone(),
+            ca_file: upstream.ca_file.clone(),
             fetch_timeout: p.duration(
                 "token.fetch_timeout",
                 t.fetch_timeout.as_deref(),

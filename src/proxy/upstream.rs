@@ -5,38 +5,124 @@
 //! 1.1). TLS is rustls with the platform's trust store. Plain `http` is only
 //! ever used for loopback orgs (the simulator): config validation enforces it.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::BoxError;
 use axum::body::Body;
+use axum::http::Uri;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
+use tower::ServiceExt;
 
-use crate::config::UpstreamConfig;
+use crate::config::{EgressProxy, UpstreamConfig};
 
 /// The upstream client type.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
+pub type UpstreamClient = Client<HttpsConnector<Egress>, Body>;
+
+/// Connects directly, or through the configured egress proxy with a CONNECT
+/// tunnel (hosts matching `no_proxy` are reached directly).
+#[derive(Clone)]
+pub struct Egress {
+    direct: HttpConnector,
+    proxy: Option<Arc<Matcher>>,
+}
+
+impl Egress {
+    /// A connector for `egress` (direct when `None`).
+    pub fn new(direct: HttpConnector, egress: Option<&EgressProxy>) -> Self {
+        let proxy = egress.map(|e| {
+            Arc::new(
+                Matcher::builder()
+                    .http(e.url.clone())
+                    .https(e.url.clone())
+                    .no(e.no_proxy.clone())
+                    .build(),
+            )
+        });
+        Self { direct, proxy }
+    }
+}
+
+type ConnectFuture = Pin<Box<dyn Future<Output = Result<TokioIo<TcpStream>, BoxError>> + Send>>;
+
+impl tower::Service<Uri> for Egress {
+    type Response = TokioIo<TcpStream>;
+    type Error = BoxError;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.direct.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dst: Uri) -> ConnectFuture {
+        let intercept = self.proxy.as_ref().and_then(|m| m.intercept(&dst));
+        match intercept {
+            None => {
+                let fut = self.direct.call(dst);
+                Box::pin(async move { fut.await.map_err(Into::into) })
+            }
+            Some(proxy) => {
+                let mut tunnel = Tunnel::new(proxy.uri().clone(), self.direct.clone());
+                if let Some(auth) = proxy.basic_auth() {
+                    tunnel = tunnel.with_auth(auth.clone());
+                }
+                Box::pin(async move { tunnel.oneshot(dst).await.map_err(Into::into) })
+            }
+        }
+    }
+}
+
+/// The system trust store plus the PEM certificates in `ca_file`.
+pub fn tls_config(ca_file: Option<&std::path::Path>) -> std::io::Result<rustls::ClientConfig> {
+    crate::install_crypto_provider();
+    let extra = match ca_file {
+        None => Vec::new(),
+        Some(path) => {
+            let pem = std::fs::read(path)?;
+            pem::parse_many(&pem)
+                .map_err(std::io::Error::other)?
+                .into_iter()
+                .filter(|b| b.tag() == "CERTIFICATE")
+                .map(|b| rustls::pki_types::CertificateDer::from(b.into_contents()))
+                .collect()
+        }
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider.clone())
+            .map_err(std::io::Error::other)?;
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth())
+}
 
 /// Builds the pooled upstream client.
 pub fn build_client(cfg: &UpstreamConfig) -> std::io::Result<UpstreamClient> {
-    crate::install_crypto_provider();
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(cfg.connect_timeout));
     http.set_nodelay(true);
     http.set_keepalive(Some(Duration::from_secs(60)));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .try_with_platform_verifier()
-        .map_err(std::io::Error::other)?
+        .with_tls_config(tls_config(cfg.ca_file.as_deref())?)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
+        .wrap_connector(Egress::new(http, cfg.egress.as_ref()));
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(cfg.pool_idle_timeout)
         .pool_max_idle_per_host(cfg.pool_max_idle)

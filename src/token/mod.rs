@@ -262,7 +262,27 @@ impl TokenProvider {
         cache: TokenCache,
     ) -> Result<Self, reqwest::Error> {
         crate::install_crypto_provider();
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        // Egress comes from the configuration only (HTTPS_PROXY / NO_PROXY
+        // reach it through the environment layer), for both clients alike.
+        builder = builder.no_proxy();
+        if let Some(e) = &settings.egress {
+            match reqwest::Proxy::all(&e.url) {
+                Ok(p) => {
+                    builder = builder.proxy(p.no_proxy(reqwest::NoProxy::from_string(&e.no_proxy)))
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err.without_url(), "unusable egress proxy URL for the token client")
+                }
+            }
+        }
+        if let Some(path) = &settings.ca_file
+            && let Ok(pem) = std::fs::read(path)
+            && let Ok(certs) = reqwest::Certificate::from_pem_bundle(&pem)
+        {
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder
             .timeout(settings.fetch_timeout)
             .connect_timeout(settings.fetch_timeout)
             .redirect(reqwest::redirect::Policy::none())

@@ -220,3 +220,93 @@ async fn sigterm_drains_a_slow_download_then_exits_zero() {
     assert_eq!(exit.code(), Some(0));
     sim.shutdown();
 }
+
+/// A minimal egress proxy: CONNECT tunnels and absolute-form forwarding;
+/// records the targets it was asked for.
+async fn egress_proxy() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_string();
+                let mut words = text.split_whitespace();
+                let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                let authority = if method == "CONNECT" {
+                    target.to_owned()
+                } else {
+                    target
+                        .trim_start_matches("http://")
+                        .split('/')
+                        .next()
+                        .unwrap_or("")
+                        .to_owned()
+                };
+                log.lock()
+                    .expect("log")
+                    .push(format!("{method} {authority}"));
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(&authority).await else {
+                    return;
+                };
+                if method == "CONNECT" {
+                    let _ = client
+                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .await;
+                } else {
+                    let _ = upstream.write_all(&head).await;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn an_egress_proxy_carries_token_and_dataverse_traffic() {
+    let (proxy, seen) = egress_proxy().await;
+    let h = Harness::with(Setup::default().set("upstream.proxy", &proxy)).await;
+    h.wait_ready().await;
+    assert_eq!(h.get("/WhoAmI").await.status(), 200);
+    let seen = seen.lock().expect("seen").clone();
+    let entra = h.sim.entra_url().trim_start_matches("http://");
+    let org = h.sim.org_url().trim_start_matches("http://");
+    assert!(
+        seen.iter().any(|s| s.ends_with(entra)),
+        "token traffic went through the proxy: {seen:?}"
+    );
+    assert!(
+        seen.iter().any(|s| s == &format!("CONNECT {org}")),
+        "Dataverse traffic was tunnelled: {seen:?}"
+    );
+    h.stop().await;
+}
+
+#[test]
+fn an_extra_ca_bundle_is_loaded_into_the_upstream_tls_config() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cert.pem");
+    assert!(dataverse_proxy::proxy::upstream::tls_config(Some(&path)).is_ok());
+    assert!(
+        dataverse_proxy::proxy::upstream::tls_config(Some(std::path::Path::new(
+            "/nonexistent.pem"
+        )))
+        .is_err()
+    );
+}
