@@ -1902,6 +1902,23 @@ mod tests {
             .collect()
     }
 
+    /// Writes `text` to a fresh temporary config file and loads it with `env`.
+    fn load_toml(
+        text: &str,
+        env: HashMap<String, String>,
+    ) -> (PathBuf, Result<Config, ConfigError>) {
+        let dir = std::env::temp_dir().join(format!("dvp-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("c.toml");
+        std::fs::write(&path, text).expect("write");
+        let result = Config::load(&Sources {
+            file: Some(path.clone()),
+            env,
+            ..Sources::default()
+        });
+        (path, result)
+    }
+
     fn minimal_env() -> HashMap<String, String> {
         env(&[
             ("DATAVERSE_URL", "https://contoso.crm.dynamics.com"),
@@ -1979,19 +1996,14 @@ mod tests {
 
     #[test]
     fn unknown_keys_in_the_file_are_rejected() {
-        let dir = std::env::temp_dir().join(format!("dvp-cfg-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        let path = dir.join("c.toml");
-        std::fs::write(
-            &path,
-            "[org]\nurl = \"https://a.crm.dynamics.com\"\nurll = 1\n",
-        )
-        .expect("write");
-        let err = Config::load(&Sources {
-            file: Some(path.clone()),
-            ..Sources::default()
-        })
-        .expect_err("unknown key");
+        let (path, result) = load_toml(
+            "[org]
+url = \"https://a.crm.dynamics.com\"
+urll = 1
+",
+            HashMap::new(),
+        );
+        let err = result.expect_err("unknown key");
         let text = err.to_string();
         assert!(text.contains("unknown key `urll`"), "{text}");
         assert!(text.contains(&path.display().to_string()), "{text}");
@@ -1999,15 +2011,13 @@ mod tests {
 
     #[test]
     fn a_secret_of_the_wrong_type_is_not_echoed() {
-        let dir = std::env::temp_dir().join(format!("dvp-cfg-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        let path = dir.join("c.toml");
-        std::fs::write(&path, "[credential]\nclient_secret = 987654321\n").expect("write");
-        let err = Config::load(&Sources {
-            file: Some(path),
-            ..Sources::default()
-        })
-        .expect_err("bad type");
+        let (_, result) = load_toml(
+            "[credential]
+client_secret = 987654321
+",
+            HashMap::new(),
+        );
+        let err = result.expect_err("bad type");
         assert!(!err.to_string().contains("987654321"), "{err}");
     }
 
@@ -2083,18 +2093,11 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         let full = format!("{}{block}\n{}", &text[..start], &text[end..]);
-        let dir = std::env::temp_dir().join(format!("dvp-cfg-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        let path = dir.join("multi.toml");
-        std::fs::write(&path, full).expect("write");
         let mut e = HashMap::new();
         e.insert("AZURE_CLIENT_SECRET".to_owned(), "x".to_owned());
-        let cfg = Config::load(&Sources {
-            file: Some(path),
-            env: e,
-            ..Sources::default()
-        })
-        .expect("the multi-org example is valid");
+        let cfg = load_toml(&full, e)
+            .1
+            .expect("the multi-org example is valid");
         assert_eq!(cfg.orgs.len(), 2);
         assert!(cfg.orgs[0].default && !cfg.orgs[1].default);
         assert_eq!(cfg.orgs[1].name, "fabrikam");
@@ -2153,19 +2156,15 @@ mod tests {
 
     #[test]
     fn org_names_and_references_are_checked() {
-        let dir = std::env::temp_dir().join(format!("dvp-cfg-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        let path = dir.join("c.toml");
-        std::fs::write(
-            &path,
-            "[[orgs]]\nname = \"api\"\nurl = \"https://a.crm.dynamics.com\"\ncredential = \"nope\"\n",
-        )
-        .expect("write");
-        let err = Config::load(&Sources {
-            file: Some(path),
-            ..Sources::default()
-        })
-        .expect_err("invalid");
+        let (_, result) = load_toml(
+            "[[orgs]]
+name = \"api\"
+url = \"https://a.crm.dynamics.com\"
+credential = \"nope\"
+",
+            HashMap::new(),
+        );
+        let err = result.expect_err("invalid");
         let text = err.to_string();
         assert!(text.contains("`orgs[0].name`"), "{text}");
         assert!(text.contains("no credential named \"nope\""), "{text}");
