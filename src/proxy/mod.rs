@@ -144,7 +144,13 @@ async fn forward_inner(
         let limit = org.policy.batch_buffer;
         let bytes = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit))
             .await
-            .map_err(|_| ProxyError::BodyTooLarge(limit))?
+            .map_err(|e| {
+                if caused_by_idle_body(&*e) {
+                    ProxyError::RequestTimeout
+                } else {
+                    ProxyError::BodyTooLarge(limit)
+                }
+            })?
             .to_bytes();
         let ct = headers
             .get(header::CONTENT_TYPE)
