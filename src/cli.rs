@@ -136,15 +136,20 @@ fn load(sources: &Sources) -> Result<Config, ExitCode> {
 
 /// Sets up logging to stderr; `RUST_LOG` filters (default `info`).
 pub fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+        LogFormat::Text => fmt.boxed(),
     };
+    let registry = tracing_subscriber::registry().with(filter).with(fmt);
+    #[cfg(feature = "otel")]
+    let registry = registry.with(crate::telemetry::layer());
+    let _ = registry.try_init();
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -230,7 +235,10 @@ async fn serve(config: Config) -> ExitCode {
     let control = crate::Control::default();
     tokio::spawn(shutdown_signal(control.shutdown.clone()));
     tokio::spawn(reload_signal(control.reload.clone()));
-    match crate::serve_with(config, proxy, admin, control).await {
+    let result = crate::serve_with(config, proxy, admin, control).await;
+    #[cfg(feature = "otel")]
+    crate::telemetry::shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "server failed");

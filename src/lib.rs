@@ -28,6 +28,7 @@
 //! - [`server`]: the HTTP/1.1 server loop with the edge limits and drain.
 //! - [`sim`]: a simulator of Entra ID and the Dataverse Web API, used by the
 //!   `demo` and `sim` commands and by the tests.
+//! - `telemetry` (feature `otel`): optional OpenTelemetry span export.
 //! - [`cli`]: the command-line interface and its subcommands.
 //!
 //! The library never binds sockets itself: [`serve`] takes bound listeners
@@ -46,6 +47,8 @@ pub mod proxy;
 pub mod rewrite;
 pub mod server;
 pub mod sim;
+#[cfg(feature = "otel")]
+pub mod telemetry;
 pub mod token;
 
 use std::sync::Arc;
