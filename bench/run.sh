@@ -9,6 +9,8 @@
 #
 #   bash bench/run.sh                 # 10 s per load run
 #   DURATION=30s bash bench/run.sh
+#   BENCH_DEBUG=1 bash bench/run.sh   # leave the servers and scratch files for
+#                                     # profiling (stop them yourself afterwards)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
