@@ -641,24 +641,24 @@ pub(super) async fn route(sim: &Arc<SimState>, req: Request) -> Response {
         (Method::GET, Target::Metadata) => metadata(),
         (Method::POST, Target::Batch) => {
             let (parts, body) = req.into_parts();
-            match http_body_util::Limited::new(body, JSON_LIMIT)
-                .collect()
-                .await
+            match read_limited(
+                body,
+                JSON_LIMIT,
+                "0x80040216",
+                "The request length is too large.",
+            )
+            .await
             {
-                Ok(b) => {
+                Ok(bytes) => {
                     super::batch::execute(
                         sim,
                         &format!("/api/data/{version}"),
                         &parts.headers,
-                        b.to_bytes(),
+                        bytes,
                     )
                     .await
                 }
-                Err(_) => dv_error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "0x80040216",
-                    "The request length is too large.",
-                ),
+                Err(resp) => resp,
             }
         }
         (Method::GET, Target::Collection(s)) => ctx.list(s, req.headers()),
@@ -685,19 +685,29 @@ pub(super) async fn route(sim: &Arc<SimState>, req: Request) -> Response {
     }
 }
 
-async fn read_json(req: Request) -> Result<(HeaderMap, Map<String, Value>), Response> {
-    let (parts, body) = req.into_parts();
-    let bytes = http_body_util::Limited::new(body, JSON_LIMIT)
+/// The whole body, or Dataverse's 413 with `code` and `message` past `limit`.
+async fn read_limited(
+    body: Body,
+    limit: usize,
+    code: &str,
+    message: &str,
+) -> Result<Bytes, Response> {
+    http_body_util::Limited::new(body, limit)
         .collect()
         .await
-        .map_err(|_| {
-            dv_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "0x80040216",
-                "The request length is too large.",
-            )
-        })?
-        .to_bytes();
+        .map(http_body_util::Collected::to_bytes)
+        .map_err(|_| dv_error(StatusCode::PAYLOAD_TOO_LARGE, code, message))
+}
+
+async fn read_json(req: Request) -> Result<(HeaderMap, Map<String, Value>), Response> {
+    let (parts, body) = req.into_parts();
+    let bytes = read_limited(
+        body,
+        JSON_LIMIT,
+        "0x80040216",
+        "The request length is too large.",
+    )
+    .await?;
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(map)) => Ok((parts.headers, map)),
         _ => Err(dv_error(
@@ -1299,18 +1309,16 @@ impl Ctx {
             let token = token.to_owned();
             return self.upload_chunk(&token, req).await;
         }
-        let body = match http_body_util::Limited::new(req.into_body(), FILE_LIMIT)
-            .collect()
-            .await
+        let body = match read_limited(
+            req.into_body(),
+            FILE_LIMIT,
+            "0x80044a02",
+            "Attachment file size is too big.",
+        )
+        .await
         {
-            Ok(b) => b.to_bytes(),
-            Err(_) => {
-                return dv_error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "0x80044a02",
-                    "Attachment file size is too big.",
-                );
-            }
+            Ok(b) => b,
+            Err(resp) => return resp,
         };
         if lock(&self.sim.db).put_file(s.entity_set, id, col, &name, body) {
             StatusCode::NO_CONTENT.into_response()
@@ -1361,18 +1369,16 @@ impl Ctx {
                 "A Content-Range header 'bytes start-end/total' is required for a chunk.",
             );
         };
-        let body = match http_body_util::Limited::new(req.into_body(), UPLOAD_CHUNK * 2)
-            .collect()
-            .await
+        let body = match read_limited(
+            req.into_body(),
+            UPLOAD_CHUNK * 2,
+            "0x80044a02",
+            "The chunk is too big.",
+        )
+        .await
         {
-            Ok(b) => b.to_bytes(),
-            Err(_) => {
-                return dv_error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "0x80044a02",
-                    "The chunk is too big.",
-                );
-            }
+            Ok(b) => b,
+            Err(resp) => return resp,
         };
         let mut uploads = lock(&self.sim.uploads);
         let Some(upload) = uploads.get_mut(token) else {

@@ -306,11 +306,6 @@ impl TokenProvider {
         })
     }
 
-    /// The cache key of this provider's token.
-    pub fn key(&self) -> &TokenKey {
-        &self.inner.key
-    }
-
     /// The credential's name (for logs and metrics).
     pub fn credential_name(&self) -> &str {
         &self.inner.credential.name
