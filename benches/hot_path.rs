@@ -54,6 +54,17 @@ fn rewrite_1mb_page(bencher: divan::Bencher<'_, '_>, links: bool) {
         .bench(|| stream(&r, divan::black_box(&body)));
 }
 
+/// An org on a Dynamics host: its links may name it or its `.api.` alias.
+#[divan::bench(args = [true, false])]
+fn rewrite_1mb_page_with_alias(bencher: divan::Bencher<'_, '_>, links: bool) {
+    let r = Rewriter::api_prefix(&[ORG, "https://contoso.api.crm.dynamics.com"], PROXY)
+        .expect("rewriter");
+    let body = page(links);
+    bencher
+        .counter(divan::counter::BytesCount::new(body.len()))
+        .bench(|| stream(&r, divan::black_box(&body)));
+}
+
 #[divan::bench]
 fn header_policy(bencher: divan::Bencher<'_, '_>) {
     let mut base = HeaderMap::new();

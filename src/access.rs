@@ -8,24 +8,14 @@
 //! `upstream_ms`, `dataverse_request_id`, `proxy_error`, `error`, `outcome`
 //! (`complete` or `aborted`).
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::{Request, State};
 use axum::http::HeaderValue;
-use axum::middleware::Next;
-use axum::response::Response;
-use bytes::Bytes;
-use http_body::{Frame, SizeHint};
-use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use crate::app::{AppState, REQUEST_ID};
-use crate::error::PROXY_ERROR_HEADER;
+use crate::app::AppState;
 use crate::metrics::{RequestLabels, method_label, status_class};
 
 /// What the forwarding handler tells the access log about a request.
@@ -47,44 +37,66 @@ pub struct RequestInfo {
 #[derive(Debug, Clone)]
 pub struct ErrorMessage(pub String);
 
-/// Everything the log line needs but the byte count.
-struct Entry {
-    state: AppState,
-    start: Instant,
-    request_id: String,
-    method: http::Method,
-    path: String,
-    status: http::StatusCode,
-    info: RequestInfo,
-    proxy_error: Option<String>,
-    error: Option<String>,
-    bytes_in: Arc<AtomicU64>,
+/// Everything the log line needs but the byte count; written by the
+/// answer's body ([`crate::proxy::body::ProxyBody`]) when it ends.
+pub(crate) struct Entry {
+    pub(crate) state: AppState,
+    pub(crate) start: Instant,
+    pub(crate) request_id: HeaderValue,
+    pub(crate) method: http::Method,
+    pub(crate) uri: http::Uri,
+    pub(crate) status: http::StatusCode,
+    pub(crate) info: RequestInfo,
+    pub(crate) proxy_error: Option<HeaderValue>,
+    pub(crate) error: Option<String>,
+    /// Request body bytes read; `None` when the request had no body.
+    pub(crate) bytes_in: Option<Arc<AtomicU64>>,
 }
 
 impl Entry {
-    fn finish(self, bytes_out: u64, complete: bool) {
+    pub(crate) fn finish(self, bytes_out: u64, complete: bool) {
         let duration = self.start.elapsed();
-        let bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        let bytes_in = self
+            .bytes_in
+            .as_ref()
+            .map_or(0, |b| b.load(Ordering::Relaxed));
         let org = self.info.org.as_deref().unwrap_or("-");
-        let caller = self.info.caller.as_deref().unwrap_or("-");
+        let caller = self.info.caller.as_deref();
         let m = &self.state.metrics;
         m.in_flight().dec();
-        m.finished(
-            &RequestLabels {
-                org: org.to_owned(),
-                method: method_label(&self.method),
-                status: status_class(self.status),
-                source: if self.proxy_error.is_some() {
-                    "proxy"
-                } else {
-                    "dataverse"
+        let source = if self.proxy_error.is_some() {
+            "proxy"
+        } else {
+            "dataverse"
+        };
+        match (self.info.org_index, caller) {
+            (Some(index), None) => m.finished_fast(
+                index,
+                org,
+                &self.method,
+                self.status,
+                source,
+                duration,
+                bytes_in,
+                bytes_out,
+            ),
+            _ => m.finished(
+                &RequestLabels {
+                    org: org.to_owned(),
+                    method: method_label(&self.method),
+                    status: status_class(self.status),
+                    source,
+                    caller: caller.unwrap_or("-").to_owned(),
                 },
-                caller: caller.to_owned(),
-            },
-            duration,
-            bytes_in,
-            bytes_out,
-        );
+                duration,
+                bytes_in,
+                bytes_out,
+            ),
+        }
+        if !tracing::enabled!(tracing::Level::INFO) {
+            return;
+        }
+        let caller = caller.unwrap_or("-");
         let upstream_ms = self.info.upstream.map(|d| d.as_millis() as u64);
         let dv_id = self
             .info
@@ -93,10 +105,23 @@ impl Entry {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         let outcome = if complete { "complete" } else { "aborted" };
-        let (request_id, method, path) = (&self.request_id, &self.method, &self.path);
-        let proxy_error = self.proxy_error.as_deref().unwrap_or("");
+        let request_id = self.request_id.to_str().unwrap_or("");
+        let method = &self.method;
+        let path = if self.state.log_query {
+            self.uri
+                .path_and_query()
+                .map_or(self.uri.path(), |pq| pq.as_str())
+        } else {
+            self.uri.path()
+        };
+        let proxy_error = self
+            .proxy_error
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         let error = self.error.as_deref().unwrap_or("");
         let status = self.status.as_u16();
+        // Target: this module, `dataverse_proxy::access`.
         tracing::info!(
             request.id = %request_id,
             caller = caller,
@@ -114,119 +139,5 @@ impl Entry {
             outcome = outcome,
             "request"
         );
-    }
-}
-
-/// The middleware: counts request bytes, then wraps the answer's body.
-pub async fn log_and_measure(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let method = req.method().clone();
-    let path = if state.log_query {
-        req.uri()
-            .path_and_query()
-            .map_or_else(|| req.uri().path().to_owned(), |pq| pq.as_str().to_owned())
-    } else {
-        req.uri().path().to_owned()
-    };
-    let request_id = req
-        .headers()
-        .get(&REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let bytes_in = Arc::new(AtomicU64::new(0));
-    let counter = bytes_in.clone();
-    let req = req.map(|body| {
-        Body::new(body.map_frame(move |frame| {
-            if let Some(data) = frame.data_ref() {
-                counter.fetch_add(data.len() as u64, Ordering::Relaxed);
-            }
-            frame
-        }))
-    });
-    state.metrics.in_flight().inc();
-    let resp = next.run(req).await;
-    let (mut parts, body) = resp.into_parts();
-    let entry = Entry {
-        state,
-        start,
-        request_id,
-        method,
-        path,
-        status: parts.status,
-        info: parts.extensions.remove::<RequestInfo>().unwrap_or_default(),
-        proxy_error: parts
-            .headers
-            .get(PROXY_ERROR_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
-        error: parts.extensions.remove::<ErrorMessage>().map(|e| e.0),
-        bytes_in,
-    };
-    Response::from_parts(
-        parts,
-        Body::new(Logged {
-            inner: body,
-            entry: Some(entry),
-            bytes_out: 0,
-        }),
-    )
-}
-
-/// A body that writes the log line when it ends or is dropped.
-struct Logged {
-    inner: Body,
-    entry: Option<Entry>,
-    bytes_out: u64,
-}
-
-impl http_body::Body for Logged {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    this.bytes_out += d.len() as u64;
-                }
-            }
-            Poll::Ready(None) => {
-                if let Some(e) = this.entry.take() {
-                    e.finish(this.bytes_out, true);
-                }
-            }
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(e) = this.entry.take() {
-                    e.finish(this.bytes_out, false);
-                }
-            }
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Logged {
-    fn drop(&mut self) {
-        if let Some(e) = self.entry.take() {
-            // An empty body may never be polled; anything else dropped
-            // early means the connection broke.
-            let complete = http_body::Body::is_end_stream(&self.inner);
-            e.finish(self.bytes_out, complete);
-        }
     }
 }

@@ -96,6 +96,9 @@ pub enum ProxyError {
     /// 504: the upstream did not send response headers in time.
     #[error("Dataverse did not answer within {0:?}")]
     UpstreamTimeout(Duration),
+    /// 500: a bug in the proxy (a panic while handling the request).
+    #[error("the proxy failed while handling this request")]
+    Internal,
 }
 
 impl ProxyError {
@@ -118,6 +121,7 @@ impl ProxyError {
             }
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -141,6 +145,7 @@ impl ProxyError {
             Self::GovernorQueueTimeout { .. } => "governor_queue_timeout",
             Self::UpstreamUnavailable(_) => "upstream_unavailable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
+            Self::Internal => "internal_error",
         }
     }
 
@@ -162,7 +167,8 @@ impl ProxyError {
             | Self::RequestTimeout
             | Self::BadRequest(_)
             | Self::UpstreamUnavailable(_)
-            | Self::UpstreamTimeout(_) => None,
+            | Self::UpstreamTimeout(_)
+            | Self::Internal => None,
         }
     }
 

@@ -136,9 +136,10 @@ pub async fn serve_with(
             .with_graceful_shutdown(admin_stop.clone().cancelled_owned())
             .into_future(),
     );
+    let handler_state = state.clone();
     server::run(
         proxy,
-        app::router(state.clone()),
+        move |req, peer| app::handle(handler_state.clone(), peer, req),
         &config.limits,
         stop_accepting,
         grace,

@@ -19,19 +19,88 @@
 //! matches across chunk boundaries work and memory stays bounded.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use aho_corasick::AhoCorasick;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 
-/// Replaces any of a few URL prefixes with one replacement.
+/// Replaces any of a few URL prefixes with one replacement. Cloning is a
+/// reference-count increment (one rewriter serves every request of an org).
 #[derive(Debug, Clone)]
-pub struct Rewriter {
-    finder: AhoCorasick,
+pub struct Rewriter(Arc<Patterns>);
+
+#[derive(Debug)]
+struct Patterns {
+    search: Search,
+    patterns: Box<[Box<[u8]>]>,
     replacement: Bytes,
-    /// Length of the longest pattern, minus one: bytes kept between chunks.
+    /// Length of the longest pattern, minus one: the most bytes a partial
+    /// match at a chunk's end can have.
     keep: usize,
+}
+
+/// How matches are found. `memmem` (SIMD, low cost per match) finds the
+/// single pattern, or the prefix that an org and its `.api.` alias share
+/// (`https://contoso.`), after which the full patterns are compared;
+/// Aho-Corasick handles patterns without a useful common prefix. Measured:
+/// Aho-Corasick with a fresh search per match cost 3 × as much on a page
+/// dense with links.
+#[derive(Debug, Clone)]
+enum Search {
+    One(memchr::memmem::Finder<'static>),
+    Prefix(memchr::memmem::Finder<'static>, Arc<[Box<[u8]>]>),
+    Many(AhoCorasick),
+}
+
+impl Search {
+    fn new(patterns: &[String]) -> Option<Self> {
+        let finder = |b: &[u8]| memchr::memmem::Finder::new(b).into_owned();
+        if let [one] = patterns {
+            return Some(Self::One(finder(one.as_bytes())));
+        }
+        let first = patterns.first()?.as_bytes();
+        let common = patterns.iter().fold(first.len(), |n, p| {
+            first[..n]
+                .iter()
+                .zip(p.as_bytes())
+                .take_while(|(a, b)| a == b)
+                .count()
+        });
+        // More than `https://`: a host-specific prefix is rare in a body.
+        if common > "https://".len() {
+            let full = patterns
+                .iter()
+                .map(|p| p.as_bytes().into())
+                .collect::<Vec<_>>();
+            return Some(Self::Prefix(finder(&first[..common]), full.into()));
+        }
+        AhoCorasick::new(patterns).ok().map(Self::Many)
+    }
+
+    /// The first match in `haystack` at or after `from`: (start, end).
+    fn find(&self, haystack: &[u8], from: usize) -> Option<(usize, usize)> {
+        match self {
+            Self::One(f) => f
+                .find(&haystack[from..])
+                .map(|i| (from + i, from + i + f.needle().len())),
+            Self::Prefix(f, full) => {
+                let mut at = from;
+                while let Some(i) = f.find(&haystack[at..]) {
+                    let start = at + i;
+                    if let Some(p) = full.iter().find(|p| haystack[start..].starts_with(p)) {
+                        return Some((start, start + p.len()));
+                    }
+                    at = start + 1;
+                }
+                None
+            }
+            Self::Many(ac) => ac
+                .find(aho_corasick::Input::new(haystack).range(from..))
+                .map(|m| (m.start(), m.end())),
+        }
+    }
 }
 
 impl Rewriter {
@@ -40,45 +109,67 @@ impl Rewriter {
     /// Returns `None` when there is nothing to do (all `from` equal `to`).
     pub fn api_prefix(from: &[&str], to: &str) -> Option<Self> {
         let to = to.trim_end_matches('/');
-        let patterns: Vec<String> = from
+        let mut patterns: Vec<String> = from
             .iter()
             .map(|f| f.trim_end_matches('/'))
             .filter(|f| *f != to)
             .map(|f| format!("{f}/api/data/"))
             .collect();
-        if patterns.is_empty() {
-            return None;
-        }
-        let keep = patterns.iter().map(String::len).max().unwrap_or(1) - 1;
-        let finder = AhoCorasick::new(&patterns).ok()?;
-        Some(Self {
-            finder,
+        patterns.dedup();
+        let keep = patterns.iter().map(String::len).max()? - 1;
+        let search = Search::new(&patterns)?;
+        Some(Self(Arc::new(Patterns {
+            search,
+            patterns: patterns
+                .into_iter()
+                .map(|p| p.into_bytes().into_boxed_slice())
+                .collect(),
             replacement: Bytes::from(format!("{to}/api/data/")),
             keep,
-        })
+        })))
     }
 
     /// Rewrites a whole value (a header, a buffered body).
     pub fn rewrite_all(&self, input: &[u8]) -> Option<Vec<u8>> {
-        self.finder.find(input)?;
+        let this = &*self.0;
+        let (mut start, mut end) = this.search.find(input, 0)?;
         let mut out = Vec::with_capacity(input.len() + 64);
         let mut last = 0;
-        for m in self.finder.find_iter(input) {
-            out.extend_from_slice(&input[last..m.start()]);
-            out.extend_from_slice(&self.replacement);
-            last = m.end();
+        loop {
+            out.extend_from_slice(&input[last..start]);
+            out.extend_from_slice(&this.replacement);
+            last = end;
+            match this.search.find(input, last) {
+                Some(m) => (start, end) = m,
+                None => break,
+            }
         }
         out.extend_from_slice(&input[last..]);
         Some(out)
     }
 
+    /// Length of the longest suffix of `tail` that is a proper prefix of a
+    /// pattern: the bytes that may start a match the next chunk completes.
+    fn partial_tail(&self, tail: &[u8]) -> usize {
+        let this = &*self.0;
+        let from = tail.len().saturating_sub(this.keep);
+        (from..tail.len())
+            .find(|&i| {
+                let suffix = &tail[i..];
+                this.patterns.iter().any(|p| p.starts_with(suffix))
+            })
+            .map_or(0, |i| tail.len() - i)
+    }
+
     /// Feeds one chunk; returns what can be emitted now. `carry` holds the
     /// bytes kept back from the previous chunk and receives the new ones.
     ///
-    /// A chunk without a match is returned as a slice of itself (no copy);
-    /// a chunk with matches is copied once, with the replacements.
+    /// Only a chunk's end that could begin a link is kept back, so most
+    /// chunks without a match are returned as slices of themselves (no
+    /// copy); a chunk with matches is copied once, with the replacements.
     pub fn feed(&self, carry: &mut BytesMut, chunk: Bytes) -> Bytes {
-        if !carry.is_empty() && chunk.len() < self.keep {
+        let this = &*self.0;
+        if !carry.is_empty() && chunk.len() < this.keep {
             // A tiny chunk: join it to the kept bytes and go on.
             carry.extend_from_slice(&chunk);
             let joined = carry.split().freeze();
@@ -91,16 +182,16 @@ impl Rewriter {
             // match ends within the first `keep` bytes of this chunk, and two
             // cannot begin there (the kept bytes are shorter than a pattern).
             let kept = carry.len();
-            let head = &chunk[..self.keep.min(chunk.len())];
+            let head = &chunk[..this.keep.min(chunk.len())];
             let mut joined = BytesMut::with_capacity(kept + head.len());
             joined.extend_from_slice(carry);
             joined.extend_from_slice(head);
             let mut o = BytesMut::with_capacity(chunk.len() + kept + 64);
-            match self.finder.find(&joined[..]) {
-                Some(m) if m.start() < kept => {
-                    o.extend_from_slice(&joined[..m.start()]);
-                    o.extend_from_slice(&self.replacement);
-                    start = m.end() - kept;
+            match this.search.find(&joined, 0) {
+                Some((s, e)) if s < kept => {
+                    o.extend_from_slice(&joined[..s]);
+                    o.extend_from_slice(&this.replacement);
+                    start = e - kept;
                 }
                 _ => o.extend_from_slice(carry),
             }
@@ -108,14 +199,16 @@ impl Rewriter {
             out = Some(o);
         }
         let mut last = start;
-        for m in self.finder.find_iter(&chunk[start..]) {
+        let mut from = start;
+        while let Some((s, e)) = this.search.find(&chunk, from) {
             let o = out.get_or_insert_with(|| BytesMut::with_capacity(chunk.len() + 64));
-            o.extend_from_slice(&chunk[last..start + m.start()]);
-            o.extend_from_slice(&self.replacement);
-            last = start + m.end();
+            o.extend_from_slice(&chunk[last..s]);
+            o.extend_from_slice(&this.replacement);
+            last = e;
+            from = e;
         }
-        // After the last match, keep back bytes that could start a match.
-        let cut = last.max(chunk.len().saturating_sub(self.keep));
+        // After the last match, keep back a tail that could begin one.
+        let cut = chunk.len() - self.partial_tail(&chunk[last..]);
         carry.extend_from_slice(&chunk[cut..]);
         match out {
             None => chunk.slice(last..cut),
@@ -284,11 +377,37 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
+        /// The oracle: replace one byte at a time, no search library.
+        fn naive(body: &[u8], from: &[&str], to: &str) -> Vec<u8> {
+            let pats: Vec<Vec<u8>> = from
+                .iter()
+                .map(|f| format!("{f}/api/data/").into_bytes())
+                .collect();
+            let to = format!("{to}/api/data/").into_bytes();
+            let mut out = Vec::new();
+            let mut i = 0;
+            'outer: while i < body.len() {
+                for p in &pats {
+                    if body[i..].starts_with(p) {
+                        out.extend_from_slice(&to);
+                        i += p.len();
+                        continue 'outer;
+                    }
+                }
+                out.push(body[i]);
+                i += 1;
+            }
+            out
+        }
+
         fn body_strategy() -> impl Strategy<Value = Vec<u8>> {
             let piece = prop_oneof![
                 Just(format!("{ORG}/api/data/v9.2/").into_bytes()),
                 Just(format!("{ORG}/api/dat").into_bytes()),
                 Just(b"https://contoso.crm".to_vec()),
+                Just(b"https://contoso.api.crm.dynamics.com/api/data/v9.2/".to_vec()),
+                Just(b"https://contoso.api.crm.dynamics.com/api/da".to_vec()),
+                Just(b"http://127.0.0.1:9/api/data/".to_vec()),
                 Just(b"%3Ccookie%20page%253d".to_vec()),
                 proptest::collection::vec(any::<u8>(), 0..40),
             ];
@@ -299,11 +418,20 @@ mod tests {
             #![proptest_config(ProptestConfig::with_cases(512))]
             #[test]
             fn chunked_equals_whole(body in body_strategy(), splits in proptest::collection::vec(0usize..2000, 0..12)) {
-                let r = rw();
                 let mut splits = splits;
                 splits.sort_unstable();
-                let whole = r.rewrite_all(&body).unwrap_or_else(|| body.clone());
-                prop_assert_eq!(stream(&r, &body, &splits), whole);
+                // One pattern (memmem) and an org with its `.api.` alias (Aho-Corasick).
+                let two = Rewriter::api_prefix(&[ORG, "https://contoso.api.crm.dynamics.com"], PROXY)
+                    .expect("rewriter");
+                let api = "https://contoso.api.crm.dynamics.com";
+                // Two origins without a common prefix (Aho-Corasick).
+                let other = "http://127.0.0.1:9";
+                let unrelated = Rewriter::api_prefix(&[ORG, other], PROXY).expect("rewriter");
+                for (r, from) in [(rw(), &[ORG][..]), (two, &[ORG, api][..]), (unrelated, &[ORG, other][..])] {
+                    let whole = r.rewrite_all(&body).unwrap_or_else(|| body.clone());
+                    prop_assert_eq!(&whole, &naive(&body, from, PROXY));
+                    prop_assert_eq!(stream(&r, &body, &splits), whole);
+                }
             }
         }
     }

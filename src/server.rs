@@ -14,26 +14,31 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::ConnectInfo;
+use bytes::Bytes;
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tower::ServiceExt;
 
 use crate::config::LimitsConfig;
 
-/// Serves `router` on `listener` until `stop` resolves, then drains open
-/// connections for at most `grace`.
-pub async fn run(
+/// Serves `handler` on `listener` until `stop` resolves, then drains open
+/// connections for at most `grace`. `handler` gets each request and the
+/// address of the connection's peer.
+pub async fn run<H, F, B>(
     listener: TcpListener,
-    router: Router,
+    handler: H,
     limits: &LimitsConfig,
     stop: impl Future<Output = ()>,
     grace: Duration,
-) {
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -69,17 +74,10 @@ pub async fn run(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let router = router.clone();
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-            let router = router.clone();
-            async move {
-                let resp = router
-                    .oneshot(req.map(axum::body::Body::new))
-                    .await
-                    .unwrap_or_else(|e: Infallible| match e {});
-                Ok::<_, Infallible>(resp)
-            }
+        let handler = handler.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let resp = handler(req, peer);
+            async move { Ok::<_, Infallible>(resp.await) }
         });
         let conn = builder.serve_connection(TokioIo::new(tcp), service);
         let conn = graceful.watch(conn);

@@ -26,11 +26,10 @@ pub mod path;
 pub mod public;
 pub mod upstream;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
 use hyper::body::Incoming;
@@ -39,9 +38,8 @@ use tokio::time::Instant;
 use crate::access::RequestInfo;
 use crate::app::AppState;
 use crate::error::ProxyError;
-use crate::rewrite::{RewriteBody, Rewriter};
-use body::{Guarded, RequestBody};
-use upstream::IdleTimeout;
+use crate::rewrite::Rewriter;
+use body::{ProxyBody, RequestBody};
 
 /// Response headers that carry absolute org URLs.
 static LINK_HEADERS: [HeaderName; 3] = [
@@ -52,21 +50,24 @@ static LINK_HEADERS: [HeaderName; 3] = [
 
 /// Forwards one request to the org and streams the answer back; tells the
 /// access log what happened, whatever the outcome.
-pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
-    let mut info = RequestInfo::default();
-    let mut resp = match forward_inner(&state, req, &mut info).await {
+pub async fn forward(
+    state: &AppState,
+    peer: SocketAddr,
+    req: Request,
+    info: &mut RequestInfo,
+) -> Response<ProxyBody> {
+    match forward_inner(state, peer.ip(), req, info).await {
         Ok(resp) => resp,
-        Err(e) => e.into_response(),
-    };
-    resp.extensions_mut().insert(info);
-    resp
+        Err(e) => e.into_response().map(ProxyBody::local),
+    }
 }
 
 async fn forward_inner(
     state: &AppState,
+    peer: IpAddr,
     req: Request,
     info: &mut RequestInfo,
-) -> Result<Response, ProxyError> {
+) -> Result<Response<ProxyBody>, ProxyError> {
     let arrived = Instant::now();
     let (parts, body) = req.into_parts();
     path::check_target(&parts.method, &parts.uri, &parts.headers, &state.limits)?;
@@ -79,13 +80,8 @@ async fn forward_inner(
     {
         return Err(ProxyError::BodyTooLarge(state.limits.max_body));
     }
-    // Bodies without a length are cut off at the same limit.
-    // A caller that stops sending its body for longer than the idle limit
-    // gets 408 (slow uploads cannot hold a slot and a Dataverse connection).
-    let body = axum::body::Body::new(IdleTimeout::new(
-        http_body_util::Limited::new(body, state.limits.max_body),
-        state.limits.body_idle_timeout,
-    ));
+    // The body arrives limited to `limits.max_body` and failing with 408
+    // when the caller stalls ([`body::Inbound`]).
     let host = parts
         .headers
         .get(header::HOST)
@@ -97,11 +93,6 @@ async fn forward_inner(
     let prefix_len = routed.prefix_len;
     let api_path = &parts.uri.path()[prefix_len..];
     path::check(api_path)?;
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
-
     // Who is calling, and may they do this?
     let caller = state
         .access
@@ -116,20 +107,13 @@ async fn forward_inner(
     let mut public = state.public.derive(&parts.headers, peer);
     if prefix_len > 0 {
         // Links keep the form the caller used: /{org}/api/data/…
-        public.push('/');
-        public.push_str(&org.name);
+        public = public.with_segment(&org.name);
     }
     let links = org.links(public);
 
     // Path and query bytes are kept exactly as received; only the origin
     // (and the org prefix) change.
-    let target = parts
-        .uri
-        .path_and_query()
-        .map_or(parts.uri.path(), |pq| pq.as_str());
-    let uri: Uri = format!("{}{}", org.origin, &target[prefix_len..])
-        .parse()
-        .map_err(|_| ProxyError::BadRequest("the request target is not a valid URI"))?;
+    let uri = upstream_uri(&org.origin_uri, &parts.uri, prefix_len)?;
     let mut headers = parts.headers;
     headers::to_upstream(&mut headers);
     crate::policy::strip_key(&mut headers);
@@ -255,9 +239,8 @@ async fn forward_inner(
     if rewrite_body.is_some() {
         parts.headers.remove(header::CONTENT_LENGTH);
     }
-    let body = IdleTimeout::new(body, state.upstream.idle_timeout);
-    let body = Guarded::new(RewriteBody::new(body, rewrite_body), permit);
-    Ok(Response::from_parts(parts, Body::new(body)))
+    let body = ProxyBody::upstream(body, state.upstream.idle_timeout, rewrite_body, permit);
+    Ok(Response::from_parts(parts, body))
 }
 
 async fn send(state: &AppState, req: Request) -> Result<Response<Incoming>, ProxyError> {
@@ -273,6 +256,27 @@ async fn send(state: &AppState, req: Request) -> Result<Response<Incoming>, Prox
                 ProxyError::UpstreamUnavailable(e)
             }
         })
+}
+
+/// The org's scheme and authority with the caller's path and query, whose
+/// bytes are kept exactly as received (only the org prefix is cut).
+fn upstream_uri(
+    origin: &http::uri::Parts,
+    target: &Uri,
+    prefix_len: usize,
+) -> Result<Uri, ProxyError> {
+    let invalid = || ProxyError::BadRequest("the request target is not a valid URI");
+    let pq = target.path_and_query().ok_or_else(invalid)?;
+    let pq = if prefix_len == 0 {
+        pq.clone()
+    } else {
+        http::uri::PathAndQuery::try_from(&pq.as_str()[prefix_len..]).map_err(|_| invalid())?
+    };
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = origin.scheme.clone();
+    parts.authority = origin.authority.clone();
+    parts.path_and_query = Some(pq);
+    Uri::from_parts(parts).map_err(|_| invalid())
 }
 
 /// True when `e` was caused by the caller's body stalling.

@@ -25,10 +25,12 @@ pub struct PublicUrl {
 }
 
 impl PublicUrl {
-    /// The public base URL (`scheme://host[:port][/prefix]`, no trailing slash).
-    pub fn derive(&self, headers: &HeaderMap, peer: IpAddr) -> String {
+    /// The public base URL (`scheme://host[:port][/prefix]`, no trailing
+    /// slash), as pieces borrowed from the settings and the headers: the
+    /// per-request lookup of its rewriters needs no allocation.
+    pub fn derive<'a>(&'a self, headers: &'a HeaderMap, peer: IpAddr) -> Base<'a> {
         if let Some(fixed) = &self.fixed {
-            return fixed.clone();
+            return Base([fixed, "", "", "", "", ""]);
         }
         let mut proto = "http";
         let mut host = header_str(headers, header::HOST).filter(|h| valid_host(h));
@@ -63,7 +65,38 @@ impl PublicUrl {
             }
         }
         let host = host.unwrap_or(&self.fallback_host);
-        format!("{proto}://{host}{prefix}")
+        Base([proto, "://", host, prefix, "", ""])
+    }
+}
+
+/// A public base URL in pieces, joined only when a new one is seen.
+#[derive(Debug, Clone, Copy)]
+pub struct Base<'a>([&'a str; 6]);
+
+impl<'a> Base<'a> {
+    /// The same base followed by `/{segment}` (the org prefix of path routing).
+    pub fn with_segment(mut self, segment: &'a str) -> Self {
+        self.0[4] = "/";
+        self.0[5] = segment;
+        self
+    }
+
+    /// Whether `s` spells this base.
+    pub fn is(&self, s: &str) -> bool {
+        let mut rest = s;
+        for piece in self.0 {
+            match rest.strip_prefix(piece) {
+                Some(r) => rest = r,
+                None => return false,
+            }
+        }
+        rest.is_empty()
+    }
+}
+
+impl std::fmt::Display for Base<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|p| f.write_str(p))
     }
 }
 
@@ -142,7 +175,10 @@ mod tests {
             ("host", "proxy.local:8080"),
             ("x-forwarded-host", "evil.example"),
         ]);
-        assert_eq!(cfg(&[]).derive(&h, PEER), "http://proxy.local:8080");
+        assert_eq!(
+            cfg(&[]).derive(&h, PEER).to_string(),
+            "http://proxy.local:8080"
+        );
     }
 
     #[test]
@@ -154,7 +190,7 @@ mod tests {
             ("x-forwarded-prefix", "/sales/"),
         ]);
         assert_eq!(
-            cfg(&["10.0.0.0/8"]).derive(&h, PEER),
+            cfg(&["10.0.0.0/8"]).derive(&h, PEER).to_string(),
             "https://dv.example.com/sales"
         );
         let h = headers(&[
@@ -165,7 +201,7 @@ mod tests {
             ),
         ]);
         assert_eq!(
-            cfg(&["10.0.0.0/8"]).derive(&h, PEER),
+            cfg(&["10.0.0.0/8"]).derive(&h, PEER).to_string(),
             "https://gw.example.com"
         );
     }
@@ -174,7 +210,7 @@ mod tests {
     fn junk_is_never_used() {
         let h = headers(&[("host", "a\"b"), ("x-forwarded-prefix", "/../x")]);
         assert_eq!(
-            cfg(&["10.0.0.0/8"]).derive(&h, PEER),
+            cfg(&["10.0.0.0/8"]).derive(&h, PEER).to_string(),
             "http://127.0.0.1:8080"
         );
     }
@@ -184,7 +220,7 @@ mod tests {
         let mut c = cfg(&["10.0.0.0/8"]);
         c.fixed = Some("https://fixed.example.com/dv".into());
         assert_eq!(
-            c.derive(&headers(&[("host", "x")]), PEER),
+            c.derive(&headers(&[("host", "x")]), PEER).to_string(),
             "https://fixed.example.com/dv"
         );
     }
