@@ -101,6 +101,8 @@ pub struct OrgState {
     pub origin: String,
     /// The origin, parsed once: scheme and authority of every upstream URI.
     pub origin_uri: http::uri::Parts,
+    /// The `Host` header Dataverse gets (the origin's authority).
+    pub host_header: HeaderValue,
     /// Every origin under which the org writes its links: the configured
     /// one and its `.api.` sibling (`contoso.crm…` ⇄ `contoso.api.crm…`).
     pub aliases: Vec<String>,
@@ -221,8 +223,14 @@ impl AppState {
                 .parse::<http::Uri>()
                 .map_err(|e| std::io::Error::other(format!("org {}: {e}", org.name)))?
                 .into_parts();
+            let host_header = origin_uri
+                .authority
+                .as_ref()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                .ok_or_else(|| std::io::Error::other(format!("org {}: no host", org.name)))?;
             orgs.push(Arc::new(OrgState {
                 origin_uri,
+                host_header,
                 name: org.name.clone(),
                 aliases: org_aliases(&origin),
                 origin,

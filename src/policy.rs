@@ -393,11 +393,6 @@ pub fn warn_if_readable_by_others(what: &str, path: &std::path::Path) {
     let _ = (what, path);
 }
 
-/// Removes the caller's API key header before forwarding.
-pub fn strip_key(headers: &mut HeaderMap) {
-    headers.remove(names::X_API_KEY);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

