@@ -83,7 +83,10 @@ fn header_policy(bencher: divan::Bencher<'_, '_>) {
     }
     bencher.bench(|| {
         let mut h = base.clone();
-        headers::to_upstream(divan::black_box(&mut h));
+        headers::to_upstream(
+            divan::black_box(&mut h),
+            HeaderValue::from_static("contoso.crm.dynamics.com"),
+        );
         h
     });
 }

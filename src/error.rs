@@ -93,6 +93,9 @@ pub enum ProxyError {
     /// 502: the upstream could not be reached or broke the protocol.
     #[error("Dataverse could not be reached: {0}")]
     UpstreamUnavailable(#[source] hyper_util::client::legacy::Error),
+    /// 502: the upstream broke off a (small, buffered) answer's body.
+    #[error("Dataverse broke off its answer: {0}")]
+    UpstreamBody(#[source] axum::BoxError),
     /// 504: the upstream did not send response headers in time.
     #[error("Dataverse did not answer within {0:?}")]
     UpstreamTimeout(Duration),
@@ -119,7 +122,7 @@ impl ProxyError {
             Self::GovernorQueueFull { .. } | Self::GovernorQueueTimeout { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamUnavailable(_) | Self::UpstreamBody(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -143,7 +146,7 @@ impl ProxyError {
             Self::TokenUnavailable { .. } => "token_unavailable",
             Self::GovernorQueueFull { .. } => "governor_queue_full",
             Self::GovernorQueueTimeout { .. } => "governor_queue_timeout",
-            Self::UpstreamUnavailable(_) => "upstream_unavailable",
+            Self::UpstreamUnavailable(_) | Self::UpstreamBody(_) => "upstream_unavailable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::Internal => "internal_error",
         }
@@ -167,6 +170,7 @@ impl ProxyError {
             | Self::RequestTimeout
             | Self::BadRequest(_)
             | Self::UpstreamUnavailable(_)
+            | Self::UpstreamBody(_)
             | Self::UpstreamTimeout(_)
             | Self::Internal => None,
         }

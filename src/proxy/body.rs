@@ -132,6 +132,8 @@ pub struct ProxyBody {
 
 enum Inner {
     Upstream(RewriteBody<IdleTimeout<Incoming>>),
+    /// A whole body in memory (a small answer rewritten at once).
+    Full(Option<Bytes>),
     Local(Body),
 }
 
@@ -145,6 +147,17 @@ impl ProxyBody {
     ) -> Self {
         Self {
             inner: Inner::Upstream(RewriteBody::new(IdleTimeout::new(body, idle), rewriter)),
+            permit: Some(permit),
+            log: None,
+            bytes_out: 0,
+        }
+    }
+
+    /// Dataverse's answer read whole (and rewritten); `permit` is held until
+    /// it is sent.
+    pub fn full(bytes: Bytes, permit: Permit) -> Self {
+        Self {
+            inner: Inner::Full(Some(bytes).filter(|b| !b.is_empty())),
             permit: Some(permit),
             log: None,
             bytes_out: 0,
@@ -185,6 +198,7 @@ impl http_body::Body for ProxyBody {
         let this = &mut *self;
         let polled = match &mut this.inner {
             Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Inner::Local(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
         };
         match &polled {
@@ -203,6 +217,7 @@ impl http_body::Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Full(b) => b.is_none(),
             Inner::Local(b) => b.is_end_stream(),
         }
     }
@@ -210,6 +225,7 @@ impl http_body::Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Upstream(b) => b.size_hint(),
+            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::Local(b) => b.size_hint(),
         }
     }

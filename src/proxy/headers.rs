@@ -9,7 +9,7 @@
 //! and nothing else. Everything else (`Prefer`, `If-Match`, `OData-*`,
 //! `MSCRM.*`, `x-ms-*`, `Retry-After`, `ETag`…) passes through untouched.
 
-use axum::http::{HeaderMap, HeaderName, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 
 /// Header names used on the hot path, parsed once.
 pub mod names {
@@ -61,7 +61,7 @@ fn is_hop_by_hop(name: &str) -> bool {
 }
 
 /// Request headers that never reach Dataverse: hop-by-hop ones, the
-/// caller's credentials, `Host` (the org's is set), `Expect` (hyper's client
+/// caller's credentials, `Expect` (hyper's client
 /// cannot wait for `100 Continue`; the proxy's server side answers the
 /// caller's), impersonation (put back by the policy when allowed) and API keys.
 fn is_dropped_upstream(name: &str) -> bool {
@@ -70,7 +70,6 @@ fn is_dropped_upstream(name: &str) -> bool {
             name,
             "authorization"
                 | "proxy-authorization"
-                | "host"
                 | "expect"
                 | "callerobjectid"
                 | "mscrmcallerid"
@@ -112,7 +111,13 @@ fn strip(headers: &mut HeaderMap, drop: fn(&str) -> bool) {
                 .iter()
                 .filter_map(|v| v.to_str().ok())
                 .flat_map(|v| v.split(','))
-                .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok()),
+                .map(str::trim)
+                // The usual tokens name no header (or a hop-by-hop one,
+                // already gone): no need to parse them as names.
+                .filter(|t| {
+                    !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close")
+                })
+                .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok()),
         );
     }
     for name in doomed.into_iter().flatten().chain(more) {
@@ -125,9 +130,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     strip(headers, is_hop_by_hop);
 }
 
-/// Prepares a caller's request headers for Dataverse (the bearer is added by the caller of this).
-pub fn to_upstream(headers: &mut HeaderMap) {
+/// Prepares a caller's request headers for Dataverse: `host` (the org's)
+/// replaces the caller's `Host`; the bearer is added by the caller of this.
+pub fn to_upstream(headers: &mut HeaderMap, host: HeaderValue) {
     strip(headers, is_dropped_upstream);
+    headers.insert(header::HOST, host);
 }
 
 /// Prepares Dataverse's response headers for the caller.
@@ -138,7 +145,6 @@ pub fn to_caller(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -182,7 +188,9 @@ mod tests {
             ("mscrm.bypasscustompluginexecution", "true"),
             ("x-ms-client-request-id", "abc"),
         ]);
-        to_upstream(&mut h);
+        to_upstream(&mut h, HeaderValue::from_static("contoso.crm.dynamics.com"));
+        assert_eq!(h[header::HOST], "contoso.crm.dynamics.com");
+        h.remove(header::HOST);
         let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
         assert_eq!(

@@ -32,6 +32,7 @@ use std::time::Duration;
 use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -47,6 +48,10 @@ static LINK_HEADERS: [HeaderName; 3] = [
     header::LOCATION,
     header::CONTENT_LOCATION,
 ];
+
+/// Answers with links up to this size are read whole and rewritten at once;
+/// larger ones stream.
+const SMALL_ANSWER: usize = 64 * 1024;
 
 /// Forwards one request to the org and streams the answer back; tells the
 /// access log what happened, whatever the outcome.
@@ -115,9 +120,8 @@ async fn forward_inner(
     // (and the org prefix) change.
     let uri = upstream_uri(&org.origin_uri, &parts.uri, prefix_len)?;
     let mut headers = parts.headers;
-    headers::to_upstream(&mut headers);
-    // Set here, once, rather than formatted by the client per request.
-    headers.insert(header::HOST, org.host_header.clone());
+    // The org's `Host`, set here once rather than formatted by the client.
+    headers::to_upstream(&mut headers, org.host_header.clone());
     for (name, value) in impersonation {
         headers.insert(name, value);
     }
@@ -237,10 +241,33 @@ async fn forward_inner(
     let rewrite_body = rewriter
         .filter(|_| has_body && body::is_rewritable(&parts.headers) && is_identity(&parts.headers))
         .cloned();
-    if rewrite_body.is_some() {
-        parts.headers.remove(header::CONTENT_LENGTH);
+    let Some(rewriter) = rewrite_body else {
+        let body = ProxyBody::upstream(body, state.upstream.idle_timeout, None, permit);
+        return Ok(Response::from_parts(parts, body));
+    };
+    let length = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if length.is_some_and(|n| n <= SMALL_ANSWER) {
+        // Small: read whole, rewrite at once, send with its exact length
+        // (no chunked framing, no per-chunk bookkeeping).
+        let idle = state.upstream.idle_timeout;
+        let bytes = tokio::time::timeout(idle, http_body_util::BodyExt::collect(body))
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout(idle))?
+            .map_err(|e| ProxyError::UpstreamBody(e.into()))?
+            .to_bytes();
+        let bytes = rewriter.rewrite_all(&bytes).map_or(bytes, Bytes::from);
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        return Ok(Response::from_parts(parts, ProxyBody::full(bytes, permit)));
     }
-    let body = ProxyBody::upstream(body, state.upstream.idle_timeout, rewrite_body, permit);
+    // Large or of unknown length: streamed, rewritten chunk by chunk.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let body = ProxyBody::upstream(body, state.upstream.idle_timeout, Some(rewriter), permit);
     Ok(Response::from_parts(parts, body))
 }
 

@@ -367,3 +367,44 @@ async fn a_chunked_file_upload_completes_through_the_proxy() {
     );
     h.stop().await;
 }
+
+#[tokio::test]
+async fn small_answers_keep_an_exact_length_and_large_ones_stream() {
+    let h = Harness::start().await;
+    h.sim.seed_rows("accounts", 3_000);
+    for (page, small) in [(3, true), (2_000, false)] {
+        let resp = h
+            .client
+            .get(h.url("/accounts?$select=name,accountnumber"))
+            .header("Prefer", format!("odata.maxpagesize={page}"))
+            .send()
+            .await
+            .expect("page");
+        assert_eq!(resp.status(), 200);
+        let length = resp
+            .headers()
+            .get("content-length")
+            .map(|v| v.to_str().expect("ascii").parse::<usize>().expect("number"));
+        let chunked = resp.headers().get("transfer-encoding").is_some();
+        let body = resp.bytes().await.expect("body");
+        if small {
+            // Read whole and rewritten at once: the length is the rewritten one.
+            assert_eq!(length, Some(body.len()));
+            assert!(!chunked);
+        } else {
+            assert!(body.len() > 64 * 1024, "a large page: {}", body.len());
+            assert_eq!(length, None, "streamed and rewritten: no length");
+            assert!(chunked);
+        }
+        let json: Value = serde_json::from_slice(&body).expect("json");
+        let next = json["@odata.nextLink"].as_str().expect("next link");
+        assert!(next.starts_with(&h.proxy), "{next}");
+        assert!(
+            json["@odata.context"]
+                .as_str()
+                .expect("context")
+                .starts_with(&h.proxy)
+        );
+    }
+    h.stop().await;
+}
