@@ -18,7 +18,7 @@ DURATION=${DURATION:-10s}
 WORK=$(mktemp -d /tmp/dvp-bench.XXXXXX)
 # nginx workers run as nobody: they must be able to read the files.
 chmod 755 "$WORK"
-UP=18081 NGX=18082 DVP=18083 ADMIN=18093
+UP=18081 NGX=18082 DVP=18083 BARE=18084 ADMIN=18093
 PIDS=()
 
 cleanup() {
@@ -35,8 +35,9 @@ if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null || ! command -v 
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk util-linux curl >/dev/null
 fi
 NGINX=$(command -v nginx)
-(cd "$ROOT" && cargo build --release --quiet)
+(cd "$ROOT" && cargo build --release --quiet && cargo build --release --quiet --example bare_proxy)
 BIN="$ROOT/target/release/dataverse-proxy"
+BARE_BIN="$ROOT/target/release/examples/bare_proxy"
 
 # --- data ---
 ORIGIN="http://127.0.0.1:$UP"
@@ -59,6 +60,15 @@ while len(json.dumps(big)) < 1_000_000:
 text = json.dumps(big)
 open(f"{d}/page1m", "w").write(text)
 open(f"{d}/page1m.bin", "w").write(text)
+# A typical page: links only in @odata.context and @odata.nextLink.
+plain = {"@odata.context": big["@odata.context"], "value": []}
+i = 0
+while len(json.dumps(plain)) < 1_000_000:
+    plain["value"].append(row(i)); i += 1
+plain["@odata.nextLink"] = page["@odata.nextLink"]
+text = json.dumps(plain)
+open(f"{d}/plain1m", "w").write(text)
+open(f"{d}/plain1m.bin", "w").write(text)
 PY
 head -c $((1024 * 1024 * 1024)) /dev/zero > "$WORK/www/api/data/v9.2/big"
 chmod -R a+rX "$WORK/www"
@@ -89,7 +99,7 @@ http {
       root $WORK/www;
       default_type application/json;
     }
-    location = /api/data/v9.2/page1m.bin {
+    location ~ \\.bin\$ {
       if (\$http_authorization != "Bearer bench-token") { return 401; }
       root $WORK/www;
       default_type application/octet-stream;
@@ -140,7 +150,9 @@ wait_port() {
 
 start upstream "$NGINX" -p "$WORK" -c "$WORK/upstream.conf"
 start nginx-proxy "$NGINX" -p "$WORK" -c "$WORK/nginx-proxy.conf"; NGX_PID=$LAST
-wait_port $UP; wait_port $NGX
+# The floor: the least a hyper-based proxy does (examples/bare_proxy.rs).
+start bare "$BARE_BIN" 127.0.0.1:$BARE "http://127.0.0.1:$UP" "Bearer bench-token"; BARE_PID=$LAST
+wait_port $UP; wait_port $NGX; wait_port $BARE
 # nginx's master forks one worker: measure the worker.
 NGX_WORKER=""
 for _ in $(seq 100); do
@@ -198,9 +210,10 @@ RESULTS="$WORK/results.md"
 # Cold start: the first load run starts while the proxy may not have a token yet.
 declare -A R
 for conns in 16 256; do
-  for target in dataverse-proxy nginx direct; do
+  for target in dataverse-proxy nginx hyper-floor direct; do
     case $target in
       direct) port=$UP; pid=""; path=/api/data/v9.2/accounts ;;
+      hyper-floor) port=$BARE; pid=$BARE_PID; path=/api/data/v9.2/accounts ;;
       nginx) port=$NGX; pid=$NGX_WORKER; path=/api/data/v9.2/accounts ;;
       dataverse-proxy) port=$DVP; pid=$DVP_PID; path=/api/data/v9.2/accounts ;;
     esac
@@ -228,6 +241,8 @@ RSS_256=$(cat "$WORK/rss256")
 # octet-stream (passed through), through dataverse-proxy.
 run rewrite $DVP /api/data/v9.2/page1m 16 "$DVP_PID"; REW_RPS=$RPS; REW_CPU=$CPU_US
 run passthrough $DVP /api/data/v9.2/page1m.bin 16 "$DVP_PID"; RAW_RPS=$RPS; RAW_CPU=$CPU_US
+run rewrite-plain $DVP /api/data/v9.2/plain1m 16 "$DVP_PID"; PREW_RPS=$RPS; PREW_CPU=$CPU_US
+run passthrough-plain $DVP /api/data/v9.2/plain1m.bin 16 "$DVP_PID"; PRAW_RPS=$RPS; PRAW_CPU=$CPU_US
 
 # Streaming 1 GiB: MB/s and the proxy's peak RSS during the transfer.
 stream() { # port [auth]
@@ -259,10 +274,13 @@ mb() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1e6 }'; }
     a256=$(echo "${R[dataverse-proxy-256]}" | cut -d' ' -f$i); n256=$(echo "${R[nginx-256]}" | cut -d' ' -f$i)
     echo "| $name | $(ratio "$a16" "$n16") | $(ratio "$a256" "$n256") |"
   done
+  f16=$(echo "${R[hyper-floor-16]}" | cut -d' ' -f4); f256=$(echo "${R[hyper-floor-256]}" | cut -d' ' -f4)
+  n16=$(echo "${R[nginx-16]}" | cut -d' ' -f4); n256=$(echo "${R[nginx-256]}" | cut -d' ' -f4)
+  echo "| CPU-µs/req, hyper-floor ÷ nginx | $(ratio "$f16" "$n16") | $(ratio "$f256" "$n256") |"
   echo
   echo "| ratio to direct (req/s) | 16 conns | 256 conns |"
   echo "|---|---|---|"
-  for t in dataverse-proxy nginx; do
+  for t in dataverse-proxy nginx hyper-floor; do
     echo "| $t | $(ratio "$(echo "${R[$t-16]}" | cut -d' ' -f1)" "$(echo "${R[direct-16]}" | cut -d' ' -f1)") | $(ratio "$(echo "${R[$t-256]}" | cut -d' ' -f1)" "$(echo "${R[direct-256]}" | cut -d' ' -f1)") |"
   done
   echo
@@ -277,8 +295,11 @@ mb() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1e6 }'; }
   echo "| dataverse-proxy RSS at rest | $((RSS_REST / 1024)) MiB (nginx worker: $((RSS_REST_NGX / 1024)) MiB) |"
   echo "| dataverse-proxy RSS under 256 connections | $((RSS_256 / 1024)) MiB |"
   echo "| dataverse-proxy RSS of a fresh process after one request | $((RSS_FRESH / 1024)) MiB |"
-  echo "| 1 MB JSON page, rewritten vs passed through (req/s) | $REW_RPS vs $RAW_RPS ($(awk -v a="$REW_RPS" -v b="$RAW_RPS" 'BEGIN { printf "%.1f", (1 - a / b) * 100 }')% cost) |"
-  echo "| 1 MB JSON page, CPU µs/req rewritten vs passed through | $REW_CPU vs $RAW_CPU |"
+  cost() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", (1 - a / b) * 100 }'; }
+  echo "| 1 MB page, links in every row (~11,000), rewritten vs passed through (req/s) | $REW_RPS vs $RAW_RPS ($(cost "$REW_RPS" "$RAW_RPS")% cost) |"
+  echo "| 1 MB page, links in every row, CPU µs/req rewritten vs passed through | $REW_CPU vs $RAW_CPU |"
+  echo "| 1 MB page, typical (context + nextLink), rewritten vs passed through (req/s) | $PREW_RPS vs $PRAW_RPS ($(cost "$PREW_RPS" "$PRAW_RPS")% cost) |"
+  echo "| 1 MB page, typical, CPU µs/req rewritten vs passed through | $PREW_CPU vs $PRAW_CPU |"
   echo "| token requests during the cold-start run ($COLD_REQS requests) | $TOKENS |"
   echo "| small response body | $SMALL_BYTES bytes |"
   echo
