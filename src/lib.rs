@@ -12,7 +12,8 @@
 //!   defaults) and validation that reports every problem at once.
 //! - [`error`]: [`error::ProxyError`], its status table and its OData-shaped
 //!   JSON body; the one place proxy errors become responses.
-//! - [`app`]: shared state, the request handler (request id, span, access log around the forwarding), the admin router.
+//! - [`app`]: shared state, the request handler (request id, span and
+//!   access log around the forwarding) and the admin router.
 //! - [`access`]: the per-request log line and request metrics.
 //! - [`metrics`]: the Prometheus registry behind the admin `/metrics`.
 //! - [`token`]: the client-credentials request, the moka token cache,
