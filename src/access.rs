@@ -22,7 +22,7 @@ use crate::metrics::{RequestLabels, method_label, status_class};
 #[derive(Debug, Clone, Default)]
 pub struct RequestInfo {
     /// The org it was routed to.
-    pub org: Option<Arc<str>>,
+    pub org: Option<Arc<crate::app::OrgState>>,
     /// The org's index (for per-org metric handles).
     pub org_index: Option<usize>,
     /// Time until Dataverse's response headers.
@@ -60,7 +60,7 @@ impl Entry {
             .bytes_in
             .as_ref()
             .map_or(0, |b| b.load(Ordering::Relaxed));
-        let org = self.info.org.as_deref().unwrap_or("-");
+        let org = self.info.org.as_ref().map_or("-", |o| o.name.as_str());
         let caller = self.info.caller.as_deref();
         let m = &self.state.metrics;
         m.in_flight().dec();

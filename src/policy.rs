@@ -73,13 +73,18 @@ impl Default for Policy {
 
 /// The resource a Web API path addresses: the first segment after
 /// `/api/data/vX.Y/`, decoded, without its key or parentheses, lower-case.
-pub fn resource(api_path: &str) -> Option<String> {
+pub fn resource(api_path: &str) -> Option<std::borrow::Cow<'_, str>> {
     let rest = api_path.strip_prefix("/api/data/")?;
     let (_, rest) = rest.split_once('/').unwrap_or((rest, ""));
     let first = rest.split(['/', '?']).next().unwrap_or("");
+    let plain = first.split('(').next().unwrap_or("");
+    if !plain.bytes().any(|b| b == b'%' || b.is_ascii_uppercase()) {
+        // The usual case: nothing to decode or fold, no allocation.
+        return Some(plain.into());
+    }
     let decoded = percent_encoding::percent_decode_str(first).decode_utf8_lossy();
     let name = decoded.split('(').next().unwrap_or("");
-    Some(name.to_ascii_lowercase())
+    Some(name.to_ascii_lowercase().into())
 }
 
 impl Policy {
@@ -216,10 +221,14 @@ fn batch_resource(url: &str) -> Option<String> {
         Some(i) => &url[i..],
         None => {
             // Relative to the service root: "accounts(…)".
-            return Some(resource(&format!("/api/data/v9.2/{url}")).unwrap_or_default());
+            return Some(
+                resource(&format!("/api/data/v9.2/{url}"))
+                    .unwrap_or_default()
+                    .into_owned(),
+            );
         }
     };
-    Some(resource(path).unwrap_or_default())
+    Some(resource(path).unwrap_or_default().into_owned())
 }
 
 // === Callers ===
@@ -409,6 +418,15 @@ mod tests {
         );
         assert_eq!(resource("/api/data/v9.2/$batch").as_deref(), Some("$batch"));
         assert_eq!(resource("/api/data/v9.2").as_deref(), Some(""));
+        // Encoded or upper-case names are decoded and folded (the slow path).
+        assert_eq!(
+            resource("/api/data/v9.2/ac%63ounts%28x)").as_deref(),
+            Some("accounts")
+        );
+        assert_eq!(
+            resource("/api/data/v9.2/Contacts?$top=1").as_deref(),
+            Some("contacts")
+        );
         assert_eq!(
             batch_resource("https://x/api/data/v9.2/systemusers?$top=1").as_deref(),
             Some("systemusers")

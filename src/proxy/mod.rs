@@ -93,7 +93,7 @@ async fn forward_inner(
         .and_then(|v| v.to_str().ok());
     let routed = state.route(parts.uri.path(), host)?;
     let org = routed.org.clone();
-    info.org = Some(org.name.as_str().into());
+    info.org = Some(org.clone());
     info.org_index = Some(routed.index);
     let prefix_len = routed.prefix_len;
     let api_path = &parts.uri.path()[prefix_len..];
