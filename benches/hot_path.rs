@@ -40,7 +40,9 @@ fn stream(r: &Rewriter, body: &Bytes) -> usize {
     let mut n = 0;
     for start in (0..body.len()).step_by(16 * 1024) {
         let end = (start + 16 * 1024).min(body.len());
-        n += r.feed(&mut carry, body.slice(start..end)).len();
+        let mut out = std::collections::VecDeque::new();
+        r.feed(&mut carry, body.slice(start..end), &mut out);
+        n += out.iter().map(Bytes::len).sum::<usize>();
     }
     n + carry.len()
 }

@@ -18,6 +18,7 @@
 //! few bytes at a chunk's end that could start a match into the next one, so
 //! matches across chunk boundaries work and memory stays bounded.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -161,21 +162,24 @@ impl Rewriter {
             .map_or(0, |i| tail.len() - i)
     }
 
-    /// Feeds one chunk; returns what can be emitted now. `carry` holds the
-    /// bytes kept back from the previous chunk and receives the new ones.
+    /// Feeds one chunk and pushes what can be emitted now onto `out`.
+    /// `carry` holds the bytes kept back from the previous chunk and
+    /// receives the new ones.
     ///
-    /// Only a chunk's end that could begin a link is kept back, so most
-    /// chunks without a match are returned as slices of themselves (no
-    /// copy); a chunk with matches is copied once, with the replacements.
-    pub fn feed(&self, carry: &mut BytesMut, chunk: Bytes) -> Bytes {
+    /// Only a chunk's end that could begin a link is kept back. Stretches
+    /// of at least [`SLICE_MIN`] bytes between links go out as slices of
+    /// the chunk (no copy); short ones are copied together with the
+    /// replacements, so a page dense with links is not cut into thousands
+    /// of frames.
+    pub fn feed(&self, carry: &mut BytesMut, chunk: Bytes, out: &mut VecDeque<Bytes>) {
         let this = &*self.0;
         if !carry.is_empty() && chunk.len() < this.keep {
             // A tiny chunk: join it to the kept bytes and go on.
             carry.extend_from_slice(&chunk);
             let joined = carry.split().freeze();
-            return self.feed(carry, joined);
+            return self.feed(carry, joined, out);
         }
-        let mut out: Option<BytesMut> = None;
+        let mut acc = Pieces::new(&chunk, out);
         let mut start = 0;
         if !carry.is_empty() {
             // Only a match that begins in the kept bytes needs them: such a
@@ -186,37 +190,82 @@ impl Rewriter {
             let mut joined = BytesMut::with_capacity(kept + head.len());
             joined.extend_from_slice(carry);
             joined.extend_from_slice(head);
-            let mut o = BytesMut::with_capacity(chunk.len() + kept + 64);
             match this.search.find(&joined, 0) {
                 Some((s, e)) if s < kept => {
-                    o.extend_from_slice(&joined[..s]);
-                    o.extend_from_slice(&this.replacement);
+                    acc.copy(&joined[..s]);
+                    acc.copy(&this.replacement);
                     start = e - kept;
                 }
-                _ => o.extend_from_slice(carry),
+                _ => acc.copy(carry),
             }
             carry.clear();
-            out = Some(o);
         }
         let mut last = start;
-        let mut from = start;
-        while let Some((s, e)) = this.search.find(&chunk, from) {
-            let o = out.get_or_insert_with(|| BytesMut::with_capacity(chunk.len() + 64));
-            o.extend_from_slice(&chunk[last..s]);
-            o.extend_from_slice(&this.replacement);
+        while let Some((s, e)) = this.search.find(&chunk, last) {
+            acc.take(last..s);
+            acc.copy(&this.replacement);
             last = e;
-            from = e;
         }
         // After the last match, keep back a tail that could begin one.
         let cut = chunk.len() - self.partial_tail(&chunk[last..]);
         carry.extend_from_slice(&chunk[cut..]);
-        match out {
-            None => chunk.slice(last..cut),
-            Some(mut o) => {
-                o.extend_from_slice(&chunk[last..cut]);
-                o.freeze()
-            }
+        acc.take(last..cut);
+        acc.finish();
+    }
+}
+
+/// Stretches at least this long go out as slices of the chunk they came in.
+const SLICE_MIN: usize = 4096;
+
+/// Size of the blocks short stretches and replacements are copied into.
+const COPY_BLOCK: usize = 64 * 1024;
+
+/// The output of one [`Rewriter::feed`]: short pieces copied together, long
+/// ones sliced.
+struct Pieces<'a> {
+    chunk: &'a Bytes,
+    out: &'a mut VecDeque<Bytes>,
+    copied: BytesMut,
+}
+
+impl<'a> Pieces<'a> {
+    fn new(chunk: &'a Bytes, out: &'a mut VecDeque<Bytes>) -> Self {
+        Self {
+            chunk,
+            out,
+            copied: BytesMut::new(),
         }
+    }
+
+    /// Copies into blocks of [`COPY_BLOCK`] bytes: a full block goes out as
+    /// a piece instead of being grown (and copied again).
+    fn copy(&mut self, bytes: &[u8]) {
+        if self.copied.capacity() - self.copied.len() < bytes.len() {
+            self.flush();
+            self.copied.reserve(bytes.len().max(COPY_BLOCK));
+        }
+        self.copied.extend_from_slice(bytes);
+    }
+
+    /// `range` of the chunk: sliced when long, copied when short.
+    fn take(&mut self, range: std::ops::Range<usize>) {
+        if range.len() >= SLICE_MIN {
+            self.flush();
+            self.out.push_back(self.chunk.slice(range));
+        } else if !range.is_empty() {
+            let chunk = self.chunk;
+            self.copy(&chunk[range]);
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.copied.is_empty() {
+            self.out.push_back(self.copied.split().freeze());
+        }
+    }
+
+    fn finish(mut self) {
+        self.flush();
     }
 }
 
@@ -226,6 +275,8 @@ pub struct RewriteBody<B> {
     inner: B,
     rewriter: Option<Rewriter>,
     carry: BytesMut,
+    /// Rewritten pieces not yet handed out.
+    ready: VecDeque<Bytes>,
     /// Trailers that arrived while bytes were still kept back.
     trailers: Option<http::HeaderMap>,
     done: bool,
@@ -238,6 +289,7 @@ impl<B> RewriteBody<B> {
             inner,
             rewriter,
             carry: BytesMut::new(),
+            ready: VecDeque::new(),
             trailers: None,
             done: false,
         }
@@ -260,6 +312,9 @@ where
             return Pin::new(&mut this.inner).poll_frame(cx);
         };
         loop {
+            if let Some(piece) = this.ready.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(piece))));
+            }
             if this.done {
                 // Kept-back bytes first, then any trailers, then the end.
                 if !this.carry.is_empty() {
@@ -271,12 +326,7 @@ where
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => {
-                        let out = rewriter.feed(&mut this.carry, data);
-                        if !out.is_empty() {
-                            return Poll::Ready(Some(Ok(Frame::data(out))));
-                        }
-                    }
+                    Ok(data) => rewriter.feed(&mut this.carry, data, &mut this.ready),
                     Err(frame) => {
                         // Trailers end the body.
                         this.trailers = frame.into_trailers().ok();
@@ -291,7 +341,12 @@ where
     fn is_end_stream(&self) -> bool {
         match self.rewriter {
             None => self.inner.is_end_stream(),
-            Some(_) => self.done && self.carry.is_empty() && self.trailers.is_none(),
+            Some(_) => {
+                self.done
+                    && self.ready.is_empty()
+                    && self.carry.is_empty()
+                    && self.trailers.is_none()
+            }
         }
     }
 
@@ -321,7 +376,13 @@ mod tests {
         let mut start = 0;
         for &s in splits.iter().chain(std::iter::once(&input.len())) {
             let s = s.clamp(start, input.len());
-            out.extend_from_slice(&r.feed(&mut carry, Bytes::copy_from_slice(&input[start..s])));
+            let mut pieces = VecDeque::new();
+            r.feed(
+                &mut carry,
+                Bytes::copy_from_slice(&input[start..s]),
+                &mut pieces,
+            );
+            pieces.iter().for_each(|p| out.extend_from_slice(p));
             start = s;
         }
         out.extend_from_slice(&carry);
@@ -356,6 +417,47 @@ mod tests {
                 "split at {split}"
             );
         }
+    }
+
+    #[test]
+    fn long_stretches_are_sliced_and_short_ones_copied() {
+        let filler = "x".repeat(50_000);
+        let body = format!(
+            "{filler}\"{ORG}/api/data/v9.2/a\",\"{ORG}/api/data/v9.2/b\"{filler}{ORG}/api/data/v9.2/c"
+        );
+        let expected = body.replace(ORG, PROXY);
+        let r = rw();
+        for splits in [
+            vec![],
+            vec![49_990, 50_010],
+            vec![10_000, 20_000, 50_003, 99_000],
+        ] {
+            assert_eq!(stream(&r, body.as_bytes(), &splits), expected.as_bytes());
+        }
+        // One chunk: the long stretches are slices of it; the first two links
+        // and the short stretch between them are one copied piece, the last
+        // link and what follows it another.
+        let chunk = Bytes::from(body.clone());
+        let mut out = VecDeque::new();
+        let mut carry = BytesMut::new();
+        r.feed(&mut carry, chunk.clone(), &mut out);
+        let lens: Vec<usize> = out.iter().map(Bytes::len).collect();
+        assert_eq!(lens[0], 50_001, "{lens:?}");
+        assert_eq!(out.len(), 4, "{lens:?}");
+        assert_eq!(
+            out[0].as_ptr(),
+            chunk.as_ptr(),
+            "the first stretch is not copied"
+        );
+        let inside = chunk.as_ptr_range();
+        assert!(
+            inside.contains(&out[2].as_ptr()),
+            "the filler is not copied"
+        );
+        assert!(
+            !inside.contains(&out[1].as_ptr()),
+            "links are copied with their replacement"
+        );
     }
 
     #[test]
