@@ -8,6 +8,9 @@
 //! ```sh
 //! cargo run --release --example bare_proxy -- 127.0.0.1:18084 http://127.0.0.1:18081 "Bearer bench-token"
 //! ```
+//!
+//! It runs on tokio's `current_thread` runtime; with `BARE_MT` set, on the
+//! multi-thread one (`TOKIO_WORKER_THREADS` workers), to compare the two.
 
 use std::net::SocketAddr;
 

@@ -13,8 +13,8 @@
 //! prefix ends with `/api/data/`, so no pattern is a prefix of another and
 //! a match never depends on bytes after it.
 //!
-//! [`Rewriter`] is built once per direction and request (its patterns are
-//! tiny); [`RewriteBody`] applies it to a body chunk by chunk, carrying the
+//! A [`Rewriter`] is built once per org, direction and public URL and
+//! shared by reference count (see `OrgState::links`); [`RewriteBody`] applies it to a body chunk by chunk, carrying the
 //! few bytes at a chunk's end that could start a match into the next one, so
 //! matches across chunk boundaries work and memory stays bounded.
 
@@ -42,30 +42,29 @@ struct Patterns {
     keep: usize,
 }
 
-/// How matches are found. `memmem` (SIMD) finds the first [`PREFIX_MAX`]
-/// bytes of the single pattern, or of the prefix an org and its `.api.`
-/// alias share (`https://contoso.`), after which the full patterns are
-/// compared; Aho-Corasick handles patterns without a useful common prefix.
-/// Measured on a page dense with links: Aho-Corasick with a fresh search per
-/// match cost 3 × as much, and `memmem` with the whole 43-byte pattern 2 × as
-/// much as with its 16-byte prefix.
 /// Longest needle given to `memmem`.
 const PREFIX_MAX: usize = 16;
 
-#[derive(Debug, Clone)]
+/// How matches are found. `memmem` (SIMD) finds the first [`PREFIX_MAX`]
+/// bytes the patterns share (`https://contoso.` for an org and its `.api.`
+/// alias, or the start of the single pattern), after which the patterns are
+/// compared; Aho-Corasick handles patterns without a useful common prefix.
+/// Measured on a page dense with links: Aho-Corasick with a fresh search per
+/// match cost 3 × as much, and `memmem` with a whole 43-byte pattern 2 × as
+/// much as with its 16-byte prefix.
+#[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per rewriter, behind its Arc"
+)]
 enum Search {
-    One(memchr::memmem::Finder<'static>),
-    Prefix(memchr::memmem::Finder<'static>, Arc<[Box<[u8]>]>),
+    Prefix(memchr::memmem::Finder<'static>),
     Many(AhoCorasick),
 }
 
 impl Search {
     fn new(patterns: &[String]) -> Option<Self> {
-        let finder = |b: &[u8]| memchr::memmem::Finder::new(b).into_owned();
         let first = patterns.first()?.as_bytes();
-        if patterns.len() == 1 && first.len() <= PREFIX_MAX {
-            return Some(Self::One(finder(first)));
-        }
         let common = patterns.iter().fold(first.len(), |n, p| {
             first[..n]
                 .iter()
@@ -75,34 +74,35 @@ impl Search {
         });
         // More than `https://`: a host-specific prefix is rare in a body.
         if common > "https://".len() {
-            let full = patterns
-                .iter()
-                .map(|p| p.as_bytes().into())
-                .collect::<Vec<_>>();
             let prefix = &first[..common.min(PREFIX_MAX)];
-            return Some(Self::Prefix(finder(prefix), full.into()));
+            return Some(Self::Prefix(
+                memchr::memmem::Finder::new(prefix).into_owned(),
+            ));
         }
         AhoCorasick::new(patterns).ok().map(Self::Many)
     }
+}
 
+impl Patterns {
     /// The first match in `haystack` at or after `from`: (start, end).
     fn find(&self, haystack: &[u8], from: usize) -> Option<(usize, usize)> {
-        match self {
-            Self::One(f) => f
-                .find(&haystack[from..])
-                .map(|i| (from + i, from + i + f.needle().len())),
-            Self::Prefix(f, full) => {
+        match &self.search {
+            Search::Prefix(prefix) => {
                 let mut at = from;
-                while let Some(i) = f.find(&haystack[at..]) {
+                while let Some(i) = prefix.find(&haystack[at..]) {
                     let start = at + i;
-                    if let Some(p) = full.iter().find(|p| haystack[start..].starts_with(p)) {
+                    if let Some(p) = self
+                        .patterns
+                        .iter()
+                        .find(|p| haystack[start..].starts_with(p))
+                    {
                         return Some((start, start + p.len()));
                     }
                     at = start + 1;
                 }
                 None
             }
-            Self::Many(ac) => ac
+            Search::Many(ac) => ac
                 .find(aho_corasick::Input::new(haystack).range(from..))
                 .map(|m| (m.start(), m.end())),
         }
@@ -135,21 +135,19 @@ impl Rewriter {
         })))
     }
 
-    /// Rewrites a whole value (a header, a buffered body).
+    /// Rewrites a whole value (a header, a buffered body); `None` when it
+    /// holds no link.
     pub fn rewrite_all(&self, input: &[u8]) -> Option<Vec<u8>> {
         let this = &*self.0;
-        let (mut start, mut end) = this.search.find(input, 0)?;
-        let mut out = Vec::with_capacity(input.len() + 64);
+        let mut out: Option<Vec<u8>> = None;
         let mut last = 0;
-        loop {
-            out.extend_from_slice(&input[last..start]);
-            out.extend_from_slice(&this.replacement);
+        while let Some((start, end)) = this.find(input, last) {
+            let o = out.get_or_insert_with(|| Vec::with_capacity(input.len() + 64));
+            o.extend_from_slice(&input[last..start]);
+            o.extend_from_slice(&this.replacement);
             last = end;
-            match this.search.find(input, last) {
-                Some(m) => (start, end) = m,
-                None => break,
-            }
         }
+        let mut out = out?;
         out.extend_from_slice(&input[last..]);
         Some(out)
     }
@@ -195,7 +193,7 @@ impl Rewriter {
             let mut joined = BytesMut::with_capacity(kept + head.len());
             joined.extend_from_slice(carry);
             joined.extend_from_slice(head);
-            match this.search.find(&joined, 0) {
+            match this.find(&joined, 0) {
                 Some((s, e)) if s < kept => {
                     acc.copy(&joined[..s]);
                     acc.copy(&this.replacement);
@@ -206,7 +204,7 @@ impl Rewriter {
             carry.clear();
         }
         let mut last = start;
-        while let Some((s, e)) = this.search.find(&chunk, last) {
+        while let Some((s, e)) = this.find(&chunk, last) {
             acc.take(last..s);
             acc.copy(&this.replacement);
             last = e;

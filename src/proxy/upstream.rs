@@ -185,19 +185,16 @@ where
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
+                let timeout = this.timeout;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 if !this.armed {
-                    let deadline = Instant::now() + this.timeout;
-                    match &mut this.sleep {
-                        Some(sleep) => sleep.as_mut().reset(deadline),
-                        None => this.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
-                    }
+                    sleep.as_mut().reset(Instant::now() + timeout);
                     this.armed = true;
                 }
-                let Some(sleep) = this.sleep.as_mut() else {
-                    return Poll::Pending;
-                };
                 match sleep.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyIdleTimeout(this.timeout).into()))),
+                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyIdleTimeout(timeout).into()))),
                     Poll::Pending => Poll::Pending,
                 }
             }
