@@ -399,16 +399,16 @@ pub async fn handle(
     let mut info = RequestInfo::default();
     let forwarded = proxy::forward(&state, peer, Request::from_parts(parts, body), &mut info);
     // A bug must cost one request a 500, not the connection its answer.
-    let resp = match AssertUnwindSafe(forwarded.instrument(span))
+    let outcome = AssertUnwindSafe(forwarded.instrument(span))
         .catch_unwind()
         .await
-    {
-        Ok(resp) => resp,
-        Err(_) => {
+        .unwrap_or_else(|_| {
             tracing::error!(request.id = %request_id.to_str().unwrap_or(""), "panic while handling a request");
-            ProxyError::Internal.into_response().map(ProxyBody::local)
-        }
-    };
+            Err(ProxyError::Internal)
+        });
+    // Proxy-made errors name the request id, so a caller can quote it.
+    let resp = outcome
+        .unwrap_or_else(|e| e.to_response(Some(&request_id)).map(ProxyBody::local));
     let (mut parts, mut body) = resp.into_parts();
     parts.headers.insert(REQUEST_ID, request_id.clone());
     let entry = Entry {

@@ -470,6 +470,8 @@ struct RawPolicy {
     metadata: Option<bool>,
     #[serde(deserialize_with = "lenient_list")]
     impersonation: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_list")]
+    privileged_headers: Option<Vec<String>>,
     batch_buffer: Option<String>,
 }
 
@@ -487,6 +489,8 @@ struct RawCaller {
     read_only: Option<bool>,
     #[serde(default)]
     requests_per_second: Option<f64>,
+    #[serde(default, deserialize_with = "lenient_list")]
+    privileged_headers: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1380,11 +1384,11 @@ fn validate_policy(p: &mut Problems<'_>, key: &str, r: RawPolicy) -> crate::poli
     let mut methods = Vec::new();
     for m in r.methods.unwrap_or_default() {
         match http::Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes()) {
-            Ok(method) => methods.push(method),
-            Err(_) => p.push(
+            Ok(method) if crate::proxy::path::is_web_api_method(&method) => methods.push(method),
+            _ => p.push(
                 &format!("{key}.methods"),
-                &format!("{m:?} is not an HTTP method"),
-                "list methods such as \"GET\", \"PATCH\"",
+                &format!("{m:?} is not a Web API method"),
+                "list some of GET, HEAD, POST, PATCH, PUT, DELETE (the policy can only narrow these)",
             ),
         }
     }
@@ -1409,12 +1413,33 @@ fn validate_policy(p: &mut Problems<'_>, key: &str, r: RawPolicy) -> crate::poli
         deny: lower(r.deny),
         metadata: r.metadata.unwrap_or(true),
         impersonation,
+        privileged: privileged_headers(p, &format!("{key}.privileged_headers"), r.privileged_headers),
         batch_buffer: p.size(
             &format!("{key}.batch_buffer"),
             r.batch_buffer.as_deref(),
             16 << 20,
         ),
     }
+}
+
+/// Validates a list of privileged header names; lower-case.
+fn privileged_headers(p: &mut Problems<'_>, key: &str, list: Option<Vec<String>>) -> Vec<String> {
+    let known = crate::proxy::headers::names::PRIVILEGED;
+    let mut out = Vec::new();
+    for name in list.unwrap_or_default() {
+        let lower = name.trim().to_ascii_lowercase();
+        if known.iter().any(|k| k.as_str() == lower) {
+            out.push(lower);
+        } else {
+            p.push(
+                key,
+                &format!("{name:?} is not a privileged Dataverse header"),
+                "list some of MSCRM.BypassCustomPluginExecution, MSCRM.BypassBusinessLogicExecution, \
+                 MSCRM.SuppressCallbackRegistrationExpanderJob",
+            );
+        }
+    }
+    out
 }
 
 /// Validates callers and the global source list.
@@ -1501,6 +1526,7 @@ fn validate_access(
             orgs: c.orgs.unwrap_or_default(),
             read_only: c.read_only.unwrap_or(false),
             requests_per_second: c.requests_per_second,
+            privileged: privileged_headers(p, &format!("{key}.privileged_headers"), c.privileged_headers),
         });
     }
     let any_key = out.iter().any(|c| c.key_sha256.is_some());

@@ -5,7 +5,11 @@
 //! `x-dataverse-proxy-error` header carrying the same code, so callers can
 //! tell proxy failures from Dataverse's own errors (which pass through
 //! untouched and are never wrapped). Messages say what happened and what to
-//! do; they never contain secrets or tokens.
+//! do in a plain sentence, and the body names the request id
+//! (`innererror.requestid`) so a caller can quote it. They never contain
+//! secrets, tokens or internal detail: the error's source chain (connect
+//! errors with hosts and ports, egress proxy names, file paths) goes only to
+//! the request's log line ([`ProxyError::log_detail`]).
 
 use std::time::Duration;
 
@@ -26,9 +30,9 @@ pub enum ProxyError {
         "no org matches this path: use /{{org name}}/api/data/v9.x/… (several orgs are configured and none is the default)"
     )]
     UnknownOrg,
-    /// 405: a method the proxy never forwards (CONNECT, TRACE) or that the
-    /// access policy does not allow.
-    #[error("this method is not allowed through the proxy")]
+    /// 405: a method outside the Web API's (GET, HEAD, POST, PATCH, PUT,
+    /// DELETE); answered with an `Allow` header.
+    #[error("this method is not part of the Dataverse Web API; use GET, HEAD, POST, PATCH, PUT or DELETE")]
     MethodNotAllowed,
     /// 414: the path or query is longer than the configured limit.
     #[error(
@@ -59,16 +63,29 @@ pub enum ProxyError {
         /// When a request is allowed again.
         retry_after: Duration,
     },
-    /// 400: the request target cannot be forwarded.
+    /// 400: the request head cannot be forwarded (framing, target form).
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
+    /// 400: the path or query is ambiguous (dot segments, encoded
+    /// separators, `%` not followed by two hex digits, control bytes).
+    #[error("malformed request path: {0}")]
+    BadPath(&'static str),
+    /// 400: the caller's body is framed wrongly (a chunk size or chunk line
+    /// that cannot be read, a body shorter than its `Content-Length`).
+    #[error("the request body is malformed: its framing could not be read; the request was not completed towards Dataverse")]
+    BadRequestBody,
+    /// 400: a `$batch` body the proxy cannot read exactly, so cannot check.
+    #[error("the $batch body cannot be checked: {0}")]
+    BadBatch(String),
     /// 503: no valid access token (Entra ID unreachable or refusing).
     #[error(
         "no valid Dataverse access token is available ({reason}); the proxy keeps retrying Entra ID, try again later"
     )]
     TokenUnavailable {
-        /// Why the token could not be had (safe to show: no secrets).
+        /// Why, in words safe to show a caller (an AADSTS code at most).
         reason: String,
+        /// The whole story, for the log only (URLs, file names).
+        detail: String,
         /// When the next fetch attempt is due.
         retry_after: Duration,
     },
@@ -91,10 +108,10 @@ pub enum ProxyError {
         retry_after: Duration,
     },
     /// 502: the upstream could not be reached or broke the protocol.
-    #[error("Dataverse could not be reached: {0}")]
+    #[error("Dataverse could not be reached or broke the protocol; try again later")]
     UpstreamUnavailable(#[source] hyper_util::client::legacy::Error),
     /// 502: the upstream broke off a (small, buffered) answer's body.
-    #[error("Dataverse broke off its answer: {0}")]
+    #[error("Dataverse broke off its answer; try again later")]
     UpstreamBody(#[source] axum::BoxError),
     /// 504: the upstream did not send response headers in time.
     #[error("Dataverse did not answer within {0:?}")]
@@ -117,7 +134,9 @@ impl ProxyError {
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::BadPath(_) | Self::BadRequestBody | Self::BadBatch(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Self::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::GovernorQueueFull { .. } | Self::GovernorQueueTimeout { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -143,6 +162,9 @@ impl ProxyError {
             Self::BodyTooLarge(_) => "body_too_large",
             Self::RequestTimeout => "request_timeout",
             Self::BadRequest(_) => "bad_request",
+            Self::BadPath(_) => "bad_path",
+            Self::BadRequestBody => "bad_request_body",
+            Self::BadBatch(_) => "bad_batch",
             Self::TokenUnavailable { .. } => "token_unavailable",
             Self::GovernorQueueFull { .. } => "governor_queue_full",
             Self::GovernorQueueTimeout { .. } => "governor_queue_timeout",
@@ -169,6 +191,9 @@ impl ProxyError {
             | Self::BodyTooLarge(_)
             | Self::RequestTimeout
             | Self::BadRequest(_)
+            | Self::BadPath(_)
+            | Self::BadRequestBody
+            | Self::BadBatch(_)
             | Self::UpstreamUnavailable(_)
             | Self::UpstreamBody(_)
             | Self::UpstreamTimeout(_)
@@ -176,9 +201,14 @@ impl ProxyError {
         }
     }
 
-    /// The message shown to callers: the error and its sources.
-    fn message(&self) -> String {
+    /// What the request's log line says: the caller's sentence plus the
+    /// source chain and anything else kept from callers.
+    pub fn log_detail(&self) -> String {
         let mut msg = self.to_string();
+        if let Self::TokenUnavailable { detail, .. } = self {
+            msg.push_str(": ");
+            msg.push_str(detail);
+        }
         let mut source = std::error::Error::source(self);
         while let Some(s) = source {
             msg.push_str(": ");
@@ -187,34 +217,52 @@ impl ProxyError {
         }
         msg
     }
-}
 
-impl IntoResponse for ProxyError {
-    fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "error": { "code": self.code(), "message": self.message() }
-        });
-        let mut resp = (self.status(), axum::Json(body)).into_response();
+    /// The answer for a caller: status, code header, OData body naming
+    /// `request_id` (when known), and the detail for the log line.
+    pub fn to_response(&self, request_id: Option<&HeaderValue>) -> Response {
+        let mut error = serde_json::json!({ "code": self.code(), "message": self.to_string() });
+        if let Some(id) = request_id.and_then(|v| v.to_str().ok()) {
+            error["innererror"] = serde_json::json!({ "requestid": id });
+        }
+        let mut resp = (self.status(), axum::Json(serde_json::json!({ "error": error })))
+            .into_response();
         // Logged once, by the access log, not here.
         resp.extensions_mut()
-            .insert(crate::access::ErrorMessage(self.message()));
+            .insert(crate::access::ErrorMessage(self.log_detail()));
         let h = resp.headers_mut();
         h.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(self.code()));
-        if matches!(self, Self::Unauthorized(_)) {
-            h.insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("ApiKey header=\"X-API-Key\""),
-            );
-        }
-        if matches!(self, Self::BodyTooLarge(_) | Self::RequestTimeout) {
-            // The unread body must not reach a reused connection.
-            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        match self {
+            Self::Unauthorized(_) => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("ApiKey header=\"X-API-Key\""),
+                );
+            }
+            Self::MethodNotAllowed => {
+                h.insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+            }
+            // The unread (or unreadable) body must not reach a reused connection.
+            Self::BodyTooLarge(_) | Self::RequestTimeout | Self::BadRequestBody => {
+                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         if let Some(after) = self.retry_after() {
             let secs = after.as_secs_f64().ceil().max(1.0) as u64;
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
+    }
+}
+
+/// The methods of the Dataverse Web API: the only ones the proxy forwards,
+/// as the `Allow` header of a 405 says.
+pub const ALLOWED_METHODS: &str = "GET, HEAD, POST, PATCH, PUT, DELETE";
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        self.to_response(None)
     }
 }
 
@@ -230,6 +278,7 @@ mod tests {
             (
                 ProxyError::TokenUnavailable {
                     reason: "r".into(),
+                    detail: "d".into(),
                     retry_after: Duration::from_millis(1500),
                 },
                 503,

@@ -37,12 +37,12 @@
 
 pub mod access;
 pub mod app;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod governor;
 pub mod metrics;
-pub mod multipart;
 pub mod policy;
 pub mod proxy;
 pub mod rewrite;

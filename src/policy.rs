@@ -9,22 +9,26 @@
 //!   allow-list; `X-Forwarded-For` believed only from trusted proxies;
 //! - **policy** per org: allowed methods, a read-only switch, allowed and
 //!   denied entity sets / functions / actions, `$metadata` on or off,
-//!   impersonation headers dropped, allowed, or allowed for listed ids.
-//!   `$batch` bodies are buffered (under a cap) and every operation in them
-//!   is checked against the same policy, so a batch is no bypass.
+//!   impersonation headers dropped, allowed, or allowed for listed ids;
+//!   privileged headers (`MSCRM.Bypass*`, `MSCRM.SuppressCallback*`)
+//!   dropped unless listed (and, where callers are configured, listed for
+//!   the caller too). `$batch` bodies are buffered (under a cap) and read
+//!   strictly ([`crate::batch`]): every operation is checked against the same
+//!   policy and loses the headers the top level would lose, so a batch is
+//!   no bypass.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderValue, Method};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
 use sha2::Digest;
 use tokio::time::Instant;
 
+use crate::batch::{self, BatchError, Operation, Target};
 use crate::error::ProxyError;
-use crate::multipart;
-use crate::proxy::headers::names;
+use crate::proxy::headers::{self, names};
 
 /// What to do with `CallerObjectId` / `MSCRMCallerID`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,8 +57,26 @@ pub struct Policy {
     pub metadata: bool,
     /// Impersonation headers.
     pub impersonation: Impersonation,
+    /// Privileged headers (lower-case names of [`names::PRIVILEGED`]) that
+    /// may reach Dataverse; empty: none.
+    pub privileged: Vec<String>,
     /// `$batch` bodies are buffered up to this to be checked.
     pub batch_buffer: usize,
+}
+
+/// What the `$batch` check needs to know besides the body.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchContext<'a> {
+    /// The service root the batch was sent to, e.g. `/api/data/v9.2`.
+    pub service_root: &'a str,
+    /// Bases an absolute operation URL may start with (the org's origins
+    /// and the proxy's public base), lower-case, no trailing slash.
+    pub origins: &'a [String],
+    /// The caller is read-only.
+    pub caller_read_only: bool,
+    /// The caller's own privileged-header grants; `None` when no callers
+    /// are configured (the org policy alone decides).
+    pub caller_privileged: Option<&'a [String]>,
 }
 
 impl Default for Policy {
@@ -66,6 +88,7 @@ impl Default for Policy {
             deny: Vec::new(),
             metadata: true,
             impersonation: Impersonation::Drop,
+            privileged: Vec::new(),
             batch_buffer: 16 << 20,
         }
     }
@@ -131,46 +154,85 @@ impl Policy {
         Ok(())
     }
 
-    /// Checks every operation of a buffered `$batch` body.
+    /// Checks every operation of a buffered `$batch` body and drops the
+    /// guarded headers of its parts; the body to send when lines were cut.
+    ///
+    /// A body the strict reader refuses is a 400 when the policy restricts
+    /// anything. Otherwise it is forwarded untouched, unless it names a
+    /// guarded header anywhere: that header could not be cut exactly.
     pub fn check_batch(
         &self,
         content_type: Option<&str>,
         body: &[u8],
-        caller_read_only: bool,
-    ) -> Result<(), ProxyError> {
-        let malformed =
-            || ProxyError::BadRequest("the $batch body is not valid multipart/mixed content");
-        let boundary = content_type
-            .and_then(multipart::boundary)
-            .ok_or_else(malformed)?;
-        let parts = multipart::split(body, &boundary).ok_or_else(malformed)?;
-        for part in &parts {
-            let inner = part.header("content-type").and_then(multipart::boundary);
-            let operations = match inner {
-                Some(b) => multipart::split(part.content, &b).ok_or_else(malformed)?,
-                None => vec![multipart::Part {
-                    headers: part.headers.clone(),
-                    content: part.content,
-                }],
-            };
-            for op in &operations {
-                let (method, url) = multipart::request_line(op).ok_or_else(malformed)?;
-                let method = Method::from_bytes(method.as_bytes()).map_err(|_| malformed())?;
-                // `$1`-style references name an entity created earlier in the
-                // same change set (already checked): only method rules apply.
-                match batch_resource(&url) {
-                    Some(r) => self.check(&method, &r, caller_read_only),
-                    None => self.check_method_only(&method, caller_read_only),
-                }
-                .map_err(|e| match e {
-                    ProxyError::PolicyDenied(why) => {
-                        ProxyError::PolicyDenied(format!("in $batch: {why}"))
-                    }
-                    other => other,
-                })?;
+        ctx: &BatchContext<'_>,
+    ) -> Result<Option<Vec<u8>>, ProxyError> {
+        let operations = match batch::parse(content_type.unwrap_or(""), body) {
+            Ok(ops) => ops,
+            Err(e) if self.restricts(ctx.caller_read_only) || names_guarded_header(body) => {
+                return Err(ProxyError::BadBatch(e.to_string()));
             }
+            Err(_) => return Ok(None),
+        };
+        let mut cut = Vec::new();
+        for op in &operations {
+            self.check_operation(op, ctx).map_err(|e| match e {
+                ProxyError::PolicyDenied(why) => ProxyError::PolicyDenied(format!("in $batch: {why}")),
+                other => other,
+            })?;
+            cut.extend(self.lines_to_cut(op, ctx.caller_privileged));
         }
-        Ok(())
+        cut.sort_by_key(|r| r.start);
+        Ok((!cut.is_empty()).then(|| batch::without_lines(body, &cut)))
+    }
+
+    /// The path guard and the policy, for one `$batch` operation.
+    fn check_operation(&self, op: &Operation<'_>, ctx: &BatchContext<'_>) -> Result<(), ProxyError> {
+        let bad = |e: BatchError| ProxyError::BadBatch(e.to_string());
+        let method = Method::from_bytes(op.method.as_bytes())
+            .map_err(|_| bad(BatchError("an operation's method cannot be read")))?;
+        let path = match op.resolve(ctx.service_root, ctx.origins).map_err(bad)? {
+            // `$1`-style references name an entity created earlier in the
+            // same change set (already checked): only method rules apply.
+            Target::Reference => return self.check_method_only(&method, ctx.caller_read_only),
+            Target::Path(p) => p,
+        };
+        let (path, query) = path.split_once('?').unwrap_or((&path, ""));
+        if !crate::proxy::path::percent_encodings_are_valid(query.as_bytes()) {
+            return Err(bad(BatchError("an operation's query has a % without two hex digits")));
+        }
+        crate::proxy::path::check(path).map_err(|_| {
+            bad(BatchError(
+                "an operation addresses a path outside /api/data/v9.0|1|2, or an ambiguous one",
+            ))
+        })?;
+        let resource = resource(path).unwrap_or_default();
+        if resource == "$batch" {
+            return Err(bad(BatchError("a batch may not contain another batch")));
+        }
+        self.check(&method, &resource, ctx.caller_read_only)
+    }
+
+    /// The header lines of `op` that may not reach Dataverse; when any of
+    /// the embedded request's lines go, the part's `Content-Length` goes too.
+    fn lines_to_cut(
+        &self,
+        op: &Operation<'_>,
+        caller_privileged: Option<&[String]>,
+    ) -> Vec<std::ops::Range<usize>> {
+        let refused = |h: &&batch::HeaderLine<'_>| {
+            let name = h.name.to_ascii_lowercase();
+            headers::is_guarded(&name) && !self.lets_through(&name, h.value, caller_privileged)
+        };
+        let mut cut: Vec<_> = op.part_headers.iter().chain(&op.headers).filter(refused).map(|h| h.line.clone()).collect();
+        if op.headers.iter().any(|h| refused(&h)) {
+            cut.extend(
+                op.part_headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .map(|h| h.line.clone()),
+            );
+        }
+        cut
     }
 
     fn check_method_only(&self, method: &Method, caller_read_only: bool) -> Result<(), ProxyError> {
@@ -188,47 +250,65 @@ impl Policy {
         Ok(())
     }
 
-    /// Applies the impersonation rule to the caller's headers, before the
-    /// header policy drops them; returns the ones to put back.
-    pub fn impersonation_headers(&self, headers: &HeaderMap) -> Vec<(&'static str, HeaderValue)> {
-        let mut keep = Vec::new();
-        for (name, key) in [
-            ("callerobjectid", names::CALLER_OBJECT_ID),
-            ("mscrmcallerid", names::MSCRM_CALLER_ID),
-        ] {
-            let Some(v) = headers.get(key) else { continue };
-            let allowed = match &self.impersonation {
+    /// Whether a guarded header (lower-case `name`) may reach Dataverse:
+    /// impersonation by the impersonation rule; privileged headers when the
+    /// policy lists them and, where callers are configured, the caller too;
+    /// credentials and cookies never.
+    pub fn lets_through(&self, name: &str, value: &[u8], caller_privileged: Option<&[String]>) -> bool {
+        match name {
+            "callerobjectid" | "mscrmcallerid" => match &self.impersonation {
                 Impersonation::Drop => false,
                 Impersonation::Allow => true,
-                Impersonation::Only(ids) => v
-                    .to_str()
+                Impersonation::Only(ids) => std::str::from_utf8(value)
                     .is_ok_and(|v| ids.iter().any(|id| id.eq_ignore_ascii_case(v.trim()))),
-            };
-            if allowed {
-                keep.push((name, v.clone()));
+            },
+            _ if names::PRIVILEGED.iter().any(|p| p.as_str() == name) => {
+                let granted = |list: &[String]| list.iter().any(|p| p == name);
+                granted(&self.privileged) && caller_privileged.is_none_or(granted)
             }
+            _ => false,
         }
-        keep
+    }
+
+    /// The impersonation and privileged headers of the caller's request
+    /// that the policy lets through, to put back after the header policy
+    /// dropped them.
+    pub fn restored_headers(
+        &self,
+        headers: &HeaderMap,
+        caller_privileged: Option<&[String]>,
+    ) -> Vec<(HeaderName, HeaderValue)> {
+        let candidates = [names::CALLER_OBJECT_ID, names::MSCRM_CALLER_ID]
+            .into_iter()
+            .chain(names::PRIVILEGED);
+        candidates
+            .filter_map(|name| {
+                let value = headers.get(&name)?;
+                self.lets_through(name.as_str(), value.as_bytes(), caller_privileged)
+                    .then(|| (name, value.clone()))
+            })
+            .collect()
     }
 }
 
-/// The resource a `$batch` operation URL addresses; `None` for `$n` references.
-fn batch_resource(url: &str) -> Option<String> {
-    if url.starts_with('$') && url[1..].chars().next().is_some_and(|c| c.is_ascii_digit()) {
-        return None;
-    }
-    let path = match url.find("/api/data/") {
-        Some(i) => &url[i..],
-        None => {
-            // Relative to the service root: "accounts(…)".
-            return Some(
-                resource(&format!("/api/data/v9.2/{url}"))
-                    .unwrap_or_default()
-                    .into_owned(),
-            );
-        }
-    };
-    Some(resource(path).unwrap_or_default().into_owned())
+/// True when a body names a guarded header anywhere, in any letter case.
+fn names_guarded_header(body: &[u8]) -> bool {
+    static NAMES: std::sync::OnceLock<aho_corasick::AhoCorasick> = std::sync::OnceLock::new();
+    let finder = NAMES.get_or_init(|| {
+        aho_corasick::AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build([
+                "authorization",
+                "x-api-key",
+                "cookie",
+                "callerobjectid",
+                "mscrmcallerid",
+                "mscrm.bypass",
+                "mscrm.suppresscallback",
+            ])
+            .expect("fixed patterns build")
+    });
+    finder.is_match(body)
 }
 
 // === Callers ===
@@ -248,6 +328,9 @@ pub struct Caller {
     pub read_only: bool,
     /// Requests per second at most (burst of the same size); `None`: no quota.
     pub requests_per_second: Option<f64>,
+    /// Privileged headers this caller may send (lower-case), where the org
+    /// policy allows them too.
+    pub privileged: Vec<String>,
 }
 
 /// Caller identification settings.
@@ -403,6 +486,9 @@ pub fn warn_if_readable_by_others(what: &str, path: &std::path::Path) {
 }
 
 #[cfg(test)]
+mod batch_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -427,12 +513,6 @@ mod tests {
             resource("/api/data/v9.2/Contacts?$top=1").as_deref(),
             Some("contacts")
         );
-        assert_eq!(
-            batch_resource("https://x/api/data/v9.2/systemusers?$top=1").as_deref(),
-            Some("systemusers")
-        );
-        assert_eq!(batch_resource("contacts(1)").as_deref(), Some("contacts"));
-        assert_eq!(batch_resource("$1"), None);
     }
 
     #[test]

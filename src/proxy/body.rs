@@ -71,13 +71,7 @@ impl RequestBody {
                 let bytes = body
                     .collect()
                     .await
-                    .map_err(|e| {
-                        if super::caused_by_idle_body(&e) {
-                            ProxyError::RequestTimeout
-                        } else {
-                            ProxyError::BadRequest("the request body could not be read")
-                        }
-                    })?
+                    .map_err(|e| caller_body_fault(&e).unwrap_or(ProxyError::BadRequestBody))?
                     .to_bytes();
                 let bytes = match rewriter.and_then(|r| r.rewrite_all(&bytes)) {
                     Some(rewritten) => Bytes::from(rewritten),
@@ -242,10 +236,44 @@ impl Drop for ProxyBody {
     }
 }
 
-/// The caller's body as it arrives: cut off at the size limit, failed when
-/// it stalls (408), its bytes counted for the access log.
+/// The caller broke its body's framing (a chunk line hyper cannot read, a
+/// body shorter than its `Content-Length`, a reset). Marks the error so the
+/// answer is a 400 `bad_request_body`, not a Dataverse failure; the upstream
+/// request, whose body fails with it, is aborted rather than ended.
+#[derive(Debug, thiserror::Error)]
+#[error("the caller's request body is malformed or broken off: {0}")]
+pub struct CallerBodyBroken(#[source] hyper::Error);
+
+/// The caller-side fault behind an error of the request body, if any:
+/// a stall (408), the size limit (413) or broken framing (400).
+pub fn caller_body_fault(e: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
+    let mut source = Some(e);
+    while let Some(err) = source {
+        if err.is::<super::upstream::BodyIdleTimeout>() {
+            return Some(ProxyError::RequestTimeout);
+        }
+        if let Some(limit) = err.downcast_ref::<BodyLimit>() {
+            return Some(ProxyError::BodyTooLarge(limit.0));
+        }
+        if err.is::<CallerBodyBroken>() {
+            return Some(ProxyError::BadRequestBody);
+        }
+        source = err.source();
+    }
+    None
+}
+
+/// The caller's body went over `limits.max_body` (this many bytes).
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is larger than {0} bytes")]
+pub struct BodyLimit(pub usize);
+
+/// The caller's body as it arrives: cut off at the size limit (413), failed
+/// when it stalls (408) or when its framing breaks (400), its bytes counted
+/// for the access log.
 pub struct Inbound {
     inner: IdleTimeout<http_body_util::Limited<Incoming>>,
+    limit: usize,
     counted: Arc<AtomicU64>,
 }
 
@@ -254,7 +282,22 @@ impl Inbound {
     pub fn new(body: Incoming, limit: usize, idle: Duration, counted: Arc<AtomicU64>) -> Self {
         Self {
             inner: IdleTimeout::new(http_body_util::Limited::new(body, limit), idle),
+            limit,
             counted,
+        }
+    }
+}
+
+impl Inbound {
+    /// Names what went wrong: the limit, or the caller's framing (hyper's
+    /// own error); a stall is already a [`super::upstream::BodyIdleTimeout`].
+    fn classify(&self, e: BoxError) -> BoxError {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return Box::new(BodyLimit(self.limit));
+        }
+        match e.downcast::<hyper::Error>() {
+            Ok(hyper) => Box::new(CallerBodyBroken(*hyper)),
+            Err(other) => other,
         }
     }
 }
@@ -269,12 +312,16 @@ impl http_body::Body for Inbound {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(d) = frame.data_ref()
-        {
-            this.counted.fetch_add(d.len() as u64, Ordering::Relaxed);
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.counted.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(this.classify(e)))),
+            other => other,
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -4,9 +4,16 @@
 //! `Keep-Alive`, `TE`, `Transfer-Encoding`, `Upgrade`, plus every header named
 //! in `Connection`) belong to one connection and are never forwarded.
 //! Towards Dataverse the caller's credentials (`Authorization`,
-//! `Proxy-Authorization`) and impersonation headers (`CallerObjectId`,
-//! `MSCRMCallerID`) are dropped: callers act as the proxy's application user
-//! and nothing else. Everything else (`Prefer`, `If-Match`, `OData-*`,
+//! `Proxy-Authorization`, `X-API-Key`), its cookies, impersonation headers
+//! (`CallerObjectId`, `MSCRMCallerID`) and the privileged headers that skip
+//! Dataverse's own logic (`MSCRM.BypassCustomPluginExecution`,
+//! `MSCRM.BypassBusinessLogicExecution`,
+//! `MSCRM.SuppressCallbackRegistrationExpanderJob`) are dropped: callers act
+//! as the proxy's application user and nothing more, unless the org's
+//! policy puts some back. Towards callers, Dataverse's `Set-Cookie`
+//! (`ARRAffinity`, `ReqClientId`, scoped to the org's domain) is dropped:
+//! the proxy keeps no session and must not let a caller pin it to one web
+//! server. Everything else (`Prefer`, `If-Match`, `OData-*`, other
 //! `MSCRM.*`, `x-ms-*`, `Retry-After`, `ETag`…) passes through untouched.
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
@@ -34,6 +41,19 @@ pub mod names {
     pub const CALLER_OBJECT_ID: HeaderName = HeaderName::from_static("callerobjectid");
     /// Impersonation by systemuser id (legacy; no dot in the name).
     pub const MSCRM_CALLER_ID: HeaderName = HeaderName::from_static("mscrmcallerid");
+    /// Skips custom synchronous plug-ins (needs `prvBypassCustomPlugins`).
+    pub const BYPASS_CUSTOM_PLUGINS: HeaderName =
+        HeaderName::from_static("mscrm.bypasscustompluginexecution");
+    /// Skips synchronous and/or asynchronous custom logic.
+    pub const BYPASS_BUSINESS_LOGIC: HeaderName =
+        HeaderName::from_static("mscrm.bypassbusinesslogicexecution");
+    /// Skips Power Automate flows (callback registrations).
+    pub const SUPPRESS_CALLBACKS: HeaderName =
+        HeaderName::from_static("mscrm.suppresscallbackregistrationexpanderjob");
+    /// The headers that switch off Dataverse's own logic ("Bypass custom
+    /// Dataverse logic", Microsoft Learn), lower-case.
+    pub const PRIVILEGED: [HeaderName; 3] =
+        [BYPASS_CUSTOM_PLUGINS, BYPASS_BUSINESS_LOGIC, SUPPRESS_CALLBACKS];
     /// RFC 7239.
     pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
     /// De-facto forwarding headers.
@@ -66,20 +86,31 @@ fn is_hop_by_hop(name: &str) -> bool {
 /// caller's), impersonation (put back by the policy when allowed) and API keys.
 fn is_dropped_upstream(name: &str) -> bool {
     is_hop_by_hop(name)
-        || matches!(
-            name,
-            "authorization"
-                | "proxy-authorization"
-                | "expect"
-                | "callerobjectid"
-                | "mscrmcallerid"
-                | "x-api-key"
-        )
+        || name == "expect"
+        || is_guarded(name)
+}
+
+/// Caller headers that carry a credential, a session, an identity or a
+/// privilege, lower-case: never forwarded as sent, at the top level or in
+/// a `$batch` part; the policy may put the identity and privilege ones back.
+pub fn is_guarded(name: &str) -> bool {
+    matches!(
+        name,
+        "authorization"
+            | "proxy-authorization"
+            | "x-api-key"
+            | "cookie"
+            | "callerobjectid"
+            | "mscrmcallerid"
+            | "mscrm.bypasscustompluginexecution"
+            | "mscrm.bypassbusinesslogicexecution"
+            | "mscrm.suppresscallbackregistrationexpanderjob"
+    )
 }
 
 /// Response headers from Dataverse that are not passed to callers.
 fn is_dropped_downstream(name: &str) -> bool {
-    is_hop_by_hop(name) || name == "proxy-authenticate"
+    is_hop_by_hop(name) || name == "proxy-authenticate" || name == "set-cookie"
 }
 
 /// Removes the headers named in `Connection`, then those `drop` selects.
@@ -185,7 +216,11 @@ mod tests {
             ("MSCRMCallerID", "00000000-0000-0000-0000-000000000002"),
             ("if-match", "W/\"12\""),
             ("odata-version", "4.0"),
-            ("mscrm.bypasscustompluginexecution", "true"),
+            ("MSCRM.BypassCustomPluginExecution", "true"),
+            ("mscrm.bypassbusinesslogicexecution", "CustomSync,CustomAsync"),
+            ("MSCRM.SuppressCallbackRegistrationExpanderJob", "true"),
+            ("cookie", "ARRAffinity=abc; ReqClientId=1"),
+            ("mscrm.suppressduplicatedetection", "false"),
             ("x-ms-client-request-id", "abc"),
         ]);
         to_upstream(&mut h, HeaderValue::from_static("contoso.crm.dynamics.com"));
@@ -197,7 +232,7 @@ mod tests {
             names,
             [
                 "if-match",
-                "mscrm.bypasscustompluginexecution",
+                "mscrm.suppressduplicatedetection",
                 "odata-version",
                 "x-ms-client-request-id"
             ]
@@ -213,6 +248,8 @@ mod tests {
             ("odata-entityid", "https://o/api/data/v9.2/accounts(1)"),
             ("connection", "close"),
             ("proxy-authenticate", "Basic"),
+            ("set-cookie", "ARRAffinity=1; path=/; domain=.crm.dynamics.com"),
+            ("set-cookie", "ReqClientId=2; path=/"),
         ]);
         to_caller(&mut h);
         assert_eq!(h.len(), 4, "{h:?}");

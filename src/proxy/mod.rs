@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri, Version, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::Bytes;
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -60,11 +60,8 @@ pub async fn forward(
     peer: SocketAddr,
     req: Request,
     info: &mut RequestInfo,
-) -> Response<ProxyBody> {
-    match forward_inner(state, peer.ip(), req, info).await {
-        Ok(resp) => resp,
-        Err(e) => e.into_response().map(ProxyBody::local),
-    }
+) -> Result<Response<ProxyBody>, ProxyError> {
+    forward_inner(state, peer.ip(), req, info).await
 }
 
 async fn forward_inner(
@@ -104,10 +101,15 @@ async fn forward_inner(
         .admit(peer, &parts.headers, &org.name, &state.quotas)?;
     info.caller = caller.map(|c| c.name.clone());
     let caller_read_only = caller.is_some_and(|c| c.read_only);
+    // Where callers are configured, privileged headers need the caller's grant too.
+    let caller_privileged = (!state.access.callers.is_empty())
+        .then(|| caller.map_or(&[][..], |c| c.privileged.as_slice()));
     let resource = crate::policy::resource(api_path).unwrap_or_default();
     org.policy
         .check(&parts.method, &resource, caller_read_only)?;
-    let impersonation = org.policy.impersonation_headers(&parts.headers);
+    let restored = org
+        .policy
+        .restored_headers(&parts.headers, caller_privileged);
 
     let mut public = state.public.derive(&parts.headers, peer);
     if prefix_len > 0 {
@@ -115,6 +117,12 @@ async fn forward_inner(
         public = public.with_segment(&org.name);
     }
     let links = org.links(public);
+    let is_batch = resource == "$batch" && parts.method == Method::POST;
+    let batch_origins = is_batch.then(|| {
+        let mut origins: Vec<String> = org.aliases.iter().map(|a| a.to_ascii_lowercase()).collect();
+        origins.push(public.to_string().to_ascii_lowercase());
+        origins
+    });
 
     // Path and query bytes are kept exactly as received; only the origin
     // (and the org prefix) change.
@@ -122,34 +130,29 @@ async fn forward_inner(
     let mut headers = parts.headers;
     // The org's `Host`, set here once rather than formatted by the client.
     headers::to_upstream(&mut headers, org.host_header.clone());
-    for (name, value) in impersonation {
+    for (name, value) in restored {
         headers.insert(name, value);
     }
     if !path::is_file_download(parts.uri.path()) {
         headers.remove(header::ACCEPT_ENCODING);
     }
-    // A batch is checked operation by operation, so it is no way around the policy.
-    let body = if resource == "$batch" && org.policy.restricts(caller_read_only) {
-        let limit = org.policy.batch_buffer;
-        let bytes = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit))
-            .await
-            .map_err(|e| {
-                if caused_by_idle_body(&*e) {
-                    ProxyError::RequestTimeout
-                } else {
-                    ProxyError::BodyTooLarge(limit)
-                }
-            })?
-            .to_bytes();
-        let ct = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok());
-        org.policy.check_batch(ct, &bytes, caller_read_only)?;
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-        headers.remove(header::TRANSFER_ENCODING);
-        axum::body::Body::from(bytes)
-    } else {
-        body
+    // A batch is read strictly and checked operation by operation, and its
+    // parts lose the headers the request itself would lose: no way around
+    // the policy.
+    let body = match batch_origins {
+        Some(origins) => {
+            let ctx = crate::policy::BatchContext {
+                service_root: service_root(api_path),
+                origins: &origins,
+                caller_read_only,
+                caller_privileged,
+            };
+            let bytes = read_batch(body, &headers, &org.policy, &ctx).await?;
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+            headers.remove(header::TRANSFER_ENCODING);
+            axum::body::Body::from(bytes)
+        }
+        None => body,
     };
     let mut body = RequestBody::prepare(
         &mut headers,
@@ -276,14 +279,41 @@ async fn send(state: &AppState, req: Request) -> Result<Response<Incoming>, Prox
     tokio::time::timeout(timeout, state.client.request(req))
         .await
         .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
-        .map_err(|e| {
-            // The caller's body stalling surfaces as a client error here.
-            if caused_by_idle_body(&e) {
-                ProxyError::RequestTimeout
-            } else {
-                ProxyError::UpstreamUnavailable(e)
-            }
-        })
+        // A caller's body that stalls, grows too large or breaks its
+        // framing surfaces here too: that is the caller's fault, not
+        // Dataverse's (the upstream request was aborted with it).
+        .map_err(|e| body::caller_body_fault(&e).unwrap_or(ProxyError::UpstreamUnavailable(e)))
+}
+
+/// Reads a `$batch` body whole (up to the policy's `batch_buffer`) and
+/// checks it; the bytes to send (with the guarded part headers cut).
+async fn read_batch(
+    body: axum::body::Body,
+    headers: &axum::http::HeaderMap,
+    policy: &crate::policy::Policy,
+    ctx: &crate::policy::BatchContext<'_>,
+) -> Result<Bytes, ProxyError> {
+    let limit = policy.batch_buffer;
+    let bytes = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit))
+        .await
+        .map_err(|e| body::caller_body_fault(&*e).unwrap_or(ProxyError::BodyTooLarge(limit)))?
+        .to_bytes();
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    Ok(match policy.check_batch(content_type, &bytes, ctx)? {
+        Some(cut) => Bytes::from(cut),
+        None => bytes,
+    })
+}
+
+/// `/api/data/v9.2` of `/api/data/v9.2/$batch`.
+fn service_root(api_path: &str) -> &str {
+    let version_end = api_path
+        .get("/api/data/".len()..)
+        .and_then(|rest| rest.find('/'))
+        .map_or(api_path.len(), |i| i + "/api/data/".len());
+    &api_path[..version_end]
 }
 
 /// The org's scheme and authority with the caller's path and query, whose
@@ -305,18 +335,6 @@ fn upstream_uri(
     parts.authority = origin.authority.clone();
     parts.path_and_query = Some(pq);
     Uri::from_parts(parts).map_err(|_| invalid())
-}
-
-/// True when `e` was caused by the caller's body stalling.
-pub(crate) fn caused_by_idle_body(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(e);
-    while let Some(err) = source {
-        if err.is::<upstream::BodyIdleTimeout>() {
-            return true;
-        }
-        source = err.source();
-    }
-    false
 }
 
 /// True when the body is not compressed (rewriting compressed bytes would

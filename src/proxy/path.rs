@@ -4,7 +4,15 @@
 //! below them) are forwarded. Segments that a server could normalise into
 //! something else (`.`/`..`, percent-encoded dots, slashes and backslashes,
 //! raw backslashes, control bytes) are refused, so that what the proxy checks
-//! is what Dataverse serves. The scheme and host always come from config.
+//! is what Dataverse serves. Every `%` must start an RFC 3986
+//! percent-encoding (two hex digits): IIS's `%uNNNN` form (`%u002e` is a dot
+//! to http.sys with `PercentUAllowed`), a bare `%` or `%` with one digit are
+//! read differently by different servers, so they are refused in the path
+//! and in the query alike. The scheme and host always come from config.
+//!
+//! Only the Web API's methods are forwarded (GET, HEAD, POST, PATCH, PUT,
+//! DELETE); everything else (WebDAV, `OPTIONS`, extension methods) is a 405
+//! before routing, whatever the org's policy says.
 
 use axum::http::{Method, Uri};
 
@@ -58,7 +66,7 @@ pub fn check_target(
             "more than one Content-Length header",
         ));
     }
-    if matches!(*method, Method::CONNECT | Method::TRACE) {
+    if !is_web_api_method(method) {
         return Err(ProxyError::MethodNotAllowed);
     }
     if uri.scheme().is_some() || uri.authority().is_some() {
@@ -69,7 +77,31 @@ pub fn check_target(
     if uri.path().len() > limits.max_path || uri.query().map_or(0, str::len) > limits.max_query {
         return Err(ProxyError::UriTooLong);
     }
+    if let Some(query) = uri.query()
+        && !percent_encodings_are_valid(query.as_bytes())
+    {
+        return Err(ProxyError::BadPath(
+            "every % in the query must start a percent-encoding with two hex digits (%25 for a literal %)",
+        ));
+    }
     Ok(())
+}
+
+/// The methods of the Dataverse Web API, the only ones forwarded.
+pub fn is_web_api_method(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::POST | Method::PATCH | Method::PUT | Method::DELETE
+    )
+}
+
+/// True when every `%` is followed by two hex digits (RFC 3986 §2.1).
+pub fn percent_encodings_are_valid(bytes: &[u8]) -> bool {
+    memchr::memchr_iter(b'%', bytes).all(|i| {
+        bytes
+            .get(i + 1..i + 3)
+            .is_some_and(|pair| pair.iter().all(u8::is_ascii_hexdigit))
+    })
 }
 
 const API_VERSIONS: &[&str] = &["v9.0", "v9.1", "v9.2"];
@@ -84,7 +116,7 @@ pub fn check(path: &str) -> Result<(), ProxyError> {
         return Err(ProxyError::NotFound);
     }
     if path.contains("//") {
-        return Err(ProxyError::BadRequest(
+        return Err(ProxyError::BadPath(
             "empty path segments are not allowed",
         ));
     }
@@ -98,21 +130,26 @@ pub fn check(path: &str) -> Result<(), ProxyError> {
     {
         return Ok(());
     }
+    if !percent_encodings_are_valid(bytes) {
+        return Err(ProxyError::BadPath(
+            "every % in the path must start a percent-encoding with two hex digits (no %uNNNN, no bare %)",
+        ));
+    }
     let decoded = percent_encoding::percent_decode_str(path);
     let Ok(decoded) = decoded.decode_utf8() else {
-        return Err(ProxyError::BadRequest(
+        return Err(ProxyError::BadPath(
             "the path is not valid UTF-8 once percent-decoded",
         ));
     };
     if decoded.chars().any(char::is_control) {
-        return Err(ProxyError::BadRequest(
+        return Err(ProxyError::BadPath(
             "control characters are not allowed in the path",
         ));
     }
     // No OData segment starts with a dot; dot segments in any spelling
     // ("..", ".", "..;x", "%2e%2e" once decoded) are refused.
     if decoded.split('/').any(|seg| seg.starts_with('.')) {
-        return Err(ProxyError::BadRequest(
+        return Err(ProxyError::BadPath(
             "dot segments are not allowed in the path",
         ));
     }
@@ -125,13 +162,13 @@ pub fn check(path: &str) -> Result<(), ProxyError> {
             pair,
             Some([b'2', b'e' | b'E' | b'f' | b'F' | b'5']) | Some([b'5', b'c' | b'C'])
         ) {
-            return Err(ProxyError::BadRequest(
+            return Err(ProxyError::BadPath(
                 "percent-encoded dots, slashes, backslashes or percent signs are not allowed in the path",
             ));
         }
     }
     if path.bytes().any(|b| b == b'\\' || b.is_ascii_control()) {
-        return Err(ProxyError::BadRequest(
+        return Err(ProxyError::BadPath(
             "backslashes and control characters are not allowed in the path",
         ));
     }
@@ -157,9 +194,11 @@ mod tests {
             /// Whatever the input, an accepted path is under the API, has no
             /// dot segment and no encoded separator, once decoded.
             #[test]
-            fn accepted_paths_stay_inside_the_api(tail in "[a-zA-Z0-9%./\\\\()$'=_-]{0,40}") {
+            fn accepted_paths_stay_inside_the_api(tail in "([a-zA-Z0-9./\\\\()$'=_-]|%[0-9a-fA-FuU]{0,4}|%u002[eEfF]|%2[eEfF]|%5[cC]){0,40}") {
                 let path = format!("/api/data/v9.2/{tail}");
                 if check(&path).is_ok() {
+                    prop_assert!(percent_encodings_are_valid(path.as_bytes()), "only RFC 3986 escapes: {path}");
+                    prop_assert!(!path.to_ascii_lowercase().contains("%u"), "no IIS %u form: {path}");
                     let decoded = percent_encoding::percent_decode_str(&path).decode_utf8_lossy().to_string();
                     prop_assert!(decoded.starts_with("/api/data/v9.2/"));
                     prop_assert!(!decoded.split('/').any(|s| s == ".." || s == "."));
@@ -167,6 +206,29 @@ mod tests {
                     prop_assert!(decoded[1..].split('/').count() == path[1..].split('/').count(), "no encoded slash");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn only_web_api_methods_pass() {
+        for m in ["GET", "HEAD", "POST", "PATCH", "PUT", "DELETE"] {
+            assert!(is_web_api_method(&Method::from_bytes(m.as_bytes()).expect("m")), "{m}");
+        }
+        for m in [
+            "OPTIONS", "CONNECT", "TRACE", "PROPFIND", "PROPPATCH", "MKCOL", "MOVE", "COPY",
+            "LOCK", "UNLOCK", "M-SEARCH", "SEARCH", "MERGE", "PURGE", "get", "Post", "BREW",
+        ] {
+            assert!(!is_web_api_method(&Method::from_bytes(m.as_bytes()).expect("m")), "{m}");
+        }
+    }
+
+    #[test]
+    fn percent_rule() {
+        for ok in ["", "a", "%20", "%2e%2E", "a%41b%7a"] {
+            assert!(percent_encodings_are_valid(ok.as_bytes()), "{ok}");
+        }
+        for bad in ["%", "%2", "a%g1", "%u002e", "%%41", "x%2"] {
+            assert!(!percent_encodings_are_valid(bad.as_bytes()), "{bad}");
         }
     }
 
@@ -215,8 +277,19 @@ mod tests {
             "/api/data/v9.2/a%00b",
             "/api/data/v9.2/a%0d%0aX-Injected:%201",
             "/api/data/v9.2/%ff%fe",
+            "/api/data/v9.2/%u002e%u002e/%u002e%u002e/XRMServices/2011/Organization.svc",
+            "/api/data/v9.2/%U002E%U002E/x",
+            "/api/data/v9.2/%u2216",
+            "/api/data/v9.2/a%",
+            "/api/data/v9.2/a%2",
+            "/api/data/v9.2/a%2/b",
+            "/api/data/v9.2/a%g0",
+            "/api/data/v9.2/a%%41",
+            "/api/data/v9.2/%%32%65",
+            "/api/data/v9.2/a%20%u0041b",
+            "/api/data/v9.2/accounts%",
         ] {
-            assert!(matches!(check(p), Err(ProxyError::BadRequest(_))), "{p}");
+            assert!(matches!(check(p), Err(ProxyError::BadPath(_))), "{p}");
         }
     }
 }

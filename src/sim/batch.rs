@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use super::dataverse::{dv_error, route};
 use super::{SimState, lock};
-use crate::multipart::{Part, boundary, split, split_head};
+use super::multipart::{Part, boundary, split, split_head};
 
 /// Most operations in one batch (Dataverse: 1000).
 const MAX_OPERATIONS: usize = 1000;

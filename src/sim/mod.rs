@@ -25,6 +25,7 @@ mod batch;
 pub mod dataverse;
 pub mod entra;
 mod limits;
+mod multipart;
 
 pub use limits::ServiceLimits;
 

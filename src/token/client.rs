@@ -93,6 +93,22 @@ fn aadsts_suffix(codes: &[u32]) -> String {
 }
 
 impl TokenError {
+    /// What a caller may be told: the kind of failure and Entra ID's AADSTS
+    /// code, without URLs, file names or I/O detail (those go to the log).
+    pub fn caller_summary(&self) -> String {
+        match self {
+            Self::CredentialFile { what, .. } => format!("the {what} file cannot be read"),
+            Self::Credential(_) => "the configured credential cannot be used".to_owned(),
+            Self::Network(_) => "Entra ID cannot be reached".to_owned(),
+            Self::Entra { error, codes, .. } => {
+                format!("Entra ID refused the token request: {error}{}", aadsts_suffix(codes))
+            }
+            Self::Malformed { status, .. } => {
+                format!("Entra ID answered HTTP {status} with an unreadable body")
+            }
+        }
+    }
+
     /// True when retrying soon cannot help (bad secret, unknown app…): such
     /// errors need an operator.
     pub fn is_permanent(&self) -> bool {

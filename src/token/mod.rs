@@ -159,8 +159,10 @@ impl Expiry<TokenKey, Arc<AccessToken>> for ServeUntil {
 
 /// The last failed fetch, which gates further attempts.
 struct Failure {
-    /// Safe, secret-free description.
+    /// What a caller may be told ([`TokenError::caller_summary`]).
     reason: String,
+    /// The whole error, secret-free, for the log.
+    detail: String,
     /// Failed attempts in a row.
     attempts: u32,
     /// No new attempt before this.
@@ -365,7 +367,8 @@ impl TokenProvider {
             .try_get_with(inner.key.clone(), self.fetch(self.miss_reason()))
             .await
             .map_err(|e| ProxyError::TokenUnavailable {
-                reason: e.to_string(),
+                reason: e.caller_summary(),
+                detail: e.to_string(),
                 retry_after: self.retry_after(),
             })?;
         self.set_current(Some(token.clone()));
@@ -442,6 +445,7 @@ impl TokenProvider {
         let now = Instant::now();
         (f.retry_at > now).then(|| ProxyError::TokenUnavailable {
             reason: f.reason.clone(),
+            detail: f.detail.clone(),
             retry_after: f.retry_at - now,
         })
     }
@@ -507,7 +511,8 @@ impl TokenProvider {
                     tracing::debug!(error = %e, attempt = attempts, "token fetch failed again");
                 }
                 *failure = Some(Failure {
-                    reason: e.to_string(),
+                    reason: e.caller_summary(),
+                    detail: e.to_string(),
                     attempts,
                     retry_at: Instant::now() + delay,
                 });

@@ -1,6 +1,7 @@
-//! `multipart/mixed` parsing for `$batch` bodies (RFC 2046 §5.1, as the
-//! OData batch format uses it): used by the access policy to check every
-//! operation of a batch, and by the simulator to run them.
+//! The simulator's own `multipart/mixed` reader for `$batch` bodies (RFC
+//! 2046 §5.1, as the OData batch format uses it), lenient as a server is
+//! (LF-only lines are read too). The proxy does not use it: its strict
+//! reader is `crate::batch`, so the two are independent.
 
 /// One MIME part: its headers and content.
 pub struct Part<'a> {
@@ -90,13 +91,4 @@ pub fn parse_headers(block: &[u8]) -> Vec<(String, String)> {
             Some((k.trim().to_owned(), v.trim().to_owned()))
         })
         .collect()
-}
-
-/// The method and URL of the request in an `application/http` part.
-pub fn request_line(part: &Part<'_>) -> Option<(String, String)> {
-    let (head, _) = split_head(part.content)?;
-    let head = String::from_utf8_lossy(head);
-    let line = head.lines().next()?;
-    let mut words = line.split_whitespace();
-    Some((words.next()?.to_owned(), words.next()?.to_owned()))
 }
