@@ -407,8 +407,7 @@ pub async fn handle(
             Err(ProxyError::Internal)
         });
     // Proxy-made errors name the request id, so a caller can quote it.
-    let resp = outcome
-        .unwrap_or_else(|e| e.to_response(Some(&request_id)).map(ProxyBody::local));
+    let resp = outcome.unwrap_or_else(|e| e.to_response(Some(&request_id)).map(ProxyBody::local));
     let (mut parts, mut body) = resp.into_parts();
     parts.headers.insert(REQUEST_ID, request_id.clone());
     let entry = Entry {

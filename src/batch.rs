@@ -150,7 +150,9 @@ pub fn parse<'a>(content_type: &str, body: &'a [u8]) -> Result<Vec<Operation<'a>
                 for op_part in split(&body[head.content.clone()], head.content.start, inner)? {
                     let op_head = part_head(body, op_part)?;
                     if !matches!(op_head.kind, PartKind::Operation) {
-                        return Err(BatchError("a change set may not contain another change set"));
+                        return Err(BatchError(
+                            "a change set may not contain another change set",
+                        ));
                     }
                     let content_id = op_head.content_id;
                     let op = operation(body, op_head, true)?;
@@ -213,13 +215,19 @@ fn split(body: &[u8], base: usize, boundary: &str) -> Result<Vec<Range<usize>>, 
             parts.push(base + start..base + at.saturating_sub(2).max(start));
         }
         let rest = &body[end..];
-        let padded = rest.iter().take_while(|b| matches!(b, b' ' | b'\t')).count();
+        let padded = rest
+            .iter()
+            .take_while(|b| matches!(b, b' ' | b'\t'))
+            .count();
         let (is_close, after) = match rest.strip_prefix(b"--") {
             Some(r) => (true, r),
             None => (false, &rest[padded..]),
         };
         if is_close {
-            let padded = after.iter().take_while(|b| matches!(b, b' ' | b'\t')).count();
+            let padded = after
+                .iter()
+                .take_while(|b| matches!(b, b' ' | b'\t'))
+                .count();
             let after = &after[padded..];
             if !(after.is_empty() || after.starts_with(b"\r\n")) {
                 return Err(BatchError("the close delimiter is not followed by CRLF"));
@@ -293,7 +301,9 @@ fn operation<'a>(
 ) -> Result<Operation<'a>, BatchError> {
     let content = &body[head.content.clone()];
     if content.starts_with(b"\r") || content.starts_with(b"\n") {
-        return Err(BatchError("an operation does not start with its request line"));
+        return Err(BatchError(
+            "an operation does not start with its request line",
+        ));
     }
     let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut raw);
@@ -305,7 +315,9 @@ fn operation<'a>(
         Err(_) => return Err(BatchError("an operation's request head cannot be parsed")),
     };
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
-        return Err(BatchError("an operation's request line is not METHOD target HTTP/1.1"));
+        return Err(BatchError(
+            "an operation's request line is not METHOD target HTTP/1.1",
+        ));
     };
     if !matches!(method, "GET" | "HEAD" | "POST" | "PATCH" | "PUT" | "DELETE") {
         return Err(BatchError(
@@ -315,7 +327,9 @@ fn operation<'a>(
     let request_line = memchr::memmem::find(content, b"\r\n").map_or(0, |i| i + 2);
     let headers = header_lines(body, head.content.start, head_len, request_line)?;
     let rest = &content[head_len..];
-    if matches!(method, "GET" | "HEAD" | "DELETE") && rest.iter().any(|b| !matches!(b, b'\r' | b'\n')) {
+    if matches!(method, "GET" | "HEAD" | "DELETE")
+        && rest.iter().any(|b| !matches!(b, b'\r' | b'\n'))
+    {
         return Err(BatchError("a GET, HEAD or DELETE operation carries a body"));
     }
     Ok(Operation {
@@ -338,13 +352,19 @@ fn header_lines(
 ) -> Result<Vec<HeaderLine<'_>>, BatchError> {
     let head = &body[start..start + head_len];
     if !crlf_only(head) {
-        return Err(BatchError("a line in a part or operation head does not end with CRLF"));
+        return Err(BatchError(
+            "a line in a part or operation head does not end with CRLF",
+        ));
     }
     let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let block = &head[skip..];
     match httparse::parse_headers(block, &mut raw) {
         Ok(httparse::Status::Complete((n, _))) if n == block.len() => {}
-        Ok(_) => return Err(BatchError("a head has more than 64 headers or is incomplete")),
+        Ok(_) => {
+            return Err(BatchError(
+                "a head has more than 64 headers or is incomplete",
+            ));
+        }
         Err(_) => return Err(BatchError("a header line cannot be parsed")),
     }
     // With CRLF-only lines and no folding, each line is one header, in order.
@@ -380,8 +400,14 @@ fn value_of(line: &[u8], name_len: usize) -> &[u8] {
 }
 
 fn trim(v: &[u8]) -> &[u8] {
-    let start = v.iter().position(|b| !matches!(b, b' ' | b'\t')).unwrap_or(v.len());
-    let end = v.iter().rposition(|b| !matches!(b, b' ' | b'\t')).map_or(start, |i| i + 1);
+    let start = v
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t'))
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\t'))
+        .map_or(start, |i| i + 1);
     &v[start..end]
 }
 

@@ -1413,7 +1413,11 @@ fn validate_policy(p: &mut Problems<'_>, key: &str, r: RawPolicy) -> crate::poli
         deny: lower(r.deny),
         metadata: r.metadata.unwrap_or(true),
         impersonation,
-        privileged: privileged_headers(p, &format!("{key}.privileged_headers"), r.privileged_headers),
+        privileged: privileged_headers(
+            p,
+            &format!("{key}.privileged_headers"),
+            r.privileged_headers,
+        ),
         batch_buffer: p.size(
             &format!("{key}.batch_buffer"),
             r.batch_buffer.as_deref(),
@@ -1526,7 +1530,11 @@ fn validate_access(
             orgs: c.orgs.unwrap_or_default(),
             read_only: c.read_only.unwrap_or(false),
             requests_per_second: c.requests_per_second,
-            privileged: privileged_headers(p, &format!("{key}.privileged_headers"), c.privileged_headers),
+            privileged: privileged_headers(
+                p,
+                &format!("{key}.privileged_headers"),
+                c.privileged_headers,
+            ),
         });
     }
     let any_key = out.iter().any(|c| c.key_sha256.is_some());

@@ -32,7 +32,9 @@ pub enum ProxyError {
     UnknownOrg,
     /// 405: a method outside the Web API's (GET, HEAD, POST, PATCH, PUT,
     /// DELETE); answered with an `Allow` header.
-    #[error("this method is not part of the Dataverse Web API; use GET, HEAD, POST, PATCH, PUT or DELETE")]
+    #[error(
+        "this method is not part of the Dataverse Web API; use GET, HEAD, POST, PATCH, PUT or DELETE"
+    )]
     MethodNotAllowed,
     /// 414: the path or query is longer than the configured limit.
     #[error(
@@ -72,7 +74,9 @@ pub enum ProxyError {
     BadPath(&'static str),
     /// 400: the caller's body is framed wrongly (a chunk size or chunk line
     /// that cannot be read, a body shorter than its `Content-Length`).
-    #[error("the request body is malformed: its framing could not be read; the request was not completed towards Dataverse")]
+    #[error(
+        "the request body is malformed: its framing could not be read; the request was not completed towards Dataverse"
+    )]
     BadRequestBody,
     /// 400: a `$batch` body the proxy cannot read exactly, so cannot check.
     #[error("the $batch body cannot be checked: {0}")]
@@ -225,7 +229,10 @@ impl ProxyError {
         if let Some(id) = request_id.and_then(|v| v.to_str().ok()) {
             error["innererror"] = serde_json::json!({ "requestid": id });
         }
-        let mut resp = (self.status(), axum::Json(serde_json::json!({ "error": error })))
+        let mut resp = (
+            self.status(),
+            axum::Json(serde_json::json!({ "error": error })),
+        )
             .into_response();
         // Logged once, by the access log, not here.
         resp.extensions_mut()

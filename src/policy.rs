@@ -176,7 +176,9 @@ impl Policy {
         let mut cut = Vec::new();
         for op in &operations {
             self.check_operation(op, ctx).map_err(|e| match e {
-                ProxyError::PolicyDenied(why) => ProxyError::PolicyDenied(format!("in $batch: {why}")),
+                ProxyError::PolicyDenied(why) => {
+                    ProxyError::PolicyDenied(format!("in $batch: {why}"))
+                }
                 other => other,
             })?;
             cut.extend(self.lines_to_cut(op, ctx.caller_privileged));
@@ -186,7 +188,11 @@ impl Policy {
     }
 
     /// The path guard and the policy, for one `$batch` operation.
-    fn check_operation(&self, op: &Operation<'_>, ctx: &BatchContext<'_>) -> Result<(), ProxyError> {
+    fn check_operation(
+        &self,
+        op: &Operation<'_>,
+        ctx: &BatchContext<'_>,
+    ) -> Result<(), ProxyError> {
         let bad = |e: BatchError| ProxyError::BadBatch(e.to_string());
         let method = Method::from_bytes(op.method.as_bytes())
             .map_err(|_| bad(BatchError("an operation's method cannot be read")))?;
@@ -198,7 +204,9 @@ impl Policy {
         };
         let (path, query) = path.split_once('?').unwrap_or((&path, ""));
         if !crate::proxy::path::percent_encodings_are_valid(query.as_bytes()) {
-            return Err(bad(BatchError("an operation's query has a % without two hex digits")));
+            return Err(bad(BatchError(
+                "an operation's query has a % without two hex digits",
+            )));
         }
         crate::proxy::path::check(path).map_err(|_| {
             bad(BatchError(
@@ -223,7 +231,13 @@ impl Policy {
             let name = h.name.to_ascii_lowercase();
             headers::is_guarded(&name) && !self.lets_through(&name, h.value, caller_privileged)
         };
-        let mut cut: Vec<_> = op.part_headers.iter().chain(&op.headers).filter(refused).map(|h| h.line.clone()).collect();
+        let mut cut: Vec<_> = op
+            .part_headers
+            .iter()
+            .chain(&op.headers)
+            .filter(refused)
+            .map(|h| h.line.clone())
+            .collect();
         if op.headers.iter().any(|h| refused(&h)) {
             cut.extend(
                 op.part_headers
@@ -254,7 +268,12 @@ impl Policy {
     /// impersonation by the impersonation rule; privileged headers when the
     /// policy lists them and, where callers are configured, the caller too;
     /// credentials and cookies never.
-    pub fn lets_through(&self, name: &str, value: &[u8], caller_privileged: Option<&[String]>) -> bool {
+    pub fn lets_through(
+        &self,
+        name: &str,
+        value: &[u8],
+        caller_privileged: Option<&[String]>,
+    ) -> bool {
         match name {
             "callerobjectid" | "mscrmcallerid" => match &self.impersonation {
                 Impersonation::Drop => false,

@@ -27,7 +27,9 @@ const CT: &str = "multipart/mixed; boundary=batch_1";
 fn batch(ops: &[(&str, &str, &str)]) -> Vec<u8> {
     let mut out = String::new();
     for (part_headers, head, body) in ops {
-        out.push_str("--batch_1\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n");
+        out.push_str(
+            "--batch_1\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n",
+        );
         out.push_str(part_headers);
         out.push_str("\r\n");
         out.push_str(head);
@@ -47,8 +49,16 @@ fn check(policy: &Policy, body: &[u8]) -> Result<Option<Vec<u8>>, ProxyError> {
 fn a_plain_batch_passes_untouched() {
     let body = batch(&[
         ("", "GET /api/data/v9.2/accounts?$select=name HTTP/1.1", ""),
-        ("Content-ID: 1\r\n", "POST https://contoso.crm.dynamics.com/api/data/v9.2/contacts HTTP/1.1\r\nContent-Type: application/json", "{}"),
-        ("", "GET http://127.0.0.1:8080/api/data/v9.2/WhoAmI HTTP/1.1", ""),
+        (
+            "Content-ID: 1\r\n",
+            "POST https://contoso.crm.dynamics.com/api/data/v9.2/contacts HTTP/1.1\r\nContent-Type: application/json",
+            "{}",
+        ),
+        (
+            "",
+            "GET http://127.0.0.1:8080/api/data/v9.2/WhoAmI HTTP/1.1",
+            "",
+        ),
     ]);
     assert!(matches!(check(&Policy::default(), &body), Ok(None)));
 }
@@ -62,38 +72,80 @@ fn privileged_and_identity_headers_are_cut_from_parts() {
          Authorization: Bearer stolen\r\nCookie: ARRAffinity=1\r\nPrefer: return=representation\r\nContent-Type: application/json",
         "{}",
     )]);
-    let cut = check(&Policy::default(), &body).expect("allowed").expect("cut");
+    let cut = check(&Policy::default(), &body)
+        .expect("allowed")
+        .expect("cut");
     let text = String::from_utf8(cut.clone()).expect("utf8");
-    for gone in ["bypass", "suppresscallback", "callerid", "callerobjectid", "authorization", "cookie", "content-length"] {
-        assert!(!text.to_ascii_lowercase().contains(gone), "{gone} left in {text}");
+    for gone in [
+        "bypass",
+        "suppresscallback",
+        "callerid",
+        "callerobjectid",
+        "authorization",
+        "cookie",
+        "content-length",
+    ] {
+        assert!(
+            !text.to_ascii_lowercase().contains(gone),
+            "{gone} left in {text}"
+        );
     }
-    assert!(text.contains("Prefer: return=representation\r\nContent-Type: application/json\r\n\r\n{}"), "{text}");
+    assert!(
+        text.contains("Prefer: return=representation\r\nContent-Type: application/json\r\n\r\n{}"),
+        "{text}"
+    );
     // What is left is still a batch the strict reader reads.
     assert_eq!(crate::batch::parse(CT, &cut).expect("parses").len(), 1);
 }
 
 #[test]
 fn the_policy_and_the_caller_can_let_privileged_headers_through() {
-    let body = batch(&[("", "POST /api/data/v9.2/contacts HTTP/1.1\r\nMSCRM.BypassCustomPluginExecution: true\r\nContent-Type: application/json", "{}")]);
+    let body = batch(&[(
+        "",
+        "POST /api/data/v9.2/contacts HTTP/1.1\r\nMSCRM.BypassCustomPluginExecution: true\r\nContent-Type: application/json",
+        "{}",
+    )]);
     let policy = Policy {
         privileged: vec!["mscrm.bypasscustompluginexecution".to_owned()],
         ..Policy::default()
     };
     let o = origins();
-    assert!(matches!(policy.check_batch(Some(CT), &body, &ctx(&o, None)), Ok(None)), "org policy alone");
-    let granted = ["mscrm.bypasscustompluginexecution".to_owned()];
-    assert!(matches!(policy.check_batch(Some(CT), &body, &ctx(&o, Some(&granted))), Ok(None)), "caller granted");
     assert!(
-        matches!(policy.check_batch(Some(CT), &body, &ctx(&o, Some(&[]))), Ok(Some(_))),
+        matches!(
+            policy.check_batch(Some(CT), &body, &ctx(&o, None)),
+            Ok(None)
+        ),
+        "org policy alone"
+    );
+    let granted = ["mscrm.bypasscustompluginexecution".to_owned()];
+    assert!(
+        matches!(
+            policy.check_batch(Some(CT), &body, &ctx(&o, Some(&granted))),
+            Ok(None)
+        ),
+        "caller granted"
+    );
+    assert!(
+        matches!(
+            policy.check_batch(Some(CT), &body, &ctx(&o, Some(&[]))),
+            Ok(Some(_))
+        ),
         "callers configured, this one not granted: cut"
     );
-    assert!(matches!(check(&Policy::default(), &body), Ok(Some(_))), "caller granted, org not: cut");
+    assert!(
+        matches!(check(&Policy::default(), &body), Ok(Some(_))),
+        "caller granted, org not: cut"
+    );
 }
 
 #[test]
 fn impersonation_in_parts_follows_the_impersonation_rule() {
     let id = "00000000-0000-0000-0000-0000000000aa";
-    let body = batch(&[("", &format!("GET /api/data/v9.2/WhoAmI HTTP/1.1\r\nCallerObjectId: {id}"), "")]);
+    let body = batch(&[(
+        "",
+        &format!("GET /api/data/v9.2/WhoAmI HTTP/1.1\r\nCallerObjectId: {id}"),
+        "",
+    )]);
     let only = Policy {
         impersonation: Impersonation::Only(vec![id.to_owned()]),
         ..Policy::default()
@@ -137,17 +189,27 @@ fn unreadable_batches_are_refused_when_anything_needs_checking() {
         read_only: true,
         ..Policy::default()
     };
-    assert!(matches!(check(&read_only, lf_only), Err(ProxyError::BadBatch(_))));
+    assert!(matches!(
+        check(&read_only, lf_only),
+        Err(ProxyError::BadBatch(_))
+    ));
     // A guarded header that cannot be cut exactly: refused.
     let with_bypass = b"--batch_1\nContent-Type: application/http\n\nPOST /api/data/v9.2/accounts HTTP/1.1\nMSCRM.BypassCustomPluginExecution: true\n\n{}\n--batch_1--\n";
-    assert!(matches!(check(&Policy::default(), with_bypass), Err(ProxyError::BadBatch(_))));
+    assert!(matches!(
+        check(&Policy::default(), with_bypass),
+        Err(ProxyError::BadBatch(_))
+    ));
 }
 
 /// A batch the policy refuses: a read, then a DELETE on a denied table.
 fn refused_batch() -> Vec<u8> {
     batch(&[
         ("", "GET /api/data/v9.2/contacts?$top=1 HTTP/1.1", ""),
-        ("Content-ID: 7\r\n", "DELETE /api/data/v9.2/accounts(00000000-0000-0000-0000-000000000001) HTTP/1.1", ""),
+        (
+            "Content-ID: 7\r\n",
+            "DELETE /api/data/v9.2/accounts(00000000-0000-0000-0000-000000000001) HTTP/1.1",
+            "",
+        ),
     ])
 }
 
@@ -187,7 +249,11 @@ fn apply(body: &mut Vec<u8>, m: &Mutation) {
         Mutation::Case(at) => {
             let at = at % body.len();
             let b = body[at];
-            body[at] = if b.is_ascii_lowercase() { b.to_ascii_uppercase() } else { b.to_ascii_lowercase() };
+            body[at] = if b.is_ascii_lowercase() {
+                b.to_ascii_uppercase()
+            } else {
+                b.to_ascii_lowercase()
+            };
         }
     }
 }

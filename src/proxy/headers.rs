@@ -52,8 +52,11 @@ pub mod names {
         HeaderName::from_static("mscrm.suppresscallbackregistrationexpanderjob");
     /// The headers that switch off Dataverse's own logic ("Bypass custom
     /// Dataverse logic", Microsoft Learn), lower-case.
-    pub const PRIVILEGED: [HeaderName; 3] =
-        [BYPASS_CUSTOM_PLUGINS, BYPASS_BUSINESS_LOGIC, SUPPRESS_CALLBACKS];
+    pub const PRIVILEGED: [HeaderName; 3] = [
+        BYPASS_CUSTOM_PLUGINS,
+        BYPASS_BUSINESS_LOGIC,
+        SUPPRESS_CALLBACKS,
+    ];
     /// RFC 7239.
     pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
     /// De-facto forwarding headers.
@@ -85,9 +88,7 @@ fn is_hop_by_hop(name: &str) -> bool {
 /// cannot wait for `100 Continue`; the proxy's server side answers the
 /// caller's), impersonation (put back by the policy when allowed) and API keys.
 fn is_dropped_upstream(name: &str) -> bool {
-    is_hop_by_hop(name)
-        || name == "expect"
-        || is_guarded(name)
+    is_hop_by_hop(name) || name == "expect" || is_guarded(name)
 }
 
 /// Caller headers that carry a credential, a session, an identity or a
@@ -217,7 +218,10 @@ mod tests {
             ("if-match", "W/\"12\""),
             ("odata-version", "4.0"),
             ("MSCRM.BypassCustomPluginExecution", "true"),
-            ("mscrm.bypassbusinesslogicexecution", "CustomSync,CustomAsync"),
+            (
+                "mscrm.bypassbusinesslogicexecution",
+                "CustomSync,CustomAsync",
+            ),
             ("MSCRM.SuppressCallbackRegistrationExpanderJob", "true"),
             ("cookie", "ARRAffinity=abc; ReqClientId=1"),
             ("mscrm.suppressduplicatedetection", "false"),
@@ -248,7 +252,10 @@ mod tests {
             ("odata-entityid", "https://o/api/data/v9.2/accounts(1)"),
             ("connection", "close"),
             ("proxy-authenticate", "Basic"),
-            ("set-cookie", "ARRAffinity=1; path=/; domain=.crm.dynamics.com"),
+            (
+                "set-cookie",
+                "ARRAffinity=1; path=/; domain=.crm.dynamics.com",
+            ),
             ("set-cookie", "ReqClientId=2; path=/"),
         ]);
         to_caller(&mut h);

@@ -116,9 +116,7 @@ pub fn check(path: &str) -> Result<(), ProxyError> {
         return Err(ProxyError::NotFound);
     }
     if path.contains("//") {
-        return Err(ProxyError::BadPath(
-            "empty path segments are not allowed",
-        ));
+        return Err(ProxyError::BadPath("empty path segments are not allowed"));
     }
     // The common case, in one pass: nothing encoded, no backslash, no
     // control byte, no segment starting with a dot.
@@ -212,13 +210,34 @@ mod tests {
     #[test]
     fn only_web_api_methods_pass() {
         for m in ["GET", "HEAD", "POST", "PATCH", "PUT", "DELETE"] {
-            assert!(is_web_api_method(&Method::from_bytes(m.as_bytes()).expect("m")), "{m}");
+            assert!(
+                is_web_api_method(&Method::from_bytes(m.as_bytes()).expect("m")),
+                "{m}"
+            );
         }
         for m in [
-            "OPTIONS", "CONNECT", "TRACE", "PROPFIND", "PROPPATCH", "MKCOL", "MOVE", "COPY",
-            "LOCK", "UNLOCK", "M-SEARCH", "SEARCH", "MERGE", "PURGE", "get", "Post", "BREW",
+            "OPTIONS",
+            "CONNECT",
+            "TRACE",
+            "PROPFIND",
+            "PROPPATCH",
+            "MKCOL",
+            "MOVE",
+            "COPY",
+            "LOCK",
+            "UNLOCK",
+            "M-SEARCH",
+            "SEARCH",
+            "MERGE",
+            "PURGE",
+            "get",
+            "Post",
+            "BREW",
         ] {
-            assert!(!is_web_api_method(&Method::from_bytes(m.as_bytes()).expect("m")), "{m}");
+            assert!(
+                !is_web_api_method(&Method::from_bytes(m.as_bytes()).expect("m")),
+                "{m}"
+            );
         }
     }
 

@@ -25,8 +25,8 @@ use http_body_util::BodyExt;
 use uuid::Uuid;
 
 use super::dataverse::{dv_error, route};
-use super::{SimState, lock};
 use super::multipart::{Part, boundary, split, split_head};
+use super::{SimState, lock};
 
 /// Most operations in one batch (Dataverse: 1000).
 const MAX_OPERATIONS: usize = 1000;
@@ -134,6 +134,7 @@ pub(super) async fn execute(
     body: Bytes,
 ) -> Response {
     let bad = |msg: &str| dv_error(StatusCode::BAD_REQUEST, "0x80048d19", msg);
+    *lock(&sim.last_batch) = Some(body.clone());
     let Some(outer) = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

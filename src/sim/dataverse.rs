@@ -415,7 +415,18 @@ fn json_response(status: StatusCode, body: &Value) -> Response {
 }
 
 /// Headers Dataverse puts on every answer.
+/// Headers on every answer. Dataverse's front end also sets its affinity
+/// and client cookies (docs/dataverse.md, "Cookies"), which the proxy must
+/// not pass on.
 fn common_headers(h: &mut HeaderMap) {
+    h.append(
+        header::SET_COOKIE,
+        HeaderValue::from_static("ARRAffinity=0f1e2d3c4b5a; path=/; secure; HttpOnly"),
+    );
+    h.append(
+        header::SET_COOKIE,
+        HeaderValue::from_static("ReqClientId=5b0c1a2e-0000-0000-0000-000000000000; expires=Fri, 01-Jan-2100 00:00:00 GMT; path=/; secure; HttpOnly"),
+    );
     h.insert("odata-version", HeaderValue::from_static("4.0"));
     h.insert("x-ms-dop-hint", HeaderValue::from_static("4"));
     if let Ok(v) = HeaderValue::from_str(&Uuid::new_v4().to_string()) {
@@ -642,6 +653,7 @@ pub(super) async fn route(sim: &Arc<SimState>, req: Request) -> Response {
         (Method::POST, Target::Batch) => {
             let (parts, body) = req.into_parts();
             match read_limited(
+                sim,
                 body,
                 JSON_LIMIT,
                 "0x80040216",
@@ -662,12 +674,12 @@ pub(super) async fn route(sim: &Arc<SimState>, req: Request) -> Response {
             }
         }
         (Method::GET, Target::Collection(s)) => ctx.list(s, req.headers()),
-        (Method::POST, Target::Collection(s)) => match read_json(req).await {
+        (Method::POST, Target::Collection(s)) => match read_json(sim, req).await {
             Ok((headers, body)) => ctx.create(s, &headers, body),
             Err(resp) => resp,
         },
         (Method::GET, Target::Entity(s, id)) => ctx.retrieve(s, id, req.headers()),
-        (Method::PATCH, Target::Entity(s, id)) => match read_json(req).await {
+        (Method::PATCH, Target::Entity(s, id)) => match read_json(sim, req).await {
             Ok((headers, body)) => ctx.update(s, id, &headers, body),
             Err(resp) => resp,
         },
@@ -685,23 +697,40 @@ pub(super) async fn route(sim: &Arc<SimState>, req: Request) -> Response {
     }
 }
 
-/// The whole body, or Dataverse's 413 with `code` and `message` past `limit`.
+/// The whole body, or Dataverse's 413 with `code` and `message` past
+/// `limit`; a body that breaks off is counted and answered 400 (its
+/// connection is gone: nobody reads that answer).
 async fn read_limited(
+    sim: &SimState,
     body: Body,
     limit: usize,
     code: &str,
     message: &str,
 ) -> Result<Bytes, Response> {
-    http_body_util::Limited::new(body, limit)
-        .collect()
-        .await
-        .map(http_body_util::Collected::to_bytes)
-        .map_err(|_| dv_error(StatusCode::PAYLOAD_TOO_LARGE, code, message))
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(dv_error(StatusCode::PAYLOAD_TOO_LARGE, code, message))
+        }
+        Err(_) => {
+            sim.broken_bodies
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(dv_error(
+                StatusCode::BAD_REQUEST,
+                "0x80040216",
+                "The request body could not be read.",
+            ))
+        }
+    }
 }
 
-async fn read_json(req: Request) -> Result<(HeaderMap, Map<String, Value>), Response> {
+async fn read_json(
+    sim: &SimState,
+    req: Request,
+) -> Result<(HeaderMap, Map<String, Value>), Response> {
     let (parts, body) = req.into_parts();
     let bytes = read_limited(
+        sim,
         body,
         JSON_LIMIT,
         "0x80040216",
@@ -1310,6 +1339,7 @@ impl Ctx {
             return self.upload_chunk(&token, req).await;
         }
         let body = match read_limited(
+            &self.sim,
             req.into_body(),
             FILE_LIMIT,
             "0x80044a02",
@@ -1370,6 +1400,7 @@ impl Ctx {
             );
         };
         let body = match read_limited(
+            &self.sim,
             req.into_body(),
             UPLOAD_CHUNK * 2,
             "0x80044a02",

@@ -157,6 +157,10 @@ pub struct SimState {
     ids: dataverse::OrgIds,
     limiter: limits::Limiter,
     uploads: Mutex<std::collections::HashMap<String, dataverse::Upload>>,
+    /// Request bodies that broke off or were framed wrongly while being read.
+    broken_bodies: std::sync::atomic::AtomicU64,
+    /// The body of the last `$batch` request, as received.
+    last_batch: Mutex<Option<Bytes>>,
 }
 
 /// Test hooks over one simulated org and the shared Entra ID. Cheap to clone.
@@ -171,6 +175,19 @@ impl SimHandle {
     /// The Entra ID base URL, e.g. `http://127.0.0.1:40001`.
     pub fn entra_url(&self) -> &str {
         &self.0.entra.url
+    }
+
+    /// Request bodies Dataverse began to read but never got whole (the
+    /// sender aborted or broke the framing): such requests did nothing.
+    pub fn broken_bodies(&self) -> u64 {
+        self.0
+            .broken_bodies
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The body of the last `$batch` request Dataverse received.
+    pub fn last_batch_body(&self) -> Option<Bytes> {
+        lock(&self.0.last_batch).clone()
     }
 
     /// The org URL, e.g. `http://127.0.0.1:40002`.
@@ -397,6 +414,8 @@ impl Sim {
             ids: dataverse::OrgIds::new(),
             limiter: limits::Limiter::default(),
             uploads: Mutex::new(std::collections::HashMap::new()),
+            broken_bodies: std::sync::atomic::AtomicU64::new(0),
+            last_batch: Mutex::new(None),
         });
         spawn(listener, dataverse::router(state.clone()), shutdown);
         Ok(SimHandle(state))

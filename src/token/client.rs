@@ -101,7 +101,10 @@ impl TokenError {
             Self::Credential(_) => "the configured credential cannot be used".to_owned(),
             Self::Network(_) => "Entra ID cannot be reached".to_owned(),
             Self::Entra { error, codes, .. } => {
-                format!("Entra ID refused the token request: {error}{}", aadsts_suffix(codes))
+                format!(
+                    "Entra ID refused the token request: {error}{}",
+                    aadsts_suffix(codes)
+                )
             }
             Self::Malformed { status, .. } => {
                 format!("Entra ID answered HTTP {status} with an unreadable body")

@@ -92,10 +92,7 @@ async fn outside_the_api_is_a_proxy_404_and_nothing_is_forwarded() {
     assert!(resp.status() == 404 || resp.status() == 400);
     let raw = raw_request(&h.proxy, "GET /api/data/v9.2/%2e%2e/%2e%2e/XRMServices HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
     assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
-    assert!(
-        raw.contains("x-dataverse-proxy-error: bad_path"),
-        "{raw}"
-    );
+    assert!(raw.contains("x-dataverse-proxy-error: bad_path"), "{raw}");
     assert!(h.sim.seen().is_empty(), "nothing reached Dataverse");
     h.stop().await;
 }

@@ -295,3 +295,152 @@ async fn source_cidrs_and_forwarded_for_from_trusted_proxies() {
     tokio::time::sleep(Duration::from_millis(1)).await;
     h.stop().await;
 }
+
+const PRIVILEGED: [(&str, &str); 3] = [
+    ("MSCRM.BypassCustomPluginExecution", "true"),
+    (
+        "mscrm.BYPASSBUSINESSLOGICEXECUTION",
+        "CustomSync,CustomAsync",
+    ),
+    ("MSCRM.SuppressCallbackRegistrationExpanderJob", "true"),
+];
+
+async fn whoami_with_privileged(
+    h: &Harness,
+    key: Option<&str>,
+) -> dataverse_proxy::sim::SeenRequest {
+    let mut req = h
+        .client
+        .get(h.url("/WhoAmI"))
+        .header("cookie", "ARRAffinity=pinned; ReqClientId=1");
+    for (name, value) in PRIVILEGED {
+        req = req.header(name, value);
+    }
+    if let Some(key) = key {
+        req = req.header("x-api-key", key);
+    }
+    let resp = req.send().await.expect("get");
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers().get("set-cookie").is_none(),
+        "Dataverse's cookies stop at the proxy"
+    );
+    h.sim.seen().pop().expect("seen")
+}
+
+fn privileged_seen(seen: &dataverse_proxy::sim::SeenRequest) -> Vec<&str> {
+    seen.headers
+        .keys()
+        .map(|k| k.as_str())
+        .filter(|k| k.starts_with("mscrm.bypass") || k.starts_with("mscrm.suppresscallback"))
+        .collect()
+}
+
+#[tokio::test]
+async fn privileged_headers_and_cookies_never_cross_unless_allowed() {
+    // Default: dropped in any letter case; cookies dropped both ways.
+    let h = Harness::start().await;
+    h.wait_ready().await;
+    let seen = whoami_with_privileged(&h, None).await;
+    assert!(privileged_seen(&seen).is_empty(), "{:?}", seen.headers);
+    assert!(seen.headers.get("cookie").is_none());
+    h.stop().await;
+
+    // The org policy lets one through.
+    let h =
+        with_toml("[org.policy]\nprivileged_headers = [\"MSCRM.BypassCustomPluginExecution\"]\n")
+            .await;
+    let seen = whoami_with_privileged(&h, None).await;
+    assert_eq!(
+        privileged_seen(&seen),
+        ["mscrm.bypasscustompluginexecution"]
+    );
+    assert!(seen.headers.get("cookie").is_none());
+    h.stop().await;
+
+    // With callers configured, the caller needs the grant too.
+    let h = with_toml(&format!(
+        "[org.policy]\nprivileged_headers = [\"MSCRM.BypassCustomPluginExecution\", \"MSCRM.SuppressCallbackRegistrationExpanderJob\"]\n\n\
+         [[callers]]\nname = \"importer\"\napi_key_sha256 = \"{}\"\nprivileged_headers = [\"MSCRM.BypassCustomPluginExecution\"]\n\n\
+         [[callers]]\nname = \"app\"\napi_key_sha256 = \"{}\"\n",
+        hex(hash_key("importer-key")),
+        hex(hash_key("app-key")),
+    ))
+    .await;
+    let seen = whoami_with_privileged(&h, Some("importer-key")).await;
+    assert_eq!(
+        privileged_seen(&seen),
+        ["mscrm.bypasscustompluginexecution"]
+    );
+    let seen = whoami_with_privileged(&h, Some("app-key")).await;
+    assert!(privileged_seen(&seen).is_empty(), "{:?}", seen.headers);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn batch_parts_lose_privileged_identity_and_cookie_headers() {
+    let h = Harness::start().await;
+    h.wait_ready().await;
+    let body = "--b\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-Length: 400\r\n\r\n\
+        POST /api/data/v9.2/accounts HTTP/1.1\r\nContent-Type: application/json\r\nmscrm.bypasscustompluginexecution: true\r\n\
+        MSCRM.BypassBusinessLogicExecution: CustomSync\r\nMSCRM.SuppressCallbackRegistrationExpanderJob: true\r\n\
+        CallerObjectId: 00000000-0000-0000-0000-0000000000aa\r\nCookie: ARRAffinity=pinned\r\n\r\n{\"name\":\"from batch\"}\r\n--b--\r\n";
+    let resp = post_batch(&h, body.to_owned()).await;
+    assert_eq!(resp.status(), 200);
+    let answer = resp.text().await.expect("text");
+    assert!(
+        answer.contains("204 No Content"),
+        "the operation ran: {answer}"
+    );
+    let received =
+        String::from_utf8(h.sim.last_batch_body().expect("a batch").to_vec()).expect("utf8");
+    let lower = received.to_ascii_lowercase();
+    for gone in [
+        "mscrm.bypass",
+        "mscrm.suppresscallback",
+        "callerobjectid",
+        "cookie",
+        "content-length",
+    ] {
+        assert!(
+            !lower.contains(gone),
+            "{gone} reached Dataverse: {received}"
+        );
+    }
+    assert!(received.contains("{\"name\":\"from batch\"}"));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn errors_name_the_request_id_and_keep_internal_detail_in_the_log() {
+    // An org nobody listens on: the connect error names 127.0.0.1 and a port.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_url = format!("http://{}", dead.local_addr().expect("addr"));
+    drop(dead);
+    let h = Harness::with(Setup {
+        org_url: Some(dead_url.clone()),
+        ..Setup::default()
+    })
+    .await;
+    h.wait_ready().await;
+    let resp = h
+        .client
+        .get(h.url("/WhoAmI"))
+        .header("x-request-id", "req-1234")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(resp.status(), 502);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "upstream_unavailable");
+    assert_eq!(body["error"]["innererror"]["requestid"], "req-1234");
+    let message = body["error"]["message"].as_str().expect("message");
+    let port = dead_url.rsplit(':').next().expect("port");
+    for detail in ["127.0.0.1", port, "tcp", "connect", "os error"] {
+        assert!(
+            !message.to_ascii_lowercase().contains(detail),
+            "{detail} in {message:?}"
+        );
+    }
+    h.stop().await;
+}
