@@ -88,9 +88,9 @@ pub struct Shared {
     /// Limits at the edge.
     pub limits: Arc<crate::config::LimitsConfig>,
     /// Caller identification.
-    pub access: Arc<crate::policy::Access>,
+    pub access: Arc<crate::config::Access>,
     /// Caller request-rate quotas.
-    pub quotas: Arc<crate::policy::Quotas>,
+    pub quotas: Arc<crate::callers::Quotas>,
 }
 
 /// One org and everything per org: its token, its governor, its rewriters.
@@ -113,7 +113,7 @@ pub struct OrgState {
     /// Last rate-limit headers Dataverse sent.
     pub ratelimit: RateLimitSeen,
     /// What may reach this org.
-    pub policy: crate::policy::Policy,
+    pub policy: crate::config::Policy,
     /// Rewriters by public base URL (usually one entry).
     links: Mutex<Vec<(String, Arc<Links>)>>,
 }

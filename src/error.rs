@@ -267,6 +267,61 @@ impl ProxyError {
 /// as the `Allow` header of a 405 says.
 pub const ALLOWED_METHODS: &str = "GET, HEAD, POST, PATCH, PUT, DELETE";
 
+impl From<crate::token::TokenUnavailable> for ProxyError {
+    fn from(e: crate::token::TokenUnavailable) -> Self {
+        Self::TokenUnavailable {
+            reason: e.reason,
+            detail: e.detail,
+            retry_after: e.retry_after,
+        }
+    }
+}
+
+impl From<crate::governor::GovernorError> for ProxyError {
+    fn from(e: crate::governor::GovernorError) -> Self {
+        use crate::governor::GovernorError;
+        match e {
+            GovernorError::QueueFull { retry_after } => Self::GovernorQueueFull { retry_after },
+            GovernorError::QueueTimeout {
+                waited,
+                retry_after,
+            } => Self::GovernorQueueTimeout {
+                waited,
+                retry_after,
+            },
+        }
+    }
+}
+
+impl From<crate::guard::PathError> for ProxyError {
+    fn from(e: crate::guard::PathError) -> Self {
+        match e {
+            crate::guard::PathError::OutsideApi => Self::NotFound,
+            crate::guard::PathError::Ambiguous(why) => Self::BadPath(why),
+        }
+    }
+}
+
+impl From<crate::policy::PolicyError> for ProxyError {
+    fn from(e: crate::policy::PolicyError) -> Self {
+        match e {
+            crate::policy::PolicyError::Denied(why) => Self::PolicyDenied(why),
+            crate::policy::PolicyError::BadBatch(why) => Self::BadBatch(why),
+        }
+    }
+}
+
+impl From<crate::callers::AdmissionError> for ProxyError {
+    fn from(e: crate::callers::AdmissionError) -> Self {
+        use crate::callers::AdmissionError;
+        match e {
+            AdmissionError::Unauthorized(why) => Self::Unauthorized(why),
+            AdmissionError::Forbidden(why) => Self::Forbidden(why),
+            AdmissionError::Quota { retry_after } => Self::CallerQuota { retry_after },
+        }
+    }
+}
+
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         self.to_response(None)

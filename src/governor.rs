@@ -2,7 +2,7 @@
 //!
 //! Every caller of the proxy shares one application user, and Dataverse
 //! limits a user per web server to 52 concurrent requests, 6000 requests and
-//! 1,200 s of execution time per 5 minutes (dossier §3). The governor keeps
+//! 1,200 s of execution time per 5 minutes (docs/dataverse.md, "Service protection limits"). The governor keeps
 //! the whole proxy under those limits instead of letting each caller find
 //! them out:
 //!
@@ -25,7 +25,25 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::GovernorConfig;
-use crate::error::ProxyError;
+
+/// Why a request got no slot towards the org.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GovernorError {
+    /// Too many callers are already waiting.
+    #[error("the governor's queue is full")]
+    QueueFull {
+        /// Suggested wait.
+        retry_after: Duration,
+    },
+    /// The request waited longer than `governor.queue_timeout`.
+    #[error("waited {waited:?} for a slot")]
+    QueueTimeout {
+        /// How long it waited.
+        waited: Duration,
+        /// Suggested wait.
+        retry_after: Duration,
+    },
+}
 
 /// Counters for the metrics endpoint.
 #[derive(Debug, Default)]
@@ -118,7 +136,7 @@ impl Governor {
 
     /// Waits for the gate and a slot; 429 when the queue is full or the wait
     /// exceeds the queue timeout.
-    pub async fn acquire(&self) -> Result<Permit, ProxyError> {
+    pub async fn acquire(&self) -> Result<Permit, GovernorError> {
         let inner = &self.inner;
         let stats = &inner.stats;
         if self.gate_closed_until().is_none()
@@ -131,7 +149,7 @@ impl Governor {
         let _queued = Queued(stats);
         if queued >= inner.config.max_queue {
             stats.rejected.fetch_add(1, Ordering::Relaxed);
-            return Err(ProxyError::GovernorQueueFull {
+            return Err(GovernorError::QueueFull {
                 retry_after: self.suggested_retry(),
             });
         }
@@ -156,7 +174,7 @@ impl Governor {
             Ok(Some(p)) => Ok(self.permit(p)),
             Ok(None) | Err(_) => {
                 stats.rejected.fetch_add(1, Ordering::Relaxed);
-                Err(ProxyError::GovernorQueueTimeout {
+                Err(GovernorError::QueueTimeout {
                     waited: inner.config.queue_timeout,
                     retry_after: self.suggested_retry(),
                 })
@@ -241,7 +259,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(g.stats().queued.load(Ordering::Relaxed), 1);
         let full = g.acquire().await.expect_err("queue full");
-        assert!(matches!(full, ProxyError::GovernorQueueFull { .. }));
+        assert!(matches!(full, GovernorError::QueueFull { .. }));
         drop(a);
         waiter.await.expect("join").expect("waiter got a slot");
         assert_eq!(g.stats().rejected.load(Ordering::Relaxed), 1);
@@ -252,7 +270,7 @@ mod tests {
         let g = Governor::new(config(1, 10, 50));
         let _a = g.acquire().await.expect("a");
         let err = g.acquire().await.expect_err("timeout");
-        assert!(matches!(err, ProxyError::GovernorQueueTimeout { .. }));
+        assert!(matches!(err, GovernorError::QueueTimeout { .. }));
     }
 
     #[tokio::test(start_paused = true)]

@@ -38,10 +38,12 @@
 pub mod access;
 pub mod app;
 pub mod batch;
+pub mod callers;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod governor;
+pub mod guard;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
@@ -169,10 +171,10 @@ fn warn_about_exposure(config: &config::Config) {
     for org in &config.orgs {
         match &org.credential.kind {
             config::CredentialKind::Secret(config::SecretSource::File(path)) => {
-                policy::warn_if_readable_by_others("client secret", path);
+                config::warn_if_readable_by_others("client secret", path);
             }
             config::CredentialKind::Certificate { path, .. } => {
-                policy::warn_if_readable_by_others("certificate", path);
+                config::warn_if_readable_by_others("certificate", path);
             }
             _ => {}
         }

@@ -41,7 +41,7 @@ fn batch(ops: &[(&str, &str, &str)]) -> Vec<u8> {
     out.into_bytes()
 }
 
-fn check(policy: &Policy, body: &[u8]) -> Result<Option<Vec<u8>>, ProxyError> {
+fn check(policy: &Policy, body: &[u8]) -> Result<Option<Vec<u8>>, PolicyError> {
     policy.check_batch(Some(CT), body, &ctx(&origins(), None))
 }
 
@@ -174,7 +174,7 @@ fn operations_outside_the_web_api_are_refused() {
         let head = format!("GET {target} HTTP/1.1");
         let body = batch(&[("", &head, "")]);
         match check(&Policy::default(), &body) {
-            Err(ProxyError::BadBatch(_)) => {}
+            Err(PolicyError::BadBatch(_)) => {}
             other => panic!("{target}: {other:?}"),
         }
     }
@@ -191,13 +191,13 @@ fn unreadable_batches_are_refused_when_anything_needs_checking() {
     };
     assert!(matches!(
         check(&read_only, lf_only),
-        Err(ProxyError::BadBatch(_))
+        Err(PolicyError::BadBatch(_))
     ));
     // A guarded header that cannot be cut exactly: refused.
     let with_bypass = b"--batch_1\nContent-Type: application/http\n\nPOST /api/data/v9.2/accounts HTTP/1.1\nMSCRM.BypassCustomPluginExecution: true\n\n{}\n--batch_1--\n";
     assert!(matches!(
         check(&Policy::default(), with_bypass),
-        Err(ProxyError::BadBatch(_))
+        Err(PolicyError::BadBatch(_))
     ));
 }
 
@@ -266,13 +266,13 @@ proptest! {
     fn refused_batches_stay_refused(mutations in proptest::collection::vec(mutation(), 1..4)) {
         let policy = deny_accounts();
         let mut body = refused_batch();
-        prop_assert!(matches!(check(&policy, &body), Err(ProxyError::PolicyDenied(_))));
+        prop_assert!(matches!(check(&policy, &body), Err(PolicyError::Denied(_))));
         for m in &mutations {
             apply(&mut body, m);
         }
         let result = check(&policy, &body);
         prop_assert!(
-            matches!(result, Err(ProxyError::PolicyDenied(_) | ProxyError::BadBatch(_))),
+            matches!(result, Err(PolicyError::Denied(_) | PolicyError::BadBatch(_))),
             "{:?} let through {:?}", result.map(|_| ()), String::from_utf8_lossy(&body)
         );
     }

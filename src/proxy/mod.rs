@@ -94,7 +94,7 @@ async fn forward_inner(
     info.org_index = Some(routed.index);
     let prefix_len = routed.prefix_len;
     let api_path = &parts.uri.path()[prefix_len..];
-    path::check(api_path)?;
+    crate::guard::check(api_path)?;
     // Who is calling, and may they do this?
     let caller = state
         .access
@@ -290,7 +290,7 @@ async fn send(state: &AppState, req: Request) -> Result<Response<Incoming>, Prox
 async fn read_batch(
     body: axum::body::Body,
     headers: &axum::http::HeaderMap,
-    policy: &crate::policy::Policy,
+    policy: &crate::config::Policy,
     ctx: &crate::policy::BatchContext<'_>,
 ) -> Result<Bytes, ProxyError> {
     let limit = policy.batch_buffer;

@@ -32,7 +32,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{CredentialConfig, CredentialKind, ManagedIdentity, TokenConfig};
-use crate::error::ProxyError;
 pub use client::{Target, TokenError};
 
 /// Identifies a token: the same app in two tenants, or for two orgs, gets two.
@@ -155,6 +154,18 @@ impl Expiry<TokenKey, Arc<AccessToken>> for ServeUntil {
     ) -> Option<Duration> {
         Some(value.serve_until.saturating_duration_since(Instant::now()))
     }
+}
+
+/// No valid token is at hand (Entra ID unreachable or refusing).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("no valid token: {reason}")]
+pub struct TokenUnavailable {
+    /// Why, in words safe to show a caller (an AADSTS code at most).
+    pub reason: String,
+    /// The whole error, secret-free, for the log only (URLs, file names).
+    pub detail: String,
+    /// When the next fetch attempt is due.
+    pub retry_after: Duration,
 }
 
 /// The last failed fetch, which gates further attempts.
@@ -350,7 +361,7 @@ impl TokenProvider {
     }
 
     /// A token to inject, or `TokenUnavailable` (503) when none can be had now.
-    pub async fn get(&self) -> Result<Arc<AccessToken>, ProxyError> {
+    pub async fn get(&self) -> Result<Arc<AccessToken>, TokenUnavailable> {
         if let Some(token) = self.current() {
             return Ok(token);
         }
@@ -366,7 +377,7 @@ impl TokenProvider {
             .cache
             .try_get_with(inner.key.clone(), self.fetch(self.miss_reason()))
             .await
-            .map_err(|e| ProxyError::TokenUnavailable {
+            .map_err(|e| TokenUnavailable {
                 reason: e.caller_summary(),
                 detail: e.to_string(),
                 retry_after: self.retry_after(),
@@ -439,11 +450,11 @@ impl TokenProvider {
     }
 
     /// While a recent failure's backoff runs, fail without calling Entra ID.
-    fn failing_fast(&self) -> Option<ProxyError> {
+    fn failing_fast(&self) -> Option<TokenUnavailable> {
         let guard = self.lock_failure();
         let f = guard.as_ref()?;
         let now = Instant::now();
-        (f.retry_at > now).then(|| ProxyError::TokenUnavailable {
+        (f.retry_at > now).then(|| TokenUnavailable {
             reason: f.reason.clone(),
             detail: f.detail.clone(),
             retry_after: f.retry_at - now,

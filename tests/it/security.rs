@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use dataverse_proxy::policy::hash_key;
+use dataverse_proxy::callers::hash_key;
 use dataverse_proxy::sim::{Sim, SimConfig};
 
 use crate::harness::{Harness, Setup, sim_overrides};

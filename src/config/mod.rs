@@ -28,6 +28,10 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use url::Url;
 
+mod policy;
+
+pub use policy::{Access, Caller, Impersonation, PRIVILEGED_HEADERS, Policy, WEB_API_METHODS};
+
 /// Exit code for configuration errors (`EX_USAGE` from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
 
@@ -123,7 +127,7 @@ pub struct Config {
     /// Limits at the edge.
     pub limits: LimitsConfig,
     /// Caller identification.
-    pub access: crate::policy::Access,
+    pub access: Access,
 }
 
 /// One Dataverse organisation.
@@ -143,7 +147,7 @@ pub struct OrgConfig {
     /// Whether bare `/api/data/…` paths go to this org.
     pub default: bool,
     /// What may reach this org.
-    pub policy: crate::policy::Policy,
+    pub policy: Policy,
 }
 
 impl OrgConfig {
@@ -1411,12 +1415,11 @@ fn validate_orgs(
 }
 
 /// Validates an org's access policy.
-fn validate_policy(p: &mut Problems<'_>, key: &str, r: RawPolicy) -> crate::policy::Policy {
-    use crate::policy::{Impersonation, Policy};
+fn validate_policy(p: &mut Problems<'_>, key: &str, r: RawPolicy) -> Policy {
     let mut methods = Vec::new();
     for m in r.methods.unwrap_or_default() {
         match http::Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes()) {
-            Ok(method) if crate::proxy::path::is_web_api_method(&method) => methods.push(method),
+            Ok(method) if WEB_API_METHODS.contains(&method) => methods.push(method),
             _ => p.push(
                 &format!("{key}.methods"),
                 &format!("{m:?} is not a Web API method"),
@@ -1460,11 +1463,10 @@ fn validate_policy(p: &mut Problems<'_>, key: &str, r: RawPolicy) -> crate::poli
 
 /// Validates a list of privileged header names; lower-case.
 fn privileged_headers(p: &mut Problems<'_>, key: &str, list: Option<Vec<String>>) -> Vec<String> {
-    let known = crate::proxy::headers::names::PRIVILEGED;
     let mut out = Vec::new();
     for name in list.unwrap_or_default() {
         let lower = name.trim().to_ascii_lowercase();
-        if known.iter().any(|k| k.as_str() == lower) {
+        if PRIVILEGED_HEADERS.contains(&lower.as_str()) {
             out.push(lower);
         } else {
             p.push(
@@ -1484,8 +1486,7 @@ fn validate_access(
     callers: Option<Vec<RawCaller>>,
     access: RawAccess,
     trusted_proxies: &[ipnet::IpNet],
-) -> crate::policy::Access {
-    use crate::policy::{Access, Caller};
+) -> Access {
     let nets = |p: &mut Problems<'_>, key: &str, list: Option<Vec<String>>| -> Vec<ipnet::IpNet> {
         let mut out = Vec::new();
         for entry in list.unwrap_or_default() {
@@ -1955,6 +1956,25 @@ fn insert_nested(dict: &mut Dict, key: &str, value: Value) {
             }
         }
     }
+}
+
+/// Warns when a credential file can be read by other users.
+pub fn warn_if_readable_by_others(what: &str, path: &std::path::Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                file = %path.display(),
+                mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                "the {what} file is readable by other users; restrict it (chmod 600 or 400)"
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (what, path);
 }
 
 #[cfg(test)]
