@@ -5,7 +5,8 @@
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use bytes::{Bytes, BytesMut};
-use dataverse_proxy::proxy::{headers, path};
+use dataverse_proxy::guard;
+use dataverse_proxy::proxy::headers;
 use dataverse_proxy::rewrite::Rewriter;
 
 fn main() {
@@ -96,7 +97,7 @@ fn header_policy(bencher: divan::Bencher<'_, '_>) {
 #[divan::bench]
 fn path_guard(bencher: divan::Bencher<'_, '_>) {
     bencher.bench(|| {
-        path::check(divan::black_box(
+        guard::check(divan::black_box(
             "/api/data/v9.2/accounts(00000000-0000-0000-0000-000000000001)/contact_customer_accounts",
         ))
     });
