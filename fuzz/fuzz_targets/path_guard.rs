@@ -2,7 +2,7 @@
 //! decoded, uses only RFC 3986 escapes, and never panics.
 #![no_main]
 
-use dataverse_proxy::proxy::path;
+use dataverse_proxy::guard as path;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
