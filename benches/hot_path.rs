@@ -6,7 +6,7 @@
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use bytes::{Bytes, BytesMut};
 use dataverse_proxy::guard;
-use dataverse_proxy::proxy::headers;
+use dataverse_proxy::http::headers;
 use dataverse_proxy::rewrite::Rewriter;
 
 fn main() {

@@ -16,6 +16,11 @@ use std::time::Duration;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+/// What the request's log line says about a proxy-made error (a response
+/// extension, read by the access log; never sent).
+#[derive(Debug, Clone)]
+pub struct ErrorDetail(pub String);
+
 /// Header that marks a response as made by the proxy, valued with the error code.
 pub const PROXY_ERROR_HEADER: HeaderName = HeaderName::from_static("x-dataverse-proxy-error");
 
@@ -235,8 +240,7 @@ impl ProxyError {
         )
             .into_response();
         // Logged once, by the access log, not here.
-        resp.extensions_mut()
-            .insert(crate::access::ErrorMessage(self.log_detail()));
+        resp.extensions_mut().insert(ErrorDetail(self.log_detail()));
         let h = resp.headers_mut();
         h.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(self.code()));
         match self {

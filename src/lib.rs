@@ -35,8 +35,6 @@
 //! The library never binds sockets itself: [`serve`] takes bound listeners
 //! and a shutdown token, so tests run everything on ephemeral ports.
 
-pub mod access;
-pub mod app;
 pub mod batch;
 pub mod callers;
 pub mod cli;
@@ -44,9 +42,8 @@ pub mod config;
 pub mod error;
 pub mod governor;
 pub mod guard;
-pub mod metrics;
+pub mod http;
 pub mod policy;
-pub mod proxy;
 pub mod rewrite;
 pub mod server;
 pub mod sim;
@@ -110,7 +107,7 @@ pub async fn serve_with(
     admin: TcpListener,
     control: Control,
 ) -> std::io::Result<()> {
-    let state = app::AppState::new(&config)?;
+    let state = http::AppState::new(&config)?;
     warn_about_exposure(&config);
     let refreshers = state.spawn_refreshers(&control.shutdown);
     let reloader = tokio::spawn(reload_on(state.clone(), control.reload.clone()));
@@ -135,14 +132,13 @@ pub async fn serve_with(
     };
     let admin_stop = CancellationToken::new();
     let admin_server = tokio::spawn(
-        axum::serve(admin, app::admin_router(state.clone()))
+        axum::serve(admin, http::admin::router(state.clone()))
             .with_graceful_shutdown(admin_stop.clone().cancelled_owned())
             .into_future(),
     );
-    let handler_state = state.clone();
     server::run(
         proxy,
-        move |req, peer| app::handle(handler_state.clone(), peer, req),
+        http::proxy_service(state.clone()),
         &config.limits,
         stop_accepting,
         grace,
@@ -183,7 +179,7 @@ fn warn_about_exposure(config: &config::Config) {
 
 /// Fetches new tokens for every credential whenever `reload` is notified
 /// (credential files are re-read at each fetch).
-async fn reload_on(state: app::AppState, reload: Arc<Notify>) {
+async fn reload_on(state: http::AppState, reload: Arc<Notify>) {
     loop {
         reload.notified().await;
         tracing::info!("reload: fetching new tokens with the current credential files");

@@ -1,5 +1,7 @@
-//! The proxy's HTTP/1.1 server loop: connection and header limits, and the
-//! graceful drain.
+//! The proxy's HTTP/1.1 accept loop: connection and header limits, and the
+//! graceful drain. It drives a tower service (the axum router and its
+//! layers, `src/http/`), giving each request its peer's address as axum's
+//! `ConnectInfo`.
 //!
 //! `axum::serve` hides hyper's connection settings, and a proxy at the edge
 //! needs them: the header buffer size and header count (431 when exceeded),
@@ -10,10 +12,10 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -21,21 +23,24 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tower::ServiceExt;
 
 use crate::config::LimitsConfig;
 
-/// Serves `handler` on `listener` until `stop` resolves, then drains open
-/// connections for at most `grace`. `handler` gets each request and the
-/// address of the connection's peer.
-pub async fn run<H, F, B>(
+/// Serves `service` on `listener` until `stop` resolves, then drains open
+/// connections for at most `grace`.
+pub async fn run<S, B>(
     listener: TcpListener,
-    handler: H,
+    service: S,
     limits: &LimitsConfig,
     stop: impl Future<Output = ()>,
     grace: Duration,
 ) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<B>> + Send + 'static,
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -74,10 +79,10 @@ pub async fn run<H, F, B>(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let handler = handler.clone();
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let resp = handler(req, peer);
-            async move { Ok::<_, Infallible>(resp.await) }
+        let service = service.clone();
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            service.clone().oneshot(req)
         });
         let conn = builder.serve_connection(TokioIo::new(tcp), service);
         let conn = graceful.watch(conn);

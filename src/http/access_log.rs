@@ -1,30 +1,42 @@
-//! One structured log line and the metrics per request, written when the
-//! answer's body has been sent (or the connection broke), so bytes and the
-//! full duration are known.
+//! One structured log line and the request metrics per request, written
+//! when the answer's body has been sent (or the connection broke), so the
+//! bytes and the full duration are known.
 //!
 //! Fields (see `docs/logging.md`): `request.id`, `caller`, `org`, `method`,
 //! `path` (without the query unless `log.query = true`: queries can carry
 //! personal data), `status`, `bytes_in`, `bytes_out`, `duration_ms`,
 //! `upstream_ms`, `dataverse_request_id`, `proxy_error`, `error`, `outcome`
 //! (`complete` or `aborted`).
+//!
+//! A tower layer of its own rather than tower-http's trace callbacks: those
+//! are cloned from the layer for every request and carry no state of the
+//! request, and the line needs the org, the caller, Dataverse's request id
+//! and the byte counts at the end of the stream. The trace layer still
+//! makes the request's span; this line is written inside it.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::http::HeaderValue;
+use axum::http::{HeaderValue, Request, Response};
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 use tokio::time::Instant;
 
-use crate::app::AppState;
-use crate::metrics::{RequestLabels, method_label, status_class};
+use super::REQUEST_ID;
+use super::metrics::{RequestLabels, method_label, status_class};
+use super::state::{AppState, OrgState};
+use crate::error::{ErrorDetail, PROXY_ERROR_HEADER};
 
-/// What the forwarding handler tells the access log about a request.
+/// What the forwarding handler tells the access log about a request, as a
+/// response extension.
 #[derive(Debug, Clone, Default)]
 pub struct RequestInfo {
     /// The org it was routed to.
-    pub org: Option<Arc<crate::app::OrgState>>,
-    /// The org's index (for per-org metric handles).
-    pub org_index: Option<usize>,
+    pub org: Option<Arc<OrgState>>,
     /// Time until Dataverse's response headers.
     pub upstream: Option<Duration>,
     /// Dataverse's own request id (`x-ms-service-request-id` or `REQ_ID`).
@@ -33,110 +45,264 @@ pub struct RequestInfo {
     pub caller: Option<Arc<str>>,
 }
 
-/// The message of a proxy-made error, for the one log line of the request.
-#[derive(Debug, Clone)]
-pub struct ErrorMessage(pub String);
+/// Writes the access log line and the request metrics of every request.
+#[derive(Clone)]
+pub struct AccessLogLayer {
+    state: AppState,
+}
 
-/// Everything the log line needs but the byte count; written by the
-/// answer's body ([`crate::proxy::body::ProxyBody`]) when it ends.
-pub(crate) struct Entry {
-    pub(crate) state: AppState,
-    pub(crate) start: Instant,
-    pub(crate) request_id: HeaderValue,
-    pub(crate) method: http::Method,
-    pub(crate) uri: http::Uri,
-    pub(crate) status: http::StatusCode,
-    pub(crate) info: RequestInfo,
-    pub(crate) proxy_error: Option<HeaderValue>,
-    pub(crate) error: Option<String>,
-    /// Request body bytes read; `None` when the request had no body.
-    pub(crate) bytes_in: Option<Arc<AtomicU64>>,
+impl AccessLogLayer {
+    /// A layer recording into `state`'s metrics.
+    pub fn new(state: AppState) -> Self {
+        Self { state }
+    }
+}
+
+impl<S> tower::Layer<S> for AccessLogLayer {
+    type Service = AccessLog<S>;
+
+    fn layer(&self, inner: S) -> AccessLog<S> {
+        AccessLog {
+            inner,
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// The service of [`AccessLogLayer`].
+#[derive(Clone)]
+pub struct AccessLog<S> {
+    inner: S,
+    state: AppState,
+}
+
+impl<S, B, RB> tower::Service<Request<B>> for AccessLog<S>
+where
+    S: tower::Service<Request<Counted<B>>, Response = Response<RB>>,
+    S::Future: Send + 'static,
+    RB: http_body::Body,
+{
+    type Response = Response<Logged<RB>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let start = Instant::now();
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        let request = RequestLine {
+            request_id: req.headers().get(REQUEST_ID).cloned(),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+        };
+        let counted = req.map(|body| Counted {
+            inner: body,
+            count: bytes_in.clone(),
+        });
+        self.state.metrics.in_flight().inc();
+        let state = self.state.clone();
+        let answer = self.inner.call(counted);
+        Box::pin(async move {
+            let mut resp = answer.await?;
+            let entry = Entry {
+                info: resp
+                    .extensions_mut()
+                    .remove::<RequestInfo>()
+                    .unwrap_or_default(),
+                error: resp.extensions_mut().remove::<ErrorDetail>().map(|e| e.0),
+                proxy_error: resp.headers().get(PROXY_ERROR_HEADER).cloned(),
+                status: resp.status(),
+                state,
+                start,
+                request,
+                bytes_in,
+            };
+            Ok(resp.map(|body| Logged {
+                inner: body,
+                entry: Some(entry),
+                bytes_out: 0,
+            }))
+        })
+    }
+}
+
+/// The caller's body, its bytes counted.
+pub struct Counted<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+}
+
+impl<B> http_body::Body for Counted<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The answer's body: counts what is sent, writes the line when it ends,
+/// fails or is dropped.
+pub struct Logged<B: http_body::Body> {
+    inner: B,
+    entry: Option<Entry>,
+    bytes_out: u64,
+}
+
+impl<B: http_body::Body> Logged<B> {
+    fn finish(&mut self, complete: bool) {
+        if let Some(entry) = self.entry.take() {
+            entry.write(self.bytes_out, complete);
+        }
+    }
+}
+
+impl<B> http_body::Body for Logged<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    self.bytes_out += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) => self.finish(true),
+            Poll::Ready(Some(Err(_))) => self.finish(false),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B: http_body::Body> Drop for Logged<B> {
+    fn drop(&mut self) {
+        // An empty body may never be polled (hyper drops it once the head
+        // is sent); anything else dropped before its end means the
+        // connection broke.
+        let complete = self.inner.is_end_stream();
+        self.finish(complete);
+    }
+}
+
+/// The request line as it arrived.
+struct RequestLine {
+    request_id: Option<HeaderValue>,
+    method: http::Method,
+    uri: http::Uri,
+}
+
+/// Everything the log line needs but the byte count.
+struct Entry {
+    state: AppState,
+    start: Instant,
+    request: RequestLine,
+    status: http::StatusCode,
+    info: RequestInfo,
+    proxy_error: Option<HeaderValue>,
+    error: Option<String>,
+    bytes_in: Arc<AtomicU64>,
 }
 
 impl Entry {
-    pub(crate) fn finish(self, bytes_out: u64, complete: bool) {
+    fn write(self, bytes_out: u64, complete: bool) {
         let duration = self.start.elapsed();
-        let bytes_in = self
-            .bytes_in
-            .as_ref()
-            .map_or(0, |b| b.load(Ordering::Relaxed));
+        let bytes_in = self.bytes_in.load(Ordering::Relaxed);
         let org = self.info.org.as_ref().map_or("-", |o| o.name.as_str());
-        let caller = self.info.caller.as_deref();
-        let m = &self.state.metrics;
-        m.in_flight().dec();
+        let caller = self.info.caller.as_deref().unwrap_or("-");
         let source = if self.proxy_error.is_some() {
             "proxy"
         } else {
             "dataverse"
         };
-        match (self.info.org_index, caller) {
-            (Some(index), None) => m.finished_fast(
-                index,
-                org,
-                &self.method,
-                self.status,
+        let m = &self.state.metrics;
+        m.in_flight().dec();
+        m.finished(
+            &RequestLabels {
+                org: org.to_owned(),
+                method: method_label(&self.request.method),
+                status: status_class(self.status),
                 source,
-                duration,
-                bytes_in,
-                bytes_out,
-            ),
-            _ => m.finished(
-                &RequestLabels {
-                    org: org.to_owned(),
-                    method: method_label(&self.method),
-                    status: status_class(self.status),
-                    source,
-                    caller: caller.unwrap_or("-").to_owned(),
-                },
-                duration,
-                bytes_in,
-                bytes_out,
-            ),
-        }
+                caller: caller.to_owned(),
+            },
+            duration,
+            bytes_in,
+            bytes_out,
+        );
         if !tracing::enabled!(tracing::Level::INFO) {
             return;
         }
-        let caller = caller.unwrap_or("-");
-        let upstream_ms = self.info.upstream.map(|d| d.as_millis() as u64);
-        let dv_id = self
-            .info
-            .dataverse_request_id
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let outcome = if complete { "complete" } else { "aborted" };
-        let request_id = self.request_id.to_str().unwrap_or("");
-        let method = &self.method;
-        let path = if self.state.log_query {
-            self.uri
-                .path_and_query()
-                .map_or(self.uri.path(), |pq| pq.as_str())
-        } else {
-            self.uri.path()
+        let text = |v: &Option<HeaderValue>| {
+            v.as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
         };
-        let proxy_error = self
-            .proxy_error
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let error = self.error.as_deref().unwrap_or("");
-        let status = self.status.as_u16();
-        // Target: this module, `dataverse_proxy::access`.
-        tracing::info!(
-            request.id = %request_id,
+        let path = if self.state.log_query {
+            self.request
+                .uri
+                .path_and_query()
+                .map_or(self.request.uri.path(), |pq| pq.as_str())
+        } else {
+            self.request.uri.path()
+        };
+        // The target is a contract (docs/logging.md), not this module's path.
+        tracing::event!(
+            target: "dataverse_proxy::access",
+            tracing::Level::INFO,
+            request.id = %text(&self.request.request_id),
             caller = caller,
             org = org,
-            method = %method,
+            method = %self.request.method,
             path = %path,
-            status = status,
+            status = self.status.as_u16(),
             bytes_in = bytes_in,
             bytes_out = bytes_out,
             duration_ms = duration.as_millis() as u64,
-            upstream_ms = upstream_ms.unwrap_or(0),
-            dataverse_request_id = dv_id,
-            proxy_error = proxy_error,
-            error = error,
-            outcome = outcome,
+            upstream_ms = self.info.upstream.map_or(0, |d| d.as_millis() as u64),
+            dataverse_request_id = %text(&self.info.dataverse_request_id),
+            proxy_error = %text(&self.proxy_error),
+            error = self.error.as_deref().unwrap_or(""),
+            outcome = if complete { "complete" } else { "aborted" },
             "request"
         );
     }

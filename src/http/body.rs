@@ -1,11 +1,13 @@
-//! Request bodies (buffered for replay, or streamed) and the response body
-//! ([`ProxyBody`]: idle timeout, link rewriting, governor permit, access log).
+//! Bodies: the caller's ([`Inbound`]: limited, its faults named), prepared
+//! for sending ([`RequestBody`]: buffered for replay, or streamed), and the
+//! answer ([`ProxyBody`]: Dataverse's stream with link rewriting and the
+//! governor slot held until it ends, or a whole body).
+//!
+//! Idle timeouts are not here: a layer wraps every request and response
+//! body ([`super::idle`], `http/mod.rs`).
 
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use axum::BoxError;
 use axum::body::Body;
@@ -15,8 +17,6 @@ use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::upstream::IdleTimeout;
-use crate::access::Entry;
 use crate::error::ProxyError;
 use crate::governor::Permit;
 use crate::rewrite::{RewriteBody, Rewriter};
@@ -109,79 +109,47 @@ impl RequestBody {
     }
 }
 
-/// The one body type of every answer the proxy sends: Dataverse's stream
-/// (idle timeout, link rewriting, the governor permit held until it ends)
-/// or a proxy-made answer; it counts the bytes sent and hands them to the
-/// access log when it ends, fails or is dropped.
+/// The body of every answer that comes from Dataverse: its stream, links
+/// rewritten when a rewriter is set, or its bytes read whole; the governor
+/// slot is held until the body ends, because Dataverse counts a request as
+/// in flight until its answer is sent.
 ///
-/// One concrete type instead of a stack of boxed wrappers: each frame costs
-/// one call per stage, not a virtual call and a box per stage.
-pub struct ProxyBody {
-    inner: Inner,
-    /// Dataverse counts a request as in flight until its answer is sent.
+/// Generic over the upstream body so the answer step can be tested with
+/// bodies made in memory; in the proxy it is hyper's [`Incoming`].
+pub struct ProxyBody<B = Incoming> {
+    inner: Inner<B>,
     permit: Option<Permit>,
-    log: Option<Entry>,
-    bytes_out: u64,
 }
 
-enum Inner {
-    Upstream(RewriteBody<IdleTimeout<Incoming>>),
+enum Inner<B> {
+    Stream(RewriteBody<B>),
     /// A whole body in memory (a small answer rewritten at once).
     Full(Option<Bytes>),
-    Local(Body),
 }
 
-impl ProxyBody {
+impl<B> ProxyBody<B> {
     /// Dataverse's answer, rewritten when `rewriter` is set.
-    pub fn upstream(
-        body: Incoming,
-        idle: Duration,
-        rewriter: Option<Rewriter>,
-        permit: Permit,
-    ) -> Self {
+    pub fn upstream(body: B, rewriter: Option<Rewriter>, permit: Permit) -> Self {
         Self {
-            inner: Inner::Upstream(RewriteBody::new(IdleTimeout::new(body, idle), rewriter)),
+            inner: Inner::Stream(RewriteBody::new(body, rewriter)),
             permit: Some(permit),
-            log: None,
-            bytes_out: 0,
         }
     }
 
-    /// Dataverse's answer read whole (and rewritten); `permit` is held until
-    /// it is sent.
+    /// Dataverse's answer read whole (and rewritten).
     pub fn full(bytes: Bytes, permit: Permit) -> Self {
         Self {
             inner: Inner::Full(Some(bytes).filter(|b| !b.is_empty())),
             permit: Some(permit),
-            log: None,
-            bytes_out: 0,
-        }
-    }
-
-    /// An answer made by the proxy (errors).
-    pub fn local(body: Body) -> Self {
-        Self {
-            inner: Inner::Local(body),
-            permit: None,
-            log: None,
-            bytes_out: 0,
-        }
-    }
-
-    /// Writes `entry` to the access log when the body ends.
-    pub(crate) fn log_to(&mut self, entry: Entry) {
-        self.log = Some(entry);
-    }
-
-    fn finish(&mut self, complete: bool) {
-        self.permit = None;
-        if let Some(e) = self.log.take() {
-            e.finish(self.bytes_out, complete);
         }
     }
 }
 
-impl http_body::Body for ProxyBody {
+impl<B> http_body::Body for ProxyBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -191,47 +159,26 @@ impl http_body::Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let polled = match &mut this.inner {
-            Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Inner::Stream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Inner::Local(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
         };
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    this.bytes_out += d.len() as u64;
-                }
-            }
-            Poll::Ready(None) => this.finish(true),
-            Poll::Ready(Some(Err(_))) => this.finish(false),
-            Poll::Pending => {}
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            this.permit = None;
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
-            Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Stream(b) => b.is_end_stream(),
             Inner::Full(b) => b.is_none(),
-            Inner::Local(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            Inner::Upstream(b) => b.size_hint(),
+            Inner::Stream(b) => b.size_hint(),
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Inner::Local(b) => b.size_hint(),
-        }
-    }
-}
-
-impl Drop for ProxyBody {
-    fn drop(&mut self) {
-        if self.log.is_some() || self.permit.is_some() {
-            // An empty body may never be polled; anything else dropped
-            // early means the connection broke.
-            let complete = http_body::Body::is_end_stream(self);
-            self.finish(complete);
         }
     }
 }
@@ -242,14 +189,25 @@ impl Drop for ProxyBody {
 /// request, whose body fails with it, is aborted rather than ended.
 #[derive(Debug, thiserror::Error)]
 #[error("the caller's request body is malformed or broken off: {0}")]
-pub struct CallerBodyBroken(#[source] hyper::Error);
+pub struct CallerBodyBroken(#[source] BoxError);
+
+/// The caller stopped sending its body for longer than
+/// `limits.body_idle_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the caller's request body stalled")]
+pub struct CallerBodyStalled;
+
+/// The caller's body went over `limits.max_body` (this many bytes).
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is larger than {0} bytes")]
+pub struct BodyLimit(pub usize);
 
 /// The caller-side fault behind an error of the request body, if any:
 /// a stall (408), the size limit (413) or broken framing (400).
 pub fn caller_body_fault(e: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
     let mut source = Some(e);
     while let Some(err) = source {
-        if err.is::<super::upstream::BodyIdleTimeout>() {
+        if err.is::<CallerBodyStalled>() {
             return Some(ProxyError::RequestTimeout);
         }
         if let Some(limit) = err.downcast_ref::<BodyLimit>() {
@@ -263,42 +221,36 @@ pub fn caller_body_fault(e: &(dyn std::error::Error + 'static)) -> Option<ProxyE
     None
 }
 
-/// The caller's body went over `limits.max_body` (this many bytes).
-#[derive(Debug, thiserror::Error)]
-#[error("the request body is larger than {0} bytes")]
-pub struct BodyLimit(pub usize);
-
-/// The caller's body as it arrives: cut off at the size limit (413), failed
-/// when it stalls (408) or when its framing breaks (400), its bytes counted
-/// for the access log.
+/// The caller's body as the handler reads it: cut off at the size limit,
+/// and every error named for what the caller did ([`caller_body_fault`]).
+/// Naming happens here, where only the caller's side can fail: further out,
+/// the upstream client's errors look alike.
 pub struct Inbound {
-    inner: IdleTimeout<http_body_util::Limited<Incoming>>,
+    inner: http_body_util::Limited<Body>,
     limit: usize,
-    counted: Arc<AtomicU64>,
 }
 
 impl Inbound {
-    /// Wraps `body`; `counted` receives the number of bytes read.
-    pub fn new(body: Incoming, limit: usize, idle: Duration, counted: Arc<AtomicU64>) -> Self {
+    /// Wraps `body`, limited to `limit` bytes.
+    pub fn new(body: Body, limit: usize) -> Self {
         Self {
-            inner: IdleTimeout::new(http_body_util::Limited::new(body, limit), idle),
+            inner: http_body_util::Limited::new(body, limit),
             limit,
-            counted,
         }
     }
-}
 
-impl Inbound {
-    /// Names what went wrong: the limit, or the caller's framing (hyper's
-    /// own error); a stall is already a [`super::upstream::BodyIdleTimeout`].
     fn classify(&self, e: BoxError) -> BoxError {
         if e.is::<http_body_util::LengthLimitError>() {
             return Box::new(BodyLimit(self.limit));
         }
-        match e.downcast::<hyper::Error>() {
-            Ok(hyper) => Box::new(CallerBodyBroken(*hyper)),
-            Err(other) => other,
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&*e);
+        while let Some(err) = source {
+            if err.is::<super::idle::BodyIdleTimeout>() {
+                return Box::new(CallerBodyStalled);
+            }
+            source = err.source();
         }
+        Box::new(CallerBodyBroken(e))
     }
 }
 
@@ -311,14 +263,7 @@ impl http_body::Body for Inbound {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    this.counted.fetch_add(d.len() as u64, Ordering::Relaxed);
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(this.classify(e)))),
             other => other,
         }

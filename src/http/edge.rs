@@ -4,10 +4,39 @@
 //! escapes. The path itself is checked by [`crate::guard`] once the org
 //! prefix is known.
 
-use axum::http::{Method, Uri};
+use axum::extract::{Request, State};
+use axum::http::{Method, Uri, header};
+use axum::middleware::Next;
+use axum::response::Response;
 
+use super::REQUEST_ID;
+use super::state::AppState;
 use crate::config::LimitsConfig;
 use crate::error::ProxyError;
+
+/// The edge checks as middleware, before any handler: a request that fails
+/// them is answered here with its error.
+pub async fn check(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    match check_head(&req, &state.limits) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.to_response(req.headers().get(REQUEST_ID)),
+    }
+}
+
+/// [`check_target`], then a declared body over `limits.max_body` (413
+/// before a byte of it is read).
+fn check_head(req: &Request, limits: &LimitsConfig) -> Result<(), ProxyError> {
+    check_target(req.method(), req.uri(), req.headers(), limits)?;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limits.max_body) {
+        return Err(ProxyError::BodyTooLarge(limits.max_body));
+    }
+    Ok(())
+}
 
 /// Checks what the request line may contain before routing: the method,
 /// the request-target form and the lengths.
@@ -27,14 +56,8 @@ pub fn check_target(
     }
     // Request smuggling defences (RFC 9112 §6.1, §6.3): one framing only,
     // and a transfer coding the proxy can forward.
-    let te: Vec<_> = headers
-        .get_all(axum::http::header::TRANSFER_ENCODING)
-        .iter()
-        .collect();
-    let cl = headers
-        .get_all(axum::http::header::CONTENT_LENGTH)
-        .iter()
-        .count();
+    let te: Vec<_> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
+    let cl = headers.get_all(header::CONTENT_LENGTH).iter().count();
     if !te.is_empty() {
         if cl > 0 {
             return Err(ProxyError::BadRequest(
@@ -71,10 +94,4 @@ pub fn check_target(
         crate::guard::check_query(query)?;
     }
     Ok(())
-}
-
-/// True for file and image downloads (`…/$value`), whose binary bodies are
-/// never rewritten and may come compressed.
-pub fn is_file_download(path: &str) -> bool {
-    path.ends_with("/$value")
 }

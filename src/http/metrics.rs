@@ -4,14 +4,13 @@
 //! status class, who made the answer (`proxy` or `dataverse`) and the caller
 //! name (API-key callers; `-` otherwise). Paths and queries are never labels.
 //!
-//! Request metrics are recorded as requests finish. Governor, token and
-//! rate-limit figures live in atomics next to what they describe and are
-//! copied into the registry at scrape time, so the hot path pays only for
-//! the request counters. Each [`Metrics`] is its own registry (no global
+//! Request metrics are recorded as requests finish (by the access log).
+//! Governor, token and rate-limit figures live in atomics next to what they
+//! describe and are copied into the registry at scrape time. Each [`Metrics`] is its own registry (no global
 //! recorder), so several proxies in one process (tests) do not mix.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -21,7 +20,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::app::AppState;
+use super::state::AppState;
 
 /// Labels of a finished request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -81,7 +80,7 @@ pub struct RateLimitSeen {
 impl RateLimitSeen {
     /// Records the headers of a Dataverse answer, if present.
     pub fn record(&self, headers: &http::HeaderMap) {
-        use crate::proxy::headers::names;
+        use super::headers::names;
         let get = |name: http::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
         if let Some(n) = get(names::RATELIMIT_BURST).and_then(|v| v.trim().parse().ok()) {
             self.burst_remaining.store(n, Ordering::Relaxed);
@@ -126,47 +125,6 @@ pub struct Metrics {
     ratelimit_time: Family<OrgLabel, Gauge<f64, AtomicU64>>,
     token_fetches: Family<TokenLabels, Counter>,
     token_expiry: Family<TokenOrg, Gauge<f64, AtomicU64>>,
-    /// Per-org handles, filled on first use, for the hot path.
-    orgs: Vec<OrgHandles>,
-}
-
-const METHODS: usize = 8;
-const CLASSES: usize = 5;
-
-/// Metric handles of one org (caller `-`), so a finished request costs a
-/// few atomic increments instead of label hashing and allocation.
-#[derive(Default)]
-struct OrgHandles {
-    requests: Vec<OnceLock<Counter>>,
-    duration: Vec<OnceLock<Histogram>>,
-    bytes_in: OnceLock<Counter>,
-    bytes_out: OnceLock<Counter>,
-    upstream: OnceLock<Histogram>,
-}
-
-impl OrgHandles {
-    fn new() -> Self {
-        Self {
-            requests: (0..METHODS * CLASSES * 2)
-                .map(|_| OnceLock::new())
-                .collect(),
-            duration: (0..METHODS).map(|_| OnceLock::new()).collect(),
-            ..Self::default()
-        }
-    }
-}
-
-fn method_index(m: &http::Method) -> usize {
-    match *m {
-        http::Method::GET => 0,
-        http::Method::POST => 1,
-        http::Method::PATCH => 2,
-        http::Method::PUT => 3,
-        http::Method::DELETE => 4,
-        http::Method::HEAD => 5,
-        http::Method::OPTIONS => 6,
-        _ => 7,
-    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -207,14 +165,13 @@ pub fn status_class(status: http::StatusCode) -> &'static str {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::with_orgs(0)
+        Self::new()
     }
 }
 
 impl Metrics {
-    /// A registry with every metric registered, and hot-path handles for
-    /// `orgs` orgs.
-    pub fn with_orgs(orgs: usize) -> Self {
+    /// A registry with every metric registered.
+    pub fn new() -> Self {
         let mut r = Registry::with_prefix("dataverse_proxy");
         let requests = Family::<RequestLabels, Counter>::default();
         r.register(
@@ -344,90 +301,6 @@ impl Metrics {
             ratelimit_time,
             token_fetches,
             token_expiry,
-            orgs: (0..orgs).map(|_| OrgHandles::new()).collect(),
-        }
-    }
-
-    /// [`Self::finished`] for org number `index` and no caller name.
-    #[expect(clippy::too_many_arguments, reason = "the hot path takes plain values")]
-    pub fn finished_fast(
-        &self,
-        index: usize,
-        org: &str,
-        method: &http::Method,
-        status: http::StatusCode,
-        source: &'static str,
-        duration: Duration,
-        bytes_in: u64,
-        bytes_out: u64,
-    ) {
-        let Some(h) = self.orgs.get(index) else {
-            return self.finished(
-                &RequestLabels {
-                    org: org.to_owned(),
-                    method: method_label(method),
-                    status: status_class(status),
-                    source,
-                    caller: "-".to_owned(),
-                },
-                duration,
-                bytes_in,
-                bytes_out,
-            );
-        };
-        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
-        let m = method_index(method);
-        let s = usize::from(source == "proxy");
-        h.requests[(m * CLASSES + class) * 2 + s]
-            .get_or_init(|| {
-                self.requests
-                    .get_or_create(&RequestLabels {
-                        org: org.to_owned(),
-                        method: method_label(method),
-                        status: status_class(status),
-                        source,
-                        caller: "-".to_owned(),
-                    })
-                    .clone()
-            })
-            .inc();
-        h.duration[m]
-            .get_or_init(|| {
-                self.duration
-                    .get_or_create(&OrgMethod {
-                        org: org.to_owned(),
-                        method: method_label(method),
-                    })
-                    .clone()
-            })
-            .observe(duration.as_secs_f64());
-        let org_label = || OrgLabel {
-            org: org.to_owned(),
-        };
-        if bytes_in > 0 {
-            h.bytes_in
-                .get_or_init(|| self.bytes_in.get_or_create(&org_label()).clone())
-                .inc_by(bytes_in);
-        }
-        h.bytes_out
-            .get_or_init(|| self.bytes_out.get_or_create(&org_label()).clone())
-            .inc_by(bytes_out);
-    }
-
-    /// [`Self::upstream`] for org number `index`.
-    pub fn upstream_fast(&self, index: usize, org: &str, duration: Duration) {
-        match self.orgs.get(index) {
-            Some(h) => h
-                .upstream
-                .get_or_init(|| {
-                    self.upstream_duration
-                        .get_or_create(&OrgLabel {
-                            org: org.to_owned(),
-                        })
-                        .clone()
-                })
-                .observe(duration.as_secs_f64()),
-            None => self.upstream(org, duration),
         }
     }
 

@@ -1,56 +1,22 @@
-//! Shared state, the proxy's request handler and the admin router.
-//!
-//! Every request on the proxy listener goes through [`handle`], in order:
-//! 1. `x-request-id`: accepted from the caller or generated (UUID v4), sent
-//!    to Dataverse and returned to the caller;
-//! 2. sensitive headers: `Authorization`, `Proxy-Authorization`, `Cookie`
-//!    and `X-API-Key` are marked so no trace or debug output prints them;
-//! 3. trace: one span per request with id, method and path (never the
-//!    query: it can carry personal data);
-//! 4. the request body is limited, watched for stalls and counted;
-//! 5. the forwarding handler ([`proxy::forward`]), which takes every path
-//!    (routing and the path check answer 404 outside `/[org/]api/data/v9.x/`);
-//! 6. access log and metrics ([`crate::access`]): one line per request when
-//!    its answer's body ends.
-//!
-//! The admin router (`/livez`, `/readyz`, `/metrics`) is served on its own
-//! listener.
+//! Shared state: the orgs (token, governor, policy, link rewriters each),
+//! the upstream client, the callers, the limits; and which org a request is for.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use std::net::SocketAddr;
-use std::panic::AssertUnwindSafe;
-use std::sync::atomic::AtomicU64;
-
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{HeaderName, HeaderValue, StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use futures_util::FutureExt as _;
-use hyper::body::Incoming;
-use tokio::time::Instant;
-use tracing::Instrument;
-
+use axum::http::HeaderValue;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::access::{Entry, ErrorMessage, RequestInfo};
+use super::metrics::{Metrics, RateLimitSeen};
+use super::public::{Base, PublicUrl};
+use super::upstream::UpstreamClient;
 use crate::config::{Config, UpstreamConfig};
-use crate::error::{PROXY_ERROR_HEADER, ProxyError};
+use crate::error::ProxyError;
 use crate::governor::Governor;
-use crate::metrics::{Metrics, RateLimitSeen};
-use crate::proxy::body::{Inbound, ProxyBody};
-use crate::proxy::public::{Base, PublicUrl};
-use crate::proxy::{self, upstream::UpstreamClient};
 use crate::rewrite::Rewriter;
 use crate::token::{Target, TokenKey, TokenProvider};
-
-/// Request-id header, accepted from callers and generated otherwise.
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// State shared by every request: one `Arc`, so handing it to each request
 /// is a single reference-count increment.
@@ -180,8 +146,6 @@ pub struct Routed<'a> {
     pub org: &'a Arc<OrgState>,
     /// Bytes of the path taken by the `/{name}` prefix (0 without one).
     pub prefix_len: usize,
-    /// The org's position in [`Shared::orgs`].
-    pub index: usize,
 }
 
 impl AppState {
@@ -245,7 +209,7 @@ impl AppState {
             orgs: orgs.into(),
             routes: Arc::new(routes),
             providers: providers.into_values().collect(),
-            client: proxy::upstream::build_client(&config.upstream)?,
+            client: super::upstream::build_client(&config.upstream)?,
             upstream: config.upstream.clone(),
             public: Arc::new(PublicUrl {
                 fixed: config
@@ -255,7 +219,7 @@ impl AppState {
                 trusted: config.trusted_proxies.clone(),
                 fallback_host: config.listen.to_string(),
             }),
-            metrics: Arc::new(Metrics::with_orgs(config.orgs.len())),
+            metrics: Arc::new(Metrics::new()),
             draining: Arc::new(AtomicBool::new(false)),
             log_query: config.log.query,
             limits: Arc::new(config.limits.clone()),
@@ -286,7 +250,6 @@ impl AppState {
                 Some(&i) => Ok(Routed {
                     org: &self.orgs[i],
                     prefix_len: 0,
-                    index: i,
                 }),
                 None => Err(ProxyError::UnknownOrg),
             };
@@ -299,10 +262,19 @@ impl AppState {
             Some(&i) => Ok(Routed {
                 org: &self.orgs[i],
                 prefix_len: name.len() + 1,
-                index: i,
             }),
             None if r.default.is_some() => Err(ProxyError::NotFound),
             None => Err(ProxyError::UnknownOrg),
+        }
+    }
+
+    /// The error for a path that is no Web API route: 404 `not_found`, or
+    /// `unknown_org` when several orgs are configured and none is the default.
+    pub fn outside_the_api(&self) -> ProxyError {
+        if self.routes.default.is_some() {
+            ProxyError::NotFound
+        } else {
+            ProxyError::UnknownOrg
         }
     }
 
@@ -341,130 +313,6 @@ fn org_aliases(origin: &str) -> Vec<String> {
         }
     }
     out
-}
-
-/// Headers marked sensitive on arrival, so no trace or debug output prints them.
-const SENSITIVE: [HeaderName; 4] = [
-    header::AUTHORIZATION,
-    header::PROXY_AUTHORIZATION,
-    header::COOKIE,
-    HeaderName::from_static("x-api-key"),
-];
-
-/// Serves one request on the proxy listener: the request id, the span, the
-/// access log and metrics around [`proxy::forward`]. Written out rather than
-/// stacked as tower layers: this is the hot path, and one function with one
-/// body type costs a fraction of a router and four boxed middlewares.
-pub async fn handle(
-    state: AppState,
-    peer: SocketAddr,
-    req: http::Request<Incoming>,
-) -> http::Response<ProxyBody> {
-    let start = Instant::now();
-    let (mut parts, body) = req.into_parts();
-    let request_id = match parts.headers.get(&REQUEST_ID) {
-        Some(id) => id.clone(),
-        None => {
-            let id = new_request_id();
-            parts.headers.insert(REQUEST_ID, id.clone());
-            id
-        }
-    };
-    for (name, value) in parts.headers.iter_mut() {
-        if SENSITIVE.contains(name) {
-            value.set_sensitive(true);
-        }
-    }
-    let span = tracing::info_span!(
-        "request",
-        request.id = %request_id.to_str().unwrap_or(""),
-        method = %parts.method,
-        path = %parts.uri.path(),
-    );
-    let (body, bytes_in) = if http_body::Body::is_end_stream(&body) {
-        (Body::empty(), None)
-    } else {
-        let counted = Arc::new(AtomicU64::new(0));
-        let body = Inbound::new(
-            body,
-            state.limits.max_body,
-            state.limits.body_idle_timeout,
-            counted.clone(),
-        );
-        (Body::new(body), Some(counted))
-    };
-    let method = parts.method.clone();
-    let uri = parts.uri.clone();
-    state.metrics.in_flight().inc();
-    let mut info = RequestInfo::default();
-    let forwarded = proxy::forward(&state, peer, Request::from_parts(parts, body), &mut info);
-    // A bug must cost one request a 500, not the connection its answer.
-    let outcome = AssertUnwindSafe(forwarded.instrument(span))
-        .catch_unwind()
-        .await
-        .unwrap_or_else(|_| {
-            tracing::error!(request.id = %request_id.to_str().unwrap_or(""), "panic while handling a request");
-            Err(ProxyError::Internal)
-        });
-    // Proxy-made errors name the request id, so a caller can quote it.
-    let resp = outcome.unwrap_or_else(|e| e.to_response(Some(&request_id)).map(ProxyBody::local));
-    let (mut parts, mut body) = resp.into_parts();
-    parts.headers.insert(REQUEST_ID, request_id.clone());
-    let entry = Entry {
-        proxy_error: parts.headers.get(PROXY_ERROR_HEADER).cloned(),
-        error: parts.extensions.remove::<ErrorMessage>().map(|e| e.0),
-        state,
-        start,
-        request_id,
-        method,
-        uri,
-        status: parts.status,
-        info,
-        bytes_in,
-    };
-    body.log_to(entry);
-    http::Response::from_parts(parts, body)
-}
-
-/// A random (v4) UUID for a request that came without an id. Request ids
-/// need to be unique, not secret: a fast thread-local generator is enough.
-fn new_request_id() -> HeaderValue {
-    let id = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
-    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
-        .expect("a UUID is a valid header value")
-}
-
-/// The admin router: `/livez` (the process is up) and `/readyz` (a valid
-/// token is held for every org).
-pub fn admin_router(state: AppState) -> Router {
-    Router::new()
-        .route("/livez", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(state)
-}
-
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let body = state.metrics.render(&state).await;
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        body,
-    )
-}
-
-async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    if state.ready().await {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: no valid token for every org yet\n",
-        )
-    }
 }
 
 #[cfg(test)]

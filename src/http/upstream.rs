@@ -1,8 +1,7 @@
-//! The pooled HTTP/1.1 client towards Dataverse, and the idle-body timeout.
+//! The pooled HTTP/1.1 client towards Dataverse.
 //!
-//! Dataverse is called over HTTP/1.1 with keep-alive pooling (the dossier
-//! found no primary source for HTTP/2 support; every Microsoft sample uses
-//! 1.1). TLS is rustls with the platform's trust store. Plain `http` is only
+//! Dataverse is called over HTTP/1.1 with keep-alive pooling (no primary
+//! source states HTTP/2 support; every Microsoft sample uses 1.1). TLS is rustls with the platform's trust store. Plain `http` is only
 //! ever used for loopback orgs (the simulator): config validation enforces it.
 
 use std::future::Future;
@@ -14,8 +13,6 @@ use std::time::Duration;
 use axum::BoxError;
 use axum::body::Body;
 use axum::http::Uri;
-use bytes::Bytes;
-use http_body::{Frame, SizeHint};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -23,7 +20,6 @@ use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
 
 use crate::config::{EgressProxy, UpstreamConfig};
@@ -129,83 +125,4 @@ pub fn build_client(cfg: &UpstreamConfig) -> std::io::Result<UpstreamClient> {
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(https))
-}
-
-/// The body stalled for longer than the idle timeout.
-#[derive(Debug, thiserror::Error)]
-#[error("upstream body stalled for more than {0:?}")]
-pub struct BodyIdleTimeout(Duration);
-
-/// Wraps a body and fails it when no frame arrives within `timeout`.
-///
-/// A failed body makes hyper abort the caller's connection, so a stalled or
-/// broken upstream never looks like a complete response.
-///
-/// The timer is armed only when the body has nothing ready (the clock runs
-/// from the first poll that found it idle), so a body whose frames are
-/// ready when polled, like most small answers, never touches the timer.
-pub struct IdleTimeout<B> {
-    inner: B,
-    timeout: Duration,
-    sleep: Option<Pin<Box<Sleep>>>,
-    /// The timer runs for the current wait (no frame since it was armed).
-    armed: bool,
-}
-
-impl<B> IdleTimeout<B> {
-    /// Wraps `inner`.
-    pub fn new(inner: B, timeout: Duration) -> Self {
-        Self {
-            inner,
-            timeout,
-            sleep: None,
-            armed: false,
-        }
-    }
-}
-
-impl<B> http_body::Body for IdleTimeout<B>
-where
-    B: http_body::Body<Data = Bytes> + Unpin,
-    B::Error: Into<axum::BoxError>,
-{
-    type Data = Bytes;
-    type Error = axum::BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                this.armed = false;
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => {
-                let timeout = this.timeout;
-                let sleep = this
-                    .sleep
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                if !this.armed {
-                    sleep.as_mut().reset(Instant::now() + timeout);
-                    this.armed = true;
-                }
-                match sleep.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyIdleTimeout(timeout).into()))),
-                    Poll::Pending => Poll::Pending,
-                }
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }

@@ -1,0 +1,88 @@
+//! Step 1: which org, the path guard, who is calling, and the policy.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use axum::http::request::Parts;
+use axum::http::{HeaderName, HeaderValue, Method, header};
+
+use crate::error::ProxyError;
+use crate::http::access_log::RequestInfo;
+use crate::http::state::{AppState, Links, OrgState};
+
+/// A request the proxy will forward, and what the next steps need of it.
+pub struct Admitted {
+    /// The org it goes to.
+    pub org: Arc<OrgState>,
+    /// Bytes of the path taken by the `/{org}` prefix (0 without one).
+    pub prefix_len: usize,
+    /// The method (kept for the answer: HEAD has no body).
+    pub method: Method,
+    /// The caller may only read.
+    pub caller_read_only: bool,
+    /// The caller's own privileged-header grants; `None` when no callers
+    /// are configured (the org policy alone decides).
+    pub caller_privileged: Option<Vec<String>>,
+    /// Impersonation and privileged headers the policy lets through.
+    pub restored: Vec<(HeaderName, HeaderValue)>,
+    /// The link rewriters for the caller's view of the proxy.
+    pub links: Arc<Links>,
+    /// For a `$batch`: the bases its absolute operation URLs may start with.
+    pub batch_origins: Option<Vec<String>>,
+}
+
+/// Routes the request to an org and decides whether it may go there.
+pub fn admit(
+    state: &AppState,
+    peer: IpAddr,
+    parts: &Parts,
+    info: &mut RequestInfo,
+) -> Result<Admitted, ProxyError> {
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok());
+    let routed = state.route(parts.uri.path(), host)?;
+    let org = routed.org.clone();
+    info.org = Some(org.clone());
+    let prefix_len = routed.prefix_len;
+    let api_path = &parts.uri.path()[prefix_len..];
+    crate::guard::check(api_path)?;
+
+    let caller = state
+        .access
+        .admit(peer, &parts.headers, &org.name, &state.quotas)?;
+    info.caller = caller.map(|c| c.name.clone());
+    let caller_read_only = caller.is_some_and(|c| c.read_only);
+    // Where callers are configured, privileged headers need the caller's grant too.
+    let caller_privileged = (!state.access.callers.is_empty())
+        .then(|| caller.map(|c| c.privileged.clone()).unwrap_or_default());
+    let resource = crate::policy::resource(api_path).unwrap_or_default();
+    org.policy
+        .check(&parts.method, &resource, caller_read_only)?;
+    let restored = org
+        .policy
+        .restored_headers(&parts.headers, caller_privileged.as_deref());
+
+    let mut public = state.public.derive(&parts.headers, peer);
+    if prefix_len > 0 {
+        // Links keep the form the caller used: /{org}/api/data/…
+        public = public.with_segment(&org.name);
+    }
+    let links = org.links(public);
+    let batch_origins = (resource == "$batch" && parts.method == Method::POST).then(|| {
+        let mut origins: Vec<String> = org.aliases.iter().map(|a| a.to_ascii_lowercase()).collect();
+        origins.push(public.to_string().to_ascii_lowercase());
+        origins
+    });
+    Ok(Admitted {
+        org,
+        prefix_len,
+        method: parts.method.clone(),
+        caller_read_only,
+        caller_privileged,
+        restored,
+        links,
+        batch_origins,
+    })
+}

@@ -1,0 +1,127 @@
+//! Step 2: the upstream request: URI, headers and body.
+
+use axum::body::Body;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, Uri, header};
+use bytes::Bytes;
+
+use super::admit::Admitted;
+use crate::config::Policy;
+use crate::error::ProxyError;
+use crate::http::body::{RequestBody, caller_body_fault};
+use crate::http::headers;
+use crate::http::state::AppState;
+use crate::policy::BatchContext;
+
+/// What goes to Dataverse (the bearer is added per attempt).
+pub struct Planned {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+    pub body: RequestBody,
+}
+
+/// Builds the upstream request from the caller's.
+pub async fn plan(
+    state: &AppState,
+    admitted: &Admitted,
+    parts: Parts,
+    body: Body,
+) -> Result<Planned, ProxyError> {
+    let org = &admitted.org;
+    // Path and query bytes are kept exactly as received; only the origin
+    // (and the org prefix) change.
+    let uri = upstream_uri(&org.origin_uri, &parts.uri, admitted.prefix_len)?;
+    let mut headers = parts.headers;
+    headers::to_upstream(&mut headers, org.host_header.clone());
+    for (name, value) in admitted.restored.iter().cloned() {
+        headers.insert(name, value);
+    }
+    if !is_file_download(parts.uri.path()) {
+        // Bodies whose links are rewritten must arrive uncompressed.
+        headers.remove(header::ACCEPT_ENCODING);
+    }
+    let body = match &admitted.batch_origins {
+        Some(origins) => {
+            let ctx = BatchContext {
+                service_root: service_root(&parts.uri.path()[admitted.prefix_len..]),
+                origins,
+                caller_read_only: admitted.caller_read_only,
+                caller_privileged: admitted.caller_privileged.as_deref(),
+            };
+            let bytes = read_batch(body, &headers, &org.policy, &ctx).await?;
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+            headers.remove(header::TRANSFER_ENCODING);
+            Body::from(bytes)
+        }
+        None => body,
+    };
+    let to_org = admitted.links.to_org.as_ref();
+    let body =
+        RequestBody::prepare(&mut headers, body, to_org, state.upstream.replay_buffer).await?;
+    Ok(Planned {
+        method: parts.method,
+        uri,
+        headers,
+        body,
+    })
+}
+
+/// True for file and image downloads (`…/$value`), whose binary bodies are
+/// never rewritten and may come compressed.
+pub fn is_file_download(path: &str) -> bool {
+    path.ends_with("/$value")
+}
+
+/// Reads a `$batch` body whole (up to the policy's `batch_buffer`) and
+/// checks it: its operations against the policy, its part headers cut. A
+/// batch is read strictly, so it is no way around the policy.
+async fn read_batch(
+    body: Body,
+    headers: &HeaderMap,
+    policy: &Policy,
+    ctx: &BatchContext<'_>,
+) -> Result<Bytes, ProxyError> {
+    let limit = policy.batch_buffer;
+    let bytes = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit))
+        .await
+        .map_err(|e| caller_body_fault(&*e).unwrap_or(ProxyError::BodyTooLarge(limit)))?
+        .to_bytes();
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    Ok(match policy.check_batch(content_type, &bytes, ctx)? {
+        Some(cut) => Bytes::from(cut),
+        None => bytes,
+    })
+}
+
+/// `/api/data/v9.2` of `/api/data/v9.2/$batch`.
+pub fn service_root(api_path: &str) -> &str {
+    let version_end = api_path
+        .get("/api/data/".len()..)
+        .and_then(|rest| rest.find('/'))
+        .map_or(api_path.len(), |i| i + "/api/data/".len());
+    &api_path[..version_end]
+}
+
+/// The org's scheme and authority with the caller's path and query, whose
+/// bytes are kept exactly as received (only the org prefix is cut).
+pub fn upstream_uri(
+    origin: &http::uri::Parts,
+    target: &Uri,
+    prefix_len: usize,
+) -> Result<Uri, ProxyError> {
+    let invalid = || ProxyError::BadRequest("the request target is not a valid URI");
+    let pq = target.path_and_query().ok_or_else(invalid)?;
+    let pq = if prefix_len == 0 {
+        pq.clone()
+    } else {
+        http::uri::PathAndQuery::try_from(&pq.as_str()[prefix_len..]).map_err(|_| invalid())?
+    };
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = origin.scheme.clone();
+    parts.authority = origin.authority.clone();
+    parts.path_and_query = Some(pq);
+    Uri::from_parts(parts).map_err(|_| invalid())
+}

@@ -1,0 +1,149 @@
+//! The HTTP layer: the proxy listener's service, read top to bottom as the
+//! path of a request, and the admin listener.
+//!
+//! ```text
+//! set request id (x-request-id: the caller's, or a new UUID v4)
+//! └─ propagate request id (to the answer)
+//!    └─ sensitive headers (Authorization, Proxy-Authorization, Cookie, X-API-Key)
+//!       └─ trace (one span per request: id, method, path; never the query)
+//!          └─ access log (one line and the request metrics when the body ends)
+//!             └─ catch panic (a bug costs one request a 500, not the connection)
+//!                └─ body idle timeouts (caller stalls: 408; Dataverse stalls: abort)
+//!                   └─ router: /api/data/…, /{org}/api/data/…, else 404
+//!                      └─ edge checks (request head, method set, lengths)
+//!                         └─ forward: admit → plan → send → answer
+//! ```
+//!
+//! The accept loop that drives the service (connection cap, header-read
+//! timeout, drain) is `src/server.rs`.
+
+pub mod access_log;
+pub mod admin;
+pub mod body;
+pub mod edge;
+pub mod forward;
+pub mod headers;
+pub mod idle;
+pub mod metrics;
+pub mod public;
+pub mod state;
+pub mod upstream;
+
+use std::convert::Infallible;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::response::Response;
+use axum::routing::any;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+
+pub use state::AppState;
+
+use idle::IdleTimeout;
+
+use crate::error::ProxyError;
+
+/// Request-id header, accepted from callers and generated otherwise.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The proxy listener's service: the layers above, in order, around the
+/// router. Generic over nothing: the accept loop hands it hyper's requests.
+pub fn proxy_service(
+    state: AppState,
+) -> impl tower::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = Response<
+        impl http_body::Body<Data = bytes::Bytes, Error = impl Into<axum::BoxError>> + Send + 'static,
+    >,
+    Error = Infallible,
+    Future = impl Send + 'static,
+> + Clone
++ Send
++ 'static {
+    let sensitive = [
+        http::header::AUTHORIZATION,
+        http::header::PROXY_AUTHORIZATION,
+        http::header::COOKIE,
+        HeaderName::from_static("x-api-key"),
+    ];
+    let (body_idle, answer_idle) = (state.limits.body_idle_timeout, state.upstream.idle_timeout);
+    ServiceBuilder::new()
+        .layer(SetRequestIdLayer::new(REQUEST_ID, FastRequestId))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetSensitiveRequestHeadersLayer::new(sensitive))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                // Dataverse's own 5xx pass through: the access log has them.
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        )
+        .layer(access_log::AccessLogLayer::new(state.clone()))
+        .layer(CatchPanicLayer::custom(panic_answer))
+        .map_request(move |req: http::Request<_>| req.map(|b| IdleTimeout::new(b, body_idle)))
+        .map_response(move |resp: Response| resp.map(|b| IdleTimeout::new(b, answer_idle)))
+        .service(router(state))
+}
+
+/// The routes; every path goes through the edge checks first.
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/data/{*rest}", any(forward::handle))
+        .route("/{org}/api/data/{*rest}", any(forward::handle))
+        .fallback(outside_the_api)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            edge::check,
+        ))
+        .with_state(state)
+}
+
+/// Anything that is no Web API route.
+async fn outside_the_api(State(state): State<AppState>, req: Request) -> Response {
+    state
+        .outside_the_api()
+        .to_response(req.headers().get(REQUEST_ID))
+}
+
+/// One span per request (never the query: it can carry personal data).
+fn request_span<B>(req: &http::Request<B>) -> tracing::Span {
+    let id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    tracing::info_span!(
+        "request",
+        request.id = %id,
+        method = %req.method(),
+        path = %req.uri().path(),
+    )
+}
+
+/// The OData 500 of a request whose handling panicked.
+fn panic_answer(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("panic while handling a request");
+    ProxyError::Internal.to_response(None)
+}
+
+/// Random (v4) UUIDs for requests that came without an id. Request ids need
+/// to be unique, not secret: a fast thread-local generator is enough (the
+/// `uuid` crate's v4 asks the OS for randomness on every call).
+#[derive(Debug, Clone, Copy)]
+struct FastRequestId;
+
+impl MakeRequestId for FastRequestId {
+    fn make_request_id<B>(&mut self, _: &http::Request<B>) -> Option<RequestId> {
+        let id = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
+            .ok()
+            .map(RequestId::new)
+    }
+}
