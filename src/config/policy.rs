@@ -5,6 +5,9 @@ use std::sync::Arc;
 
 use http::Method;
 
+use super::Problems;
+use super::raw::RawPolicy;
+
 /// The methods of the Dataverse Web API (docs/dataverse.md, "The Web API"):
 /// the only ones the proxy forwards; a policy can only narrow this set.
 pub const WEB_API_METHODS: [Method; 6] = [
@@ -105,4 +108,74 @@ pub struct Access {
     pub require_key: bool,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// Validates an org's access policy.
+pub(super) fn validate_policy(p: &mut Problems<'_>, key: &str, r: RawPolicy) -> Policy {
+    let mut methods = Vec::new();
+    for m in r.methods.unwrap_or_default() {
+        match http::Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes()) {
+            Ok(method) if WEB_API_METHODS.contains(&method) => methods.push(method),
+            _ => p.push(
+                &format!("{key}.methods"),
+                &format!("{m:?} is not a Web API method"),
+                "list some of GET, HEAD, POST, PATCH, PUT, DELETE (the policy can only narrow these)",
+            ),
+        }
+    }
+    let lower = |v: Option<Vec<String>>| -> Vec<String> {
+        v.unwrap_or_default()
+            .into_iter()
+            .map(|s| s.trim().to_ascii_lowercase())
+            .collect()
+    };
+    let impersonation = match r.impersonation {
+        None => Impersonation::Drop,
+        Some(list) => match list.as_slice() {
+            [one] if one.eq_ignore_ascii_case("drop") => Impersonation::Drop,
+            [one] if one.eq_ignore_ascii_case("allow") => Impersonation::Allow,
+            ids => Impersonation::Only(ids.iter().map(|s| s.trim().to_owned()).collect()),
+        },
+    };
+    Policy {
+        read_only: r.read_only.unwrap_or(false),
+        methods,
+        allow: lower(r.allow),
+        deny: lower(r.deny),
+        metadata: r.metadata.unwrap_or(true),
+        impersonation,
+        privileged: privileged_headers(
+            p,
+            &format!("{key}.privileged_headers"),
+            r.privileged_headers,
+        ),
+        batch_buffer: p.size(
+            &format!("{key}.batch_buffer"),
+            r.batch_buffer.as_deref(),
+            16 << 20,
+        ),
+    }
+}
+
+/// Validates a list of privileged header names; lower-case.
+pub(super) fn privileged_headers(
+    p: &mut Problems<'_>,
+    key: &str,
+    list: Option<Vec<String>>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for name in list.unwrap_or_default() {
+        let lower = name.trim().to_ascii_lowercase();
+        if PRIVILEGED_HEADERS.contains(&lower.as_str()) {
+            out.push(lower);
+        } else {
+            p.push(
+                key,
+                &format!("{name:?} is not a privileged Dataverse header"),
+                "list some of MSCRM.BypassCustomPluginExecution, MSCRM.BypassBusinessLogicExecution, \
+                 MSCRM.SuppressCallbackRegistrationExpanderJob",
+            );
+        }
+    }
+    out
 }

@@ -1,0 +1,296 @@
+//! The configuration as deserialised, before validation; every struct
+//! rejects unknown keys, and a few fields accept strings for numbers and
+//! booleans (environment variables are strings).
+
+use super::*;
+
+/// The configuration as deserialised, before validation. Every struct rejects
+/// unknown keys.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub(super) listen: Option<String>,
+    pub(super) admin_listen: Option<String>,
+    pub(super) public_url: Option<String>,
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) trusted_proxies: Option<Vec<String>>,
+    pub(super) org: RawOrg,
+    pub(super) credential: RawCredential,
+    pub(super) orgs: Option<Vec<RawNamedOrg>>,
+    pub(super) credentials: Option<std::collections::BTreeMap<String, RawCredential>>,
+    pub(super) upstream: RawUpstream,
+    pub(super) token: RawToken,
+    pub(super) governor: RawGovernor,
+    pub(super) log: RawLog,
+    pub(super) shutdown: RawShutdown,
+    pub(super) limits: RawLimits,
+    pub(super) callers: Option<Vec<RawCaller>>,
+    pub(super) access: RawAccess,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawGovernor {
+    #[serde(deserialize_with = "lenient_number")]
+    pub(super) max_concurrency: Option<usize>,
+    #[serde(deserialize_with = "lenient_number")]
+    pub(super) max_queue: Option<usize>,
+    pub(super) queue_timeout: Option<String>,
+    #[serde(deserialize_with = "lenient_number")]
+    pub(super) max_retries: Option<u32>,
+    pub(super) retry_deadline: Option<String>,
+    pub(super) max_retry_after: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawOrg {
+    pub(super) url: Option<String>,
+    pub(super) scope: Option<String>,
+    pub(super) policy: Option<RawPolicy>,
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) hosts: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNamedOrg {
+    pub(super) name: String,
+    pub(super) url: Option<String>,
+    #[serde(default)]
+    pub(super) credential: Option<String>,
+    #[serde(default, deserialize_with = "lenient_bool")]
+    pub(super) default: Option<bool>,
+    #[serde(default, deserialize_with = "lenient_list")]
+    pub(super) hosts: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) scope: Option<String>,
+    #[serde(default)]
+    pub(super) policy: Option<RawPolicy>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawPolicy {
+    #[serde(deserialize_with = "lenient_bool")]
+    pub(super) read_only: Option<bool>,
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) methods: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) allow: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) deny: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_bool")]
+    pub(super) metadata: Option<bool>,
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) impersonation: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) privileged_headers: Option<Vec<String>>,
+    pub(super) batch_buffer: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCaller {
+    pub(super) name: String,
+    #[serde(default)]
+    pub(super) api_key_sha256: Option<String>,
+    #[serde(default, deserialize_with = "lenient_list")]
+    pub(super) cidrs: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "lenient_list")]
+    pub(super) orgs: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "lenient_bool")]
+    pub(super) read_only: Option<bool>,
+    #[serde(default)]
+    pub(super) requests_per_second: Option<f64>,
+    #[serde(default, deserialize_with = "lenient_list")]
+    pub(super) privileged_headers: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawAccess {
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) allow_cidrs: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_bool")]
+    pub(super) require_api_key: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawCredential {
+    pub(super) kind: Option<String>,
+    pub(super) tenant_id: Option<String>,
+    pub(super) client_id: Option<String>,
+    pub(super) client_secret: Option<RawSecret>,
+    pub(super) client_secret_file: Option<String>,
+    pub(super) certificate_path: Option<String>,
+    pub(super) certificate_password: Option<RawSecret>,
+    #[serde(deserialize_with = "lenient_bool")]
+    pub(super) send_certificate_chain: Option<bool>,
+    pub(super) assertion_algorithm: Option<String>,
+    pub(super) federated_token_file: Option<String>,
+    pub(super) managed_identity: Option<String>,
+    pub(super) identity_endpoint: Option<String>,
+    pub(super) identity_header: Option<RawSecret>,
+    pub(super) imds_endpoint: Option<String>,
+    pub(super) authority_host: Option<String>,
+    pub(super) cloud: Option<String>,
+    pub(super) token_url: Option<String>,
+    pub(super) token_version: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawUpstream {
+    pub(super) connect_timeout: Option<String>,
+    pub(super) response_timeout: Option<String>,
+    pub(super) idle_timeout: Option<String>,
+    pub(super) pool_idle_timeout: Option<String>,
+    #[serde(deserialize_with = "lenient_number")]
+    pub(super) pool_max_idle: Option<usize>,
+    pub(super) replay_buffer: Option<String>,
+    pub(super) proxy: Option<String>,
+    pub(super) no_proxy: Option<String>,
+    pub(super) ca_file: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawToken {
+    pub(super) fetch_timeout: Option<String>,
+    pub(super) min_backoff: Option<String>,
+    pub(super) max_backoff: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawLog {
+    pub(super) format: Option<String>,
+    #[serde(deserialize_with = "lenient_bool")]
+    pub(super) query: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawLimits {
+    #[serde(deserialize_with = "lenient_number")]
+    pub(super) max_connections: Option<usize>,
+    pub(super) max_header_bytes: Option<String>,
+    #[serde(deserialize_with = "lenient_number")]
+    pub(super) max_headers: Option<usize>,
+    pub(super) header_read_timeout: Option<String>,
+    pub(super) max_body: Option<String>,
+    pub(super) body_idle_timeout: Option<String>,
+    pub(super) max_path: Option<String>,
+    pub(super) max_query: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawShutdown {
+    pub(super) delay: Option<String>,
+    pub(super) grace: Option<String>,
+}
+
+/// A number given as a number (TOML) or as a numeric string (environment
+/// variables and flags are strings).
+pub(super) fn lenient_number<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr + Deserialize<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either<T> {
+        Num(T),
+        Str(String),
+    }
+    match Option::<Either<T>>::deserialize(d)? {
+        None => Ok(None),
+        Some(Either::Num(n)) => Ok(Some(n)),
+        Some(Either::Str(s)) => s
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a whole number"))),
+    }
+}
+
+/// A boolean given as a boolean (TOML) or as a string (`true`/`1`/`false`/`0`,
+/// any case, as azure-identity reads `AZURE_CLIENT_SEND_CERTIFICATE_CHAIN`).
+pub(super) fn lenient_bool<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<bool>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Bool(bool),
+        Str(String),
+    }
+    match Option::<Either>::deserialize(d)? {
+        None => Ok(None),
+        Some(Either::Bool(b)) => Ok(Some(b)),
+        Some(Either::Str(s)) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" => Ok(Some(true)),
+            "false" | "0" | "" => Ok(Some(false)),
+            _ => Err(serde::de::Error::custom(format!(
+                "{s:?} is not true or false"
+            ))),
+        },
+    }
+}
+
+/// A list given as a list (TOML) or as a comma-separated string
+/// (environment variables and flags).
+pub(super) fn lenient_list<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        Str(String),
+    }
+    Ok(Option::<Either>::deserialize(d)?.map(|e| match e {
+        Either::List(l) => l,
+        Either::Str(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    }))
+}
+
+/// A secret as deserialised. Its deserialiser never echoes the value in an
+/// error, whatever type was given.
+pub(super) struct RawSecret(pub(super) SecretString);
+
+impl<'de> Deserialize<'de> for RawSecret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = RawSecret;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawSecret, E> {
+                Ok(RawSecret(SecretString::from(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<RawSecret, E> {
+                Err(E::custom("a secret must be a quoted string"))
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<RawSecret, E> {
+                Err(E::custom("a secret must be a quoted string"))
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<RawSecret, E> {
+                Err(E::custom("a secret must be a quoted string"))
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<RawSecret, E> {
+                Err(E::custom("a secret must be a quoted string"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

@@ -1,0 +1,274 @@
+//! `RawConfig` → `Config`: every section validated in turn, every problem
+//! collected before failing.
+
+use super::*;
+
+impl RawConfig {
+    /// Validates every field, collecting all problems.
+    pub(super) fn validate(self, figment: &Figment) -> Result<Config, ConfigError> {
+        let mut p = Problems {
+            figment,
+            list: Vec::new(),
+        };
+        let listen = p.addr("listen", self.listen.as_deref(), DEFAULT_LISTEN);
+        let admin_listen = p.addr(
+            "admin_listen",
+            self.admin_listen.as_deref(),
+            DEFAULT_ADMIN_LISTEN,
+        );
+        let public_url = public_url(&mut p, self.public_url.as_deref());
+        let trusted_proxies = trusted_proxies(&mut p, self.trusted_proxies);
+        let orgs = validate_orgs(
+            &mut p,
+            self.org,
+            self.credential,
+            self.orgs,
+            self.credentials,
+        );
+        let upstream = upstream(&mut p, self.upstream);
+        let governor = governor(&mut p, self.governor);
+        let token = token(&mut p, self.token, &upstream);
+        let shutdown = shutdown(&mut p, self.shutdown);
+        let access = validate_access(&mut p, self.callers, self.access, &trusted_proxies);
+        let limits = limits(&mut p, self.limits);
+        let log = LogConfig {
+            format: log_format(&mut p, self.log.format.as_deref()),
+            query: self.log.query.unwrap_or(false),
+        };
+        match (listen, admin_listen) {
+            (Some(listen), Some(admin_listen)) if p.list.is_empty() => Ok(Config {
+                listen,
+                admin_listen,
+                public_url,
+                trusted_proxies,
+                orgs,
+                upstream,
+                token,
+                governor,
+                log,
+                shutdown,
+                limits,
+                access,
+            }),
+            _ => Err(ConfigError { problems: p.list }),
+        }
+    }
+}
+
+/// `public_url`: an http(s) URL without query (a path prefix is allowed).
+fn public_url(p: &mut Problems<'_>, raw: Option<&str>) -> Option<Url> {
+    raw.and_then(|v| match Url::parse(v) {
+        Ok(u)
+            if matches!(u.scheme(), "http" | "https")
+                && u.host().is_some()
+                && u.query().is_none()
+                && u.fragment().is_none() =>
+        {
+            Some(u)
+        }
+        _ => {
+            p.push(
+                "public_url",
+                &format!("{v:?} is not an http(s) URL without query"),
+                "give the URL callers use, e.g. \"https://dataverse-proxy.example.com\" (a path prefix is allowed)",
+            );
+            None
+        }
+    })
+}
+
+/// `trusted_proxies`: addresses or CIDR blocks.
+fn trusted_proxies(p: &mut Problems<'_>, raw: Option<Vec<String>>) -> Vec<ipnet::IpNet> {
+    let mut trusted_proxies = Vec::new();
+    for entry in raw.unwrap_or_default() {
+        let parsed = entry
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| entry.parse::<IpAddr>().map(ipnet::IpNet::from));
+        match parsed {
+            Ok(net) => trusted_proxies.push(net),
+            Err(_) => p.push(
+                "trusted_proxies",
+                &format!("{entry:?} is not an IP address or CIDR block"),
+                "list addresses or blocks such as \"10.0.0.0/8\" or \"192.0.2.7\"",
+            ),
+        }
+    }
+    trusted_proxies
+}
+
+/// `[upstream]`: egress proxy, CA file, timeouts, pool, replay buffer.
+fn upstream(p: &mut Problems<'_>, u: RawUpstream) -> UpstreamConfig {
+    let egress = u.proxy.as_deref().filter(|v| !v.trim().is_empty()).and_then(|v| {
+        match Url::parse(v) {
+            Ok(url) if url.scheme() == "http" && url.host().is_some() => Some(EgressProxy {
+                url: v.trim().to_owned(),
+                no_proxy: u.no_proxy.clone().unwrap_or_default(),
+            }),
+            _ => {
+                p.push(
+                    "upstream.proxy",
+                    &format!("{:?} is not an http:// proxy URL", redact_userinfo(v)),
+                    "use e.g. \"http://proxy.example.com:3128\" (HTTPS traffic is tunnelled with CONNECT)",
+                );
+                None
+            }
+        }
+    });
+    let ca_file = u.ca_file.map(PathBuf::from);
+    if let Some(path) = &ca_file
+        && let Err(e) = std::fs::read(path)
+    {
+        p.push(
+            "upstream.ca_file",
+            &format!("cannot read {} ({e})", path.display()),
+            "point it at a PEM file of CA certificates",
+        );
+    }
+    UpstreamConfig {
+        egress,
+        ca_file,
+        connect_timeout: p.duration(
+            "upstream.connect_timeout",
+            u.connect_timeout.as_deref(),
+            Duration::from_secs(10),
+        ),
+        response_timeout: p.duration(
+            "upstream.response_timeout",
+            u.response_timeout.as_deref(),
+            Duration::from_secs(300),
+        ),
+        idle_timeout: p.duration(
+            "upstream.idle_timeout",
+            u.idle_timeout.as_deref(),
+            Duration::from_secs(120),
+        ),
+        pool_idle_timeout: p.duration(
+            "upstream.pool_idle_timeout",
+            u.pool_idle_timeout.as_deref(),
+            Duration::from_secs(90),
+        ),
+        pool_max_idle: u.pool_max_idle.unwrap_or(64),
+        replay_buffer: p.size(
+            "upstream.replay_buffer",
+            u.replay_buffer.as_deref(),
+            1 << 20,
+        ),
+    }
+}
+
+/// `[governor]`: the concurrency cap (at most Dataverse's 52), queue, retries.
+fn governor(p: &mut Problems<'_>, g: RawGovernor) -> GovernorConfig {
+    let governor = GovernorConfig {
+        max_concurrency: g.max_concurrency.unwrap_or(50),
+        max_queue: g.max_queue.unwrap_or(1000),
+        queue_timeout: p.duration(
+            "governor.queue_timeout",
+            g.queue_timeout.as_deref(),
+            Duration::from_secs(30),
+        ),
+        max_retries: g.max_retries.unwrap_or(3),
+        retry_deadline: p.duration(
+            "governor.retry_deadline",
+            g.retry_deadline.as_deref(),
+            Duration::from_secs(60),
+        ),
+        max_retry_after: p.duration(
+            "governor.max_retry_after",
+            g.max_retry_after.as_deref(),
+            Duration::from_secs(300),
+        ),
+    };
+    if governor.max_concurrency == 0 || governor.max_concurrency > 52 {
+        p.push(
+            "governor.max_concurrency",
+            &format!("{} is outside 1..=52", governor.max_concurrency),
+            "Dataverse allows 52 concurrent requests per user and web server; keep a margin, e.g. 50 (split it between replicas)",
+        );
+    }
+    governor
+}
+
+/// `[token]`: fetch timeout and backoff; egress and CA as for Dataverse.
+fn token(p: &mut Problems<'_>, t: RawToken, upstream: &UpstreamConfig) -> TokenConfig {
+    let token = TokenConfig {
+        egress: upstream.egress.clone(),
+        ca_file: upstream.ca_file.clone(),
+        fetch_timeout: p.duration(
+            "token.fetch_timeout",
+            t.fetch_timeout.as_deref(),
+            Duration::from_secs(30),
+        ),
+        min_backoff: p.duration(
+            "token.min_backoff",
+            t.min_backoff.as_deref(),
+            Duration::from_secs(1),
+        ),
+        max_backoff: p.duration(
+            "token.max_backoff",
+            t.max_backoff.as_deref(),
+            Duration::from_secs(60),
+        ),
+    };
+    if token.min_backoff.is_zero() || token.min_backoff > token.max_backoff {
+        p.push(
+            "token.min_backoff",
+            "must be above zero and at most token.max_backoff",
+            "e.g. min_backoff = \"1s\", max_backoff = \"60s\"",
+        );
+    }
+    token
+}
+
+/// `[shutdown]`: readiness delay and drain grace.
+fn shutdown(p: &mut Problems<'_>, raw: RawShutdown) -> ShutdownConfig {
+    ShutdownConfig {
+        delay: p.duration("shutdown.delay", raw.delay.as_deref(), Duration::ZERO),
+        grace: p.duration(
+            "shutdown.grace",
+            raw.grace.as_deref(),
+            Duration::from_secs(30),
+        ),
+    }
+}
+
+/// `[limits]`: connections, headers, body, path and query.
+fn limits(p: &mut Problems<'_>, l: RawLimits) -> LimitsConfig {
+    LimitsConfig {
+        max_connections: l.max_connections.unwrap_or(4096),
+        max_header_bytes: p.size(
+            "limits.max_header_bytes",
+            l.max_header_bytes.as_deref(),
+            64 << 10,
+        ),
+        max_headers: l.max_headers.unwrap_or(100),
+        header_read_timeout: p.duration(
+            "limits.header_read_timeout",
+            l.header_read_timeout.as_deref(),
+            Duration::from_secs(10),
+        ),
+        max_body: p.size("limits.max_body", l.max_body.as_deref(), 128 << 20),
+        body_idle_timeout: p.duration(
+            "limits.body_idle_timeout",
+            l.body_idle_timeout.as_deref(),
+            Duration::from_secs(60),
+        ),
+        max_path: p.size("limits.max_path", l.max_path.as_deref(), 4 << 10),
+        max_query: p.size("limits.max_query", l.max_query.as_deref(), 32 << 10),
+    }
+}
+
+/// `log.format`: `text` or `json`.
+fn log_format(p: &mut Problems<'_>, raw: Option<&str>) -> LogFormat {
+    match raw {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            p.push(
+                "log.format",
+                &format!("{other:?} is not a log format"),
+                "use \"text\" or \"json\"",
+            );
+            LogFormat::Text
+        }
+    }
+}
