@@ -11,6 +11,9 @@
 #   DURATION=30s bash bench/run.sh
 #   BENCH_DEBUG=1 bash bench/run.sh   # leave the servers and scratch files for
 #                                     # profiling (stop them yourself afterwards)
+#   BASELINE_BIN=/path/to/older/dataverse-proxy bash bench/run.sh
+#                                     # also run an older build side by side
+#                                     # ("baseline"), e.g. from a git worktree
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,7 +21,7 @@ DURATION=${DURATION:-10s}
 WORK=$(mktemp -d /tmp/dvp-bench.XXXXXX)
 # nginx workers run as nobody: they must be able to read the files.
 chmod 755 "$WORK"
-UP=18081 NGX=18082 DVP=18083 BARE=18084 ADMIN=18093
+UP=18081 NGX=18082 DVP=18083 BARE=18084 BASE=18085 ADMIN=18093 BASE_ADMIN=18095
 PIDS=()
 
 cleanup() {
@@ -169,6 +172,13 @@ export RUST_LOG=warn TOKIO_WORKER_THREADS=1
 cd "$WORK"
 start dataverse-proxy "$BIN" serve; DVP_PID=$LAST
 wait_port $DVP
+TARGETS="dataverse-proxy nginx hyper-floor direct"
+if [ -n "${BASELINE_BIN:-}" ]; then
+  DATAVERSE_PROXY_LISTEN=127.0.0.1:$BASE DATAVERSE_PROXY_ADMIN_LISTEN=127.0.0.1:$BASE_ADMIN \
+    start baseline "$BASELINE_BIN" serve; BASE_PID=$LAST
+  wait_port $BASE
+  TARGETS="dataverse-proxy baseline nginx hyper-floor direct"
+fi
 
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
@@ -210,8 +220,9 @@ RESULTS="$WORK/results.md"
 # Cold start: the first load run starts while the proxy may not have a token yet.
 declare -A R
 for conns in 16 256; do
-  for target in dataverse-proxy nginx hyper-floor direct; do
+  for target in $TARGETS; do
     case $target in
+      baseline) port=$BASE; pid=$BASE_PID; path=/api/data/v9.2/accounts ;;
       direct) port=$UP; pid=""; path=/api/data/v9.2/accounts ;;
       hyper-floor) port=$BARE; pid=$BARE_PID; path=/api/data/v9.2/accounts ;;
       nginx) port=$NGX; pid=$NGX_WORKER; path=/api/data/v9.2/accounts ;;
@@ -277,6 +288,14 @@ mb() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1e6 }'; }
   f16=$(echo "${R[hyper-floor-16]}" | cut -d' ' -f4); f256=$(echo "${R[hyper-floor-256]}" | cut -d' ' -f4)
   n16=$(echo "${R[nginx-16]}" | cut -d' ' -f4); n256=$(echo "${R[nginx-256]}" | cut -d' ' -f4)
   echo "| CPU-µs/req, hyper-floor ÷ nginx | $(ratio "$f16" "$n16") | $(ratio "$f256" "$n256") |"
+  if [ -n "${BASELINE_BIN:-}" ]; then
+    for i in 1 4; do
+      name=$(echo "req/s p50 p99 CPU-µs/req" | cut -d' ' -f$i)
+      a16=$(echo "${R[dataverse-proxy-16]}" | cut -d' ' -f$i); b16=$(echo "${R[baseline-16]}" | cut -d' ' -f$i)
+      a256=$(echo "${R[dataverse-proxy-256]}" | cut -d' ' -f$i); b256=$(echo "${R[baseline-256]}" | cut -d' ' -f$i)
+      echo "| $name, dataverse-proxy ÷ baseline | $(ratio "$a16" "$b16") | $(ratio "$a256" "$b256") |"
+    done
+  fi
   echo
   echo "| ratio to direct (req/s) | 16 conns | 256 conns |"
   echo "|---|---|---|"

@@ -384,7 +384,9 @@ fn describe(c: &CredentialConfig) -> String {
     }
 }
 
-fn provider_for(config: &Config, org: &OrgConfig) -> Result<TokenProvider, reqwest::Error> {
+fn provider_for(config: &Config, org: &OrgConfig) -> Result<TokenProvider, String> {
+    let tls =
+        crate::tls::client_config(config.upstream.ca_file.as_deref()).map_err(|e| e.to_string())?;
     TokenProvider::new(
         org.credential.clone(),
         Target {
@@ -393,7 +395,9 @@ fn provider_for(config: &Config, org: &OrgConfig) -> Result<TokenProvider, reqwe
         },
         config.token.clone(),
         crate::token::new_cache(),
+        tls,
     )
+    .map_err(|e| e.to_string())
 }
 
 async fn check(config: &Config) -> ExitCode {

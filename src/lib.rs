@@ -8,29 +8,35 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: typed configuration, layering (flags > env > file >
-//!   defaults) and validation that reports every problem at once.
-//! - [`error`]: [`error::ProxyError`], its status table and its OData-shaped
-//!   JSON body; the one place proxy errors become responses.
-//! - [`app`]: shared state, the request handler (request id, span and
-//!   access log around the forwarding) and the admin router.
-//! - [`access`]: the per-request log line and request metrics.
-//! - [`metrics`]: the Prometheus registry behind the admin `/metrics`.
-//! - [`token`]: the client-credentials request, the moka token cache,
-//!   single-flight fetches and the background refresher.
-//! - [`proxy`]: the forwarding handler, header policy, path check and the
-//!   pooled upstream client.
-//! - [`rewrite`]: streaming org-URL ⇄ proxy-URL rewriting of links in
-//!   headers and bodies (pure, no I/O).
-//! - [`governor`]: the per-org service-protection governor: concurrency cap,
-//!   bounded queue, and a gate closed for everyone after a 429.
-//! - [`policy`]: caller identity (API keys, source CIDRs, quotas) and the
-//!   per-org access policy, `$batch` parts included.
-//! - [`server`]: the HTTP/1.1 server loop with the edge limits and drain.
-//! - [`sim`]: a simulator of Entra ID and the Dataverse Web API, used by the
-//!   `demo` and `sim` commands and by the tests.
-//! - `telemetry` (feature `otel`): optional OpenTelemetry span export.
-//! - [`cli`]: the command-line interface and its subcommands.
+//! Layers of code point one way: data ← domain ← HTTP ← wiring. No module
+//! imports one of a layer above it.
+//!
+//! - **Data**: [`config`]: the configuration as plain data (raw types,
+//!   sources, problems, one validator per section), layered flags > env >
+//!   file > defaults, every problem reported at once.
+//! - **Domain** (no HTTP): [`token`] (client-credentials requests, the moka
+//!   cache, refresh ahead), [`governor`] (service-protection concurrency cap,
+//!   queue and the 429 gate), [`guard`] (which paths may reach Dataverse),
+//!   [`policy`] (the per-org access policy), [`callers`] (API keys, source
+//!   addresses, quotas), [`batch`] (the strict `$batch` reader) and
+//!   [`rewrite`] (streaming org-URL ⇄ proxy-URL rewriting). Each has its own
+//!   error type.
+//! - **HTTP**: [`http`]: the proxy listener's service, its tower layers in
+//!   order in `http/mod.rs` (request id, sensitive headers, trace, access
+//!   log, catch-panic, body idle timeouts, the axum router, edge checks), the
+//!   forwarding handler in four steps (`http/forward/`: admit, plan, send,
+//!   answer), bodies, header policy, the upstream client, metrics and the
+//!   admin listener; [`error`]: [`error::ProxyError`], where domain errors
+//!   become statuses and OData bodies; [`server`]: the accept loop
+//!   (connection cap, header-read timeout, drain).
+//! - **Wiring**: [`serve`] below and [`cli`] (the subcommands, signals).
+//! - **Simulator**: [`sim`]: Entra ID and the Dataverse Web API, used by
+//!   `demo`, `sim` and the tests; `telemetry` (feature `otel`): optional
+//!   OpenTelemetry span export.
+//!
+//! A request enters at [`server::run`], crosses the layers listed in
+//! [`http`], and leaves through `http/forward/send.rs` to Dataverse; the
+//! answer comes back through `http/forward/answer.rs`.
 //!
 //! The library never binds sockets itself: [`serve`] takes bound listeners
 //! and a shutdown token, so tests run everything on ephemeral ports.
@@ -49,6 +55,7 @@ pub mod server;
 pub mod sim;
 #[cfg(feature = "otel")]
 pub mod telemetry;
+pub mod tls;
 pub mod token;
 
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! Dataverse writes absolute URLs of the org into `@odata.context`,
 //! `@odata.nextLink`, `@odata.id`, `@odata.editLink`, the `OData-EntityId`,
 //! `Location` and `Content-Location` headers and every part of a `$batch`
-//! answer (dossier §2, §4.1). Clients follow those links, so the proxy
+//! answer (docs/dataverse.md, "The Web API"). Clients follow those links, so the proxy
 //! replaces the org's `{origin}/api/data/` with the proxy's public
 //! `{base}/api/data/` in responses, and the reverse in request bodies
 //! (`$batch` request lines, `@odata.id` and `@odata.bind` values).

@@ -163,6 +163,15 @@ pub fn status_class(status: http::StatusCode) -> &'static str {
     }
 }
 
+/// Registers `metric` under `name` and hands it back (the registry keeps a clone).
+fn registered<M>(r: &mut Registry, name: &str, help: &str, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    r.register(name, help, metric.clone());
+    metric
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -173,107 +182,107 @@ impl Metrics {
     /// A registry with every metric registered.
     pub fn new() -> Self {
         let mut r = Registry::with_prefix("dataverse_proxy");
-        let requests = Family::<RequestLabels, Counter>::default();
-        r.register(
+        let requests = registered(
+            &mut r,
             "requests",
             "Requests answered, by org, method, status class, source and caller",
-            requests.clone(),
+            Family::<RequestLabels, Counter>::default(),
         );
-        let duration = Family::<OrgMethod, Histogram>::new_with_constructor(histogram);
-        r.register(
+        let duration = registered(
+            &mut r,
             "request_duration_seconds",
             "Time from request to the end of the answer's body",
-            duration.clone(),
+            Family::<OrgMethod, Histogram>::new_with_constructor(histogram),
         );
-        let upstream_duration = Family::<OrgLabel, Histogram>::new_with_constructor(histogram);
-        r.register(
+        let upstream_duration = registered(
+            &mut r,
             "upstream_duration_seconds",
             "Time from sending to Dataverse until its response headers",
-            upstream_duration.clone(),
+            Family::<OrgLabel, Histogram>::new_with_constructor(histogram),
         );
-        let bytes_in = Family::<OrgLabel, Counter>::default();
-        r.register(
+        let bytes_in = registered(
+            &mut r,
             "request_bytes",
             "Request body bytes received from callers",
-            bytes_in.clone(),
+            Family::<OrgLabel, Counter>::default(),
         );
-        let bytes_out = Family::<OrgLabel, Counter>::default();
-        r.register(
+        let bytes_out = registered(
+            &mut r,
             "response_bytes",
             "Response body bytes sent to callers",
-            bytes_out.clone(),
+            Family::<OrgLabel, Counter>::default(),
         );
-        let in_flight = Gauge::default();
-        r.register(
+        let in_flight = registered(
+            &mut r,
             "in_flight_requests",
             "Requests being served now",
-            in_flight.clone(),
+            Gauge::default(),
         );
-        let governor_in_flight = Family::<OrgLabel, Gauge>::default();
-        r.register(
+        let governor_in_flight = registered(
+            &mut r,
             "governor_in_flight",
             "Requests holding a governor slot towards the org",
-            governor_in_flight.clone(),
+            Family::<OrgLabel, Gauge>::default(),
         );
-        let governor_queued = Family::<OrgLabel, Gauge>::default();
-        r.register(
+        let governor_queued = registered(
+            &mut r,
             "governor_queued",
             "Callers waiting for a slot or for the 429 gate",
-            governor_queued.clone(),
+            Family::<OrgLabel, Gauge>::default(),
         );
-        let governor_waits = Family::<OrgLabel, Counter>::default();
-        r.register(
+        let governor_waits = registered(
+            &mut r,
             "governor_waits",
             "Callers that had to wait for a slot or the gate",
-            governor_waits.clone(),
+            Family::<OrgLabel, Counter>::default(),
         );
-        let governor_throttled = Family::<OrgLabel, Counter>::default();
-        r.register(
+        let governor_throttled = registered(
+            &mut r,
             "governor_throttled",
             "429 answers received from Dataverse",
-            governor_throttled.clone(),
+            Family::<OrgLabel, Counter>::default(),
         );
-        let governor_retries = Family::<OrgLabel, Counter>::default();
-        r.register(
+        let governor_retries = registered(
+            &mut r,
             "governor_retries",
             "Throttled requests replayed after the pause",
-            governor_retries.clone(),
+            Family::<OrgLabel, Counter>::default(),
         );
-        let governor_rejected = Family::<OrgLabel, Counter>::default();
-        r.register(
+        let governor_rejected = registered(
+            &mut r,
             "governor_rejected",
             "Callers turned away with a proxy 429 (queue full or timeout)",
-            governor_rejected.clone(),
+            Family::<OrgLabel, Counter>::default(),
         );
-        let dop_hint = Family::<OrgLabel, Gauge>::default();
-        r.register(
+        let dop_hint = registered(
+            &mut r,
             "dataverse_dop_hint",
             "Last x-ms-dop-hint (recommended parallelism) from Dataverse",
-            dop_hint.clone(),
+            Family::<OrgLabel, Gauge>::default(),
         );
-        let ratelimit_burst = Family::<OrgLabel, Gauge>::default();
-        r.register(
+        let ratelimit_burst = registered(
+            &mut r,
             "dataverse_ratelimit_burst_remaining",
             "Last x-ms-ratelimit-burst-remaining-xrm-requests",
-            ratelimit_burst.clone(),
+            Family::<OrgLabel, Gauge>::default(),
         );
-        let ratelimit_time = Family::<OrgLabel, Gauge<f64, AtomicU64>>::default();
-        r.register(
+        let ratelimit_time = registered(
+            &mut r,
             "dataverse_ratelimit_time_remaining_seconds",
             "Last x-ms-ratelimit-time-remaining-xrm-requests",
-            ratelimit_time.clone(),
+            Family::<OrgLabel, Gauge<f64, AtomicU64>>::default(),
         );
-        let token_fetches = Family::<TokenLabels, Counter>::default();
-        r.register(
+        let token_fetches = registered(
+            &mut r,
             "token_fetches",
             "Token requests to Entra ID, by credential, result and reason",
-            token_fetches.clone(),
+            Family::<TokenLabels, Counter>::default(),
         );
-        let token_expiry = Family::<TokenOrg, Gauge<f64, AtomicU64>>::default();
-        r.register(
+        let token_expiry = registered(
+            &mut r,
             "token_expiry_seconds",
             "Seconds until the org's cached token stops being served (0: none)",
-            token_expiry.clone(),
+            Family::<TokenOrg, Gauge<f64, AtomicU64>>::default(),
         );
         let build = Family::<BuildLabels, Gauge>::default();
         build

@@ -152,6 +152,9 @@ impl AppState {
     /// Builds the state from a validated config (binds nothing, fetches nothing).
     pub fn new(config: &Config) -> std::io::Result<Self> {
         let cache = crate::token::new_cache();
+        // One TLS setup for the token client and the Dataverse client.
+        let tls = crate::tls::client_config(config.upstream.ca_file.as_deref())
+            .map_err(std::io::Error::other)?;
         let mut providers: HashMap<TokenKey, TokenProvider> = HashMap::new();
         let mut orgs = Vec::new();
         let mut routes = Routes::default();
@@ -170,6 +173,7 @@ impl AppState {
                         target,
                         config.token.clone(),
                         cache.clone(),
+                        tls.clone(),
                     )
                     .map_err(std::io::Error::other)?;
                     providers.insert(key, p.clone());
@@ -209,7 +213,7 @@ impl AppState {
             orgs: orgs.into(),
             routes: Arc::new(routes),
             providers: providers.into_values().collect(),
-            client: super::upstream::build_client(&config.upstream)?,
+            client: super::upstream::build_client(&config.upstream, tls),
             upstream: config.upstream.clone(),
             public: Arc::new(PublicUrl {
                 fixed: config

@@ -1,7 +1,7 @@
 //! The pooled HTTP/1.1 client towards Dataverse.
 //!
 //! Dataverse is called over HTTP/1.1 with keep-alive pooling (no primary
-//! source states HTTP/2 support; every Microsoft sample uses 1.1). TLS is rustls with the platform's trust store. Plain `http` is only
+//! source states HTTP/2 support; every Microsoft sample uses 1.1). TLS is the one setup of `crate::tls` (platform roots, extra CA). Plain `http` is only
 //! ever used for loopback orgs (the simulator): config validation enforces it.
 
 use std::future::Future;
@@ -80,49 +80,22 @@ impl tower::Service<Uri> for Egress {
     }
 }
 
-/// The system trust store plus the PEM certificates in `ca_file`.
-pub fn tls_config(ca_file: Option<&std::path::Path>) -> std::io::Result<rustls::ClientConfig> {
-    crate::install_crypto_provider();
-    let extra = match ca_file {
-        None => Vec::new(),
-        Some(path) => {
-            let pem = std::fs::read(path)?;
-            pem::parse_many(&pem)
-                .map_err(std::io::Error::other)?
-                .into_iter()
-                .filter(|b| b.tag() == "CERTIFICATE")
-                .map(|b| rustls::pki_types::CertificateDer::from(b.into_contents()))
-                .collect()
-        }
-    };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier =
-        rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider.clone())
-            .map_err(std::io::Error::other)?;
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(std::io::Error::other)?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth())
-}
-
 /// Builds the pooled upstream client.
-pub fn build_client(cfg: &UpstreamConfig) -> std::io::Result<UpstreamClient> {
+pub fn build_client(cfg: &UpstreamConfig, tls: rustls::ClientConfig) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(cfg.connect_timeout));
     http.set_nodelay(true);
     http.set_keepalive(Some(Duration::from_secs(60)));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls_config(cfg.ca_file.as_deref())?)
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .wrap_connector(Egress::new(http, cfg.egress.as_ref()));
-    Ok(Client::builder(TokioExecutor::new())
+    Client::builder(TokioExecutor::new())
         .pool_idle_timeout(cfg.pool_idle_timeout)
         .pool_max_idle_per_host(cfg.pool_max_idle)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(https))
+        .build(https)
 }

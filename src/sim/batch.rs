@@ -1,4 +1,4 @@
-//! Simulated `$batch` (dossier §2.10): `multipart/mixed` requests of
+//! Simulated `$batch` (docs/dataverse.md, "Batch requests"): `multipart/mixed` requests of
 //! `application/http` parts and change sets, executed in order.
 //!
 //! - Change sets are atomic: a failing operation rolls the whole set back.
@@ -133,124 +133,139 @@ pub(super) async fn execute(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Response {
-    let bad = |msg: &str| dv_error(StatusCode::BAD_REQUEST, "0x80048d19", msg);
     *lock(&sim.last_batch) = Some(body.clone());
-    let Some(outer) = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(boundary)
-    else {
-        return bad("The batch request must have a multipart/mixed content type with a boundary.");
+    let items = match read_items(headers, &body) {
+        Ok(items) => items,
+        Err(msg) => return dv_error(StatusCode::BAD_REQUEST, "0x80048d19", &msg),
     };
-    let Some(parts) = split(&body, &outer) else {
-        return bad("The batch request body is not valid multipart/mixed content.");
-    };
-    let mut items = Vec::new();
-    let mut count = 0;
-    for part in &parts {
-        let ct = part.header("content-type").unwrap_or_default();
-        if let Some(inner) = boundary(ct) {
-            let Some(inner_parts) = split(part.content, &inner) else {
-                return bad("A change set is not valid multipart/mixed content.");
-            };
-            let ops: Result<Vec<_>, String> = inner_parts.iter().map(parse_operation).collect();
-            match ops {
-                Ok(ops) => {
-                    count += ops.len();
-                    items.push(Item::ChangeSet(ops));
-                }
-                Err(e) => return bad(&e),
-            }
-        } else {
-            match parse_operation(part) {
-                Ok(op) => {
-                    count += 1;
-                    items.push(Item::Single(op));
-                }
-                Err(e) => return bad(&e),
-            }
-        }
-    }
-    if count > MAX_OPERATIONS {
-        return bad("The batch request exceeds the limit of 1000 operations.");
-    }
     let continue_on_error = headers
         .get_all("prefer")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.to_ascii_lowercase().contains("odata.continue-on-error"));
-
     let boundary_out = format!("batchresponse_{}", Uuid::new_v4());
-    let mut out = String::new();
-    let mut outer_status = StatusCode::OK;
+    let mut answer = Answer {
+        boundary: boundary_out.clone(),
+        body: String::new(),
+        status: StatusCode::OK,
+    };
     for item in items {
-        match item {
+        let failed = match item {
             Item::Single(op) => {
                 let outcome = run(sim, api_path, op, &HashMap::new()).await;
-                if outcome.failed() && !continue_on_error {
-                    outer_status = outcome.status;
-                    out.clear();
-                    out.push_str(&format!("--{boundary_out}\r\n"));
-                    outcome.write(&mut out);
-                    break;
-                }
-                out.push_str(&format!("--{boundary_out}\r\n"));
-                outcome.write(&mut out);
+                answer.part(outcome, continue_on_error)
             }
             Item::ChangeSet(ops) => {
-                let snapshot = lock(&sim.db).clone();
-                let mut ids: HashMap<String, String> = HashMap::new();
-                let mut outcomes = Vec::new();
-                let mut failure = None;
-                for op in ops {
-                    let outcome = run(sim, api_path, op, &ids).await;
-                    if outcome.failed() {
-                        failure = Some(outcome);
-                        break;
-                    }
-                    if let (Some(id), Some(url)) = (
-                        &outcome.content_id,
-                        outcome
-                            .headers
-                            .get("odata-entityid")
-                            .and_then(|v| v.to_str().ok()),
-                    ) {
-                        ids.insert(id.clone(), url.to_owned());
-                    }
-                    outcomes.push(outcome);
-                }
-                if let Some(failed) = failure {
-                    // All or nothing: undo the set's earlier operations.
-                    *lock(&sim.db) = snapshot;
-                    if !continue_on_error {
-                        outer_status = failed.status;
-                        out.clear();
-                    }
-                    out.push_str(&format!("--{boundary_out}\r\n"));
-                    failed.write(&mut out);
-                    if !continue_on_error {
-                        break;
-                    }
-                    continue;
-                }
-                let cs = format!("changesetresponse_{}", Uuid::new_v4());
-                out.push_str(&format!(
-                    "--{boundary_out}\r\nContent-Type: multipart/mixed; boundary={cs}\r\n\r\n"
-                ));
-                for o in &outcomes {
-                    out.push_str(&format!("--{cs}\r\n"));
-                    o.write(&mut out);
-                }
-                out.push_str(&format!("--{cs}--\r\n"));
+                run_change_set(sim, api_path, ops, &mut answer, continue_on_error).await
             }
+        };
+        if failed && !continue_on_error {
+            break;
         }
     }
-    out.push_str(&format!("--{boundary_out}--\r\n"));
-    let mut resp = (outer_status, out).into_response();
+    answer.body.push_str(&format!("--{boundary_out}--\r\n"));
+    let mut resp = (answer.status, answer.body).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("multipart/mixed; boundary={boundary_out}")) {
         resp.headers_mut().insert(header::CONTENT_TYPE, v);
     }
     resp
+}
+
+/// The batch's items, as a lenient server reads them.
+fn read_items(headers: &HeaderMap, body: &[u8]) -> Result<Vec<Item>, String> {
+    let outer = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(boundary)
+        .ok_or("The batch request must have a multipart/mixed content type with a boundary.")?;
+    let parts = split(body, &outer)
+        .ok_or("The batch request body is not valid multipart/mixed content.")?;
+    let mut items = Vec::new();
+    let mut count = 0;
+    for part in &parts {
+        let ct = part.header("content-type").unwrap_or_default();
+        if let Some(inner) = boundary(ct) {
+            let inner_parts = split(part.content, &inner)
+                .ok_or("A change set is not valid multipart/mixed content.")?;
+            let ops = inner_parts
+                .iter()
+                .map(parse_operation)
+                .collect::<Result<Vec<_>, String>>()?;
+            count += ops.len();
+            items.push(Item::ChangeSet(ops));
+        } else {
+            items.push(Item::Single(parse_operation(part)?));
+            count += 1;
+        }
+    }
+    if count > MAX_OPERATIONS {
+        return Err("The batch request exceeds the limit of 1000 operations.".to_owned());
+    }
+    Ok(items)
+}
+
+/// The answer being written: its parts and the outer status.
+struct Answer {
+    boundary: String,
+    body: String,
+    status: StatusCode,
+}
+
+impl Answer {
+    /// Adds one operation's answer; true when it failed. Without
+    /// continue-on-error, a failure is the whole answer (and its status).
+    fn part(&mut self, outcome: Outcome, continue_on_error: bool) -> bool {
+        let failed = outcome.failed();
+        if failed && !continue_on_error {
+            self.status = outcome.status;
+            self.body.clear();
+        }
+        self.body.push_str(&format!("--{}\r\n", self.boundary));
+        outcome.write(&mut self.body);
+        failed
+    }
+}
+
+/// Runs a change set all or nothing; true when it failed.
+async fn run_change_set(
+    sim: &Arc<SimState>,
+    api_path: &str,
+    ops: Vec<Operation>,
+    answer: &mut Answer,
+    continue_on_error: bool,
+) -> bool {
+    let snapshot = lock(&sim.db).clone();
+    let mut ids: HashMap<String, String> = HashMap::new();
+    let mut outcomes = Vec::new();
+    for op in ops {
+        let outcome = run(sim, api_path, op, &ids).await;
+        if outcome.failed() {
+            // All or nothing: undo the set's earlier operations.
+            *lock(&sim.db) = snapshot;
+            return answer.part(outcome, continue_on_error);
+        }
+        if let (Some(id), Some(url)) = (
+            &outcome.content_id,
+            outcome
+                .headers
+                .get("odata-entityid")
+                .and_then(|v| v.to_str().ok()),
+        ) {
+            ids.insert(id.clone(), url.to_owned());
+        }
+        outcomes.push(outcome);
+    }
+    let cs = format!("changesetresponse_{}", Uuid::new_v4());
+    answer.body.push_str(&format!(
+        "--{}\r\nContent-Type: multipart/mixed; boundary={cs}\r\n\r\n",
+        answer.boundary
+    ));
+    for o in &outcomes {
+        answer.body.push_str(&format!("--{cs}\r\n"));
+        o.write(&mut answer.body);
+    }
+    answer.body.push_str(&format!("--{cs}--\r\n"));
+    false
 }
 
 /// Executes one operation through the normal routes.

@@ -1,5 +1,5 @@
 //! Dataverse's service-protection limits, per application user and web
-//! server (dossier §3): concurrent requests, requests per sliding window and
+//! server (docs/dataverse.md, "Service protection limits"): concurrent requests, requests per sliding window and
 //! execution time per window. Exceeding one answers 429 with `Retry-After`
 //! (seconds) and the hex error code of the facet; every admitted answer
 //! carries the `x-ms-ratelimit-*` headers.

@@ -1,6 +1,6 @@
 //! A simulator of Microsoft Entra ID and the Dataverse Web API.
 //!
-//! It follows the wire dossier (`shared/dataverse-wire.md`) closely enough
+//! It follows `docs/dataverse.md` closely enough
 //! to be the proxy's test oracle and the `demo` command's backend:
 //!
 //! - [`entra`]: the v2 and v1 client-credentials token endpoints (client

@@ -1,5 +1,5 @@
 //! Certificate credentials: load a PEM or PFX file and sign client
-//! assertions (dossier §1.2).
+//! assertions (docs/dataverse.md, "Tokens").
 //!
 //! The assertion is a JWT with `aud` = the token endpoint, `iss` = `sub` =
 //! the client id, a fresh `jti`, `nbf` / `iat` = now and `exp` = now + 10

@@ -1,4 +1,4 @@
-//! The OAuth2 client-credentials request and Entra ID's answers (dossier §1).
+//! The OAuth2 client-credentials request and Entra ID's answers (docs/dataverse.md, "Tokens").
 
 use std::fmt;
 use std::path::PathBuf;
@@ -147,7 +147,7 @@ impl TokenError {
 /// AADSTS codes that are worth retrying soon (throttling, transient outages).
 const TRANSIENT_CODES: &[u32] = &[50196, 90055, 90024, 50033, 90033];
 
-/// Advice for the AADSTS codes a client-credentials setup meets (dossier §1.6).
+/// Advice for the AADSTS codes a client-credentials setup meets (docs/dataverse.md, "Tokens").
 pub fn advice_for(code: u32) -> Option<&'static str> {
     Some(match code {
         7000215 => {
@@ -358,7 +358,7 @@ async fn exchange(req: reqwest::RequestBuilder) -> Result<(u16, bytes::Bytes), T
     Ok((status, bytes))
 }
 
-/// A managed identity token from IMDS or App Service (dossier §1.10).
+/// A managed identity token from IMDS or App Service (docs/dataverse.md, "Tokens", managed identity).
 async fn managed_identity(
     http: &reqwest::Client,
     mi: &ManagedIdentity,

@@ -1,6 +1,6 @@
 //! Pure refresh and expiry arithmetic, kept apart from I/O so it is easy to test.
 //!
-//! Policy (wire dossier §1.7, following MSAL):
+//! Policy (docs/dataverse.md, "Tokens", following MSAL):
 //! - `refresh_in` from Entra ID wins when present;
 //! - else lifetimes of two hours or more refresh at half-life (MSAL's managed
 //!   identity rule);

@@ -201,9 +201,6 @@ struct Inner {
     fetched_once: std::sync::atomic::AtomicBool,
     /// The last token was dropped after a 401.
     invalidated: std::sync::atomic::AtomicBool,
-    /// The token last taken from the cache: the hot path reads it under a
-    /// read lock instead of hashing the key into moka on every request.
-    current: std::sync::RwLock<Option<Arc<AccessToken>>>,
 }
 
 /// Why a token was fetched.
@@ -267,33 +264,24 @@ impl fmt::Debug for TokenProvider {
 }
 
 impl TokenProvider {
-    /// Creates a provider; nothing is fetched until [`Self::get`] or the refresher runs.
+    /// Creates a provider; nothing is fetched until [`Self::get`] or the
+    /// refresher runs. `tls` is the setup shared with the Dataverse client
+    /// (`crate::tls`).
     pub fn new(
         credential: Arc<CredentialConfig>,
         target: Target,
         settings: TokenConfig,
         cache: TokenCache,
+        tls: rustls::ClientConfig,
     ) -> Result<Self, reqwest::Error> {
-        crate::install_crypto_provider();
-        let mut builder = reqwest::Client::builder();
         // Egress comes from the configuration only (HTTPS_PROXY / NO_PROXY
         // reach it through the environment layer), for both clients alike.
-        builder = builder.no_proxy();
+        let mut builder = reqwest::Client::builder()
+            .no_proxy()
+            .tls_backend_preconfigured(tls);
         if let Some(e) = &settings.egress {
-            match reqwest::Proxy::all(&e.url) {
-                Ok(p) => {
-                    builder = builder.proxy(p.no_proxy(reqwest::NoProxy::from_string(&e.no_proxy)))
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err.without_url(), "unusable egress proxy URL for the token client")
-                }
-            }
-        }
-        if let Some(path) = &settings.ca_file
-            && let Ok(pem) = std::fs::read(path)
-            && let Ok(certs) = reqwest::Certificate::from_pem_bundle(&pem)
-        {
-            builder = builder.tls_certs_merge(certs);
+            let proxy = reqwest::Proxy::all(&e.url)?;
+            builder = builder.proxy(proxy.no_proxy(reqwest::NoProxy::from_string(&e.no_proxy)));
         }
         let http = builder
             .timeout(settings.fetch_timeout)
@@ -314,7 +302,6 @@ impl TokenProvider {
                 stats: TokenStats::default(),
                 fetched_once: std::sync::atomic::AtomicBool::new(false),
                 invalidated: std::sync::atomic::AtomicBool::new(false),
-                current: std::sync::RwLock::new(None),
             }),
         })
     }
@@ -340,11 +327,7 @@ impl TokenProvider {
     /// current token stays if the fetch fails.
     pub async fn refresh_now(&self) -> Result<(), TokenError> {
         let fresh = self.fetch(FetchReason::Manual).await?;
-        self.inner
-            .cache
-            .insert(self.inner.key.clone(), fresh.clone())
-            .await;
-        self.set_current(Some(fresh));
+        self.inner.cache.insert(self.inner.key.clone(), fresh).await;
         Ok(())
     }
 
@@ -362,12 +345,8 @@ impl TokenProvider {
 
     /// A token to inject, or `TokenUnavailable` (503) when none can be had now.
     pub async fn get(&self) -> Result<Arc<AccessToken>, TokenUnavailable> {
-        if let Some(token) = self.current() {
-            return Ok(token);
-        }
         let inner = &self.inner;
         if let Some(token) = inner.cache.get(&inner.key).await {
-            self.set_current(Some(token.clone()));
             return Ok(token);
         }
         if let Some(err) = self.failing_fast() {
@@ -382,29 +361,7 @@ impl TokenProvider {
                 detail: e.to_string(),
                 retry_after: self.retry_after(),
             })?;
-        self.set_current(Some(token.clone()));
         Ok(token)
-    }
-
-    /// The remembered token while it is still served.
-    fn current(&self) -> Option<Arc<AccessToken>> {
-        let guard = self
-            .inner
-            .current
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        guard
-            .as_ref()
-            .filter(|t| Instant::now() < t.serve_until)
-            .cloned()
-    }
-
-    fn set_current(&self, token: Option<Arc<AccessToken>>) {
-        *self
-            .inner
-            .current
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = token;
     }
 
     /// Fetches a token now, bypassing the cache (for `check` and `token`).
@@ -432,15 +389,6 @@ impl TokenProvider {
         self.inner
             .invalidated
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        // Forget it on the hot path too (a newer one is left alone).
-        let mut current = self
-            .inner
-            .current
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &stale)) {
-            *current = None;
-        }
         tracing::info!("Dataverse refused the token (401); fetching a new one");
     }
 
@@ -565,8 +513,7 @@ impl TokenProvider {
             Some(_) => {
                 // The current token stays cached (and served) if this fails.
                 if let Ok(fresh) = self.fetch(FetchReason::Refresh).await {
-                    inner.cache.insert(inner.key.clone(), fresh.clone()).await;
-                    self.set_current(Some(fresh));
+                    inner.cache.insert(inner.key.clone(), fresh).await;
                 }
             }
             None => {

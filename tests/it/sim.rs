@@ -1,4 +1,4 @@
-//! The simulator itself follows the wire dossier: it is the test oracle, so
+//! The simulator itself follows docs/dataverse.md: it is the test oracle, so
 //! its Entra ID and Dataverse answers are checked directly here.
 
 use base64::Engine;

@@ -1,0 +1,339 @@
+//! Collections and rows: list, retrieve, create, update (and upsert), delete.
+
+use super::*;
+
+impl Ctx {
+    pub(super) fn list(&self, s: &'static Schema, headers: &HeaderMap) -> Response {
+        let q = Query::parse(&self.query);
+        let paging = match Paging::parse(&q, headers) {
+            Ok(p) => p,
+            Err(resp) => return resp,
+        };
+        let select = match self.select(s, &q) {
+            Ok(sel) => sel,
+            Err(resp) => return resp,
+        };
+        let conditions = match q.get("$filter").map(parse_filter).transpose() {
+            Ok(c) => c.unwrap_or_default(),
+            Err(msg) => return dv_error(StatusCode::BAD_REQUEST, "0x80060888", &msg),
+        };
+        let db = lock(&self.sim.db);
+        let Some(table) = db.tables.get(s.entity_set) else {
+            return dv_error(StatusCode::NOT_FOUND, "0x80060888", "No such table.");
+        };
+        let keep = |(id, row): &(&Uuid, &Row)| matches(&row.fields, s.id_field, **id, &conditions);
+        let start = paging.after.map(|(_, last)| last);
+        let mut matching = table
+            .range((
+                start.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded),
+                std::ops::Bound::Unbounded,
+            ))
+            .filter(keep);
+        let page: Vec<(Uuid, &Row)> = matching
+            .by_ref()
+            .take(paging.limit)
+            .map(|(id, r)| (*id, r))
+            .collect();
+        let more = paging.page_size.is_some() && matching.next().is_some();
+        let total = q
+            .get("$count")
+            .filter(|c| *c == "true")
+            .map(|_| table.iter().filter(keep).count().min(5000));
+        let mut body = Map::new();
+        body.insert(
+            "@odata.context".into(),
+            Value::String(self.context(s, select.as_deref(), false)),
+        );
+        if let Some(n) = total {
+            body.insert("@odata.count".into(), json!(n));
+        }
+        let value = page
+            .iter()
+            .map(|(id, row)| Self::project(s, *id, row, select.as_deref()));
+        body.insert("value".into(), Value::Array(value.collect()));
+        if more && let (Some((first, _)), Some((last, _))) = (page.first(), page.last()) {
+            let page_no = paging.after.map_or(2, |(n, _)| n + 1);
+            body.insert(
+                "@odata.nextLink".into(),
+                Value::String(self.next_link(s, page_no, *first, *last)),
+            );
+        }
+        drop(db);
+        let mut resp = json_response(StatusCode::OK, &Value::Object(body));
+        if let Some(n) = paging.page_size
+            && let Ok(v) = HeaderValue::from_str(&format!("odata.maxpagesize={n}"))
+        {
+            resp.headers_mut().insert("preference-applied", v);
+        }
+        resp
+    }
+
+    /// The next page's link: the caller's query byte for byte (minus any old
+    /// skiptoken) and a new paging cookie.
+    fn next_link(&self, s: &Schema, page_no: usize, first: Uuid, last: Uuid) -> String {
+        let mut link = format!("{}/{}?", self.base, s.entity_set);
+        for p in self.query.split('&').filter(|p| {
+            !p.is_empty() && !p.starts_with("$skiptoken=") && !p.starts_with("%24skiptoken=")
+        }) {
+            link.push_str(p);
+            link.push('&');
+        }
+        link.push_str("$skiptoken=");
+        link.push_str(&skiptoken(page_no, s.id_field, first, last));
+        link
+    }
+
+    pub(super) fn retrieve(&self, s: &'static Schema, id: Uuid, headers: &HeaderMap) -> Response {
+        let q = Query::parse(&self.query);
+        let select = match self.select(s, &q) {
+            Ok(sel) => sel,
+            Err(resp) => return resp,
+        };
+        let db = lock(&self.sim.db);
+        let Some(row) = db.tables.get(s.entity_set).and_then(|t| t.get(&id)) else {
+            return not_found(s, id);
+        };
+        let tag = etag(row.version);
+        if headers
+            .get(header::IF_NONE_MATCH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v == tag)
+        {
+            let mut resp = StatusCode::NOT_MODIFIED.into_response();
+            insert_etag(resp.headers_mut(), &tag);
+            return resp;
+        }
+        let mut body = Self::project(s, id, row, select.as_deref());
+        body["@odata.context"] = Value::String(self.context(s, select.as_deref(), true));
+        drop(db);
+        let mut resp = json_response(StatusCode::OK, &body);
+        insert_etag(resp.headers_mut(), &tag);
+        resp
+    }
+
+    pub(super) fn check_columns(s: &Schema, body: &Map<String, Value>) -> Result<(), Response> {
+        for key in body.keys() {
+            let known = key == s.id_field
+                || s.columns.contains(&key.as_str())
+                || key.contains("@odata.bind")
+                || key.starts_with('@');
+            if !known {
+                return Err(dv_error(
+                    StatusCode::BAD_REQUEST,
+                    "0x80060888",
+                    &format!(
+                        "Invalid property '{key}' was found in entity 'Microsoft.Dynamics.CRM.{}'.",
+                        s.logical
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn create(
+        &self,
+        s: &'static Schema,
+        headers: &HeaderMap,
+        mut body: Map<String, Value>,
+    ) -> Response {
+        if let Err(resp) = Self::check_columns(s, &body) {
+            return resp;
+        }
+        let id = match body.remove(s.id_field) {
+            Some(Value::String(v)) => match Uuid::parse_str(&v) {
+                Ok(id) => id,
+                Err(_) => {
+                    return dv_error(StatusCode::BAD_REQUEST, "0x80040203", "Invalid id value.");
+                }
+            },
+            _ => Uuid::new_v4(),
+        };
+        let mut db = lock(&self.sim.db);
+        if db
+            .tables
+            .get(s.entity_set)
+            .is_some_and(|t| t.contains_key(&id))
+        {
+            return dv_error(
+                StatusCode::PRECONDITION_FAILED,
+                "0x80040237",
+                "A record with matching key values already exists.",
+            );
+        }
+        let now = utc_timestamp(now_epoch()).replace(' ', "T");
+        body.insert("createdon".into(), Value::String(now.clone()));
+        body.insert("modifiedon".into(), Value::String(now));
+        body.entry("statecode").or_insert(json!(0));
+        let version = db.bump();
+        let row = Row {
+            fields: body,
+            version,
+            files: HashMap::new(),
+        };
+        let representation = wants_representation(headers).then(|| {
+            let mut v = Self::project(s, id, &row, None);
+            v["@odata.context"] = Value::String(self.context(s, None, true));
+            v
+        });
+        if let Some(t) = db.tables.get_mut(s.entity_set) {
+            t.insert(id, row);
+        }
+        drop(db);
+        match representation {
+            Some(body) => {
+                let mut resp = json_response(StatusCode::CREATED, &body);
+                let h = resp.headers_mut();
+                h.insert(
+                    "preference-applied",
+                    HeaderValue::from_static("return=representation"),
+                );
+                insert_etag(h, &etag(version));
+                resp
+            }
+            None => self.entity_id_response(s, id),
+        }
+    }
+
+    pub(super) fn entity_id_response(&self, s: &Schema, id: Uuid) -> Response {
+        let mut resp = StatusCode::NO_CONTENT.into_response();
+        if let Ok(v) = HeaderValue::from_str(&self.entity_url(s, id)) {
+            resp.headers_mut().insert("odata-entityid", v.clone());
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        resp
+    }
+
+    pub(super) fn update(
+        &self,
+        s: &'static Schema,
+        id: Uuid,
+        headers: &HeaderMap,
+        body: Map<String, Value>,
+    ) -> Response {
+        if let Err(resp) = Self::check_columns(s, &body) {
+            return resp;
+        }
+        let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
+        let if_none_match = headers
+            .get(header::IF_NONE_MATCH)
+            .and_then(|v| v.to_str().ok());
+        let mut db = lock(&self.sim.db);
+        let exists = db
+            .tables
+            .get(s.entity_set)
+            .and_then(|t| t.get(&id))
+            .map(|r| r.version);
+        match (exists, if_match, if_none_match) {
+            (None, Some(_), _) => return not_found(s, id),
+            (None, None, _) => {
+                // Upsert: PATCH to a missing key creates the row.
+                drop(db);
+                let mut body = body;
+                body.insert(s.id_field.to_owned(), Value::String(id.to_string()));
+                return self.create(s, headers, body);
+            }
+            (Some(_), _, Some("*")) => {
+                return dv_error(
+                    StatusCode::PRECONDITION_FAILED,
+                    "0x80040237",
+                    "A record with matching key values already exists.",
+                );
+            }
+            (Some(v), Some(tag), _) if tag != "*" && tag != etag(v) => {
+                return dv_error(
+                    StatusCode::PRECONDITION_FAILED,
+                    "0x80060882",
+                    "The version of the existing record doesn't match the RowVersion property provided.",
+                );
+            }
+            (Some(_), _, _) => {}
+        }
+        let version = db.bump();
+        let now = utc_timestamp(now_epoch()).replace(' ', "T");
+        let Some(row) = db.tables.get_mut(s.entity_set).and_then(|t| t.get_mut(&id)) else {
+            return not_found(s, id);
+        };
+        for (k, v) in body {
+            if k != s.id_field {
+                row.fields.insert(k, v);
+            }
+        }
+        row.fields.insert("modifiedon".into(), Value::String(now));
+        row.version = version;
+        if wants_representation(headers) {
+            let mut v = Self::project(s, id, row, None);
+            v["@odata.context"] = Value::String(self.context(s, None, true));
+            drop(db);
+            let mut resp = json_response(StatusCode::OK, &v);
+            resp.headers_mut().insert(
+                "preference-applied",
+                HeaderValue::from_static("return=representation"),
+            );
+            insert_etag(resp.headers_mut(), &etag(version));
+            return resp;
+        }
+        drop(db);
+        let mut resp = self.entity_id_response(s, id);
+        resp.headers_mut().remove(header::LOCATION);
+        insert_etag(resp.headers_mut(), &etag(version));
+        resp
+    }
+
+    pub(super) fn delete(&self, s: &'static Schema, id: Uuid) -> Response {
+        let removed = lock(&self.sim.db)
+            .tables
+            .get_mut(s.entity_set)
+            .and_then(|t| t.remove(&id));
+        match removed {
+            Some(_) => StatusCode::NO_CONTENT.into_response(),
+            None => not_found(s, id),
+        }
+    }
+}
+
+/// How much of a collection to return: `$top`, `Prefer: odata.maxpagesize`
+/// and where the last page ended (`$skiptoken`).
+struct Paging {
+    page_size: Option<usize>,
+    limit: usize,
+    after: Option<(usize, Uuid)>,
+}
+
+impl Paging {
+    fn parse(q: &Query, headers: &HeaderMap) -> Result<Self, Response> {
+        let top = q
+            .get("$top")
+            .map(str::parse::<usize>)
+            .transpose()
+            .map_err(|_| {
+                dv_error(
+                    StatusCode::BAD_REQUEST,
+                    "0x80060888",
+                    "The value of $top must be a non-negative integer.",
+                )
+            })?;
+        let page_size = max_page_size(headers).map(|n| n.clamp(1, MAX_PAGE));
+        let after = match q.get("$skiptoken") {
+            None => None,
+            Some(tok) => Some(parse_skiptoken(tok).ok_or_else(|| {
+                dv_error(
+                    StatusCode::BAD_REQUEST,
+                    "0x80040203",
+                    "The $skiptoken paging cookie is invalid.",
+                )
+            })?),
+        };
+        // `$top` is ignored when a page size is asked for (docs/dataverse.md).
+        let limit = match (page_size, top) {
+            (Some(n), _) => n,
+            (None, Some(t)) => t.min(MAX_PAGE),
+            (None, None) => MAX_PAGE,
+        };
+        Ok(Self {
+            page_size,
+            limit,
+            after,
+        })
+    }
+}

@@ -1,0 +1,324 @@
+//! The simulated org's tables: schemas, seeded rows, stored files.
+
+use super::*;
+
+/// A table's shape.
+pub(in crate::sim) struct Schema {
+    pub(in crate::sim) entity_set: &'static str,
+    pub(in crate::sim) logical: &'static str,
+    pub(in crate::sim) id_field: &'static str,
+    /// Columns a row may have (besides the id and the file columns).
+    pub(in crate::sim) columns: &'static [&'static str],
+    pub(in crate::sim) file_columns: &'static [&'static str],
+}
+
+pub(in crate::sim) const SCHEMAS: &[Schema] = &[
+    Schema {
+        entity_set: "accounts",
+        logical: "account",
+        id_field: "accountid",
+        columns: &[
+            "name",
+            "accountnumber",
+            "telephone1",
+            "address1_city",
+            "revenue",
+            "numberofemployees",
+            "creditonhold",
+            "description",
+            "createdon",
+            "modifiedon",
+            "statecode",
+        ],
+        file_columns: &["dvp_document"],
+    },
+    Schema {
+        entity_set: "contacts",
+        logical: "contact",
+        id_field: "contactid",
+        columns: &[
+            "firstname",
+            "lastname",
+            "fullname",
+            "emailaddress1",
+            "jobtitle",
+            "telephone1",
+            "createdon",
+            "modifiedon",
+            "statecode",
+        ],
+        file_columns: &[],
+    },
+    Schema {
+        entity_set: "leads",
+        logical: "lead",
+        id_field: "leadid",
+        columns: &[
+            "subject",
+            "firstname",
+            "lastname",
+            "fullname",
+            "companyname",
+            "emailaddress1",
+            "leadqualitycode",
+            "createdon",
+            "modifiedon",
+            "statecode",
+        ],
+        file_columns: &["dvp_document"],
+    },
+];
+
+pub(in crate::sim) fn schema(entity_set: &str) -> Option<&'static Schema> {
+    SCHEMAS.iter().find(|s| s.entity_set == entity_set)
+}
+
+#[derive(Clone)]
+pub(in crate::sim) struct StoredFile {
+    pub(in crate::sim) name: String,
+    pub(in crate::sim) data: Bytes,
+}
+
+#[derive(Clone)]
+pub(in crate::sim) struct Row {
+    pub(in crate::sim) fields: Map<String, Value>,
+    pub(in crate::sim) version: u64,
+    pub(in crate::sim) files: HashMap<String, StoredFile>,
+}
+
+/// The in-memory database.
+#[derive(Clone)]
+pub(in crate::sim) struct Db {
+    pub(in crate::sim) tables: HashMap<&'static str, BTreeMap<Uuid, Row>>,
+    pub(in crate::sim) next_version: u64,
+}
+
+pub(in crate::sim) const FIRST: &[&str] = &[
+    "Yvonne", "Susanna", "Nancy", "Maria", "Sidney", "Scott", "Paul", "Rene", "Susan", "Patrick",
+    "Thomas", "Rachel", "Jim", "Robert", "Cathan", "Alex", "Anne", "Brian", "Darren", "Eva",
+];
+pub(in crate::sim) const LAST: &[&str] = &[
+    "McKay",
+    "Stubberod",
+    "Anderson",
+    "Campbell",
+    "Higa",
+    "Konersmann",
+    "Cannon",
+    "Valdes",
+    "Burk",
+    "Sands",
+    "Andersen",
+    "Kim",
+    "Glynn",
+    "Lyon",
+    "Cook",
+    "Wu",
+    "Weber",
+    "Moreno",
+];
+pub(in crate::sim) const COMPANIES: &[&str] = &[
+    "Fourth Coffee",
+    "Litware, Inc.",
+    "Adventure Works",
+    "Fabrikam, Inc.",
+    "Blue Yonder Airlines",
+    "City Power & Light",
+    "Contoso Pharmaceuticals",
+    "Alpine Ski House",
+    "A. Datum Corporation",
+    "Coho Winery",
+    "Northwind Traders",
+    "Tailspin Toys",
+    "Wingtip Toys",
+    "Proseware, Inc.",
+    "Trey Research",
+    "Woodgrove Bank",
+    "Lucerne Publishing",
+    "Margie's Travel",
+    "Humongous Insurance",
+    "Graphic Design Institute",
+];
+pub(in crate::sim) const JOBS: &[&str] = &["Purchasing Manager", "Owner", "CFO", "Buyer"];
+pub(in crate::sim) const CITIES: &[&str] = &[
+    "Redmond",
+    "Seattle",
+    "Dallas",
+    "Lynnwood",
+    "Los Angeles",
+    "Phoenix",
+    "Santa Cruz",
+    "Renton",
+];
+pub(in crate::sim) const SUBJECTS: &[&str] = &[
+    "Interested in online-only store",
+    "New store opened this year - follow up",
+    "Wants to expand",
+    "Likes our new products",
+    "Store is expanding - send new catalogue",
+    "Needs quote for coffee machines",
+    "Requested product demo",
+    "Evaluating a three-year contract",
+];
+
+impl Db {
+    /// A database with plausible sample rows.
+    pub(in crate::sim) fn seeded() -> Self {
+        let mut db = Self {
+            tables: SCHEMAS
+                .iter()
+                .map(|s| (s.entity_set, BTreeMap::new()))
+                .collect(),
+            next_version: 71_000_000,
+        };
+        let created = utc_timestamp(now_epoch() - 86_400 * 30).replace(' ', "T");
+        for i in 0..20 {
+            let company = COMPANIES[i % COMPANIES.len()];
+            db.insert_seed(
+                "accounts",
+                json!({
+                    "name": company,
+                    "accountnumber": format!("ACC-{:05}", 1000 + i),
+                    "telephone1": format!("555-01{:02}", i),
+                    "address1_city": CITIES[i % CITIES.len()],
+                    "revenue": 100_000.0 * (i as f64 + 1.0),
+                    "numberofemployees": 10 * (i + 1),
+                    "creditonhold": i % 7 == 0,
+                    "createdon": created,
+                    "modifiedon": created,
+                    "statecode": 0,
+                }),
+            );
+        }
+        for i in 0..30 {
+            let (first, last) = (FIRST[i % FIRST.len()], LAST[(i * 7) % LAST.len()]);
+            db.insert_seed(
+                "contacts",
+                json!({
+                    "firstname": first,
+                    "lastname": last,
+                    "fullname": format!("{first} {last} (sample)"),
+                    "emailaddress1": format!("{}.{}@example.com", first.to_lowercase(), last.to_lowercase()),
+                    "jobtitle": JOBS[i % JOBS.len()],
+                    "telephone1": format!("555-02{:02}", i),
+                    "createdon": created,
+                    "modifiedon": created,
+                    "statecode": 0,
+                }),
+            );
+        }
+        for i in 0..25 {
+            let (first, last) = (FIRST[(i * 3) % FIRST.len()], LAST[(i * 5) % LAST.len()]);
+            db.insert_seed(
+                "leads",
+                json!({
+                    "subject": SUBJECTS[i % SUBJECTS.len()],
+                    "firstname": first,
+                    "lastname": last,
+                    "fullname": format!("{first} {last}"),
+                    "companyname": COMPANIES[(i * 3) % COMPANIES.len()],
+                    "emailaddress1": format!("{}@{}.example.com", first.to_lowercase(), last.to_lowercase()),
+                    "leadqualitycode": 1 + i % 3,
+                    "createdon": created,
+                    "modifiedon": created,
+                    "statecode": 0,
+                }),
+            );
+        }
+        db
+    }
+
+    pub(in crate::sim) fn insert_seed(&mut self, set: &'static str, fields: Value) {
+        let Value::Object(fields) = fields else {
+            return;
+        };
+        let version = self.bump();
+        if let Some(t) = self.tables.get_mut(set) {
+            t.insert(
+                Uuid::new_v4(),
+                Row {
+                    fields,
+                    version,
+                    files: HashMap::new(),
+                },
+            );
+        }
+    }
+
+    pub(in crate::sim) fn bump(&mut self) -> u64 {
+        self.next_version += 1;
+        self.next_version
+    }
+
+    pub(in crate::sim) fn seed_rows(&mut self, set: &str, n: usize) {
+        let Some(schema) = schema(set) else {
+            return;
+        };
+        for i in 0..n {
+            let fields = match schema.entity_set {
+                "accounts" => {
+                    json!({"name": format!("{} #{i}", COMPANIES[i % COMPANIES.len()]), "accountnumber": format!("GEN-{i:06}"), "statecode": 0})
+                }
+                "contacts" => {
+                    json!({"firstname": FIRST[i % FIRST.len()], "lastname": format!("Generated{i}"), "fullname": format!("{} Generated{i}", FIRST[i % FIRST.len()]), "statecode": 0})
+                }
+                _ => {
+                    json!({"subject": format!("{} #{i}", SUBJECTS[i % SUBJECTS.len()]), "lastname": format!("Generated{i}"), "statecode": 0})
+                }
+            };
+            self.insert_seed(schema.entity_set, fields);
+        }
+    }
+
+    pub(in crate::sim) fn put_file(
+        &mut self,
+        set: &str,
+        id: Uuid,
+        column: &str,
+        name: &str,
+        data: Bytes,
+    ) -> bool {
+        let Some(row) = self.tables.get_mut(set).and_then(|t| t.get_mut(&id)) else {
+            return false;
+        };
+        row.files.insert(
+            column.to_owned(),
+            StoredFile {
+                name: name.to_owned(),
+                data,
+            },
+        );
+        true
+    }
+
+    pub(in crate::sim) fn file(&self, set: &str, id: Uuid, column: &str) -> Option<Bytes> {
+        let row = self.tables.get(set)?.get(&id)?;
+        row.files.get(column).map(|f| f.data.clone())
+    }
+
+    pub(in crate::sim) fn ids(&self, set: &str) -> Vec<Uuid> {
+        self.tables
+            .get(set)
+            .map(|t| t.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    pub(in crate::sim) fn row(&self, set: &str, id: Uuid) -> Option<Value> {
+        self.tables
+            .get(set)?
+            .get(&id)
+            .map(|r| Value::Object(r.fields.clone()))
+    }
+}
+
+/// A chunked file upload in progress (docs/dataverse.md, "File columns").
+pub(in crate::sim) struct Upload {
+    pub(in crate::sim) entity_set: &'static str,
+    pub(in crate::sim) id: Uuid,
+    pub(in crate::sim) column: String,
+    pub(in crate::sim) name: String,
+    pub(in crate::sim) data: Vec<u8>,
+}
+
+/// Chunk size the simulator asks for, as Dataverse does.
+pub(in crate::sim) const UPLOAD_CHUNK: usize = 4 * 1024 * 1024;
