@@ -114,17 +114,120 @@ pub struct Metrics {
     bytes_in: Family<OrgLabel, Counter>,
     bytes_out: Family<OrgLabel, Counter>,
     in_flight: Gauge,
+    /// Copied in at scrape time from the governors.
+    governor: GovernorFamilies,
+    /// Copied in at scrape time from the orgs and their tokens.
+    org: OrgFamilies,
+}
+
+/// The governor figures, by org.
+struct GovernorFamilies {
     governor_in_flight: Family<OrgLabel, Gauge>,
     governor_queued: Family<OrgLabel, Gauge>,
     governor_waits: Family<OrgLabel, Counter>,
     governor_throttled: Family<OrgLabel, Counter>,
     governor_retries: Family<OrgLabel, Counter>,
     governor_rejected: Family<OrgLabel, Counter>,
+}
+
+impl GovernorFamilies {
+    fn register(r: &mut Registry) -> Self {
+        let governor_in_flight = registered(
+            r,
+            "governor_in_flight",
+            "Requests holding a governor slot towards the org",
+            Family::<OrgLabel, Gauge>::default(),
+        );
+        let governor_queued = registered(
+            r,
+            "governor_queued",
+            "Callers waiting for a slot or for the 429 gate",
+            Family::<OrgLabel, Gauge>::default(),
+        );
+        let governor_waits = registered(
+            r,
+            "governor_waits",
+            "Callers that had to wait for a slot or the gate",
+            Family::<OrgLabel, Counter>::default(),
+        );
+        let governor_throttled = registered(
+            r,
+            "governor_throttled",
+            "429 answers received from Dataverse",
+            Family::<OrgLabel, Counter>::default(),
+        );
+        let governor_retries = registered(
+            r,
+            "governor_retries",
+            "Throttled requests replayed after the pause",
+            Family::<OrgLabel, Counter>::default(),
+        );
+        let governor_rejected = registered(
+            r,
+            "governor_rejected",
+            "Callers turned away with a proxy 429 (queue full or timeout)",
+            Family::<OrgLabel, Counter>::default(),
+        );
+        Self {
+            governor_in_flight,
+            governor_queued,
+            governor_waits,
+            governor_throttled,
+            governor_retries,
+            governor_rejected,
+        }
+    }
+}
+
+/// What Dataverse and Entra ID told us last, by org.
+struct OrgFamilies {
     dop_hint: Family<OrgLabel, Gauge>,
     ratelimit_burst: Family<OrgLabel, Gauge>,
     ratelimit_time: Family<OrgLabel, Gauge<f64, AtomicU64>>,
     token_fetches: Family<TokenLabels, Counter>,
     token_expiry: Family<TokenOrg, Gauge<f64, AtomicU64>>,
+}
+
+impl OrgFamilies {
+    fn register(r: &mut Registry) -> Self {
+        let dop_hint = registered(
+            r,
+            "dataverse_dop_hint",
+            "Last x-ms-dop-hint (recommended parallelism) from Dataverse",
+            Family::<OrgLabel, Gauge>::default(),
+        );
+        let ratelimit_burst = registered(
+            r,
+            "dataverse_ratelimit_burst_remaining",
+            "Last x-ms-ratelimit-burst-remaining-xrm-requests",
+            Family::<OrgLabel, Gauge>::default(),
+        );
+        let ratelimit_time = registered(
+            r,
+            "dataverse_ratelimit_time_remaining_seconds",
+            "Last x-ms-ratelimit-time-remaining-xrm-requests",
+            Family::<OrgLabel, Gauge<f64, AtomicU64>>::default(),
+        );
+        let token_fetches = registered(
+            r,
+            "token_fetches",
+            "Token requests to Entra ID, by credential, result and reason",
+            Family::<TokenLabels, Counter>::default(),
+        );
+        let token_expiry = registered(
+            r,
+            "token_expiry_seconds",
+            "Seconds until the org's cached token stops being served (0: none)",
+            Family::<TokenOrg, Gauge<f64, AtomicU64>>::default(),
+        );
+        Self {
+            dop_hint,
+            ratelimit_burst,
+            ratelimit_time,
+            token_fetches,
+            token_expiry,
+        }
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -218,72 +321,6 @@ impl Metrics {
             "Requests being served now",
             Gauge::default(),
         );
-        let governor_in_flight = registered(
-            &mut r,
-            "governor_in_flight",
-            "Requests holding a governor slot towards the org",
-            Family::<OrgLabel, Gauge>::default(),
-        );
-        let governor_queued = registered(
-            &mut r,
-            "governor_queued",
-            "Callers waiting for a slot or for the 429 gate",
-            Family::<OrgLabel, Gauge>::default(),
-        );
-        let governor_waits = registered(
-            &mut r,
-            "governor_waits",
-            "Callers that had to wait for a slot or the gate",
-            Family::<OrgLabel, Counter>::default(),
-        );
-        let governor_throttled = registered(
-            &mut r,
-            "governor_throttled",
-            "429 answers received from Dataverse",
-            Family::<OrgLabel, Counter>::default(),
-        );
-        let governor_retries = registered(
-            &mut r,
-            "governor_retries",
-            "Throttled requests replayed after the pause",
-            Family::<OrgLabel, Counter>::default(),
-        );
-        let governor_rejected = registered(
-            &mut r,
-            "governor_rejected",
-            "Callers turned away with a proxy 429 (queue full or timeout)",
-            Family::<OrgLabel, Counter>::default(),
-        );
-        let dop_hint = registered(
-            &mut r,
-            "dataverse_dop_hint",
-            "Last x-ms-dop-hint (recommended parallelism) from Dataverse",
-            Family::<OrgLabel, Gauge>::default(),
-        );
-        let ratelimit_burst = registered(
-            &mut r,
-            "dataverse_ratelimit_burst_remaining",
-            "Last x-ms-ratelimit-burst-remaining-xrm-requests",
-            Family::<OrgLabel, Gauge>::default(),
-        );
-        let ratelimit_time = registered(
-            &mut r,
-            "dataverse_ratelimit_time_remaining_seconds",
-            "Last x-ms-ratelimit-time-remaining-xrm-requests",
-            Family::<OrgLabel, Gauge<f64, AtomicU64>>::default(),
-        );
-        let token_fetches = registered(
-            &mut r,
-            "token_fetches",
-            "Token requests to Entra ID, by credential, result and reason",
-            Family::<TokenLabels, Counter>::default(),
-        );
-        let token_expiry = registered(
-            &mut r,
-            "token_expiry_seconds",
-            "Seconds until the org's cached token stops being served (0: none)",
-            Family::<TokenOrg, Gauge<f64, AtomicU64>>::default(),
-        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -292,6 +329,8 @@ impl Metrics {
             .set(1);
         r.register("build_info", "Build information", build);
         Self {
+            governor: GovernorFamilies::register(&mut r),
+            org: OrgFamilies::register(&mut r),
             registry: r,
             requests,
             duration,
@@ -299,17 +338,6 @@ impl Metrics {
             bytes_in,
             bytes_out,
             in_flight,
-            governor_in_flight,
-            governor_queued,
-            governor_waits,
-            governor_throttled,
-            governor_retries,
-            governor_rejected,
-            dop_hint,
-            ratelimit_burst,
-            ratelimit_time,
-            token_fetches,
-            token_expiry,
         }
     }
 
@@ -359,32 +387,38 @@ impl Metrics {
             };
             let g = org.governor.stats();
             let load = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as i64;
-            self.governor_in_flight
+            self.governor
+                .governor_in_flight
                 .get_or_create(&l)
                 .set(load(&g.in_flight));
-            self.governor_queued.get_or_create(&l).set(load(&g.queued));
-            self.dop_hint.get_or_create(&l).set(load(&g.dop_hint));
+            self.governor
+                .governor_queued
+                .get_or_create(&l)
+                .set(load(&g.queued));
+            self.org.dop_hint.get_or_create(&l).set(load(&g.dop_hint));
             sync_counter(
-                &self.governor_waits.get_or_create(&l),
+                &self.governor.governor_waits.get_or_create(&l),
                 g.waits.load(Ordering::Relaxed),
             );
             sync_counter(
-                &self.governor_throttled.get_or_create(&l),
+                &self.governor.governor_throttled.get_or_create(&l),
                 g.throttled.load(Ordering::Relaxed),
             );
             sync_counter(
-                &self.governor_retries.get_or_create(&l),
+                &self.governor.governor_retries.get_or_create(&l),
                 g.retries.load(Ordering::Relaxed),
             );
             sync_counter(
-                &self.governor_rejected.get_or_create(&l),
+                &self.governor.governor_rejected.get_or_create(&l),
                 g.rejected.load(Ordering::Relaxed),
             );
             if org.ratelimit.seen.load(Ordering::Relaxed) == 1 {
-                self.ratelimit_burst
+                self.org
+                    .ratelimit_burst
                     .get_or_create(&l)
                     .set(org.ratelimit.burst_remaining.load(Ordering::Relaxed) as i64);
-                self.ratelimit_time
+                self.org
+                    .ratelimit_time
                     .get_or_create(&l)
                     .set(org.ratelimit.time_remaining_ms.load(Ordering::Relaxed) as f64 / 1000.0);
             }
@@ -394,7 +428,8 @@ impl Metrics {
                 .expires_in()
                 .await
                 .map_or(0.0, |d| d.as_secs_f64());
-            self.token_expiry
+            self.org
+                .token_expiry
                 .get_or_create(&TokenOrg {
                     org: org.name.clone(),
                     credential,
@@ -403,7 +438,7 @@ impl Metrics {
         }
         for provider in state.providers() {
             for (result, reason, count) in provider.stats().snapshot() {
-                let c = self.token_fetches.get_or_create(&TokenLabels {
+                let c = self.org.token_fetches.get_or_create(&TokenLabels {
                     credential: provider.credential_name().to_owned(),
                     result,
                     reason,

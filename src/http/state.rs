@@ -122,6 +122,37 @@ impl OrgState {
     }
 }
 
+impl OrgState {
+    fn new(
+        org: &crate::config::OrgConfig,
+        origin: String,
+        token: TokenProvider,
+        config: &Config,
+    ) -> std::io::Result<Self> {
+        let origin_uri = origin
+            .parse::<http::Uri>()
+            .map_err(|e| std::io::Error::other(format!("org {}: {e}", org.name)))?
+            .into_parts();
+        let host_header = origin_uri
+            .authority
+            .as_ref()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .ok_or_else(|| std::io::Error::other(format!("org {}: no host", org.name)))?;
+        Ok(OrgState {
+            origin_uri,
+            host_header,
+            name: org.name.clone(),
+            aliases: org_aliases(&origin),
+            origin,
+            token,
+            governor: Governor::new(config.governor.clone()),
+            ratelimit: RateLimitSeen::default(),
+            policy: org.policy.clone(),
+            links: Mutex::new(Vec::new()),
+        })
+    }
+}
+
 impl std::fmt::Debug for OrgState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OrgState")
@@ -187,27 +218,7 @@ impl AppState {
             if org.default {
                 routes.default = Some(i);
             }
-            let origin_uri = origin
-                .parse::<http::Uri>()
-                .map_err(|e| std::io::Error::other(format!("org {}: {e}", org.name)))?
-                .into_parts();
-            let host_header = origin_uri
-                .authority
-                .as_ref()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-                .ok_or_else(|| std::io::Error::other(format!("org {}: no host", org.name)))?;
-            orgs.push(Arc::new(OrgState {
-                origin_uri,
-                host_header,
-                name: org.name.clone(),
-                aliases: org_aliases(&origin),
-                origin,
-                token,
-                governor: Governor::new(config.governor.clone()),
-                ratelimit: RateLimitSeen::default(),
-                policy: org.policy.clone(),
-                links: Mutex::new(Vec::new()),
-            }));
+            orgs.push(Arc::new(OrgState::new(org, origin, token, config)?));
         }
         Ok(Self(Arc::new(Shared {
             orgs: orgs.into(),

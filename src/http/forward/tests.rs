@@ -126,7 +126,9 @@ async fn plan_keeps_the_target_bytes_and_sets_the_orgs_headers() {
         ("content-length", "84"),
     ];
     let a = admitted(&s, Method::POST, target, &headers).expect("admitted");
-    let body = Body::from(r#"{"parentaccountid@odata.bind":"http://proxy.test/default/api/data/v9.2/accounts(1)"}"#);
+    let body = Body::from(
+        r#"{"parentaccountid@odata.bind":"http://proxy.test/default/api/data/v9.2/accounts(1)"}"#,
+    );
     let p = plan(&s, &a, parts(Method::POST, target, &headers), body)
         .await
         .expect("planned");
