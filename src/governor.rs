@@ -248,7 +248,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn the_cap_queues_and_a_full_queue_is_a_429() {
         let g = Governor::new(config(2, 1, 10_000));
         let a = g.acquire().await.expect("a");
@@ -265,12 +265,25 @@ mod tests {
         assert_eq!(g.stats().rejected.load(Ordering::Relaxed), 1);
     }
 
-    #[tokio::test]
-    async fn a_queue_timeout_is_a_429() {
-        let g = Governor::new(config(1, 10, 50));
-        let _a = g.acquire().await.expect("a");
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_timeout_is_a_429_after_exactly_the_timeout() {
+        let g = Governor::new(config(1, 10, 5_000));
+        let a = g.acquire().await.expect("a");
+        let start = Instant::now();
         let err = g.acquire().await.expect_err("timeout");
-        assert!(matches!(err, GovernorError::QueueTimeout { .. }));
+        let GovernorError::QueueTimeout { waited, .. } = err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        assert!(waited >= Duration::from_secs(5));
+        // A slot freed before the timeout is taken instead.
+        let g2 = g.clone();
+        let waiter = tokio::spawn(async move { g2.acquire().await.map(|_| Instant::now()) });
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let freed = Instant::now();
+        drop(a);
+        let got = waiter.await.expect("join").expect("a slot");
+        assert_eq!(got, freed, "no wait beyond the release");
     }
 
     #[tokio::test(start_paused = true)]

@@ -231,10 +231,9 @@ pub struct GovernorConfig {
 /// Token cache and refresh settings.
 #[derive(Debug, Clone)]
 pub struct TokenConfig {
-    /// Egress proxy and extra CAs, shared with the upstream client.
+    /// Egress proxy, shared with the upstream client (TLS is shared too:
+    /// `crate::tls`).
     pub egress: Option<EgressProxy>,
-    /// Extra trusted CA certificates.
-    pub ca_file: Option<PathBuf>,
     /// Timeout of one token request.
     pub fetch_timeout: Duration,
     /// First retry delay after a failed fetch; doubles up to `max_backoff`.

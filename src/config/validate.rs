@@ -192,7 +192,6 @@ fn governor(p: &mut Problems<'_>, g: RawGovernor) -> GovernorConfig {
 fn token(p: &mut Problems<'_>, t: RawToken, upstream: &UpstreamConfig) -> TokenConfig {
     let token = TokenConfig {
         egress: upstream.egress.clone(),
-        ca_file: upstream.ca_file.clone(),
         fetch_timeout: p.duration(
             "token.fetch_timeout",
             t.fetch_timeout.as_deref(),

@@ -21,6 +21,8 @@ pub mod client;
 pub mod expiry;
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -189,9 +191,8 @@ pub struct TokenProvider {
 struct Inner {
     key: TokenKey,
     credential: Arc<CredentialConfig>,
-    target: Target,
     settings: TokenConfig,
-    http: reqwest::Client,
+    source: Arc<dyn TokenSource>,
     cache: Cache<TokenKey, Arc<AccessToken>>,
     /// Guarded by a std mutex: held only for short, non-async sections.
     failure: Mutex<Option<Failure>>,
@@ -201,6 +202,36 @@ struct Inner {
     fetched_once: std::sync::atomic::AtomicBool,
     /// The last token was dropped after a 401.
     invalidated: std::sync::atomic::AtomicBool,
+}
+
+/// Where tokens come from: Entra ID over HTTP in the proxy ([`Entra`]); a
+/// test can script the answers and run the clock itself. This is the seam
+/// that lets refresh-ahead, backoff and fail-closed be tested under tokio's
+/// paused clock.
+pub trait TokenSource: Send + Sync + 'static {
+    /// One token request.
+    fn request(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<client::TokenResponse, TokenError>> + Send + '_>>;
+}
+
+/// The client-credentials request to Entra ID.
+struct Entra {
+    http: reqwest::Client,
+    credential: Arc<CredentialConfig>,
+    target: Target,
+}
+
+impl TokenSource for Entra {
+    fn request(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<client::TokenResponse, TokenError>> + Send + '_>> {
+        Box::pin(client::request_token(
+            &self.http,
+            &self.credential,
+            &self.target,
+        ))
+    }
 }
 
 /// Why a token was fetched.
@@ -290,20 +321,35 @@ impl TokenProvider {
             .user_agent(concat!("dataverse-proxy/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let key = TokenKey::new(&credential, &target);
-        Ok(Self {
+        let source = Arc::new(Entra {
+            http,
+            credential: credential.clone(),
+            target,
+        });
+        Ok(Self::with_source(key, credential, settings, cache, source))
+    }
+
+    /// A provider whose tokens come from `source`.
+    pub fn with_source(
+        key: TokenKey,
+        credential: Arc<CredentialConfig>,
+        settings: TokenConfig,
+        cache: TokenCache,
+        source: Arc<dyn TokenSource>,
+    ) -> Self {
+        Self {
             inner: Arc::new(Inner {
                 key,
                 credential,
-                target,
                 settings,
-                http,
+                source,
                 cache,
                 failure: Mutex::new(None),
                 stats: TokenStats::default(),
                 fetched_once: std::sync::atomic::AtomicBool::new(false),
                 invalidated: std::sync::atomic::AtomicBool::new(false),
             }),
-        })
+        }
     }
 
     /// The credential's name (for logs and metrics).
@@ -346,8 +392,11 @@ impl TokenProvider {
     /// A token to inject, or `TokenUnavailable` (503) when none can be had now.
     pub async fn get(&self) -> Result<Arc<AccessToken>, TokenUnavailable> {
         let inner = &self.inner;
-        if let Some(token) = inner.cache.get(&inner.key).await {
-            return Ok(token);
+        match inner.cache.get(&inner.key).await {
+            Some(token) if Instant::now() < token.serve_until => return Ok(token),
+            // Past serving (the cache's own timer may lag tokio's clock).
+            Some(_) => inner.cache.invalidate(&inner.key).await,
+            None => {}
         }
         if let Some(err) = self.failing_fast() {
             return Err(err);
@@ -428,7 +477,9 @@ impl TokenProvider {
     async fn fetch(&self, reason: FetchReason) -> Result<Arc<AccessToken>, TokenError> {
         let inner = &self.inner;
         let started = Instant::now();
-        let result = client::request_token(&inner.http, &inner.credential, &inner.target)
+        let result = inner
+            .source
+            .request()
             .await
             .and_then(|resp| AccessToken::new(resp, started));
         inner.stats.record(reason, result.is_ok());
@@ -526,3 +577,6 @@ impl TokenProvider {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -346,12 +346,8 @@ hosts = ["customer.dataverse.local"]
     assert_eq!(h.get("/WhoAmI").await.status(), 200);
     assert_eq!(org_a.seen().len(), 2);
     let resp = h
-        .client
-        .get(h.url("/WhoAmI"))
-        .header("host", "customer.dataverse.local")
-        .send()
-        .await
-        .expect("host routed");
+        .get_with("/WhoAmI", &[("host", "customer.dataverse.local")])
+        .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(org_b.seen().len(), 2);
     // An unknown org prefix is a proxy 404.

@@ -11,13 +11,14 @@ use crate::harness::{Harness, Setup};
 async fn the_bearer_is_injected_and_the_callers_authorization_never_reaches_dataverse() {
     let h = Harness::start().await;
     let resp = h
-        .client
-        .get(h.url("/leads?$select=subject"))
-        .header("authorization", "Bearer caller-own-token")
-        .header("proxy-authorization", "Basic Y2FsbGVyOnB3")
-        .send()
-        .await
-        .expect("request");
+        .get_with(
+            "/leads?$select=subject",
+            &[
+                ("authorization", "Bearer caller-own-token"),
+                ("proxy-authorization", "Basic Y2FsbGVyOnB3"),
+            ],
+        )
+        .await;
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.expect("json");
     assert_eq!(body["value"].as_array().expect("rows").len(), 25);
@@ -358,12 +359,8 @@ async fn a_slow_dataverse_is_a_504_and_an_unreachable_one_a_502() {
 async fn request_ids_are_accepted_forwarded_and_returned() {
     let h = Harness::start().await;
     let resp = h
-        .client
-        .get(h.url("/WhoAmI"))
-        .header("x-request-id", "trace-me-123")
-        .send()
-        .await
-        .expect("request");
+        .get_with("/WhoAmI", &[("x-request-id", "trace-me-123")])
+        .await;
     assert_eq!(resp.headers()["x-request-id"], "trace-me-123");
     assert_eq!(h.sim.seen()[0].headers["x-request-id"], "trace-me-123");
     let resp = h.get("/WhoAmI").await;

@@ -170,6 +170,33 @@ impl Harness {
             .expect("request")
     }
 
+    /// `GET` of a Web API path with extra request headers.
+    pub async fn get_with(&self, api_path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut req = self.client.get(self.url(api_path));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        req.send().await.expect("request")
+    }
+
+    /// `GET` of an admin listener path (`/readyz`, `/metrics`…).
+    pub async fn admin_get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.admin))
+            .send()
+            .await
+            .expect("admin request")
+    }
+
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.admin_get("/metrics")
+            .await
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// Waits until the proxy holds a token (admin /readyz).
     pub async fn wait_ready(&self) {
         for _ in 0..200 {

@@ -531,15 +531,7 @@ async fn a_broken_chunked_body_is_the_callers_400_and_never_completes_upstream()
         before_rows,
         "no broken request created a row"
     );
-    let metrics = h
-        .client
-        .get(format!("{}/metrics", h.admin))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = h.metrics().await;
     let client_errors = metrics
         .lines()
         .find(|l| {

@@ -138,14 +138,15 @@ async fn links_follow_a_trusted_ingress_and_the_configured_public_url() {
     // Behind an ingress at 127.0.0.1 that is trusted: X-Forwarded-* decide.
     let h = Harness::with(Setup::default().set("trusted_proxies", "127.0.0.1")).await;
     let resp = h
-        .client
-        .get(h.url("/WhoAmI"))
-        .header("X-Forwarded-Proto", "https")
-        .header("X-Forwarded-Host", "dataverse.example.com")
-        .header("X-Forwarded-Prefix", "/crm")
-        .send()
-        .await
-        .expect("whoami");
+        .get_with(
+            "/WhoAmI",
+            &[
+                ("X-Forwarded-Proto", "https"),
+                ("X-Forwarded-Host", "dataverse.example.com"),
+                ("X-Forwarded-Prefix", "/crm"),
+            ],
+        )
+        .await;
     let body: Value = resp.json().await.expect("json");
     let ctx = body["@odata.context"].as_str().expect("ctx");
     assert!(
@@ -157,12 +158,8 @@ async fn links_follow_a_trusted_ingress_and_the_configured_public_url() {
     // Not trusted: forwarded headers are ignored.
     let h = Harness::start().await;
     let resp = h
-        .client
-        .get(h.url("/WhoAmI"))
-        .header("X-Forwarded-Host", "evil.example.com")
-        .send()
-        .await
-        .expect("whoami");
+        .get_with("/WhoAmI", &[("X-Forwarded-Host", "evil.example.com")])
+        .await;
     let body: Value = resp.json().await.expect("json");
     assert!(
         body["@odata.context"]

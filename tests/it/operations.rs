@@ -11,14 +11,7 @@ use sha2::{Digest, Sha256};
 use crate::harness::{Harness, Setup, client};
 
 async fn metrics(h: &Harness) -> String {
-    h.client
-        .get(format!("{}/metrics", h.admin))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
+    h.metrics().await
 }
 
 /// The value of the first sample whose line starts with `prefix`.

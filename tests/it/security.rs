@@ -130,13 +130,11 @@ async fn impersonation_headers_reach_dataverse_only_when_allowed() {
         (allowed, true),
         ("00000000-0000-0000-0000-00000000bad0", false),
     ] {
-        h.client
-            .get(h.url("/WhoAmI"))
-            .header("CallerObjectId", value)
-            .header("MSCRMCallerID", value)
-            .send()
-            .await
-            .expect("get");
+        h.get_with(
+            "/WhoAmI",
+            &[("CallerObjectId", value), ("MSCRMCallerID", value)],
+        )
+        .await;
         let seen = h.sim.seen().pop().expect("seen");
         assert_eq!(
             seen.headers.get("callerobjectid").is_some(),
@@ -152,12 +150,7 @@ async fn impersonation_headers_reach_dataverse_only_when_allowed() {
     h.stop().await;
     // The default drops them.
     let h = Harness::start().await;
-    h.client
-        .get(h.url("/WhoAmI"))
-        .header("CallerObjectId", allowed)
-        .send()
-        .await
-        .expect("get");
+    h.get_with("/WhoAmI", &[("CallerObjectId", allowed)]).await;
     assert!(
         h.sim
             .seen()
@@ -182,21 +175,9 @@ async fn api_keys_name_callers_and_unknown_keys_are_401() {
     let resp = h.get("/WhoAmI").await;
     assert_eq!(resp.status(), 401, "no key");
     assert_eq!(resp.headers()["x-dataverse-proxy-error"], "unauthorized");
-    let resp = h
-        .client
-        .get(h.url("/WhoAmI"))
-        .header("x-api-key", "wrong")
-        .send()
-        .await
-        .expect("get");
+    let resp = h.get_with("/WhoAmI", &[("x-api-key", "wrong")]).await;
     assert_eq!(resp.status(), 401);
-    let resp = h
-        .client
-        .get(h.url("/WhoAmI"))
-        .header("x-api-key", key)
-        .send()
-        .await
-        .expect("get");
+    let resp = h.get_with("/WhoAmI", &[("x-api-key", key)]).await;
     assert_eq!(resp.status(), 200);
     let seen = h.sim.seen().pop().expect("seen");
     assert!(
@@ -216,13 +197,7 @@ async fn api_keys_name_callers_and_unknown_keys_are_401() {
     // Quota: 2 per second, then 429 with Retry-After.
     let mut statuses = Vec::new();
     for _ in 0..4 {
-        let r = h
-            .client
-            .get(h.url("/WhoAmI"))
-            .header("x-api-key", "etl-key")
-            .send()
-            .await
-            .expect("get");
+        let r = h.get_with("/WhoAmI", &[("x-api-key", "etl-key")]).await;
         statuses.push((
             r.status().as_u16(),
             r.headers().get("retry-after").is_some(),
@@ -234,15 +209,7 @@ async fn api_keys_name_callers_and_unknown_keys_are_401() {
         "{statuses:?}"
     );
     // Callers are named in the metrics.
-    let m = h
-        .client
-        .get(format!("{}/metrics", h.admin))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let m = h.metrics().await;
     assert!(m.contains("caller=\"reporting\""), "{m}");
     assert!(m.contains("caller=\"etl\""), "{m}");
     h.stop().await;
@@ -262,20 +229,12 @@ async fn source_cidrs_and_forwarded_for_from_trusted_proxies() {
         "loopback itself is not allowed"
     );
     let ok = h
-        .client
-        .get(h.url("/WhoAmI"))
-        .header("x-forwarded-for", "10.1.2.3")
-        .send()
-        .await
-        .expect("get");
+        .get_with("/WhoAmI", &[("x-forwarded-for", "10.1.2.3")])
+        .await;
     assert_eq!(ok.status(), 200);
     let spoofed = h
-        .client
-        .get(h.url("/WhoAmI"))
-        .header("x-forwarded-for", "10.9.9.9, 192.0.2.1")
-        .send()
-        .await
-        .expect("get");
+        .get_with("/WhoAmI", &[("x-forwarded-for", "10.9.9.9, 192.0.2.1")])
+        .await;
     assert_eq!(
         spoofed.status(),
         403,
@@ -285,12 +244,8 @@ async fn source_cidrs_and_forwarded_for_from_trusted_proxies() {
     // Untrusted peers' X-Forwarded-For is ignored.
     let h = with_toml("[access]\nallow_cidrs = [\"10.0.0.0/8\"]\n").await;
     let r = h
-        .client
-        .get(h.url("/WhoAmI"))
-        .header("x-forwarded-for", "10.1.2.3")
-        .send()
-        .await
-        .expect("get");
+        .get_with("/WhoAmI", &[("x-forwarded-for", "10.1.2.3")])
+        .await;
     assert_eq!(r.status(), 403);
     tokio::time::sleep(Duration::from_millis(1)).await;
     h.stop().await;
@@ -423,13 +378,7 @@ async fn errors_name_the_request_id_and_keep_internal_detail_in_the_log() {
     })
     .await;
     h.wait_ready().await;
-    let resp = h
-        .client
-        .get(h.url("/WhoAmI"))
-        .header("x-request-id", "req-1234")
-        .send()
-        .await
-        .expect("get");
+    let resp = h.get_with("/WhoAmI", &[("x-request-id", "req-1234")]).await;
     assert_eq!(resp.status(), 502);
     let body: serde_json::Value = resp.json().await.expect("json");
     assert_eq!(body["error"]["code"], "upstream_unavailable");

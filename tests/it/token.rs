@@ -1,4 +1,9 @@
-//! Token lifecycle: single-flight, refresh ahead, Entra outages, fail closed.
+//! Token lifecycle end to end: single-flight, refresh ahead, fail closed.
+//!
+//! The timing itself (when a refresh happens, the backoff, serving until
+//! expiry) is pinned exactly under tokio's paused clock in
+//! `src/token/tests.rs`; the tests here are real-time smoke tests of the
+//! whole path.
 
 use std::time::{Duration, Instant};
 
@@ -39,42 +44,14 @@ async fn short_lived_tokens_are_refreshed_ahead_and_no_request_fails() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(requests > 50);
+    // Without refreshing ahead, 2 s tokens would be fetched about every
+    // 1.8 s (three times in 5.5 s) and a request would meet an expired one.
     let fetched = h.sim.token_requests();
-    // Startup + one refresh per second, give or take scheduling.
-    assert!((5..=8).contains(&fetched), "token requests: {fetched}");
+    assert!(fetched >= 5, "token requests: {fetched}");
     assert!(
         h.sim.seen().iter().all(|r| r.authorized),
         "never an expired token"
     );
-    h.stop().await;
-}
-
-#[tokio::test]
-async fn refresh_in_from_entra_is_honoured() {
-    let h = Harness::start().await;
-    h.sim.set_refresh_in(Some(Duration::from_secs(1)));
-    // The first token (fetched at startup) may predate the setting; the
-    // second carries refresh_in=1 and so does every later one.
-    tokio::time::sleep(Duration::from_millis(3600)).await;
-    assert_eq!(h.get("/WhoAmI").await.status(), 200);
-    // Without refresh_in an hour-long token would never be refreshed here.
-    let fetched = h.sim.token_requests();
-    assert!(fetched >= 2, "token requests: {fetched}");
-    h.stop().await;
-}
-
-#[tokio::test]
-async fn entra_outage_while_the_token_is_valid_changes_nothing_for_callers() {
-    // 4 s tokens: refresh due at 2 s, served until 3.6 s.
-    let h = Harness::with(Setup::default().lifetime(Duration::from_secs(4))).await;
-    h.wait_ready().await;
-    let issued = Instant::now();
-    h.sim.set_entra_down(true);
-    while issued.elapsed() < Duration::from_millis(3200) {
-        assert_eq!(h.get("/WhoAmI").await.status(), 200);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(h.sim.token_requests() > 2, "the refresher kept retrying");
     h.stop().await;
 }
 
@@ -134,19 +111,9 @@ async fn readiness_follows_the_token() {
     let h = Harness::with(Setup::default().prepare(|sim| sim.set_entra_down(true))).await;
     // Cold start with Entra down: not ready.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let r = h
-        .client
-        .get(format!("{}/readyz", h.admin))
-        .send()
-        .await
-        .expect("readyz");
+    let r = h.admin_get("/readyz").await;
     assert_eq!(r.status(), 503);
-    let r = h
-        .client
-        .get(format!("{}/livez", h.admin))
-        .send()
-        .await
-        .expect("livez");
+    let r = h.admin_get("/livez").await;
     assert_eq!(r.status(), 200);
     h.sim.set_entra_down(false);
     h.wait_ready().await;
