@@ -255,6 +255,12 @@ impl Policy {
         }
     }
 
+    /// Whether any impersonation or privileged header can pass at all (the
+    /// default policy lets none through).
+    pub fn lets_any_through(&self) -> bool {
+        self.impersonation != Impersonation::Drop || !self.privileged.is_empty()
+    }
+
     /// The impersonation and privileged headers of the caller's request
     /// that the policy lets through, to put back after the header policy
     /// dropped them.

@@ -27,7 +27,7 @@ use http_body::{Frame, SizeHint};
 use tokio::time::Instant;
 
 use super::REQUEST_ID;
-use super::metrics::{RequestLabels, method_label, status_class};
+use super::metrics::Finished;
 use super::state::{AppState, OrgState};
 use crate::error::{ErrorDetail, PROXY_ERROR_HEADER};
 
@@ -43,6 +43,9 @@ pub struct RequestInfo {
     pub dataverse_request_id: Option<HeaderValue>,
     /// The caller's name, when callers are identified.
     pub caller: Option<Arc<str>>,
+    /// The caller's place in `[[callers]]` plus one (0: none), which picks
+    /// the org's metric handles.
+    pub caller_slot: usize,
 }
 
 /// Writes the access log line and the request metrics of every request.
@@ -254,20 +257,22 @@ impl Entry {
         } else {
             "dataverse"
         };
-        let m = &self.state.metrics;
-        m.in_flight().dec();
-        m.finished(
-            &RequestLabels {
-                org: org.to_owned(),
-                method: method_label(&self.request.method),
-                status: status_class(self.status),
-                source,
-                caller: caller.to_owned(),
-            },
+        self.state.metrics.in_flight().dec();
+        let handles = match &self.info.org {
+            Some(org) => org
+                .metrics
+                .get(self.info.caller_slot)
+                .unwrap_or(&org.metrics[0]),
+            None => &self.state.unrouted,
+        };
+        handles.finished(&Finished {
+            method: self.request.method.clone(),
+            status: self.status,
+            source,
             duration,
             bytes_in,
             bytes_out,
-        );
+        });
         if !tracing::enabled!(tracing::Level::INFO) {
             return;
         }

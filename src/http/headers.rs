@@ -35,32 +35,8 @@ pub mod names {
     /// Remaining execution time in the window.
     pub const RATELIMIT_TIME: HeaderName =
         HeaderName::from_static("x-ms-ratelimit-time-remaining-xrm-requests");
-    /// A caller's API key.
-    pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
-    /// Impersonation by Entra object id.
-    pub const CALLER_OBJECT_ID: HeaderName = HeaderName::from_static("callerobjectid");
-    /// Impersonation by systemuser id (legacy; no dot in the name).
-    pub const MSCRM_CALLER_ID: HeaderName = HeaderName::from_static("mscrmcallerid");
-    /// Skips custom synchronous plug-ins (needs `prvBypassCustomPlugins`).
-    pub const BYPASS_CUSTOM_PLUGINS: HeaderName =
-        HeaderName::from_static("mscrm.bypasscustompluginexecution");
-    /// Skips synchronous and/or asynchronous custom logic.
-    pub const BYPASS_BUSINESS_LOGIC: HeaderName =
-        HeaderName::from_static("mscrm.bypassbusinesslogicexecution");
-    /// Skips Power Automate flows (callback registrations).
-    pub const SUPPRESS_CALLBACKS: HeaderName =
-        HeaderName::from_static("mscrm.suppresscallbackregistrationexpanderjob");
-    /// The headers that switch off Dataverse's own logic ("Bypass custom
-    /// Dataverse logic", Microsoft Learn), lower-case.
-    pub const PRIVILEGED: [HeaderName; 3] = [
-        BYPASS_CUSTOM_PLUGINS,
-        BYPASS_BUSINESS_LOGIC,
-        SUPPRESS_CALLBACKS,
-    ];
     /// RFC 7239.
     pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
-    /// De-facto forwarding headers.
-    pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
     /// De-facto forwarding headers.
     pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
     /// De-facto forwarding headers.
@@ -83,30 +59,13 @@ fn is_hop_by_hop(name: &str) -> bool {
     )
 }
 
-/// Request headers that never reach Dataverse: hop-by-hop ones, the
-/// caller's credentials, `Expect` (hyper's client
-/// cannot wait for `100 Continue`; the proxy's server side answers the
-/// caller's), impersonation (put back by the policy when allowed) and API keys.
+/// Request headers that never reach Dataverse as sent: hop-by-hop ones,
+/// `Expect` (hyper's client cannot wait for `100 Continue`; the proxy's
+/// server side answers the caller's), and the guarded ones (credentials,
+/// cookies, impersonation and privileged headers; the policy puts back
+/// what it allows).
 fn is_dropped_upstream(name: &str) -> bool {
-    is_hop_by_hop(name) || name == "expect" || is_guarded(name)
-}
-
-/// Caller headers that carry a credential, a session, an identity or a
-/// privilege, lower-case: never forwarded as sent, at the top level or in
-/// a `$batch` part; the policy may put the identity and privilege ones back.
-pub fn is_guarded(name: &str) -> bool {
-    matches!(
-        name,
-        "authorization"
-            | "proxy-authorization"
-            | "x-api-key"
-            | "cookie"
-            | "callerobjectid"
-            | "mscrmcallerid"
-            | "mscrm.bypasscustompluginexecution"
-            | "mscrm.bypassbusinesslogicexecution"
-            | "mscrm.suppresscallbackregistrationexpanderjob"
-    )
+    is_hop_by_hop(name) || name == "expect" || crate::policy::is_guarded(name)
 }
 
 /// Response headers from Dataverse that are not passed to callers.

@@ -9,8 +9,8 @@
 //! describe and are copied into the registry at scrape time. Each [`Metrics`] is its own registry (no global
 //! recorder), so several proxies in one process (tests) do not mix.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -266,6 +266,118 @@ pub fn status_class(status: http::StatusCode) -> &'static str {
     }
 }
 
+const METHODS: usize = 8;
+const CLASSES: usize = 5;
+const SOURCES: usize = 2;
+
+/// The request metrics of one org and caller. Each label set is looked up
+/// in its family once, on first use, so a finished request costs a few
+/// atomic increments instead of hashing and allocating its labels.
+pub struct RequestHandles {
+    metrics: Arc<Metrics>,
+    org: String,
+    caller: String,
+    /// By method, status class and source.
+    requests: [OnceLock<Counter>; METHODS * CLASSES * SOURCES],
+    /// By method.
+    duration: [OnceLock<Histogram>; METHODS],
+    bytes_in: OnceLock<Counter>,
+    bytes_out: OnceLock<Counter>,
+    upstream: OnceLock<Histogram>,
+}
+
+impl std::fmt::Debug for RequestHandles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestHandles")
+            .field("org", &self.org)
+            .field("caller", &self.caller)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RequestHandles {
+    /// Records a finished request.
+    pub fn finished(&self, request: &Finished) {
+        let m = &self.metrics;
+        let method = method_index(&request.method);
+        let class = (request.status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        let source = usize::from(request.source == "proxy");
+        self.requests[(method * CLASSES + class) * SOURCES + source]
+            .get_or_init(|| {
+                m.requests
+                    .get_or_create(&RequestLabels {
+                        org: self.org.clone(),
+                        method: method_label(&request.method),
+                        status: status_class(request.status),
+                        source: request.source,
+                        caller: self.caller.clone(),
+                    })
+                    .clone()
+            })
+            .inc();
+        self.duration[method]
+            .get_or_init(|| {
+                m.duration
+                    .get_or_create(&OrgMethod {
+                        org: self.org.clone(),
+                        method: method_label(&request.method),
+                    })
+                    .clone()
+            })
+            .observe(request.duration.as_secs_f64());
+        let org = || OrgLabel {
+            org: self.org.clone(),
+        };
+        if request.bytes_in > 0 {
+            self.bytes_in
+                .get_or_init(|| m.bytes_in.get_or_create(&org()).clone())
+                .inc_by(request.bytes_in);
+        }
+        self.bytes_out
+            .get_or_init(|| m.bytes_out.get_or_create(&org()).clone())
+            .inc_by(request.bytes_out);
+    }
+
+    /// Records the time Dataverse took to send response headers.
+    pub fn upstream(&self, duration: Duration) {
+        self.upstream
+            .get_or_init(|| {
+                self.metrics
+                    .upstream_duration
+                    .get_or_create(&OrgLabel {
+                        org: self.org.clone(),
+                    })
+                    .clone()
+            })
+            .observe(duration.as_secs_f64());
+    }
+}
+
+/// What the metrics need of a finished request.
+#[derive(Debug)]
+pub struct Finished {
+    pub method: http::Method,
+    pub status: http::StatusCode,
+    /// `proxy` or `dataverse`.
+    pub source: &'static str,
+    pub duration: Duration,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+fn method_index(m: &http::Method) -> usize {
+    match *m {
+        http::Method::GET => 0,
+        http::Method::POST => 1,
+        http::Method::PATCH => 2,
+        http::Method::PUT => 3,
+        http::Method::DELETE => 4,
+        http::Method::HEAD => 5,
+        http::Method::OPTIONS => 6,
+        _ => 7,
+    }
+}
+
 /// Registers `metric` under `name` and hands it back (the registry keeps a clone).
 fn registered<M>(r: &mut Registry, name: &str, help: &str, metric: M) -> M
 where
@@ -346,37 +458,19 @@ impl Metrics {
         &self.in_flight
     }
 
-    /// Records a finished request.
-    pub fn finished(
-        &self,
-        labels: &RequestLabels,
-        duration: Duration,
-        bytes_in: u64,
-        bytes_out: u64,
-    ) {
-        self.requests.get_or_create(labels).inc();
-        let org = OrgLabel {
-            org: labels.org.clone(),
-        };
-        self.duration
-            .get_or_create(&OrgMethod {
-                org: labels.org.clone(),
-                method: labels.method,
-            })
-            .observe(duration.as_secs_f64());
-        if bytes_in > 0 {
-            self.bytes_in.get_or_create(&org).inc_by(bytes_in);
+    /// The handles of the request metrics of one org and caller (`-` for
+    /// either when unknown), to keep and use for every request of theirs.
+    pub fn handles(self: &Arc<Self>, org: &str, caller: &str) -> RequestHandles {
+        RequestHandles {
+            metrics: self.clone(),
+            org: org.to_owned(),
+            caller: caller.to_owned(),
+            requests: std::array::from_fn(|_| OnceLock::new()),
+            duration: std::array::from_fn(|_| OnceLock::new()),
+            bytes_in: OnceLock::new(),
+            bytes_out: OnceLock::new(),
+            upstream: OnceLock::new(),
         }
-        self.bytes_out.get_or_create(&org).inc_by(bytes_out);
-    }
-
-    /// Records the time Dataverse took to send response headers.
-    pub fn upstream(&self, org: &str, duration: Duration) {
-        self.upstream_duration
-            .get_or_create(&OrgLabel {
-                org: org.to_owned(),
-            })
-            .observe(duration.as_secs_f64());
     }
 
     /// Renders the registry, after copying the scrape-time figures in.

@@ -9,8 +9,8 @@
 //!          └─ access log (one line and the request metrics when the body ends)
 //!             └─ catch panic (a bug costs one request a 500, not the connection)
 //!                └─ body idle timeouts (caller stalls: 408; Dataverse stalls: abort)
-//!                   └─ router: /api/data/…, /{org}/api/data/…, else 404
-//!                      └─ edge checks (request head, method set, lengths)
+//!                   └─ edge checks (request head, method set, lengths)
+//!                      └─ router: /api/data/…, /{org}/api/data/…, else 404
 //!                         └─ forward: admit → plan → send → answer
 //! ```
 //!
@@ -88,19 +88,16 @@ pub fn proxy_service(
         .layer(CatchPanicLayer::custom(panic_answer))
         .map_request(move |req: http::Request<_>| req.map(|b| IdleTimeout::new(b, body_idle)))
         .map_response(move |resp: Response| resp.map(|b| IdleTimeout::new(b, answer_idle)))
+        .layer(edge::EdgeLayer::new(state.limits.clone()))
         .service(router(state))
 }
 
-/// The routes; every path goes through the edge checks first.
+/// The routes: the Web API with and without an org prefix, and the rest.
 fn router(state: AppState) -> Router {
     Router::new()
         .route("/api/data/{*rest}", any(forward::handle))
         .route("/{org}/api/data/{*rest}", any(forward::handle))
         .fallback(outside_the_api)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            edge::check,
-        ))
         .with_state(state)
 }
 

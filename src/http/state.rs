@@ -9,7 +9,7 @@ use axum::http::HeaderValue;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::metrics::{Metrics, RateLimitSeen};
+use super::metrics::{Metrics, RateLimitSeen, RequestHandles};
 use super::public::{Base, PublicUrl};
 use super::upstream::UpstreamClient;
 use crate::config::{Config, UpstreamConfig};
@@ -47,6 +47,8 @@ pub struct Shared {
     pub public: Arc<PublicUrl>,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
+    /// Request metrics of requests that never reached an org.
+    pub unrouted: RequestHandles,
     /// Set when shutdown begins: `/readyz` answers 503 from then on.
     pub draining: Arc<AtomicBool>,
     /// Log query strings (off by default: they can carry personal data).
@@ -82,6 +84,9 @@ pub struct OrgState {
     pub policy: crate::config::Policy,
     /// Rewriters by public base URL (usually one entry).
     links: Mutex<Vec<(String, Arc<Links>)>>,
+    /// Request metrics of this org: `[0]` for requests without a known
+    /// caller, `[i + 1]` for `[[callers]]` entry `i`.
+    pub metrics: Vec<RequestHandles>,
 }
 
 /// The two link rewriters for one public URL.
@@ -128,6 +133,7 @@ impl OrgState {
         origin: String,
         token: TokenProvider,
         config: &Config,
+        metrics: &Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let origin_uri = origin
             .parse::<http::Uri>()
@@ -149,6 +155,10 @@ impl OrgState {
             ratelimit: RateLimitSeen::default(),
             policy: org.policy.clone(),
             links: Mutex::new(Vec::new()),
+            metrics: std::iter::once("-")
+                .chain(config.access.callers.iter().map(|c| &*c.name))
+                .map(|caller| metrics.handles(&org.name, caller))
+                .collect(),
         })
     }
 }
@@ -183,6 +193,7 @@ impl AppState {
     /// Builds the state from a validated config (binds nothing, fetches nothing).
     pub fn new(config: &Config) -> std::io::Result<Self> {
         let cache = crate::token::new_cache();
+        let metrics = Arc::new(Metrics::new());
         // One TLS setup for the token client and the Dataverse client.
         let tls = crate::tls::client_config(config.upstream.ca_file.as_deref())
             .map_err(std::io::Error::other)?;
@@ -218,7 +229,9 @@ impl AppState {
             if org.default {
                 routes.default = Some(i);
             }
-            orgs.push(Arc::new(OrgState::new(org, origin, token, config)?));
+            orgs.push(Arc::new(OrgState::new(
+                org, origin, token, config, &metrics,
+            )?));
         }
         Ok(Self(Arc::new(Shared {
             orgs: orgs.into(),
@@ -234,7 +247,8 @@ impl AppState {
                 trusted: config.trusted_proxies.clone(),
                 fallback_host: config.listen.to_string(),
             }),
-            metrics: Arc::new(Metrics::new()),
+            unrouted: metrics.handles("-", "-"),
+            metrics,
             draining: Arc::new(AtomicBool::new(false)),
             log_query: config.log.query,
             limits: Arc::new(config.limits.clone()),

@@ -53,6 +53,9 @@ pub fn admit(
         .access
         .admit(peer, &parts.headers, &org.name, &state.quotas)?;
     info.caller = caller.map(|c| c.name.clone());
+    info.caller_slot = caller
+        .and_then(|c| state.access.callers.iter().position(|k| std::ptr::eq(k, c)))
+        .map_or(0, |i| i + 1);
     let caller_read_only = caller.is_some_and(|c| c.read_only);
     // Where callers are configured, privileged headers need the caller's grant too.
     let caller_privileged = (!state.access.callers.is_empty())
@@ -60,9 +63,12 @@ pub fn admit(
     let resource = crate::policy::resource(api_path).unwrap_or_default();
     org.policy
         .check(&parts.method, &resource, caller_read_only)?;
-    let restored = org
-        .policy
-        .restored_headers(&parts.headers, caller_privileged.as_deref());
+    let restored = if org.policy.lets_any_through() {
+        org.policy
+            .restored_headers(&parts.headers, caller_privileged.as_deref())
+    } else {
+        Vec::new()
+    };
 
     let mut public = state.public.derive(&parts.headers, peer);
     if prefix_len > 0 {

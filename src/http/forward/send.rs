@@ -99,7 +99,7 @@ pub async fn send(
         let response = request(state, req).await?;
         let waited = sent_at.elapsed();
         info.upstream = Some(waited);
-        state.metrics.upstream(&org.name, waited);
+        org.metrics[0].upstream(waited);
         let next = next_step(
             response.status(),
             response.headers(),
