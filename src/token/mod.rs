@@ -70,23 +70,8 @@ impl TokenKey {
     }
 }
 
-/// The token cache shared by every provider of the process, one entry per
-/// provider. Entries are found by a number given to each provider rather than
-/// by its [`TokenKey`]: hashing the key's four strings on every request cost
-/// ~1,400 instructions (callgrind, docs/benchmarks.md); the key still decides
-/// which orgs share a provider.
-pub type TokenCache = Cache<CacheSlot, Arc<AccessToken>>;
-
-/// A provider's entry in the [`TokenCache`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CacheSlot(u64);
-
-impl CacheSlot {
-    fn next() -> Self {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        Self(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-    }
-}
+/// The token cache shared by every provider of the process.
+pub type TokenCache = Cache<TokenKey, Arc<AccessToken>>;
 
 /// A new, empty token cache whose entries leave when they stop being served.
 pub fn new_cache() -> TokenCache {
@@ -152,10 +137,10 @@ impl fmt::Debug for AccessToken {
 /// Per-entry expiry: an entry leaves the cache when it stops being served.
 struct ServeUntil;
 
-impl Expiry<CacheSlot, Arc<AccessToken>> for ServeUntil {
+impl Expiry<TokenKey, Arc<AccessToken>> for ServeUntil {
     fn expire_after_create(
         &self,
-        _key: &CacheSlot,
+        _key: &TokenKey,
         value: &Arc<AccessToken>,
         _now: std::time::Instant,
     ) -> Option<Duration> {
@@ -164,7 +149,7 @@ impl Expiry<CacheSlot, Arc<AccessToken>> for ServeUntil {
 
     fn expire_after_update(
         &self,
-        _key: &CacheSlot,
+        _key: &TokenKey,
         value: &Arc<AccessToken>,
         _now: std::time::Instant,
         _current: Option<Duration>,
@@ -208,9 +193,7 @@ struct Inner {
     credential: Arc<CredentialConfig>,
     settings: TokenConfig,
     source: Arc<dyn TokenSource>,
-    cache: TokenCache,
-    /// This provider's entry in the cache.
-    slot: CacheSlot,
+    cache: Cache<TokenKey, Arc<AccessToken>>,
     /// Guarded by a std mutex: held only for short, non-async sections.
     failure: Mutex<Option<Failure>>,
     /// Fetch counts for the metrics.
@@ -361,7 +344,6 @@ impl TokenProvider {
                 settings,
                 source,
                 cache,
-                slot: CacheSlot::next(),
                 failure: Mutex::new(None),
                 stats: TokenStats::default(),
                 fetched_once: std::sync::atomic::AtomicBool::new(false),
@@ -382,7 +364,7 @@ impl TokenProvider {
 
     /// How long the cached token is still served, if there is one.
     pub async fn expires_in(&self) -> Option<Duration> {
-        let token = self.inner.cache.get(&self.inner.slot).await?;
+        let token = self.inner.cache.get(&self.inner.key).await?;
         Some(token.serve_until.saturating_duration_since(Instant::now()))
     }
 
@@ -391,7 +373,7 @@ impl TokenProvider {
     /// current token stays if the fetch fails.
     pub async fn refresh_now(&self) -> Result<(), TokenError> {
         let fresh = self.fetch(FetchReason::Manual).await?;
-        self.inner.cache.insert(self.inner.slot, fresh).await;
+        self.inner.cache.insert(self.inner.key.clone(), fresh).await;
         Ok(())
     }
 
@@ -410,10 +392,10 @@ impl TokenProvider {
     /// A token to inject, or `TokenUnavailable` (503) when none can be had now.
     pub async fn get(&self) -> Result<Arc<AccessToken>, TokenUnavailable> {
         let inner = &self.inner;
-        match inner.cache.get(&inner.slot).await {
+        match inner.cache.get(&inner.key).await {
             Some(token) if Instant::now() < token.serve_until => return Ok(token),
             // Past serving (the cache's own timer may lag tokio's clock).
-            Some(_) => inner.cache.invalidate(&inner.slot).await,
+            Some(_) => inner.cache.invalidate(&inner.key).await,
             None => {}
         }
         if let Some(err) = self.failing_fast() {
@@ -421,7 +403,7 @@ impl TokenProvider {
         }
         let token = inner
             .cache
-            .try_get_with(inner.slot, self.fetch(self.miss_reason()))
+            .try_get_with(inner.key.clone(), self.fetch(self.miss_reason()))
             .await
             .map_err(|e| TokenUnavailable {
                 reason: e.caller_summary(),
@@ -444,7 +426,7 @@ impl TokenProvider {
         let _ = self
             .inner
             .cache
-            .entry(self.inner.slot)
+            .entry(self.inner.key.clone())
             .and_compute_with(|entry| {
                 let op = match entry {
                     Some(e) if Arc::ptr_eq(e.value(), &stale) => Op::Remove,
@@ -461,7 +443,7 @@ impl TokenProvider {
 
     /// True when a token is cached and servable (admin `/readyz`).
     pub async fn is_ready(&self) -> bool {
-        self.inner.cache.get(&self.inner.slot).await.is_some()
+        self.inner.cache.get(&self.inner.key).await.is_some()
     }
 
     /// While a recent failure's backoff runs, fail without calling Entra ID.
@@ -568,7 +550,7 @@ impl TokenProvider {
     /// When the refresher should act next.
     async fn next_due(&self) -> Instant {
         let retry_at = self.lock_failure().as_ref().map(|f| f.retry_at);
-        match self.inner.cache.get(&self.inner.slot).await {
+        match self.inner.cache.get(&self.inner.key).await {
             // Refresh ahead; after a failed refresh, wait out the backoff.
             Some(token) => retry_at.map_or(token.refresh_at, |r| r.max(token.refresh_at)),
             None => retry_at.unwrap_or_else(Instant::now),
@@ -577,19 +559,19 @@ impl TokenProvider {
 
     async fn refresh_once(&self) {
         let inner = &self.inner;
-        match inner.cache.get(&inner.slot).await {
+        match inner.cache.get(&inner.key).await {
             Some(token) if Instant::now() < token.refresh_at => {}
             Some(_) => {
                 // The current token stays cached (and served) if this fails.
                 if let Ok(fresh) = self.fetch(FetchReason::Refresh).await {
-                    inner.cache.insert(inner.slot, fresh).await;
+                    inner.cache.insert(inner.key.clone(), fresh).await;
                 }
             }
             None => {
                 // Shares the fetch with any request waiting on a cold cache.
                 let _ = inner
                     .cache
-                    .try_get_with(inner.slot, self.fetch(self.miss_reason()))
+                    .try_get_with(inner.key.clone(), self.fetch(self.miss_reason()))
                     .await;
             }
         }
