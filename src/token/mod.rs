@@ -200,6 +200,12 @@ struct Inner {
     stats: TokenStats,
     /// A token was fetched at least once.
     fetched_once: std::sync::atomic::AtomicBool,
+    /// The cache's current token as a plain pointer, so that a request reads
+    /// it under a read lock instead of querying moka (a `get` costs ~2,100
+    /// instructions, 3 % of a request: docs/benchmarks.md, "Round two"). The
+    /// cache stays the one store: this view is set only from what the cache
+    /// holds or is given ([`Self::remember`]) and cleared with it.
+    view: std::sync::RwLock<Option<Arc<AccessToken>>>,
     /// The last token was dropped after a 401.
     invalidated: std::sync::atomic::AtomicBool,
 }
@@ -347,6 +353,7 @@ impl TokenProvider {
                 failure: Mutex::new(None),
                 stats: TokenStats::default(),
                 fetched_once: std::sync::atomic::AtomicBool::new(false),
+                view: std::sync::RwLock::new(None),
                 invalidated: std::sync::atomic::AtomicBool::new(false),
             }),
         }
@@ -373,7 +380,11 @@ impl TokenProvider {
     /// current token stays if the fetch fails.
     pub async fn refresh_now(&self) -> Result<(), TokenError> {
         let fresh = self.fetch(FetchReason::Manual).await?;
-        self.inner.cache.insert(self.inner.key.clone(), fresh).await;
+        self.inner
+            .cache
+            .insert(self.inner.key.clone(), fresh.clone())
+            .await;
+        self.remember(Some(fresh));
         Ok(())
     }
 
@@ -391,9 +402,16 @@ impl TokenProvider {
 
     /// A token to inject, or `TokenUnavailable` (503) when none can be had now.
     pub async fn get(&self) -> Result<Arc<AccessToken>, TokenUnavailable> {
+        let viewed = self.viewed();
+        if let Some(token) = viewed.filter(|t| Instant::now() < t.serve_until) {
+            return Ok(token);
+        }
         let inner = &self.inner;
         match inner.cache.get(&inner.key).await {
-            Some(token) if Instant::now() < token.serve_until => return Ok(token),
+            Some(token) if Instant::now() < token.serve_until => {
+                self.remember(Some(token.clone()));
+                return Ok(token);
+            }
             // Past serving (the cache's own timer may lag tokio's clock).
             Some(_) => inner.cache.invalidate(&inner.key).await,
             None => {}
@@ -410,7 +428,25 @@ impl TokenProvider {
                 detail: e.to_string(),
                 retry_after: self.retry_after(),
             })?;
+        self.remember(Some(token.clone()));
         Ok(token)
+    }
+
+    fn viewed(&self) -> Option<Arc<AccessToken>> {
+        self.inner
+            .view
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Sets the view of the cache's token (see `Inner::view`).
+    fn remember(&self, token: Option<Arc<AccessToken>>) {
+        *self
+            .inner
+            .view
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = token;
     }
 
     /// Fetches a token now, bypassing the cache (for `check` and `token`).
@@ -435,6 +471,9 @@ impl TokenProvider {
                 std::future::ready(op)
             })
             .await;
+        if self.viewed().is_some_and(|t| Arc::ptr_eq(&t, &stale)) {
+            self.remember(None);
+        }
         self.inner
             .invalidated
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -564,7 +603,8 @@ impl TokenProvider {
             Some(_) => {
                 // The current token stays cached (and served) if this fails.
                 if let Ok(fresh) = self.fetch(FetchReason::Refresh).await {
-                    inner.cache.insert(inner.key.clone(), fresh).await;
+                    inner.cache.insert(inner.key.clone(), fresh.clone()).await;
+                    self.remember(Some(fresh));
                 }
             }
             None => {
