@@ -2,16 +2,15 @@
 //! path of a request, and the admin listener.
 //!
 //! ```text
-//! set request id (x-request-id: the caller's, or a new UUID v4)
-//! └─ propagate request id (to the answer)
-//!    └─ sensitive headers (Authorization, Proxy-Authorization, Cookie, X-API-Key)
-//!       └─ trace (one span per request: id, method, path; never the query)
-//!          └─ access log (one line and the request metrics when the body ends)
-//!             └─ catch panic (a bug costs one request a 500, not the connection)
-//!                └─ body idle timeouts (caller stalls: 408; Dataverse stalls: abort)
-//!                   └─ edge checks (request head, method set, lengths)
-//!                      └─ router: /api/data/…, /{org}/api/data/…, else 404
-//!                         └─ forward: admit → plan → send → answer
+//! request id (x-request-id: the caller's, or a new UUID v4; on the answer too)
+//! └─ sensitive headers (Authorization, Proxy-Authorization, Cookie, X-API-Key)
+//!    └─ trace (one span per request: id, method, path; never the query)
+//!       └─ access log (one line and the request metrics when the body ends)
+//!          └─ catch panic (a bug costs one request a 500, not the connection)
+//!             └─ body idle timeouts (caller stalls: 408; Dataverse stalls: abort)
+//!                └─ edge checks (request head, method set, lengths)
+//!                   └─ router: /api/data/…, /{org}/api/data/…, else 404
+//!                      └─ forward: admit → plan → send → answer
 //! ```
 //!
 //! The accept loop that drives the service (connection cap, header-read
@@ -26,6 +25,7 @@ pub mod headers;
 pub mod idle;
 pub mod metrics;
 pub mod public;
+pub mod request_id;
 pub mod state;
 pub mod upstream;
 
@@ -33,14 +33,11 @@ use std::convert::Infallible;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderName, HeaderValue};
+use axum::http::HeaderName;
 use axum::response::Response;
 use axum::routing::any;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{
-    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
@@ -75,8 +72,7 @@ pub fn proxy_service(
     ];
     let (body_idle, answer_idle) = (state.limits.body_idle_timeout, state.upstream.idle_timeout);
     ServiceBuilder::new()
-        .layer(SetRequestIdLayer::new(REQUEST_ID, FastRequestId))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(request_id::RequestIdLayer)
         .layer(SetSensitiveRequestHeadersLayer::new(sensitive))
         .layer(
             TraceLayer::new_for_http()
@@ -127,20 +123,4 @@ fn request_span<B>(req: &http::Request<B>) -> tracing::Span {
 fn panic_answer(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     tracing::error!("panic while handling a request");
     ProxyError::Internal.to_response(None)
-}
-
-/// Random (v4) UUIDs for requests that came without an id. Request ids need
-/// to be unique, not secret: a fast thread-local generator is enough (the
-/// `uuid` crate's v4 asks the OS for randomness on every call).
-#[derive(Debug, Clone, Copy)]
-struct FastRequestId;
-
-impl MakeRequestId for FastRequestId {
-    fn make_request_id<B>(&mut self, _: &http::Request<B>) -> Option<RequestId> {
-        let id = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
-        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
-            .ok()
-            .map(RequestId::new)
-    }
 }
