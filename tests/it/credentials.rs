@@ -388,12 +388,13 @@ async fn revoking_tokens_costs_one_token_request_and_no_failed_get() {
     h.sim.revoke_tokens();
     let big = "x".repeat(2 * 1024 * 1024);
     let resp = h
-        .client
-        .post(h.url("/accounts"))
-        .json(&serde_json::json!({"name": "big", "description": big}))
-        .send()
-        .await
-        .expect("post");
+        .send(
+            reqwest::Method::POST,
+            "/accounts",
+            &[],
+            Some(&serde_json::json!({"name": "big", "description": big})),
+        )
+        .await;
     assert_eq!(resp.status(), 401);
     assert_eq!(h.get("/WhoAmI").await.status(), 200);
     h.stop().await;

@@ -173,13 +173,13 @@ async fn dataverse_statuses_and_headers_pass_through_untouched() {
 
     // Optimistic concurrency: a stale If-Match is Dataverse's 412, untouched.
     let resp = h
-        .client
-        .patch(h.url(&format!("/accounts({id})")))
-        .header("If-Match", "W/\"1\"")
-        .json(&serde_json::json!({"name": "stale"}))
-        .send()
-        .await
-        .expect("request");
+        .send(
+            reqwest::Method::PATCH,
+            &format!("/accounts({id})"),
+            &[("If-Match", "W/\"1\"")],
+            Some(&serde_json::json!({"name": "stale"})),
+        )
+        .await;
     assert_eq!(resp.status(), 412);
     assert!(resp.headers().get("x-dataverse-proxy-error").is_none());
     let body: Value = resp.json().await.expect("json");
@@ -221,12 +221,13 @@ async fn create_update_delete_with_prefer_and_etags() {
     let h = Harness::start().await;
     // 204 + OData-EntityId by default.
     let resp = h
-        .client
-        .post(h.url("/accounts"))
-        .json(&serde_json::json!({"name": "Proxy Test Ltd", "revenue": 5000000}))
-        .send()
-        .await
-        .expect("create");
+        .send(
+            reqwest::Method::POST,
+            "/accounts",
+            &[],
+            Some(&serde_json::json!({"name": "Proxy Test Ltd", "revenue": 5000000})),
+        )
+        .await;
     assert_eq!(resp.status(), 204);
     let entity_id = resp.headers()["odata-entityid"]
         .to_str()
@@ -239,13 +240,13 @@ async fn create_update_delete_with_prefer_and_etags() {
 
     // 201 with the row when asked.
     let resp = h
-        .client
-        .post(h.url("/contacts"))
-        .header("Prefer", "return=representation")
-        .json(&serde_json::json!({"firstname": "Ada", "lastname": "Lovelace"}))
-        .send()
-        .await
-        .expect("create");
+        .send(
+            reqwest::Method::POST,
+            "/contacts",
+            &[("Prefer", "return=representation")],
+            Some(&serde_json::json!({"firstname": "Ada", "lastname": "Lovelace"})),
+        )
+        .await;
     assert_eq!(resp.status(), 201);
     assert_eq!(
         resp.headers()["preference-applied"],
@@ -259,20 +260,22 @@ async fn create_update_delete_with_prefer_and_etags() {
     let resp = h.get(&format!("/contacts({contact})")).await;
     let etag = resp.headers()["etag"].to_str().expect("etag").to_owned();
     let resp = h
-        .client
-        .patch(h.url(&format!("/contacts({contact})")))
-        .header("If-Match", &etag)
-        .json(&serde_json::json!({"jobtitle": "Analyst"}))
-        .send()
-        .await
-        .expect("patch");
+        .send(
+            reqwest::Method::PATCH,
+            &format!("/contacts({contact})"),
+            &[("If-Match", &etag)],
+            Some(&serde_json::json!({"jobtitle": "Analyst"})),
+        )
+        .await;
     assert_eq!(resp.status(), 204);
     let resp = h
-        .client
-        .delete(h.url(&format!("/contacts({contact})")))
-        .send()
-        .await
-        .expect("delete");
+        .send(
+            reqwest::Method::DELETE,
+            &format!("/contacts({contact})"),
+            &[],
+            None,
+        )
+        .await;
     assert_eq!(resp.status(), 204);
     assert_eq!(h.get(&format!("/contacts({contact})")).await.status(), 404);
     h.stop().await;

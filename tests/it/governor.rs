@@ -137,12 +137,13 @@ async fn a_non_replayable_request_gets_the_429_and_its_retry_after() {
     });
     // Larger than the replay buffer: streamed, so it cannot be sent again.
     let resp = h
-        .client
-        .post(h.url("/accounts"))
-        .json(&serde_json::json!({"name": "Too big to replay, more than sixteen bytes"}))
-        .send()
-        .await
-        .expect("post");
+        .send(
+            reqwest::Method::POST,
+            "/accounts",
+            &[],
+            Some(&serde_json::json!({"name": "Too big to replay, more than sixteen bytes"})),
+        )
+        .await;
     assert_eq!(resp.status(), 429);
     assert_eq!(resp.headers()["retry-after"], "1");
     assert!(

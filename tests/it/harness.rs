@@ -179,6 +179,25 @@ impl Harness {
         req.send().await.expect("request")
     }
 
+    /// A request with `method` to a Web API path, extra headers and an
+    /// optional JSON body.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        api_path: &str,
+        headers: &[(&str, &str)],
+        json: Option<&serde_json::Value>,
+    ) -> reqwest::Response {
+        let mut req = self.client.request(method, self.url(api_path));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        if let Some(body) = json {
+            req = req.json(body);
+        }
+        req.send().await.expect("request")
+    }
+
     /// `GET` of an admin listener path (`/readyz`, `/metrics`…).
     pub async fn admin_get(&self, path: &str) -> reqwest::Response {
         self.client

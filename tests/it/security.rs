@@ -186,13 +186,13 @@ async fn api_keys_name_callers_and_unknown_keys_are_401() {
     );
     // The caller's own read-only flag.
     let resp = h
-        .client
-        .post(h.url("/accounts"))
-        .header("x-api-key", key)
-        .json(&serde_json::json!({"name": "x"}))
-        .send()
-        .await
-        .expect("post");
+        .send(
+            reqwest::Method::POST,
+            "/accounts",
+            &[("x-api-key", key)],
+            Some(&serde_json::json!({"name": "x"})),
+        )
+        .await;
     assert_eq!(resp.status(), 403);
     // Quota: 2 per second, then 429 with Retry-After.
     let mut statuses = Vec::new();
