@@ -32,16 +32,18 @@ pub enum PolicyError {
 /// privilege, lower-case: never forwarded as sent, at the top level or in
 /// a `$batch` part; the policy may put the identity and privilege ones back.
 pub fn is_guarded(name: &str) -> bool {
-    matches!(
-        name,
-        "authorization"
-            | "proxy-authorization"
-            | "x-api-key"
-            | "cookie"
-            | "callerobjectid"
-            | "mscrmcallerid"
-    ) || PRIVILEGED_HEADERS.contains(&name)
+    GUARDED.contains(&name) || PRIVILEGED_HEADERS.contains(&name)
 }
+
+/// The guarded headers but the privileged ones ([`PRIVILEGED_HEADERS`]).
+const GUARDED: [&str; 6] = [
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "cookie",
+    "callerobjectid",
+    "mscrmcallerid",
+];
 
 /// What the `$batch` check needs to know besides the body.
 #[derive(Debug, Clone, Copy)]
@@ -257,7 +259,7 @@ impl Policy {
 
     /// Whether any impersonation or privileged header can pass at all (the
     /// default policy lets none through).
-    pub fn lets_any_through(&self) -> bool {
+    fn lets_any_through(&self) -> bool {
         self.impersonation != Impersonation::Drop || !self.privileged.is_empty()
     }
 
@@ -269,6 +271,10 @@ impl Policy {
         headers: &HeaderMap,
         caller_privileged: Option<&[String]>,
     ) -> Vec<(HeaderName, HeaderValue)> {
+        if !self.lets_any_through() {
+            // The default: no header lookups at all.
+            return Vec::new();
+        }
         let candidates = ["callerobjectid", "mscrmcallerid"]
             .into_iter()
             .chain(PRIVILEGED_HEADERS)
@@ -289,15 +295,7 @@ fn names_guarded_header(body: &[u8]) -> bool {
     let finder = NAMES.get_or_init(|| {
         aho_corasick::AhoCorasick::builder()
             .ascii_case_insensitive(true)
-            .build([
-                "authorization",
-                "x-api-key",
-                "cookie",
-                "callerobjectid",
-                "mscrmcallerid",
-                "mscrm.bypass",
-                "mscrm.suppresscallback",
-            ])
+            .build(GUARDED.iter().chain(&PRIVILEGED_HEADERS))
             .expect("fixed patterns build")
     });
     finder.is_match(body)

@@ -63,12 +63,9 @@ pub fn admit(
     let resource = crate::policy::resource(api_path).unwrap_or_default();
     org.policy
         .check(&parts.method, &resource, caller_read_only)?;
-    let restored = if org.policy.lets_any_through() {
-        org.policy
-            .restored_headers(&parts.headers, caller_privileged.as_deref())
-    } else {
-        Vec::new()
-    };
+    let restored = org
+        .policy
+        .restored_headers(&parts.headers, caller_privileged.as_deref());
 
     let mut public = state.public.derive(&parts.headers, peer);
     if prefix_len > 0 {

@@ -20,10 +20,6 @@ pub(super) fn b64url(data: &[u8]) -> String {
 
 /// Checks a client assertion: signed with the registered certificate, or
 /// a federated token from the configured external issuer.
-#[expect(
-    clippy::result_large_err,
-    reason = "simulator code, not on the hot path"
-)]
 pub(super) fn check_assertion(
     sim: &EntraState,
     assertion: &str,
@@ -50,10 +46,6 @@ pub(super) fn invalid_client(code: u32, msg: &str) -> Response {
 
 /// The registered certificate's key, if the header names it (by SHA-1 or
 /// SHA-256 thumbprint) and its algorithm and chain fit.
-#[expect(
-    clippy::result_large_err,
-    reason = "simulator code, not on the hot path"
-)]
 pub(super) fn registered_key(
     sim: &EntraState,
     header: &jsonwebtoken::Header,
@@ -105,10 +97,6 @@ pub(super) fn registered_key(
 }
 
 /// The assertion's signature, audience, lifetime, `iss`/`sub` and `jti`.
-#[expect(
-    clippy::result_large_err,
-    reason = "simulator code, not on the hot path"
-)]
 pub(super) fn certificate_assertion(
     sim: &EntraState,
     assertion: &str,
@@ -154,10 +142,6 @@ pub(super) fn certificate_assertion(
 }
 
 /// A federated assertion from the configured external issuer.
-#[expect(
-    clippy::result_large_err,
-    reason = "simulator code, not on the hot path"
-)]
 pub(super) fn federated_assertion(sim: &EntraState, assertion: &str) -> Result<(), Response> {
     let invalid = invalid_client;
     let cfg = &sim.config;

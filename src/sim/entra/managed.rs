@@ -94,10 +94,6 @@ pub(super) fn mi_error(status: StatusCode, error: &str, description: &str) -> Re
         .into_response()
 }
 
-#[expect(
-    clippy::result_large_err,
-    reason = "simulator code, not on the hot path"
-)]
 pub(super) fn managed_token(
     sim: &EntraState,
     q: &MiQuery,

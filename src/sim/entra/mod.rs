@@ -203,10 +203,6 @@ fn token(
 
 /// Issues a token to the configured client, or Entra ID's error: the
 /// tenant, the grant type, the client and its credential, the resource.
-#[expect(
-    clippy::result_large_err,
-    reason = "simulator code, not on the hot path"
-)]
 fn issue_for_client(
     sim: &EntraState,
     tenant: &str,
@@ -236,10 +232,6 @@ fn bad_request(error: &str, code: u32, message: &str) -> Response {
     entra_error(StatusCode::BAD_REQUEST, error, code, message)
 }
 
-#[expect(
-    clippy::result_large_err,
-    reason = "simulator code, not on the hot path"
-)]
 fn check_tenant(sim: &EntraState, tenant: &str) -> Result<(), Response> {
     if tenant.eq_ignore_ascii_case("common") || tenant.eq_ignore_ascii_case("consumers") {
         return Err(bad_request(
@@ -260,10 +252,6 @@ fn check_tenant(sim: &EntraState, tenant: &str) -> Result<(), Response> {
     Ok(())
 }
 
-#[expect(
-    clippy::result_large_err,
-    reason = "simulator code, not on the hot path"
-)]
 fn check_grant_type(form: &HashMap<String, String>) -> Result<(), Response> {
     match form.get("grant_type").map(String::as_str) {
         Some("client_credentials") => Ok(()),
@@ -281,10 +269,6 @@ fn check_grant_type(form: &HashMap<String, String>) -> Result<(), Response> {
 }
 
 /// The client id, from the form or HTTP Basic; it must be the configured app.
-#[expect(
-    clippy::result_large_err,
-    reason = "simulator code, not on the hot path"
-)]
 fn client_id(
     sim: &EntraState,
     tenant: &str,
@@ -316,10 +300,6 @@ fn client_id(
 
 /// Checks the client's secret or assertion; the `acr` claim it earns
 /// (`1` for a secret, `2` for a certificate or federated assertion).
-#[expect(
-    clippy::result_large_err,
-    reason = "simulator code, not on the hot path"
-)]
 fn authenticate(
     sim: &EntraState,
     form: &HashMap<String, String>,
@@ -364,10 +344,6 @@ fn authenticate(
 }
 
 /// The resource asked for: `scope` ending in `/.default` (v2) or `resource` (v1).
-#[expect(
-    clippy::result_large_err,
-    reason = "simulator code, not on the hot path"
-)]
 fn requested_resource(
     form: &HashMap<String, String>,
     version: Version,
@@ -444,10 +420,6 @@ fn token_body(
 }
 
 /// The org a resource names, if it lives in `tenant`.
-#[expect(
-    clippy::result_large_err,
-    reason = "simulator code, not on the hot path"
-)]
 fn check_resource(sim: &EntraState, resource: &str, tenant: &str) -> Result<String, Response> {
     let wanted = resource.trim_end_matches('/');
     let orgs = lock(&sim.orgs);
@@ -465,10 +437,6 @@ fn check_resource(sim: &EntraState, resource: &str, tenant: &str) -> Result<Stri
 }
 
 /// Signs an access token; returns it and its lifetime in seconds.
-#[expect(
-    clippy::result_large_err,
-    reason = "simulator code, not on the hot path"
-)]
 fn sign(
     sim: &EntraState,
     org: &str,
