@@ -1,6 +1,8 @@
-//! Who is calling: callers identified by API key or source address, the
-//! global source allow-list, `X-Forwarded-For` believed only from trusted
-//! proxies, and per-caller request-rate quotas.
+//! Who is calling: callers identified by an Entra ID token
+//! ([`crate::identity`]), an API key, a client certificate or the source
+//! address; the global source allow-list, `X-Forwarded-For` believed only
+//! from trusted proxies, per-caller request-rate quotas, and whom a caller
+//! acts as (`impersonate = "caller"`).
 //!
 //! The callers themselves are configuration ([`crate::config::Access`]); this
 //! module admits or refuses a request for them.
@@ -14,7 +16,8 @@ use http::{HeaderMap, HeaderName};
 use sha2::Digest;
 use tokio::time::Instant;
 
-use crate::config::{Access, Caller};
+use crate::config::{Access, Caller, CertificateRequirement, TokenRequirement};
+use crate::identity::{Principal, TokenError, Verifier};
 
 /// A caller's API key.
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -24,9 +27,15 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// Why a caller is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AdmissionError {
-    /// No API key, or an unknown one (401).
+    /// No credential, or an unknown API key (401).
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// A caller token that is not valid, or no keys to check it (401 / 503).
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// A valid token that no caller rule admits (403 `insufficient_scope`).
+    #[error("no caller rule admits this token (app, roles, scopes or groups)")]
+    InsufficientToken,
     /// Not from here, or not this org (403).
     #[error("{0}")]
     Forbidden(String),
@@ -36,6 +45,59 @@ pub enum AdmissionError {
         /// When a request is allowed again.
         retry_after: Duration,
     },
+}
+
+/// What a request shows of its caller.
+#[derive(Debug, Clone, Copy)]
+pub struct CallerRequest<'a> {
+    /// The connection's peer.
+    pub peer: IpAddr,
+    /// The request headers.
+    pub headers: &'a HeaderMap,
+    /// The verified client certificate (mTLS), if any.
+    pub certificate: Option<&'a PeerCertificate>,
+}
+
+/// The names of a verified client certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerCertificate {
+    /// Subject common names.
+    pub common_names: Vec<String>,
+    /// Subject alternative names: DNS names, URIs, e-mail addresses.
+    pub sans: Vec<String>,
+}
+
+impl PeerCertificate {
+    /// Whether it carries one of the names `req` lists.
+    pub fn meets(&self, req: &CertificateRequirement) -> bool {
+        req.common_names
+            .iter()
+            .any(|n| self.common_names.contains(n))
+            || req
+                .sans
+                .iter()
+                .any(|n| self.sans.iter().any(|s| s.eq_ignore_ascii_case(n)))
+    }
+}
+
+/// Who was admitted.
+#[derive(Debug, Default)]
+pub struct Admission<'a> {
+    /// The caller rule; `None` where no callers are configured.
+    pub caller: Option<&'a Caller>,
+    /// The principal of a caller token.
+    pub principal: Option<Principal>,
+    /// The user object id to act as (`impersonate = "caller"`).
+    pub act_as: Option<String>,
+}
+
+impl<'a> Admission<'a> {
+    fn of(caller: Option<&'a Caller>) -> Self {
+        Self {
+            caller,
+            ..Self::default()
+        }
+    }
 }
 
 /// The SHA-256 of an API key, as stored in the config.
@@ -95,67 +157,153 @@ impl Access {
             .unwrap_or(peer)
     }
 
-    /// Identifies the caller and applies the source, key, org and quota rules.
-    pub fn admit(
-        &self,
-        peer: IpAddr,
-        headers: &HeaderMap,
+    /// Identifies the caller and applies the source, credential, org and
+    /// quota rules. A credential is looked at in this order: an Entra ID
+    /// token (where `[caller_tokens]` is configured), an API key, a client
+    /// certificate; without one, the source address may name the caller.
+    pub async fn admit<'a>(
+        &'a self,
+        request: &CallerRequest<'_>,
+        verifier: Option<&Verifier>,
         org: &str,
         quotas: &Quotas,
-    ) -> Result<Option<&Caller>, AdmissionError> {
-        let ip = self.client_ip(peer, headers);
+    ) -> Result<Admission<'a>, AdmissionError> {
+        let ip = self.client_ip(request.peer, request.headers);
         if !self.allow_cidrs.is_empty() && !self.allow_cidrs.iter().any(|n| n.contains(&ip)) {
             return Err(AdmissionError::Forbidden(format!(
                 "{ip} is not an allowed source address"
             )));
         }
-        let key = headers
+        let admission = match (verifier, bearer(request.headers)) {
+            (Some(verifier), Some(token)) => self.by_token(verifier, token).await?,
+            _ => Admission::of(self.by_key_or_certificate(request, ip)?),
+        };
+        if let Some(c) = admission.caller {
+            self.check_caller(c, ip, org, quotas)?;
+        }
+        Ok(admission)
+    }
+
+    /// The caller an API key, a client certificate or the address names.
+    fn by_key_or_certificate(
+        &self,
+        request: &CallerRequest<'_>,
+        ip: IpAddr,
+    ) -> Result<Option<&Caller>, AdmissionError> {
+        let key = request
+            .headers
             .get(X_API_KEY)
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
             .filter(|k| !k.is_empty());
-        let caller = match key {
-            Some(k) => {
-                let hash = hash_key(k);
-                let c = self
-                    .callers
-                    .iter()
-                    .find(|c| c.key_sha256 == Some(hash))
-                    .ok_or(AdmissionError::Unauthorized("the API key is not known"))?;
-                Some(c)
-            }
-            None if self.require_key => {
-                return Err(AdmissionError::Unauthorized(
-                    "an API key is required (X-API-Key header)",
-                ));
-            }
-            // Without keys, a caller can be known by its address alone.
-            None => self
+        if let Some(k) = key {
+            let hash = hash_key(k);
+            return self
                 .callers
                 .iter()
-                .find(|c| c.key_sha256.is_none() && c.cidrs.iter().any(|n| n.contains(&ip))),
-        };
-        if let Some(c) = caller {
-            if !c.cidrs.is_empty() && !c.cidrs.iter().any(|n| n.contains(&ip)) {
-                return Err(AdmissionError::Forbidden(format!(
-                    "caller {} may not connect from {ip}",
-                    c.name
-                )));
-            }
-            if !c.orgs.is_empty() && !c.orgs.iter().any(|o| o == org) {
-                return Err(AdmissionError::Forbidden(format!(
-                    "caller {} may not use org {org}",
-                    c.name
-                )));
-            }
-            if let Some(rate) = c.requests_per_second {
-                quotas
-                    .take(&c.name, rate)
-                    .map_err(|retry_after| AdmissionError::Quota { retry_after })?;
-            }
+                .find(|c| c.key_sha256 == Some(hash))
+                .map(Some)
+                .ok_or(AdmissionError::Unauthorized("the API key is not known"));
         }
-        Ok(caller)
+        if let Some(cert) = request.certificate
+            && let Some(c) = self
+                .callers
+                .iter()
+                .find(|c| c.certificate.as_ref().is_some_and(|req| cert.meets(req)))
+        {
+            return Ok(Some(c));
+        }
+        if self.require_credential {
+            return Err(AdmissionError::Unauthorized(
+                "a credential is required (an Entra ID token, an X-API-Key or a client certificate)",
+            ));
+        }
+        // Without credentials, a caller can be known by its address alone.
+        Ok(self.callers.iter().find(|c| {
+            c.key_sha256.is_none()
+                && c.token.is_none()
+                && c.certificate.is_none()
+                && c.cidrs.iter().any(|n| n.contains(&ip))
+        }))
     }
+
+    /// The first token rule the principal meets.
+    async fn by_token(
+        &self,
+        verifier: &Verifier,
+        token: &str,
+    ) -> Result<Admission<'_>, AdmissionError> {
+        let principal = verifier.verify(token).await?;
+        let (caller, act_as) = self
+            .callers
+            .iter()
+            .find_map(|c| {
+                let req = c.token.as_ref()?;
+                if !meets(req, &principal) {
+                    return None;
+                }
+                match &c.act_as_caller {
+                    None => Some((c, None)),
+                    Some(_) if principal.is_user => Some((c, Some(principal.object_id.clone()))),
+                    // An app-only token acts as a user only where mapped.
+                    Some(a) => a.apps.get(&principal.app_id).map(|u| (c, Some(u.clone()))),
+                }
+            })
+            .ok_or(AdmissionError::InsufficientToken)?;
+        Ok(Admission {
+            caller: Some(caller),
+            principal: Some(principal),
+            act_as,
+        })
+    }
+
+    /// Where it may connect from, which orgs, its quota.
+    fn check_caller(
+        &self,
+        c: &Caller,
+        ip: IpAddr,
+        org: &str,
+        quotas: &Quotas,
+    ) -> Result<(), AdmissionError> {
+        if !c.cidrs.is_empty() && !c.cidrs.iter().any(|n| n.contains(&ip)) {
+            return Err(AdmissionError::Forbidden(format!(
+                "caller {} may not connect from {ip}",
+                c.name
+            )));
+        }
+        if !c.orgs.is_empty() && !c.orgs.iter().any(|o| o == org) {
+            return Err(AdmissionError::Forbidden(format!(
+                "caller {} may not use org {org}",
+                c.name
+            )));
+        }
+        if let Some(rate) = c.requests_per_second {
+            quotas
+                .take(&c.name, rate)
+                .map_err(|retry_after| AdmissionError::Quota { retry_after })?;
+        }
+        Ok(())
+    }
+}
+
+/// A bearer token in `Authorization`.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Whether `p` meets every list of `req` (each: at least one value in common).
+fn meets(req: &TokenRequirement, p: &Principal) -> bool {
+    let any = |wanted: &[String], have: &[String]| {
+        wanted.is_empty() || wanted.iter().any(|w| have.contains(w))
+    };
+    any(&req.app_ids, std::slice::from_ref(&p.app_id))
+        && any(&req.object_ids, std::slice::from_ref(&p.object_id))
+        && any(&req.tenants, std::slice::from_ref(&p.tenant))
+        && any(&req.roles, &p.roles)
+        && any(&req.scopes, &p.scopes)
+        && any(&req.groups, &p.groups)
 }
 
 #[cfg(test)]

@@ -58,6 +58,21 @@ pub enum ProxyError {
     /// 401: the caller's API key is missing or unknown.
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// 401: the caller's Entra ID token is not valid (expired, wrong
+    /// audience or issuer, bad signature…); the reason is safe to show.
+    #[error("the caller token is not valid ({0}); get a new token for the proxy's API")]
+    InvalidCallerToken(&'static str),
+    /// 403: a valid caller token that no caller rule admits.
+    #[error(
+        "the caller token is valid but no caller rule admits it (its app, roles, scopes or groups)"
+    )]
+    InsufficientCallerToken,
+    /// 503: no signing keys to check caller tokens with (Entra ID unreachable
+    /// since start-up); nothing is admitted unverified.
+    #[error(
+        "caller tokens cannot be checked now (no signing keys from Entra ID yet); try again later"
+    )]
+    CallerKeysUnavailable,
     /// 403: the caller may not use the proxy from here, or this org.
     #[error("{0}")]
     Forbidden(String),
@@ -136,8 +151,11 @@ impl ProxyError {
         match self {
             Self::NotFound | Self::UnknownOrg => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::Forbidden(_) | Self::PolicyDenied(_) => StatusCode::FORBIDDEN,
+            Self::Unauthorized(_) | Self::InvalidCallerToken(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) | Self::PolicyDenied(_) | Self::InsufficientCallerToken => {
+                StatusCode::FORBIDDEN
+            }
+            Self::CallerKeysUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::CallerQuota { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -163,6 +181,9 @@ impl ProxyError {
             Self::UnknownOrg => "unknown_org",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Unauthorized(_) => "unauthorized",
+            Self::InvalidCallerToken(_) => "invalid_token",
+            Self::InsufficientCallerToken => "insufficient_scope",
+            Self::CallerKeysUnavailable => "caller_keys_unavailable",
             Self::Forbidden(_) => "forbidden",
             Self::PolicyDenied(_) => "policy_denied",
             Self::CallerQuota { .. } => "caller_quota_exceeded",
@@ -189,10 +210,13 @@ impl ProxyError {
             | Self::GovernorQueueFull { retry_after }
             | Self::GovernorQueueTimeout { retry_after, .. }
             | Self::CallerQuota { retry_after } => Some(*retry_after),
+            Self::CallerKeysUnavailable => Some(Duration::from_secs(5)),
             Self::NotFound
             | Self::UnknownOrg
             | Self::MethodNotAllowed
             | Self::Unauthorized(_)
+            | Self::InvalidCallerToken(_)
+            | Self::InsufficientCallerToken
             | Self::Forbidden(_)
             | Self::PolicyDenied(_)
             | Self::UriTooLong
@@ -245,9 +269,23 @@ impl ProxyError {
         h.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(self.code()));
         match self {
             Self::Unauthorized(_) => {
-                h.insert(
+                h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                h.append(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("ApiKey header=\"X-API-Key\""),
+                );
+            }
+            Self::InvalidCallerToken(why) => {
+                let challenge =
+                    format!("Bearer error=\"invalid_token\", error_description=\"{why}\"");
+                if let Ok(v) = HeaderValue::from_str(&challenge) {
+                    h.insert(header::WWW_AUTHENTICATE, v);
+                }
+            }
+            Self::InsufficientCallerToken => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"insufficient_scope\""),
                 );
             }
             Self::MethodNotAllowed => {
@@ -320,6 +358,13 @@ impl From<crate::callers::AdmissionError> for ProxyError {
         use crate::callers::AdmissionError;
         match e {
             AdmissionError::Unauthorized(why) => Self::Unauthorized(why),
+            AdmissionError::Token(crate::identity::TokenError::Invalid(why)) => {
+                Self::InvalidCallerToken(why)
+            }
+            AdmissionError::Token(crate::identity::TokenError::KeysUnavailable) => {
+                Self::CallerKeysUnavailable
+            }
+            AdmissionError::InsufficientToken => Self::InsufficientCallerToken,
             AdmissionError::Forbidden(why) => Self::Forbidden(why),
             AdmissionError::Quota { retry_after } => Self::CallerQuota { retry_after },
         }

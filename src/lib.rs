@@ -17,8 +17,9 @@
 //! - **Domain** (no HTTP): [`token`] (client-credentials requests, the moka
 //!   cache, refresh ahead), [`governor`] (service-protection concurrency cap,
 //!   queue and the 429 gate), [`guard`] (which paths may reach Dataverse),
-//!   [`policy`] (the per-org access policy), [`callers`] (API keys, source
-//!   addresses, quotas), [`batch`] (the strict `$batch` reader) and
+//!   [`policy`] (the per-org access policy), [`callers`] (who is calling:
+//!   Entra ID tokens, API keys, client certificates, source addresses, quotas),
+//!   [`identity`] (Entra ID caller tokens: discovery, keys, claims), [`batch`] (the strict `$batch` reader) and
 //!   [`rewrite`] (streaming org-URL ⇄ proxy-URL rewriting). Each has its own
 //!   error type.
 //! - **HTTP**: [`http`]: the proxy listener's service, its tower layers in
@@ -49,6 +50,7 @@ pub mod error;
 pub mod governor;
 pub mod guard;
 pub mod http;
+pub mod identity;
 pub mod policy;
 pub mod rewrite;
 pub mod server;
@@ -118,6 +120,11 @@ pub async fn serve_with(
     warn_about_exposure(&config);
     let refreshers = state.spawn_refreshers(&control.shutdown);
     let reloader = tokio::spawn(reload_on(state.clone(), control.reload.clone()));
+    // Caller-token keys before the first caller needs them.
+    let key_prefetch = state
+        .verifier
+        .clone()
+        .map(|v| tokio::spawn(async move { v.prefetch().await }));
 
     let delay = config.shutdown.delay;
     let grace = config.shutdown.grace;
@@ -155,6 +162,9 @@ pub async fn serve_with(
     admin_stop.cancel();
     let _ = admin_server.await;
     reloader.abort();
+    if let Some(k) = key_prefetch {
+        k.abort();
+    }
     for r in refreshers {
         r.abort();
     }

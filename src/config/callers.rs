@@ -2,13 +2,25 @@
 
 use super::*;
 
+/// What [`validate_access`] needs from other sections.
+pub(super) struct AccessInputs<'a> {
+    pub(super) callers: Option<Vec<RawCaller>>,
+    pub(super) access: RawAccess,
+    pub(super) trusted_proxies: &'a [ipnet::IpNet],
+    pub(super) caller_tokens: Option<CallerTokens>,
+    /// `[tls] client_ca_file` is set (client certificates can be verified).
+    pub(super) client_ca: bool,
+}
+
 /// Validates callers and the global source list.
-pub(super) fn validate_access(
-    p: &mut Problems<'_>,
-    callers: Option<Vec<RawCaller>>,
-    access: RawAccess,
-    trusted_proxies: &[ipnet::IpNet],
-) -> Access {
+pub(super) fn validate_access(p: &mut Problems<'_>, input: AccessInputs<'_>) -> Access {
+    let AccessInputs {
+        callers,
+        access,
+        trusted_proxies,
+        caller_tokens,
+        client_ca,
+    } = input;
     let allow_cidrs = cidr_list(p, "access.allow_cidrs", access.allow_cidrs);
     let mut out = Vec::new();
     let mut names = std::collections::HashSet::new();
@@ -21,28 +33,64 @@ pub(super) fn validate_access(
                 "give every caller its own name",
             );
         }
-        out.push(validate_caller(p, &key, c));
+        let caller = validate_caller(p, &key, c);
+        if caller.token.is_some() && caller_tokens.is_none() {
+            p.push(
+                &format!("{key}.token"),
+                "needs [caller_tokens] (which tenants and audience to accept)",
+                "add a [caller_tokens] section with audiences and tenants",
+            );
+        }
+        if caller.certificate.is_some() && !client_ca {
+            p.push(
+                &format!("{key}.client_certificate"),
+                "needs [tls] client_ca_file to verify client certificates against",
+                "set [tls] cert_file, key_file and client_ca_file",
+            );
+        }
+        out.push(caller);
     }
-    let any_key = out.iter().any(|c| c.key_sha256.is_some());
+    let any_credential = out
+        .iter()
+        .any(|c| c.key_sha256.is_some() || c.token.is_some() || c.certificate.is_some());
     Access {
-        require_key: access.require_api_key.unwrap_or(any_key),
+        require_credential: access
+            .require_credential
+            .or(access.require_api_key)
+            .unwrap_or(any_credential),
         callers: out,
         allow_cidrs,
         trusted_proxies: trusted_proxies.to_vec(),
+        caller_tokens,
     }
 }
 
-/// One `[[callers]]` entry: recognised by key hash or source addresses.
+/// One `[[callers]]` entry: recognised by key hash, Entra ID token, client
+/// certificate or source addresses.
 fn validate_caller(p: &mut Problems<'_>, key: &str, c: RawCaller) -> Caller {
     let key_sha256 = c
         .api_key_sha256
         .as_deref()
         .and_then(|h| key_hash(p, &format!("{key}.api_key_sha256"), h));
     let cidrs = cidr_list(p, &format!("{key}.cidrs"), c.cidrs);
-    if key_sha256.is_none() && cidrs.is_empty() {
+    let token = c
+        .token
+        .map(|t| token_requirement(p, &format!("{key}.token"), t));
+    let certificate = c
+        .client_certificate
+        .map(|t| certificate_requirement(p, &format!("{key}.client_certificate"), t));
+    let recognisers = [key_sha256.is_some(), token.is_some(), certificate.is_some()];
+    if recognisers.iter().filter(|r| **r).count() > 1 {
         p.push(
             key,
-            "a caller needs an api_key_sha256 or cidrs to be recognised",
+            "names more than one of api_key_sha256, token and client_certificate",
+            "give each way of calling its own caller entry",
+        );
+    }
+    if !recognisers.contains(&true) && cidrs.is_empty() {
+        p.push(
+            key,
+            "a caller needs an api_key_sha256, a token, a client_certificate or cidrs to be recognised",
             "set one of them",
         );
     }
@@ -55,6 +103,13 @@ fn validate_caller(p: &mut Problems<'_>, key: &str, c: RawCaller) -> Caller {
             "e.g. requests_per_second = 20",
         );
     }
+    let act_as_caller = act_as_caller(
+        p,
+        key,
+        c.impersonate.as_deref(),
+        c.impersonate_apps,
+        token.is_some(),
+    );
     Caller {
         name: c.name.into(),
         key_sha256,
@@ -67,6 +122,9 @@ fn validate_caller(p: &mut Problems<'_>, key: &str, c: RawCaller) -> Caller {
             &format!("{key}.privileged_headers"),
             c.privileged_headers,
         ),
+        token,
+        certificate,
+        act_as_caller,
     }
 }
 

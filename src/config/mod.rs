@@ -27,9 +27,12 @@ use figment::{Figment, Metadata, Profile, Provider, Source};
 use secrecy::SecretString;
 use serde::Deserialize;
 use url::Url;
+use uuid::Uuid;
 
 mod callers;
 mod credentials;
+mod identity;
+mod listener;
 mod orgs;
 mod policy;
 mod problems;
@@ -42,6 +45,8 @@ mod validate;
 mod tests;
 
 pub use credentials::warn_if_readable_by_others;
+pub use identity::{ActAsCaller, CallerTokens, CertificateRequirement, TokenRequirement};
+pub use listener::{CorsConfig, ListenerTls};
 pub use policy::{Access, Caller, Impersonation, PRIVILEGED_HEADERS, Policy, WEB_API_METHODS};
 pub use problems::{ConfigError, parse_duration, parse_size};
 pub use raw::RawConfig;
@@ -49,6 +54,8 @@ pub use types::*;
 
 use callers::*;
 use credentials::*;
+use identity::*;
+use listener::*;
 use orgs::*;
 use policy::*;
 use problems::*;

@@ -95,6 +95,12 @@ pub struct Caller {
     /// Privileged headers this caller may send (lower-case), where the org
     /// policy allows them too.
     pub privileged: Vec<String>,
+    /// Recognised by an Entra ID token that meets this.
+    pub token: Option<super::TokenRequirement>,
+    /// Recognised by a client certificate that meets this.
+    pub certificate: Option<super::CertificateRequirement>,
+    /// Acts as the calling user (`CallerObjectId`).
+    pub act_as_caller: Option<super::ActAsCaller>,
 }
 
 /// Caller identification settings ([[callers]] and [access]).
@@ -104,8 +110,11 @@ pub struct Access {
     pub callers: Vec<Caller>,
     /// Every client must come from these; empty: anywhere.
     pub allow_cidrs: Vec<ipnet::IpNet>,
-    /// Every request needs a known API key (true when any caller has a key).
-    pub require_key: bool,
+    /// Every request needs a credential (API key, token or certificate) of
+    /// a known caller (true when any caller is recognised by one).
+    pub require_credential: bool,
+    /// Entra ID tokens as caller credentials.
+    pub caller_tokens: Option<super::CallerTokens>,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }

@@ -26,6 +26,74 @@ pub struct RawConfig {
     pub(super) limits: RawLimits,
     pub(super) callers: Option<Vec<RawCaller>>,
     pub(super) access: RawAccess,
+    pub(super) caller_tokens: Option<RawCallerTokens>,
+    pub(super) tls: Option<RawTls>,
+    pub(super) cors: Option<RawCors>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawCallerTokens {
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) audiences: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) tenants: Option<Vec<String>>,
+    pub(super) authority_host: Option<String>,
+    pub(super) clock_skew: Option<String>,
+    pub(super) key_refetch_interval: Option<String>,
+    pub(super) key_refresh: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawTokenRequirement {
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) app_ids: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) object_ids: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) tenants: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) roles: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) scopes: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) groups: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawCertificateRequirement {
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) common_names: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) sans: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawTls {
+    pub(super) cert_file: Option<String>,
+    pub(super) key_file: Option<String>,
+    pub(super) client_ca_file: Option<String>,
+    pub(super) client_certificate: Option<String>,
+    pub(super) reload_interval: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawCors {
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) allowed_origins: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) allowed_methods: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) allowed_headers: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) exposed_headers: Option<Vec<String>>,
+    pub(super) max_age: Option<String>,
+    #[serde(deserialize_with = "lenient_bool")]
+    pub(super) allow_credentials: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -105,6 +173,14 @@ pub(super) struct RawCaller {
     pub(super) requests_per_second: Option<f64>,
     #[serde(default, deserialize_with = "lenient_list")]
     pub(super) privileged_headers: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) token: Option<RawTokenRequirement>,
+    #[serde(default)]
+    pub(super) client_certificate: Option<RawCertificateRequirement>,
+    #[serde(default)]
+    pub(super) impersonate: Option<String>,
+    #[serde(default)]
+    pub(super) impersonate_apps: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -112,6 +188,9 @@ pub(super) struct RawCaller {
 pub(super) struct RawAccess {
     #[serde(deserialize_with = "lenient_list")]
     pub(super) allow_cidrs: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_bool")]
+    pub(super) require_credential: Option<bool>,
+    /// The older name of `require_credential`.
     #[serde(deserialize_with = "lenient_bool")]
     pub(super) require_api_key: Option<bool>,
 }
@@ -184,6 +263,8 @@ pub(super) struct RawLimits {
     pub(super) body_idle_timeout: Option<String>,
     pub(super) max_path: Option<String>,
     pub(super) max_query: Option<String>,
+    #[serde(deserialize_with = "lenient_number")]
+    pub(super) max_concurrent_streams: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]

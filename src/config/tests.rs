@@ -288,3 +288,55 @@ credential = \"nope\"
     assert!(text.contains("`orgs[0].name`"), "{text}");
     assert!(text.contains("no credential named \"nope\""), "{text}");
 }
+
+const TENANT: &str = "7f3c8a2e-1b4d-4c6a-9e21-5d8f0a3b6c11";
+const APP: &str = "3d9e5f1a-6b2c-4a8d-b7e4-0c1f2a3b4d5e";
+
+#[test]
+fn caller_tokens_and_acting_as_the_caller_load() {
+    let text = format!(
+        "[caller_tokens]\naudiences = [\"api://dataverse-proxy\"]\ntenants = [\"{TENANT}\"]\nclock_skew = \"2m\"\n\n\
+         [[callers]]\nname = \"portal\"\ntoken = {{ scopes = [\"user_impersonation\"] }}\nimpersonate = \"caller\"\n\
+         impersonate_apps = {{ \"{APP}\" = \"{TENANT}\" }}\n\n\
+         [[callers]]\nname = \"jobs\"\ntoken = {{ app_ids = [\"{}\"], roles = [\"Dataverse.Read\"] }}\n",
+        APP.to_ascii_uppercase()
+    );
+    let cfg = load_toml(&text, minimal_env()).1.expect("valid");
+    let tokens = cfg.access.caller_tokens.as_ref().expect("caller tokens");
+    assert_eq!(tokens.clock_skew, Duration::from_secs(120));
+    assert_eq!(tokens.key_refetch_interval, Duration::from_secs(300));
+    assert!(
+        cfg.access.require_credential,
+        "token rules require a credential"
+    );
+    let portal = &cfg.access.callers[0];
+    assert_eq!(portal.act_as_caller.as_ref().map(|a| a.apps.len()), Some(1));
+    let jobs = cfg.access.callers[1].token.as_ref().expect("token rule");
+    assert_eq!(jobs.app_ids, [APP], "GUIDs are lower-cased");
+}
+
+#[test]
+fn identity_mistakes_name_their_keys() {
+    let text = format!(
+        "[[callers]]\nname = \"a\"\ntoken = {{ app_ids = [\"not-a-guid\"] }}\n\n\
+         [[callers]]\nname = \"b\"\ncidrs = [\"10.0.0.0/8\"]\nimpersonate = \"caller\"\n\n\
+         [[callers]]\nname = \"c\"\napi_key_sha256 = \"{}\"\ntoken = {{}}\nimpersonate = \"someone\"\n\n\
+         [[callers]]\nname = \"d\"\nclient_certificate = {{ common_names = [\"svc\"] }}\n\n\
+         [cors]\nallowed_origins = [\"*\", \"https://app.example.com/path\"]\nallowed_methods = [\"TRACE\"]\n",
+        "0".repeat(64)
+    );
+    let err = load_toml(&text, minimal_env()).1.expect_err("invalid");
+    let text = err.to_string();
+    for key in [
+        "`callers[0].token.app_ids`",
+        "`callers[0].token` (",
+        "`callers[1].impersonate`",
+        "`callers[2]`",
+        "`callers[2].impersonate`",
+        "`callers[3].client_certificate`",
+        "`cors.allowed_origins`",
+        "`cors.allowed_methods`",
+    ] {
+        assert!(text.contains(key), "{key} in {text}");
+    }
+}

@@ -29,6 +29,10 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Caller identification.
     pub access: Access,
+    /// TLS on the proxy listener; `None`: plain HTTP (h1 and h2c).
+    pub tls: Option<ListenerTls>,
+    /// CORS preflights answered by the proxy; `None`: off.
+    pub cors: Option<CorsConfig>,
 }
 
 /// One Dataverse organisation.
@@ -270,6 +274,8 @@ pub struct LimitsConfig {
     pub max_path: usize,
     /// Query string length at most (414 beyond).
     pub max_query: usize,
+    /// HTTP/2 streams per connection at most.
+    pub max_concurrent_streams: u32,
 }
 
 /// Shutdown settings.

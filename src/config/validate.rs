@@ -29,7 +29,20 @@ impl RawConfig {
         let governor = governor(&mut p, self.governor);
         let token = token(&mut p, self.token, &upstream);
         let shutdown = shutdown(&mut p, self.shutdown);
-        let access = validate_access(&mut p, self.callers, self.access, &trusted_proxies);
+        let caller_tokens = caller_tokens(&mut p, self.caller_tokens);
+        let tls = tls(&mut p, self.tls);
+        let cors = cors(&mut p, self.cors);
+        let client_ca = tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
+        let access = validate_access(
+            &mut p,
+            AccessInputs {
+                callers: self.callers,
+                access: self.access,
+                trusted_proxies: &trusted_proxies,
+                caller_tokens,
+                client_ca,
+            },
+        );
         let limits = limits(&mut p, self.limits);
         let log = LogConfig {
             format: log_format(&mut p, self.log.format.as_deref()),
@@ -49,6 +62,8 @@ impl RawConfig {
                 shutdown,
                 limits,
                 access,
+                tls,
+                cors,
             }),
             _ => Err(ConfigError { problems: p.list }),
         }
@@ -253,6 +268,7 @@ fn limits(p: &mut Problems<'_>, l: RawLimits) -> LimitsConfig {
         ),
         max_path: p.size("limits.max_path", l.max_path.as_deref(), 4 << 10),
         max_query: p.size("limits.max_query", l.max_query.as_deref(), 32 << 10),
+        max_concurrent_streams: l.max_concurrent_streams.unwrap_or(100),
     }
 }
 

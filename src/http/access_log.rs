@@ -43,6 +43,8 @@ pub struct RequestInfo {
     pub dataverse_request_id: Option<HeaderValue>,
     /// The caller's name, when callers are identified.
     pub caller: Option<Arc<str>>,
+    /// Who a caller token names: the user's object id, or the app's client id.
+    pub principal: Option<Arc<str>>,
     /// The caller's place in `[[callers]]` plus one (0: none), which picks
     /// the org's metric handles.
     pub caller_slot: usize,
@@ -296,6 +298,7 @@ impl Entry {
             tracing::Level::INFO,
             request.id = %text(&self.request.request_id),
             caller = caller,
+            principal = self.info.principal.as_deref().unwrap_or("-"),
             org = org,
             method = %self.request.method,
             path = %path,

@@ -59,6 +59,8 @@ pub struct Shared {
     pub access: Arc<crate::config::Access>,
     /// Caller request-rate quotas.
     pub quotas: Arc<crate::callers::Quotas>,
+    /// Checks caller tokens, where `[caller_tokens]` is configured.
+    pub verifier: Option<Arc<crate::identity::Verifier>>,
 }
 
 /// One org and everything per org: its token, its governor, its rewriters.
@@ -82,6 +84,9 @@ pub struct OrgState {
     pub ratelimit: RateLimitSeen,
     /// What may reach this org.
     pub policy: crate::config::Policy,
+    /// The same for callers the proxy acts as (`impersonate = "caller"`):
+    /// no impersonation header of the caller's passes, whatever the policy.
+    pub policy_acting_as_caller: crate::config::Policy,
     /// Rewriters by public base URL (usually one entry).
     links: Mutex<Vec<(String, Arc<Links>)>>,
     /// Request metrics of this org: `[0]` for requests without a known
@@ -154,6 +159,10 @@ impl OrgState {
             governor: Governor::new(config.governor.clone()),
             ratelimit: RateLimitSeen::default(),
             policy: org.policy.clone(),
+            policy_acting_as_caller: crate::config::Policy {
+                impersonation: crate::config::Impersonation::Drop,
+                ..org.policy.clone()
+            },
             links: Mutex::new(Vec::new()),
             metrics: std::iter::once("-")
                 .chain(config.access.callers.iter().map(|c| &*c.name))
@@ -233,6 +242,18 @@ impl AppState {
                 org, origin, token, config, &metrics,
             )?));
         }
+        let verifier = match &config.access.caller_tokens {
+            Some(tokens) => {
+                let http = crate::token::entra_client(&config.token, tls.clone())
+                    .map_err(std::io::Error::other)?;
+                let source = crate::identity::HttpKeySource::new(http, tokens.authority.clone());
+                Some(Arc::new(crate::identity::Verifier::new(
+                    tokens.clone(),
+                    Arc::new(source),
+                )))
+            }
+            None => None,
+        };
         Ok(Self(Arc::new(Shared {
             orgs: orgs.into(),
             routes: Arc::new(routes),
@@ -254,6 +275,7 @@ impl AppState {
             limits: Arc::new(config.limits.clone()),
             access: Arc::new(config.access.clone()),
             quotas: Arc::default(),
+            verifier,
         })))
     }
 

@@ -60,6 +60,11 @@ pub struct SimConfig {
     pub managed_identity_client_id: String,
     /// The secret App Service hands its apps in `IDENTITY_HEADER`.
     pub identity_header: String,
+    /// The proxy's own API registration: its Application ID URI (the
+    /// audience of v1 caller tokens)…
+    pub api_app_id_uri: String,
+    /// …and its client id (the audience of v2 caller tokens).
+    pub api_client_id: String,
 }
 
 /// A federated identity credential: tokens of `issuer` for `subject`,
@@ -88,6 +93,8 @@ impl Default for SimConfig {
             federation: None,
             managed_identity_client_id: "5a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d".to_owned(),
             identity_header: format!("ih-{}", Uuid::new_v4().simple()),
+            api_app_id_uri: "api://dataverse-proxy-sim".to_owned(),
+            api_client_id: "9b2d4f6a-8c1e-4a3b-9d5f-7e0a1b2c3d4e".to_owned(),
         }
     }
 }
@@ -142,6 +149,8 @@ pub struct EntraState {
     used_jti: Mutex<std::collections::HashSet<String>>,
     /// Headers of the last token request (tests inspect assertions).
     last_request: Mutex<Option<(HeaderMap, String)>>,
+    /// The proxy's API, its caller apps and signing keys.
+    callers: entra::CallerDirectory,
 }
 
 /// One simulated Dataverse org.
@@ -161,6 +170,10 @@ pub struct SimState {
     broken_bodies: std::sync::atomic::AtomicU64,
     /// The body of the last `$batch` request, as received.
     last_batch: Mutex<Option<Bytes>>,
+    /// Users by Entra object id → systemuserid (impersonation targets).
+    users: Mutex<std::collections::HashMap<Uuid, Uuid>>,
+    /// Whether the application user holds `prvActOnBehalfOfAnotherUser`.
+    impersonation_privilege: AtomicBool,
 }
 
 /// Test hooks over one simulated org and the shared Entra ID. Cheap to clone.
@@ -268,6 +281,78 @@ impl SimHandle {
     /// app an admin of that tenant approved.
     pub fn add_tenant(&self, tenant_id: &str) {
         lock(&self.0.entra.tenants).push(tenant_id.to_owned());
+    }
+
+    /// Registers an app that may call the proxy's API, with `roles`
+    /// assigned; it gets tokens by client credentials with its secret.
+    pub fn add_caller_app(&self, roles: &[&str]) -> entra::CallerApp {
+        self.0.entra.callers.add_app(roles)
+    }
+
+    /// Claims of a caller token for `who` in `tenant` (1.0 or 2.0 format),
+    /// valid for an hour; tests change them before [`Self::sign_caller_token`].
+    pub fn caller_claims(
+        &self,
+        tenant: &str,
+        who: &entra::TokenSubject,
+        version: u8,
+    ) -> serde_json::Value {
+        entra::caller_claims(&self.0.entra, tenant, who, version)
+    }
+
+    /// Signs `claims` with the published signing key (RS256).
+    pub fn sign_caller_token(&self, claims: &serde_json::Value) -> String {
+        self.0.entra.callers.current_key().sign(claims)
+    }
+
+    /// A user token for the proxy's API in the home tenant: the test-only
+    /// stand-in for a user signing in to a client app.
+    pub fn mint_user_token(&self, oid: &str, scopes: &[&str]) -> String {
+        let who = entra::TokenSubject::User {
+            oid: oid.to_owned(),
+            client_id: "0c4e1f2a-3b5d-4e6f-8a9b-1c2d3e4f5a6b".to_owned(),
+            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        let version = self.0.entra.callers.token_version();
+        self.sign_caller_token(&self.caller_claims(&self.0.tenant_id, &who, version))
+    }
+
+    /// The signing key's public half as PEM.
+    pub fn caller_public_key_pem(&self) -> String {
+        self.0.entra.callers.current_key().public_pem.clone()
+    }
+
+    /// Publishes a new signing key and signs caller tokens with it from now on.
+    pub fn rotate_caller_keys(&self) {
+        self.0.entra.callers.rotate();
+    }
+
+    /// The token format of caller tokens: 1 or 2 (the default).
+    pub fn set_caller_token_version(&self, version: u8) {
+        self.0.entra.callers.set_token_version(version);
+    }
+
+    /// Requests for the OpenID discovery documents and the keys.
+    pub fn key_requests(&self) -> u64 {
+        self.0.entra.callers.key_requests.load(Ordering::SeqCst)
+    }
+
+    /// Adds a user to the org with Entra object id `oid`; its systemuserid.
+    pub fn add_user(&self, oid: Uuid) -> Uuid {
+        *lock(&self.0.users).entry(oid).or_insert_with(Uuid::new_v4)
+    }
+
+    /// Grants or takes away the application user's `prvActOnBehalfOfAnotherUser`.
+    pub fn set_impersonation_privilege(&self, granted: bool) {
+        self.0
+            .impersonation_privilege
+            .store(granted, Ordering::SeqCst);
+    }
+
+    /// The application user's systemuserid (what `WhoAmI` answers without
+    /// impersonation).
+    pub fn application_user_id(&self) -> Uuid {
+        self.0.ids.user
     }
 
     /// Adds latency before Dataverse answers.
@@ -383,6 +468,7 @@ impl Sim {
             revoked: Mutex::new(std::collections::HashSet::new()),
             used_jti: Mutex::new(std::collections::HashSet::new()),
             last_request: Mutex::new(None),
+            callers: entra::CallerDirectory::new(),
         });
         spawn(entra, entra::router(entra_state.clone()), &shutdown);
         let tenant = entra_state.config.tenant_id.clone();
@@ -416,6 +502,8 @@ impl Sim {
             uploads: Mutex::new(std::collections::HashMap::new()),
             broken_bodies: std::sync::atomic::AtomicU64::new(0),
             last_batch: Mutex::new(None),
+            users: Mutex::new(std::collections::HashMap::new()),
+            impersonation_privilege: AtomicBool::new(true),
         });
         spawn(listener, dataverse::router(state.clone()), shutdown);
         Ok(SimHandle(state))

@@ -439,6 +439,29 @@ fn first_line(description: &str) -> String {
     line.chars().take(400).collect()
 }
 
+/// The HTTP client towards Entra ID (tokens, and the keys caller tokens are
+/// checked with). Egress comes from the configuration only (HTTPS_PROXY /
+/// NO_PROXY reach it through the environment layer), as for the Dataverse
+/// client.
+pub fn entra_client(
+    settings: &crate::config::TokenConfig,
+    tls: rustls::ClientConfig,
+) -> Result<reqwest::Client, reqwest::Error> {
+    let mut builder = reqwest::Client::builder()
+        .no_proxy()
+        .tls_backend_preconfigured(tls);
+    if let Some(e) = &settings.egress {
+        let proxy = reqwest::Proxy::all(&e.url)?;
+        builder = builder.proxy(proxy.no_proxy(reqwest::NoProxy::from_string(&e.no_proxy)));
+    }
+    builder
+        .timeout(settings.fetch_timeout)
+        .connect_timeout(settings.fetch_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("dataverse-proxy/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{CredentialConfig, CredentialKind, ManagedIdentity, TokenConfig};
-pub use client::{Target, TokenError};
+pub use client::{Target, TokenError, entra_client};
 
 /// Identifies a token: the same app in two tenants, or for two orgs, gets two.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -311,21 +311,7 @@ impl TokenProvider {
         cache: TokenCache,
         tls: rustls::ClientConfig,
     ) -> Result<Self, reqwest::Error> {
-        // Egress comes from the configuration only (HTTPS_PROXY / NO_PROXY
-        // reach it through the environment layer), for both clients alike.
-        let mut builder = reqwest::Client::builder()
-            .no_proxy()
-            .tls_backend_preconfigured(tls);
-        if let Some(e) = &settings.egress {
-            let proxy = reqwest::Proxy::all(&e.url)?;
-            builder = builder.proxy(proxy.no_proxy(reqwest::NoProxy::from_string(&e.no_proxy)));
-        }
-        let http = builder
-            .timeout(settings.fetch_timeout)
-            .connect_timeout(settings.fetch_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("dataverse-proxy/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let http = client::entra_client(&settings, tls)?;
         let key = TokenKey::new(&credential, &target);
         let source = Arc::new(Entra {
             http,

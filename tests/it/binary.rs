@@ -249,6 +249,7 @@ async fn logs_never_contain_the_secret_or_a_token() {
     for field in [
         "request.id",
         "caller",
+        "principal",
         "org",
         "method",
         "path",

@@ -8,6 +8,7 @@ mod forward;
 mod governor;
 mod harness;
 mod hostile;
+mod identity;
 mod links;
 mod operations;
 mod security;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 
+use crate::callers::{CallerRequest, PeerCertificate};
 use crate::error::ProxyError;
 use crate::http::access_log::RequestInfo;
 use crate::http::state::{AppState, Links, OrgState};
@@ -29,10 +30,27 @@ pub struct Admitted {
     pub links: Arc<Links>,
     /// For a `$batch`: the bases its absolute operation URLs may start with.
     pub batch_origins: Option<Vec<String>>,
+    /// The proxy acts as the calling user (`CallerObjectId` set by the
+    /// proxy; the caller's own impersonation headers dropped everywhere).
+    pub acts_as_caller: bool,
 }
 
+impl Admitted {
+    /// The org's policy as it applies to this request.
+    pub fn policy(&self) -> &crate::config::Policy {
+        if self.acts_as_caller {
+            &self.org.policy_acting_as_caller
+        } else {
+            &self.org.policy
+        }
+    }
+}
+
+/// Dataverse's impersonation header (an Entra object id).
+const CALLER_OBJECT_ID: HeaderName = HeaderName::from_static("callerobjectid");
+
 /// Routes the request to an org and decides whether it may go there.
-pub fn admit(
+pub async fn admit(
     state: &AppState,
     peer: IpAddr,
     parts: &Parts,
@@ -49,10 +67,26 @@ pub fn admit(
     let api_path = &parts.uri.path()[prefix_len..];
     crate::guard::check(api_path)?;
 
-    let caller = state
+    let request = CallerRequest {
+        peer,
+        headers: &parts.headers,
+        certificate: parts.extensions.get::<PeerCertificate>(),
+    };
+    let admission = state
         .access
-        .admit(peer, &parts.headers, &org.name, &state.quotas)?;
+        .admit(
+            &request,
+            state.verifier.as_deref(),
+            &org.name,
+            &state.quotas,
+        )
+        .await?;
+    let caller = admission.caller;
     info.caller = caller.map(|c| c.name.clone());
+    info.principal = admission.principal.as_ref().map(|p| {
+        let id = if p.is_user { &p.object_id } else { &p.app_id };
+        Arc::from(id.as_str())
+    });
     info.caller_slot = caller
         .and_then(|c| state.access.callers.iter().position(|k| std::ptr::eq(k, c)))
         .map_or(0, |i| i + 1);
@@ -60,12 +94,22 @@ pub fn admit(
     // Where callers are configured, privileged headers need the caller's grant too.
     let caller_privileged = (!state.access.callers.is_empty())
         .then(|| caller.map(|c| c.privileged.clone()).unwrap_or_default());
+    let acts_as_caller = admission.act_as.is_some();
+    let policy = if acts_as_caller {
+        &org.policy_acting_as_caller
+    } else {
+        &org.policy
+    };
     let resource = crate::policy::resource(api_path).unwrap_or_default();
-    org.policy
-        .check(&parts.method, &resource, caller_read_only)?;
-    let restored = org
-        .policy
-        .restored_headers(&parts.headers, caller_privileged.as_deref());
+    policy.check(&parts.method, &resource, caller_read_only)?;
+    let mut restored = policy.restored_headers(&parts.headers, caller_privileged.as_deref());
+    if let Some(oid) = admission
+        .act_as
+        .as_deref()
+        .and_then(|o| HeaderValue::from_str(o).ok())
+    {
+        restored.push((CALLER_OBJECT_ID, oid));
+    }
 
     let mut public = state.public.derive(&parts.headers, peer);
     if prefix_len > 0 {
@@ -87,5 +131,6 @@ pub fn admit(
         restored,
         links,
         batch_origins,
+        acts_as_caller,
     })
 }

@@ -65,7 +65,7 @@ async fn forward(
     let arrived = Instant::now();
     let (parts, body) = req.into_parts();
     let body = Body::new(Inbound::new(body, state.limits.max_body));
-    let admitted = admit::admit(state, peer.ip(), &parts, info)?;
+    let admitted = admit::admit(state, peer.ip(), &parts, info).await?;
     let planned = plan::plan(state, &admitted, parts, body).await?;
     let sent = send::send(state, &admitted.org, planned, arrived, info).await?;
     answer::answer(state, &admitted, sent, info).await

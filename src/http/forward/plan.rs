@@ -49,7 +49,7 @@ pub async fn plan(
                 caller_read_only: admitted.caller_read_only,
                 caller_privileged: admitted.caller_privileged.as_deref(),
             };
-            let bytes = read_batch(body, &headers, &org.policy, &ctx).await?;
+            let bytes = read_batch(body, &headers, admitted.policy(), &ctx).await?;
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             headers.remove(header::TRANSFER_ENCODING);
             Body::from(bytes)

@@ -49,7 +49,7 @@ fn parts(method: Method, target: &str, headers: &[(&str, &str)]) -> axum::http::
     req.body(()).expect("request").into_parts().0
 }
 
-fn admitted(
+async fn admitted(
     state: &AppState,
     method: Method,
     target: &str,
@@ -61,6 +61,7 @@ fn admitted(
         &parts(method, target, headers),
         &mut RequestInfo::default(),
     )
+    .await
 }
 
 // --- admit ---
@@ -68,20 +69,23 @@ fn admitted(
 #[tokio::test]
 async fn admit_routes_guards_and_applies_the_policy() {
     let s = state(&[("org.policy.deny", "systemusers")]);
-    let ok = admitted(&s, Method::GET, "/api/data/v9.2/accounts", &[]).expect("admitted");
+    let ok = admitted(&s, Method::GET, "/api/data/v9.2/accounts", &[])
+        .await
+        .expect("admitted");
     assert_eq!((ok.org.name.as_str(), ok.prefix_len), ("default", 0));
-    let prefixed =
-        admitted(&s, Method::GET, "/default/api/data/v9.2/accounts", &[]).expect("admitted");
+    let prefixed = admitted(&s, Method::GET, "/default/api/data/v9.2/accounts", &[])
+        .await
+        .expect("admitted");
     assert_eq!(prefixed.prefix_len, "/default".len());
-    let err = |target: &str| {
-        admitted(&s, Method::GET, target, &[])
-            .err()
-            .map(|e| e.code())
-    };
-    assert_eq!(err("/other/api/data/v9.2/accounts"), Some("not_found"));
-    assert_eq!(err("/api/data/v8.0/accounts"), Some("not_found"));
-    assert_eq!(err("/api/data/v9.2/%u002e%u002e/x"), Some("bad_path"));
-    assert_eq!(err("/api/data/v9.2/SystemUsers"), Some("policy_denied"));
+    for (target, code) in [
+        ("/other/api/data/v9.2/accounts", "not_found"),
+        ("/api/data/v8.0/accounts", "not_found"),
+        ("/api/data/v9.2/%u002e%u002e/x", "bad_path"),
+        ("/api/data/v9.2/SystemUsers", "policy_denied"),
+    ] {
+        let err = admitted(&s, Method::GET, target, &[]).await.err();
+        assert_eq!(err.map(|e| e.code()), Some(code), "{target}");
+    }
 }
 
 #[tokio::test]
@@ -100,11 +104,14 @@ async fn admit_restores_only_what_the_policy_lets_through() {
             ("CallerObjectId", "00000000-0000-0000-0000-000000000001"),
         ],
     )
+    .await
     .expect("admitted");
     let names: Vec<&str> = a.restored.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["mscrm.bypasscustompluginexecution"]);
     assert!(a.batch_origins.is_none());
-    let batch = admitted(&s, Method::POST, "/api/data/v9.2/$batch", &[]).expect("admitted");
+    let batch = admitted(&s, Method::POST, "/api/data/v9.2/$batch", &[])
+        .await
+        .expect("admitted");
     assert_eq!(
         batch.batch_origins.as_deref(),
         Some(&[ORG.to_owned(), "http://proxy.test".to_owned()][..])
@@ -125,7 +132,9 @@ async fn plan_keeps_the_target_bytes_and_sets_the_orgs_headers() {
         ("content-type", "application/json"),
         ("content-length", "84"),
     ];
-    let a = admitted(&s, Method::POST, target, &headers).expect("admitted");
+    let a = admitted(&s, Method::POST, target, &headers)
+        .await
+        .expect("admitted");
     let body = Body::from(
         r#"{"parentaccountid@odata.bind":"http://proxy.test/default/api/data/v9.2/accounts(1)"}"#,
     );
@@ -158,7 +167,9 @@ async fn plan_lets_file_downloads_come_compressed() {
     let s = state(&[]);
     let target = "/api/data/v9.2/accounts(1)/dvp_document/$value";
     let headers = [("accept-encoding", "gzip")];
-    let a = admitted(&s, Method::GET, target, &headers).expect("admitted");
+    let a = admitted(&s, Method::GET, target, &headers)
+        .await
+        .expect("admitted");
     let p = plan(&s, &a, parts(Method::GET, target, &headers), Body::empty())
         .await
         .expect("planned");
@@ -269,7 +280,9 @@ async fn answered(
     method: Method,
     upstream: Response<Full<Bytes>>,
 ) -> Response<crate::http::body::ProxyBody<Full<Bytes>>> {
-    let a = admitted(state, method, "/api/data/v9.2/accounts", &[]).expect("admitted");
+    let a = admitted(state, method, "/api/data/v9.2/accounts", &[])
+        .await
+        .expect("admitted");
     let permit = a.org.governor.acquire().await.expect("a slot");
     answer(
         state,

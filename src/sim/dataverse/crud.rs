@@ -113,6 +113,13 @@ impl Ctx {
 
     pub(super) fn check_columns(s: &Schema, body: &Map<String, Value>) -> Result<(), Response> {
         for key in body.keys() {
+            if key.starts_with('_') && key.ends_with("_value") {
+                return Err(dv_error(
+                    StatusCode::BAD_REQUEST,
+                    "0x80060888",
+                    &format!("The property '{key}' is read-only; set lookups with @odata.bind."),
+                ));
+            }
             let known = key == s.id_field
                 || s.columns.contains(&key.as_str())
                 || key.contains("@odata.bind")
@@ -165,6 +172,13 @@ impl Ctx {
         body.insert("createdon".into(), Value::String(now.clone()));
         body.insert("modifiedon".into(), Value::String(now));
         body.entry("statecode").or_insert(json!(0));
+        let acting = self.acting;
+        body.insert("_createdby_value".into(), json!(acting.user));
+        body.insert("_modifiedby_value".into(), json!(acting.user));
+        body.insert(
+            "_createdonbehalfby_value".into(),
+            json!(acting.on_behalf_of),
+        );
         let version = db.bump();
         let row = Row {
             fields: body,
@@ -260,6 +274,8 @@ impl Ctx {
             }
         }
         row.fields.insert("modifiedon".into(), Value::String(now));
+        row.fields
+            .insert("_modifiedby_value".into(), json!(self.acting.user));
         row.version = version;
         if wants_representation(headers) {
             let mut v = Self::project(s, id, row, None);

@@ -53,7 +53,7 @@ const ODATA_JSON: &str = "application/json; odata.metadata=minimal";
 pub(super) struct OrgIds {
     organization: Uuid,
     business_unit: Uuid,
-    user: Uuid,
+    pub(in crate::sim) user: Uuid,
 }
 
 impl OrgIds {
@@ -70,6 +70,7 @@ mod crud;
 mod files;
 mod odata;
 mod tables;
+mod users;
 
 use odata::*;
 use tables::*;
@@ -327,10 +328,15 @@ pub(super) async fn route(sim: &Arc<SimState>, req: Request) -> Response {
         Ok(t) => t,
         Err(resp) => return resp,
     };
+    let acting = match users::acting(sim, req.headers()) {
+        Ok(a) => a,
+        Err(resp) => return resp,
+    };
     let ctx = Ctx {
         sim: sim.clone(),
         base: format!("{}/api/data/{version}", sim.org_url),
         query: req.uri().query().unwrap_or("").to_owned(),
+        acting,
     };
     let method = req.method().clone();
     match (method, target) {
@@ -472,6 +478,8 @@ struct Ctx {
     base: String,
     /// The raw query string.
     query: String,
+    /// Whose roles apply (impersonation).
+    acting: users::Acting,
 }
 
 impl Ctx {
@@ -482,7 +490,7 @@ impl Ctx {
             &json!({
                 "@odata.context": format!("{}/$metadata#Microsoft.Dynamics.CRM.WhoAmIResponse", self.base),
                 "BusinessUnitId": ids.business_unit,
-                "UserId": ids.user,
+                "UserId": self.acting.user,
                 "OrganizationId": ids.organization,
             }),
         )

@@ -5,6 +5,8 @@
 //!   accepted too); numbers in the answer are JSON integers.
 //! - `POST /{tenant}/oauth2/token`: the v1 endpoint with `resource={org}`;
 //!   numbers are strings.
+//! - The same endpoints issue caller tokens for the proxy's own API to
+//!   registered caller apps, and publish their keys (`callers`).
 //! - Client authentication: a secret in the form body or in HTTP Basic; a
 //!   certificate assertion (RS256 + `x5t` or PS256 + `x5t#S256`, `aud` = this
 //!   endpoint, `iss` = `sub` = client id, a fresh `jti`, optional `x5c`)
@@ -44,7 +46,11 @@ use uuid::Uuid;
 use super::{EntraState, FEDERATION_AUDIENCE, lock, now_epoch, utc_timestamp};
 
 mod assertion;
+mod callers;
 mod managed;
+
+pub use callers::{CallerApp, CallerKey, TokenSubject, issuer};
+pub(super) use callers::{CallerDirectory, claims as caller_claims};
 
 use assertion::*;
 use managed::*;
@@ -84,6 +90,16 @@ pub(super) fn router(state: Arc<EntraState>) -> Router {
     Router::new()
         .route("/{tenant}/oauth2/v2.0/token", post(token_v2))
         .route("/{tenant}/oauth2/token", post(token_v1))
+        .route(
+            "/{tenant}/v2.0/.well-known/openid-configuration",
+            get(callers::discovery_v2),
+        )
+        .route(
+            "/{tenant}/.well-known/openid-configuration",
+            get(callers::discovery_v1),
+        )
+        .route("/{tenant}/discovery/v2.0/keys", get(callers::keys))
+        .route("/{tenant}/discovery/keys", get(callers::keys))
         .route("/metadata/identity/oauth2/token", get(imds))
         .route("/msi/token", get(app_service))
         .with_state(state)
@@ -213,6 +229,12 @@ fn issue_for_client(
 ) -> Result<Response, Response> {
     check_tenant(sim, tenant)?;
     check_grant_type(form)?;
+    if let Some(api) = requested_resource(form, version)
+        .ok()
+        .filter(|r| callers::is_api(sim, r))
+    {
+        return callers::issue(sim, tenant, headers, form, version, &api);
+    }
     let basic = basic_credentials(headers);
     let client_id = client_id(sim, tenant, form, basic.as_ref())?;
     let acr = authenticate(sim, form, basic, &client_id, endpoint)?;
