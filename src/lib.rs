@@ -29,7 +29,8 @@
 //!   answer), bodies, header policy, the upstream client, metrics and the
 //!   admin listener; [`error`]: [`error::ProxyError`], where domain errors
 //!   become statuses and OData bodies; [`server`]: the accept loop
-//!   (connection cap, header-read timeout, drain).
+//!   (HTTP/1.1 and HTTP/2, TLS and client certificates, connection cap,
+//!   header-read timeout, drain).
 //! - **Wiring**: [`serve`] below and [`cli`] (the subcommands, signals).
 //! - **Simulator**: [`sim`]: Entra ID and the Dataverse Web API, used by
 //!   `demo`, `sim` and the tests; `telemetry` (feature `otel`): optional
@@ -117,9 +118,20 @@ pub async fn serve_with(
     control: Control,
 ) -> std::io::Result<()> {
     let state = http::AppState::new(&config)?;
+    let tls = match config.tls.clone() {
+        Some(settings) => Some(Arc::new(
+            server::ListenerTlsState::load(settings).map_err(std::io::Error::other)?,
+        )),
+        None => None,
+    };
     warn_about_exposure(&config);
     let refreshers = state.spawn_refreshers(&control.shutdown);
-    let reloader = tokio::spawn(reload_on(state.clone(), control.reload.clone()));
+    let reloader = tokio::spawn(reload_on(
+        state.clone(),
+        tls.clone(),
+        control.reload.clone(),
+    ));
+    let tls_watcher = tls.clone().map(|t| tokio::spawn(t.watch_files()));
     // Caller-token keys before the first caller needs them.
     let key_prefetch = state
         .verifier
@@ -152,6 +164,7 @@ pub async fn serve_with(
     );
     server::run(
         proxy,
+        tls,
         http::proxy_service(state.clone()),
         &config.limits,
         stop_accepting,
@@ -162,8 +175,8 @@ pub async fn serve_with(
     admin_stop.cancel();
     let _ = admin_server.await;
     reloader.abort();
-    if let Some(k) = key_prefetch {
-        k.abort();
+    for task in key_prefetch.into_iter().chain(tls_watcher) {
+        task.abort();
     }
     for r in refreshers {
         r.abort();
@@ -195,10 +208,19 @@ fn warn_about_exposure(config: &config::Config) {
 }
 
 /// Fetches new tokens for every credential whenever `reload` is notified
-/// (credential files are re-read at each fetch).
-async fn reload_on(state: http::AppState, reload: Arc<Notify>) {
+/// (credential files are re-read at each fetch), and re-reads the
+/// listener's TLS certificate.
+async fn reload_on(
+    state: http::AppState,
+    tls: Option<Arc<server::ListenerTlsState>>,
+    reload: Arc<Notify>,
+) {
     loop {
         reload.notified().await;
+        if let Some(tls) = &tls {
+            let tls = tls.clone();
+            let _ = tokio::task::spawn_blocking(move || tls.reload()).await;
+        }
         tracing::info!("reload: fetching new tokens with the current credential files");
         for provider in state.providers() {
             if let Err(e) = provider.refresh_now().await {

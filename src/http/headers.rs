@@ -68,9 +68,13 @@ fn is_dropped_upstream(name: &str) -> bool {
     is_hop_by_hop(name) || name == "expect" || crate::policy::is_guarded(name)
 }
 
-/// Response headers from Dataverse that are not passed to callers.
+/// Response headers from Dataverse that are not passed to callers; CORS
+/// headers are the proxy's own to give (`http/cors.rs`).
 fn is_dropped_downstream(name: &str) -> bool {
-    is_hop_by_hop(name) || name == "proxy-authenticate" || name == "set-cookie"
+    is_hop_by_hop(name)
+        || name == "proxy-authenticate"
+        || name == "set-cookie"
+        || name.starts_with("access-control-")
 }
 
 /// Removes the headers named in `Connection`, then those `drop` selects.

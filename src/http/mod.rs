@@ -8,17 +8,19 @@
 //!       └─ access log (one line and the request metrics when the body ends)
 //!          └─ catch panic (a bug costs one request a 500, not the connection)
 //!             └─ body idle timeouts (caller stalls: 408; Dataverse stalls: abort)
-//!                └─ edge checks (request head, method set, lengths)
-//!                   └─ router: /api/data/…, /{org}/api/data/…, else 404
-//!                      └─ forward: admit → plan → send → answer
+//!                └─ CORS, when configured (preflights answered here)
+//!                   └─ edge checks (request head, method set, lengths)
+//!                      └─ router: /api/data/…, /{org}/api/data/…, else 404
+//!                         └─ forward: admit → plan → send → answer
 //! ```
 //!
 //! The accept loop that drives the service (connection cap, header-read
-//! timeout, drain) is `src/server.rs`.
+//! timeout, drain, TLS and HTTP/2) is `src/server/`.
 
 pub mod access_log;
 pub mod admin;
 pub mod body;
+pub mod cors;
 pub mod edge;
 pub mod forward;
 pub mod headers;
@@ -84,6 +86,7 @@ pub fn proxy_service(
         .layer(CatchPanicLayer::custom(panic_answer))
         .map_request(move |req: http::Request<_>| req.map(|b| IdleTimeout::new(b, body_idle)))
         .map_response(move |resp: Response| resp.map(|b| IdleTimeout::new(b, answer_idle)))
+        .option_layer(state.cors.as_ref().map(cors::layer))
         .layer(edge::EdgeLayer::new(state.limits.clone()))
         .service(router(state))
 }

@@ -61,6 +61,8 @@ pub struct Shared {
     pub quotas: Arc<crate::callers::Quotas>,
     /// Checks caller tokens, where `[caller_tokens]` is configured.
     pub verifier: Option<Arc<crate::identity::Verifier>>,
+    /// CORS settings; `None`: off.
+    pub cors: Option<crate::config::CorsConfig>,
 }
 
 /// One org and everything per org: its token, its governor, its rewriters.
@@ -276,6 +278,7 @@ impl AppState {
             access: Arc::new(config.access.clone()),
             quotas: Arc::default(),
             verifier,
+            cors: config.cors.clone(),
         })))
     }
 

@@ -544,3 +544,115 @@ async fn a_broken_chunked_body_is_the_callers_400_and_never_completes_upstream()
     assert_eq!(client_errors, Some(broken.len() as f64), "{metrics}");
     h.stop().await;
 }
+
+/// A hostile row as an HTTP/2 request: method, target, headers and body,
+/// or `None` where the row is about HTTP/1.1's own syntax or framing (what
+/// httparse cannot read, chunked bodies, `Connection` games, conflicting
+/// lengths), which HTTP/2 cannot express.
+fn as_h2(raw: &[u8]) -> Option<http::Request<http_body_util::Full<bytes::Bytes>>> {
+    let mut headers = [httparse::EMPTY_HEADER; 200];
+    let mut req = httparse::Request::new(&mut headers);
+    let httparse::Status::Complete(head_len) = req.parse(raw).ok()? else {
+        return None;
+    };
+    let target = req.path?;
+    if !target.starts_with('/') {
+        return None;
+    }
+    let mut builder = http::Request::builder()
+        .method(http::Method::from_bytes(req.method?.as_bytes()).ok()?)
+        .uri(http::Uri::try_from(format!("http://proxy.test{target}")).ok()?)
+        .version(http::Version::HTTP_2);
+    let mut lengths = 0;
+    for h in req.headers.iter() {
+        let name = h.name.to_ascii_lowercase();
+        match name.as_str() {
+            "host" | "connection" => continue,
+            "transfer-encoding" | "te" | "upgrade" | "keep-alive" | "proxy-connection" => {
+                return None;
+            }
+            "content-length" => lengths += 1,
+            _ => {}
+        }
+        builder = builder.header(
+            http::HeaderName::from_bytes(name.as_bytes()).ok()?,
+            http::HeaderValue::from_bytes(h.value).ok()?,
+        );
+    }
+    if lengths > 1 {
+        return None;
+    }
+    let body = bytes::Bytes::copy_from_slice(&raw[head_len..]);
+    builder.body(http_body_util::Full::new(body)).ok()
+}
+
+/// The same rows over HTTP/2 (h2c with prior knowledge): every row HTTP/2
+/// can express gets the status and code it gets over HTTP/1.1.
+#[tokio::test]
+async fn the_hostile_rows_over_http2_get_the_same_answers() {
+    use http_body_util::BodyExt;
+    let setup = Setup::default()
+        .set("limits.max_body", "1MiB")
+        .set("org.policy.deny", "systemusers");
+    let h = Harness::with(setup).await;
+    h.wait_ready().await;
+    let addr = h.proxy.trim_start_matches("http://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let cases = cases();
+    let (mut sent, mut failures) = (0, Vec::new());
+    for case in cases.iter().filter(|c| c.expect.code.is_some()) {
+        let Some(req) = as_h2(&case.raw) else {
+            continue;
+        };
+        sent += 1;
+        let before = h.sim.seen().len();
+        let resp = match sender.send_request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                failures.push(format!("{}: {e}", case.name));
+                continue;
+            }
+        };
+        let answer = Answer {
+            status: Some(resp.status().as_u16()),
+            code: resp
+                .headers()
+                .get("x-dataverse-proxy-error")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            allow: resp
+                .headers()
+                .get("allow")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        };
+        let _ = resp.into_body().collect().await;
+        if h.sim.seen().len() != before {
+            failures.push(format!("{}: reached Dataverse", case.name));
+        }
+        // HTTP/2's codec enforces the header-list size itself (its 431
+        // carries no proxy code): the one row HTTP/2 answers a layer earlier.
+        if case.expect.code == Some("headers_too_large") && answer.status == Some(431) {
+            continue;
+        }
+        failures.extend(check(case, &answer));
+    }
+    assert!(sent >= 300, "only {sent} rows could be sent over HTTP/2");
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} rows wrong over HTTP/2:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert_eq!(h.get("/WhoAmI").await.status(), 200);
+    h.stop().await;
+}

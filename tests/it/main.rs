@@ -10,6 +10,7 @@ mod harness;
 mod hostile;
 mod identity;
 mod links;
+mod listener;
 mod operations;
 mod security;
 mod sim;
