@@ -97,6 +97,7 @@ impl Cli {
             env,
             flags,
             overrides: Vec::new(),
+            inline_toml: None,
         }
     }
 }
@@ -276,6 +277,11 @@ async fn demo(mut sources: Sources) -> ExitCode {
         ("credential.client_secret", h.config().client_secret.clone()),
         ("credential.token_url", h.token_url()),
     ];
+    sources.inline_toml = Some(demo_callers(h));
+    // A signed-in user of the org, and a token of theirs for the proxy's API.
+    let user = uuid::Uuid::new_v4();
+    h.add_user(user);
+    let user_token = h.mint_user_token(&user.to_string(), &["user_impersonation"]);
     let config = match load(&sources) {
         Ok(c) => c,
         Err(code) => return code,
@@ -300,6 +306,9 @@ async fn demo(mut sources: Sources) -> ExitCode {
          \x20 curl \"{p}/api/data/v9.2/contacts?\\$select=fullname&\\$filter=jobtitle%20eq%20'CFO'\"\n\
          \x20 curl -i -X POST -H 'Content-Type: application/json' -d '{{\"name\":\"Demo Ltd\"}}' '{p}/api/data/v9.2/accounts'\n\
          \x20 curl '{a}/readyz'\n\n\
+         Act as a signed-in user (a caller token minted by the simulated Entra ID, valid\n\
+         for an hour; Dataverse then applies that user's roles, and WhoAmI answers them):\n\
+         \x20 curl -H 'Authorization: Bearer {user_token}' '{p}/api/data/v9.2/WhoAmI'\n\n\
          Press Ctrl-C to stop.",
         entra = h.entra_url(),
         org = h.org_url(),
@@ -317,6 +326,22 @@ async fn demo(mut sources: Sources) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The demo's callers: Entra ID user tokens for the simulated proxy API act
+/// as their user; anything else from loopback needs no credential.
+fn demo_callers(h: &crate::sim::SimHandle) -> String {
+    let cfg = h.config();
+    format!(
+        "[caller_tokens]\naudiences = [\"{}\", \"{}\"]\ntenants = [\"{}\"]\nauthority_host = \"{}\"\n\n\
+         [[callers]]\nname = \"signed-in-users\"\ntoken = {{ scopes = [\"user_impersonation\"] }}\nimpersonate = \"caller\"\n\n\
+         [[callers]]\nname = \"local\"\ncidrs = [\"127.0.0.0/8\", \"::1/128\"]\n\n\
+         [access]\nrequire_credential = false\n",
+        cfg.api_app_id_uri,
+        cfg.api_client_id,
+        cfg.tenant_id,
+        h.entra_url(),
+    )
 }
 
 async fn sim(entra: &str, dataverse: &str, client_secret: Option<String>) -> ExitCode {

@@ -144,6 +144,9 @@ pub struct Sources {
     /// Values that win over everything, as `(key, value)`, e.g. the `demo`
     /// command's simulator endpoints.
     pub overrides: Vec<(&'static str, String)>,
+    /// TOML text layered just below the overrides (the `demo` command's
+    /// caller rules, which `(key, value)` pairs cannot express).
+    pub inline_toml: Option<String>,
 }
 
 impl Config {
@@ -170,6 +173,7 @@ impl Config {
                 FLAG_KEYS,
                 sources.flags.clone(),
             ))
+            .merge(Toml::string(sources.inline_toml.as_deref().unwrap_or("")))
             .merge(MapProvider::overrides(&sources.overrides));
 
         let raw: RawConfig = figment.extract().map_err(|e| ConfigError {

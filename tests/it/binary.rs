@@ -144,20 +144,50 @@ async fn demo_serves_the_simulators_leads() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.contains("/leads?$select=subject") {
+            if line.contains("/leads?$select=subject") || line.contains("Authorization: Bearer") {
                 let _ = tx.send(line);
             }
         }
     });
-    let line = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
-        .await
-        .expect("join")
-        .expect("a leads curl line");
-    let url = line.split('\'').nth(1).expect("quoted URL").to_owned();
+    let lines = tokio::task::spawn_blocking(move || {
+        [(); 2].map(|()| {
+            rx.recv_timeout(Duration::from_secs(30))
+                .expect("a curl line")
+        })
+    })
+    .await
+    .expect("join");
+    let [leads, as_user] = lines;
+    let url = leads.split('\'').nth(1).expect("quoted URL").to_owned();
     let resp = client().get(&url).send().await.expect("request");
     assert_eq!(resp.status(), 200);
     let body: serde_json::Value = resp.json().await.expect("json");
     assert!(body["value"][0]["subject"].is_string(), "{body}");
+    // The caller-token line: `curl -H 'Authorization: Bearer …' '<url>'`.
+    let quoted: Vec<&str> = as_user.split('\'').collect();
+    let (auth, whoami) = (quoted[1], quoted[3]);
+    let token = auth.strip_prefix("Authorization: ").expect("header");
+    let as_app: serde_json::Value = client()
+        .get(whoami)
+        .send()
+        .await
+        .expect("whoami")
+        .json()
+        .await
+        .expect("json");
+    let resp = client()
+        .get(whoami)
+        .header("authorization", token)
+        .send()
+        .await
+        .expect("whoami");
+    assert_eq!(resp.status(), 200);
+    let as_user: serde_json::Value = resp.json().await.expect("json");
+    assert!(as_user["UserId"].is_string());
+    assert_ne!(
+        as_user["UserId"], as_app["UserId"],
+        "the token's user, not the application user"
+    );
     let _ = child.kill();
     let _ = child.wait();
 }
