@@ -109,22 +109,7 @@ pub(super) fn cors(p: &mut Problems<'_>, raw: Option<RawCors>) -> Option<CorsCon
             );
         }
     }
-    let mut allowed_methods = Vec::new();
-    let methods = raw.allowed_methods.unwrap_or_else(|| {
-        ["GET", "POST", "PATCH", "PUT", "DELETE"]
-            .map(str::to_owned)
-            .to_vec()
-    });
-    for m in methods {
-        match m.trim().to_ascii_uppercase().parse::<http::Method>() {
-            Ok(method) if WEB_API_METHODS.contains(&method) => allowed_methods.push(method),
-            _ => p.push(
-                "cors.allowed_methods",
-                &format!("{m:?} is not a Web API method"),
-                "list some of GET, HEAD, POST, PATCH, PUT, DELETE",
-            ),
-        }
-    }
+    let allowed_methods = cors_methods(p, raw.allowed_methods);
     let lower = |l: Option<Vec<String>>, default: &[&str]| -> Vec<String> {
         l.unwrap_or_else(|| default.iter().map(|s| (*s).to_owned()).collect())
             .into_iter()
@@ -176,4 +161,25 @@ pub(super) fn cors(p: &mut Problems<'_>, raw: Option<RawCors>) -> Option<CorsCon
         allow_credentials: raw.allow_credentials.unwrap_or(false),
     })
     .filter(|c| !c.allowed_origins.is_empty())
+}
+
+/// `cors.allowed_methods`: Web API methods only.
+fn cors_methods(p: &mut Problems<'_>, raw: Option<Vec<String>>) -> Vec<http::Method> {
+    let mut allowed_methods = Vec::new();
+    let methods = raw.unwrap_or_else(|| {
+        ["GET", "POST", "PATCH", "PUT", "DELETE"]
+            .map(str::to_owned)
+            .to_vec()
+    });
+    for m in methods {
+        match m.trim().to_ascii_uppercase().parse::<http::Method>() {
+            Ok(method) if WEB_API_METHODS.contains(&method) => allowed_methods.push(method),
+            _ => p.push(
+                "cors.allowed_methods",
+                &format!("{m:?} is not a Web API method"),
+                "list some of GET, HEAD, POST, PATCH, PUT, DELETE",
+            ),
+        }
+    }
+    allowed_methods
 }

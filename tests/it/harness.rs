@@ -157,6 +157,33 @@ impl Harness {
         }
     }
 
+    /// Starts a proxy in front of `sim` whose config file is `top`
+    /// (top-level keys, which TOML needs before the first table), the
+    /// simulator's `[org]`, then `extra`; the simulator's credential and
+    /// `overrides` come as overrides. Does not wait for readiness.
+    pub async fn with_file(
+        sim: Sim,
+        top: &str,
+        extra: &str,
+        overrides: &[(&'static str, String)],
+    ) -> Self {
+        let mut toml = format!("{top}\n[org]\n");
+        for (k, v) in sim_overrides(&sim.handle) {
+            if let Some(key) = k.strip_prefix("org.") {
+                toml.push_str(&format!("{key} = \"{v}\"\n"));
+            }
+        }
+        toml.push_str(extra);
+        let mut setup = Setup::default().toml(toml);
+        setup.overrides.extend(
+            sim_overrides(&sim.handle)
+                .into_iter()
+                .filter(|(k, _)| k.starts_with("credential.")),
+        );
+        setup.overrides.extend(overrides.iter().cloned());
+        Self::on(sim, setup).await
+    }
+
     /// URL of a Web API path through the proxy, e.g. `url("/leads")`.
     pub fn url(&self, api_path: &str) -> String {
         format!("{}/api/data/v9.2{api_path}", self.proxy)

@@ -8,7 +8,7 @@ use dataverse_proxy::sim::{Sim, SimConfig, SimHandle};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::harness::{Harness, Setup, sim_overrides};
+use crate::harness::Harness;
 
 /// A second tenant, registered in the simulator but not necessarily allowed.
 const OTHER_TENANT: &str = "2b4c6d8e-0f1a-4b3c-8d5e-6f7a8b9c0d1e";
@@ -16,32 +16,19 @@ const OTHER_TENANT: &str = "2b4c6d8e-0f1a-4b3c-8d5e-6f7a8b9c0d1e";
 /// The `[caller_tokens]` section for `sim`, plus `callers`.
 fn caller_config(sim: &SimHandle, callers: &str) -> String {
     let cfg = sim.config();
-    let mut toml = String::from("[org]\n");
-    for (k, v) in sim_overrides(sim) {
-        if let Some(key) = k.strip_prefix("org.") {
-            toml.push_str(&format!("{key} = \"{v}\"\n"));
-        }
-    }
-    toml.push_str(&format!(
+    format!(
         "\n[caller_tokens]\naudiences = [\"{}\", \"{}\"]\ntenants = [\"{}\"]\nauthority_host = \"{}\"\n\n{callers}",
         cfg.api_app_id_uri,
         cfg.api_client_id,
         cfg.tenant_id,
         sim.entra_url(),
-    ));
-    toml
+    )
 }
 
 /// A proxy whose callers are `callers` (TOML), in front of `sim`.
 async fn proxy(sim: Sim, callers: &str) -> Harness {
-    let toml = caller_config(&sim.handle, callers);
-    let mut setup = Setup::default().toml(toml);
-    setup.overrides.extend(
-        sim_overrides(&sim.handle)
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("credential.")),
-    );
-    let h = Harness::on(sim, setup).await;
+    let extra = caller_config(&sim.handle, callers);
+    let h = Harness::with_file(sim, "", &extra, &[]).await;
     h.wait_ready().await;
     h
 }
@@ -340,16 +327,9 @@ async fn key_rotation_fails_no_request_and_cached_keys_outlive_an_outage() {
 async fn without_any_keys_nothing_is_admitted() {
     let sim = sim().await;
     sim.handle.set_entra_down(true);
-    let h = {
-        let toml = caller_config(&sim.handle, "[[callers]]\nname = \"any\"\ntoken = {}\n");
-        let mut setup = Setup::default().toml(toml);
-        setup.overrides.extend(
-            sim_overrides(&sim.handle)
-                .into_iter()
-                .filter(|(k, _)| k.starts_with("credential.")),
-        );
-        Harness::on(sim, setup).await
-    };
+    let extra = caller_config(&sim.handle, "[[callers]]\nname = \"any\"\ntoken = {}\n");
+    // Not ready (Entra ID is down for the Dataverse token too): no waiting.
+    let h = Harness::with_file(sim, "", &extra, &[]).await;
     let token = h
         .sim
         .mint_user_token(&Uuid::new_v4().to_string(), &["user_impersonation"]);

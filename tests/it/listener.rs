@@ -78,8 +78,6 @@ use bytes::Bytes;
 use dataverse_proxy::sim::{Sim, SimConfig};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
 
-use crate::harness::sim_overrides;
-
 /// A throw-away CA, made per test.
 struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
@@ -170,21 +168,7 @@ fn https_client(ca: &Ca, identity: Option<&(String, String)>, h1_only: bool) -> 
 /// A proxy whose config file is the simulator's org plus `extra`, with overrides.
 async fn with_toml(extra: &str, set: &[(&'static str, String)]) -> Harness {
     let sim = Sim::start(SimConfig::default()).await.expect("sim");
-    let mut toml = String::from("[org]\n");
-    for (k, v) in sim_overrides(&sim.handle) {
-        if let Some(key) = k.strip_prefix("org.") {
-            toml.push_str(&format!("{key} = \"{v}\"\n"));
-        }
-    }
-    toml.push_str(extra);
-    let mut setup = Setup::default().toml(toml);
-    setup.overrides.extend(
-        sim_overrides(&sim.handle)
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("credential.")),
-    );
-    setup.overrides.extend(set.iter().cloned());
-    let h = Harness::on(sim, setup).await;
+    let h = Harness::with_file(sim, "", extra, set).await;
     h.wait_ready().await;
     h
 }

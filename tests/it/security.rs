@@ -6,7 +6,7 @@ use std::time::Duration;
 use dataverse_proxy::callers::hash_key;
 use dataverse_proxy::sim::{Sim, SimConfig};
 
-use crate::harness::{Harness, Setup, sim_overrides};
+use crate::harness::{Harness, Setup};
 
 fn hex(bytes: [u8; 32]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -20,20 +20,7 @@ async fn with_toml(extra: &str) -> Harness {
 /// `top` holds top-level keys, which TOML needs before the first table.
 async fn with_toml_top(top: &str, extra: &str) -> Harness {
     let sim = Sim::start(SimConfig::default()).await.expect("sim");
-    let mut toml = format!("{top}\n[org]\n");
-    for (k, v) in sim_overrides(&sim.handle) {
-        if let Some(key) = k.strip_prefix("org.") {
-            toml.push_str(&format!("{key} = \"{v}\"\n"));
-        }
-    }
-    toml.push_str(extra);
-    let mut setup = Setup::default().toml(toml);
-    setup.overrides.extend(
-        sim_overrides(&sim.handle)
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("credential.")),
-    );
-    let h = Harness::on(sim, setup).await;
+    let h = Harness::with_file(sim, top, extra, &[]).await;
     h.wait_ready().await;
     h
 }

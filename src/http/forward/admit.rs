@@ -67,6 +67,63 @@ pub async fn admit(
     let api_path = &parts.uri.path()[prefix_len..];
     crate::guard::check(api_path)?;
 
+    let caller = identify(state, peer, parts, &org, info).await?;
+    let policy = if caller.act_as.is_some() {
+        &org.policy_acting_as_caller
+    } else {
+        &org.policy
+    };
+    let resource = crate::policy::resource(api_path).unwrap_or_default();
+    policy.check(&parts.method, &resource, caller.read_only)?;
+    let mut restored = policy.restored_headers(&parts.headers, caller.privileged.as_deref());
+    if let Some(oid) = caller
+        .act_as
+        .as_deref()
+        .and_then(|o| HeaderValue::from_str(o).ok())
+    {
+        restored.push((CALLER_OBJECT_ID, oid));
+    }
+
+    let mut public = state.public.derive(&parts.headers, peer);
+    if prefix_len > 0 {
+        // Links keep the form the caller used: /{org}/api/data/…
+        public = public.with_segment(&org.name);
+    }
+    let links = org.links(public);
+    let batch_origins = (resource == "$batch" && parts.method == Method::POST).then(|| {
+        let mut origins: Vec<String> = org.aliases.iter().map(|a| a.to_ascii_lowercase()).collect();
+        origins.push(public.to_string().to_ascii_lowercase());
+        origins
+    });
+    Ok(Admitted {
+        org,
+        prefix_len,
+        method: parts.method.clone(),
+        caller_read_only: caller.read_only,
+        caller_privileged: caller.privileged,
+        restored,
+        links,
+        batch_origins,
+        acts_as_caller: caller.act_as.is_some(),
+    })
+}
+
+/// What the caller rules decided about a request.
+struct Identified {
+    read_only: bool,
+    privileged: Option<Vec<String>>,
+    act_as: Option<String>,
+}
+
+/// Who is calling (token, key, certificate or address), recorded for the
+/// access log and the caller's metrics.
+async fn identify(
+    state: &AppState,
+    peer: IpAddr,
+    parts: &Parts,
+    org: &OrgState,
+    info: &mut RequestInfo,
+) -> Result<Identified, ProxyError> {
     let request = CallerRequest {
         peer,
         headers: &parts.headers,
@@ -90,47 +147,11 @@ pub async fn admit(
     info.caller_slot = caller
         .and_then(|c| state.access.callers.iter().position(|k| std::ptr::eq(k, c)))
         .map_or(0, |i| i + 1);
-    let caller_read_only = caller.is_some_and(|c| c.read_only);
-    // Where callers are configured, privileged headers need the caller's grant too.
-    let caller_privileged = (!state.access.callers.is_empty())
-        .then(|| caller.map(|c| c.privileged.clone()).unwrap_or_default());
-    let acts_as_caller = admission.act_as.is_some();
-    let policy = if acts_as_caller {
-        &org.policy_acting_as_caller
-    } else {
-        &org.policy
-    };
-    let resource = crate::policy::resource(api_path).unwrap_or_default();
-    policy.check(&parts.method, &resource, caller_read_only)?;
-    let mut restored = policy.restored_headers(&parts.headers, caller_privileged.as_deref());
-    if let Some(oid) = admission
-        .act_as
-        .as_deref()
-        .and_then(|o| HeaderValue::from_str(o).ok())
-    {
-        restored.push((CALLER_OBJECT_ID, oid));
-    }
-
-    let mut public = state.public.derive(&parts.headers, peer);
-    if prefix_len > 0 {
-        // Links keep the form the caller used: /{org}/api/data/…
-        public = public.with_segment(&org.name);
-    }
-    let links = org.links(public);
-    let batch_origins = (resource == "$batch" && parts.method == Method::POST).then(|| {
-        let mut origins: Vec<String> = org.aliases.iter().map(|a| a.to_ascii_lowercase()).collect();
-        origins.push(public.to_string().to_ascii_lowercase());
-        origins
-    });
-    Ok(Admitted {
-        org,
-        prefix_len,
-        method: parts.method.clone(),
-        caller_read_only,
-        caller_privileged,
-        restored,
-        links,
-        batch_origins,
-        acts_as_caller,
+    Ok(Identified {
+        read_only: caller.is_some_and(|c| c.read_only),
+        // Where callers are configured, privileged headers need the caller's grant too.
+        privileged: (!state.access.callers.is_empty())
+            .then(|| caller.map(|c| c.privileged.clone()).unwrap_or_default()),
+        act_as: admission.act_as,
     })
 }

@@ -306,23 +306,30 @@ fn parse_target(rest: &str) -> Result<Target<'_>, Response> {
     }
 }
 
+/// The Web API version and the rest of a path, or Dataverse's 404.
+fn split_version(path: &str) -> Result<(&str, &str), Response> {
+    let not_found = || {
+        dv_error(
+            StatusCode::NOT_FOUND,
+            "",
+            "The requested resource was not found.",
+        )
+    };
+    let rest = path.strip_prefix("/api/data/").ok_or_else(not_found)?;
+    let (version, rest) = rest.split_once('/').unwrap_or((rest, ""));
+    if ["v9.0", "v9.1", "v9.2"].contains(&version) {
+        Ok((version, rest))
+    } else {
+        Err(not_found())
+    }
+}
+
 pub(super) async fn route(sim: &Arc<SimState>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
-    let Some(rest) = path.strip_prefix("/api/data/") else {
-        return dv_error(
-            StatusCode::NOT_FOUND,
-            "",
-            "The requested resource was not found.",
-        );
+    let (version, rest) = match split_version(&path) {
+        Ok(v) => v,
+        Err(resp) => return resp,
     };
-    let (version, rest) = rest.split_once('/').unwrap_or((rest, ""));
-    if !["v9.0", "v9.1", "v9.2"].contains(&version) {
-        return dv_error(
-            StatusCode::NOT_FOUND,
-            "",
-            "The requested resource was not found.",
-        );
-    }
     let decoded = percent_encoding::percent_decode_str(rest).decode_utf8_lossy();
     let target = match parse_target(&decoded) {
         Ok(t) => t,
