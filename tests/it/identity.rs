@@ -485,3 +485,42 @@ async fn impersonation_inside_a_batch_is_the_callers_own() {
     assert_eq!(seen.headers["callerobjectid"], user.to_string().as_str());
     h.stop().await;
 }
+
+#[tokio::test]
+async fn several_tenants_and_group_rules() {
+    let sim = sim().await;
+    let home = sim.handle.tenant_id().to_owned();
+    let group = Uuid::new_v4().to_string();
+    let extra = format!(
+        "\n[caller_tokens]\naudiences = [\"{}\"]\ntenants = [\"{home}\", \"{OTHER_TENANT}\"]\nauthority_host = \"{}\"\n\n\
+         [[callers]]\nname = \"partners\"\ntoken = {{ tenants = [\"{OTHER_TENANT}\"], groups = [\"{group}\"] }}\n",
+        sim.handle.config().api_client_id,
+        sim.handle.entra_url(),
+    );
+    let h = Harness::with_file(sim, "", &extra, &[]).await;
+    h.wait_ready().await;
+    let who = TokenSubject::User {
+        oid: Uuid::new_v4().to_string(),
+        client_id: Uuid::new_v4().to_string(),
+        scopes: vec!["user_impersonation".into()],
+    };
+    let mut claims = h.sim.caller_claims(OTHER_TENANT, &who, 2);
+    claims["groups"] = json!([Uuid::new_v4().to_string(), group.to_uppercase()]);
+    assert_eq!(
+        whoami(&h, &h.sim.sign_caller_token(&claims)).await.status(),
+        200,
+        "the partner tenant's member"
+    );
+    claims["groups"] = json!([Uuid::new_v4().to_string()]);
+    let resp = whoami(&h, &h.sim.sign_caller_token(&claims)).await;
+    assert_eq!(resp.status(), 403, "not in the group");
+    // The home tenant is allowed, but this rule names the partner tenant only.
+    let home_claims = h.sim.caller_claims(&home, &who, 2);
+    assert_eq!(
+        whoami(&h, &h.sim.sign_caller_token(&home_claims))
+            .await
+            .status(),
+        403
+    );
+    h.stop().await;
+}
