@@ -132,6 +132,7 @@ pub async fn serve_with(
         control.reload.clone(),
     ));
     let tls_watcher = tls.clone().map(|t| tokio::spawn(t.watch_files()));
+    let redis_tasks = state.redis.as_ref().map(|r| r.spawn()).unwrap_or_default();
     // Caller-token keys before the first caller needs them.
     let key_prefetch = state
         .verifier
@@ -175,7 +176,11 @@ pub async fn serve_with(
     admin_stop.cancel();
     let _ = admin_server.await;
     reloader.abort();
-    for task in key_prefetch.into_iter().chain(tls_watcher) {
+    for task in key_prefetch
+        .into_iter()
+        .chain(tls_watcher)
+        .chain(redis_tasks)
+    {
         task.abort();
     }
     for r in refreshers {

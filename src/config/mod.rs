@@ -106,6 +106,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
         "DATAVERSE_PROXY_MAX_CONCURRENCY",
         "governor.max_concurrency",
     ),
+    ("DATAVERSE_PROXY_REDIS_URL", "governor.redis_url"),
     ("DATAVERSE_PROXY_SHUTDOWN_GRACE", "shutdown.grace"),
     ("https_proxy", "upstream.proxy"),
     ("HTTPS_PROXY", "upstream.proxy"),

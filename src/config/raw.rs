@@ -108,6 +108,24 @@ pub(super) struct RawGovernor {
     pub(super) max_retries: Option<u32>,
     pub(super) retry_deadline: Option<String>,
     pub(super) max_retry_after: Option<String>,
+    #[serde(deserialize_with = "lenient_number")]
+    pub(super) min_concurrency: Option<usize>,
+    #[serde(deserialize_with = "lenient_number")]
+    pub(super) ceiling: Option<usize>,
+    #[serde(deserialize_with = "lenient_number")]
+    pub(super) transient_retries: Option<u32>,
+    pub(super) retry_budget: Option<f64>,
+    #[serde(deserialize_with = "lenient_number")]
+    pub(super) min_retries: Option<u64>,
+    pub(super) disconnect_grace: Option<String>,
+    pub(super) redis_url: Option<RawSecret>,
+    pub(super) redis_prefix: Option<String>,
+    pub(super) redis_timeout: Option<String>,
+    pub(super) lease_time: Option<String>,
+    #[serde(deserialize_with = "lenient_number")]
+    pub(super) expected_replicas: Option<usize>,
+    #[serde(deserialize_with = "lenient_number")]
+    pub(super) fallback_concurrency: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]

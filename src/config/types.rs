@@ -216,9 +216,27 @@ impl fmt::Debug for EgressProxy {
 /// Service-protection governor settings (per org).
 #[derive(Debug, Clone)]
 pub struct GovernorConfig {
-    /// Requests in flight to the org at most (Dataverse allows 52 per user
+    /// The concurrency limit to start from, and the most it grows to unless
+    /// Dataverse's `x-ms-dop-hint` allows more (Dataverse allows 52 per user
     /// per web server).
     pub max_concurrency: usize,
+    /// The adaptive limit never goes below this.
+    pub min_concurrency: usize,
+    /// The adaptive limit never goes above this, whatever the hint says.
+    pub ceiling: usize,
+    /// Replays of a transient failure (unreachable, 502/503/504) at most.
+    pub transient_retries: u32,
+    /// Transient replays may add at most this share of the org's requests.
+    pub retry_budget: f64,
+    /// …and at least this many per 10 s window.
+    pub min_retries: u64,
+    /// A slot whose caller went away before Dataverse's answer ended stays
+    /// taken this long (Dataverse may still be executing the request).
+    pub disconnect_grace: Duration,
+    /// Shared state across replicas; `None`: this process only.
+    pub redis: Option<RedisSettings>,
+    /// The cap while Redis does not answer.
+    pub fallback_concurrency: usize,
     /// Callers waiting for a slot at most; more get 429.
     pub max_queue: usize,
     /// Longest wait for a slot before a 429.
@@ -296,4 +314,39 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// `governor.redis_url` and its companions.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// The URL (it may carry a password: redacted in `Debug`).
+    pub url: SecretString,
+    /// Key prefix of this deployment.
+    pub prefix: String,
+    /// Timeout of every Redis call.
+    pub timeout: Duration,
+    /// Lifetime of a slot lease unless renewed.
+    pub lease_time: Duration,
+}
+
+impl Default for GovernorConfig {
+    /// The defaults config.toml documents.
+    fn default() -> Self {
+        Self {
+            max_concurrency: 50,
+            min_concurrency: 2,
+            ceiling: 200,
+            max_queue: 1000,
+            queue_timeout: Duration::from_secs(30),
+            max_retries: 3,
+            retry_deadline: Duration::from_secs(60),
+            max_retry_after: Duration::from_secs(300),
+            transient_retries: 2,
+            retry_budget: 0.2,
+            min_retries: 10,
+            disconnect_grace: Duration::from_secs(5),
+            redis: None,
+            fallback_concurrency: 50,
+        }
+    }
 }

@@ -171,36 +171,100 @@ fn upstream(p: &mut Problems<'_>, u: RawUpstream) -> UpstreamConfig {
     }
 }
 
-/// `[governor]`: the concurrency cap (at most Dataverse's 52), queue, retries.
+/// `[governor]`: the limit and its adaptation, queue, replays, shared state.
 fn governor(p: &mut Problems<'_>, g: RawGovernor) -> GovernorConfig {
+    let d = GovernorConfig::default();
+    let max_concurrency = g.max_concurrency.unwrap_or(d.max_concurrency);
+    let expected_replicas = g.expected_replicas.unwrap_or(1).max(1);
+    let redis = redis_settings(p, &g);
     let governor = GovernorConfig {
-        max_concurrency: g.max_concurrency.unwrap_or(50),
-        max_queue: g.max_queue.unwrap_or(1000),
+        max_concurrency,
+        min_concurrency: g
+            .min_concurrency
+            .unwrap_or(d.min_concurrency)
+            .clamp(1, max_concurrency.max(1)),
+        ceiling: g.ceiling.unwrap_or(d.ceiling).max(max_concurrency),
+        max_queue: g.max_queue.unwrap_or(d.max_queue),
         queue_timeout: p.duration(
             "governor.queue_timeout",
             g.queue_timeout.as_deref(),
-            Duration::from_secs(30),
+            d.queue_timeout,
         ),
-        max_retries: g.max_retries.unwrap_or(3),
+        max_retries: g.max_retries.unwrap_or(d.max_retries),
         retry_deadline: p.duration(
             "governor.retry_deadline",
             g.retry_deadline.as_deref(),
-            Duration::from_secs(60),
+            d.retry_deadline,
         ),
         max_retry_after: p.duration(
             "governor.max_retry_after",
             g.max_retry_after.as_deref(),
-            Duration::from_secs(300),
+            d.max_retry_after,
         ),
+        transient_retries: g.transient_retries.unwrap_or(d.transient_retries),
+        retry_budget: g.retry_budget.unwrap_or(d.retry_budget),
+        min_retries: g.min_retries.unwrap_or(d.min_retries),
+        disconnect_grace: p.duration(
+            "governor.disconnect_grace",
+            g.disconnect_grace.as_deref(),
+            d.disconnect_grace,
+        ),
+        redis,
+        fallback_concurrency: g
+            .fallback_concurrency
+            .unwrap_or(max_concurrency.div_ceil(expected_replicas))
+            .max(1),
     };
     if governor.max_concurrency == 0 || governor.max_concurrency > 52 {
         p.push(
             "governor.max_concurrency",
             &format!("{} is outside 1..=52", governor.max_concurrency),
-            "Dataverse allows 52 concurrent requests per user and web server; keep a margin, e.g. 50 (split it between replicas)",
+            "Dataverse allows 52 concurrent requests per user and web server; keep a margin, e.g. 50 (with governor.redis_url every replica shares it)",
+        );
+    }
+    if !(0.0..=1.0).contains(&governor.retry_budget) {
+        p.push(
+            "governor.retry_budget",
+            &format!("{} is not a share between 0 and 1", governor.retry_budget),
+            "e.g. retry_budget = 0.2 (retries add at most 20 % to the requests)",
         );
     }
     governor
+}
+
+/// `governor.redis_url` (or `DATAVERSE_PROXY_REDIS_URL`) and its settings.
+fn redis_settings(p: &mut Problems<'_>, g: &RawGovernor) -> Option<RedisSettings> {
+    let url = g.redis_url.as_ref()?.0.clone();
+    let text = secrecy::ExposeSecret::expose_secret(&url);
+    if text.trim().is_empty() {
+        return None;
+    }
+    if redis::Client::open(text).is_err() {
+        // Never echo the URL: it may carry a password.
+        p.push(
+            "governor.redis_url",
+            "is not a Redis URL",
+            "use redis://[:password@]host:port[/db] or rediss:// (the password is never logged)",
+        );
+        return None;
+    }
+    Some(RedisSettings {
+        url,
+        prefix: g
+            .redis_prefix
+            .clone()
+            .unwrap_or_else(|| "dataverse-proxy".to_owned()),
+        timeout: p.duration(
+            "governor.redis_timeout",
+            g.redis_timeout.as_deref(),
+            Duration::from_millis(250),
+        ),
+        lease_time: p.duration(
+            "governor.lease_time",
+            g.lease_time.as_deref(),
+            Duration::from_secs(10),
+        ),
+    })
 }
 
 /// `[token]`: fetch timeout and backoff; egress and CA as for Dataverse.

@@ -28,13 +28,21 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
+/// Readiness is the tokens' and the drain's; the governor's shared state
+/// is reported in the body but never makes the proxy unready (it runs on
+/// its local fallback cap while Redis does not answer).
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let governor = match state.redis.as_ref().map(|r| r.is_shared()) {
+        None => "",
+        Some(true) => "governor: shared (Redis)\n",
+        Some(false) => "governor: local fallback cap (Redis does not answer)\n",
+    };
     if state.ready().await {
-        (StatusCode::OK, "ready\n")
+        (StatusCode::OK, format!("ready\n{governor}"))
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: no valid token for every org yet\n",
+            format!("not ready: no valid token for every org yet\n{governor}"),
         )
     }
 }

@@ -109,6 +109,10 @@ impl RequestBody {
     }
 }
 
+/// The body of Dataverse's answer: its stream, or the bytes of a 429 that
+/// was read to learn which limit it names.
+pub type UpstreamBody = http_body_util::Either<Incoming, http_body_util::Full<Bytes>>;
+
 /// The body of every answer that comes from Dataverse: its stream, links
 /// rewritten when a rewriter is set, or its bytes read whole; the governor
 /// slot is held until the body ends, because Dataverse counts a request as
@@ -116,7 +120,7 @@ impl RequestBody {
 ///
 /// Generic over the upstream body so the answer step can be tested with
 /// bodies made in memory; in the proxy it is hyper's [`Incoming`].
-pub struct ProxyBody<B = Incoming> {
+pub struct ProxyBody<B = UpstreamBody> {
     inner: Inner<B>,
     permit: Option<Permit>,
 }
@@ -136,11 +140,13 @@ impl<B> ProxyBody<B> {
         }
     }
 
-    /// Dataverse's answer read whole (and rewritten).
+    /// Dataverse's answer read whole (and rewritten): it has ended, so the
+    /// slot is free at once.
     pub fn full(bytes: Bytes, permit: Permit) -> Self {
+        permit.finish();
         Self {
             inner: Inner::Full(Some(bytes).filter(|b| !b.is_empty())),
-            permit: Some(permit),
+            permit: None,
         }
     }
 }
@@ -162,8 +168,13 @@ where
             Inner::Stream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         };
-        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-            this.permit = None;
+        if matches!(polled, Poll::Ready(None | Some(Err(_))))
+            && let Some(permit) = this.permit.take()
+        {
+            // Dataverse's answer has ended (or broke off): the slot is free
+            // now. Dropped before that, the permit keeps the slot for the
+            // disconnect grace, since Dataverse may still be working.
+            permit.finish();
         }
         polled
     }

@@ -63,6 +63,8 @@ pub struct Shared {
     pub verifier: Option<Arc<crate::identity::Verifier>>,
     /// CORS settings; `None`: off.
     pub cors: Option<crate::config::CorsConfig>,
+    /// The governors' shared state, where `governor.redis_url` is set.
+    pub redis: Option<Arc<crate::governor::SharedRedis>>,
 }
 
 /// One org and everything per org: its token, its governor, its rewriters.
@@ -141,6 +143,7 @@ impl OrgState {
         token: TokenProvider,
         config: &Config,
         metrics: &Arc<Metrics>,
+        governor: Governor,
     ) -> std::io::Result<Self> {
         let origin_uri = origin
             .parse::<http::Uri>()
@@ -158,7 +161,7 @@ impl OrgState {
             aliases: org_aliases(&origin),
             origin,
             token,
-            governor: Governor::new(config.governor.clone()),
+            governor,
             ratelimit: RateLimitSeen::default(),
             policy: org.policy.clone(),
             policy_acting_as_caller: crate::config::Policy {
@@ -208,6 +211,13 @@ impl AppState {
         // One TLS setup for the token client and the Dataverse client.
         let tls = crate::tls::client_config(config.upstream.ca_file.as_deref())
             .map_err(std::io::Error::other)?;
+        let redis = match &config.governor.redis {
+            Some(r) => Some(
+                crate::governor::SharedRedis::new(&r.url, &r.prefix, r.timeout, r.lease_time)
+                    .map_err(std::io::Error::other)?,
+            ),
+            None => None,
+        };
         let mut providers: HashMap<TokenKey, TokenProvider> = HashMap::new();
         let mut orgs = Vec::new();
         let mut routes = Routes::default();
@@ -240,8 +250,12 @@ impl AppState {
             if org.default {
                 routes.default = Some(i);
             }
+            let governor = match &redis {
+                Some(r) => Governor::shared(config.governor.clone(), r, &org.name),
+                None => Governor::new(config.governor.clone()),
+            };
             orgs.push(Arc::new(OrgState::new(
-                org, origin, token, config, &metrics,
+                org, origin, token, config, &metrics, governor,
             )?));
         }
         let verifier = match &config.access.caller_tokens {
@@ -279,6 +293,7 @@ impl AppState {
             quotas: Arc::default(),
             verifier,
             cors: config.cors.clone(),
+            redis,
         })))
     }
 

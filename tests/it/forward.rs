@@ -194,11 +194,12 @@ async fn dataverse_statuses_and_headers_pass_through_untouched() {
     let body: Value = resp.json().await.expect("json");
     assert_eq!(body["error"]["code"], "0x80040217");
 
-    // Injected 5xx and 429 pass through with Retry-After.
+    // Injected 5xx and 429 pass through with Retry-After (a GET's 503 after
+    // its two transient replays).
     h.sim.inject_dataverse_fault(DataverseFault {
         status: 503,
         retry_after: None,
-        count: 1,
+        count: 3,
     });
     let resp = h.get("/WhoAmI").await;
     assert_eq!(resp.status(), 503);

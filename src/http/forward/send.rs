@@ -1,20 +1,23 @@
 //! Step 3: a governor slot, a token, and the request, with the replays
-//! after a 401 (one fresh token) and a 429 (after the gate's wait).
+//! after a 401 (one fresh token), a 429 (after its wait; its body says
+//! which limit, and the governor adapts), and a transient failure
+//! (idempotent requests only, within the org's retry budget).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, Request, Response, StatusCode, Version, header};
+use axum::http::{HeaderMap, Method, Request, Response, StatusCode, Version, header};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::plan::Planned;
 use crate::config::GovernorConfig;
 use crate::error::ProxyError;
-use crate::governor::Permit;
+use crate::governor::{Permit, Throttle};
 use crate::http::access_log::RequestInfo;
-use crate::http::body::caller_body_fault;
+use crate::http::body::{UpstreamBody, caller_body_fault};
 use crate::http::state::{AppState, OrgState};
 
 /// Dataverse's answer, and the slot it holds until its body ends.
@@ -39,6 +42,8 @@ pub enum Next {
 pub struct Attempts {
     /// Replays after a 429.
     pub throttled: u32,
+    /// Replays after a transient failure.
+    pub transient: u32,
     /// A fresh token was already fetched once.
     pub refreshed: bool,
 }
@@ -75,17 +80,23 @@ pub fn throttle_wait(headers: &HeaderMap, attempt: u32) -> Duration {
     crate::governor::retry_after(headers).unwrap_or(Duration::from_secs(1 << attempt.min(6)))
 }
 
-/// Sends the planned request until [`next_step`] says answer.
+/// Longest 429 body read to find its error code.
+const THROTTLE_BODY: usize = 16 * 1024;
+
+/// Sends the planned request until [`next_step`] says answer, replaying
+/// transient failures where that is safe ([`transient_wait`]).
 pub async fn send(
     state: &AppState,
     org: &Arc<OrgState>,
     mut planned: Planned,
     arrived: Instant,
     info: &mut RequestInfo,
-) -> Result<Sent, ProxyError> {
+) -> Result<Sent<UpstreamBody>, ProxyError> {
     let governor = &org.governor;
     let mut permit = governor.acquire().await?;
+    governor.sent();
     let mut attempts = Attempts::default();
+    let idempotent = is_idempotent(&planned.method, &planned.headers);
     loop {
         let token = org.token.get().await?;
         let mut req = Request::new(planned.body.take());
@@ -96,10 +107,50 @@ pub async fn send(
         req.headers_mut()
             .insert(header::AUTHORIZATION, token.header());
         let sent_at = Instant::now();
-        let response = request(state, req).await?;
+        permit.arm();
+        let outcome = request(state, req).await;
+        let transient = TransientCheck {
+            idempotent: idempotent && planned.body.replayable(),
+            attempt: attempts.transient,
+            elapsed: arrived.elapsed(),
+        };
+        let response = match outcome {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(wait) = transient.wait(governor, Failure::Error(&e)) {
+                    attempts.transient += 1;
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                if is_unreached(&e) {
+                    // Nothing reached Dataverse: the slot is free at once.
+                    permit.set_finished();
+                }
+                return Err(e);
+            }
+        };
         let waited = sent_at.elapsed();
         info.upstream = Some(waited);
         org.metrics[0].upstream(waited);
+        if let Some(wait) = transient.wait(governor, Failure::Status(response.status())) {
+            attempts.transient += 1;
+            drop(response);
+            tokio::time::sleep(wait).await;
+            continue;
+        }
+        let response = match response.status() {
+            StatusCode::TOO_MANY_REQUESTS => {
+                read_throttle(governor, response, attempts.throttled).await?
+            }
+            StatusCode::UNAUTHORIZED => response.map(http_body_util::Either::Left),
+            _ => {
+                governor.succeeded();
+                return Ok(Sent {
+                    response: response.map(http_body_util::Either::Left),
+                    permit,
+                });
+            }
+        };
         let next = next_step(
             response.status(),
             response.headers(),
@@ -108,32 +159,116 @@ pub async fn send(
             arrived.elapsed(),
             governor.config(),
         );
-        match response.status() {
-            StatusCode::UNAUTHORIZED if !attempts.refreshed => {
-                // Revoked or rotated: drop this token (not a newer one),
-                // whether or not the request can be replayed.
-                attempts.refreshed = true;
-                org.token.invalidate(&token).await;
-            }
-            StatusCode::TOO_MANY_REQUESTS => {
-                // Dataverse throttled the shared application user: everyone waits.
-                governor.throttled(throttle_wait(response.headers(), attempts.throttled));
-            }
-            _ => {}
+        if response.status() == StatusCode::UNAUTHORIZED && !attempts.refreshed {
+            // Revoked or rotated: drop this token (not a newer one),
+            // whether or not the request can be replayed.
+            attempts.refreshed = true;
+            org.token.invalidate(&token).await;
         }
         match next {
             Next::Answer => return Ok(Sent { response, permit }),
             Next::Refresh => {}
-            Next::Wait(_) => {
+            Next::Wait(wait) => {
                 attempts.throttled += 1;
                 governor.retried();
                 drop(response);
-                drop(permit);
-                // The gate holds the wait; the queue takes us back in turn.
+                // Dataverse answered: the slot is free now, not after a grace.
+                permit.finish();
+                tokio::time::sleep(wait).await;
+                // The gate (for window limits) and the queue take us back in turn.
                 permit = governor.acquire().await?;
             }
         }
     }
+}
+
+/// Reads a 429's (small) body to learn which limit it names, tells the
+/// governor, and keeps the bytes for the caller.
+async fn read_throttle(
+    governor: &crate::governor::Governor,
+    response: Response<Incoming>,
+    attempt: u32,
+) -> Result<Response<UpstreamBody>, ProxyError> {
+    let wait = throttle_wait(response.headers(), attempt);
+    let (parts, body) = response.into_parts();
+    let bytes = tokio::time::timeout(
+        Duration::from_secs(10),
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, THROTTLE_BODY)),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .map(http_body_util::Collected::to_bytes)
+    .unwrap_or_default();
+    governor.throttled(Throttle::from_body(&bytes), wait);
+    Ok(Response::from_parts(
+        parts,
+        http_body_util::Either::Right(Full::new(bytes)),
+    ))
+}
+
+/// Whether a method may be sent twice with the same effect: GET and HEAD,
+/// and PUT, PATCH and DELETE made conditional by `If-Match` (a second
+/// attempt after the first took effect fails with 412 instead of acting
+/// twice). POST never is: the proxy cannot prove it idempotent.
+pub fn is_idempotent(method: &Method, headers: &HeaderMap) -> bool {
+    match *method {
+        Method::GET | Method::HEAD => true,
+        Method::PUT | Method::PATCH | Method::DELETE => headers.contains_key(header::IF_MATCH),
+        _ => false,
+    }
+}
+
+/// A failure that may be transient.
+enum Failure<'a> {
+    Error(&'a ProxyError),
+    Status(StatusCode),
+}
+
+/// Whether an error means the request never reached Dataverse.
+fn is_unreached(e: &ProxyError) -> bool {
+    matches!(e, ProxyError::UpstreamUnavailable(inner) if inner.is_connect())
+}
+
+/// What decides a transient replay.
+struct TransientCheck {
+    /// Idempotent with a replayable body.
+    idempotent: bool,
+    attempt: u32,
+    elapsed: Duration,
+}
+
+impl TransientCheck {
+    /// The jittered wait before replaying `failure`, or `None`: not
+    /// transient, not idempotent, past the attempts or the deadline, or the
+    /// org's retry budget is used up.
+    fn wait(&self, governor: &crate::governor::Governor, failure: Failure<'_>) -> Option<Duration> {
+        let transient = match failure {
+            // Unreachable, or reset before any answer; a caller's own body
+            // fault and a response timeout (Dataverse may still be working)
+            // are not.
+            Failure::Error(e) => matches!(e, ProxyError::UpstreamUnavailable(_)),
+            Failure::Status(s) => matches!(
+                s,
+                StatusCode::BAD_GATEWAY
+                    | StatusCode::SERVICE_UNAVAILABLE
+                    | StatusCode::GATEWAY_TIMEOUT
+            ),
+        };
+        let limits = governor.config();
+        if !transient || !self.idempotent || self.attempt >= limits.transient_retries {
+            return None;
+        }
+        let wait = transient_wait(self.attempt);
+        (self.elapsed + wait <= limits.retry_deadline && governor.try_transient_retry())
+            .then_some(wait)
+    }
+}
+
+/// 100 ms, 200 ms, 400 ms … by attempt, with full jitter (half to all of it).
+pub fn transient_wait(attempt: u32) -> Duration {
+    let base = 100u64 << attempt.min(6);
+    Duration::from_millis(base / 2 + fastrand::u64(0..=base / 2))
 }
 
 /// One request with a response-header timeout.

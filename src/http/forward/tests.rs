@@ -202,12 +202,8 @@ fn uri_and_service_root_helpers() {
 #[test]
 fn the_next_step_replays_401_once_and_429_within_budget() {
     let limits = GovernorConfig {
-        max_concurrency: 50,
-        max_queue: 10,
-        queue_timeout: Duration::from_secs(30),
         max_retries: 2,
-        retry_deadline: Duration::from_secs(60),
-        max_retry_after: Duration::from_secs(300),
+        ..GovernorConfig::default()
     };
     let none = HeaderMap::new();
     let mut retry_after = HeaderMap::new();
@@ -215,11 +211,11 @@ fn the_next_step_replays_401_once_and_429_within_budget() {
     let fresh = Attempts::default();
     let refreshed = Attempts {
         refreshed: true,
-        throttled: 0,
+        ..Attempts::default()
     };
     let twice = Attempts {
-        refreshed: false,
         throttled: 2,
+        ..Attempts::default()
     };
     let zero = Duration::ZERO;
     let step = |status, headers: &HeaderMap, attempts: &Attempts, replayable, elapsed| {

@@ -37,6 +37,8 @@ pub struct RequestLabels {
     pub caller: String,
 }
 
+mod governor;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OrgLabel {
     org: String,
@@ -115,68 +117,9 @@ pub struct Metrics {
     bytes_out: Family<OrgLabel, Counter>,
     in_flight: Gauge,
     /// Copied in at scrape time from the governors.
-    governor: GovernorFamilies,
+    governor: governor::GovernorFamilies,
     /// Copied in at scrape time from the orgs and their tokens.
     org: OrgFamilies,
-}
-
-/// The governor figures, by org.
-struct GovernorFamilies {
-    governor_in_flight: Family<OrgLabel, Gauge>,
-    governor_queued: Family<OrgLabel, Gauge>,
-    governor_waits: Family<OrgLabel, Counter>,
-    governor_throttled: Family<OrgLabel, Counter>,
-    governor_retries: Family<OrgLabel, Counter>,
-    governor_rejected: Family<OrgLabel, Counter>,
-}
-
-impl GovernorFamilies {
-    fn register(r: &mut Registry) -> Self {
-        let governor_in_flight = registered(
-            r,
-            "governor_in_flight",
-            "Requests holding a governor slot towards the org",
-            Family::<OrgLabel, Gauge>::default(),
-        );
-        let governor_queued = registered(
-            r,
-            "governor_queued",
-            "Callers waiting for a slot or for the 429 gate",
-            Family::<OrgLabel, Gauge>::default(),
-        );
-        let governor_waits = registered(
-            r,
-            "governor_waits",
-            "Callers that had to wait for a slot or the gate",
-            Family::<OrgLabel, Counter>::default(),
-        );
-        let governor_throttled = registered(
-            r,
-            "governor_throttled",
-            "429 answers received from Dataverse",
-            Family::<OrgLabel, Counter>::default(),
-        );
-        let governor_retries = registered(
-            r,
-            "governor_retries",
-            "Throttled requests replayed after the pause",
-            Family::<OrgLabel, Counter>::default(),
-        );
-        let governor_rejected = registered(
-            r,
-            "governor_rejected",
-            "Callers turned away with a proxy 429 (queue full or timeout)",
-            Family::<OrgLabel, Counter>::default(),
-        );
-        Self {
-            governor_in_flight,
-            governor_queued,
-            governor_waits,
-            governor_throttled,
-            governor_retries,
-            governor_rejected,
-        }
-    }
 }
 
 /// What Dataverse and Entra ID told us last, by org.
@@ -441,7 +384,7 @@ impl Metrics {
             .set(1);
         r.register("build_info", "Build information", build);
         Self {
-            governor: GovernorFamilies::register(&mut r),
+            governor: governor::GovernorFamilies::register(&mut r),
             org: OrgFamilies::register(&mut r),
             registry: r,
             requests,
@@ -479,33 +422,12 @@ impl Metrics {
             let l = OrgLabel {
                 org: org.name.clone(),
             };
-            let g = org.governor.stats();
+            self.governor.render(org, &l);
             let load = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as i64;
-            self.governor
-                .governor_in_flight
+            self.org
+                .dop_hint
                 .get_or_create(&l)
-                .set(load(&g.in_flight));
-            self.governor
-                .governor_queued
-                .get_or_create(&l)
-                .set(load(&g.queued));
-            self.org.dop_hint.get_or_create(&l).set(load(&g.dop_hint));
-            sync_counter(
-                &self.governor.governor_waits.get_or_create(&l),
-                g.waits.load(Ordering::Relaxed),
-            );
-            sync_counter(
-                &self.governor.governor_throttled.get_or_create(&l),
-                g.throttled.load(Ordering::Relaxed),
-            );
-            sync_counter(
-                &self.governor.governor_retries.get_or_create(&l),
-                g.retries.load(Ordering::Relaxed),
-            );
-            sync_counter(
-                &self.governor.governor_rejected.get_or_create(&l),
-                g.rejected.load(Ordering::Relaxed),
-            );
+                .set(load(&org.governor.stats().dop_hint));
             if org.ratelimit.seen.load(Ordering::Relaxed) == 1 {
                 self.org
                     .ratelimit_burst

@@ -1,0 +1,432 @@
+//! The governor's state shared by every replica through Redis: slots as
+//! leases that expire (a replica that dies gives its slots back within the
+//! lease time), the Retry-After gate (a key with a TTL, announced on a
+//! channel so waiting replicas close theirs at once), and the adaptive
+//! limit. Each change is one Lua script, so no read-modify-write races
+//! between replicas; Redis's own clock (`TIME`) dates the leases, so the
+//! replicas' clocks do not matter.
+//!
+//! Every call has a short timeout. A failure marks the shared state down
+//! (logged once, shown in metrics and `/readyz`'s body): the governor then
+//! runs on its local fallback cap until a background check finds Redis
+//! answering again.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::Notify;
+
+use super::store::{Gate, Lease, SlotStore, StoreError, StoreFuture, TryAcquire};
+
+/// Takes a lease unless the gate is closed or the shared limit is reached.
+const ACQUIRE: &str = r"
+local gate = redis.call('PTTL', KEYS[3])
+if gate > 0 then return {2, gate} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local limit = tonumber(redis.call('GET', KEYS[2])) or tonumber(ARGV[3])
+if redis.call('ZCARD', KEYS[1]) < limit then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 3)
+  return {1, limit}
+end
+return {0, limit}
+";
+
+/// Gives a lease back and wakes the replicas waiting for one.
+const RELEASE: &str = r"
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('PUBLISH', ARGV[2], 'released')
+return 1
+";
+
+/// Extends the leases still held (long answers outlive the lease time).
+const RENEW: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i])
+  end
+end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 3)
+return 1
+";
+
+/// Closes the gate for ARGV[1] ms unless it is closed for longer.
+const GATE: &str = r"
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+  redis.call('PUBLISH', ARGV[2], 'gate:' .. ARGV[1])
+end
+return 1
+";
+
+/// Multiplies the shared limit by 0.7 (not below the floor), at most once
+/// per hold time; returns the limit.
+const LOWER: &str = r"
+local cur = tonumber(redis.call('GET', KEYS[1])) or tonumber(ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 1 then return cur end
+local new = math.max(tonumber(ARGV[2]), math.floor(cur * 0.7))
+redis.call('SET', KEYS[1], new)
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+return new
+";
+
+/// Moves the shared limit one step towards the target; returns it.
+const RAISE: &str = r"
+local cur = tonumber(redis.call('GET', KEYS[1])) or tonumber(ARGV[1])
+local target = tonumber(ARGV[2])
+if cur < target then cur = cur + 1 elseif cur > target then cur = target end
+redis.call('SET', KEYS[1], cur)
+return cur
+";
+
+/// One org's keys and what its replicas' messages reach.
+struct OrgShared {
+    /// `{prefix}:{org}`; the keys are `…:leases`, `…:limit`, `…:gate`.
+    key: String,
+    /// `{prefix}:{org}:events`.
+    channel: String,
+    released: Notify,
+    gate: Arc<Gate>,
+    /// Leases this replica holds (renewed until released).
+    held: Mutex<HashSet<String>>,
+}
+
+/// The connection to Redis, its health, and every org's shared state.
+pub struct SharedRedis {
+    client: redis::Client,
+    prefix: String,
+    timeout: Duration,
+    lease_time: Duration,
+    conn: RwLock<Option<ConnectionManager>>,
+    healthy: AtomicBool,
+    orgs: Mutex<HashMap<String, Arc<OrgShared>>>,
+    scripts: Scripts,
+}
+
+struct Scripts {
+    acquire: redis::Script,
+    release: redis::Script,
+    renew: redis::Script,
+    gate: redis::Script,
+    lower: redis::Script,
+    raise: redis::Script,
+}
+
+impl std::fmt::Debug for SharedRedis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL can carry a password: never printed.
+        f.debug_struct("SharedRedis")
+            .field("prefix", &self.prefix)
+            .field("healthy", &self.is_shared())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl SharedRedis {
+    /// A client for `url` (nothing is connected until [`Self::spawn`]).
+    pub fn new(
+        url: &SecretString,
+        prefix: &str,
+        timeout: Duration,
+        lease_time: Duration,
+    ) -> Result<Arc<Self>, String> {
+        let client = redis::Client::open(url.expose_secret())
+            .map_err(|e| format!("governor.redis_url is not a Redis URL ({:?})", e.kind()))?;
+        Ok(Arc::new(Self {
+            client,
+            prefix: prefix.to_owned(),
+            timeout,
+            lease_time,
+            conn: RwLock::new(None),
+            healthy: AtomicBool::new(false),
+            orgs: Mutex::new(HashMap::new()),
+            scripts: Scripts {
+                acquire: redis::Script::new(ACQUIRE),
+                release: redis::Script::new(RELEASE),
+                renew: redis::Script::new(RENEW),
+                gate: redis::Script::new(GATE),
+                lower: redis::Script::new(LOWER),
+                raise: redis::Script::new(RAISE),
+            },
+        }))
+    }
+
+    /// Whether the shared state is in use (Redis answered last time).
+    pub fn is_shared(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// The store of `org`, whose gate messages close `gate`.
+    pub fn store(self: &Arc<Self>, org: &str, gate: Arc<Gate>) -> RedisStore {
+        let key = format!("{}:{org}", self.prefix);
+        let shared = Arc::new(OrgShared {
+            channel: format!("{key}:events"),
+            key,
+            released: Notify::new(),
+            gate,
+            held: Mutex::new(HashSet::new()),
+        });
+        lock(&self.orgs).insert(shared.channel.clone(), shared.clone());
+        RedisStore {
+            redis: self.clone(),
+            org: shared,
+        }
+    }
+
+    /// The background tasks: connecting and health checks, the channel
+    /// subscription, lease renewal.
+    pub fn spawn(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        vec![
+            tokio::spawn(self.clone().keep_connected()),
+            tokio::spawn(self.clone().listen()),
+            tokio::spawn(self.clone().renew_leases()),
+        ]
+    }
+
+    fn mark_down(&self, why: &str) {
+        if self.healthy.swap(false, Ordering::Relaxed) {
+            tracing::warn!(error = %why, "shared governor state unavailable (Redis): each replica now keeps its local fallback cap");
+        }
+    }
+
+    /// Runs one command with the timeout; a failure marks the state down.
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let conn = self
+            .conn
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let Some(mut conn) = conn else {
+            return Err(StoreError("not connected".to_owned()));
+        };
+        let result =
+            tokio::time::timeout(self.timeout, invocation.invoke_async::<T>(&mut conn)).await;
+        let err = match result {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => format!("{:?}", e.kind()),
+            Err(_) => format!("no answer within {:?}", self.timeout),
+        };
+        self.mark_down(&err);
+        Err(StoreError(err))
+    }
+
+    /// Connects, then checks every second; marks the state shared when Redis answers.
+    async fn keep_connected(self: Arc<Self>) {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1);
+        loop {
+            let existing = self
+                .conn
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            let conn = match existing {
+                Some(c) => Some(c),
+                None => tokio::time::timeout(
+                    self.timeout * 4,
+                    ConnectionManager::new_with_config(self.client.clone(), config.clone()),
+                )
+                .await
+                .ok()
+                .and_then(Result::ok),
+            };
+            if let Some(mut conn) = conn {
+                let ping = tokio::time::timeout(
+                    self.timeout,
+                    redis::cmd("PING").query_async::<String>(&mut conn),
+                )
+                .await;
+                *self
+                    .conn
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(conn);
+                if matches!(ping, Ok(Ok(_))) {
+                    if !self.healthy.swap(true, Ordering::Relaxed) {
+                        tracing::info!("shared governor state in use (Redis answers)");
+                    }
+                } else {
+                    self.mark_down("no answer to PING");
+                }
+            } else {
+                self.mark_down("cannot connect");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Subscribes to every org's channel; reconnects when the link drops.
+    async fn listen(self: Arc<Self>) {
+        let pattern = format!("{}:*:events", self.prefix);
+        loop {
+            let subscribed = async {
+                let mut pubsub = self.client.get_async_pubsub().await.ok()?;
+                pubsub.psubscribe(&pattern).await.ok()?;
+                Some(pubsub)
+            };
+            if let Ok(Some(pubsub)) = tokio::time::timeout(self.timeout * 4, subscribed).await {
+                let mut messages = pubsub.into_on_message();
+                while let Some(msg) = messages.next().await {
+                    self.dispatch(
+                        msg.get_channel_name(),
+                        &msg.get_payload::<String>().unwrap_or_default(),
+                    );
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    fn dispatch(&self, channel: &str, payload: &str) {
+        let Some(org) = lock(&self.orgs).get(channel).cloned() else {
+            return;
+        };
+        if payload == "released" {
+            org.released.notify_one();
+        } else if let Some(ms) = payload.strip_prefix("gate:").and_then(|m| m.parse().ok()) {
+            org.gate.close(Duration::from_millis(ms));
+            org.released.notify_waiters();
+        }
+    }
+
+    async fn renew_leases(self: Arc<Self>) {
+        let every = (self.lease_time / 3).max(Duration::from_millis(100));
+        loop {
+            tokio::time::sleep(every).await;
+            let orgs: Vec<Arc<OrgShared>> = lock(&self.orgs).values().cloned().collect();
+            for org in orgs {
+                let held: Vec<String> = lock(&org.held).iter().cloned().collect();
+                if held.is_empty() {
+                    continue;
+                }
+                let mut call = self.scripts.renew.key(format!("{}:leases", org.key));
+                call.arg(self.lease_time.as_millis() as u64);
+                for id in &held {
+                    call.arg(id);
+                }
+                let _ = self.run::<i64>(call).await;
+            }
+        }
+    }
+}
+
+/// One org's view of the shared state.
+pub struct RedisStore {
+    redis: Arc<SharedRedis>,
+    org: Arc<OrgShared>,
+}
+
+impl RedisStore {
+    /// Whether the shared state is in use.
+    pub fn is_shared(&self) -> bool {
+        self.redis.is_shared()
+    }
+
+    /// Closes every replica's gate for `wait`.
+    pub async fn close_gate(&self, wait: Duration) -> Result<(), StoreError> {
+        let mut call = self
+            .redis
+            .scripts
+            .gate
+            .key(format!("{}:gate", self.org.key));
+        call.arg(wait.as_millis().max(1) as u64)
+            .arg(&self.org.channel);
+        self.redis.run::<i64>(call).await.map(|_| ())
+    }
+
+    /// Lowers the shared limit (once per `hold`); the new limit.
+    pub async fn lower_limit(
+        &self,
+        current: usize,
+        floor: usize,
+        hold: Duration,
+    ) -> Result<usize, StoreError> {
+        let mut call = self
+            .redis
+            .scripts
+            .lower
+            .key(format!("{}:limit", self.org.key));
+        call.key(format!("{}:limit-hold", self.org.key));
+        call.arg(current).arg(floor).arg(hold.as_millis() as u64);
+        self.redis.run::<usize>(call).await
+    }
+
+    /// Moves the shared limit one step towards `target`; the new limit.
+    pub async fn raise_limit(&self, current: usize, target: usize) -> Result<usize, StoreError> {
+        let mut call = self
+            .redis
+            .scripts
+            .raise
+            .key(format!("{}:limit", self.org.key));
+        call.arg(current).arg(target);
+        self.redis.run::<usize>(call).await
+    }
+}
+
+impl SlotStore for RedisStore {
+    fn try_acquire(&self, limit: usize) -> StoreFuture<'_, TryAcquire> {
+        Box::pin(async move {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            let mut call = self
+                .redis
+                .scripts
+                .acquire
+                .key(format!("{}:leases", self.org.key));
+            call.key(format!("{}:limit", self.org.key))
+                .key(format!("{}:gate", self.org.key))
+                .arg(self.redis.lease_time.as_millis() as u64)
+                .arg(&id)
+                .arg(limit);
+            let (code, value): (i64, u64) = self.redis.run(call).await?;
+            Ok(match code {
+                1 => {
+                    lock(&self.org.held).insert(id.clone());
+                    TryAcquire::Got {
+                        lease: Lease::Shared(id),
+                        limit: value as usize,
+                    }
+                }
+                2 => TryAcquire::Gated(Duration::from_millis(value)),
+                _ => TryAcquire::Full,
+            })
+        })
+    }
+
+    fn release(&self, lease: Lease) {
+        let Lease::Shared(id) = lease else {
+            return;
+        };
+        lock(&self.org.held).remove(&id);
+        let (redis, org) = (self.redis.clone(), self.org.clone());
+        let release = async move {
+            let mut call = redis.scripts.release.key(format!("{}:leases", org.key));
+            call.arg(&id).arg(&org.channel);
+            // A lease Redis never hears back about expires by itself.
+            let _ = redis.run::<i64>(call).await;
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(release);
+        }
+    }
+
+    fn released(&self) -> &Notify {
+        &self.org.released
+    }
+}

@@ -1,0 +1,149 @@
+//! The governor's figures by org, copied in at scrape time: its limit, what
+//! it holds and queues, its gate, whether its state is shared, and what
+//! Dataverse's 429s and the replays did.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use super::{OrgLabel, registered, sync_counter};
+use crate::http::state::OrgState;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct OrgKind {
+    org: String,
+    kind: &'static str,
+}
+
+/// The 429 kinds, in the order of `GovernorStats::throttled`.
+const KINDS: [&str; 4] = ["concurrency", "request_count", "execution_time", "unknown"];
+
+pub(super) struct GovernorFamilies {
+    in_flight: Family<OrgLabel, Gauge>,
+    queued: Family<OrgLabel, Gauge>,
+    limit: Family<OrgLabel, Gauge>,
+    gate: Family<OrgLabel, Gauge<f64, AtomicU64>>,
+    shared: Family<OrgLabel, Gauge>,
+    waits: Family<OrgLabel, Counter>,
+    throttled: Family<OrgLabel, Counter>,
+    throttled_kind: Family<OrgKind, Counter>,
+    retries: Family<OrgLabel, Counter>,
+    transient: Family<OrgLabel, Counter>,
+    exhausted: Family<OrgLabel, Counter>,
+    rejected: Family<OrgLabel, Counter>,
+}
+
+impl GovernorFamilies {
+    pub(super) fn register(r: &mut Registry) -> Self {
+        let mut gauge = |name: &str, help: &str| {
+            registered(r, name, help, Family::<OrgLabel, Gauge>::default())
+        };
+        let in_flight = gauge(
+            "governor_in_flight",
+            "Requests of this replica holding a governor slot towards the org",
+        );
+        let queued = gauge(
+            "governor_queued",
+            "Callers waiting for a slot or for the 429 gate",
+        );
+        let limit = gauge(
+            "governor_limit",
+            "The adaptive concurrency limit in force (shared by all replicas with Redis)",
+        );
+        let shared = gauge(
+            "governor_shared_state",
+            "1 while the governor's state is shared through Redis, 0 while on the local fallback cap",
+        );
+        let gate = registered(
+            r,
+            "governor_gate_closed_seconds",
+            "Seconds until the Retry-After gate reopens (0: open)",
+            Family::<OrgLabel, Gauge<f64, AtomicU64>>::default(),
+        );
+        let mut counter = |name: &str, help: &str| {
+            registered(r, name, help, Family::<OrgLabel, Counter>::default())
+        };
+        let waits = counter(
+            "governor_waits",
+            "Callers that had to wait for a slot or the gate",
+        );
+        let throttled = counter("governor_throttled", "429 answers received from Dataverse");
+        let retries = counter(
+            "governor_retries",
+            "Throttled requests replayed after the pause",
+        );
+        let transient = counter(
+            "governor_transient_retries",
+            "Idempotent requests replayed after a transient failure (unreachable, 502, 503, 504)",
+        );
+        let exhausted = counter(
+            "governor_retry_budget_exhausted",
+            "Transient failures not replayed because the org's retry budget was used up",
+        );
+        let rejected = counter(
+            "governor_rejected",
+            "Callers turned away with a proxy 429 (queue full or timeout)",
+        );
+        let throttled_kind = registered(
+            r,
+            "governor_throttled_by_kind",
+            "429 answers from Dataverse by the limit they name",
+            Family::<OrgKind, Counter>::default(),
+        );
+        Self {
+            in_flight,
+            queued,
+            limit,
+            gate,
+            shared,
+            waits,
+            throttled,
+            throttled_kind,
+            retries,
+            transient,
+            exhausted,
+            rejected,
+        }
+    }
+
+    pub(super) fn render(&self, org: &OrgState, l: &OrgLabel) {
+        let governor = &org.governor;
+        let g = governor.stats();
+        let load = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as i64;
+        self.in_flight.get_or_create(l).set(load(&g.in_flight));
+        self.queued.get_or_create(l).set(load(&g.queued));
+        self.limit.get_or_create(l).set(load(&g.limit));
+        let closed = governor
+            .gate_closed_until()
+            .map_or(0.0, |u| (u - tokio::time::Instant::now()).as_secs_f64());
+        self.gate.get_or_create(l).set(closed);
+        if let Some(shared) = governor.shared_state() {
+            self.shared.get_or_create(l).set(i64::from(shared));
+        }
+        let counters = [
+            (&self.waits, &g.waits),
+            (&self.retries, &g.retries),
+            (&self.transient, &g.transient_retries),
+            (&self.exhausted, &g.budget_exhausted),
+            (&self.rejected, &g.rejected),
+        ];
+        for (family, value) in counters {
+            sync_counter(&family.get_or_create(l), value.load(Ordering::Relaxed));
+        }
+        sync_counter(&self.throttled.get_or_create(l), g.throttled_total());
+        for (kind, value) in KINDS.iter().zip(&g.throttled) {
+            let label = OrgKind {
+                org: l.org.clone(),
+                kind,
+            };
+            sync_counter(
+                &self.throttled_kind.get_or_create(&label),
+                value.load(Ordering::Relaxed),
+            );
+        }
+    }
+}
