@@ -112,6 +112,11 @@ struct Inner {
     gate: Arc<Gate>,
     budget: RetryBudget,
     stats: Arc<GovernorStats>,
+    /// Held by the caller at the head of this replica's queue: only it
+    /// tries for slots, the rest wait their turn here (FIFO), so a long
+    /// queue costs the shared store one attempt per release, not one per
+    /// waiter.
+    head: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -195,8 +200,9 @@ impl Drop for Queued<'_> {
 }
 
 /// Longest pause between two attempts at a shared slot when no release was
-/// announced (a lost message, an expired lease).
-const SHARED_POLL: Duration = Duration::from_millis(50);
+/// announced (a lost message, an expired lease). Only the head of this
+/// replica's queue polls, so the cost does not grow with the queue.
+const SHARED_POLL: Duration = Duration::from_millis(20);
 
 impl Governor {
     /// A governor of this process only.
@@ -230,6 +236,7 @@ impl Governor {
                 gate,
                 budget: RetryBudget::new(config.retry_budget, config.min_retries),
                 stats,
+                head: tokio::sync::Mutex::new(()),
                 config,
             }),
         }
@@ -315,7 +322,9 @@ impl Governor {
     pub async fn acquire(&self) -> Result<Permit, GovernorError> {
         let inner = &self.inner;
         let stats = &inner.stats;
+        // Straight to a slot only when nobody is queued ahead.
         if self.gate_closed_until().is_none()
+            && stats.queued.load(Ordering::Relaxed) == 0
             && let Some(p) = self.try_once().await
         {
             return Ok(p);
@@ -341,8 +350,10 @@ impl Governor {
         }
     }
 
-    /// Retries until a slot is free and the gate open, woken by releases.
+    /// Waits for the head of the queue, then retries until a slot is free
+    /// and the gate open, woken by releases.
     async fn wait_for_slot(&self) -> Permit {
+        let _head = self.inner.head.lock().await;
         loop {
             if let Some(until) = self.gate_closed_until() {
                 tokio::time::sleep_until(until).await;

@@ -26,6 +26,12 @@ pub struct ServiceLimits {
     pub execution: Duration,
     /// The sliding window (Dataverse: 300 s).
     pub window: Duration,
+    /// Web servers behind the org, each counting the limits above on its
+    /// own. A request goes to the server its `ARRAffinity` cookie names,
+    /// else to the next in turn (the proxy never sends the cookie).
+    pub web_servers: usize,
+    /// The `x-ms-dop-hint` every answer carries.
+    pub dop_hint: usize,
 }
 
 impl Default for ServiceLimits {
@@ -35,6 +41,8 @@ impl Default for ServiceLimits {
             requests: 6000,
             execution: Duration::from_secs(1200),
             window: Duration::from_secs(300),
+            web_servers: 1,
+            dop_hint: 50,
         }
     }
 }
@@ -50,6 +58,75 @@ pub(super) struct Limiter {
     /// Completion times and execution durations within the window.
     executions: Mutex<VecDeque<(Instant, Duration)>>,
     throttled: AtomicU64,
+}
+
+/// The org's web servers, each with its own [`Limiter`].
+pub(super) struct WebServers {
+    servers: Mutex<Vec<std::sync::Arc<Limiter>>>,
+    next: AtomicUsize,
+    dop_hint: AtomicUsize,
+}
+
+impl Default for WebServers {
+    fn default() -> Self {
+        let servers = WebServers {
+            servers: Mutex::new(Vec::new()),
+            next: AtomicUsize::new(0),
+            dop_hint: AtomicUsize::new(0),
+        };
+        servers.set(ServiceLimits::default());
+        servers
+    }
+}
+
+impl WebServers {
+    /// Applies `limits` to `limits.web_servers` fresh servers.
+    pub(super) fn set(&self, limits: ServiceLimits) {
+        self.dop_hint.store(limits.dop_hint, Ordering::SeqCst);
+        let servers = (0..limits.web_servers.max(1))
+            .map(|_| {
+                let l = Limiter::default();
+                l.set(limits.clone());
+                std::sync::Arc::new(l)
+            })
+            .collect();
+        *lock(&self.servers) = servers;
+    }
+
+    /// The server for a request: by affinity cookie, else the next in turn;
+    /// with its index (the `ARRAffinity` value).
+    pub(super) fn pick(&self, headers: &HeaderMap) -> (usize, std::sync::Arc<Limiter>) {
+        let servers = lock(&self.servers);
+        let by_cookie = headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|c| c.trim().strip_prefix("ARRAffinity=")?.parse::<usize>().ok())
+            .filter(|i| *i < servers.len());
+        let i =
+            by_cookie.unwrap_or_else(|| self.next.fetch_add(1, Ordering::SeqCst) % servers.len());
+        (i, servers[i].clone())
+    }
+
+    /// The most in flight any one server saw.
+    pub(super) fn max_in_flight(&self) -> usize {
+        lock(&self.servers)
+            .iter()
+            .map(|s| s.max_in_flight())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// 429s answered by all servers.
+    pub(super) fn throttled(&self) -> u64 {
+        lock(&self.servers).iter().map(|s| s.throttled()).sum()
+    }
+
+    /// The recommended parallelism advertised.
+    pub(super) fn dop_hint(&self) -> usize {
+        self.dop_hint.load(Ordering::SeqCst)
+    }
 }
 
 /// An admitted request; records its execution time when dropped.

@@ -164,7 +164,7 @@ pub struct SimState {
     seen: Mutex<VecDeque<SeenRequest>>,
     db: Mutex<dataverse::Db>,
     ids: dataverse::OrgIds,
-    limiter: limits::Limiter,
+    limiter: limits::WebServers,
     uploads: Mutex<std::collections::HashMap<String, dataverse::Upload>>,
     /// Request bodies that broke off or were framed wrongly while being read.
     broken_bodies: std::sync::atomic::AtomicU64,
@@ -498,7 +498,7 @@ impl Sim {
             seen: Mutex::new(VecDeque::new()),
             db: Mutex::new(dataverse::Db::seeded()),
             ids: dataverse::OrgIds::new(),
-            limiter: limits::Limiter::default(),
+            limiter: limits::WebServers::default(),
             uploads: Mutex::new(std::collections::HashMap::new()),
             broken_bodies: std::sync::atomic::AtomicU64::new(0),
             last_batch: Mutex::new(None),

@@ -11,7 +11,7 @@ use crate::harness::{client, sim_overrides};
 const BIN: &str = env!("CARGO_BIN_EXE_dataverse-proxy");
 
 /// A command with a clean environment (no stray AZURE_* from the machine).
-fn command() -> Command {
+pub(crate) fn command() -> Command {
     let mut c = Command::new(BIN);
     c.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -20,7 +20,7 @@ fn command() -> Command {
 }
 
 /// The environment variables that point the binary at `sim`.
-fn sim_env(sim: &dataverse_proxy::sim::SimHandle) -> Vec<(&'static str, String)> {
+pub(crate) fn sim_env(sim: &dataverse_proxy::sim::SimHandle) -> Vec<(&'static str, String)> {
     let names = [
         ("org.url", "DATAVERSE_URL"),
         ("credential.tenant_id", "AZURE_TENANT_ID"),
@@ -37,7 +37,7 @@ fn sim_env(sim: &dataverse_proxy::sim::SimHandle) -> Vec<(&'static str, String)>
         .collect()
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -137,7 +137,7 @@ async fn dataverse_statuses_and_headers_pass_through_untouched() {
     let etag = resp.headers()["etag"].to_str().expect("etag").to_owned();
     assert!(etag.starts_with("W/\""), "{etag}");
     assert_eq!(resp.headers()["odata-version"], "4.0");
-    assert_eq!(resp.headers()["x-ms-dop-hint"], "4");
+    assert_eq!(resp.headers()["x-ms-dop-hint"], "50");
     assert!(resp.headers().get("x-ms-service-request-id").is_some());
     assert!(resp.headers().get("x-dataverse-proxy-error").is_none());
     let seen = h.sim.seen().pop().expect("seen");

@@ -105,25 +105,34 @@ fn json_response(status: StatusCode, body: &Value) -> Response {
 /// Headers on every answer. Dataverse's front end also sets its affinity
 /// and client cookies (docs/dataverse.md, "Cookies"), which the proxy must
 /// not pass on.
-fn common_headers(h: &mut HeaderMap) {
-    h.append(
-        header::SET_COOKIE,
-        HeaderValue::from_static("ARRAffinity=0f1e2d3c4b5a; path=/; secure; HttpOnly"),
-    );
+fn common_headers(h: &mut HeaderMap, server: usize, dop_hint: usize) {
+    if let Ok(v) = HeaderValue::from_str(&format!("ARRAffinity={server}; path=/; secure; HttpOnly"))
+    {
+        h.append(header::SET_COOKIE, v);
+    }
     h.append(
         header::SET_COOKIE,
         HeaderValue::from_static("ReqClientId=5b0c1a2e-0000-0000-0000-000000000000; expires=Fri, 01-Jan-2100 00:00:00 GMT; path=/; secure; HttpOnly"),
     );
     h.insert("odata-version", HeaderValue::from_static("4.0"));
-    h.insert("x-ms-dop-hint", HeaderValue::from_static("4"));
+    h.insert("x-ms-dop-hint", HeaderValue::from(dop_hint));
     if let Ok(v) = HeaderValue::from_str(&Uuid::new_v4().to_string()) {
         h.insert("x-ms-service-request-id", v);
     }
 }
 
+/// Runs the request on a task of its own: like Dataverse, the simulator
+/// goes on executing (and counting) a request whose client went away.
 async fn handle(State(sim): State<Arc<SimState>>, req: Request) -> Response {
+    tokio::spawn(execute(sim, req))
+        .await
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn execute(sim: Arc<SimState>, req: Request) -> Response {
     let claims = check_token(&sim, req.headers());
     record(&sim, &req, claims.clone());
+    let (server, limiter) = sim.limiter.pick(req.headers());
     let mut resp = match claims {
         Err(why) => {
             // Read (and drop) the body first, as IIS does for small bodies,
@@ -133,7 +142,7 @@ async fn handle(State(sim): State<Arc<SimState>>, req: Request) -> Response {
                 .await;
             challenge(&sim, why)
         }
-        Ok(_) => match sim.limiter.admit() {
+        Ok(_) => match limiter.admit() {
             Err(throttled) => throttled,
             Ok(in_flight) => {
                 let latency = *lock(&sim.latency);
@@ -145,12 +154,12 @@ async fn handle(State(sim): State<Arc<SimState>>, req: Request) -> Response {
                     None => route(&sim, req).await,
                 };
                 drop(in_flight);
-                sim.limiter.headers(resp.headers_mut());
+                limiter.headers(resp.headers_mut());
                 resp
             }
         },
     };
-    common_headers(resp.headers_mut());
+    common_headers(resp.headers_mut(), server, sim.limiter.dop_hint());
     resp
 }
 
