@@ -17,6 +17,7 @@ use sha2::Digest;
 use tokio::time::Instant;
 
 use crate::config::{Access, Caller, CertificateRequirement, TokenRequirement};
+use crate::governor::SharedRedis;
 use crate::identity::{Principal, TokenError, Verifier};
 
 /// A caller's API key.
@@ -105,15 +106,35 @@ pub fn hash_key(key: &str) -> [u8; 32] {
     sha2::Sha256::digest(key.as_bytes()).into()
 }
 
-/// Token buckets for caller quotas.
+/// Token buckets for caller quotas: in Redis when the governor's state is
+/// shared (one quota for all replicas), else (and while Redis does not
+/// answer) in this process.
 #[derive(Debug, Default)]
 pub struct Quotas {
     buckets: Mutex<HashMap<Arc<str>, (f64, Instant)>>,
+    shared: Option<Arc<SharedRedis>>,
 }
 
 impl Quotas {
+    /// Quotas shared through `redis`.
+    pub fn shared(redis: Arc<SharedRedis>) -> Self {
+        Self {
+            shared: Some(redis),
+            ..Self::default()
+        }
+    }
+
     /// Takes one request from `caller`'s bucket; the wait until the next when empty.
-    fn take(&self, caller: &Arc<str>, rate: f64) -> Result<(), Duration> {
+    async fn take(&self, caller: &Arc<str>, rate: f64) -> Result<(), Duration> {
+        if let Some(redis) = self.shared.as_ref().filter(|r| r.is_shared())
+            && let Ok(answer) = redis.take_quota(caller, rate).await
+        {
+            return answer;
+        }
+        self.take_local(caller, rate)
+    }
+
+    fn take_local(&self, caller: &Arc<str>, rate: f64) -> Result<(), Duration> {
         let now = Instant::now();
         let mut buckets = self
             .buckets
@@ -179,7 +200,7 @@ impl Access {
             _ => Admission::of(self.by_key_or_certificate(request, ip)?),
         };
         if let Some(c) = admission.caller {
-            self.check_caller(c, ip, org, quotas)?;
+            self.check_caller(c, ip, org, quotas).await?;
         }
         Ok(admission)
     }
@@ -258,7 +279,7 @@ impl Access {
     }
 
     /// Where it may connect from, which orgs, its quota.
-    fn check_caller(
+    async fn check_caller(
         &self,
         c: &Caller,
         ip: IpAddr,
@@ -280,6 +301,7 @@ impl Access {
         if let Some(rate) = c.requests_per_second {
             quotas
                 .take(&c.name, rate)
+                .await
                 .map_err(|retry_after| AdmissionError::Quota { retry_after })?;
         }
         Ok(())
@@ -314,8 +336,8 @@ mod tests {
     fn quotas_refill() {
         let q = Quotas::default();
         let name: Arc<str> = "c".into();
-        assert!(q.take(&name, 2.0).is_ok());
-        assert!(q.take(&name, 2.0).is_ok());
-        assert!(q.take(&name, 2.0).is_err());
+        assert!(q.take_local(&name, 2.0).is_ok());
+        assert!(q.take_local(&name, 2.0).is_ok());
+        assert!(q.take_local(&name, 2.0).is_err());
     }
 }

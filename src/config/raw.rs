@@ -114,6 +114,7 @@ pub(super) struct RawGovernor {
     pub(super) ceiling: Option<usize>,
     #[serde(deserialize_with = "lenient_number")]
     pub(super) transient_retries: Option<u32>,
+    #[serde(deserialize_with = "lenient_number")]
     pub(super) retry_budget: Option<f64>,
     #[serde(deserialize_with = "lenient_number")]
     pub(super) min_retries: Option<u64>,

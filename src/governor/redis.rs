@@ -88,6 +88,24 @@ redis.call('SET', KEYS[1], cur)
 return cur
 ";
 
+/// A caller's token bucket: `rate` per second, a burst of `max(rate, 1)`;
+/// returns {1, 0} or {0, seconds to wait}.
+const QUOTA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate = tonumber(ARGV[1])
+local burst = math.max(rate, 1)
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(b[1]) or burst
+local ts = tonumber(b[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+local ok, wait = 0, 0
+if tokens >= 1 then tokens = tokens - 1; ok = 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 10)
+return {ok, tostring(wait)}
+";
+
 /// One org's keys and what its replicas' messages reach.
 struct OrgShared {
     /// `{prefix}:{org}`; the keys are `…:leases`, `…:limit`, `…:gate`.
@@ -119,6 +137,7 @@ struct Scripts {
     gate: redis::Script,
     lower: redis::Script,
     raise: redis::Script,
+    quota: redis::Script,
 }
 
 impl std::fmt::Debug for SharedRedis {
@@ -160,6 +179,7 @@ impl SharedRedis {
                 gate: redis::Script::new(GATE),
                 lower: redis::Script::new(LOWER),
                 raise: redis::Script::new(RAISE),
+                quota: redis::Script::new(QUOTA),
             },
         }))
     }
@@ -194,6 +214,28 @@ impl SharedRedis {
             tokio::spawn(self.clone().listen()),
             tokio::spawn(self.clone().renew_leases()),
         ]
+    }
+
+    /// Takes one request from `caller`'s shared quota: `Ok(Err(wait))`
+    /// when it is used up.
+    pub async fn take_quota(
+        &self,
+        caller: &str,
+        rate: f64,
+    ) -> Result<Result<(), Duration>, StoreError> {
+        let mut call = self
+            .scripts
+            .quota
+            .key(format!("{}:quota:{caller}", self.prefix));
+        call.arg(rate);
+        let (ok, wait): (i64, String) = self.run(call).await?;
+        Ok(if ok == 1 {
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                wait.parse::<f64>().unwrap_or(1.0).clamp(0.001, 3600.0),
+            ))
+        })
     }
 
     fn mark_down(&self, why: &str) {

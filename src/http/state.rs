@@ -290,7 +290,10 @@ impl AppState {
             log_query: config.log.query,
             limits: Arc::new(config.limits.clone()),
             access: Arc::new(config.access.clone()),
-            quotas: Arc::default(),
+            quotas: Arc::new(match &redis {
+                Some(r) => crate::callers::Quotas::shared(r.clone()),
+                None => crate::callers::Quotas::default(),
+            }),
             verifier,
             cors: config.cors.clone(),
             redis,

@@ -191,3 +191,74 @@ async fn a_full_queue_is_a_proxy_429() {
     assert_eq!(rejected, 2, "one in flight, one queued, two turned away");
     h.stop().await;
 }
+
+#[tokio::test]
+async fn transient_failures_are_replayed_only_for_idempotent_requests() {
+    let h = Harness::start().await;
+    h.wait_ready().await;
+    let fault = |count| DataverseFault {
+        status: 503,
+        retry_after: None,
+        count,
+    };
+    h.sim.inject_dataverse_fault(fault(1));
+    assert_eq!(h.get("/WhoAmI").await.status(), 200, "a GET is replayed");
+    h.sim.inject_dataverse_fault(fault(1));
+    let body = serde_json::json!({"name": "once"});
+    let resp = h
+        .send(reqwest::Method::POST, "/accounts", &[], Some(&body))
+        .await;
+    assert_eq!(resp.status(), 503, "a POST never is");
+    let id = h.sim.ids("accounts")[0].to_string();
+    let path = format!("/accounts({id})");
+    h.sim.inject_dataverse_fault(fault(1));
+    let resp = h
+        .send(reqwest::Method::PATCH, &path, &[], Some(&body))
+        .await;
+    assert_eq!(resp.status(), 503, "a PATCH without If-Match is not");
+    h.sim.inject_dataverse_fault(fault(1));
+    let resp = h
+        .send(
+            reqwest::Method::PATCH,
+            &path,
+            &[("if-match", "*")],
+            Some(&body),
+        )
+        .await;
+    assert_eq!(resp.status(), 204, "a conditional PATCH is");
+    let m = h.metrics().await;
+    assert!(
+        m.contains("dataverse_proxy_governor_transient_retries_total{org=\"default\"} 2"),
+        "{m}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn the_retry_budget_stops_a_retry_storm() {
+    let h = Harness::with(
+        Setup::default()
+            .set("governor.min_retries", "3")
+            .set("governor.retry_budget", "0"),
+    )
+    .await;
+    h.wait_ready().await;
+    h.sim.inject_dataverse_fault(DataverseFault {
+        status: 502,
+        retry_after: None,
+        count: 1000,
+    });
+    for _ in 0..10 {
+        assert_eq!(h.get("/WhoAmI").await.status(), 502);
+    }
+    let m = h.metrics().await;
+    assert!(
+        m.contains("dataverse_proxy_governor_transient_retries_total{org=\"default\"} 3"),
+        "{m}"
+    );
+    assert!(
+        m.contains("dataverse_proxy_governor_retry_budget_exhausted_total{org=\"default\"} 9"),
+        "{m}"
+    );
+    h.stop().await;
+}

@@ -23,10 +23,20 @@ pub struct Replica {
 
 impl Replica {
     pub async fn start(sim: &SimHandle, overrides: &[(&'static str, String)]) -> Self {
+        Self::start_with(sim, overrides, None).await
+    }
+
+    /// With config file text too (callers, which overrides cannot express).
+    pub async fn start_with(
+        sim: &SimHandle,
+        overrides: &[(&'static str, String)],
+        toml: Option<String>,
+    ) -> Self {
         let mut all = sim_overrides(sim);
         all.extend(overrides.iter().cloned());
         let config = Config::load(&Sources {
             overrides: all,
+            inline_toml: toml,
             ..Sources::default()
         })
         .expect("replica config");
@@ -48,7 +58,25 @@ impl Replica {
             server,
         };
         replica.wait_ready().await;
+        if overrides.iter().any(|(k, _)| *k == "governor.redis_url") {
+            replica.wait_shared().await;
+        }
         replica
+    }
+
+    /// Waits until the replica's governor uses the shared state.
+    async fn wait_shared(&self) {
+        for _ in 0..200 {
+            if self
+                .metrics()
+                .await
+                .contains("governor_shared_state{org=\"default\"} 1")
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("replica never reached Redis");
     }
 
     pub fn url(&self, api_path: &str) -> String {
@@ -428,5 +456,40 @@ async fn the_limit_rises_above_52_where_dataverse_has_more_web_servers() {
     let max = h.sim.max_concurrency_seen();
     assert!(max <= 52, "each web server saw at most {max}");
     assert_eq!(h.sim.throttled(), 0);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_callers_quota_is_one_for_all_replicas() {
+    let redis = RedisServer::start().await;
+    let sim = sim_with_latency(Duration::ZERO).await;
+    let h = Harness::on(sim, Setup::default()).await;
+    h.wait_ready().await;
+    let key = "etl-key-0123456789";
+    let hash: String = dataverse_proxy::callers::hash_key(key)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let callers = format!(
+        "[[callers]]\nname = \"etl\"\napi_key_sha256 = \"{hash}\"\nrequests_per_second = 0.5\n"
+    );
+    let a = Replica::start_with(&h.sim, &shared(&redis), Some(callers.clone())).await;
+    let b = Replica::start_with(&h.sim, &shared(&redis), Some(callers)).await;
+    let get = |r: &Replica| {
+        client()
+            .get(r.url("/WhoAmI"))
+            .header("x-api-key", key)
+            .send()
+    };
+    // A burst of one for the whole deployment: the second replica's request is over quota.
+    assert_eq!(get(&a).await.expect("a").status(), 200);
+    let resp = get(&b).await.expect("b");
+    assert_eq!(resp.status(), 429);
+    assert_eq!(
+        resp.headers()["x-dataverse-proxy-error"],
+        "caller_quota_exceeded"
+    );
+    a.stop().await;
+    b.stop().await;
     h.stop().await;
 }
