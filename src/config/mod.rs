@@ -107,6 +107,10 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
         "governor.max_concurrency",
     ),
     ("DATAVERSE_PROXY_REDIS_URL", "governor.redis_url"),
+    (
+        "DATAVERSE_PROXY_EXPECTED_REPLICAS",
+        "governor.expected_replicas",
+    ),
     ("DATAVERSE_PROXY_SHUTDOWN_GRACE", "shutdown.grace"),
     ("https_proxy", "upstream.proxy"),
     ("HTTPS_PROXY", "upstream.proxy"),

@@ -237,6 +237,10 @@ pub struct GovernorConfig {
     pub redis: Option<RedisSettings>,
     /// The cap while Redis does not answer.
     pub fallback_concurrency: usize,
+    /// Replicas expected in the deployment (the fallback cap's divisor). A
+    /// replica governing alone among several never lets Dataverse's hint
+    /// raise its limit above `max_concurrency`: only a shared limit may.
+    pub expected_replicas: usize,
     /// Callers waiting for a slot at most; more get 429.
     pub max_queue: usize,
     /// Longest wait for a slot before a 429.
@@ -347,6 +351,7 @@ impl Default for GovernorConfig {
             disconnect_grace: Duration::from_secs(5),
             redis: None,
             fallback_concurrency: 50,
+            expected_replicas: 1,
         }
     }
 }

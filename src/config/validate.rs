@@ -214,6 +214,7 @@ fn governor(p: &mut Problems<'_>, g: RawGovernor) -> GovernorConfig {
             .fallback_concurrency
             .unwrap_or(max_concurrency.div_ceil(expected_replicas))
             .max(1),
+        expected_replicas,
     };
     if governor.max_concurrency == 0 || governor.max_concurrency > 52 {
         p.push(

@@ -1,7 +1,8 @@
 //! The adaptive concurrency limit of one org: additive increase after a run
 //! of successes, multiplicative decrease after Dataverse's concurrency 429,
-//! bounded by a floor and a ceiling that follows `x-ms-dop-hint` (Dataverse's
-//! recommended degree of parallelism). Pure arithmetic, no clock but the one
+//! bounded by a floor and by a target that `x-ms-dop-hint` (Dataverse's
+//! recommended degree of parallelism) raises above the configured start,
+//! within the ceiling. Pure arithmetic, no clock but the one
 //! passed in, so the rules are tested directly.
 
 use std::time::Duration;
@@ -86,14 +87,19 @@ impl AdaptiveLimit {
         self.limit
     }
 
-    /// What the limit may grow to: Dataverse's hint when it sent one (within
-    /// the configured ceiling), else the starting value.
+    /// What the limit may grow to: the starting value, or Dataverse's hint
+    /// when that is higher (within the configured ceiling).
+    ///
+    /// A hint below the start does not lower it: the hint is advice for one
+    /// client (Microsoft's samples show values such as 4), while a gateway
+    /// serves many, and the limit that throttles is the 52 concurrent
+    /// requests per web server, which concurrency 429s already enforce.
     pub fn target(&self) -> usize {
         self.hint
-            .map_or(self.start, |h| h.clamp(self.floor, self.ceiling))
+            .map_or(self.start, |h| h.min(self.ceiling).max(self.start))
     }
 
-    /// Records `x-ms-dop-hint`; a lower hint lowers the limit at once.
+    /// Records `x-ms-dop-hint`.
     pub fn hint(&mut self, hint: usize) {
         self.hint = Some(hint);
         self.limit = self.limit.min(self.target());
@@ -185,7 +191,15 @@ mod tests {
         }
         assert_eq!(l.get(), 120);
         l.hint(30);
-        assert_eq!(l.get(), 30, "a lower hint applies at once");
+        assert_eq!(
+            l.get(),
+            50,
+            "a hint below the start falls back to the start"
+        );
+        for _ in 0..100_000 {
+            l.success();
+        }
+        assert_eq!(l.get(), 50, "and does not lower it");
         let mut floor = AdaptiveLimit::new(3, 2, 10);
         floor.concurrency_throttled(Instant::now());
         assert_eq!(floor.get(), 2);

@@ -221,16 +221,20 @@ impl Governor {
         shared: impl FnOnce(Arc<Gate>) -> Option<Arc<RedisStore>>,
     ) -> Self {
         let gate = Arc::new(Gate::default());
-        let limit = AdaptiveLimit::new(
-            config.max_concurrency,
-            config.min_concurrency,
-            config.ceiling,
-        );
+        let shared = shared(gate.clone());
+        // One of several replicas governing alone cannot know what the
+        // others spend: Dataverse's hint may then only lower its limit.
+        let ceiling = if shared.is_some() || config.expected_replicas <= 1 {
+            config.ceiling
+        } else {
+            config.max_concurrency
+        };
+        let limit = AdaptiveLimit::new(config.max_concurrency, config.min_concurrency, ceiling);
         let stats = Arc::new(GovernorStats::default());
         stats.limit.store(limit.get(), Ordering::Relaxed);
         Self {
             inner: Arc::new(Inner {
-                shared: shared(gate.clone()),
+                shared,
                 local: Arc::new(LocalStore::default()),
                 limit: Mutex::new(limit),
                 gate,
