@@ -112,11 +112,12 @@ struct Inner {
     gate: Arc<Gate>,
     budget: RetryBudget,
     stats: Arc<GovernorStats>,
-    /// Held by the caller at the head of this replica's queue: only it
-    /// tries for slots, the rest wait their turn here (FIFO), so a long
-    /// queue costs the shared store one attempt per release, not one per
-    /// waiter.
-    head: tokio::sync::Mutex<()>,
+    /// Held by the callers at the head of this replica's queue: only they
+    /// try for slots, the rest wait their turn here (FIFO), so a long queue
+    /// costs the shared store a few attempts per release, not one per
+    /// waiter. A few rather than one: each attempt is a round trip, and one
+    /// head at a time could not take freed slots as fast as they free up.
+    heads: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for Inner {
@@ -199,6 +200,9 @@ impl Drop for Queued<'_> {
     }
 }
 
+/// Callers of one replica trying for slots at once (the rest queue behind).
+const HEADS: usize = 8;
+
 /// Longest pause between two attempts at a shared slot when no release was
 /// announced (a lost message, an expired lease). Only the head of this
 /// replica's queue polls, so the cost does not grow with the queue.
@@ -240,7 +244,7 @@ impl Governor {
                 gate,
                 budget: RetryBudget::new(config.retry_budget, config.min_retries),
                 stats,
-                head: tokio::sync::Mutex::new(()),
+                heads: tokio::sync::Semaphore::new(HEADS),
                 config,
             }),
         }
@@ -286,9 +290,9 @@ impl Governor {
     }
 
     /// One attempt at a slot.
-    async fn try_once(&self) -> Option<Permit> {
+    async fn try_once(&self, waiter: Option<store::Waiter>) -> Option<Permit> {
         let (store, limit) = self.store();
-        let answer = match store.try_acquire(limit).await {
+        let answer = match store.try_acquire(limit, waiter).await {
             Ok(a) => a,
             // Just marked down: the next attempt uses the local store.
             Err(_) => return None,
@@ -329,7 +333,7 @@ impl Governor {
         // Straight to a slot only when nobody is queued ahead.
         if self.gate_closed_until().is_none()
             && stats.queued.load(Ordering::Relaxed) == 0
-            && let Some(p) = self.try_once().await
+            && let Some(p) = self.try_once(None).await
         {
             return Ok(p);
         }
@@ -342,7 +346,8 @@ impl Governor {
             });
         }
         stats.waits.fetch_add(1, Ordering::Relaxed);
-        match tokio::time::timeout(inner.config.queue_timeout, self.wait_for_slot()).await {
+        let arrived = Instant::now();
+        match tokio::time::timeout(inner.config.queue_timeout, self.wait_for_slot(arrived)).await {
             Ok(p) => Ok(p),
             Err(_) => {
                 stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -355,9 +360,11 @@ impl Governor {
     }
 
     /// Waits for the head of the queue, then retries until a slot is free
-    /// and the gate open, woken by releases.
-    async fn wait_for_slot(&self) -> Permit {
-        let _head = self.inner.head.lock().await;
+    /// and the gate open, woken by releases. With shared state this
+    /// replica's ticket, dated by its longest-waiting head, puts it in line with
+    /// the other replicas: the longest-waiting head of all gets the next slot.
+    async fn wait_for_slot(&self, arrived: Instant) -> Permit {
+        let _head = self.inner.heads.acquire().await;
         loop {
             if let Some(until) = self.gate_closed_until() {
                 tokio::time::sleep_until(until).await;
@@ -367,7 +374,11 @@ impl Governor {
             let released = store.released().notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            if let Some(p) = self.try_once().await {
+            let waiter = store::Waiter {
+                waited: arrived.elapsed(),
+                more: self.inner.stats.queued.load(Ordering::Relaxed) > 1,
+            };
+            if let Some(p) = self.try_once(Some(waiter)).await {
                 return p;
             }
             let poll = if self.shared_state() == Some(true) {

@@ -21,17 +21,38 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Notify;
 
-use super::store::{Gate, Lease, SlotStore, StoreError, StoreFuture, TryAcquire};
+use super::store::{Gate, Lease, SlotStore, StoreError, StoreFuture, TryAcquire, Waiter};
 
-/// Takes a lease unless the gate is closed or the shared limit is reached.
+/// Takes a lease unless the gate is closed, the shared limit is reached, or
+/// replicas whose head of queue has waited longer are ahead. KEYS: leases,
+/// limit, gate, queue (replica tickets by their head's arrival), seen
+/// (tickets by last attempt); ARGV: lease ms, lease id, default limit,
+/// ticket ('' when not queued), waited ms, '1' when more callers wait
+/// behind the head (the ticket stays in line). A ticket not seen for a
+/// second (its replica's queue emptied or the replica died) is dropped.
 const ACQUIRE: &str = r"
 local gate = redis.call('PTTL', KEYS[3])
 if gate > 0 then return {2, gate} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local stale = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now - 1000)
+for _, s in ipairs(stale) do redis.call('ZREM', KEYS[4], s); redis.call('ZREM', KEYS[5], s) end
 local limit = tonumber(redis.call('GET', KEYS[2])) or tonumber(ARGV[3])
-if redis.call('ZCARD', KEYS[1]) < limit then
+local free = limit - redis.call('ZCARD', KEYS[1])
+local ticket = ARGV[4]
+local ahead
+if ticket == '' then
+  ahead = redis.call('ZCARD', KEYS[4])
+else
+  redis.call('ZADD', KEYS[4], 'LT', now - tonumber(ARGV[5]), ticket)
+  redis.call('ZADD', KEYS[5], now, ticket)
+  redis.call('PEXPIRE', KEYS[4], 60000)
+  redis.call('PEXPIRE', KEYS[5], 60000)
+  ahead = redis.call('ZRANK', KEYS[4], ticket)
+end
+if ahead < free then
+  if ticket ~= '' and ARGV[6] ~= '1' then redis.call('ZREM', KEYS[4], ticket); redis.call('ZREM', KEYS[5], ticket) end
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 3)
   return {1, limit}
@@ -116,6 +137,8 @@ struct OrgShared {
     gate: Arc<Gate>,
     /// Leases this replica holds (renewed until released).
     held: Mutex<HashSet<String>>,
+    /// This replica's place in the org's queue.
+    ticket: String,
 }
 
 /// The connection to Redis, its health, and every org's shared state.
@@ -198,6 +221,7 @@ impl SharedRedis {
             released: Notify::new(),
             gate,
             held: Mutex::new(HashSet::new()),
+            ticket: uuid::Uuid::new_v4().simple().to_string(),
         });
         lock(&self.orgs).insert(shared.channel.clone(), shared.clone());
         RedisStore {
@@ -423,7 +447,11 @@ impl RedisStore {
 }
 
 impl SlotStore for RedisStore {
-    fn try_acquire(&self, limit: usize) -> StoreFuture<'_, TryAcquire> {
+    fn try_acquire(&self, limit: usize, waiter: Option<Waiter>) -> StoreFuture<'_, TryAcquire> {
+        let (ticket, waited, more) = waiter.map_or((String::new(), 0, "0"), |w| {
+            let more = if w.more { "1" } else { "0" };
+            (self.org.ticket.clone(), w.waited.as_millis() as u64, more)
+        });
         Box::pin(async move {
             let id = uuid::Uuid::new_v4().simple().to_string();
             let mut call = self
@@ -433,9 +461,14 @@ impl SlotStore for RedisStore {
                 .key(format!("{}:leases", self.org.key));
             call.key(format!("{}:limit", self.org.key))
                 .key(format!("{}:gate", self.org.key))
+                .key(format!("{}:queue", self.org.key))
+                .key(format!("{}:queue-seen", self.org.key))
                 .arg(self.redis.lease_time.as_millis() as u64)
                 .arg(&id)
-                .arg(limit);
+                .arg(limit)
+                .arg(&ticket)
+                .arg(waited)
+                .arg(more);
             let (code, value): (i64, u64) = self.redis.run(call).await?;
             Ok(match code {
                 1 => {

@@ -45,11 +45,24 @@ pub struct StoreError(pub String);
 /// A boxed future of a store operation.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
+/// The head of this replica's queue. A shared store keeps one ticket per
+/// replica in line, dated by its head's arrival, and serves the ticket
+/// whose head has waited longest, across all replicas.
+#[derive(Debug, Clone, Copy)]
+pub struct Waiter {
+    /// Time since the head arrived.
+    pub waited: Duration,
+    /// Callers wait behind the head (the ticket stays in line after a grant).
+    pub more: bool,
+}
+
 /// Slots under a limit; see the module comment.
 pub trait SlotStore: Send + Sync + 'static {
     /// Takes a slot if fewer than `limit` are taken (a shared store uses
-    /// the shared limit, `limit` only when none is stored yet).
-    fn try_acquire(&self, limit: usize) -> StoreFuture<'_, TryAcquire>;
+    /// the shared limit, `limit` only when none is stored yet). `waiter` is
+    /// `None` for a caller that has not queued: it gets a slot only when no
+    /// caller waits anywhere.
+    fn try_acquire(&self, limit: usize, waiter: Option<Waiter>) -> StoreFuture<'_, TryAcquire>;
     /// Gives a slot back (a shared store does so in the background).
     fn release(&self, lease: Lease);
     /// Notified when a slot may have come free.
@@ -77,7 +90,7 @@ impl LocalStore {
 }
 
 impl SlotStore for LocalStore {
-    fn try_acquire(&self, limit: usize) -> StoreFuture<'_, TryAcquire> {
+    fn try_acquire(&self, limit: usize, _waiter: Option<Waiter>) -> StoreFuture<'_, TryAcquire> {
         let mut taken = self.lock();
         let answer = if *taken < limit {
             *taken += 1;
