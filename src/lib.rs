@@ -15,8 +15,9 @@
 //!   sources, problems, one validator per section), layered flags > env >
 //!   file > defaults, every problem reported at once.
 //! - **Domain** (no HTTP): [`token`] (client-credentials requests, the moka
-//!   cache, refresh ahead), [`governor`] (service-protection concurrency cap,
-//!   queue and the 429 gate), [`guard`] (which paths may reach Dataverse),
+//!   cache, refresh ahead), [`governor`] (service protection: the adaptive
+//!   concurrency limit, queue, 429 gate and retry budget, per process or shared
+//!   through Redis), [`guard`] (which paths may reach Dataverse),
 //!   [`policy`] (the per-org access policy), [`callers`] (who is calling:
 //!   Entra ID tokens, API keys, client certificates, source addresses, quotas),
 //!   [`identity`] (Entra ID caller tokens: discovery, keys, claims), [`batch`] (the strict `$batch` reader) and

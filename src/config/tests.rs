@@ -340,3 +340,36 @@ fn identity_mistakes_name_their_keys() {
         assert!(text.contains(key), "{key} in {text}");
     }
 }
+
+#[test]
+fn the_redis_url_comes_from_the_environment_and_is_never_echoed() {
+    let mut e = minimal_env();
+    e.insert(
+        "DATAVERSE_PROXY_REDIS_URL".into(),
+        "redis://:s3cret-pw@redis:6379".into(),
+    );
+    e.insert("DATAVERSE_PROXY_EXPECTED_REPLICAS".into(), "4".into());
+    let cfg = Config::load(&Sources {
+        env: e.clone(),
+        ..Sources::default()
+    })
+    .expect("valid");
+    assert!(cfg.governor.redis.is_some());
+    assert_eq!(cfg.governor.fallback_concurrency, 13, "50 / 4, rounded up");
+    assert!(
+        !format!("{cfg:?}").contains("s3cret-pw"),
+        "Debug redacts the URL"
+    );
+    e.insert(
+        "DATAVERSE_PROXY_REDIS_URL".into(),
+        "htp://:s3cret-pw@redis".into(),
+    );
+    let err = Config::load(&Sources {
+        env: e,
+        ..Sources::default()
+    })
+    .expect_err("bad URL");
+    let text = err.to_string();
+    assert!(text.contains("`governor.redis_url`"), "{text}");
+    assert!(!text.contains("s3cret-pw"), "{text}");
+}

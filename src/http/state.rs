@@ -211,13 +211,7 @@ impl AppState {
         // One TLS setup for the token client and the Dataverse client.
         let tls = crate::tls::client_config(config.upstream.ca_file.as_deref())
             .map_err(std::io::Error::other)?;
-        let redis = match &config.governor.redis {
-            Some(r) => Some(
-                crate::governor::SharedRedis::new(&r.url, &r.prefix, r.timeout, r.lease_time)
-                    .map_err(std::io::Error::other)?,
-            ),
-            None => None,
-        };
+        let redis = shared_redis(config)?;
         let mut providers: HashMap<TokenKey, TokenProvider> = HashMap::new();
         let mut orgs = Vec::new();
         let mut routes = Routes::default();
@@ -258,18 +252,7 @@ impl AppState {
                 org, origin, token, config, &metrics, governor,
             )?));
         }
-        let verifier = match &config.access.caller_tokens {
-            Some(tokens) => {
-                let http = crate::token::entra_client(&config.token, tls.clone())
-                    .map_err(std::io::Error::other)?;
-                let source = crate::identity::HttpKeySource::new(http, tokens.authority.clone());
-                Some(Arc::new(crate::identity::Verifier::new(
-                    tokens.clone(),
-                    Arc::new(source),
-                )))
-            }
-            None => None,
-        };
+        let verifier = verifier(config, &tls)?;
         Ok(Self(Arc::new(Shared {
             orgs: orgs.into(),
             routes: Arc::new(routes),
@@ -370,6 +353,37 @@ impl AppState {
         }
         true
     }
+}
+
+/// The caller-token verifier, where `[caller_tokens]` is configured; it
+/// fetches keys with the Entra ID client's TLS setup.
+fn verifier(
+    config: &Config,
+    tls: &rustls::ClientConfig,
+) -> std::io::Result<Option<Arc<crate::identity::Verifier>>> {
+    let Some(tokens) = &config.access.caller_tokens else {
+        return Ok(None);
+    };
+    let http =
+        crate::token::entra_client(&config.token, tls.clone()).map_err(std::io::Error::other)?;
+    let source = crate::identity::HttpKeySource::new(http, tokens.authority.clone());
+    Ok(Some(Arc::new(crate::identity::Verifier::new(
+        tokens.clone(),
+        Arc::new(source),
+    ))))
+}
+
+/// The governors' shared state, where `governor.redis_url` is set.
+fn shared_redis(config: &Config) -> std::io::Result<Option<Arc<crate::governor::SharedRedis>>> {
+    config
+        .governor
+        .redis
+        .as_ref()
+        .map(|r| {
+            crate::governor::SharedRedis::new(&r.url, &r.prefix, r.timeout, r.lease_time)
+                .map_err(std::io::Error::other)
+        })
+        .transpose()
 }
 
 /// The org origin and, for Dynamics hosts, its `.api.` sibling: the Web API

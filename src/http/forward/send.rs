@@ -99,13 +99,7 @@ pub async fn send(
     let idempotent = is_idempotent(&planned.method, &planned.headers);
     loop {
         let token = org.token.get().await?;
-        let mut req = Request::new(planned.body.take());
-        *req.method_mut() = planned.method.clone();
-        *req.uri_mut() = planned.uri.clone();
-        *req.version_mut() = Version::HTTP_11;
-        *req.headers_mut() = planned.headers.clone();
-        req.headers_mut()
-            .insert(header::AUTHORIZATION, token.header());
+        let req = upstream_request(&mut planned, token.header());
         let sent_at = Instant::now();
         permit.arm();
         let outcome = request(state, req).await;
@@ -114,30 +108,15 @@ pub async fn send(
             attempt: attempts.transient,
             elapsed: arrived.elapsed(),
         };
-        let response = match outcome {
-            Ok(r) => r,
-            Err(e) => {
-                if let Some(wait) = transient.wait(governor, Failure::Error(&e)) {
-                    attempts.transient += 1;
-                    tokio::time::sleep(wait).await;
-                    continue;
-                }
-                if is_unreached(&e) {
-                    // Nothing reached Dataverse: the slot is free at once.
-                    permit.set_finished();
-                }
-                return Err(e);
-            }
-        };
-        let waited = sent_at.elapsed();
-        info.upstream = Some(waited);
-        org.metrics[0].upstream(waited);
-        if let Some(wait) = transient.wait(governor, Failure::Status(response.status())) {
-            attempts.transient += 1;
-            drop(response);
-            tokio::time::sleep(wait).await;
-            continue;
+        if outcome.is_ok() {
+            let waited = sent_at.elapsed();
+            info.upstream = Some(waited);
+            org.metrics[0].upstream(waited);
         }
+        let Some(response) = settle(outcome, &transient, governor, &mut permit).await? else {
+            attempts.transient += 1;
+            continue;
+        };
         let response = match response.status() {
             StatusCode::TOO_MANY_REQUESTS => {
                 read_throttle(governor, response, attempts.throttled).await?
@@ -180,6 +159,50 @@ pub async fn send(
             }
         }
     }
+}
+
+/// The attempt's answer, or `None` once the wait before a transient replay
+/// is over, or the error for the caller.
+async fn settle(
+    outcome: Result<Response<Incoming>, ProxyError>,
+    transient: &TransientCheck,
+    governor: &crate::governor::Governor,
+    permit: &mut Permit,
+) -> Result<Option<Response<Incoming>>, ProxyError> {
+    let failure = match &outcome {
+        Ok(r) => Failure::Status(r.status()),
+        Err(e) => Failure::Error(e),
+    };
+    if let Some(wait) = transient.wait(governor, failure) {
+        drop(outcome);
+        tokio::time::sleep(wait).await;
+        return Ok(None);
+    }
+    match outcome {
+        Ok(r) => Ok(Some(r)),
+        Err(e) => {
+            if is_unreached(&e) {
+                // Nothing reached Dataverse: the slot is free at once.
+                permit.set_finished();
+            }
+            Err(e)
+        }
+    }
+}
+
+/// One attempt's request: the planned one with the token.
+fn upstream_request(
+    planned: &mut Planned,
+    authorization: axum::http::HeaderValue,
+) -> Request<Body> {
+    let mut req = Request::new(planned.body.take());
+    *req.method_mut() = planned.method.clone();
+    *req.uri_mut() = planned.uri.clone();
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = planned.headers.clone();
+    req.headers_mut()
+        .insert(header::AUTHORIZATION, authorization);
+    req
 }
 
 /// Reads a 429's (small) body to learn which limit it names, tells the
