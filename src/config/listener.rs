@@ -57,6 +57,12 @@ pub(super) fn tls(p: &mut Problems<'_>, raw: Option<RawTls>) -> Option<ListenerT
     let cert_file = file("tls.cert_file", raw.cert_file, true);
     let key_file = file("tls.key_file", raw.key_file, true);
     let client_ca_file = file("tls.client_ca_file", raw.client_ca_file, false);
+    pem_contents(
+        p,
+        cert_file.as_deref(),
+        key_file.as_deref(),
+        client_ca_file.as_deref(),
+    );
     let require_client_certificate = match raw.client_certificate.as_deref() {
         None | Some("required") => client_ca_file.is_some(),
         Some("optional") => false,
@@ -88,6 +94,36 @@ pub(super) fn tls(p: &mut Problems<'_>, raw: Option<RawTls>) -> Option<ListenerT
         require_client_certificate,
         reload_interval,
     })
+}
+
+/// The files hold what they should: certificates, a private key (so a
+/// wrong file is a config error at start, not a failed listener).
+fn pem_contents(p: &mut Problems<'_>, cert: Option<&Path>, key: Option<&Path>, ca: Option<&Path>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    for (name, path) in [("tls.cert_file", cert), ("tls.client_ca_file", ca)] {
+        let Some(path) = path.filter(|p| p.is_file()) else {
+            continue;
+        };
+        let certs = CertificateDer::pem_file_iter(path).map(|i| i.filter(Result::is_ok).count());
+        if !matches!(certs, Ok(n) if n > 0) {
+            p.push(
+                name,
+                &format!("{} holds no PEM CERTIFICATE block", path.display()),
+                "give a PEM file of certificates (leaf first for cert_file)",
+            );
+        }
+    }
+    if let Some(path) = key.filter(|p| p.is_file())
+        && PrivateKeyDer::from_pem_file(path).is_err()
+    {
+        // The key's own bytes are never quoted.
+        p.push(
+            "tls.key_file",
+            &format!("{} holds no PEM private key", path.display()),
+            "give a PEM PKCS#8, PKCS#1 or SEC1 private key",
+        );
+    }
 }
 
 /// `[cors]`, if it lists any origin.

@@ -373,3 +373,29 @@ fn the_redis_url_comes_from_the_environment_and_is_never_echoed() {
     assert!(text.contains("`governor.redis_url`"), "{text}");
     assert!(!text.contains("s3cret-pw"), "{text}");
 }
+
+#[test]
+fn tls_files_that_are_not_pem_are_config_errors() {
+    let not_pem = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    let cert = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cert.pem");
+    let text = format!(
+        "[tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n",
+        not_pem.display().to_string(),
+        cert.display().to_string(),
+        cert.display().to_string(),
+    );
+    let err = load_toml(&text, minimal_env()).1.expect_err("not PEM");
+    let text = err.to_string();
+    assert!(
+        text.contains("`tls.cert_file`") && text.contains("no PEM CERTIFICATE"),
+        "{text}"
+    );
+    assert!(
+        text.contains("`tls.key_file`") && text.contains("no PEM private key"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("`tls.client_ca_file`"),
+        "a CA bundle of certificates is fine: {text}"
+    );
+}
