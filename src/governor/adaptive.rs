@@ -23,6 +23,14 @@ pub enum Throttle {
 }
 
 impl Throttle {
+    /// Every kind, in the order of the discriminants (the metrics' order).
+    pub const ALL: [Self; 4] = [
+        Self::Concurrency,
+        Self::RequestCount,
+        Self::ExecutionTime,
+        Self::Unknown,
+    ];
+
     /// The kind named by a Dataverse error body.
     pub fn from_body(body: &[u8]) -> Self {
         let code = serde_json::from_slice::<serde_json::Value>(body)

@@ -71,8 +71,7 @@ pub struct GovernorStats {
     pub queued: AtomicUsize,
     /// Callers that had to wait at all.
     pub waits: AtomicU64,
-    /// 429 answers seen from Dataverse, by kind: concurrency, request
-    /// count, execution time, unknown.
+    /// 429 answers seen from Dataverse, by kind, in [`Throttle::ALL`]'s order.
     pub throttled: [AtomicU64; 4],
     /// Throttled requests replayed after the wait.
     pub retries: AtomicU64,
@@ -84,8 +83,6 @@ pub struct GovernorStats {
     pub rejected: AtomicU64,
     /// Last `x-ms-dop-hint` seen (Dataverse's recommended parallelism), 0 if none.
     pub dop_hint: AtomicUsize,
-    /// The concurrency limit in force now.
-    pub limit: AtomicUsize,
 }
 
 impl GovernorStats {
@@ -123,7 +120,7 @@ struct Inner {
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Governor")
-            .field("limit", &self.stats.limit)
+            .field("in_flight", &self.stats.in_flight)
             .field("shared", &self.shared.is_some())
             .finish_non_exhaustive()
     }
@@ -235,7 +232,6 @@ impl Governor {
         };
         let limit = AdaptiveLimit::new(config.max_concurrency, config.min_concurrency, ceiling);
         let stats = Arc::new(GovernorStats::default());
-        stats.limit.store(limit.get(), Ordering::Relaxed);
         Self {
             inner: Arc::new(Inner {
                 shared,
@@ -253,6 +249,11 @@ impl Governor {
     /// The counters.
     pub fn stats(&self) -> &GovernorStats {
         &self.inner.stats
+    }
+
+    /// The concurrency limit in force now (the shared one, with Redis).
+    pub fn limit(&self) -> usize {
+        self.adaptive().get()
     }
 
     /// The configuration.
@@ -301,7 +302,6 @@ impl Governor {
             TryAcquire::Got { lease, limit } => {
                 if self.inner.shared.as_ref().is_some_and(|s| s.is_shared()) {
                     self.adaptive().set(limit);
-                    self.inner.stats.limit.store(limit, Ordering::Relaxed);
                 }
                 Some(self.permit(lease, store))
             }
@@ -403,16 +403,7 @@ impl Governor {
     /// 429 lowers the limit; the others close the gate for everyone.
     pub fn throttled(&self, kind: Throttle, retry_after: Duration) {
         let inner = &self.inner;
-        let index = [
-            Throttle::Concurrency,
-            Throttle::RequestCount,
-            Throttle::ExecutionTime,
-            Throttle::Unknown,
-        ]
-        .iter()
-        .position(|k| *k == kind)
-        .unwrap_or(3);
-        inner.stats.throttled[index].fetch_add(1, Ordering::Relaxed);
+        inner.stats.throttled[kind as usize].fetch_add(1, Ordering::Relaxed);
         if kind == Throttle::Concurrency {
             self.lower_limit();
             return;
@@ -439,7 +430,6 @@ impl Governor {
         if !lowered {
             return;
         }
-        self.inner.stats.limit.store(now, Ordering::Relaxed);
         tracing::warn!(
             limit = now,
             "Dataverse refused a request for concurrency; lowering the limit"
@@ -466,7 +456,6 @@ impl Governor {
         if !raised {
             return;
         }
-        self.inner.stats.limit.store(now, Ordering::Relaxed);
         if let Some(shared) = self.inner.shared.clone().filter(|s| s.is_shared()) {
             let governor = self.clone();
             tokio::spawn(async move {
@@ -480,7 +469,6 @@ impl Governor {
     /// Takes the shared limit.
     fn adopt(&self, limit: usize) {
         self.adaptive().set(limit);
-        self.inner.stats.limit.store(limit, Ordering::Relaxed);
     }
 
     /// Counts a replayed request.
@@ -508,12 +496,7 @@ impl Governor {
     /// Records Dataverse's recommended degree of parallelism.
     pub fn dop_hint(&self, hint: usize) {
         self.inner.stats.dop_hint.store(hint, Ordering::Relaxed);
-        let now = {
-            let mut l = self.adaptive();
-            l.hint(hint);
-            l.get()
-        };
-        self.inner.stats.limit.store(now, Ordering::Relaxed);
+        self.adaptive().hint(hint);
     }
 }
 

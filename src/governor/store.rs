@@ -77,11 +77,6 @@ pub struct LocalStore {
 }
 
 impl LocalStore {
-    /// Slots taken now.
-    pub fn taken(&self) -> usize {
-        *self.lock()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
         self.taken
             .lock()

@@ -38,24 +38,61 @@ use crate::config::LimitsConfig;
 
 pub use tls::ListenerTlsState;
 
+/// What the accept loop drives: a cloneable tower service of hyper's
+/// requests that never fails (errors are answers).
+pub trait Service:
+    tower::Service<
+        Request<Incoming>,
+        Response = Response<Self::Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+    /// The answers' body.
+    type Body: AnswerBody;
+}
+
+impl<S, B: AnswerBody> Service for S
+where
+    S: tower::Service<
+            Request<Incoming>,
+            Response = Response<B>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static,
+{
+    type Body = B;
+}
+
+/// The body of an answer the accept loop can send.
+pub trait AnswerBody:
+    http_body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+    + Send
+    + 'static
+{
+}
+
+impl<B> AnswerBody for B where
+    B: http_body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static
+{
+}
+
 /// Serves `service` on `listener` (over TLS when `tls` is given) until
 /// `stop` resolves, then drains open connections for at most `grace`.
-pub async fn run<S, B>(
+pub async fn run<S: Service>(
     listener: TcpListener,
     tls: Option<Arc<ListenerTlsState>>,
     service: S,
     limits: &LimitsConfig,
     stop: impl Future<Output = ()>,
     grace: Duration,
-) where
-    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) {
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let builder = Arc::new(builder(limits));
@@ -139,16 +176,7 @@ struct Connection<S> {
     peer: SocketAddr,
 }
 
-impl<S, B> Connection<S>
-where
-    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+impl<S: Service> Connection<S> {
     /// The TLS handshake (bounded like a request head), then the requests.
     async fn serve_tls(
         self,

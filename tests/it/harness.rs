@@ -87,6 +87,43 @@ pub fn sim_overrides(sim: &SimHandle) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// A proxy serving `config` on ephemeral ports: its URL, its admin URL,
+/// its stop switch and its task.
+pub async fn spawn_proxy(
+    config: Config,
+) -> (
+    String,
+    String,
+    CancellationToken,
+    JoinHandle<std::io::Result<()>>,
+) {
+    let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let proxy_url = format!("http://{}", proxy.local_addr().expect("addr"));
+    let admin_url = format!("http://{}", admin.local_addr().expect("addr"));
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(dataverse_proxy::serve(
+        config,
+        proxy,
+        admin,
+        shutdown.clone(),
+    ));
+    (proxy_url, admin_url, shutdown, server)
+}
+
+/// Waits until the proxy behind `admin` holds a token (`/readyz`).
+pub async fn wait_ready(client: &reqwest::Client, admin: &str) {
+    for _ in 0..200 {
+        if let Ok(r) = client.get(format!("{admin}/readyz")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("proxy never became ready");
+}
+
 pub fn client() -> reqwest::Client {
     dataverse_proxy::install_crypto_provider();
     reqwest::Client::builder()
@@ -135,22 +172,12 @@ impl Harness {
             ..Sources::default()
         })
         .expect("test config is valid");
-        let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let proxy_url = format!("http://{}", proxy.local_addr().expect("addr"));
-        let admin_url = format!("http://{}", admin.local_addr().expect("addr"));
-        let shutdown = CancellationToken::new();
-        let server = tokio::spawn(dataverse_proxy::serve(
-            config,
-            proxy,
-            admin,
-            shutdown.clone(),
-        ));
+        let (proxy, admin, shutdown, server) = spawn_proxy(config).await;
         Self {
             sim,
             sim_server,
-            proxy: proxy_url,
-            admin: admin_url,
+            proxy,
+            admin,
             client: client(),
             shutdown,
             server,
@@ -245,19 +272,7 @@ impl Harness {
 
     /// Waits until the proxy holds a token (admin /readyz).
     pub async fn wait_ready(&self) {
-        for _ in 0..200 {
-            if let Ok(r) = self
-                .client
-                .get(format!("{}/readyz", self.admin))
-                .send()
-                .await
-                && r.status() == 200
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("proxy never became ready");
+        wait_ready(&self.client, &self.admin).await;
     }
 
     /// Stops the proxy and the simulator, re-raising a server panic.

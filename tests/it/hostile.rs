@@ -392,13 +392,19 @@ fn check(case: &Case, answer: &Answer) -> Option<String> {
     None
 }
 
-#[tokio::test]
-async fn three_hundred_hostile_requests_each_get_their_status_and_never_reach_dataverse() {
+/// The proxy the rows are sent to: a 1 MiB body limit and a denied table.
+async fn hostile_proxy() -> Harness {
     let setup = Setup::default()
         .set("limits.max_body", "1MiB")
         .set("org.policy.deny", "systemusers");
     let h = Harness::with(setup).await;
     h.wait_ready().await;
+    h
+}
+
+#[tokio::test]
+async fn three_hundred_hostile_requests_each_get_their_status_and_never_reach_dataverse() {
+    let h = hostile_proxy().await;
     let addr = h.proxy.trim_start_matches("http://").to_owned();
     let cases = cases();
     assert!(cases.len() >= 300, "{} cases", cases.len());
@@ -591,11 +597,7 @@ fn as_h2(raw: &[u8]) -> Option<http::Request<http_body_util::Full<bytes::Bytes>>
 #[tokio::test]
 async fn the_hostile_rows_over_http2_get_the_same_answers() {
     use http_body_util::BodyExt;
-    let setup = Setup::default()
-        .set("limits.max_body", "1MiB")
-        .set("org.policy.deny", "systemusers");
-    let h = Harness::with(setup).await;
-    h.wait_ready().await;
+    let h = hostile_proxy().await;
     let addr = h.proxy.trim_start_matches("http://").to_owned();
     let tcp = tokio::net::TcpStream::connect(&addr)
         .await

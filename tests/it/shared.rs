@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use dataverse_proxy::config::{Config, Sources};
 use dataverse_proxy::sim::{DataverseFault, ServiceLimits, Sim, SimConfig, SimHandle};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{Harness, Setup, client, sim_overrides};
+use crate::harness::{Harness, Setup, client, sim_overrides, spawn_proxy, wait_ready};
 use crate::redis::RedisServer;
 
 /// One more proxy in front of the same simulator.
@@ -40,24 +39,14 @@ impl Replica {
             ..Sources::default()
         })
         .expect("replica config");
-        let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let proxy_url = format!("http://{}", proxy.local_addr().expect("addr"));
-        let admin_url = format!("http://{}", admin.local_addr().expect("addr"));
-        let shutdown = CancellationToken::new();
-        let server = tokio::spawn(dataverse_proxy::serve(
-            config,
+        let (proxy, admin, shutdown, server) = spawn_proxy(config).await;
+        let replica = Self {
             proxy,
             admin,
-            shutdown.clone(),
-        ));
-        let replica = Self {
-            proxy: proxy_url,
-            admin: admin_url,
             shutdown,
             server,
         };
-        replica.wait_ready().await;
+        wait_ready(&client(), &replica.admin).await;
         if overrides.iter().any(|(k, _)| *k == "governor.redis_url") {
             replica.wait_shared().await;
         }
@@ -92,18 +81,6 @@ impl Replica {
             .text()
             .await
             .expect("text")
-    }
-
-    async fn wait_ready(&self) {
-        for _ in 0..200 {
-            if let Ok(r) = client().get(format!("{}/readyz", self.admin)).send().await
-                && r.status() == 200
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("replica never became ready");
     }
 
     pub async fn stop(self) {

@@ -11,6 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use super::{OrgLabel, registered, sync_counter};
+use crate::governor::Throttle;
 use crate::http::state::OrgState;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -18,9 +19,6 @@ pub(super) struct OrgKind {
     org: String,
     kind: &'static str,
 }
-
-/// The 429 kinds, in the order of `GovernorStats::throttled`.
-const KINDS: [&str; 4] = ["concurrency", "request_count", "execution_time", "unknown"];
 
 pub(super) struct GovernorFamilies {
     in_flight: Family<OrgLabel, Gauge>,
@@ -116,7 +114,7 @@ impl GovernorFamilies {
         let load = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as i64;
         self.in_flight.get_or_create(l).set(load(&g.in_flight));
         self.queued.get_or_create(l).set(load(&g.queued));
-        self.limit.get_or_create(l).set(load(&g.limit));
+        self.limit.get_or_create(l).set(governor.limit() as i64);
         let closed = governor
             .gate_closed_until()
             .map_or(0.0, |u| (u - tokio::time::Instant::now()).as_secs_f64());
@@ -135,10 +133,10 @@ impl GovernorFamilies {
             sync_counter(&family.get_or_create(l), value.load(Ordering::Relaxed));
         }
         sync_counter(&self.throttled.get_or_create(l), g.throttled_total());
-        for (kind, value) in KINDS.iter().zip(&g.throttled) {
+        for (kind, value) in Throttle::ALL.iter().zip(&g.throttled) {
             let label = OrgKind {
                 org: l.org.clone(),
-                kind,
+                kind: kind.label(),
             };
             sync_counter(
                 &self.throttled_kind.get_or_create(&label),

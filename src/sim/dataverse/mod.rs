@@ -491,7 +491,7 @@ impl Ctx {
         };
         let cols: Vec<String> = sel.split(',').map(|c| c.trim().to_owned()).collect();
         for c in &cols {
-            if c != s.id_field && !s.columns.contains(&c.as_str()) {
+            if c != s.id_field && !s.all_columns().any(|k| k == c) {
                 return Err(dv_error(
                     StatusCode::BAD_REQUEST,
                     "0x80060888",
@@ -515,10 +515,10 @@ impl Ctx {
                 }
             }
             None => {
-                for c in s.columns {
+                for c in s.all_columns() {
                     out.insert(
-                        (*c).to_owned(),
-                        row.fields.get(*c).cloned().unwrap_or(Value::Null),
+                        c.to_owned(),
+                        row.fields.get(c).cloned().unwrap_or(Value::Null),
                     );
                 }
             }

@@ -149,7 +149,7 @@ pub(super) fn metadata() -> Response {
             "<EntityType Name=\"{}\"><Key><PropertyRef Name=\"{}\"/></Key><Property Name=\"{}\" Type=\"Edm.Guid\"/>",
             s.logical, s.id_field, s.id_field
         ));
-        for c in s.columns {
+        for c in s.all_columns() {
             types.push_str(&format!("<Property Name=\"{c}\" Type=\"Edm.String\"/>"));
         }
         types.push_str("</EntityType>");

@@ -29,9 +29,6 @@ pub(in crate::sim) const SCHEMAS: &[Schema] = &[
             "createdon",
             "modifiedon",
             "statecode",
-            "_createdby_value",
-            "_createdonbehalfby_value",
-            "_modifiedby_value",
         ],
         file_columns: &["dvp_document"],
     },
@@ -49,9 +46,6 @@ pub(in crate::sim) const SCHEMAS: &[Schema] = &[
             "createdon",
             "modifiedon",
             "statecode",
-            "_createdby_value",
-            "_createdonbehalfby_value",
-            "_modifiedby_value",
         ],
         file_columns: &[],
     },
@@ -70,13 +64,25 @@ pub(in crate::sim) const SCHEMAS: &[Schema] = &[
             "createdon",
             "modifiedon",
             "statecode",
-            "_createdby_value",
-            "_createdonbehalfby_value",
-            "_modifiedby_value",
         ],
         file_columns: &["dvp_document"],
     },
 ];
+
+/// Lookups every table has, set by the simulator (never by a caller): who
+/// created or last changed a row, and on whose behalf (impersonation).
+pub(in crate::sim) const AUDIT_COLUMNS: [&str; 3] = [
+    "_createdby_value",
+    "_createdonbehalfby_value",
+    "_modifiedby_value",
+];
+
+impl Schema {
+    /// The columns a row shows: its own, then the audit lookups.
+    pub(in crate::sim) fn all_columns(&self) -> impl Iterator<Item = &'static str> {
+        self.columns.iter().copied().chain(AUDIT_COLUMNS)
+    }
+}
 
 pub(in crate::sim) fn schema(entity_set: &str) -> Option<&'static Schema> {
     SCHEMAS.iter().find(|s| s.entity_set == entity_set)
