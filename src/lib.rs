@@ -47,12 +47,14 @@
 pub mod batch;
 pub mod callers;
 pub mod cli;
+pub mod compression;
 pub mod config;
 pub mod error;
 pub mod governor;
 pub mod guard;
 pub mod http;
 pub mod identity;
+pub mod metadata_cache;
 pub mod policy;
 pub mod rewrite;
 pub mod server;

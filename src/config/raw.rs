@@ -29,6 +29,17 @@ pub struct RawConfig {
     pub(super) caller_tokens: Option<RawCallerTokens>,
     pub(super) tls: Option<RawTls>,
     pub(super) cors: Option<RawCors>,
+    pub(super) metadata_cache: RawMetadataCache,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawMetadataCache {
+    #[serde(deserialize_with = "lenient_bool")]
+    pub(super) enabled: Option<bool>,
+    pub(super) max_bytes: Option<String>,
+    pub(super) max_entry: Option<String>,
+    pub(super) fresh_for: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -248,6 +259,10 @@ pub(super) struct RawUpstream {
     #[serde(deserialize_with = "lenient_number")]
     pub(super) pool_max_idle: Option<usize>,
     pub(super) replay_buffer: Option<String>,
+    #[serde(deserialize_with = "lenient_bool")]
+    pub(super) compression: Option<bool>,
+    #[serde(deserialize_with = "lenient_number")]
+    pub(super) recompression_level: Option<u32>,
     pub(super) proxy: Option<String>,
     pub(super) no_proxy: Option<String>,
     pub(super) ca_file: Option<String>,

@@ -399,3 +399,28 @@ fn tls_files_that_are_not_pem_are_config_errors() {
         "a CA bundle of certificates is fine: {text}"
     );
 }
+
+#[test]
+fn compression_and_the_metadata_cache_are_on_by_default_and_checked() {
+    let (_, cfg) = load_toml("", minimal_env());
+    let cfg = cfg.expect("valid");
+    assert!(cfg.upstream.compression);
+    assert_eq!(cfg.upstream.recompression_level, 4);
+    assert!(cfg.metadata_cache.enabled);
+    assert_eq!(cfg.metadata_cache.fresh_for, Duration::from_secs(300));
+
+    let text = "[upstream]\ncompression = false\n[metadata_cache]\nenabled = false\n";
+    let cfg = load_toml(text, minimal_env()).1.expect("valid");
+    assert!(!cfg.upstream.compression && !cfg.metadata_cache.enabled);
+
+    let text = "[upstream]\nrecompression_level = 12\n[metadata_cache]\nmax_bytes = \"1MiB\"\nmax_entry = \"2MiB\"\nfresh_for = \"soon\"\n";
+    let err = load_toml(text, minimal_env()).1.expect_err("invalid");
+    let message = err.to_string();
+    for key in [
+        "upstream.recompression_level",
+        "metadata_cache.max_entry",
+        "metadata_cache.fresh_for",
+    ] {
+        assert!(message.contains(key), "{key} named in: {message}");
+    }
+}

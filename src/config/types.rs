@@ -17,6 +17,8 @@ pub struct Config {
     pub orgs: Vec<OrgConfig>,
     /// Upstream (Dataverse) connection settings.
     pub upstream: UpstreamConfig,
+    /// The metadata cache.
+    pub metadata_cache: MetadataCacheConfig,
     /// Token cache and refresh settings.
     pub token: TokenConfig,
     /// Service-protection governor settings.
@@ -193,6 +195,39 @@ pub struct UpstreamConfig {
     /// so they can be replayed after a 429 or a 401 and their links
     /// rewritten with an exact `Content-Length`; larger ones stream.
     pub replay_buffer: usize,
+    /// Ask Dataverse for compressed answers (`Accept-Encoding: gzip, br,
+    /// deflate`); answers whose links are rewritten are decoded and, for
+    /// callers that accept it, encoded again.
+    pub compression: bool,
+    /// Level (1 fastest … 9 smallest) for answers encoded again after
+    /// rewriting.
+    pub recompression_level: u32,
+}
+
+/// `[metadata_cache]`: `$metadata`, `EntityDefinitions…` and
+/// `GlobalOptionSetDefinitions…` answers kept per org and revalidated with
+/// Dataverse after `fresh_for`.
+#[derive(Debug, Clone)]
+pub struct MetadataCacheConfig {
+    pub enabled: bool,
+    /// Bytes kept per org (bodies as Dataverse sent them, compressed).
+    pub max_bytes: usize,
+    /// Larger answers are not kept.
+    pub max_entry: usize,
+    /// Served without asking Dataverse for this long after it was fetched
+    /// or revalidated.
+    pub fresh_for: Duration,
+}
+
+impl Default for MetadataCacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_bytes: 256 << 20,
+            max_entry: 64 << 20,
+            fresh_for: Duration::from_secs(300),
+        }
+    }
 }
 
 /// A corporate egress proxy.

@@ -26,6 +26,7 @@ impl RawConfig {
             self.credentials,
         );
         let upstream = upstream(&mut p, self.upstream);
+        let metadata_cache = metadata_cache(&mut p, self.metadata_cache);
         let governor = governor(&mut p, self.governor);
         let token = token(&mut p, self.token, &upstream);
         let shutdown = shutdown(&mut p, self.shutdown);
@@ -56,6 +57,7 @@ impl RawConfig {
                 trusted_proxies,
                 orgs,
                 upstream,
+                metadata_cache,
                 token,
                 governor,
                 log,
@@ -168,7 +170,57 @@ fn upstream(p: &mut Problems<'_>, u: RawUpstream) -> UpstreamConfig {
             u.replay_buffer.as_deref(),
             1 << 20,
         ),
+        compression: u.compression.unwrap_or(true),
+        recompression_level: recompression_level(p, u.recompression_level),
     }
+}
+
+fn recompression_level(p: &mut Problems<'_>, level: Option<u32>) -> u32 {
+    match level.unwrap_or(4) {
+        level @ 1..=9 => level,
+        other => {
+            p.push(
+                "upstream.recompression_level",
+                &format!("{other} is outside 1..=9"),
+                "use 1 (fastest) to 9 (smallest); 4 is the default",
+            );
+            4
+        }
+    }
+}
+
+/// `[metadata_cache]`: on or off, its bounds and freshness.
+fn metadata_cache(p: &mut Problems<'_>, m: RawMetadataCache) -> MetadataCacheConfig {
+    let d = MetadataCacheConfig::default();
+    let config = MetadataCacheConfig {
+        enabled: m.enabled.unwrap_or(d.enabled),
+        max_bytes: p.size(
+            "metadata_cache.max_bytes",
+            m.max_bytes.as_deref(),
+            d.max_bytes,
+        ),
+        max_entry: p.size(
+            "metadata_cache.max_entry",
+            m.max_entry.as_deref(),
+            d.max_entry,
+        ),
+        fresh_for: p.duration(
+            "metadata_cache.fresh_for",
+            m.fresh_for.as_deref(),
+            d.fresh_for,
+        ),
+    };
+    if config.enabled && config.max_entry > config.max_bytes.min(u32::MAX as usize) {
+        p.push(
+            "metadata_cache.max_entry",
+            &format!(
+                "{} bytes is more than max_bytes ({}) or 4 GiB",
+                config.max_entry, config.max_bytes
+            ),
+            "keep max_entry at most max_bytes, e.g. max_entry = \"64MiB\" with max_bytes = \"256MiB\"",
+        );
+    }
+    config
 }
 
 /// `[governor]`: the limit and its adaptation, queue, replays, shared state.

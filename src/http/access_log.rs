@@ -48,6 +48,9 @@ pub struct RequestInfo {
     /// The caller's place in `[[callers]]` plus one (0: none), which picks
     /// the org's metric handles.
     pub caller_slot: usize,
+    /// How the metadata cache served it (`hit`, `revalidated`, `miss`,
+    /// `changed`), for the requests it serves.
+    pub cache: Option<&'static str>,
 }
 
 /// Writes the access log line and the request metrics of every request.
@@ -308,6 +311,7 @@ impl Entry {
             duration_ms = duration.as_millis() as u64,
             upstream_ms = self.info.upstream.map_or(0, |d| d.as_millis() as u64),
             dataverse_request_id = %text(&self.info.dataverse_request_id),
+            cache = self.info.cache.unwrap_or("-"),
             proxy_error = %text(&self.proxy_error),
             error = self.error.as_deref().unwrap_or(""),
             outcome = if complete { "complete" } else { "aborted" },

@@ -1,7 +1,8 @@
 //! Bodies: the caller's ([`Inbound`]: limited, its faults named), prepared
 //! for sending ([`RequestBody`]: buffered for replay, or streamed), and the
 //! answer ([`ProxyBody`]: Dataverse's stream with link rewriting and the
-//! governor slot held until it ends, or a whole body).
+//! governor slot held until it ends, decoded and encoded again, or a whole
+//! body).
 //!
 //! Idle timeouts are not here: a layer wraps every request and response
 //! body ([`super::idle`], `http/mod.rs`).
@@ -17,6 +18,7 @@ use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::compression::stream::CodedBody;
 use crate::error::ProxyError;
 use crate::governor::Permit;
 use crate::rewrite::{RewriteBody, Rewriter};
@@ -113,10 +115,11 @@ impl RequestBody {
 /// was read to learn which limit it names.
 pub type UpstreamBody = http_body_util::Either<Incoming, http_body_util::Full<Bytes>>;
 
-/// The body of every answer that comes from Dataverse: its stream, links
-/// rewritten when a rewriter is set, or its bytes read whole; the governor
-/// slot is held until the body ends, because Dataverse counts a request as
-/// in flight until its answer is sent.
+/// The body of every answer that comes from Dataverse (or from the
+/// metadata cache): its stream, links rewritten when a rewriter is set, or
+/// its bytes read whole, or the output of a codec; the governor slot (none
+/// for a cached answer) is held until the body ends, because Dataverse
+/// counts a request as in flight until its answer is sent.
 ///
 /// Generic over the upstream body so the answer step can be tested with
 /// bodies made in memory; in the proxy it is hyper's [`Incoming`].
@@ -127,23 +130,35 @@ pub struct ProxyBody<B = UpstreamBody> {
 
 enum Inner<B> {
     Stream(RewriteBody<B>),
+    /// Decoded (and rewritten, and encoded again): the codecs' output.
+    Coded(CodedBody),
     /// A whole body in memory (a small answer rewritten at once).
     Full(Option<Bytes>),
 }
 
 impl<B> ProxyBody<B> {
     /// Dataverse's answer, rewritten when `rewriter` is set.
-    pub fn upstream(body: B, rewriter: Option<Rewriter>, permit: Permit) -> Self {
+    pub fn upstream(body: B, rewriter: Option<Rewriter>, permit: Option<Permit>) -> Self {
         Self {
             inner: Inner::Stream(RewriteBody::new(body, rewriter)),
-            permit: Some(permit),
+            permit,
+        }
+    }
+
+    /// Dataverse's answer after a codec (see `compression`).
+    pub fn coded(body: CodedBody, permit: Option<Permit>) -> Self {
+        Self {
+            inner: Inner::Coded(body),
+            permit,
         }
     }
 
     /// Dataverse's answer read whole (and rewritten): it has ended, so the
     /// slot is free at once.
-    pub fn full(bytes: Bytes, permit: Permit) -> Self {
-        permit.finish();
+    pub fn full(bytes: Bytes, permit: Option<Permit>) -> Self {
+        if let Some(permit) = permit {
+            permit.finish();
+        }
         Self {
             inner: Inner::Full(Some(bytes).filter(|b| !b.is_empty())),
             permit: None,
@@ -166,6 +181,7 @@ where
         let this = &mut *self;
         let polled = match &mut this.inner {
             Inner::Stream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Inner::Coded(b) => Pin::new(b).poll_frame(cx),
             Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         };
         if matches!(polled, Poll::Ready(None | Some(Err(_))))
@@ -182,6 +198,7 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Stream(b) => b.is_end_stream(),
+            Inner::Coded(b) => b.is_end_stream(),
             Inner::Full(b) => b.is_none(),
         }
     }
@@ -189,6 +206,7 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Stream(b) => b.size_hint(),
+            Inner::Coded(b) => b.size_hint(),
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }

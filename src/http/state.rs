@@ -91,6 +91,8 @@ pub struct OrgState {
     /// The same for callers the proxy acts as (`impersonate = "caller"`):
     /// no impersonation header of the caller's passes, whatever the policy.
     pub policy_acting_as_caller: crate::config::Policy,
+    /// `$metadata` and `EntityDefinitions…` answers (`None`: switched off).
+    pub metadata: Option<Arc<crate::metadata_cache::MetadataCache>>,
     /// Rewriters by public base URL (usually one entry).
     links: Mutex<Vec<(String, Arc<Links>)>>,
     /// Request metrics of this org: `[0]` for requests without a known
@@ -168,6 +170,11 @@ impl OrgState {
                 impersonation: crate::config::Impersonation::Drop,
                 ..org.policy.clone()
             },
+            metadata: config.metadata_cache.enabled.then(|| {
+                Arc::new(crate::metadata_cache::MetadataCache::new(
+                    &config.metadata_cache,
+                ))
+            }),
             links: Mutex::new(Vec::new()),
             metrics: std::iter::once("-")
                 .chain(config.access.callers.iter().map(|c| &*c.name))

@@ -174,6 +174,19 @@ pub struct SimState {
     users: Mutex<std::collections::HashMap<Uuid, Uuid>>,
     /// Whether the application user holds `prvActOnBehalfOfAnotherUser`.
     impersonation_privilege: AtomicBool,
+    /// Published schema changes plus one (`$metadata` tags follow it).
+    schema_version: std::sync::atomic::AtomicU64,
+    /// The CSDL document of a schema version, built once.
+    csdl: Mutex<Option<(u64, Bytes)>>,
+    /// Compressed answers stop halfway (a broken coded stream).
+    break_compression: AtomicBool,
+}
+
+impl SimState {
+    fn schema_version(&self) -> u64 {
+        self.schema_version
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Test hooks over one simulated org and the shared Entra ID. Cheap to clone.
@@ -366,6 +379,22 @@ impl SimHandle {
         *lock(&self.0.abort_downloads_after) = bytes;
     }
 
+    /// Publishes a schema change: a column more on a custom table, and new
+    /// tags for `$metadata`, `EntityDefinitions` and option sets.
+    pub fn change_schema(&self) {
+        self.0
+            .schema_version
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Makes every compressed answer stop halfway (`true`), ended cleanly:
+    /// a coded stream no decoder can finish.
+    pub fn break_compressed_answers(&self, broken: bool) {
+        self.0
+            .break_compression
+            .store(broken, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Sets the service-protection limits (default: Dataverse's own).
     pub fn set_service_limits(&self, limits: ServiceLimits) {
         self.0.limiter.set(limits);
@@ -504,6 +533,9 @@ impl Sim {
             last_batch: Mutex::new(None),
             users: Mutex::new(std::collections::HashMap::new()),
             impersonation_privilege: AtomicBool::new(true),
+            schema_version: std::sync::atomic::AtomicU64::new(1),
+            csdl: Mutex::new(None),
+            break_compression: AtomicBool::new(false),
         });
         spawn(listener, dataverse::router(state.clone()), shutdown);
         Ok(SimHandle(state))

@@ -1,17 +1,24 @@
 //! Step 4: Dataverse's answer for the caller: headers filtered, links
-//! rewritten, the governor slot held until the body ends.
+//! rewritten, the body's coding fitted to the caller's `Accept-Encoding`,
+//! the governor slot held until the body ends.
 
+use axum::BoxError;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use bytes::Bytes;
+use http_body_util::BodyExt;
 
 use super::admit::Admitted;
 use super::send::Sent;
+use crate::compression::stream::{decode, encode};
+use crate::compression::{
+    AcceptEncoding, BodyCoding, Coding, Transcode, vary_on_accept_encoding, weaken_etag,
+};
 use crate::error::ProxyError;
 use crate::http::access_log::RequestInfo;
 use crate::http::body::{ProxyBody, is_rewritable};
 use crate::http::headers::{self, names};
 use crate::http::state::AppState;
-use crate::rewrite::Rewriter;
+use crate::rewrite::{RewriteBody, Rewriter};
 
 /// Response headers that carry absolute org URLs.
 static LINK_HEADERS: [HeaderName; 3] = [
@@ -29,11 +36,12 @@ pub async fn answer<B>(
     state: &AppState,
     admitted: &Admitted,
     sent: Sent<B>,
+    accept: &AcceptEncoding,
     info: &mut RequestInfo,
 ) -> Result<Response<ProxyBody<B>>, ProxyError>
 where
-    B: http_body::Body<Data = Bytes> + Unpin,
-    B::Error: Into<axum::BoxError>,
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     let Sent { response, permit } = sent;
     let org = &admitted.org;
@@ -52,40 +60,114 @@ where
     if let Some(r) = rewriter {
         rewrite_link_headers(&mut parts.headers, r);
     }
-    let rewrite_body = rewriter
+    let rewriter = rewriter
         .filter(|_| has_body(&admitted.method, parts.status) && is_rewritable(&parts.headers))
-        .filter(|_| is_identity(&parts.headers))
         .cloned();
-    let Some(rewriter) = rewrite_body else {
-        return Ok(Response::from_parts(
-            parts,
-            ProxyBody::upstream(body, None, permit),
-        ));
-    };
-    if content_length(&parts.headers).is_some_and(|n| n <= SMALL_ANSWER) {
-        // Small: read whole, rewrite at once, send with its exact length
-        // (no chunked framing, no per-chunk bookkeeping).
-        let idle = state.upstream.idle_timeout;
-        let bytes = tokio::time::timeout(idle, http_body_util::BodyExt::collect(body))
-            .await
-            .map_err(|_| ProxyError::UpstreamTimeout(idle))?
-            .map_err(|e| ProxyError::UpstreamBody(e.into()))?
-            .to_bytes();
-        let bytes = rewriter.rewrite_all(&bytes).map_or(bytes, Bytes::from);
-        parts
-            .headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-        return Ok(Response::from_parts(parts, ProxyBody::full(bytes, permit)));
+    let coding = BodyCoding::of(&parts.headers);
+    if matches!(coding, BodyCoding::Coded(_)) {
+        // What the caller gets depends on its Accept-Encoding.
+        vary_on_accept_encoding(&mut parts.headers);
     }
-    // Large or of unknown length: streamed, rewritten chunk by chunk.
-    parts.headers.remove(header::CONTENT_LENGTH);
-    Ok(Response::from_parts(
-        parts,
-        ProxyBody::upstream(body, Some(rewriter), permit),
-    ))
+    let transcode = transcode_for(&parts, &admitted.method, rewriter.is_some(), accept);
+    let body = match (transcode, rewriter) {
+        (Transcode::Recode { from, to }, rewriter) => {
+            let level = state.upstream.recompression_level;
+            recode(
+                &mut parts.headers,
+                body,
+                (from, to),
+                rewriter,
+                level,
+                permit,
+            )
+        }
+        (Transcode::Untouched, Some(rewriter)) if coding == BodyCoding::Identity => {
+            rewrite_identity(state, &mut parts.headers, body, rewriter, permit).await?
+        }
+        (Transcode::Untouched, _) => ProxyBody::upstream(body, None, permit),
+    };
+    Ok(Response::from_parts(parts, body))
 }
 
-fn has_body(method: &Method, status: StatusCode) -> bool {
+/// What the answer step does with the coding of an answer with these
+/// headers: a body-less answer and a range of coded bytes (206) are never
+/// opened.
+pub fn transcode_for(
+    parts: &http::response::Parts,
+    method: &Method,
+    rewrite: bool,
+    accept: &AcceptEncoding,
+) -> Transcode {
+    if !has_body(method, parts.status) || parts.status == StatusCode::PARTIAL_CONTENT {
+        return Transcode::Untouched;
+    }
+    Transcode::decide(BodyCoding::of(&parts.headers), rewrite, accept)
+}
+
+/// An identity answer with links: a small one is read whole and rewritten
+/// at once (sent with its exact length, no chunked framing); a large one,
+/// or one of unknown length, is rewritten chunk by chunk.
+async fn rewrite_identity<B>(
+    state: &AppState,
+    headers: &mut HeaderMap,
+    body: B,
+    rewriter: Rewriter,
+    permit: Option<crate::governor::Permit>,
+) -> Result<ProxyBody<B>, ProxyError>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    if content_length(headers).is_none_or(|n| n > SMALL_ANSWER) {
+        headers.remove(header::CONTENT_LENGTH);
+        return Ok(ProxyBody::upstream(body, Some(rewriter), permit));
+    }
+    let idle = state.upstream.idle_timeout;
+    let bytes = tokio::time::timeout(idle, body.collect())
+        .await
+        .map_err(|_| ProxyError::UpstreamTimeout(idle))?
+        .map_err(|e| ProxyError::UpstreamBody(e.into()))?
+        .to_bytes();
+    let bytes = rewriter.rewrite_all(&bytes).map_or(bytes, Bytes::from);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    Ok(ProxyBody::full(bytes, permit))
+}
+
+/// A coded answer decoded, rewritten when `rewriter` is set, and encoded
+/// again as `to` (or sent as identity), streaming all the way. The bytes
+/// change, so the length goes (chunked) and a strong `ETag` turns weak.
+fn recode<B>(
+    headers: &mut HeaderMap,
+    body: B,
+    (from, to): (Coding, Option<Coding>),
+    rewriter: Option<Rewriter>,
+    level: u32,
+    permit: Option<crate::governor::Permit>,
+) -> ProxyBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    headers.remove(header::CONTENT_LENGTH);
+    weaken_etag(headers);
+    let decoded = RewriteBody::new(decode(body, from), rewriter);
+    let coded = match to {
+        Some(to) => {
+            headers.insert(
+                header::CONTENT_ENCODING,
+                HeaderValue::from_static(to.token()),
+            );
+            encode(decoded, to, level)
+        }
+        None => {
+            headers.remove(header::CONTENT_ENCODING);
+            decoded.boxed_unsync()
+        }
+    };
+    ProxyBody::coded(coded, permit)
+}
+
+pub fn has_body(method: &Method, status: StatusCode) -> bool {
     method != Method::HEAD && !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
 }
 
@@ -101,15 +183,6 @@ fn dop_hint(headers: &HeaderMap) -> Option<usize> {
         .get(names::X_MS_DOP_HINT)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
-}
-
-/// True when the body is not compressed (rewriting compressed bytes would
-/// corrupt them, so such bodies pass through as they are).
-fn is_identity(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .is_none_or(|v| v.trim().eq_ignore_ascii_case("identity"))
 }
 
 fn rewrite_link_headers(headers: &mut HeaderMap, rewriter: &Rewriter) {

@@ -4,21 +4,24 @@
 //! 1. [`admit()`](admit::admit): which org (`/{org}/api/…`, `Host`, or the
 //!    default org), the path guard, who is calling, and the org's policy;
 //! 2. [`plan()`](plan::plan): the upstream URI and headers (header policy,
-//!    `Accept-Encoding` dropped but for file downloads, so bodies whose links
-//!    are rewritten arrive uncompressed) and the body: a `$batch` read and
-//!    checked, a small body buffered (replayable, links rewritten to the org,
-//!    exact `Content-Length`), anything else streamed;
+//!    `Accept-Encoding: gzip, br, deflate` towards Dataverse) and the body: a
+//!    `$batch` read and checked, a small body buffered (replayable, links
+//!    rewritten to the org, exact `Content-Length`), anything else streamed;
 //! 3. [`send()`](send::send): a governor slot, a token (503 without one:
 //!    nothing is ever forwarded unauthenticated), the request with a
 //!    response-header timeout; a 401 drops that token and replays once, a
 //!    429 closes the org's gate for everyone and replays after the wait,
-//!    when the body allows;
+//!    when the body allows. Metadata GETs go through
+//!    [`cached::send()`](cached::send) instead: the org's metadata cache,
+//!    revalidated with Dataverse when stale;
 //! 4. [`answer()`](answer::answer): Dataverse's headers filtered, org links
 //!    in link headers and in JSON and `$batch` bodies rewritten to the
-//!    proxy's public URL, the governor slot held until the body ends.
+//!    proxy's public URL (decoded first when compressed, encoded again
+//!    as the caller accepts), the governor slot held until the body ends.
 
 mod admit;
 mod answer;
+mod cached;
 mod plan;
 mod send;
 
@@ -34,8 +37,9 @@ use tokio::time::Instant;
 
 use super::REQUEST_ID;
 use super::access_log::RequestInfo;
-use super::body::{Inbound, ProxyBody};
+use super::body::Inbound;
 use super::state::AppState;
+use crate::compression::AcceptEncoding;
 use crate::error::ProxyError;
 
 /// The handler of both Web API routes: forwards the request and answers
@@ -48,7 +52,7 @@ pub async fn handle(
     let request_id = req.headers().get(REQUEST_ID).cloned();
     let mut info = RequestInfo::default();
     let mut resp = match forward(&state, peer, req, &mut info).await {
-        Ok(resp) => resp.map(Body::new),
+        Ok(resp) => resp,
         Err(e) => e.to_response(request_id.as_ref()),
     };
     resp.extensions_mut().insert(info);
@@ -61,12 +65,19 @@ async fn forward(
     peer: SocketAddr,
     req: Request,
     info: &mut RequestInfo,
-) -> Result<Response<ProxyBody>, ProxyError> {
+) -> Result<Response, ProxyError> {
     let arrived = Instant::now();
     let (parts, body) = req.into_parts();
+    let accept = AcceptEncoding::from_headers(&parts.headers);
     let body = Body::new(Inbound::new(body, state.limits.max_body));
     let admitted = admit::admit(state, peer.ip(), &parts, info).await?;
     let planned = plan::plan(state, &admitted, parts, body).await?;
+    if let Some(cache) = cached::lookup_key(&admitted, &planned) {
+        let sent = cached::send(state, &admitted, cache, planned, (&accept, arrived), info).await?;
+        let resp = answer::answer(state, &admitted, sent, &accept, info).await?;
+        return Ok(resp.map(Body::new));
+    }
     let sent = send::send(state, &admitted.org, planned, arrived, info).await?;
-    answer::answer(state, &admitted, sent, info).await
+    let resp = answer::answer(state, &admitted, sent, &accept, info).await?;
+    Ok(resp.map(Body::new))
 }

@@ -37,10 +37,7 @@ pub async fn plan(
     for (name, value) in admitted.restored.iter().cloned() {
         headers.insert(name, value);
     }
-    if !is_file_download(parts.uri.path()) {
-        // Bodies whose links are rewritten must arrive uncompressed.
-        headers.remove(header::ACCEPT_ENCODING);
-    }
+    upstream_accept_encoding(&mut headers, state.upstream.compression, parts.uri.path());
     let body = match &admitted.batch_origins {
         Some(origins) => {
             let ctx = BatchContext {
@@ -65,6 +62,23 @@ pub async fn plan(
         headers,
         body,
     })
+}
+
+/// What Dataverse is told it may compress with. With `compression` on:
+/// every coding the proxy decodes, since the answer step fits the body to
+/// the caller (`compression`); a `Range` request keeps the caller's own, as
+/// a range of coded bytes cannot be decoded and passes through as it is.
+/// Off: identity, except for file downloads (never rewritten), which keep
+/// the caller's.
+fn upstream_accept_encoding(headers: &mut HeaderMap, compression: bool, path: &str) {
+    if headers.contains_key(header::RANGE) {
+        return;
+    }
+    if compression {
+        headers.insert(header::ACCEPT_ENCODING, crate::compression::UPSTREAM_ACCEPT);
+    } else if !is_file_download(path) {
+        headers.remove(header::ACCEPT_ENCODING);
+    }
 }
 
 /// True for file and image downloads (`…/$value`), whose binary bodies are

@@ -20,10 +20,11 @@ use crate::http::access_log::RequestInfo;
 use crate::http::body::{UpstreamBody, caller_body_fault};
 use crate::http::state::{AppState, OrgState};
 
-/// Dataverse's answer, and the slot it holds until its body ends.
+/// Dataverse's answer, and the slot it holds until its body ends (none
+/// for an answer from the metadata cache).
 pub struct Sent<B = Incoming> {
     pub response: Response<B>,
-    pub permit: Permit,
+    pub permit: Option<Permit>,
 }
 
 /// What to do after an attempt.
@@ -126,7 +127,7 @@ pub async fn send(
                 governor.succeeded();
                 return Ok(Sent {
                     response: response.map(http_body_util::Either::Left),
-                    permit,
+                    permit: Some(permit),
                 });
             }
         };
@@ -145,7 +146,12 @@ pub async fn send(
             org.token.invalidate(&token).await;
         }
         match next {
-            Next::Answer => return Ok(Sent { response, permit }),
+            Next::Answer => {
+                return Ok(Sent {
+                    response,
+                    permit: Some(permit),
+                });
+            }
             Next::Refresh => {}
             Next::Wait(wait) => {
                 attempts.throttled += 1;
@@ -223,11 +229,33 @@ async fn read_throttle(
     .and_then(Result::ok)
     .map(http_body_util::Collected::to_bytes)
     .unwrap_or_default();
-    governor.throttled(Throttle::from_body(&bytes), wait);
+    let coding = crate::compression::BodyCoding::of(&parts.headers);
+    governor.throttled(
+        Throttle::from_body(&readable(coding, bytes.clone()).await),
+        wait,
+    );
     Ok(Response::from_parts(
         parts,
         http_body_util::Either::Right(Full::new(bytes)),
     ))
+}
+
+/// A 429's body as text to read its code from: decoded when Dataverse
+/// compressed it (the caller still gets the bytes as they came), up to
+/// [`THROTTLE_BODY`]. What does not decode reads as an unknown limit.
+async fn readable(coding: crate::compression::BodyCoding, bytes: bytes::Bytes) -> bytes::Bytes {
+    let crate::compression::BodyCoding::Coded(coding) = coding else {
+        return bytes;
+    };
+    let mut decoded = crate::compression::stream::decode(Full::new(bytes), coding);
+    let mut text = bytes::BytesMut::new();
+    while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut decoded).await {
+        text.extend_from_slice(frame.data_ref().map_or(&[][..], |d| &d[..]));
+        if text.len() >= THROTTLE_BODY {
+            break;
+        }
+    }
+    text.freeze()
 }
 
 /// Whether a method may be sent twice with the same effect: GET and HEAD,

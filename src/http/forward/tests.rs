@@ -13,6 +13,7 @@ use super::admit::{Admitted, admit};
 use super::answer::{SMALL_ANSWER, answer};
 use super::plan::{plan, service_root, upstream_uri};
 use super::send::{Attempts, Next, Sent, next_step};
+use crate::compression::AcceptEncoding;
 use crate::config::{Config, GovernorConfig, Sources};
 use crate::error::ProxyError;
 use crate::http::access_log::RequestInfo;
@@ -146,9 +147,14 @@ async fn plan_keeps_the_target_bytes_and_sets_the_orgs_headers() {
         "http://127.0.0.1:9/api/data/v9.2/accounts?$filter=name%20eq%20'a%27b'"
     );
     assert_eq!(p.headers[header::HOST], "127.0.0.1:9");
-    for gone in ["authorization", "cookie", "accept-encoding"] {
+    for gone in ["authorization", "cookie"] {
         assert!(p.headers.get(gone).is_none(), "{gone}");
     }
+    assert_eq!(
+        p.headers[header::ACCEPT_ENCODING],
+        "gzip, br, deflate",
+        "the proxy asks for every coding it can open"
+    );
     let RequestBody::Buffered(bytes) = &p.body else {
         panic!("a small body is buffered");
     };
@@ -162,19 +168,48 @@ async fn plan_keeps_the_target_bytes_and_sets_the_orgs_headers() {
     );
 }
 
-#[tokio::test]
-async fn plan_lets_file_downloads_come_compressed() {
-    let s = state(&[]);
-    let target = "/api/data/v9.2/accounts(1)/dvp_document/$value";
-    let headers = [("accept-encoding", "gzip")];
-    let a = admitted(&s, Method::GET, target, &headers)
+/// The `Accept-Encoding` Dataverse gets for a GET of `target`.
+async fn planned_accept_encoding(
+    s: &AppState,
+    target: &str,
+    headers: &[(&'static str, &str)],
+) -> Option<HeaderValue> {
+    let a = admitted(s, Method::GET, target, headers)
         .await
         .expect("admitted");
-    let p = plan(&s, &a, parts(Method::GET, target, &headers), Body::empty())
+    let p = plan(s, &a, parts(Method::GET, target, headers), Body::empty())
         .await
         .expect("planned");
-    assert_eq!(p.headers[header::ACCEPT_ENCODING], "gzip");
     assert!(matches!(p.body, RequestBody::Empty));
+    p.headers.get(header::ACCEPT_ENCODING).cloned()
+}
+
+#[tokio::test]
+async fn plan_asks_for_compression_unless_switched_off_or_a_range() {
+    let file = "/api/data/v9.2/accounts(1)/dvp_document/$value";
+    let rows = "/api/data/v9.2/accounts";
+    let gzip = [("accept-encoding", "gzip")];
+    let on = state(&[]);
+    let ours = Some(crate::compression::UPSTREAM_ACCEPT);
+    assert_eq!(planned_accept_encoding(&on, rows, &[]).await, ours);
+    assert_eq!(planned_accept_encoding(&on, file, &gzip).await, ours);
+    let range = [("accept-encoding", "identity"), ("range", "bytes=0-99")];
+    assert_eq!(
+        planned_accept_encoding(&on, file, &range)
+            .await
+            .expect("kept"),
+        "identity",
+        "a range of coded bytes could not be decoded: the caller's own"
+    );
+    let off = state(&[("upstream.compression", "false")]);
+    assert_eq!(planned_accept_encoding(&off, rows, &gzip).await, None);
+    assert_eq!(
+        planned_accept_encoding(&off, file, &gzip)
+            .await
+            .expect("kept"),
+        "gzip",
+        "file downloads are never rewritten"
+    );
 }
 
 #[test]
@@ -276,17 +311,32 @@ async fn answered(
     method: Method,
     upstream: Response<Full<Bytes>>,
 ) -> Response<crate::http::body::ProxyBody<Full<Bytes>>> {
+    answered_for(state, method, upstream, "").await
+}
+
+/// The answer for a caller that sent `Accept-Encoding: {accept}`.
+async fn answered_for(
+    state: &AppState,
+    method: Method,
+    upstream: Response<Full<Bytes>>,
+    accept: &str,
+) -> Response<crate::http::body::ProxyBody<Full<Bytes>>> {
     let a = admitted(state, method, "/api/data/v9.2/accounts", &[])
         .await
         .expect("admitted");
     let permit = a.org.governor.acquire().await.expect("a slot");
+    let mut caller = HeaderMap::new();
+    if !accept.is_empty() {
+        caller.insert(header::ACCEPT_ENCODING, accept.parse().expect("value"));
+    }
     answer(
         state,
         &a,
         Sent {
             response: upstream,
-            permit,
+            permit: Some(permit),
         },
+        &AcceptEncoding::from_headers(&caller),
         &mut RequestInfo::default(),
     )
     .await
@@ -359,19 +409,105 @@ async fn large_answers_stream_and_compressed_or_head_ones_pass_untouched() {
     let got = resp.into_body().collect().await.expect("body").to_bytes();
     assert!(got.starts_with(br#"{"@odata.id":"http://proxy.test/api/data/v9.2/accounts(1)""#));
 
-    let gz = answered(
+    let unknown = answered(
         &s,
         Method::GET,
-        upstream(link.clone(), &[json, ("content-encoding", "gzip")]),
+        upstream(link.clone(), &[json, ("content-encoding", "zstd")]),
     )
     .await;
     assert_eq!(
-        gz.into_body().collect().await.expect("body").to_bytes(),
-        link.as_bytes()
+        unknown
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes(),
+        link.as_bytes(),
+        "a coding the proxy cannot open passes as it came"
     );
     let head = answered(&s, Method::HEAD, upstream(link.clone(), &[json])).await;
     assert_eq!(
         head.into_body().collect().await.expect("body").to_bytes(),
         link.as_bytes()
     );
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(bytes).expect("gzip");
+    e.finish().expect("gzip")
+}
+
+fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes), &mut out).expect("gzip");
+    out
+}
+
+/// A gzip answer of Dataverse with an org link, as Full bytes.
+fn gzip_answer(plain: &str, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(gzip(plain.as_bytes()))));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    h.insert(header::ETAG, HeaderValue::from_static("\"v7\""));
+    h.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(gzip(plain.as_bytes()).len()),
+    );
+    resp
+}
+
+#[tokio::test]
+async fn compressed_answers_are_rewritten_and_fitted_to_the_caller() {
+    let s = state(&[]);
+    let plain = format!(r#"{{"@odata.id":"{ORG}/api/data/v9.2/accounts(1)"}}"#);
+    let rewritten = r#"{"@odata.id":"http://proxy.test/api/data/v9.2/accounts(1)"}"#;
+    let json = "application/json; odata.metadata=minimal";
+
+    let gz = answered_for(
+        &s,
+        Method::GET,
+        gzip_answer(&plain, json),
+        "gzip;q=1, br;q=0.5",
+    )
+    .await;
+    let h = gz.headers().clone();
+    assert_eq!(h[header::CONTENT_ENCODING], "gzip");
+    assert_eq!(h[header::ETAG], "W/\"v7\"", "bytes changed: weak");
+    assert_eq!(h[header::VARY], "accept-encoding");
+    assert!(h.get(header::CONTENT_LENGTH).is_none());
+    let body = gz.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(gunzip(&body), rewritten.as_bytes());
+
+    let plain_caller = answered_for(&s, Method::GET, gzip_answer(&plain, json), "").await;
+    assert!(
+        plain_caller
+            .headers()
+            .get(header::CONTENT_ENCODING)
+            .is_none()
+    );
+    let body = plain_caller.into_body().collect().await.expect("body");
+    assert_eq!(
+        body.to_bytes(),
+        rewritten.as_bytes(),
+        "identity for a caller without gzip"
+    );
+
+    // Nothing to rewrite and the caller takes gzip: Dataverse's bytes.
+    let xml = answered_for(
+        &s,
+        Method::GET,
+        gzip_answer(&plain, "application/xml"),
+        "gzip",
+    )
+    .await;
+    assert_eq!(
+        xml.headers()[header::ETAG],
+        "\"v7\"",
+        "untouched: still strong"
+    );
+    let body = xml.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(body, gzip(plain.as_bytes()));
 }

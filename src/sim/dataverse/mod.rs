@@ -6,7 +6,10 @@
 //! - every request needs a bearer token signed by the simulated Entra ID for
 //!   this org (`aud`), unexpired; otherwise 401 with Dataverse's
 //!   `WWW-Authenticate: Bearer authorization_uri=…, resource_id=…` challenge;
-//! - `WhoAmI`, `$metadata`;
+//! - `WhoAmI`; `$metadata` (about 5 MB of CSDL), `EntityDefinitions…` and
+//!   `GlobalOptionSetDefinitions…`, tagged by schema version (`metadata`);
+//! - answers compressed (gzip or deflate) when the client asks, as IIS
+//!   does, by tower-http's compression layer;
 //! - collections: `$select`, `$filter` (`eq` on a column, joined by `and`),
 //!   `$top`, `$count`, `Prefer: odata.maxpagesize` paging with an absolute
 //!   `@odata.nextLink` carrying a double-encoded paging-cookie `$skiptoken`;
@@ -68,6 +71,7 @@ impl OrgIds {
 
 mod crud;
 mod files;
+mod metadata;
 mod odata;
 mod tables;
 mod users;
@@ -79,7 +83,71 @@ pub(super) use tables::{Db, Upload};
 // === HTTP ===
 
 pub(super) fn router(state: Arc<SimState>) -> Router {
-    Router::new().fallback(handle).with_state(state)
+    // gzip and deflate, as Dataverse's front end offers them, for text
+    // (JSON, XML, `$batch`), not for files.
+    let compression = tower_http::compression::CompressionLayer::new()
+        .no_br()
+        .compress_when(is_text);
+    Router::new()
+        .fallback(handle)
+        .layer(compression)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            break_compressed,
+        ))
+        .with_state(state)
+}
+
+/// Answers worth compressing: JSON, XML and multipart text of 32 bytes or more.
+fn is_text(
+    _: StatusCode,
+    _: axum::http::Version,
+    headers: &HeaderMap,
+    _: &axum::http::Extensions,
+) -> bool {
+    let text = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            [
+                "application/json",
+                "application/xml",
+                "multipart/mixed",
+                "text/",
+            ]
+            .iter()
+            .any(|t| ct.starts_with(t))
+        });
+    let tiny = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n < 32);
+    text && !tiny
+}
+
+/// With `break_compressed_answers` on, a compressed answer stops halfway,
+/// ending as if complete: a coded stream that cannot be decoded.
+async fn break_compressed(
+    State(sim): State<Arc<SimState>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let resp = next.run(req).await;
+    let broken = sim
+        .break_compression
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if !broken || !resp.headers().contains_key(header::CONTENT_ENCODING) {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(bytes.slice(..bytes.len() / 2)))
 }
 
 /// A Dataverse-format error.
@@ -262,6 +330,8 @@ enum Target<'a> {
     WhoAmI,
     Batch,
     Metadata,
+    /// `EntityDefinitions…` or `GlobalOptionSetDefinitions…`: the whole rest.
+    Definitions(&'a str),
     Collection(&'static Schema),
     Entity(&'static Schema, Uuid),
     File(&'static Schema, Uuid, &'a str),
@@ -285,6 +355,11 @@ fn parse_target(rest: &str) -> Result<Target<'_>, Response> {
             "$batch" => return Ok(Target::Batch),
             _ => {}
         }
+    }
+    if ["EntityDefinitions", "GlobalOptionSetDefinitions"]
+        .contains(&first.split('(').next().unwrap_or(""))
+    {
+        return Ok(Target::Definitions(rest));
     }
     let (set, key) = match first.split_once('(') {
         Some((set, key)) => (set, Some(key.strip_suffix(')').ok_or_else(not_found)?)),
@@ -357,7 +432,10 @@ pub(super) async fn route(sim: &Arc<SimState>, req: Request) -> Response {
     let method = req.method().clone();
     match (method, target) {
         (Method::GET, Target::WhoAmI) => ctx.whoami(),
-        (Method::GET, Target::Metadata) => metadata(),
+        (Method::GET, Target::Metadata) => metadata::csdl(sim, req.headers()),
+        (Method::GET, Target::Definitions(rest)) => {
+            metadata::definitions(sim, &ctx.base, rest, req.headers())
+        }
         (Method::POST, Target::Batch) => {
             let (parts, body) = req.into_parts();
             match read_limited(

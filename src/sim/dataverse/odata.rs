@@ -141,35 +141,3 @@ pub(super) fn parse_skiptoken(decoded: &str) -> Option<(usize, Uuid)> {
     let last = decoded.split("last%3d%22%7b").nth(1)?.split("%7d").next()?;
     Some((page, Uuid::parse_str(last).ok()?))
 }
-
-pub(super) fn metadata() -> Response {
-    let mut types = String::new();
-    for s in SCHEMAS {
-        types.push_str(&format!(
-            "<EntityType Name=\"{}\"><Key><PropertyRef Name=\"{}\"/></Key><Property Name=\"{}\" Type=\"Edm.Guid\"/>",
-            s.logical, s.id_field, s.id_field
-        ));
-        for c in s.all_columns() {
-            types.push_str(&format!("<Property Name=\"{c}\" Type=\"Edm.String\"/>"));
-        }
-        types.push_str("</EntityType>");
-    }
-    let sets: String = SCHEMAS
-        .iter()
-        .map(|s| {
-            format!(
-                "<EntitySet Name=\"{}\" EntityType=\"Microsoft.Dynamics.CRM.{}\"/>",
-                s.entity_set, s.logical
-            )
-        })
-        .collect();
-    let xml = format!(
-        "<?xml version=\"1.0\" encoding=\"utf-8\"?><edmx:Edmx Version=\"4.0\" xmlns:edmx=\"http://docs.oasis-open.org/odata/ns/edmx\"><edmx:DataServices><Schema Namespace=\"Microsoft.Dynamics.CRM\" Alias=\"mscrm\" xmlns=\"http://docs.oasis-open.org/odata/ns/edm\">{types}<EntityContainer Name=\"System\">{sets}</EntityContainer></Schema></edmx:DataServices></edmx:Edmx>"
-    );
-    let mut resp = (StatusCode::OK, xml).into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/xml"),
-    );
-    resp
-}

@@ -1,0 +1,205 @@
+//! Step 3 for `$metadata`, `EntityDefinitions…` and
+//! `GlobalOptionSetDefinitions…` GETs: the org's metadata cache first
+//! (`metadata_cache`), Dataverse when the entry is missing or stale.
+//!
+//! The caller was admitted (identity, policy) like any other before it gets
+//! here, and its answer still goes through the answer step: a cached body
+//! is Dataverse's, so its links are rewritten and its coding fitted to this
+//! caller exactly as for a fresh one.
+
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, HeaderValue, Response, StatusCode, header};
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+
+use super::admit::Admitted;
+use super::plan::Planned;
+use super::send::{self, Sent};
+use crate::compression::{AcceptEncoding, Transcode, vary_on_accept_encoding, weaken_etag};
+use crate::error::ProxyError;
+use crate::http::access_log::RequestInfo;
+use crate::http::body::{UpstreamBody, is_rewritable};
+use crate::http::state::AppState;
+use crate::metadata_cache::{Entry, Fill, Key, Lookup, MetadataCache, Outcome, none_match};
+
+/// An answer of the cached path: Dataverse's (copied into the cache as it
+/// passes when it is a 200), or one made from an entry.
+pub type CachedBody = Either<Fill<UpstreamBody>, Full<Bytes>>;
+
+/// The org's cache and the request's key, when the request is one the
+/// cache serves.
+pub fn lookup_key(admitted: &Admitted, planned: &Planned) -> Option<(Arc<MetadataCache>, Key)> {
+    let cache = admitted.org.metadata.as_ref()?;
+    let resource = crate::policy::resource(planned.uri.path())?;
+    let target = planned.uri.path_and_query()?.as_str();
+    let key = MetadataCache::key(&planned.method, &resource, target, &planned.headers)?;
+    Some((cache.clone(), key))
+}
+
+/// Serves from `cache` what it holds fresh; revalidates what is stale with
+/// `If-None-Match`; fetches (and keeps) the rest.
+pub async fn send(
+    state: &AppState,
+    admitted: &Admitted,
+    (cache, key): (Arc<MetadataCache>, Key),
+    mut planned: Planned,
+    (accept, arrived): (&AcceptEncoding, tokio::time::Instant),
+    info: &mut RequestInfo,
+) -> Result<Sent<CachedBody>, ProxyError> {
+    let asked = conditional(&planned.headers);
+    let stale = match cache.lookup(&key, wants_check(&planned.headers)) {
+        Lookup::Fresh(entry) => {
+            return Ok(served(
+                &cache,
+                Outcome::Hit,
+                admitted,
+                &entry,
+                &asked,
+                accept,
+                info,
+            ));
+        }
+        Lookup::Stale(entry) => entry.etag().is_some().then_some(entry),
+        Lookup::Miss => None,
+    };
+    if let Some(entry) = &stale {
+        // Our tag, not the caller's: a 304 must say whether the entry holds.
+        planned.headers.remove(header::IF_MODIFIED_SINCE);
+        planned.headers.insert(
+            header::IF_NONE_MATCH,
+            entry.etag().cloned().expect("tagged"),
+        );
+    }
+    let sent = send::send(state, &admitted.org, planned, arrived, info).await?;
+    let status = sent.response.status();
+    if let (Some(entry), StatusCode::NOT_MODIFIED) = (&stale, status) {
+        let Sent { response, permit } = sent;
+        drop(response);
+        if let Some(permit) = permit {
+            permit.finish();
+        }
+        let entry = cache.revalidated(&key, entry);
+        return Ok(served(
+            &cache,
+            Outcome::Revalidated,
+            admitted,
+            &entry,
+            &asked,
+            accept,
+            info,
+        ));
+    }
+    let outcome = if stale.is_some() {
+        Outcome::Changed
+    } else {
+        Outcome::Miss
+    };
+    cache.count(outcome);
+    info.cache = Some(outcome.label());
+    let Sent { response, permit } = sent;
+    let (parts, body) = response.into_parts();
+    let body = if status == StatusCode::OK {
+        cache.fill(key, &parts.headers, body)
+    } else {
+        Fill::through(body)
+    };
+    Ok(Sent {
+        response: Response::from_parts(parts, Either::Left(body)),
+        permit,
+    })
+}
+
+/// An answer made from `entry`: a 304 when the caller already holds it,
+/// else the whole entry.
+fn served(
+    cache: &MetadataCache,
+    outcome: Outcome,
+    admitted: &Admitted,
+    entry: &Entry,
+    asked: &HeaderMap,
+    accept: &AcceptEncoding,
+    info: &mut RequestInfo,
+) -> Sent<CachedBody> {
+    cache.count(outcome);
+    info.cache = Some(outcome.label());
+    let age = HeaderValue::from(entry.checked.elapsed().as_secs());
+    let response = match entry.etag() {
+        Some(etag) if none_match(asked, etag) => not_modified(admitted, entry, accept),
+        _ => {
+            let mut response = Response::new(Either::Right(Full::new(entry.body.clone())));
+            *response.headers_mut() = entry.headers.clone();
+            let length = HeaderValue::from(entry.body.len());
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, length);
+            response
+        }
+    };
+    let mut response = response;
+    response.headers_mut().insert(header::AGE, age);
+    Sent {
+        response,
+        permit: None,
+    }
+}
+
+/// The 304 for a caller whose `If-None-Match` names the entry: its `ETag`
+/// and `Vary` as the 200 would carry them (RFC 9110 §15.4.5), the tag weak
+/// where the answer step would change the bytes.
+fn not_modified(
+    admitted: &Admitted,
+    entry: &Entry,
+    accept: &AcceptEncoding,
+) -> Response<CachedBody> {
+    let mut full = Response::new(());
+    *full.headers_mut() = entry.headers.clone();
+    let (parts, ()) = full.into_parts();
+    let rewrite = admitted.links.to_caller.is_some() && is_rewritable(&parts.headers);
+    let recoded = super::answer::transcode_for(&parts, &admitted.method, rewrite, accept)
+        != Transcode::Untouched;
+    let mut headers = HeaderMap::new();
+    for name in [header::ETAG, header::VARY] {
+        for value in parts.headers.get_all(&name) {
+            headers.append(&name, value.clone());
+        }
+    }
+    if parts.headers.contains_key(header::CONTENT_ENCODING) {
+        vary_on_accept_encoding(&mut headers);
+    }
+    if recoded {
+        weaken_etag(&mut headers);
+    }
+    let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+    *response.status_mut() = StatusCode::NOT_MODIFIED;
+    *response.headers_mut() = headers;
+    response
+}
+
+/// The caller's own conditional headers, kept before the entry's tag
+/// replaces them on the way to Dataverse.
+fn conditional(headers: &HeaderMap) -> HeaderMap {
+    let mut asked = HeaderMap::new();
+    for value in headers.get_all(header::IF_NONE_MATCH) {
+        asked.append(header::IF_NONE_MATCH, value.clone());
+    }
+    asked
+}
+
+/// Whether the caller asks for a check with Dataverse before anything
+/// cached is served: `Cache-Control: no-cache` (or `Pragma: no-cache`),
+/// or Dataverse's own `Consistency: Strong`.
+fn wants_check(headers: &HeaderMap) -> bool {
+    let says = |name: &str, word: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|v| v.trim().eq_ignore_ascii_case(word))
+    };
+    says("cache-control", "no-cache")
+        || says("cache-control", "max-age=0")
+        || says("pragma", "no-cache")
+        || says("consistency", "strong")
+}

@@ -1,0 +1,326 @@
+//! The metadata cache: `$metadata`, `EntityDefinitions…` and
+//! `GlobalOptionSetDefinitions…` answers of one org, kept as Dataverse sent
+//! them (compressed, links not yet rewritten) so that each caller's answer
+//! is made from them exactly as from a fresh one.
+//!
+//! Clients load these documents (several MB of CSDL for a real org) at
+//! every start; they change only when someone customises the org. An entry
+//! is served without asking Dataverse for `fresh_for`, then revalidated
+//! with `If-None-Match` (a 304 costs Dataverse nothing to send), so a
+//! schema change shows up within `fresh_for`. Nothing else is cached: data
+//! answers depend on the rows and the user (docs/dataverse.md, "Caching").
+//!
+//! Entries are bounded by bytes (moka's weigher) and keyed by everything
+//! that selects the representation: the path and query, `Accept`, `Prefer`,
+//! `Accept-Language`, and the user Dataverse acts as.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+
+use crate::config::MetadataCacheConfig;
+
+/// Resources (as [`crate::policy::resource`] names them) whose answers are
+/// kept.
+const CACHED: [&str; 3] = [
+    "$metadata",
+    "entitydefinitions",
+    "globaloptionsetdefinitions",
+];
+
+/// Request headers that select the representation, besides the target.
+static SELECTING: [HeaderName; 5] = [
+    header::ACCEPT,
+    HeaderName::from_static("prefer"),
+    header::ACCEPT_LANGUAGE,
+    HeaderName::from_static("callerobjectid"),
+    HeaderName::from_static("mscrmcallerid"),
+];
+
+/// Answer headers kept with an entry. Per-request ones (request ids,
+/// `x-ms-ratelimit-*`, the DOP hint, cookies, `Date`) are not: a cached
+/// answer must not feed stale figures to the governor.
+static KEPT: [HeaderName; 7] = [
+    header::CONTENT_TYPE,
+    header::CONTENT_ENCODING,
+    header::CONTENT_LANGUAGE,
+    header::ETAG,
+    header::VARY,
+    HeaderName::from_static("odata-version"),
+    HeaderName::from_static("preference-applied"),
+];
+
+/// What identifies one cached answer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    target: String,
+    selecting: [Option<HeaderValue>; 5],
+}
+
+/// One kept answer (always a 200).
+#[derive(Debug)]
+pub struct Entry {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// When Dataverse last confirmed it (fetched or answered 304).
+    pub checked: Instant,
+}
+
+impl Entry {
+    pub fn etag(&self) -> Option<&HeaderValue> {
+        self.headers.get(header::ETAG)
+    }
+
+    fn weight(&self) -> u32 {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len())
+            .sum();
+        u32::try_from(self.body.len() + headers).unwrap_or(u32::MAX)
+    }
+}
+
+/// What a lookup found.
+#[derive(Debug)]
+pub enum Lookup {
+    /// Within `fresh_for` of its last check: serve it.
+    Fresh(Arc<Entry>),
+    /// Older, or the caller asked for a check: ask Dataverse whether it
+    /// still holds (`If-None-Match`).
+    Stale(Arc<Entry>),
+    Miss,
+}
+
+/// How requests fared, for the metrics.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Served from the cache without asking Dataverse.
+    pub hits: AtomicU64,
+    /// Not in the cache: fetched in full.
+    pub misses: AtomicU64,
+    /// Stale, and Dataverse answered 304: served from the cache.
+    pub revalidated: AtomicU64,
+    /// Stale, and Dataverse sent a new answer (the schema changed).
+    pub changed: AtomicU64,
+}
+
+/// One org's metadata cache.
+pub struct MetadataCache {
+    entries: moka::sync::Cache<Key, Arc<Entry>>,
+    config: MetadataCacheConfig,
+    stats: Arc<CacheStats>,
+}
+
+impl MetadataCache {
+    pub fn new(config: &MetadataCacheConfig) -> Self {
+        let entries = moka::sync::Cache::builder()
+            .max_capacity(config.max_bytes as u64)
+            .weigher(|_: &Key, e: &Arc<Entry>| e.weight())
+            .build();
+        Self {
+            entries,
+            config: config.clone(),
+            stats: Arc::default(),
+        }
+    }
+
+    /// The key of a request whose answer is kept, or `None` for every
+    /// other request (only GETs of the metadata resources).
+    pub fn key(
+        method: &Method,
+        resource: &str,
+        path_and_query: &str,
+        headers: &HeaderMap,
+    ) -> Option<Key> {
+        if method != Method::GET || !CACHED.contains(&resource) {
+            return None;
+        }
+        Some(Key {
+            target: path_and_query.to_owned(),
+            selecting: SELECTING.each_ref().map(|n| headers.get(n).cloned()),
+        })
+    }
+
+    /// Finds `key`; `check` (the caller sent `Cache-Control: no-cache` or
+    /// `Consistency: Strong`) makes any entry stale.
+    pub fn lookup(&self, key: &Key, check: bool) -> Lookup {
+        match self.entries.get(key) {
+            Some(e) if !check && e.checked.elapsed() < self.config.fresh_for => Lookup::Fresh(e),
+            Some(e) => Lookup::Stale(e),
+            None => Lookup::Miss,
+        }
+    }
+
+    /// Dataverse answered 304 for `entry`: fresh again from now.
+    pub fn revalidated(&self, key: &Key, entry: &Entry) -> Arc<Entry> {
+        let renewed = Arc::new(Entry {
+            headers: entry.headers.clone(),
+            body: entry.body.clone(),
+            checked: Instant::now(),
+        });
+        self.entries.insert(key.clone(), renewed.clone());
+        renewed
+    }
+
+    /// A body that passes `body` through and keeps a copy under `key` when
+    /// it ends cleanly within `max_entry`; `headers` are the 200's.
+    pub fn fill<B>(self: &Arc<Self>, key: Key, headers: &HeaderMap, body: B) -> Fill<B> {
+        let mut kept = HeaderMap::new();
+        for name in &KEPT {
+            for value in headers.get_all(name) {
+                kept.append(name, value.clone());
+            }
+        }
+        Fill {
+            inner: body,
+            filling: Some(Filling {
+                cache: self.clone(),
+                key,
+                headers: kept,
+                bytes: BytesMut::new(),
+            }),
+        }
+    }
+
+    pub fn stats(&self) -> &CacheStats {
+        &self.stats
+    }
+
+    /// Bytes held (bodies and kept headers).
+    pub fn weighted_size(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.weighted_size()
+    }
+
+    /// Counts one request's outcome.
+    pub fn count(&self, outcome: Outcome) {
+        let s = &self.stats;
+        let counter = match outcome {
+            Outcome::Hit => &s.hits,
+            Outcome::Miss => &s.misses,
+            Outcome::Revalidated => &s.revalidated,
+            Outcome::Changed => &s.changed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// How one request fared with the cache (the fields of [`CacheStats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Hit,
+    Miss,
+    Revalidated,
+    Changed,
+}
+
+impl Outcome {
+    /// The name in the access log and the metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Revalidated => "revalidated",
+            Self::Changed => "changed",
+        }
+    }
+}
+
+/// Whether a caller's `If-None-Match` names `etag`, by weak comparison
+/// (RFC 9110 §13.1.2: `W/` aside, the opaque tags are equal), or is `*`.
+pub fn none_match(headers: &HeaderMap, etag: &HeaderValue) -> bool {
+    let opaque = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+    let Ok(etag) = etag.to_str().map(opaque) else {
+        return false;
+    };
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim() == "*" || opaque(t) == etag)
+}
+
+/// A body on its way to the caller, copied into the cache as it passes.
+pub struct Fill<B> {
+    inner: B,
+    /// `None` once the copy is given up (too large, or the body failed),
+    /// or for a body that is not kept.
+    filling: Option<Filling>,
+}
+
+impl<B> Fill<B> {
+    /// A body passed through without a copy (an answer that is not a 200).
+    pub fn through(inner: B) -> Self {
+        Self {
+            inner,
+            filling: None,
+        }
+    }
+}
+
+struct Filling {
+    cache: Arc<MetadataCache>,
+    key: Key,
+    headers: HeaderMap,
+    bytes: BytesMut,
+}
+
+impl<B> Body for Fill<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(f)) = (frame.data_ref(), &mut this.filling) {
+                    if f.bytes.len() + data.len() > f.cache.config.max_entry {
+                        this.filling = None;
+                    } else {
+                        f.bytes.extend_from_slice(data);
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(f) = this.filling.take() {
+                    let entry = Entry {
+                        headers: f.headers,
+                        body: f.bytes.freeze(),
+                        checked: Instant::now(),
+                    };
+                    f.cache.entries.insert(f.key, Arc::new(entry));
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.filling = None,
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // Not the inner body's answer: the end must be polled to be kept.
+        false
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,282 @@
+//! The org's schema as Dataverse publishes it: the `$metadata` CSDL
+//! document, `EntityDefinitions` and `GlobalOptionSetDefinitions`.
+//!
+//! A real org has hundreds of tables (system and custom), so its CSDL is
+//! several MB (docs/dataverse.md, "The Web API"). Besides the three tables
+//! it serves rows of, the simulated org declares [`CUSTOM_TABLES`] custom
+//! ones of a few dozen columns each, which brings `$metadata` to about
+//! 5 MB. Every answer carries an `ETag` derived from the schema version,
+//! and a matching `If-None-Match` is answered 304. [`SimHandle`] can
+//! publish a change (`change_schema`), which adds a column and changes
+//! every tag, as publishing customisations does.
+//!
+//! [`SimHandle`]: crate::sim::SimHandle
+
+use std::fmt::Write as _;
+
+use super::*;
+
+/// Custom tables declared besides the ones with rows.
+const CUSTOM_TABLES: usize = 420;
+/// Columns of each custom table.
+const CUSTOM_COLUMNS: usize = 36;
+
+const WORDS: [&str; 24] = [
+    "amount",
+    "status",
+    "region",
+    "owner",
+    "category",
+    "priority",
+    "source",
+    "channel",
+    "budget",
+    "territory",
+    "segment",
+    "stage",
+    "rating",
+    "tier",
+    "contract",
+    "invoice",
+    "product",
+    "campaign",
+    "warehouse",
+    "carrier",
+    "project",
+    "milestone",
+    "approval",
+    "renewal",
+];
+const TYPES: [&str; 6] = [
+    "Edm.String",
+    "Edm.Int32",
+    "Edm.Decimal",
+    "Edm.DateTimeOffset",
+    "Edm.Boolean",
+    "Edm.Guid",
+];
+
+/// The schema version's tag for one resource.
+fn etag(version: u64, resource: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{resource}-{version}\"")).expect("ascii")
+}
+
+/// The answer for `If-None-Match`, or `None` to send the document.
+fn not_modified(headers: &HeaderMap, tag: &HeaderValue) -> Option<Response> {
+    let tag = tag.to_str().ok()?;
+    let named = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().trim_start_matches("W/") == tag);
+    named.then(|| {
+        let mut resp = StatusCode::NOT_MODIFIED.into_response();
+        resp.headers_mut()
+            .insert(header::ETAG, HeaderValue::from_str(tag).expect("ascii"));
+        resp
+    })
+}
+
+/// `GET $metadata`.
+pub(super) fn csdl(sim: &SimState, headers: &HeaderMap) -> Response {
+    let version = sim.schema_version();
+    let tag = etag(version, "metadata");
+    if let Some(resp) = not_modified(headers, &tag) {
+        return resp;
+    }
+    let document = {
+        let mut cached = lock(&sim.csdl);
+        match &*cached {
+            Some((v, doc)) if *v == version => doc.clone(),
+            _ => {
+                let doc = Bytes::from(build_csdl(version));
+                *cached = Some((version, doc.clone()));
+                doc
+            }
+        }
+    };
+    let mut resp = (StatusCode::OK, document).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/xml"),
+    );
+    h.insert(header::ETAG, tag);
+    resp
+}
+
+/// The custom tables' names, in order.
+fn custom_table(i: usize) -> String {
+    format!("dvp_{}{}", WORDS[i % WORDS.len()], i)
+}
+
+/// Columns of custom table `i` (one more per published schema change on
+/// the first table).
+fn custom_columns(i: usize, version: u64) -> Vec<(String, &'static str)> {
+    let extra = if i == 0 { version as usize - 1 } else { 0 };
+    (0..CUSTOM_COLUMNS + extra)
+        .map(|c| {
+            let word = WORDS[(i * 7 + c * 5) % WORDS.len()];
+            (format!("dvp_{word}_{c}"), TYPES[(i + c) % TYPES.len()])
+        })
+        .collect()
+}
+
+fn build_csdl(version: u64) -> String {
+    let mut types = String::new();
+    let mut sets = String::new();
+    for s in SCHEMAS {
+        let columns: Vec<(String, &str)> = s
+            .all_columns()
+            .map(|c| (c.to_owned(), "Edm.String"))
+            .collect();
+        entity_type(&mut types, s.logical, s.id_field, &columns);
+        let _ = write!(
+            sets,
+            "<EntitySet Name=\"{}\" EntityType=\"Microsoft.Dynamics.CRM.{}\"/>",
+            s.entity_set, s.logical
+        );
+    }
+    for i in 0..CUSTOM_TABLES {
+        let name = custom_table(i);
+        entity_type(
+            &mut types,
+            &name,
+            &format!("{name}id"),
+            &custom_columns(i, version),
+        );
+        let _ = write!(
+            sets,
+            "<EntitySet Name=\"{name}s\" EntityType=\"Microsoft.Dynamics.CRM.{name}\"><NavigationPropertyBinding Path=\"owninguser\" Target=\"systemusers\"/></EntitySet>"
+        );
+    }
+    format!(
+        "<?xml version=\"1.0\" encoding=\"utf-8\"?><edmx:Edmx Version=\"4.0\" xmlns:edmx=\"http://docs.oasis-open.org/odata/ns/edmx\"><edmx:DataServices><Schema Namespace=\"Microsoft.Dynamics.CRM\" Alias=\"mscrm\" xmlns=\"http://docs.oasis-open.org/odata/ns/edm\"><Annotation Term=\"Org.SchemaVersion\" Int=\"{version}\"/>{types}<EntityContainer Name=\"System\">{sets}</EntityContainer></Schema></edmx:DataServices></edmx:Edmx>"
+    )
+}
+
+/// One `EntityType` with its key, columns, lookups and their annotations,
+/// in the shape Dataverse writes them.
+fn entity_type(out: &mut String, logical: &str, id: &str, columns: &[(String, &str)]) {
+    let _ = write!(
+        out,
+        "<EntityType Name=\"{logical}\" BaseType=\"mscrm.crmbaseentity\"><Key><PropertyRef Name=\"{id}\"/></Key><Property Name=\"{id}\" Type=\"Edm.Guid\"/>"
+    );
+    for (name, ty) in columns {
+        let _ = write!(
+            out,
+            "<Property Name=\"{name}\" Type=\"{ty}\"><Annotation Term=\"Org.OData.Core.V1.Description\" String=\"{name} of the {logical} table\"/></Property>"
+        );
+    }
+    let _ = write!(
+        out,
+        "<Property Name=\"_owninguser_value\" Type=\"Edm.Guid\"/><NavigationProperty Name=\"owninguser\" Type=\"mscrm.systemuser\" Nullable=\"false\" Partner=\"user_{logical}\"><ReferentialConstraint Property=\"_owninguser_value\" ReferencedProperty=\"systemuserid\"/></NavigationProperty></EntityType>"
+    );
+}
+
+/// `GET EntityDefinitions…` and `GET GlobalOptionSetDefinitions…`:
+/// `rest` is the path after the version, decoded.
+pub(super) fn definitions(sim: &SimState, base: &str, rest: &str, headers: &HeaderMap) -> Response {
+    let version = sim.schema_version();
+    let resource = rest.split(['(', '/']).next().unwrap_or("");
+    let tag = etag(version, &resource.to_ascii_lowercase());
+    if let Some(resp) = not_modified(headers, &tag) {
+        return resp;
+    }
+    let body = if resource == "GlobalOptionSetDefinitions" {
+        option_sets(base)
+    } else {
+        match entity_definitions(base, rest, version) {
+            Some(body) => body,
+            None => {
+                return dv_error(
+                    StatusCode::NOT_FOUND,
+                    "0x80060888",
+                    &format!("Resource not found for the segment '{rest}'."),
+                );
+            }
+        }
+    };
+    let mut resp = json_response(StatusCode::OK, &body);
+    resp.headers_mut().insert(header::ETAG, tag);
+    resp
+}
+
+/// A table's logical name, entity set and columns with their types.
+struct Table(String, String, Vec<(String, &'static str)>);
+
+/// Every table (logical names, sets, display names), or one by
+/// `(LogicalName='…')`, or its `/Attributes`.
+fn entity_definitions(base: &str, rest: &str, version: u64) -> Option<Value> {
+    let tables: Vec<Table> = SCHEMAS
+        .iter()
+        .map(|s| {
+            let cols = s
+                .all_columns()
+                .map(|c| (c.to_owned(), "Edm.String"))
+                .collect();
+            Table(s.logical.to_owned(), s.entity_set.to_owned(), cols)
+        })
+        .chain((0..CUSTOM_TABLES).map(|i| {
+            let name = custom_table(i);
+            Table(name.clone(), format!("{name}s"), custom_columns(i, version))
+        }))
+        .collect();
+    let definition = |Table(logical, set, columns): &Table| {
+        json!({
+            "MetadataId": Uuid::new_v5(&Uuid::NAMESPACE_OID, logical.as_bytes()),
+            "LogicalName": logical,
+            "EntitySetName": set,
+            "SchemaName": logical,
+            "IsCustomEntity": logical.starts_with("dvp_"),
+            "DisplayName": {"UserLocalizedLabel": {"Label": logical, "LanguageCode": 1033}},
+            "AttributeCount": columns.len(),
+        })
+    };
+    let Some(key) = rest.strip_prefix("EntityDefinitions(") else {
+        let value: Vec<Value> = tables.iter().map(definition).collect();
+        return Some(json!({
+            "@odata.context": format!("{base}/$metadata#EntityDefinitions"),
+            "value": value,
+        }));
+    };
+    let (key, tail) = key.split_once(')')?;
+    let logical = key.strip_prefix("LogicalName='")?.strip_suffix('\'')?;
+    let table = tables.iter().find(|t| t.0 == logical)?;
+    match tail {
+        "" => {
+            let mut one = definition(table);
+            one["@odata.context"] = json!(format!("{base}/$metadata#EntityDefinitions/$entity"));
+            Some(one)
+        }
+        "/Attributes" => {
+            let value: Vec<Value> = table
+                .2
+                .iter()
+                .map(|(name, ty)| json!({"LogicalName": name, "AttributeType": ty, "IsValidForRead": true}))
+                .collect();
+            Some(json!({
+                "@odata.context": format!("{base}/$metadata#EntityDefinitions('{logical}')/Attributes"),
+                "value": value,
+            }))
+        }
+        _ => None,
+    }
+}
+
+fn option_sets(base: &str) -> Value {
+    let value: Vec<Value> = WORDS
+        .iter()
+        .map(|w| {
+            let options: Vec<Value> = (0..8)
+                .map(|i| json!({"Value": 100_000_000 + i, "Label": {"UserLocalizedLabel": {"Label": format!("{w} {i}")}}}))
+                .collect();
+            json!({"Name": format!("dvp_{w}"), "OptionSetType": "Picklist", "Options": options})
+        })
+        .collect();
+    json!({
+        "@odata.context": format!("{base}/$metadata#GlobalOptionSetDefinitions"),
+        "value": value,
+    })
+}
