@@ -20,14 +20,16 @@
 //!   through Redis), [`guard`] (which paths may reach Dataverse),
 //!   [`policy`] (the per-org access policy), [`callers`] (who is calling:
 //!   Entra ID tokens, API keys, client certificates, source addresses, quotas),
-//!   [`identity`] (Entra ID caller tokens: discovery, keys, claims), [`batch`] (the strict `$batch` reader) and
-//!   [`rewrite`] (streaming org-URL ⇄ proxy-URL rewriting). Each has its own
-//!   error type.
+//!   [`identity`] (Entra ID caller tokens: discovery, keys, claims), [`batch`] (the strict `$batch` reader),
+//!   [`rewrite`] (streaming org-URL ⇄ proxy-URL rewriting), [`compression`]
+//!   (content codings: what the caller accepts, streaming codecs) and
+//!   [`metadata_cache`] (`$metadata` and `EntityDefinitions` answers per org).
+//!   Each has its own error type.
 //! - **HTTP**: [`http`]: the proxy listener's service, its tower layers in
 //!   order in `http/mod.rs` (request id, sensitive headers, trace, access
 //!   log, catch-panic, body idle timeouts, the axum router, edge checks), the
-//!   forwarding handler in four steps (`http/forward/`: admit, plan, send,
-//!   answer), bodies, header policy, the upstream client, metrics and the
+//!   forwarding handler in four steps (`http/forward/`: admit, plan, send
+//!   (or `cached` for metadata), answer), bodies, header policy, the upstream client, metrics and the
 //!   admin listener; [`error`]: [`error::ProxyError`], where domain errors
 //!   become statuses and OData bodies; [`server`]: the accept loop
 //!   (HTTP/1.1 and HTTP/2, TLS and client certificates, connection cap,

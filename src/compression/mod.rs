@@ -10,7 +10,7 @@
 //!
 //! A caller that sends no `Accept-Encoding` gets identity. RFC 9110 would
 //! allow any coding then, but Dataverse clients exist that never decode
-//! (docs/dataverse.md, "Compression").
+//! (docs/dataverse.md, "Compression and caching").
 
 pub mod stream;
 

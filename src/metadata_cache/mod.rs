@@ -8,7 +8,7 @@
 //! is served without asking Dataverse for `fresh_for`, then revalidated
 //! with `If-None-Match` (a 304 costs Dataverse nothing to send), so a
 //! schema change shows up within `fresh_for`. Nothing else is cached: data
-//! answers depend on the rows and the user (docs/dataverse.md, "Caching").
+//! answers depend on the rows and the user (docs/dataverse.md, "Compression and caching").
 //!
 //! Entries are bounded by bytes (moka's weigher) and keyed by everything
 //! that selects the representation: the path and query, `Accept`, `Prefer`,

@@ -211,6 +211,31 @@ impl Harness {
         Self::on(sim, setup).await
     }
 
+    /// A bearer token for the simulated org, fetched as the proxy does, for
+    /// requests straight to Dataverse (to compare with the proxy's answer).
+    pub async fn sim_token(&self) -> String {
+        let cfg = self.sim.config();
+        let scope = format!("{}/.default", self.sim.org_url());
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", cfg.client_id.as_str()),
+            ("client_secret", cfg.client_secret.as_str()),
+            ("scope", scope.as_str()),
+        ];
+        let resp = self
+            .client
+            .post(self.sim.token_url())
+            .form(&form)
+            .send()
+            .await
+            .expect("token");
+        let body: serde_json::Value = resp.json().await.expect("token json");
+        body["access_token"]
+            .as_str()
+            .expect("access_token")
+            .to_owned()
+    }
+
     /// URL of a Web API path through the proxy, e.g. `url("/leads")`.
     pub fn url(&self, api_path: &str) -> String {
         format!("{}/api/data/v9.2{api_path}", self.proxy)

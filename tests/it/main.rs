@@ -3,6 +3,7 @@
 //! link step keeps the suite fast).
 
 mod binary;
+mod compression;
 mod credentials;
 mod forward;
 mod governor;
@@ -11,6 +12,7 @@ mod hostile;
 mod identity;
 mod links;
 mod listener;
+mod metadata;
 mod operations;
 mod redis;
 mod security;

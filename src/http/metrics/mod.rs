@@ -37,6 +37,7 @@ pub struct RequestLabels {
     pub caller: String,
 }
 
+mod cache;
 mod governor;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -120,6 +121,8 @@ pub struct Metrics {
     governor: governor::GovernorFamilies,
     /// Copied in at scrape time from the orgs and their tokens.
     org: OrgFamilies,
+    /// Copied in at scrape time from the metadata caches.
+    cache: cache::CacheFamilies,
 }
 
 /// What Dataverse and Entra ID told us last, by org.
@@ -386,6 +389,7 @@ impl Metrics {
         Self {
             governor: governor::GovernorFamilies::register(&mut r),
             org: OrgFamilies::register(&mut r),
+            cache: cache::CacheFamilies::register(&mut r),
             registry: r,
             requests,
             duration,
@@ -423,6 +427,9 @@ impl Metrics {
                 org: org.name.clone(),
             };
             self.governor.render(org, &l);
+            if let Some(cache) = &org.metadata {
+                self.cache.render(cache, &l);
+            }
             let load = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as i64;
             self.org
                 .dop_hint

@@ -17,9 +17,9 @@ use std::fmt::Write as _;
 use super::*;
 
 /// Custom tables declared besides the ones with rows.
-const CUSTOM_TABLES: usize = 420;
+const CUSTOM_TABLES: usize = 600;
 /// Columns of each custom table.
-const CUSTOM_COLUMNS: usize = 36;
+const CUSTOM_COLUMNS: usize = 56;
 
 const WORDS: [&str; 24] = [
     "amount",

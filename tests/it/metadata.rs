@@ -1,0 +1,179 @@
+//! The metadata cache: `$metadata` and `EntityDefinitions` served from the
+//! org's cache, revalidated with Dataverse, and never past the caller's
+//! access rules.
+
+use crate::harness::{Harness, Setup};
+use dataverse_proxy::sim::{Sim, SimConfig};
+
+/// The `$metadata` requests Dataverse has seen so far.
+fn metadata_requests(h: &Harness) -> Vec<dataverse_proxy::sim::SeenRequest> {
+    h.sim
+        .seen()
+        .into_iter()
+        .filter(|s| s.target.ends_with("/$metadata"))
+        .collect()
+}
+
+fn counter(metrics: &str, result: &str) -> u64 {
+    let prefix = format!(
+        "dataverse_proxy_metadata_cache_requests_total{{org=\"default\",result=\"{result}\"}} "
+    );
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |v| v.trim().parse().expect("number"))
+}
+
+#[tokio::test]
+async fn the_second_metadata_load_comes_from_the_cache() {
+    let h = Harness::start().await;
+    let first = h
+        .get_with("/$metadata", &[("accept-encoding", "gzip")])
+        .await;
+    assert_eq!(first.status(), 200);
+    assert!(first.headers().get("age").is_none(), "fetched, not cached");
+    let etag = first.headers()["etag"].clone();
+    let first = first.bytes().await.expect("body");
+    assert_eq!(metadata_requests(&h).len(), 1);
+
+    let second = h
+        .get_with("/$metadata", &[("accept-encoding", "gzip")])
+        .await;
+    assert_eq!(second.status(), 200);
+    assert!(second.headers().get("age").is_some(), "from the cache");
+    assert_eq!(second.headers()["etag"], etag);
+    assert_eq!(second.headers()["content-encoding"], "gzip");
+    assert_eq!(second.bytes().await.expect("body"), first);
+    assert_eq!(
+        metadata_requests(&h).len(),
+        1,
+        "Dataverse was not asked again"
+    );
+
+    // An identity caller gets the same document decoded from the entry.
+    let plain = h.get("/$metadata").await;
+    assert!(plain.headers().get("content-encoding").is_none());
+    let plain = plain.text().await.expect("xml");
+    assert!(plain.starts_with("<?xml"), "the CSDL document");
+    assert!(plain.len() > 4 << 20, "several MB: {}", plain.len());
+    assert_eq!(metadata_requests(&h).len(), 1);
+
+    let m = h.metrics().await;
+    assert_eq!(counter(&m, "miss"), 1, "{m}");
+    assert_eq!(counter(&m, "hit"), 2, "{m}");
+    assert!(m.contains("dataverse_proxy_metadata_cache_bytes{org=\"default\"}"));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_schema_change_shows_up_once_the_entry_is_stale() {
+    // Fresh for no time at all: every load is revalidated with Dataverse.
+    let h = Harness::with(Setup::default().set("metadata_cache.fresh_for", "0s")).await;
+    let path = "/EntityDefinitions(LogicalName='dvp_amount0')/Attributes";
+    let first = h.get(path).await.text().await.expect("json");
+    let again = h.get(path).await;
+    assert!(
+        again.headers().get("age").is_some(),
+        "served from the cache"
+    );
+    assert_eq!(again.text().await.expect("json"), first);
+    let revalidation = h.sim.seen().pop().expect("seen");
+    assert!(
+        revalidation.headers.get("if-none-match").is_some(),
+        "asked Dataverse whether the entry holds"
+    );
+
+    h.sim.change_schema();
+    let changed = h.get(path).await;
+    assert!(changed.headers().get("age").is_none(), "a new answer");
+    let changed = changed.text().await.expect("json");
+    assert_ne!(changed, first, "the new column shows");
+    assert_eq!(h.get(path).await.text().await.expect("json"), changed);
+
+    let m = h.metrics().await;
+    assert_eq!(counter(&m, "miss"), 1, "{m}");
+    assert_eq!(counter(&m, "revalidated"), 2, "{m}");
+    assert_eq!(counter(&m, "changed"), 1, "{m}");
+    assert_eq!(counter(&m, "hit"), 0, "{m}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_callers_matching_etag_is_answered_304_from_the_cache() {
+    let h = Harness::start().await;
+    let first = h.get("/EntityDefinitions").await;
+    let etag = first.headers()["etag"].to_str().expect("ascii").to_owned();
+    let json: serde_json::Value = first.json().await.expect("json");
+    assert!(json["value"].as_array().expect("tables").len() > 400);
+    let context = json["@odata.context"].as_str().expect("context");
+    assert!(context.starts_with(&h.proxy), "links rewritten: {context}");
+    let asked = h.sim.seen().len();
+
+    let resp = h
+        .get_with("/EntityDefinitions", &[("if-none-match", &etag)])
+        .await;
+    assert_eq!(resp.status(), 304);
+    assert_eq!(resp.headers()["etag"], etag.as_str());
+    assert!(resp.bytes().await.expect("empty").is_empty());
+    let resp = h
+        .get_with("/EntityDefinitions", &[("if-none-match", "\"other\"")])
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(h.sim.seen().len(), asked, "both from the cache");
+
+    // The same entry, links rewritten for a caller using the org prefix.
+    let prefixed = format!("{}/default/api/data/v9.2/EntityDefinitions", h.proxy);
+    let json: serde_json::Value = h
+        .client
+        .get(prefixed)
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    let context = json["@odata.context"].as_str().expect("context");
+    assert!(
+        context.starts_with(&format!("{}/default/api/data/", h.proxy)),
+        "{context}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn callers_the_access_rules_refuse_are_refused_with_the_cache_warm() {
+    let hash = |key: &str| -> String {
+        use sha2::Digest;
+        sha2::Sha256::digest(key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let extra = format!(
+        "[[callers]]\nname = \"app\"\napi_key_sha256 = \"{}\"\n\n[[callers]]\nname = \"elsewhere\"\napi_key_sha256 = \"{}\"\norgs = [\"fabrikam\"]\n",
+        hash("app-key"),
+        hash("elsewhere-key"),
+    );
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let h = Harness::with_file(sim, "", &extra, &[]).await;
+    h.wait_ready().await;
+    let ok = h.get_with("/$metadata", &[("x-api-key", "app-key")]).await;
+    assert_eq!(ok.status(), 200);
+    // Kept once read to its end (a caller that leaves early keeps nothing).
+    ok.bytes().await.expect("document");
+    let cached = h.get_with("/$metadata", &[("x-api-key", "app-key")]).await;
+    assert!(cached.headers().get("age").is_some(), "the cache is warm");
+
+    let resp = h.get("/$metadata").await;
+    assert_eq!(resp.status(), 401, "no key");
+    let resp = h
+        .get_with("/$metadata", &[("x-api-key", "elsewhere-key")])
+        .await;
+    assert_eq!(resp.status(), 403, "a caller of another org");
+    let body = resp.text().await.expect("body");
+    assert!(
+        !body.contains("EntityType"),
+        "nothing of the document: {body}"
+    );
+    h.stop().await;
+}
