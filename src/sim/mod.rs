@@ -481,6 +481,19 @@ impl Sim {
         entra: TcpListener,
         dataverse: TcpListener,
     ) -> std::io::Result<Self> {
+        Self::start_behind(config, entra, dataverse, None)
+    }
+
+    /// Starts the simulator with its org known by `org_url` (its links,
+    /// token audience) rather than by its listener's address: for a relay
+    /// in front of it, as Dataverse sits behind its front door (the WAN
+    /// benchmark's link, `examples/wan_bench.rs`).
+    pub fn start_behind(
+        config: SimConfig,
+        entra: TcpListener,
+        dataverse: TcpListener,
+        org_url: Option<String>,
+    ) -> std::io::Result<Self> {
         let shutdown = CancellationToken::new();
         let entra_state = Arc::new(EntraState {
             url: format!("http://{}", entra.local_addr()?),
@@ -501,7 +514,7 @@ impl Sim {
         });
         spawn(entra, entra::router(entra_state.clone()), &shutdown);
         let tenant = entra_state.config.tenant_id.clone();
-        let handle = Self::org(&entra_state, &tenant, dataverse, &shutdown)?;
+        let handle = Self::org(&entra_state, &tenant, dataverse, org_url, &shutdown)?;
         Ok(Self {
             handle,
             entra: entra_state,
@@ -513,9 +526,13 @@ impl Sim {
         entra: &Arc<EntraState>,
         tenant_id: &str,
         listener: TcpListener,
+        org_url: Option<String>,
         shutdown: &CancellationToken,
     ) -> std::io::Result<SimHandle> {
-        let org_url = format!("http://{}", listener.local_addr()?);
+        let org_url = match org_url {
+            Some(url) => url,
+            None => format!("http://{}", listener.local_addr()?),
+        };
         lock(&entra.orgs).push((org_url.clone(), tenant_id.to_owned()));
         let state = Arc::new(SimState {
             entra: entra.clone(),
@@ -545,7 +562,7 @@ impl Sim {
     /// in: the home tenant or one added with [`SimHandle::add_tenant`]).
     pub async fn add_org(&self, tenant_id: &str) -> std::io::Result<SimHandle> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
-        Self::org(&self.entra, tenant_id, listener, &self.shutdown)
+        Self::org(&self.entra, tenant_id, listener, None, &self.shutdown)
     }
 
     /// Stops every listener.

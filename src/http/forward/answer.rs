@@ -68,7 +68,12 @@ where
         // What the caller gets depends on its Accept-Encoding.
         vary_on_accept_encoding(&mut parts.headers);
     }
-    let transcode = transcode_for(&parts, &admitted.method, rewriter.is_some(), accept);
+    let transcode = transcode_for(
+        (parts.status, &parts.headers),
+        &admitted.method,
+        rewriter.is_some(),
+        accept,
+    );
     let body = match (transcode, rewriter) {
         (Transcode::Recode { from, to }, rewriter) => {
             let level = state.upstream.recompression_level;
@@ -93,15 +98,15 @@ where
 /// headers: a body-less answer and a range of coded bytes (206) are never
 /// opened.
 pub fn transcode_for(
-    parts: &http::response::Parts,
+    (status, headers): (StatusCode, &HeaderMap),
     method: &Method,
     rewrite: bool,
     accept: &AcceptEncoding,
 ) -> Transcode {
-    if !has_body(method, parts.status) || parts.status == StatusCode::PARTIAL_CONTENT {
+    if !has_body(method, status) || status == StatusCode::PARTIAL_CONTENT {
         return Transcode::Untouched;
     }
-    Transcode::decide(BodyCoding::of(&parts.headers), rewrite, accept)
+    Transcode::decide(BodyCoding::of(headers), rewrite, accept)
 }
 
 /// An identity answer with links: a small one is read whole and rewritten

@@ -37,6 +37,14 @@ pub fn lookup_key(admitted: &Admitted, planned: &Planned) -> Option<(Arc<Metadat
     Some((cache.clone(), key))
 }
 
+/// What an answer made from an entry depends on: the request as admitted,
+/// the caller's `Accept-Encoding` and its own `If-None-Match`.
+struct Asker<'a> {
+    admitted: &'a Admitted,
+    accept: &'a AcceptEncoding,
+    if_none_match: HeaderMap,
+}
+
 /// Serves from `cache` what it holds fresh; revalidates what is stale with
 /// `If-None-Match`; fetches (and keeps) the rest.
 pub async fn send(
@@ -47,48 +55,32 @@ pub async fn send(
     (accept, arrived): (&AcceptEncoding, tokio::time::Instant),
     info: &mut RequestInfo,
 ) -> Result<Sent<CachedBody>, ProxyError> {
-    let asked = conditional(&planned.headers);
+    let asker = Asker {
+        admitted,
+        accept,
+        if_none_match: conditional(&planned.headers),
+    };
+    // A stale entry without a tag cannot be revalidated: fetched again.
     let stale = match cache.lookup(&key, wants_check(&planned.headers)) {
-        Lookup::Fresh(entry) => {
-            return Ok(served(
-                &cache,
-                Outcome::Hit,
-                admitted,
-                &entry,
-                &asked,
-                accept,
-                info,
-            ));
-        }
-        Lookup::Stale(entry) => entry.etag().is_some().then_some(entry),
+        Lookup::Fresh(entry) => return Ok(served(&cache, Outcome::Hit, &entry, &asker, info)),
+        Lookup::Stale(entry) => entry.etag().cloned().map(|tag| (entry, tag)),
         Lookup::Miss => None,
     };
-    if let Some(entry) = &stale {
+    if let Some((_, tag)) = &stale {
         // Our tag, not the caller's: a 304 must say whether the entry holds.
         planned.headers.remove(header::IF_MODIFIED_SINCE);
-        planned.headers.insert(
-            header::IF_NONE_MATCH,
-            entry.etag().cloned().expect("tagged"),
-        );
+        planned.headers.insert(header::IF_NONE_MATCH, tag.clone());
     }
     let sent = send::send(state, &admitted.org, planned, arrived, info).await?;
     let status = sent.response.status();
-    if let (Some(entry), StatusCode::NOT_MODIFIED) = (&stale, status) {
+    if let (Some((entry, _)), StatusCode::NOT_MODIFIED) = (&stale, status) {
         let Sent { response, permit } = sent;
         drop(response);
         if let Some(permit) = permit {
             permit.finish();
         }
         let entry = cache.revalidated(&key, entry);
-        return Ok(served(
-            &cache,
-            Outcome::Revalidated,
-            admitted,
-            &entry,
-            &asked,
-            accept,
-            info,
-        ));
+        return Ok(served(&cache, Outcome::Revalidated, &entry, &asker, info));
     }
     let outcome = if stale.is_some() {
         Outcome::Changed
@@ -111,21 +103,18 @@ pub async fn send(
 }
 
 /// An answer made from `entry`: a 304 when the caller already holds it,
-/// else the whole entry.
+/// else the whole entry, with its `Age`.
 fn served(
     cache: &MetadataCache,
     outcome: Outcome,
-    admitted: &Admitted,
     entry: &Entry,
-    asked: &HeaderMap,
-    accept: &AcceptEncoding,
+    asker: &Asker<'_>,
     info: &mut RequestInfo,
 ) -> Sent<CachedBody> {
     cache.count(outcome);
     info.cache = Some(outcome.label());
-    let age = HeaderValue::from(entry.checked.elapsed().as_secs());
-    let response = match entry.etag() {
-        Some(etag) if none_match(asked, etag) => not_modified(admitted, entry, accept),
+    let mut response = match entry.etag() {
+        Some(etag) if none_match(&asker.if_none_match, etag) => not_modified(entry, asker),
         _ => {
             let mut response = Response::new(Either::Right(Full::new(entry.body.clone())));
             *response.headers_mut() = entry.headers.clone();
@@ -136,7 +125,7 @@ fn served(
             response
         }
     };
-    let mut response = response;
+    let age = HeaderValue::from(entry.checked.elapsed().as_secs());
     response.headers_mut().insert(header::AGE, age);
     Sent {
         response,
@@ -147,24 +136,20 @@ fn served(
 /// The 304 for a caller whose `If-None-Match` names the entry: its `ETag`
 /// and `Vary` as the 200 would carry them (RFC 9110 §15.4.5), the tag weak
 /// where the answer step would change the bytes.
-fn not_modified(
-    admitted: &Admitted,
-    entry: &Entry,
-    accept: &AcceptEncoding,
-) -> Response<CachedBody> {
-    let mut full = Response::new(());
-    *full.headers_mut() = entry.headers.clone();
-    let (parts, ()) = full.into_parts();
-    let rewrite = admitted.links.to_caller.is_some() && is_rewritable(&parts.headers);
-    let recoded = super::answer::transcode_for(&parts, &admitted.method, rewrite, accept)
+fn not_modified(entry: &Entry, asker: &Asker<'_>) -> Response<CachedBody> {
+    let kept = &entry.headers;
+    let admitted = asker.admitted;
+    let rewrite = admitted.links.to_caller.is_some() && is_rewritable(kept);
+    let as_200 = (StatusCode::OK, kept);
+    let recoded = super::answer::transcode_for(as_200, &admitted.method, rewrite, asker.accept)
         != Transcode::Untouched;
     let mut headers = HeaderMap::new();
     for name in [header::ETAG, header::VARY] {
-        for value in parts.headers.get_all(&name) {
+        for value in kept.get_all(&name) {
             headers.append(&name, value.clone());
         }
     }
-    if parts.headers.contains_key(header::CONTENT_ENCODING) {
+    if kept.contains_key(header::CONTENT_ENCODING) {
         vary_on_accept_encoding(&mut headers);
     }
     if recoded {

@@ -75,6 +75,7 @@ mod metadata;
 mod odata;
 mod tables;
 mod users;
+mod wire;
 
 use odata::*;
 use tables::*;
@@ -87,67 +88,15 @@ pub(super) fn router(state: Arc<SimState>) -> Router {
     // (JSON, XML, `$batch`), not for files.
     let compression = tower_http::compression::CompressionLayer::new()
         .no_br()
-        .compress_when(is_text);
+        .compress_when(wire::is_text);
     Router::new()
         .fallback(handle)
         .layer(compression)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            break_compressed,
+            wire::break_compressed,
         ))
         .with_state(state)
-}
-
-/// Answers worth compressing: JSON, XML and multipart text of 32 bytes or more.
-fn is_text(
-    _: StatusCode,
-    _: axum::http::Version,
-    headers: &HeaderMap,
-    _: &axum::http::Extensions,
-) -> bool {
-    let text = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            [
-                "application/json",
-                "application/xml",
-                "multipart/mixed",
-                "text/",
-            ]
-            .iter()
-            .any(|t| ct.starts_with(t))
-        });
-    let tiny = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|n| n < 32);
-    text && !tiny
-}
-
-/// With `break_compressed_answers` on, a compressed answer stops halfway,
-/// ending as if complete: a coded stream that cannot be decoded.
-async fn break_compressed(
-    State(sim): State<Arc<SimState>>,
-    req: Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let resp = next.run(req).await;
-    let broken = sim
-        .break_compression
-        .load(std::sync::atomic::Ordering::Relaxed);
-    if !broken || !resp.headers().contains_key(header::CONTENT_ENCODING) {
-        return resp;
-    }
-    let (mut parts, body) = resp.into_parts();
-    let bytes = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    parts.headers.remove(header::CONTENT_LENGTH);
-    Response::from_parts(parts, Body::from(bytes.slice(..bytes.len() / 2)))
 }
 
 /// A Dataverse-format error.
