@@ -114,9 +114,34 @@ pub struct CacheStats {
 /// One org's metadata cache.
 pub struct MetadataCache {
     entries: moka::sync::Cache<Key, Arc<Entry>>,
+    /// One lock per key being fetched: callers that miss together wait for
+    /// the first one's answer instead of each downloading the document
+    /// (after a deploy, every client loads `$metadata` at once).
+    fills: moka::sync::Cache<Key, Arc<tokio::sync::Mutex<()>>>,
     config: MetadataCacheConfig,
     stats: Arc<CacheStats>,
 }
+
+/// The longest a caller waits for another's fetch of the same answer
+/// before fetching it itself (the other's client may read slowly).
+pub const FILL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A caller's turn after a miss.
+pub enum Turn {
+    /// Another caller's fetch filled the entry meanwhile.
+    Ready(Arc<Entry>),
+    /// This caller fetches and fills; others wait until the lock goes (the
+    /// fill ended, or gave up).
+    Lead(FillLock),
+    /// Waited [`FILL_WAIT`] in vain: fetch without filling.
+    Alone,
+}
+
+/// Held by the caller whose answer fills an entry.
+pub struct FillLock(
+    #[expect(dead_code, reason = "held for its drop, which lets the waiters in")]
+    tokio::sync::OwnedMutexGuard<()>,
+);
 
 impl MetadataCache {
     pub fn new(config: &MetadataCacheConfig) -> Self {
@@ -124,10 +149,30 @@ impl MetadataCache {
             .max_capacity(config.max_bytes as u64)
             .weigher(|_: &Key, e: &Arc<Entry>| e.weight())
             .build();
+        let fills = moka::sync::Cache::builder()
+            .max_capacity(10_000)
+            .time_to_idle(std::time::Duration::from_secs(60))
+            .build();
         Self {
             entries,
+            fills,
             config: config.clone(),
             stats: Arc::default(),
+        }
+    }
+
+    /// After a miss: waits for a fetch of `key` already under way, then
+    /// serves its entry, or takes the turn to fetch.
+    pub async fn turn(&self, key: &Key) -> Turn {
+        let lock = self
+            .fills
+            .get_with(key.clone(), || Arc::new(tokio::sync::Mutex::new(())));
+        let Ok(guard) = tokio::time::timeout(FILL_WAIT, lock.lock_owned()).await else {
+            return Turn::Alone;
+        };
+        match self.entries.get(key) {
+            Some(entry) => Turn::Ready(entry),
+            None => Turn::Lead(FillLock(guard)),
         }
     }
 
@@ -170,8 +215,15 @@ impl MetadataCache {
     }
 
     /// A body that passes `body` through and keeps a copy under `key` when
-    /// it ends cleanly within `max_entry`; `headers` are the 200's.
-    pub fn fill<B>(self: &Arc<Self>, key: Key, headers: &HeaderMap, body: B) -> Fill<B> {
+    /// it ends cleanly within `max_entry`; `headers` are the 200's. `lock`
+    /// (this caller's turn) is let go when the body ends or is dropped.
+    pub fn fill<B>(
+        self: &Arc<Self>,
+        key: Key,
+        headers: &HeaderMap,
+        body: B,
+        lock: Option<FillLock>,
+    ) -> Fill<B> {
         let mut kept = HeaderMap::new();
         for name in &KEPT {
             for value in headers.get_all(name) {
@@ -185,6 +237,7 @@ impl MetadataCache {
                 key,
                 headers: kept,
                 bytes: BytesMut::new(),
+                _lock: lock,
             }),
         }
     }
@@ -271,6 +324,8 @@ struct Filling {
     key: Key,
     headers: HeaderMap,
     bytes: BytesMut,
+    /// Dropped with the filling: after the entry is in, or given up.
+    _lock: Option<FillLock>,
 }
 
 impl<B> Body for Fill<B>

@@ -48,6 +48,7 @@ async fn fill(cache: &Arc<MetadataCache>, key: &Key, body: &'static [u8]) -> Vec
         key.clone(),
         &answer(),
         http_body_util::Full::new(Bytes::from_static(body)),
+        None,
     );
     filled.collect().await.expect("ok").to_bytes().to_vec()
 }
@@ -149,7 +150,7 @@ async fn only_whole_bodies_within_max_entry_are_kept() {
     let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
     assert!(
         cache
-            .fill(broken.clone(), &answer(), body)
+            .fill(broken.clone(), &answer(), body, None)
             .collect()
             .await
             .is_err()
@@ -185,4 +186,50 @@ fn if_none_match_compares_weakly() {
     assert!(!none_match(&HeaderMap::new(), &etag));
     let weak = HeaderValue::from_static("W/\"v1\"");
     assert!(none_match(&inm("\"v1\""), &weak));
+}
+
+#[tokio::test(start_paused = true)]
+async fn callers_that_miss_together_wait_for_the_first_fetch() {
+    let cache = Arc::new(MetadataCache::new(&config()));
+    let k = key("/api/data/v9.2/$metadata", &HeaderMap::new());
+    let Turn::Lead(lock) = cache.turn(&k).await else {
+        panic!("the first caller fetches")
+    };
+    let waiter = tokio::spawn({
+        let (cache, k) = (cache.clone(), k.clone());
+        async move { matches!(cache.turn(&k).await, Turn::Ready(e) if e.body == "<edmx/>") }
+    });
+    tokio::task::yield_now().await;
+    assert!(!waiter.is_finished(), "waits for the fetch under way");
+    let filled = cache.fill(
+        k.clone(),
+        &answer(),
+        http_body_util::Full::new(Bytes::from_static(b"<edmx/>")),
+        Some(lock),
+    );
+    filled.collect().await.expect("body");
+    assert!(
+        waiter.await.expect("joined"),
+        "served from the filled entry"
+    );
+
+    // A fetch that gives up (its caller left) lets the next one lead.
+    let other = key("/api/data/v9.2/EntityDefinitions", &HeaderMap::new());
+    let Turn::Lead(lock) = cache.turn(&other).await else {
+        panic!("leads")
+    };
+    drop(lock);
+    assert!(matches!(cache.turn(&other).await, Turn::Lead(_)));
+
+    // A fetch that takes too long: the others go alone after FILL_WAIT.
+    let slow = key(
+        "/api/data/v9.2/GlobalOptionSetDefinitions",
+        &HeaderMap::new(),
+    );
+    let Turn::Lead(_held) = cache.turn(&slow).await else {
+        panic!("leads")
+    };
+    let started = tokio::time::Instant::now();
+    assert!(matches!(cache.turn(&slow).await, Turn::Alone));
+    assert_eq!(started.elapsed(), FILL_WAIT);
 }

@@ -177,3 +177,27 @@ async fn callers_the_access_rules_refuse_are_refused_with_the_cache_warm() {
     );
     h.stop().await;
 }
+
+#[tokio::test]
+async fn callers_that_load_metadata_together_cost_one_download() {
+    let h = Harness::start().await;
+    // Slow enough that every load arrives while the first is under way.
+    h.sim.set_latency(std::time::Duration::from_millis(300));
+    let loads = (0..8).map(|_| async {
+        let resp = h
+            .get_with("/$metadata", &[("accept-encoding", "gzip")])
+            .await;
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.expect("document")
+    });
+    let documents = futures_util::future::join_all(loads).await;
+    assert!(
+        documents.windows(2).all(|w| w[0] == w[1]),
+        "one document for all"
+    );
+    assert_eq!(metadata_requests(&h).len(), 1, "Dataverse sent it once");
+    let m = h.metrics().await;
+    assert_eq!(counter(&m, "miss"), 1, "{m}");
+    assert_eq!(counter(&m, "hit"), 7, "{m}");
+    h.stop().await;
+}

@@ -21,7 +21,7 @@ use crate::error::ProxyError;
 use crate::http::access_log::RequestInfo;
 use crate::http::body::{UpstreamBody, is_rewritable};
 use crate::http::state::AppState;
-use crate::metadata_cache::{Entry, Fill, Key, Lookup, MetadataCache, Outcome, none_match};
+use crate::metadata_cache::{Entry, Fill, Key, Lookup, MetadataCache, Outcome, Turn, none_match};
 
 /// An answer of the cached path: Dataverse's (copied into the cache as it
 /// passes when it is a 200), or one made from an entry.
@@ -66,6 +66,15 @@ pub async fn send(
         Lookup::Stale(entry) => entry.etag().cloned().map(|tag| (entry, tag)),
         Lookup::Miss => None,
     };
+    // Callers that miss together: one fetches, the others wait for it.
+    let lock = match stale {
+        Some(_) => None,
+        None => match cache.turn(&key).await {
+            Turn::Ready(entry) => return Ok(served(&cache, Outcome::Hit, &entry, &asker, info)),
+            Turn::Lead(lock) => Some(lock),
+            Turn::Alone => None,
+        },
+    };
     if let Some((_, tag)) = &stale {
         // Our tag, not the caller's: a 304 must say whether the entry holds.
         planned.headers.remove(header::IF_MODIFIED_SINCE);
@@ -92,7 +101,7 @@ pub async fn send(
     let Sent { response, permit } = sent;
     let (parts, body) = response.into_parts();
     let body = if status == StatusCode::OK {
-        cache.fill(key, &parts.headers, body)
+        cache.fill(key, &parts.headers, body, lock)
     } else {
         Fill::through(body)
     };
