@@ -108,7 +108,7 @@ pub async fn run(cli: Cli, env: HashMap<String, String>) -> ExitCode {
     let sources = cli.sources(env);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => match load(&sources) {
-            Ok(config) => serve(config).await,
+            Ok(config) => serve(config, sources).await,
             Err(code) => code,
         },
         Command::Demo => demo(sources).await,
@@ -216,7 +216,7 @@ async fn bind(config: &Config) -> Result<(TcpListener, TcpListener), ExitCode> {
     }
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(config: Config, sources: Sources) -> ExitCode {
     init_tracing(config.log.format);
     let (proxy, admin) = match bind(&config).await {
         Ok(l) => l,
@@ -233,7 +233,10 @@ async fn serve(config: Config) -> ExitCode {
         orgs = %orgs.join(","),
         "dataverse-proxy listening"
     );
-    let control = crate::Control::default();
+    let control = crate::Control {
+        sources: Some(sources),
+        ..crate::Control::default()
+    };
     tokio::spawn(shutdown_signal(control.shutdown.clone()));
     tokio::spawn(reload_signal(control.reload.clone()));
     let result = crate::serve_with(config, proxy, admin, control).await;

@@ -29,8 +29,10 @@
 //!   order in `http/mod.rs` (request id, sensitive headers, trace, access
 //!   log, catch-panic, body idle timeouts, the axum router, edge checks), the
 //!   forwarding handler in four steps (`http/forward/`: admit, plan, send
-//!   (or `cached` for metadata), answer), bodies, header policy, the upstream client, metrics and the
-//!   admin listener; [`error`]: [`error::ProxyError`], where domain errors
+//!   (or `cached` for metadata), answer), bodies, header policy, the
+//!   upstream client, metrics, the admin listener with its status page
+//!   (`http/status/`), and the rules a reload swaps (`http/rules.rs`,
+//!   `http/reload.rs`); [`error`]: [`error::ProxyError`], where domain errors
 //!   become statuses and OData bodies; [`server`]: the accept loop
 //!   (HTTP/1.1 and HTTP/2, TLS and client certificates, connection cap,
 //!   header-read timeout, drain).
@@ -94,7 +96,7 @@ pub async fn serve(
         admin,
         Control {
             shutdown,
-            reload: Arc::default(),
+            ..Control::default()
         },
     )
     .await
@@ -105,8 +107,12 @@ pub async fn serve(
 pub struct Control {
     /// Cancelled to shut down gracefully (SIGTERM, SIGINT).
     pub shutdown: CancellationToken,
-    /// Notified to re-read credential files now (SIGHUP).
+    /// Notified to reload now (SIGHUP): the configuration from `sources`,
+    /// credential files, the listener's certificate.
     pub reload: Arc<Notify>,
+    /// Where the configuration was read from, to read it again on a reload
+    /// (`None`: tokens and certificates are still reloaded, the rest not).
+    pub sources: Option<config::Sources>,
 }
 
 /// [`serve`] with a reload trigger.
@@ -123,6 +129,7 @@ pub async fn serve_with(
     control: Control,
 ) -> std::io::Result<()> {
     let state = http::AppState::new(&config)?;
+    state.set_sources(control.sources.clone());
     let tls = match config.tls.clone() {
         Some(settings) => Some(Arc::new(
             server::ListenerTlsState::load(settings).map_err(std::io::Error::other)?,
@@ -138,6 +145,7 @@ pub async fn serve_with(
     ));
     let tls_watcher = tls.clone().map(|t| tokio::spawn(t.watch_files()));
     let redis_tasks = state.redis.as_ref().map(|r| r.spawn()).unwrap_or_default();
+    let status_ticker = http::status::spawn_ticker(state.clone(), control.shutdown.clone());
     // Caller-token keys before the first caller needs them.
     let key_prefetch = state
         .verifier
@@ -185,6 +193,7 @@ pub async fn serve_with(
         .into_iter()
         .chain(tls_watcher)
         .chain(redis_tasks)
+        .chain([status_ticker])
     {
         task.abort();
     }
@@ -227,6 +236,8 @@ async fn reload_on(
 ) {
     loop {
         reload.notified().await;
+        // An invalid file is logged problem by problem and changes nothing.
+        let _ = http::reload::reload(&state);
         if let Some(tls) = &tls {
             let tls = tls.clone();
             let _ = tokio::task::spawn_blocking(move || tls.reload()).await;

@@ -11,6 +11,8 @@ use super::*;
 pub struct RawConfig {
     pub(super) listen: Option<String>,
     pub(super) admin_listen: Option<String>,
+    #[serde(deserialize_with = "lenient_bool")]
+    pub(super) admin_reload: Option<bool>,
     pub(super) public_url: Option<String>,
     #[serde(deserialize_with = "lenient_list")]
     pub(super) trusted_proxies: Option<Vec<String>>,

@@ -9,6 +9,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Address of the admin listener (`/livez`, `/readyz`).
     pub admin_listen: SocketAddr,
+    /// `POST /reload` on the admin listener reloads the configuration
+    /// (off: only SIGHUP does).
+    pub admin_reload: bool,
     /// The proxy's URL as callers see it, when fixed by configuration.
     pub public_url: Option<Url>,
     /// Peers whose `Forwarded` / `X-Forwarded-*` headers are believed.
@@ -108,6 +111,22 @@ pub enum CredentialKind {
     },
     /// An Azure managed identity.
     ManagedIdentity(ManagedIdentity),
+}
+
+impl CredentialKind {
+    /// What kind of credential it is, for the status page (nothing of
+    /// its value or path).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Secret(_) => "client secret",
+            Self::Certificate { .. } => "certificate",
+            Self::Federated { .. } => "workload identity federation",
+            Self::ManagedIdentity(ManagedIdentity::Imds { .. }) => "managed identity (IMDS)",
+            Self::ManagedIdentity(ManagedIdentity::AppService { .. }) => {
+                "managed identity (App Service)"
+            }
+        }
+    }
 }
 
 /// A password or header value that must not print.

@@ -53,6 +53,7 @@ impl RawConfig {
             (Some(listen), Some(admin_listen)) if p.list.is_empty() => Ok(Config {
                 listen,
                 admin_listen,
+                admin_reload: self.admin_reload.unwrap_or(false),
                 public_url,
                 trusted_proxies,
                 orgs,

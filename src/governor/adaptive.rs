@@ -142,6 +142,16 @@ impl AdaptiveLimit {
         self.limit = limit.clamp(self.floor, self.ceiling.max(self.floor));
     }
 
+    /// New bounds from a reload: the limit stays where it was, within them,
+    /// and grows towards the new start from there.
+    pub fn rebound(&mut self, start: usize, floor: usize, ceiling: usize) {
+        let fresh = Self::new(start, floor, ceiling);
+        self.start = fresh.start;
+        self.floor = fresh.floor;
+        self.ceiling = fresh.ceiling;
+        self.limit = self.limit.clamp(self.floor, self.target());
+    }
+
     /// The floor.
     pub fn floor(&self) -> usize {
         self.floor
@@ -151,6 +161,21 @@ impl AdaptiveLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_bounds_keep_the_limit_within_them() {
+        let mut l = AdaptiveLimit::new(50, 5, 50);
+        l.rebound(20, 2, 20);
+        assert_eq!(l.get(), 20, "lowered to the new start");
+        l.rebound(40, 2, 40);
+        assert_eq!(l.get(), 20, "kept, and grows from there");
+        for _ in 0..20 {
+            l.success();
+        }
+        assert_eq!(l.get(), 21);
+        l.rebound(40, 30, 40);
+        assert_eq!(l.get(), 30, "raised to the new floor");
+    }
 
     #[test]
     fn throttle_kinds_come_from_the_error_code() {

@@ -102,7 +102,8 @@ pub struct Governor {
 }
 
 struct Inner {
-    config: GovernorConfig,
+    /// Swapped whole by a reload ([`Governor::reconfigure`]).
+    config: arc_swap::ArcSwap<GovernorConfig>,
     local: Arc<LocalStore>,
     shared: Option<Arc<RedisStore>>,
     limit: Mutex<AdaptiveLimit>,
@@ -241,7 +242,7 @@ impl Governor {
                 budget: RetryBudget::new(config.retry_budget, config.min_retries),
                 stats,
                 heads: tokio::sync::Semaphore::new(HEADS),
-                config,
+                config: arc_swap::ArcSwap::from_pointee(config),
             }),
         }
     }
@@ -256,9 +257,29 @@ impl Governor {
         self.adaptive().get()
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &GovernorConfig {
-        &self.inner.config
+    /// The configuration in force.
+    pub fn config(&self) -> arc_swap::Guard<Arc<GovernorConfig>> {
+        self.inner.config.load()
+    }
+
+    /// Takes new settings from a reload: the queue, the replays and the
+    /// limit's bounds apply from the next request on (the limit itself is
+    /// kept within the new bounds). The shared state, the replica count and
+    /// the retry budget stay as started (they need a restart).
+    pub fn reconfigure(&self, mut config: GovernorConfig) {
+        let old = self.config();
+        config.redis = old.redis.clone();
+        config.expected_replicas = old.expected_replicas;
+        config.retry_budget = old.retry_budget;
+        config.min_retries = old.min_retries;
+        let ceiling = if self.inner.shared.is_some() || config.expected_replicas <= 1 {
+            config.ceiling
+        } else {
+            config.max_concurrency
+        };
+        self.adaptive()
+            .rebound(config.max_concurrency, config.min_concurrency, ceiling);
+        self.inner.config.store(Arc::new(config));
     }
 
     /// `Some(true)` while the shared state is in use, `Some(false)` while
@@ -285,7 +306,10 @@ impl Governor {
         match &inner.shared {
             Some(shared) if shared.is_shared() => (shared.clone(), self.adaptive().get()),
             // Redis does not answer: this replica's share of the limit.
-            Some(_) => (inner.local.clone(), inner.config.fallback_concurrency),
+            Some(_) => (
+                inner.local.clone(),
+                inner.config.load().fallback_concurrency,
+            ),
             None => (inner.local.clone(), self.adaptive().get()),
         }
     }
@@ -321,7 +345,7 @@ impl Governor {
             store,
             stats,
             grace: Duration::ZERO,
-            disconnect_grace: self.inner.config.disconnect_grace,
+            disconnect_grace: self.inner.config.load().disconnect_grace,
         }
     }
 
@@ -339,7 +363,7 @@ impl Governor {
         }
         let queued = stats.queued.fetch_add(1, Ordering::Relaxed);
         let _queued = Queued(stats);
-        if queued >= inner.config.max_queue {
+        if queued >= inner.config.load().max_queue {
             stats.rejected.fetch_add(1, Ordering::Relaxed);
             return Err(GovernorError::QueueFull {
                 retry_after: self.suggested_retry(),
@@ -347,12 +371,17 @@ impl Governor {
         }
         stats.waits.fetch_add(1, Ordering::Relaxed);
         let arrived = Instant::now();
-        match tokio::time::timeout(inner.config.queue_timeout, self.wait_for_slot(arrived)).await {
+        match tokio::time::timeout(
+            inner.config.load().queue_timeout,
+            self.wait_for_slot(arrived),
+        )
+        .await
+        {
             Ok(p) => Ok(p),
             Err(_) => {
                 stats.rejected.fetch_add(1, Ordering::Relaxed);
                 Err(GovernorError::QueueTimeout {
-                    waited: inner.config.queue_timeout,
+                    waited: inner.config.load().queue_timeout,
                     retry_after: self.suggested_retry(),
                 })
             }
@@ -408,7 +437,7 @@ impl Governor {
             self.lower_limit();
             return;
         }
-        let wait = retry_after.min(inner.config.max_retry_after);
+        let wait = retry_after.min(inner.config.load().max_retry_after);
         inner.gate.close(wait);
         if let Some(shared) = inner.shared.clone().filter(|s| s.is_shared()) {
             tokio::spawn(async move {

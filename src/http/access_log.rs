@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use super::REQUEST_ID;
 use super::metrics::Finished;
 use super::state::{AppState, OrgState};
+use super::status::board::Ended;
 use crate::error::{ErrorDetail, PROXY_ERROR_HEADER};
 
 /// What the forwarding handler tells the access log about a request, as a
@@ -48,6 +49,9 @@ pub struct RequestInfo {
     /// The caller's place in `[[callers]]` plus one (0: none), which picks
     /// the org's metric handles.
     pub caller_slot: usize,
+    /// The rules the request was admitted under (its caller's metric
+    /// handles are theirs).
+    pub rules: Option<Arc<super::rules::Rules>>,
     /// How the metadata cache served it (`hit`, `revalidated`, `miss`,
     /// `changed`), for the requests it serves.
     pub cache: Option<&'static str>,
@@ -264,10 +268,12 @@ impl Entry {
         };
         self.state.metrics.in_flight().dec();
         let handles = match &self.info.org {
-            Some(org) => org
-                .metrics
-                .get(self.info.caller_slot)
-                .unwrap_or(&org.metrics[0]),
+            Some(org) => self
+                .info
+                .rules
+                .as_ref()
+                .and_then(|r| r.orgs[org.index].metrics.get(self.info.caller_slot))
+                .unwrap_or(&org.metrics),
             None => &self.state.unrouted,
         };
         handles.finished(&Finished {
@@ -278,6 +284,18 @@ impl Entry {
             bytes_in,
             bytes_out,
         });
+        let ended = Ended {
+            org: self.info.org.as_deref().map(|o| o.name.as_str()),
+            caller: self.info.caller.as_ref(),
+            status: self.status,
+            proxy_error: self.proxy_error.as_ref(),
+            request_id: self.request.request_id.as_ref(),
+            took: duration,
+        };
+        if let Some(org) = &self.info.org {
+            org.board.record(&ended);
+        }
+        self.state.recent_errors.record(&ended);
         if !tracing::enabled!(tracing::Level::INFO) {
             return;
         }

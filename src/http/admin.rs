@@ -1,5 +1,7 @@
 //! The admin listener: `/livez` (the process is up), `/readyz` (a valid
-//! token is held for every org and shutdown has not begun) and `/metrics`.
+//! token is held for every org and shutdown has not begun), `/metrics`,
+//! and the operator's view: `/` (the status page) and `/status` (its data
+//! as JSON), see `http/status/`.
 
 use axum::Router;
 use axum::extract::State;
@@ -14,6 +16,9 @@ pub fn router(state: AppState) -> Router {
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/", get(super::status::page))
+        .route("/status", get(super::status::status))
+        .route("/reload", axum::routing::post(reload))
         .with_state(state)
 }
 
@@ -44,5 +49,32 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: no valid token for every org yet\n{governor}"),
         )
+    }
+}
+
+/// `POST /reload` (with `admin_reload = true`): reloads as SIGHUP does, and
+/// says what happened: 200 with the settings that still need a restart, or
+/// 422 with every problem (the running configuration stays). Off, 404.
+async fn reload(State(state): State<AppState>) -> axum::response::Response {
+    if !state.admin_reload {
+        return (StatusCode::NOT_FOUND, "admin_reload is off\n").into_response();
+    }
+    let outcome = tokio::task::spawn_blocking({
+        let state = state.clone();
+        move || super::reload::reload(&state)
+    })
+    .await;
+    match outcome {
+        Ok(Ok(done)) => axum::Json(serde_json::json!({
+            "reloaded": true,
+            "restart_needed": done.restart_needed,
+        }))
+        .into_response(),
+        Ok(Err(problems)) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            axum::Json(serde_json::json!({"reloaded": false, "problems": problems})),
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }

@@ -8,6 +8,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use arc_swap::ArcSwap;
+
 use axum::http::{Method, Request, Uri, header};
 use axum::response::Response;
 use futures_util::future::{Either, Ready, ready};
@@ -25,12 +27,13 @@ use crate::error::ProxyError;
 /// is a few comparisons.
 #[derive(Clone)]
 pub struct EdgeLayer {
-    limits: Arc<LimitsConfig>,
+    limits: Arc<ArcSwap<LimitsConfig>>,
 }
 
 impl EdgeLayer {
-    /// Checks against `limits`.
-    pub fn new(limits: Arc<LimitsConfig>) -> Self {
+    /// Checks against `limits` as they are at each request (a reload may
+    /// change them).
+    pub fn new(limits: Arc<ArcSwap<LimitsConfig>>) -> Self {
         Self { limits }
     }
 }
@@ -50,7 +53,7 @@ impl<S> tower::Layer<S> for EdgeLayer {
 #[derive(Clone)]
 pub struct Edge<S> {
     inner: S,
-    limits: Arc<LimitsConfig>,
+    limits: Arc<ArcSwap<LimitsConfig>>,
 }
 
 impl<S, B> tower::Service<Request<B>> for Edge<S>
@@ -66,7 +69,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        match check_head(&req, &self.limits) {
+        match check_head(&req, &self.limits.load()) {
             Ok(()) => Either::Right(self.inner.call(req)),
             Err(e) => Either::Left(ready(Ok(e.to_response(req.headers().get(REQUEST_ID))))),
         }

@@ -27,8 +27,11 @@ pub mod headers;
 pub mod idle;
 pub mod metrics;
 pub mod public;
+pub mod reload;
 pub mod request_id;
+pub mod rules;
 pub mod state;
+pub mod status;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -72,7 +75,10 @@ pub fn proxy_service(
         http::header::COOKIE,
         HeaderName::from_static("x-api-key"),
     ];
-    let (body_idle, answer_idle) = (state.limits.body_idle_timeout, state.upstream.idle_timeout);
+    let (body_idle, answer_idle) = (
+        state.limits.load().body_idle_timeout,
+        state.upstream.idle_timeout,
+    );
     ServiceBuilder::new()
         .layer(request_id::RequestIdLayer)
         .layer(SetSensitiveRequestHeadersLayer::new(sensitive))

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
+
 use axum::http::HeaderValue;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -53,10 +55,16 @@ pub struct Shared {
     pub draining: Arc<AtomicBool>,
     /// Log query strings (off by default: they can carry personal data).
     pub log_query: bool,
-    /// Limits at the edge.
-    pub limits: Arc<crate::config::LimitsConfig>,
-    /// Caller identification.
-    pub access: Arc<crate::config::Access>,
+    /// Limits at the edge (a reload may change them).
+    pub limits: Arc<ArcSwap<crate::config::LimitsConfig>>,
+    /// Callers and policies (a reload may change them; each request keeps
+    /// the generation it was admitted under).
+    pub rules: ArcSwap<super::rules::Rules>,
+    /// The configuration in force, and where it is read from again on a
+    /// reload (set by `serve_with`; `None`: no reload).
+    pub running: Mutex<(Arc<Config>, Option<crate::config::Sources>)>,
+    /// `POST /reload` on the admin listener is switched on.
+    pub admin_reload: bool,
     /// Caller request-rate quotas.
     pub quotas: Arc<crate::callers::Quotas>,
     /// Checks caller tokens, where `[caller_tokens]` is configured.
@@ -65,6 +73,12 @@ pub struct Shared {
     pub cors: Option<crate::config::CorsConfig>,
     /// The governors' shared state, where `governor.redis_url` is set.
     pub redis: Option<Arc<crate::governor::SharedRedis>>,
+    /// When the proxy started (Unix milliseconds), for the status page.
+    pub started: u64,
+    /// The last proxy errors, for the status page.
+    pub recent_errors: super::status::board::Recent,
+    /// Loads and reloads of the configuration, for the status page.
+    pub config_history: Mutex<super::status::ConfigStatus>,
 }
 
 /// One org and everything per org: its token, its governor, its rewriters.
@@ -86,18 +100,17 @@ pub struct OrgState {
     pub governor: Governor,
     /// Last rate-limit headers Dataverse sent.
     pub ratelimit: RateLimitSeen,
-    /// What may reach this org.
-    pub policy: crate::config::Policy,
-    /// The same for callers the proxy acts as (`impersonate = "caller"`):
-    /// no impersonation header of the caller's passes, whatever the policy.
-    pub policy_acting_as_caller: crate::config::Policy,
+    /// Its place in `orgs` (and in every generation of the rules).
+    pub index: usize,
     /// `$metadata` and `EntityDefinitions…` answers (`None`: switched off).
     pub metadata: Option<Arc<crate::metadata_cache::MetadataCache>>,
     /// Rewriters by public base URL (usually one entry).
     links: Mutex<Vec<(String, Arc<Links>)>>,
-    /// Request metrics of this org: `[0]` for requests without a known
-    /// caller, `[i + 1]` for `[[callers]]` entry `i`.
-    pub metrics: Vec<RequestHandles>,
+    /// What the status page shows of its requests.
+    pub board: super::status::board::OrgBoard,
+    /// Request metrics of this org without a known caller (the callers'
+    /// own are in the rules, which a reload may change).
+    pub metrics: RequestHandles,
 }
 
 /// The two link rewriters for one public URL.
@@ -140,7 +153,7 @@ impl OrgState {
 
 impl OrgState {
     fn new(
-        org: &crate::config::OrgConfig,
+        (index, org): (usize, &crate::config::OrgConfig),
         origin: String,
         token: TokenProvider,
         config: &Config,
@@ -165,21 +178,15 @@ impl OrgState {
             token,
             governor,
             ratelimit: RateLimitSeen::default(),
-            policy: org.policy.clone(),
-            policy_acting_as_caller: crate::config::Policy {
-                impersonation: crate::config::Impersonation::Drop,
-                ..org.policy.clone()
-            },
+            index,
             metadata: config.metadata_cache.enabled.then(|| {
                 Arc::new(crate::metadata_cache::MetadataCache::new(
                     &config.metadata_cache,
                 ))
             }),
             links: Mutex::new(Vec::new()),
-            metrics: std::iter::once("-")
-                .chain(config.access.callers.iter().map(|c| &*c.name))
-                .map(|caller| metrics.handles(&org.name, caller))
-                .collect(),
+            board: super::status::board::OrgBoard::default(),
+            metrics: metrics.handles(&org.name, "-"),
         })
     }
 }
@@ -256,10 +263,16 @@ impl AppState {
                 None => Governor::new(config.governor.clone()),
             };
             orgs.push(Arc::new(OrgState::new(
-                org, origin, token, config, &metrics, governor,
+                (i, org),
+                origin,
+                token,
+                config,
+                &metrics,
+                governor,
             )?));
         }
         let verifier = verifier(config, &tls)?;
+        let rules = super::rules::Rules::new(config, &metrics);
         Ok(Self(Arc::new(Shared {
             orgs: orgs.into(),
             routes: Arc::new(routes),
@@ -278,8 +291,10 @@ impl AppState {
             metrics,
             draining: Arc::new(AtomicBool::new(false)),
             log_query: config.log.query,
-            limits: Arc::new(config.limits.clone()),
-            access: Arc::new(config.access.clone()),
+            limits: Arc::new(ArcSwap::from_pointee(config.limits.clone())),
+            rules: ArcSwap::from_pointee(rules),
+            running: Mutex::new((Arc::new(config.clone()), None)),
+            admin_reload: config.admin_reload,
             quotas: Arc::new(match &redis {
                 Some(r) => crate::callers::Quotas::shared(r.clone()),
                 None => crate::callers::Quotas::default(),
@@ -287,7 +302,29 @@ impl AppState {
             verifier,
             cors: config.cors.clone(),
             redis,
+            started: super::status::activity::unix_ms(),
+            recent_errors: super::status::board::Recent::default(),
+            config_history: Mutex::new(super::status::ConfigStatus {
+                loaded: super::status::activity::unix_ms(),
+                ..Default::default()
+            }),
         })))
+    }
+
+    /// Where a reload reads the configuration again.
+    pub fn set_sources(&self, sources: Option<crate::config::Sources>) {
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1 = sources;
+    }
+
+    /// The configuration's history, for the status page.
+    pub fn config_status(&self) -> super::status::ConfigStatus {
+        self.config_history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The distinct token providers.

@@ -208,6 +208,26 @@ struct Inner {
     view: std::sync::RwLock<Option<Arc<AccessToken>>>,
     /// The last token was dropped after a 401.
     invalidated: std::sync::atomic::AtomicBool,
+    /// When the last fetch succeeded (milliseconds since the Unix epoch, 0:
+    /// never), for the status page.
+    last_success_ms: std::sync::atomic::AtomicU64,
+}
+
+/// How a token provider is doing, for the status page: nothing of the
+/// token or the credential's value.
+#[derive(Debug, Clone)]
+pub struct TokenHealth {
+    /// The credential's name and kind.
+    pub credential: String,
+    pub kind: &'static str,
+    /// Until the current token stops being served (`None`: none held).
+    pub expires_in: Option<Duration>,
+    /// When the last fetch succeeded (Unix milliseconds).
+    pub last_refresh_ms: Option<u64>,
+    /// Failed fetches since the last success.
+    pub failures_in_a_row: u32,
+    /// What the last failure tells a caller (no secret, no detail).
+    pub last_error: Option<String>,
 }
 
 /// Where tokens come from: Entra ID over HTTP in the proxy ([`Entra`]); a
@@ -341,7 +361,28 @@ impl TokenProvider {
                 fetched_once: std::sync::atomic::AtomicBool::new(false),
                 view: std::sync::RwLock::new(None),
                 invalidated: std::sync::atomic::AtomicBool::new(false),
+                last_success_ms: std::sync::atomic::AtomicU64::new(0),
             }),
+        }
+    }
+
+    /// How this provider is doing (see [`TokenHealth`]).
+    pub async fn health(&self) -> TokenHealth {
+        let (failures_in_a_row, last_error) = match &*self.lock_failure() {
+            Some(f) => (f.attempts, Some(f.reason.clone())),
+            None => (0, None),
+        };
+        let last = self
+            .inner
+            .last_success_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        TokenHealth {
+            credential: self.inner.credential.name.clone(),
+            kind: self.inner.credential.kind.label(),
+            expires_in: self.expires_in().await,
+            last_refresh_ms: (last > 0).then_some(last),
+            failures_in_a_row,
+            last_error,
         }
     }
 
@@ -514,6 +555,12 @@ impl TokenProvider {
                 inner
                     .fetched_once
                     .store(true, std::sync::atomic::Ordering::Relaxed);
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                inner
+                    .last_success_ms
+                    .store(now_ms, std::sync::atomic::Ordering::Relaxed);
                 if let Some(f) = failure.take() {
                     tracing::info!(
                         failed_attempts = f.attempts,

@@ -20,6 +20,8 @@ pub struct Harness {
     pub client: reqwest::Client,
     shutdown: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
+    /// The config file, when the test gave one (a reload reads it again).
+    pub config_file: Option<std::path::PathBuf>,
 }
 
 /// How to set up a harness.
@@ -97,17 +99,30 @@ pub async fn spawn_proxy(
     CancellationToken,
     JoinHandle<std::io::Result<()>>,
 ) {
+    spawn_proxy_with(config, None).await
+}
+
+/// [`spawn_proxy`], reloading from `sources` (SIGHUP, `POST /reload`).
+pub async fn spawn_proxy_with(
+    config: Config,
+    sources: Option<Sources>,
+) -> (
+    String,
+    String,
+    CancellationToken,
+    JoinHandle<std::io::Result<()>>,
+) {
     let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let proxy_url = format!("http://{}", proxy.local_addr().expect("addr"));
     let admin_url = format!("http://{}", admin.local_addr().expect("addr"));
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(dataverse_proxy::serve(
-        config,
-        proxy,
-        admin,
-        shutdown.clone(),
-    ));
+    let control = dataverse_proxy::Control {
+        shutdown: shutdown.clone(),
+        sources,
+        ..dataverse_proxy::Control::default()
+    };
+    let server = tokio::spawn(dataverse_proxy::serve_with(config, proxy, admin, control));
     (proxy_url, admin_url, shutdown, server)
 }
 
@@ -166,13 +181,13 @@ impl Harness {
             overrides.push(("org.url", url));
         }
         overrides.extend(setup.overrides);
-        let config = Config::load(&Sources {
-            file,
+        let sources = Sources {
+            file: file.clone(),
             overrides,
             ..Sources::default()
-        })
-        .expect("test config is valid");
-        let (proxy, admin, shutdown, server) = spawn_proxy(config).await;
+        };
+        let config = Config::load(&sources).expect("test config is valid");
+        let (proxy, admin, shutdown, server) = spawn_proxy_with(config, Some(sources)).await;
         Self {
             sim,
             sim_server,
@@ -181,6 +196,7 @@ impl Harness {
             client: client(),
             shutdown,
             server,
+            config_file: file,
         }
     }
 

@@ -301,3 +301,85 @@ fn an_extra_ca_bundle_is_loaded_into_the_shared_tls_config() {
             .is_err()
     );
 }
+
+/// SIGHUP to the real binary re-reads its config file: a table the file
+/// stops denying becomes reachable; a broken file changes nothing.
+#[tokio::test]
+async fn sighup_reloads_the_policy_from_the_config_file() {
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let h = sim.handle.clone();
+    let (port, admin) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("dvp-hup-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let file = dir.join("config.toml");
+    let config = |deny: &str| {
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n[org]\nurl = \"{}\"\n[org.policy]\ndeny = [{deny}]\n",
+            h.org_url()
+        )
+    };
+    std::fs::write(&file, config("\"leads\"")).expect("write");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dataverse-proxy"))
+        .env_clear()
+        .env("DATAVERSE_PROXY_CONFIG", &file)
+        .env("AZURE_TENANT_ID", &h.config().tenant_id)
+        .env("AZURE_CLIENT_ID", &h.config().client_id)
+        .env("AZURE_CLIENT_SECRET", &h.config().client_secret)
+        .env("DATAVERSE_PROXY_TOKEN_URL", h.token_url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let c = client();
+    crate::harness::wait_ready(&c, &format!("http://127.0.0.1:{admin}")).await;
+    let leads = format!("http://127.0.0.1:{port}/api/data/v9.2/leads");
+    let status = || async { c.get(&leads).send().await.expect("get").status().as_u16() };
+    assert_eq!(status().await, 403);
+    let hup = |child: &std::process::Child| {
+        let pid = child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .expect("kill")
+                .success()
+        );
+    };
+
+    std::fs::write(&file, "listen = [this is not TOML").expect("write");
+    hup(&child);
+    let status_page = format!("http://127.0.0.1:{admin}/status");
+    let mut refused = false;
+    for _ in 0..100 {
+        let s: serde_json::Value = c
+            .get(&status_page)
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("json");
+        if !s["config"]["last_error"].is_null() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "the broken file was refused");
+    assert_eq!(status().await, 403, "the running rules stay");
+
+    std::fs::write(&file, config("")).expect("write");
+    hup(&child);
+    let mut allowed = false;
+    for _ in 0..100 {
+        if status().await == 200 {
+            allowed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(allowed, "the new policy applies after SIGHUP");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

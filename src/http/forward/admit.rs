@@ -9,12 +9,16 @@ use axum::http::{HeaderName, HeaderValue, Method, header};
 use crate::callers::{CallerRequest, PeerCertificate};
 use crate::error::ProxyError;
 use crate::http::access_log::RequestInfo;
+use crate::http::rules::Rules;
 use crate::http::state::{AppState, Links, OrgState};
 
 /// A request the proxy will forward, and what the next steps need of it.
 pub struct Admitted {
     /// The org it goes to.
     pub org: Arc<OrgState>,
+    /// The rules it was admitted under (kept to its end, whatever a reload
+    /// does meanwhile).
+    pub rules: Arc<Rules>,
     /// Bytes of the path taken by the `/{org}` prefix (0 without one).
     pub prefix_len: usize,
     /// The method (kept for the answer: HEAD has no body).
@@ -38,10 +42,11 @@ pub struct Admitted {
 impl Admitted {
     /// The org's policy as it applies to this request.
     pub fn policy(&self) -> &crate::config::Policy {
+        let rules = &self.rules.orgs[self.org.index];
         if self.acts_as_caller {
-            &self.org.policy_acting_as_caller
+            &rules.policy_acting_as_caller
         } else {
-            &self.org.policy
+            &rules.policy
         }
     }
 }
@@ -67,11 +72,14 @@ pub async fn admit(
     let api_path = &parts.uri.path()[prefix_len..];
     crate::guard::check(api_path)?;
 
-    let caller = identify(state, peer, parts, &org, info).await?;
+    let rules = state.rules.load_full();
+    info.rules = Some(rules.clone());
+    let caller = identify(state, &rules, (peer, parts), &org, info).await?;
+    let org_rules = &rules.orgs[org.index];
     let policy = if caller.act_as.is_some() {
-        &org.policy_acting_as_caller
+        &org_rules.policy_acting_as_caller
     } else {
-        &org.policy
+        &org_rules.policy
     };
     let resource = crate::policy::resource(api_path).unwrap_or_default();
     policy.check(&parts.method, &resource, caller.read_only)?;
@@ -97,6 +105,7 @@ pub async fn admit(
     });
     Ok(Admitted {
         org,
+        rules,
         prefix_len,
         method: parts.method.clone(),
         caller_read_only: caller.read_only,
@@ -119,8 +128,8 @@ struct Identified {
 /// access log and the caller's metrics.
 async fn identify(
     state: &AppState,
-    peer: IpAddr,
-    parts: &Parts,
+    rules: &Rules,
+    (peer, parts): (IpAddr, &Parts),
     org: &OrgState,
     info: &mut RequestInfo,
 ) -> Result<Identified, ProxyError> {
@@ -129,7 +138,7 @@ async fn identify(
         headers: &parts.headers,
         certificate: parts.extensions.get::<PeerCertificate>(),
     };
-    let admission = state
+    let admission = rules
         .access
         .admit(
             &request,
@@ -145,12 +154,12 @@ async fn identify(
         Arc::from(id.as_str())
     });
     info.caller_slot = caller
-        .and_then(|c| state.access.callers.iter().position(|k| std::ptr::eq(k, c)))
+        .and_then(|c| rules.access.callers.iter().position(|k| std::ptr::eq(k, c)))
         .map_or(0, |i| i + 1);
     Ok(Identified {
         read_only: caller.is_some_and(|c| c.read_only),
         // Where callers are configured, privileged headers need the caller's grant too.
-        privileged: (!state.access.callers.is_empty())
+        privileged: (!rules.access.callers.is_empty())
             .then(|| caller.map(|c| c.privileged.clone()).unwrap_or_default()),
         act_as: admission.act_as,
     })

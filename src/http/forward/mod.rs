@@ -69,7 +69,7 @@ async fn forward(
     let arrived = Instant::now();
     let (parts, body) = req.into_parts();
     let accept = AcceptEncoding::from_headers(&parts.headers);
-    let body = Body::new(Inbound::new(body, state.limits.max_body));
+    let body = Body::new(Inbound::new(body, state.limits.load().max_body));
     let admitted = admit::admit(state, peer.ip(), &parts, info).await?;
     let planned = plan::plan(state, &admitted, parts, body).await?;
     if let Some(cache) = cached::lookup_key(&admitted, &planned) {

@@ -112,7 +112,7 @@ pub async fn send(
         if outcome.is_ok() {
             let waited = sent_at.elapsed();
             info.upstream = Some(waited);
-            org.metrics[0].upstream(waited);
+            org.metrics.upstream(waited);
         }
         let Some(response) = settle(outcome, &transient, governor, &mut permit).await? else {
             attempts.transient += 1;
@@ -137,7 +137,7 @@ pub async fn send(
             &attempts,
             planned.body.replayable(),
             arrived.elapsed(),
-            governor.config(),
+            &governor.config(),
         );
         if response.status() == StatusCode::UNAUTHORIZED && !attempts.refreshed {
             // Revoked or rotated: drop this token (not a newer one),

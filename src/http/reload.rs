@@ -1,0 +1,189 @@
+//! Configuration reload without a restart (SIGHUP, or `POST /reload` on
+//! the admin listener with `admin_reload = true`).
+//!
+//! The configuration is read again from where it was read at start and
+//! validated whole. An invalid one changes nothing: every problem is
+//! logged with its key and shown on the status page. A valid one swaps in,
+//! at once and for new requests only, what can change safely:
+//!
+//! - the callers (`[[callers]]`, `[access]`, not `[caller_tokens]`) and
+//!   every org's `[org.policy]`;
+//! - `limits.max_body`, `limits.max_path`, `limits.max_query`;
+//! - the governor's limit bounds, queue and replays (not its Redis
+//!   settings, `expected_replicas` or the retry budget).
+//!
+//! A request keeps the rules it was admitted under to its end, and no
+//! connection is touched. Settings that shape listeners, clients, pools or
+//! per-org state need a restart; when the file changes them, the reload
+//! names them in the log and in its answer, and they stay as started.
+
+use std::sync::Arc;
+
+use super::rules::Rules;
+use super::state::AppState;
+use super::status::{ReloadError, activity::unix_ms};
+use crate::config::Config;
+
+/// What a successful reload did not apply.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// Keys that differ from the running configuration but need a restart.
+    pub restart_needed: Vec<&'static str>,
+}
+
+/// Reads the configuration again and applies what may change (see the
+/// module's text); the problems, each naming its key, when it is invalid.
+pub fn reload(state: &AppState) -> Result<Reloaded, Vec<String>> {
+    let outcome = try_reload(state);
+    let mut history = state
+        .config_history
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match &outcome {
+        Ok(done) => {
+            history.loaded = unix_ms();
+            history.reloads += 1;
+            history.last_error = None;
+            tracing::info!(
+                restart_needed = %done.restart_needed.join(","),
+                "configuration reloaded: callers, policies, limits and governor settings in force for new requests"
+            );
+            for key in &done.restart_needed {
+                tracing::warn!(
+                    key,
+                    "changed in the configuration, but needs a restart to apply"
+                );
+            }
+        }
+        Err(problems) => {
+            history.last_error = Some(ReloadError {
+                at: unix_ms(),
+                problems: problems.clone(),
+            });
+            for problem in problems {
+                tracing::error!(problem = %problem, "reload refused: the running configuration stays");
+            }
+        }
+    }
+    outcome
+}
+
+fn try_reload(state: &AppState) -> Result<Reloaded, Vec<String>> {
+    let (started, sources) = state
+        .running
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let Some(sources) = sources else {
+        return Err(vec![
+            "this proxy was started without a configuration source to read again".to_owned(),
+        ]);
+    };
+    let new = Config::load(&sources).map_err(|e| e.problems)?;
+    let names = |c: &Config| c.orgs.iter().map(|o| o.name.clone()).collect::<Vec<_>>();
+    if names(&new) != names(&started) {
+        return Err(vec![
+            "orgs: an org was added, removed, renamed or moved; that needs a restart".to_owned(),
+        ]);
+    }
+    state
+        .rules
+        .store(Arc::new(Rules::new(&new, &state.metrics)));
+    let limits = crate::config::LimitsConfig {
+        max_body: new.limits.max_body,
+        max_path: new.limits.max_path,
+        max_query: new.limits.max_query,
+        ..started.limits.clone()
+    };
+    state.limits.store(Arc::new(limits));
+    for org in state.orgs.iter() {
+        org.governor.reconfigure(new.governor.clone());
+    }
+    Ok(Reloaded {
+        restart_needed: restart_needed(&started, &new),
+    })
+}
+
+/// The keys whose values differ between `started` and `new` but apply only
+/// at start. Compared by their `Debug` text, which redacts secrets: a
+/// changed secret is not reported (credential files are re-read at every
+/// token fetch anyway, and SIGHUP fetches new tokens).
+pub fn restart_needed(started: &Config, new: &Config) -> Vec<&'static str> {
+    fn differ<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+        format!("{a:?}") != format!("{b:?}")
+    }
+    let org_shape = |c: &Config| {
+        c.orgs
+            .iter()
+            .map(|o| {
+                (
+                    o.url.clone(),
+                    o.scope.clone(),
+                    o.hosts.clone(),
+                    o.default,
+                    format!("{:?}", o.credential),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = (started, new);
+    let (la, lb) = (&a.limits, &b.limits);
+    let (ga, gb) = (&a.governor, &b.governor);
+    let checks: [(&'static str, bool); 20] = [
+        ("listen", a.listen != b.listen),
+        ("admin_listen", a.admin_listen != b.admin_listen),
+        ("public_url", a.public_url != b.public_url),
+        ("trusted_proxies", a.trusted_proxies != b.trusted_proxies),
+        (
+            "orgs (url, scope, hosts, default, credential)",
+            org_shape(a) != org_shape(b),
+        ),
+        ("upstream", differ(&a.upstream, &b.upstream)),
+        (
+            "metadata_cache",
+            differ(&a.metadata_cache, &b.metadata_cache),
+        ),
+        ("token", differ(&a.token, &b.token)),
+        ("log", differ(&a.log, &b.log)),
+        ("shutdown", differ(&a.shutdown, &b.shutdown)),
+        ("tls", differ(&a.tls, &b.tls)),
+        ("cors", differ(&a.cors, &b.cors)),
+        (
+            "caller_tokens",
+            differ(&a.access.caller_tokens, &b.access.caller_tokens),
+        ),
+        (
+            "limits.max_connections",
+            la.max_connections != lb.max_connections,
+        ),
+        (
+            "limits.max_header_bytes / max_headers",
+            la.max_header_bytes != lb.max_header_bytes || la.max_headers != lb.max_headers,
+        ),
+        (
+            "limits.header_read_timeout",
+            la.header_read_timeout != lb.header_read_timeout,
+        ),
+        (
+            "limits.body_idle_timeout",
+            la.body_idle_timeout != lb.body_idle_timeout,
+        ),
+        (
+            "limits.max_concurrent_streams",
+            la.max_concurrent_streams != lb.max_concurrent_streams,
+        ),
+        (
+            "governor.redis_url / expected_replicas",
+            differ(&ga.redis, &gb.redis) || ga.expected_replicas != gb.expected_replicas,
+        ),
+        (
+            "governor.retry_budget / min_retries",
+            ga.retry_budget != gb.retry_budget || ga.min_retries != gb.min_retries,
+        ),
+    ];
+    checks
+        .into_iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(key, _)| key)
+        .collect()
+}

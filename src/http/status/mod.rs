@@ -1,0 +1,259 @@
+//! The operator's view on the admin listener: `GET /status` (JSON, the
+//! schema in docs/operations.md) and `GET /` (one self-contained HTML page
+//! that renders the same data and refreshes itself).
+//!
+//! Everything here is read from the running proxy at request time: token
+//! health, the governors, the metadata caches, and what the access log
+//! counted into the [`board`] and its [`activity`] rings. Nothing secret is
+//! ever part of it: no token, no key, no secret, no configuration value
+//! beyond names, kinds and URLs.
+
+pub mod activity;
+pub mod board;
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{Html, IntoResponse};
+use serde::Serialize;
+
+use super::state::{AppState, OrgState};
+use activity::Sample;
+
+/// The page, with `/*INITIAL*/null` where the first snapshot goes (so it
+/// renders at once, without waiting for its first fetch).
+const PAGE: &str = include_str!("page.html");
+
+/// What `/status` answers.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub version: &'static str,
+    /// Unix milliseconds.
+    pub now: u64,
+    pub started: u64,
+    pub ready: bool,
+    pub draining: bool,
+    pub config: ConfigStatus,
+    pub orgs: Vec<OrgStatus>,
+    pub recent_errors: Vec<board::RecentError>,
+}
+
+/// The configuration's history since the start.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConfigStatus {
+    /// When the rules in force were loaded (Unix milliseconds).
+    pub loaded: u64,
+    /// Successful reloads since the start.
+    pub reloads: u64,
+    /// The last reload that failed, if it was the last attempt: its
+    /// problems, each naming its key.
+    pub last_error: Option<ReloadError>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadError {
+    pub at: u64,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OrgStatus {
+    pub name: String,
+    pub url: String,
+    pub token: TokenStatus,
+    pub governor: GovernorStatus,
+    pub callers: Vec<CallerStatus>,
+    pub errors: Vec<ErrorCount>,
+    pub metadata_cache: Option<CacheStatus>,
+    /// Seconds per point of `series`.
+    pub interval_s: u64,
+    /// The last 15 minutes, oldest first; the last point is under way.
+    pub series: Vec<Sample>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TokenStatus {
+    pub credential: String,
+    pub kind: &'static str,
+    pub valid: bool,
+    pub expires_in_s: Option<u64>,
+    pub last_refresh: Option<u64>,
+    pub failures_in_a_row: u32,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GovernorStatus {
+    pub limit: usize,
+    pub in_flight: usize,
+    pub queued: usize,
+    /// Seconds until the Retry-After gate reopens (0: open).
+    pub gate_closed_for_s: f64,
+    /// 429 answers from Dataverse in the last 5 minutes.
+    pub throttled_5m: u64,
+    pub throttled_total: u64,
+    /// `local` (this process), `shared` (Redis), or `fallback` (Redis away:
+    /// this replica's share of the limit).
+    pub state: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CallerStatus {
+    pub name: String,
+    pub requests: u64,
+    pub refused: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorCount {
+    pub code: String,
+    pub count: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CacheStatus {
+    pub hits: u64,
+    pub misses: u64,
+    pub revalidated: u64,
+    pub changed: u64,
+    pub bytes: u64,
+}
+
+/// `GET /status`.
+pub async fn status(State(state): State<AppState>) -> impl IntoResponse {
+    let body = serde_json::to_string(&snapshot(&state).await).unwrap_or_default();
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+}
+
+/// `GET /`: the page with the first snapshot inside.
+pub async fn page(State(state): State<AppState>) -> impl IntoResponse {
+    let first = serde_json::to_string(&snapshot(&state).await).unwrap_or_else(|_| "null".into());
+    // Inside a <script>: no `</` may close it early.
+    let first = first.replace("</", "<\\/");
+    let html = PAGE.replacen("/*INITIAL*/null", &first, 1);
+    ([(header::CACHE_CONTROL, "no-store")], Html(html))
+}
+
+/// The whole status, now.
+pub async fn snapshot(state: &AppState) -> Status {
+    let mut orgs = Vec::new();
+    for org in state.orgs.iter() {
+        orgs.push(org_status(org).await);
+    }
+    Status {
+        version: env!("CARGO_PKG_VERSION"),
+        now: activity::unix_ms(),
+        started: state.started,
+        ready: state.ready().await,
+        draining: state.draining.load(Ordering::SeqCst),
+        config: state.config_status(),
+        orgs,
+        recent_errors: state.recent_errors.list(),
+    }
+}
+
+async fn org_status(org: &OrgState) -> OrgStatus {
+    let health = org.token.health().await;
+    let throttled_total = org.governor.stats().throttled_total();
+    let series = org.board.activity.series(throttled_total);
+    let five_minutes = (300 / activity::INTERVAL.as_secs()) as usize + 1;
+    let throttled_5m = series
+        .iter()
+        .rev()
+        .take(five_minutes)
+        .map(|s| s.throttled)
+        .sum();
+    OrgStatus {
+        name: org.name.clone(),
+        url: org.origin.clone(),
+        token: TokenStatus {
+            credential: health.credential,
+            kind: health.kind,
+            valid: health.expires_in.is_some(),
+            expires_in_s: health.expires_in.map(|d| d.as_secs()),
+            last_refresh: health.last_refresh_ms,
+            failures_in_a_row: health.failures_in_a_row,
+            last_error: health.last_error,
+        },
+        governor: governor_status(org, throttled_5m, throttled_total),
+        callers: org
+            .board
+            .callers()
+            .into_iter()
+            .map(|(name, c)| CallerStatus {
+                name: name.to_string(),
+                requests: c.requests,
+                refused: c.refused,
+            })
+            .collect(),
+        errors: org
+            .board
+            .errors()
+            .into_iter()
+            .map(|(code, count)| ErrorCount { code, count })
+            .collect(),
+        metadata_cache: org.metadata.as_ref().map(|c| {
+            let s = c.stats();
+            let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            CacheStatus {
+                hits: n(&s.hits),
+                misses: n(&s.misses),
+                revalidated: n(&s.revalidated),
+                changed: n(&s.changed),
+                bytes: c.weighted_size(),
+            }
+        }),
+        interval_s: activity::INTERVAL.as_secs(),
+        series,
+    }
+}
+
+fn governor_status(org: &OrgState, throttled_5m: u64, throttled_total: u64) -> GovernorStatus {
+    let g = &org.governor;
+    let stats = g.stats();
+    GovernorStatus {
+        limit: g.limit(),
+        in_flight: stats.in_flight.load(Ordering::Relaxed),
+        queued: stats.queued.load(Ordering::Relaxed),
+        gate_closed_for_s: g
+            .gate_closed_until()
+            .map_or(0.0, |u| (u - tokio::time::Instant::now()).as_secs_f64()),
+        throttled_5m,
+        throttled_total,
+        state: match g.shared_state() {
+            None => "local",
+            Some(true) => "shared",
+            Some(false) => "fallback",
+        },
+    }
+}
+
+/// Closes every org's current interval each [`activity::INTERVAL`] until
+/// `shutdown`.
+pub fn spawn_ticker(
+    state: AppState,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(activity::INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    for org in state.orgs.iter() {
+                        org.board.activity.roll(org.governor.stats().throttled_total());
+                    }
+                }
+            }
+        }
+    })
+}
