@@ -220,63 +220,18 @@ pub struct Routed<'a> {
 impl AppState {
     /// Builds the state from a validated config (binds nothing, fetches nothing).
     pub fn new(config: &Config) -> std::io::Result<Self> {
-        let cache = crate::token::new_cache();
         let metrics = Arc::new(Metrics::new());
         // One TLS setup for the token client and the Dataverse client.
         let tls = crate::tls::client_config(config.upstream.ca_file.as_deref())
             .map_err(std::io::Error::other)?;
         let redis = shared_redis(config)?;
-        let mut providers: HashMap<TokenKey, TokenProvider> = HashMap::new();
-        let mut orgs = Vec::new();
-        let mut routes = Routes::default();
-        for (i, org) in config.orgs.iter().enumerate() {
-            let origin = org.origin();
-            let target = Target {
-                scope: org.scope.clone(),
-                resource: origin.clone(),
-            };
-            let key = TokenKey::new(&org.credential, &target);
-            let token = match providers.get(&key) {
-                Some(p) => p.clone(),
-                None => {
-                    let p = TokenProvider::new(
-                        org.credential.clone(),
-                        target,
-                        config.token.clone(),
-                        cache.clone(),
-                        tls.clone(),
-                    )
-                    .map_err(std::io::Error::other)?;
-                    providers.insert(key, p.clone());
-                    p
-                }
-            };
-            routes.by_name.insert(org.name.clone(), i);
-            for host in &org.hosts {
-                routes.by_host.insert(host.clone(), i);
-            }
-            if org.default {
-                routes.default = Some(i);
-            }
-            let governor = match &redis {
-                Some(r) => Governor::shared(config.governor.clone(), r, &org.name),
-                None => Governor::new(config.governor.clone()),
-            };
-            orgs.push(Arc::new(OrgState::new(
-                (i, org),
-                origin,
-                token,
-                config,
-                &metrics,
-                governor,
-            )?));
-        }
+        let built = build_orgs(config, &metrics, &tls, redis.as_ref())?;
         let verifier = verifier(config, &tls)?;
         let rules = super::rules::Rules::new(config, &metrics);
         Ok(Self(Arc::new(Shared {
-            orgs: orgs.into(),
-            routes: Arc::new(routes),
-            providers: providers.into_values().collect(),
+            orgs: built.orgs.into(),
+            routes: Arc::new(built.routes),
+            providers: built.providers,
             client: super::upstream::build_client(&config.upstream, tls),
             upstream: config.upstream.clone(),
             public: Arc::new(PublicUrl {
@@ -397,6 +352,66 @@ impl AppState {
         }
         true
     }
+}
+
+/// The orgs with their token providers (one per distinct token) and routes.
+struct BuiltOrgs {
+    orgs: Vec<Arc<OrgState>>,
+    routes: Routes,
+    providers: Arc<[TokenProvider]>,
+}
+
+fn build_orgs(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    tls: &rustls::ClientConfig,
+    redis: Option<&Arc<crate::governor::SharedRedis>>,
+) -> std::io::Result<BuiltOrgs> {
+    let cache = crate::token::new_cache();
+    let mut providers: HashMap<TokenKey, TokenProvider> = HashMap::new();
+    let mut orgs = Vec::new();
+    let mut routes = Routes::default();
+    for (i, org) in config.orgs.iter().enumerate() {
+        let origin = org.origin();
+        let target = Target {
+            scope: org.scope.clone(),
+            resource: origin.clone(),
+        };
+        let key = TokenKey::new(&org.credential, &target);
+        let token = match providers.get(&key) {
+            Some(p) => p.clone(),
+            None => {
+                let p = TokenProvider::new(
+                    org.credential.clone(),
+                    target,
+                    config.token.clone(),
+                    cache.clone(),
+                    tls.clone(),
+                )
+                .map_err(std::io::Error::other)?;
+                providers.insert(key, p.clone());
+                p
+            }
+        };
+        routes.by_name.insert(org.name.clone(), i);
+        for host in &org.hosts {
+            routes.by_host.insert(host.clone(), i);
+        }
+        if org.default {
+            routes.default = Some(i);
+        }
+        let governor = match redis {
+            Some(r) => Governor::shared(config.governor.clone(), r, &org.name),
+            None => Governor::new(config.governor.clone()),
+        };
+        let state = OrgState::new((i, org), origin, token, config, metrics, governor)?;
+        orgs.push(Arc::new(state));
+    }
+    Ok(BuiltOrgs {
+        orgs,
+        routes,
+        providers: providers.into_values().collect(),
+    })
 }
 
 /// The caller-token verifier, where `[caller_tokens]` is configured; it
