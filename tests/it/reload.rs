@@ -160,6 +160,14 @@ async fn a_reload_under_load_fails_no_request() {
         );
         let (status, body) = reload(&h).await;
         assert_eq!(status, 200, "{body}");
+        // Let the load run on under these rules before the next reload.
+        let before = ok.load(Ordering::Relaxed);
+        for _ in 0..2000 {
+            if ok.load(Ordering::Relaxed) >= before + 20 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         let leads = h.get("/leads").await.status();
         assert_eq!(
             leads,
@@ -172,7 +180,7 @@ async fn a_reload_under_load_fails_no_request() {
         w.await.expect("worker");
     }
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    assert!(ok > 50, "load ran: {ok} requests");
+    assert!(ok >= 200, "load ran: {ok} requests");
     assert_eq!(
         failed, 0,
         "no request failed across 10 reloads ({ok} succeeded)"
