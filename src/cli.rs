@@ -31,7 +31,7 @@ pub struct Cli {
     /// Proxy listen address (default 127.0.0.1:8080).
     #[arg(long, global = true, value_name = "ADDR")]
     pub listen: Option<String>,
-    /// Admin listen address for /livez and /readyz (default 127.0.0.1:9090).
+    /// Admin listen address for /livez, /readyz, /metrics and the status page (default 127.0.0.1:9090).
     #[arg(long, global = true, value_name = "ADDR")]
     pub admin_listen: Option<String>,
     /// Dataverse org URL, e.g. https://contoso.crm.dynamics.com.
@@ -308,7 +308,8 @@ async fn demo(mut sources: Sources) -> ExitCode {
          \x20 curl -H 'Prefer: odata.maxpagesize=5' '{p}/api/data/v9.2/accounts?$select=name,address1_city'\n\
          \x20 curl \"{p}/api/data/v9.2/contacts?\\$select=fullname&\\$filter=jobtitle%20eq%20'CFO'\"\n\
          \x20 curl -i -X POST -H 'Content-Type: application/json' -d '{{\"name\":\"Demo Ltd\"}}' '{p}/api/data/v9.2/accounts'\n\
-         \x20 curl '{a}/readyz'\n\n\
+         \x20 curl '{a}/readyz'\n\
+         \x20 status page: {a}/\n\n\
          Act as a signed-in user (a caller token minted by the simulated Entra ID, valid\n\
          for an hour; Dataverse then applies that user's roles, and WhoAmI answers them):\n\
          \x20 curl -H 'Authorization: Bearer {user_token}' '{p}/api/data/v9.2/WhoAmI'\n\n\
