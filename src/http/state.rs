@@ -60,8 +60,9 @@ pub struct Shared {
     /// Callers and policies (a reload may change them; each request keeps
     /// the generation it was admitted under).
     pub rules: ArcSwap<super::rules::Rules>,
-    /// The configuration in force, and where it is read from again on a
-    /// reload (set by `serve_with`; `None`: no reload).
+    /// The configuration as started (a reload names what differs from it
+    /// but needs a restart), and where a reload reads it again (set by
+    /// `serve_with`; `None`: no reload).
     pub running: Mutex<(Arc<Config>, Option<crate::config::Sources>)>,
     /// `POST /reload` on the admin listener is switched on.
     pub admin_reload: bool,

@@ -83,12 +83,22 @@ async fn the_status_page_renders_in_chromium() {
         points.iter().all(|n| *n >= 1),
         "charts with data points: {points:?}"
     );
-    let polyline = dom
+    // The requests chart's line: its `points` attribute, as "x,y" pairs.
+    let line = dom
         .split("data-series=\"rps\"")
         .next()
         .and_then(|before| before.rsplit("points=\"").next())
+        .and_then(|rest| rest.split('"').next())
         .expect("the requests chart's line");
-    assert!(!polyline.trim().is_empty());
+    let pairs: Vec<(f64, f64)> = line
+        .split_whitespace()
+        .filter_map(|p| {
+            let (x, y) = p.split_once(',')?;
+            Some((x.parse().ok()?, y.parse().ok()?))
+        })
+        .collect();
+    assert!(!pairs.is_empty(), "the line has points: {line:?}");
+    assert_eq!(pairs.len(), points[0], "one per data point");
     for secret in [h.sim.config().client_secret.as_str(), "Bearer "] {
         assert!(!dom.contains(secret), "nothing secret on the page");
     }
