@@ -181,6 +181,7 @@ pub async fn serve_with(
         tls,
         http::proxy_service(state.clone()),
         &config.limits,
+        state.connections.clone(),
         stop_accepting,
         grace,
     )

@@ -301,6 +301,9 @@ pub(super) struct RawLimits {
     pub(super) max_query: Option<String>,
     #[serde(deserialize_with = "lenient_number")]
     pub(super) max_concurrent_streams: Option<u32>,
+    pub(super) idle_timeout: Option<String>,
+    #[serde(deserialize_with = "lenient_number")]
+    pub(super) max_connections_per_ip: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]

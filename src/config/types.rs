@@ -340,7 +340,9 @@ pub struct LimitsConfig {
     pub max_header_bytes: usize,
     /// Number of request headers at most (431 beyond).
     pub max_headers: usize,
-    /// Time a client has to send its request headers (slowloris).
+    /// Time a client has from accept to its first request head (protocol
+    /// sniff and TLS handshake included), and for each later HTTP/1 head
+    /// from its first byte (slowloris).
     pub header_read_timeout: Duration,
     /// Request body size at most (413 beyond).
     pub max_body: usize,
@@ -352,6 +354,12 @@ pub struct LimitsConfig {
     pub max_query: usize,
     /// HTTP/2 streams per connection at most.
     pub max_concurrent_streams: u32,
+    /// A connection with no request in progress for this long is closed
+    /// (HTTP/1.1 keep-alive and HTTP/2 alike).
+    pub idle_timeout: Duration,
+    /// Open connections from one source address at most (`None`: no cap
+    /// but `max_connections`).
+    pub max_connections_per_ip: Option<usize>,
 }
 
 /// Shutdown settings.

@@ -365,7 +365,7 @@ fn shutdown(p: &mut Problems<'_>, raw: RawShutdown) -> ShutdownConfig {
 
 /// `[limits]`: connections, headers, body, path and query.
 fn limits(p: &mut Problems<'_>, l: RawLimits) -> LimitsConfig {
-    LimitsConfig {
+    let limits = LimitsConfig {
         max_connections: l.max_connections.unwrap_or(4096),
         max_header_bytes: p.size(
             "limits.max_header_bytes",
@@ -387,7 +387,42 @@ fn limits(p: &mut Problems<'_>, l: RawLimits) -> LimitsConfig {
         max_path: p.size("limits.max_path", l.max_path.as_deref(), 4 << 10),
         max_query: p.size("limits.max_query", l.max_query.as_deref(), 32 << 10),
         max_concurrent_streams: l.max_concurrent_streams.unwrap_or(100),
+        // nginx's keepalive_timeout.
+        idle_timeout: p.duration(
+            "limits.idle_timeout",
+            l.idle_timeout.as_deref(),
+            Duration::from_secs(75),
+        ),
+        max_connections_per_ip: l.max_connections_per_ip,
+    };
+    for (key, value, example) in [
+        (
+            "limits.header_read_timeout",
+            limits.header_read_timeout,
+            "10s",
+        ),
+        ("limits.idle_timeout", limits.idle_timeout, "75s"),
+        ("limits.body_idle_timeout", limits.body_idle_timeout, "60s"),
+    ] {
+        if value.is_zero() {
+            p.push(
+                key,
+                "is zero, which would close every connection at once",
+                &format!(
+                    "give a duration above zero, e.g. {} = \"{example}\"",
+                    key.trim_start_matches("limits.")
+                ),
+            );
+        }
     }
+    if limits.max_connections == 0 || limits.max_connections_per_ip == Some(0) {
+        p.push(
+            "limits.max_connections",
+            "limits.max_connections and limits.max_connections_per_ip must be at least 1",
+            "e.g. max_connections = 4096, max_connections_per_ip = 256 (or leave it out)",
+        );
+    }
+    limits
 }
 
 /// `log.format`: `text` or `json`.

@@ -80,6 +80,8 @@ pub struct Shared {
     pub recent_errors: super::status::board::Recent,
     /// Loads and reloads of the configuration, for the status page.
     pub config_history: Mutex<super::status::ConfigStatus>,
+    /// The accept loop's counters (open connections, closes by reason).
+    pub connections: Arc<crate::server::ConnectionStats>,
 }
 
 /// One org and everything per org: its token, its governor, its rewriters.
@@ -260,6 +262,7 @@ impl AppState {
             redis,
             started: super::status::activity::unix_ms(),
             recent_errors: super::status::board::Recent::default(),
+            connections: Arc::default(),
             config_history: Mutex::new(super::status::ConfigStatus {
                 loaded: super::status::activity::unix_ms(),
                 ..Default::default()

@@ -1,25 +1,30 @@
 //! The proxy's accept loop: HTTP/1.1 and HTTP/2 (h2c with prior knowledge,
-//! h2 by ALPN over TLS), optional TLS ([`tls`]), connection and header
-//! limits, and the graceful drain. It drives a tower service (the axum
-//! router and its layers, `src/http/`), giving each request its peer's
-//! address as axum's `ConnectInfo` and, over mTLS, the client
-//! certificate's names.
+//! h2 by ALPN over TLS), optional TLS ([`tls`]), connection limits, and the
+//! graceful drain. It drives a tower service (the axum router and its
+//! layers, `src/http/`), giving each request its peer's address as axum's
+//! `ConnectInfo` and, over mTLS, the client certificate's names.
 //!
 //! `axum::serve` hides hyper's connection settings, and a proxy at the edge
 //! needs them: the header buffer size and header count (431 when exceeded),
-//! a header-read timeout (slowloris: a client that trickles its headers is
-//! disconnected; the same bound applies to a TLS handshake), HTTP/2's
-//! header-list size and streams per connection, and a cap on open
-//! connections (over it, new connections are closed at once). Shutdown
-//! stops accepting, lets open requests finish for the grace period, then
-//! drops the rest.
+//! HTTP/2's header-list size, streams per connection and keep-alive pings.
+//! No connection holds a place it does not use: the table ([`table`]) caps
+//! open connections (per source address too) and closes the oldest idle
+//! keep-alive connection to make room; each connection's watchdog
+//! ([`watch`]) closes it when its first request head (protocol sniff and
+//! TLS handshake included) does not arrive within `header_read_timeout`
+//! from accept, when it idles for `idle_timeout`, and when its caller stops
+//! taking an answer for `body_idle_timeout`. Shutdown stops accepting, lets
+//! open requests finish for the grace period, then drops the rest.
 
+pub mod table;
 pub mod tls;
+pub mod watch;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -30,13 +35,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
 use crate::callers::PeerCertificate;
 use crate::config::LimitsConfig;
 
 pub use tls::ListenerTlsState;
+
+use table::{Refused, Table};
+use watch::{Activity, Timeouts, WatchedBody, WatchedIo};
 
 /// What the accept loop drives: a cloneable tower service of hyper's
 /// requests that never fails (errors are answers).
@@ -83,6 +90,19 @@ impl<B> AnswerBody for B where
 {
 }
 
+/// Counters of the accept loop, for the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    /// Connections open now.
+    pub open: AtomicUsize,
+    /// Connections closed by the watchdog, in [`Closed::ALL`]'s order.
+    pub closed: [AtomicU64; 5],
+    /// New connections refused: the table full of busy connections.
+    pub refused_full: AtomicU64,
+    /// New connections refused: `max_connections_per_ip` reached.
+    pub refused_per_ip: AtomicU64,
+}
+
 /// Serves `service` on `listener` (over TLS when `tls` is given) until
 /// `stop` resolves, then drains open connections for at most `grace`.
 pub async fn run<S: Service>(
@@ -90,13 +110,18 @@ pub async fn run<S: Service>(
     tls: Option<Arc<ListenerTlsState>>,
     service: S,
     limits: &LimitsConfig,
+    stats: Arc<ConnectionStats>,
     stop: impl Future<Output = ()>,
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
-    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let table = Table::new(limits.max_connections, limits.max_connections_per_ip);
     let builder = Arc::new(builder(limits));
-    let handshake_timeout = limits.header_read_timeout;
+    let timeouts = Timeouts {
+        header_read: limits.header_read_timeout,
+        idle: limits.idle_timeout,
+        write_stall: limits.body_idle_timeout,
+    };
     let mut tasks = tokio::task::JoinSet::new();
     tokio::pin!(stop);
     loop {
@@ -114,13 +139,13 @@ pub async fn run<S: Service>(
                 }
             },
         };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tracing::warn!(
-                max = limits.max_connections,
-                "connection limit reached; closing a new connection"
-            );
-            drop(tcp);
-            continue;
+        let activity = Activity::new();
+        let place = match table.admit(peer.ip(), &activity).await {
+            Ok(place) => place,
+            Err(refused) => {
+                refuse(refused, limits, &stats, peer);
+                continue;
+            }
         };
         let _ = tcp.set_nodelay(true);
         let connection = Connection {
@@ -128,14 +153,27 @@ pub async fn run<S: Service>(
             watcher: graceful.watcher(),
             service: service.clone(),
             peer,
+            activity: activity.clone(),
         };
         let tls = tls.as_ref().map(|t| t.acceptor());
+        let stats = stats.clone();
+        stats.open.fetch_add(1, Ordering::Relaxed);
         tasks.spawn(async move {
-            match tls {
-                None => connection.serve(tcp, None).await,
-                Some(acceptor) => connection.serve_tls(acceptor, tcp, handshake_timeout).await,
+            let serving = async {
+                match tls {
+                    None => connection.serve(tcp, None).await,
+                    Some(acceptor) => connection.serve_tls(acceptor, tcp).await,
+                }
+            };
+            tokio::select! {
+                () = serving => {}
+                closed = watch::watch(&activity, timeouts) => {
+                    tracing::debug!(%peer, reason = closed.label(), "closing the connection");
+                    stats.closed[closed as usize].fetch_add(1, Ordering::Relaxed);
+                }
             }
-            drop(permit);
+            stats.open.fetch_sub(1, Ordering::Relaxed);
+            drop(place);
         });
     }
     drop(listener);
@@ -148,7 +186,27 @@ pub async fn run<S: Service>(
     }
 }
 
+/// A new connection without a place: closed at once, counted and logged.
+fn refuse(refused: Refused, limits: &LimitsConfig, stats: &ConnectionStats, peer: SocketAddr) {
+    match refused {
+        Refused::Full => {
+            stats.refused_full.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                max = limits.max_connections,
+                "connection limit reached and no idle connection to close; closing a new connection"
+            );
+        }
+        Refused::PerIp => {
+            stats.refused_per_ip.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "connections per address reached; closing a new connection");
+        }
+    }
+}
+
 /// HTTP/1.1 and HTTP/2 (chosen by the connection preface) with the limits.
+/// hyper's own HTTP/1 header-read timer is off: it starts whenever a
+/// connection is idle, so it would close keep-alive connections after the
+/// header-read timeout; the watchdog ([`watch`]) times heads instead.
 fn builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -159,14 +217,21 @@ fn builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
         // (431 `headers_too_large`); hyper's own 431 is the backstop.
         .max_buf_size(limits.max_header_bytes.saturating_mul(2).max(8192))
         .max_headers(limits.max_headers)
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(None);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Dead peers (a laptop that went to sleep) are found by pings.
+        .keep_alive_interval(H2_PING)
+        .keep_alive_timeout(H2_PING);
     builder
 }
+
+/// How often an HTTP/2 connection with no traffic is pinged, and how long
+/// the answer may take.
+const H2_PING: Duration = Duration::from_secs(20);
 
 /// One accepted connection and what serving it needs.
 struct Connection<S> {
@@ -174,27 +239,29 @@ struct Connection<S> {
     watcher: Watcher,
     service: S,
     peer: SocketAddr,
+    activity: Arc<Activity>,
 }
 
 impl<S: Service> Connection<S> {
-    /// The TLS handshake (bounded like a request head), then the requests.
-    async fn serve_tls(
-        self,
-        acceptor: tokio_rustls::TlsAcceptor,
-        tcp: TcpStream,
-        timeout: Duration,
-    ) {
-        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-            Ok(Ok(stream)) => {
+    /// The TLS handshake (the watchdog bounds it with the first request
+    /// head), then the requests.
+    async fn serve_tls(self, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream) {
+        let io = WatchedIo::new(tcp, self.activity.clone());
+        match acceptor.accept(io).await {
+            Ok(stream) => {
                 let certificate = tls::peer_certificate(stream.get_ref().1);
-                self.serve(stream, certificate).await;
+                self.serve_io(stream, certificate).await;
             }
-            Ok(Err(e)) => tracing::debug!(error = %e, peer = %self.peer, "TLS handshake failed"),
-            Err(_) => tracing::debug!(peer = %self.peer, "TLS handshake timed out"),
+            Err(e) => tracing::debug!(error = %e, peer = %self.peer, "TLS handshake failed"),
         }
     }
 
-    async fn serve<I>(self, io: I, certificate: Option<PeerCertificate>)
+    async fn serve(self, tcp: TcpStream, certificate: Option<PeerCertificate>) {
+        let io = WatchedIo::new(tcp, self.activity.clone());
+        self.serve_io(io, certificate).await;
+    }
+
+    async fn serve_io<I>(self, io: I, certificate: Option<PeerCertificate>)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -203,14 +270,20 @@ impl<S: Service> Connection<S> {
             watcher,
             service,
             peer,
+            activity,
         } = self;
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let open = activity.request(req.version() == http::Version::HTTP_2);
             let mut req = as_origin_form(req);
             req.extensions_mut().insert(ConnectInfo(peer));
             if let Some(c) = &certificate {
                 req.extensions_mut().insert(c.clone());
             }
-            service.clone().oneshot(req)
+            let answer = service.clone().oneshot(req);
+            async move {
+                let resp = answer.await?;
+                Ok::<_, Infallible>(resp.map(|body| WatchedBody::new(body, open)))
+            }
         });
         let conn = builder.serve_connection(TokioIo::new(io), service);
         if let Err(e) = watcher.watch(conn).await {

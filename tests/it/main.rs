@@ -4,6 +4,7 @@
 
 mod binary;
 mod compression;
+mod connections;
 mod credentials;
 mod forward;
 mod governor;

@@ -38,6 +38,7 @@ pub struct RequestLabels {
 }
 
 mod cache;
+mod connections;
 mod governor;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -123,6 +124,8 @@ pub struct Metrics {
     org: OrgFamilies,
     /// Copied in at scrape time from the metadata caches.
     cache: cache::CacheFamilies,
+    /// Copied in at scrape time from the accept loop.
+    connections: connections::ConnectionFamilies,
 }
 
 /// What Dataverse and Entra ID told us last, by org.
@@ -390,6 +393,7 @@ impl Metrics {
             governor: governor::GovernorFamilies::register(&mut r),
             org: OrgFamilies::register(&mut r),
             cache: cache::CacheFamilies::register(&mut r),
+            connections: connections::ConnectionFamilies::register(&mut r),
             registry: r,
             requests,
             duration,
@@ -422,6 +426,7 @@ impl Metrics {
 
     /// Renders the registry, after copying the scrape-time figures in.
     pub async fn render(&self, state: &AppState) -> String {
+        self.connections.render(&state.connections);
         for org in state.orgs.iter() {
             let l = OrgLabel {
                 org: org.name.clone(),
