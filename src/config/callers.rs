@@ -103,6 +103,21 @@ fn validate_caller(p: &mut Problems<'_>, key: &str, c: RawCaller) -> Caller {
             "e.g. requests_per_second = 20",
         );
     }
+    let weight = c.weight.unwrap_or(1);
+    if !(1..=100).contains(&weight) {
+        p.push(
+            &format!("{key}.weight"),
+            &format!("{weight} is outside 1..=100"),
+            "e.g. weight = 2 (twice the share of a caller of weight 1, the default)",
+        );
+    }
+    if c.max_concurrency.is_some_and(|m| m == 0 || m > 52) {
+        p.push(
+            &format!("{key}.max_concurrency"),
+            "is outside 1..=52",
+            "Dataverse allows 52 concurrent requests per user; e.g. max_concurrency = 10",
+        );
+    }
     let act_as_caller = act_as_caller(
         p,
         key,
@@ -117,6 +132,8 @@ fn validate_caller(p: &mut Problems<'_>, key: &str, c: RawCaller) -> Caller {
         orgs: c.orgs.unwrap_or_default(),
         read_only: c.read_only.unwrap_or(false),
         requests_per_second: c.requests_per_second,
+        weight: weight.clamp(1, 100),
+        max_concurrency: c.max_concurrency,
         privileged: privileged_headers(
             p,
             &format!("{key}.privileged_headers"),

@@ -92,6 +92,11 @@ pub struct Caller {
     pub read_only: bool,
     /// Requests per second at most (burst of the same size); `None`: no quota.
     pub requests_per_second: Option<f64>,
+    /// Its share of a contended org relative to other callers (1..=100).
+    pub weight: u32,
+    /// Its requests in flight at most, per replica and org (token callers:
+    /// per principal).
+    pub max_concurrency: Option<usize>,
     /// Privileged headers this caller may send (lower-case), where the org
     /// policy allows them too.
     pub privileged: Vec<String>,

@@ -132,6 +132,7 @@ pub(super) struct RawGovernor {
     #[serde(deserialize_with = "lenient_number")]
     pub(super) min_retries: Option<u64>,
     pub(super) disconnect_grace: Option<String>,
+    pub(super) max_hold: Option<String>,
     pub(super) redis_url: Option<RawSecret>,
     pub(super) redis_prefix: Option<String>,
     pub(super) redis_timeout: Option<String>,
@@ -203,6 +204,10 @@ pub(super) struct RawCaller {
     pub(super) read_only: Option<bool>,
     #[serde(default)]
     pub(super) requests_per_second: Option<f64>,
+    #[serde(default, deserialize_with = "lenient_number")]
+    pub(super) weight: Option<u32>,
+    #[serde(default, deserialize_with = "lenient_number")]
+    pub(super) max_concurrency: Option<usize>,
     #[serde(default, deserialize_with = "lenient_list")]
     pub(super) privileged_headers: Option<Vec<String>>,
     #[serde(default)]

@@ -287,6 +287,9 @@ pub struct GovernorConfig {
     /// A slot whose caller went away before Dataverse's answer ended stays
     /// taken this long (Dataverse may still be executing the request).
     pub disconnect_grace: Duration,
+    /// No slot is held longer than this, whatever the caller does
+    /// (Dataverse gives up on a request after about 2 minutes).
+    pub max_hold: Duration,
     /// Shared state across replicas; `None`: this process only.
     pub redis: Option<RedisSettings>,
     /// The cap while Redis does not answer.
@@ -411,6 +414,7 @@ impl Default for GovernorConfig {
             retry_budget: 0.2,
             min_retries: 10,
             disconnect_grace: Duration::from_secs(5),
+            max_hold: Duration::from_secs(130),
             redis: None,
             fallback_concurrency: 50,
             expected_replicas: 1,

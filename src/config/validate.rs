@@ -262,6 +262,7 @@ fn governor(p: &mut Problems<'_>, g: RawGovernor) -> GovernorConfig {
             g.disconnect_grace.as_deref(),
             d.disconnect_grace,
         ),
+        max_hold: p.duration("governor.max_hold", g.max_hold.as_deref(), d.max_hold),
         redis,
         fallback_concurrency: g
             .fallback_concurrency
@@ -274,6 +275,13 @@ fn governor(p: &mut Problems<'_>, g: RawGovernor) -> GovernorConfig {
             "governor.max_concurrency",
             &format!("{} is outside 1..=52", governor.max_concurrency),
             "Dataverse allows 52 concurrent requests per user and web server; keep a margin, e.g. 50 (with governor.redis_url every replica shares it)",
+        );
+    }
+    if governor.max_hold < Duration::from_secs(1) {
+        p.push(
+            "governor.max_hold",
+            "is under a second, which would free slots of requests still running",
+            "keep it above Dataverse's own limit of about 2 minutes, e.g. max_hold = \"2m10s\"",
         );
     }
     if !(0.0..=1.0).contains(&governor.retry_budget) {

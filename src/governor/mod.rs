@@ -7,12 +7,15 @@
 //! under those limits instead of letting each caller find them out:
 //!
 //! - a **concurrency limit** held from sending a request until Dataverse's
-//!   answer has ended (a caller that goes away leaves its slot taken for a
-//!   short grace, since Dataverse may still be executing its request);
+//!   answer has ended (a caller that goes away before Dataverse answers
+//!   leaves its slot taken for a short grace, since Dataverse may still be
+//!   executing its request), and never longer than `max_hold` ([`permit`]);
 //!   the limit **adapts** ([`adaptive`]): a concurrency 429 lowers it, runs
 //!   of successes raise it again towards `x-ms-dop-hint`;
 //! - a **bounded queue** for callers over the limit, with a queue timeout;
-//!   a full queue or a timeout answers 429 with `Retry-After`;
+//!   a full queue or a timeout answers 429 with `Retry-After`; waiting
+//!   callers are served by their **fair share** ([`fair`]: weighted
+//!   start-time fair queuing, per-caller caps), across replicas too;
 //! - a **gate**: a request-count or execution-time 429 with `Retry-After: N`
 //!   closes the gate for N seconds for *every* caller of the org, since they
 //!   all share the throttled user; waiting callers resume when it reopens;
@@ -27,6 +30,8 @@
 
 pub mod adaptive;
 pub mod budget;
+pub mod fair;
+pub mod permit;
 pub mod redis;
 pub mod store;
 
@@ -38,8 +43,13 @@ use tokio::time::Instant;
 
 pub use adaptive::{AdaptiveLimit, Throttle};
 pub use budget::RetryBudget;
+pub use fair::Flow;
+pub use permit::Permit;
 pub use redis::{RedisStore, SharedRedis};
-pub use store::{Gate, Lease, LocalStore, SlotStore, TryAcquire};
+pub use store::{Ask, Gate, Lease, LocalStore, SlotStore, TryAcquire};
+
+use fair::FairQueue;
+use permit::Holds;
 
 use crate::config::GovernorConfig;
 
@@ -83,6 +93,8 @@ pub struct GovernorStats {
     pub rejected: AtomicU64,
     /// Last `x-ms-dop-hint` seen (Dataverse's recommended parallelism), 0 if none.
     pub dop_hint: AtomicUsize,
+    /// Slots released because they were held longer than `max_hold`.
+    pub held_too_long: AtomicU64,
 }
 
 impl GovernorStats {
@@ -110,12 +122,14 @@ struct Inner {
     gate: Arc<Gate>,
     budget: RetryBudget,
     stats: Arc<GovernorStats>,
-    /// Held by the callers at the head of this replica's queue: only they
-    /// try for slots, the rest wait their turn here (FIFO), so a long queue
-    /// costs the shared store a few attempts per release, not one per
-    /// waiter. A few rather than one: each attempt is a round trip, and one
-    /// head at a time could not take freed slots as fast as they free up.
-    heads: tokio::sync::Semaphore,
+    /// Only the heads of this replica's queue try for slots; the rest wait
+    /// their turn by fair share. With the shared store a few heads (each
+    /// attempt is a round trip; one could not take freed slots as fast as
+    /// they free up), so a long queue costs Redis a few attempts per
+    /// release, not one per waiter.
+    queue: FairQueue,
+    /// Slots handed out, for `max_hold`.
+    holds: Holds,
 }
 
 impl std::fmt::Debug for Inner {
@@ -127,64 +141,47 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-/// A slot towards the org; given back on drop: at once, unless a request
-/// was sent on it ([`Permit::arm`]) and its answer has not ended
-/// ([`Permit::finish`]): then after the disconnect grace.
-pub struct Permit {
-    lease: Option<Lease>,
-    store: Arc<dyn SlotStore>,
-    stats: Arc<GovernorStats>,
-    /// The grace in force: zero until armed, and again once finished.
-    grace: Duration,
-    disconnect_grace: Duration,
+/// A head that leaves without a slot takes its ticket out of line.
+struct Leaving<'a> {
+    governor: &'a Governor,
+    waiter: &'a store::Waiter,
+    granted: bool,
 }
 
-impl std::fmt::Debug for Permit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Permit")
-            .field("lease", &self.lease)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Permit {
-    /// A request is on its way to Dataverse: from now until its answer
-    /// ends, dropping the permit keeps the slot for the disconnect grace.
-    pub fn arm(&mut self) {
-        self.grace = self.disconnect_grace;
-    }
-
-    /// Dataverse's answer has ended: the slot is free at once.
-    pub fn finish(mut self) {
-        self.grace = Duration::ZERO;
-    }
-
-    /// Marks the request ended without dropping the permit yet.
-    pub fn set_finished(&mut self) {
-        self.grace = Duration::ZERO;
-    }
-}
-
-impl Drop for Permit {
+impl Drop for Leaving<'_> {
     fn drop(&mut self) {
-        let Some(lease) = self.lease.take() else {
+        if !self.granted
+            && let Some(shared) = &self.governor.inner.shared
+        {
+            shared.leave(self.waiter);
+        }
+    }
+}
+
+/// Releases the slots held past `max_hold`, while the governor lives.
+async fn release_overdue(inner: std::sync::Weak<Inner>) {
+    loop {
+        let period = match inner.upgrade() {
+            Some(i) => (i.config.load().max_hold / 8)
+                .clamp(Duration::from_millis(100), Duration::from_secs(5)),
+            None => return,
+        };
+        tokio::time::sleep(period).await;
+        let Some(inner) = inner.upgrade() else {
             return;
         };
-        let (store, stats) = (self.store.clone(), self.stats.clone());
-        let release = move || {
-            stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-            store.release(lease);
-        };
-        match tokio::runtime::Handle::try_current() {
-            // Dataverse may still be executing the request: keep counting it.
-            Ok(handle) if !self.grace.is_zero() => {
-                let grace = self.grace;
-                handle.spawn(async move {
-                    tokio::time::sleep(grace).await;
-                    release();
-                });
-            }
-            _ => release(),
+        let max_hold = inner.config.load().max_hold;
+        let released = inner.holds.release_older_than(max_hold);
+        if released > 0 {
+            inner
+                .stats
+                .held_too_long
+                .fetch_add(released as u64, Ordering::Relaxed);
+            tracing::warn!(
+                released,
+                max_hold_ms = max_hold.as_millis() as u64,
+                "governor slots held longer than governor.max_hold released"
+            );
         }
     }
 }
@@ -198,13 +195,14 @@ impl Drop for Queued<'_> {
     }
 }
 
-/// Callers of one replica trying for slots at once (the rest queue behind).
+/// Callers of one replica trying for shared slots at once.
 const HEADS: usize = 8;
 
-/// Longest pause between two attempts at a shared slot when no release was
-/// announced (a lost message, an expired lease). Only the head of this
-/// replica's queue polls, so the cost does not grow with the queue.
-const SHARED_POLL: Duration = Duration::from_millis(20);
+/// Longest pause between two attempts at a shared slot when no wake-up
+/// came (a lost message, an expired lease). Releases wake the heads whose
+/// tickets come first, so this is only the safety net; only heads poll, so
+/// the cost does not grow with the queue.
+const SHARED_POLL: Duration = Duration::from_millis(100);
 
 impl Governor {
     /// A governor of this process only.
@@ -213,9 +211,17 @@ impl Governor {
     }
 
     /// A governor whose slots, gate and limit are shared through `redis`
-    /// under `org`'s keys.
-    pub fn shared(config: GovernorConfig, redis: &Arc<SharedRedis>, org: &str) -> Self {
-        Self::build(config, |gate| Some(Arc::new(redis.store(org, gate))))
+    /// under the keys of `org_key` (the org's host: two deployments of the
+    /// same config name for different orgs never share a gate).
+    pub fn shared(config: GovernorConfig, redis: &Arc<SharedRedis>, org_key: &str) -> Self {
+        let bounds = redis::Bounds {
+            min: config.min_concurrency,
+            ceiling: config.ceiling,
+            max_gate: config.max_retry_after,
+        };
+        Self::build(config, |gate| {
+            Some(Arc::new(redis.store(org_key, gate, bounds)))
+        })
     }
 
     fn build(
@@ -233,7 +239,8 @@ impl Governor {
         };
         let limit = AdaptiveLimit::new(config.max_concurrency, config.min_concurrency, ceiling);
         let stats = Arc::new(GovernorStats::default());
-        Self {
+        let heads = if shared.is_some() { HEADS } else { 1 };
+        let governor = Self {
             inner: Arc::new(Inner {
                 shared,
                 local: Arc::new(LocalStore::default()),
@@ -241,10 +248,15 @@ impl Governor {
                 gate,
                 budget: RetryBudget::new(config.retry_budget, config.min_retries),
                 stats,
-                heads: tokio::sync::Semaphore::new(HEADS),
+                queue: FairQueue::new(heads),
+                holds: Holds::default(),
                 config: arc_swap::ArcSwap::from_pointee(config),
             }),
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(release_overdue(Arc::downgrade(&governor.inner)));
         }
+        governor
     }
 
     /// The counters.
@@ -300,24 +312,41 @@ impl Governor {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The store to take slots from now, and the limit to take them under.
-    fn store(&self) -> (Arc<dyn SlotStore>, usize) {
+    /// The store to take slots from now, the limit to take them under, and
+    /// the slots this replica holds from the other store (counted as taken,
+    /// so moving between shared and local never lets more than the limit
+    /// in flight).
+    fn store(&self) -> (Arc<dyn SlotStore>, usize, usize) {
         let inner = &self.inner;
         match &inner.shared {
-            Some(shared) if shared.is_shared() => (shared.clone(), self.adaptive().get()),
+            Some(shared) if shared.is_shared() => {
+                (shared.clone(), self.adaptive().get(), inner.local.taken())
+            }
             // Redis does not answer: this replica's share of the limit.
-            Some(_) => (
+            Some(shared) => (
                 inner.local.clone(),
                 inner.config.load().fallback_concurrency,
+                shared.taken(),
             ),
-            None => (inner.local.clone(), self.adaptive().get()),
+            None => (inner.local.clone(), self.adaptive().get(), 0),
         }
     }
 
     /// One attempt at a slot.
-    async fn try_once(&self, waiter: Option<store::Waiter>) -> Option<Permit> {
-        let (store, limit) = self.store();
-        let answer = match store.try_acquire(limit, waiter).await {
+    async fn try_once(
+        &self,
+        flow: &Flow,
+        waiter: Option<&store::Waiter>,
+        cap: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Option<Permit> {
+        let (store, limit, extra) = self.store();
+        let ask = Ask {
+            limit,
+            flow,
+            waiter,
+            extra,
+        };
+        let answer = match store.try_acquire(ask).await {
             Ok(a) => a,
             // Just marked down: the next attempt uses the local store.
             Err(_) => return None,
@@ -327,7 +356,7 @@ impl Governor {
                 if self.inner.shared.as_ref().is_some_and(|s| s.is_shared()) {
                     self.adaptive().set(limit);
                 }
-                Some(self.permit(lease, store))
+                Some(self.permit(lease, store, cap.take()))
             }
             TryAcquire::Gated(wait) => {
                 self.inner.gate.close(wait);
@@ -337,27 +366,46 @@ impl Governor {
         }
     }
 
-    fn permit(&self, lease: Lease, store: Arc<dyn SlotStore>) -> Permit {
-        let stats = self.inner.stats.clone();
-        stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        Permit {
-            lease: Some(lease),
-            store,
-            stats,
-            grace: Duration::ZERO,
-            disconnect_grace: self.inner.config.load().disconnect_grace,
-        }
+    fn permit(
+        &self,
+        lease: Lease,
+        store: Arc<dyn SlotStore>,
+        cap: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Permit {
+        let inner = &self.inner;
+        Permit::new(
+            (lease, store),
+            inner.stats.clone(),
+            &inner.holds,
+            inner.config.load().disconnect_grace,
+            cap,
+        )
     }
 
-    /// Waits for the gate and a slot; 429 when the queue is full or the wait
-    /// exceeds the queue timeout.
+    /// [`Self::acquire_for`] a caller nobody named (one flow for all).
     pub async fn acquire(&self) -> Result<Permit, GovernorError> {
+        self.acquire_for(&Flow::default()).await
+    }
+
+    /// Waits for the gate and a slot for `flow`'s request; 429 when the
+    /// queue is full or the wait exceeds the queue timeout.
+    pub async fn acquire_for(&self, flow: &Flow) -> Result<Permit, GovernorError> {
         let inner = &self.inner;
         let stats = &inner.stats;
+        let mut cap = match flow.max_concurrency {
+            None => None,
+            Some(_) => {
+                let timeout = inner.config.load().queue_timeout;
+                match tokio::time::timeout(timeout, inner.queue.cap(flow)).await {
+                    Ok(cap) => cap,
+                    Err(_) => return Err(self.timed_out()),
+                }
+            }
+        };
         // Straight to a slot only when nobody is queued ahead.
         if self.gate_closed_until().is_none()
             && stats.queued.load(Ordering::Relaxed) == 0
-            && let Some(p) = self.try_once(None).await
+            && let Some(p) = self.try_once(flow, None, &mut cap).await
         {
             return Ok(p);
         }
@@ -370,44 +418,53 @@ impl Governor {
             });
         }
         stats.waits.fetch_add(1, Ordering::Relaxed);
-        let arrived = Instant::now();
-        match tokio::time::timeout(
-            inner.config.load().queue_timeout,
-            self.wait_for_slot(arrived),
-        )
-        .await
-        {
-            Ok(p) => Ok(p),
-            Err(_) => {
-                stats.rejected.fetch_add(1, Ordering::Relaxed);
-                Err(GovernorError::QueueTimeout {
-                    waited: inner.config.load().queue_timeout,
-                    retry_after: self.suggested_retry(),
-                })
-            }
+        let wait = self.wait_for_slot(flow, cap);
+        tokio::time::timeout(inner.config.load().queue_timeout, wait)
+            .await
+            .map_err(|_| self.timed_out())
+    }
+
+    fn timed_out(&self) -> GovernorError {
+        self.inner.stats.rejected.fetch_add(1, Ordering::Relaxed);
+        GovernorError::QueueTimeout {
+            waited: self.inner.config.load().queue_timeout,
+            retry_after: self.suggested_retry(),
         }
     }
 
-    /// Waits for the head of the queue, then retries until a slot is free
-    /// and the gate open, woken by releases. With shared state this
-    /// replica's ticket, dated by its longest-waiting head, puts it in line with
-    /// the other replicas: the longest-waiting head of all gets the next slot.
-    async fn wait_for_slot(&self, arrived: Instant) -> Permit {
-        let _head = self.inner.heads.acquire().await;
+    /// Waits for this request's turn at the head of the queue (by fair
+    /// share), then retries until a slot is free and the gate open, woken
+    /// by releases. With shared state each head has a ticket, ordered in
+    /// Redis by its flow's tag, so the fair order holds across replicas.
+    async fn wait_for_slot(
+        &self,
+        flow: &Flow,
+        mut cap: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Permit {
+        let place = self.inner.queue.enter(flow);
+        place.turn().await;
+        let waiter = store::Waiter {
+            seq: place.seq(),
+            wake: Arc::new(tokio::sync::Notify::new()),
+        };
+        let mut leaving = Leaving {
+            governor: self,
+            waiter: &waiter,
+            granted: false,
+        };
         loop {
             if let Some(until) = self.gate_closed_until() {
                 tokio::time::sleep_until(until).await;
                 continue;
             }
-            let (store, _) = self.store();
+            let (store, _, _) = self.store();
             let released = store.released().notified();
-            tokio::pin!(released);
+            let woken = waiter.wake.notified();
+            tokio::pin!(released, woken);
             released.as_mut().enable();
-            let waiter = store::Waiter {
-                waited: arrived.elapsed(),
-                more: self.inner.stats.queued.load(Ordering::Relaxed) > 1,
-            };
-            if let Some(p) = self.try_once(Some(waiter)).await {
+            woken.as_mut().enable();
+            if let Some(p) = self.try_once(flow, Some(&waiter), &mut cap).await {
+                leaving.granted = true;
                 return p;
             }
             let poll = if self.shared_state() == Some(true) {
@@ -417,6 +474,7 @@ impl Governor {
             };
             tokio::select! {
                 () = released => {}
+                () = woken => {}
                 () = tokio::time::sleep(poll) => {}
             }
         }

@@ -21,17 +21,22 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Notify;
 
-use super::store::{Gate, Lease, SlotStore, StoreError, StoreFuture, TryAcquire, Waiter};
+use super::store::{Ask, Gate, Lease, SlotStore, StoreError, StoreFuture, TryAcquire, Waiter};
 
 /// Takes a lease unless the gate is closed, the shared limit is reached, or
-/// replicas whose head of queue has waited longer are ahead. KEYS: leases,
-/// limit, gate, queue (replica tickets by their head's arrival), seen
-/// (tickets by last attempt); ARGV: lease ms, lease id, default limit,
-/// ticket ('' when not queued), waited ms, '1' when more callers wait
-/// behind the head (the ticket stays in line). A ticket not seen for a
-/// second (its replica's queue emptied or the replica died) is dropped.
+/// tickets with a smaller fair-share tag are ahead. KEYS: leases, limit,
+/// gate, queue (head tickets by their flow's start tag), seen (tickets by
+/// last attempt), tags (flow → finish tag), vtime; ARGV: lease ms, lease
+/// id, default limit, ticket ('' when not queued), flow, cost, min limit,
+/// ceiling, longest gate ms, slots this replica holds outside Redis.
+/// Nothing read from Redis is trusted beyond the configured bounds: the
+/// limit is clamped to min..ceiling, the gate to the longest Retry-After
+/// (and shortened in Redis), the tags to a sane range. A ticket not seen
+/// for a second (its head left, or its replica died) is dropped.
 const ACQUIRE: &str = r"
+local maxgate = tonumber(ARGV[9])
 local gate = redis.call('PTTL', KEYS[3])
+if gate > maxgate then redis.call('PEXPIRE', KEYS[3], maxgate); gate = maxgate end
 if gate > 0 then return {2, gate} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -39,31 +44,54 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local stale = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now - 1000)
 for _, s in ipairs(stale) do redis.call('ZREM', KEYS[4], s); redis.call('ZREM', KEYS[5], s) end
 local limit = tonumber(redis.call('GET', KEYS[2])) or tonumber(ARGV[3])
-local free = limit - redis.call('ZCARD', KEYS[1])
+if limit ~= limit then limit = tonumber(ARGV[3]) end
+limit = math.max(tonumber(ARGV[7]), math.min(tonumber(ARGV[8]), math.floor(limit)))
+local free = limit - redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[10])
+local vt = tonumber(redis.call('GET', KEYS[7])) or 0
+if vt ~= vt or vt < 0 or vt > 4503599627370496 then vt = 0; redis.call('DEL', KEYS[6]) end
+local fin = tonumber(redis.call('HGET', KEYS[6], ARGV[5])) or 0
+if fin ~= fin or fin < vt then fin = vt end
+if fin > vt + 1000000000 then fin = vt + 1000000000 end
+local start = fin
 local ticket = ARGV[4]
 local ahead
 if ticket == '' then
   ahead = redis.call('ZCARD', KEYS[4])
 else
-  redis.call('ZADD', KEYS[4], 'LT', now - tonumber(ARGV[5]), ticket)
+  redis.call('ZADD', KEYS[4], start, ticket)
   redis.call('ZADD', KEYS[5], now, ticket)
   redis.call('PEXPIRE', KEYS[4], 60000)
   redis.call('PEXPIRE', KEYS[5], 60000)
   ahead = redis.call('ZRANK', KEYS[4], ticket)
 end
 if ahead < free then
-  if ticket ~= '' and ARGV[6] ~= '1' then redis.call('ZREM', KEYS[4], ticket); redis.call('ZREM', KEYS[5], ticket) end
+  if ticket ~= '' then redis.call('ZREM', KEYS[4], ticket); redis.call('ZREM', KEYS[5], ticket) end
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 3)
+  redis.call('HSET', KEYS[6], ARGV[5], start + tonumber(ARGV[6]))
+  redis.call('PEXPIRE', KEYS[6], 600000)
+  redis.call('SET', KEYS[7], math.max(vt, start), 'PX', 600000)
   return {1, limit}
 end
 return {0, limit}
 ";
 
-/// Gives a lease back and wakes the replicas waiting for one.
+/// Gives a lease back and wakes the heads whose tickets come first (as
+/// many as slots are free), wherever they wait. KEYS: leases, queue;
+/// ARGV: lease id, channel, limit.
 const RELEASE: &str = r"
 redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('PUBLISH', ARGV[2], 'released')
+local free = tonumber(ARGV[3]) - redis.call('ZCARD', KEYS[1])
+local front = {}
+if free > 0 then front = redis.call('ZRANGE', KEYS[2], 0, free - 1) end
+redis.call('PUBLISH', ARGV[2], 'released:' .. table.concat(front, ','))
+return 1
+";
+
+/// A head left without a slot: its ticket leaves the line.
+const LEAVE: &str = r"
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 ";
 
@@ -90,22 +118,28 @@ return 1
 ";
 
 /// Multiplies the shared limit by 0.7 (not below the floor), at most once
-/// per hold time; returns the limit.
+/// per hold time; returns the limit. ARGV: current, floor, hold ms, ceiling.
 const LOWER: &str = r"
 local cur = tonumber(redis.call('GET', KEYS[1])) or tonumber(ARGV[1])
+if cur ~= cur then cur = tonumber(ARGV[1]) end
+cur = math.max(tonumber(ARGV[2]), math.min(tonumber(ARGV[4]), math.floor(cur)))
 if redis.call('EXISTS', KEYS[2]) == 1 then return cur end
 local new = math.max(tonumber(ARGV[2]), math.floor(cur * 0.7))
-redis.call('SET', KEYS[1], new)
+redis.call('SET', KEYS[1], new, 'PX', 3600000)
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
 return new
 ";
 
 /// Moves the shared limit one step towards the target; returns it.
+/// ARGV: current, target, floor, ceiling.
 const RAISE: &str = r"
 local cur = tonumber(redis.call('GET', KEYS[1])) or tonumber(ARGV[1])
-local target = tonumber(ARGV[2])
+if cur ~= cur then cur = tonumber(ARGV[1]) end
+local lo, hi = tonumber(ARGV[3]), tonumber(ARGV[4])
+cur = math.max(lo, math.min(hi, math.floor(cur)))
+local target = math.max(lo, math.min(hi, tonumber(ARGV[2])))
 if cur < target then cur = cur + 1 elseif cur > target then cur = target end
-redis.call('SET', KEYS[1], cur)
+redis.call('SET', KEYS[1], cur, 'PX', 3600000)
 return cur
 ";
 
@@ -129,16 +163,59 @@ return {ok, tostring(wait)}
 
 /// One org's keys and what its replicas' messages reach.
 struct OrgShared {
-    /// `{prefix}:{org}`; the keys are `…:leases`, `…:limit`, `…:gate`.
+    /// `{prefix}:{org host}`; the keys are `…:leases`, `…:limit`, `…:gate`…
     key: String,
-    /// `{prefix}:{org}:events`.
+    /// `{prefix}:{org host}:events`.
     channel: String,
     released: Notify,
     gate: Arc<Gate>,
+    bounds: Bounds,
+    /// The shared limit as last read (how many heads a release wakes).
+    limit: std::sync::atomic::AtomicUsize,
     /// Leases this replica holds (renewed until released).
     held: Mutex<HashSet<String>>,
-    /// This replica's place in the org's queue.
-    ticket: String,
+    /// This replica's id: its heads' tickets are `{replica}:{seq}`.
+    replica: String,
+    /// This replica's heads, by seq, to wake when their ticket comes up.
+    heads: Mutex<HashMap<u64, Arc<Notify>>>,
+}
+
+impl OrgShared {
+    fn ticket(&self, seq: u64) -> String {
+        format!("{}:{seq}", self.replica)
+    }
+
+    /// Wakes the heads of this replica named in a release message.
+    fn wake(&self, tickets: &str) {
+        let heads = lock(&self.heads);
+        for seq in tickets
+            .split(',')
+            .filter_map(|t| t.strip_prefix(self.replica.as_str()))
+            .filter_map(|t| t.strip_prefix(':')?.parse::<u64>().ok())
+        {
+            if let Some(wake) = heads.get(&seq) {
+                wake.notify_one();
+            }
+        }
+    }
+
+    fn wake_all(&self) {
+        for wake in lock(&self.heads).values() {
+            wake.notify_one();
+        }
+        self.released.notify_waiters();
+    }
+}
+
+/// What a replica accepts from Redis: values outside these are clamped.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// The adaptive limit's floor.
+    pub min: usize,
+    /// The adaptive limit's ceiling.
+    pub ceiling: usize,
+    /// The longest the gate may stay closed.
+    pub max_gate: Duration,
 }
 
 /// The connection to Redis, its health, and every org's shared state.
@@ -156,6 +233,7 @@ pub struct SharedRedis {
 struct Scripts {
     acquire: redis::Script,
     release: redis::Script,
+    leave: redis::Script,
     renew: redis::Script,
     gate: redis::Script,
     lower: redis::Script,
@@ -198,6 +276,7 @@ impl SharedRedis {
             scripts: Scripts {
                 acquire: redis::Script::new(ACQUIRE),
                 release: redis::Script::new(RELEASE),
+                leave: redis::Script::new(LEAVE),
                 renew: redis::Script::new(RENEW),
                 gate: redis::Script::new(GATE),
                 lower: redis::Script::new(LOWER),
@@ -212,16 +291,20 @@ impl SharedRedis {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// The store of `org`, whose gate messages close `gate`.
-    pub fn store(self: &Arc<Self>, org: &str, gate: Arc<Gate>) -> RedisStore {
-        let key = format!("{}:{org}", self.prefix);
+    /// The store of the org keyed `org_key` (its host), whose gate
+    /// messages close `gate`.
+    pub fn store(self: &Arc<Self>, org_key: &str, gate: Arc<Gate>, bounds: Bounds) -> RedisStore {
+        let key = format!("{}:{org_key}", self.prefix);
         let shared = Arc::new(OrgShared {
             channel: format!("{key}:events"),
             key,
             released: Notify::new(),
             gate,
+            bounds,
+            limit: std::sync::atomic::AtomicUsize::new(bounds.ceiling),
             held: Mutex::new(HashSet::new()),
-            ticket: uuid::Uuid::new_v4().simple().to_string(),
+            replica: uuid::Uuid::new_v4().simple().to_string(),
+            heads: Mutex::new(HashMap::new()),
         });
         lock(&self.orgs).insert(shared.channel.clone(), shared.clone());
         RedisStore {
@@ -364,11 +447,14 @@ impl SharedRedis {
         let Some(org) = lock(&self.orgs).get(channel).cloned() else {
             return;
         };
-        if payload == "released" {
+        if let Some(tickets) = payload.strip_prefix("released:") {
+            org.wake(tickets);
             org.released.notify_one();
         } else if let Some(ms) = payload.strip_prefix("gate:").and_then(|m| m.parse().ok()) {
-            org.gate.close(Duration::from_millis(ms));
-            org.released.notify_waiters();
+            // A published gate is believed only up to the longest Retry-After.
+            let wait = Duration::from_millis(ms).min(org.bounds.max_gate);
+            org.gate.close(wait);
+            org.wake_all();
         }
     }
 
@@ -430,7 +516,10 @@ impl RedisStore {
             .lower
             .key(format!("{}:limit", self.org.key));
         call.key(format!("{}:limit-hold", self.org.key));
-        call.arg(current).arg(floor).arg(hold.as_millis() as u64);
+        call.arg(current)
+            .arg(floor)
+            .arg(hold.as_millis() as u64)
+            .arg(self.org.bounds.ceiling);
         self.redis.run::<usize>(call).await
     }
 
@@ -441,44 +530,53 @@ impl RedisStore {
             .scripts
             .raise
             .key(format!("{}:limit", self.org.key));
-        call.arg(current).arg(target);
+        let b = self.org.bounds;
+        call.arg(current).arg(target).arg(b.min).arg(b.ceiling);
         self.redis.run::<usize>(call).await
     }
 }
 
 impl SlotStore for RedisStore {
-    fn try_acquire(&self, limit: usize, waiter: Option<Waiter>) -> StoreFuture<'_, TryAcquire> {
-        let (ticket, waited, more) = waiter.map_or((String::new(), 0, "0"), |w| {
-            let more = if w.more { "1" } else { "0" };
-            (self.org.ticket.clone(), w.waited.as_millis() as u64, more)
+    fn try_acquire(&self, ask: Ask<'_>) -> StoreFuture<'_, TryAcquire> {
+        let ticket = ask.waiter.map_or(String::new(), |w| {
+            lock(&self.org.heads).insert(w.seq, w.wake.clone());
+            self.org.ticket(w.seq)
         });
+        let seq = ask.waiter.map(|w| w.seq);
+        let (flow, cost) = (ask.flow.key.clone(), ask.flow.cost());
         Box::pin(async move {
             let id = uuid::Uuid::new_v4().simple().to_string();
-            let mut call = self
-                .redis
-                .scripts
-                .acquire
-                .key(format!("{}:leases", self.org.key));
-            call.key(format!("{}:limit", self.org.key))
-                .key(format!("{}:gate", self.org.key))
-                .key(format!("{}:queue", self.org.key))
-                .key(format!("{}:queue-seen", self.org.key))
-                .arg(self.redis.lease_time.as_millis() as u64)
+            let key = &self.org.key;
+            let mut call = self.redis.scripts.acquire.key(format!("{key}:leases"));
+            for k in ["limit", "gate", "queue", "queue-seen", "tags", "vtime"] {
+                call.key(format!("{key}:{k}"));
+            }
+            let b = self.org.bounds;
+            call.arg(self.redis.lease_time.as_millis() as u64)
                 .arg(&id)
-                .arg(limit)
+                .arg(ask.limit)
                 .arg(&ticket)
-                .arg(waited)
-                .arg(more);
+                .arg(&*flow)
+                .arg(cost)
+                .arg(b.min)
+                .arg(b.ceiling)
+                .arg(b.max_gate.as_millis().max(1) as u64)
+                .arg(ask.extra);
             let (code, value): (i64, u64) = self.redis.run(call).await?;
             Ok(match code {
                 1 => {
+                    if let Some(seq) = seq {
+                        lock(&self.org.heads).remove(&seq);
+                    }
                     lock(&self.org.held).insert(id.clone());
+                    let limit = (value as usize).clamp(b.min, b.ceiling);
+                    self.org.limit.store(limit, Ordering::Relaxed);
                     TryAcquire::Got {
                         lease: Lease::Shared(id),
-                        limit: value as usize,
+                        limit,
                     }
                 }
-                2 => TryAcquire::Gated(Duration::from_millis(value)),
+                2 => TryAcquire::Gated(Duration::from_millis(value).min(b.max_gate)),
                 _ => TryAcquire::Full,
             })
         })
@@ -490,9 +588,11 @@ impl SlotStore for RedisStore {
         };
         lock(&self.org.held).remove(&id);
         let (redis, org) = (self.redis.clone(), self.org.clone());
+        let limit = self.org.limit.load(Ordering::Relaxed);
         let release = async move {
             let mut call = redis.scripts.release.key(format!("{}:leases", org.key));
-            call.arg(&id).arg(&org.channel);
+            call.key(format!("{}:queue", org.key));
+            call.arg(&id).arg(&org.channel).arg(limit);
             // A lease Redis never hears back about expires by itself.
             let _ = redis.run::<i64>(call).await;
         };
@@ -503,5 +603,25 @@ impl SlotStore for RedisStore {
 
     fn released(&self) -> &Notify {
         &self.org.released
+    }
+
+    fn leave(&self, waiter: &Waiter) {
+        lock(&self.org.heads).remove(&waiter.seq);
+        let (redis, org) = (self.redis.clone(), self.org.clone());
+        let ticket = org.ticket(waiter.seq);
+        let leave = async move {
+            let mut call = redis.scripts.leave.key(format!("{}:queue", org.key));
+            call.key(format!("{}:queue-seen", org.key));
+            call.arg(&ticket);
+            // A ticket Redis never hears back about is dropped after a second.
+            let _ = redis.run::<i64>(call).await;
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(leave);
+        }
+    }
+
+    fn taken(&self) -> usize {
+        lock(&self.org.held).len()
     }
 }

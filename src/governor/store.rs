@@ -6,10 +6,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+
+use super::fair::Flow;
 
 /// A slot taken from a store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,28 +47,46 @@ pub struct StoreError(pub String);
 /// A boxed future of a store operation.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
-/// The head of this replica's queue. A shared store keeps one ticket per
-/// replica in line, dated by its head's arrival, and serves the ticket
-/// whose head has waited longest, across all replicas.
-#[derive(Debug, Clone, Copy)]
+/// A head of this replica's queue (see `fair.rs`). A shared store keeps
+/// a ticket per head, ordered by its flow's fair-share tag across replicas,
+/// and wakes the heads whose tickets come first when slots free up.
+#[derive(Debug, Clone)]
 pub struct Waiter {
-    /// Time since the head arrived.
-    pub waited: Duration,
-    /// Callers wait behind the head (the ticket stays in line after a grant).
-    pub more: bool,
+    /// Unique among this replica's waiters.
+    pub seq: u64,
+    /// Notified when this head should try again.
+    pub wake: Arc<Notify>,
+}
+
+/// One attempt at a slot.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    /// The limit to take it under (a shared store uses the shared limit,
+    /// this one only when none is stored yet).
+    pub limit: usize,
+    /// Who it is for (the fair share).
+    pub flow: &'a Flow,
+    /// `None` for a caller that has not queued: it gets a slot only when
+    /// no caller waits anywhere.
+    pub waiter: Option<&'a Waiter>,
+    /// Slots this replica holds outside this store (taken from the other
+    /// store while moving between shared and local), counted as taken.
+    pub extra: usize,
 }
 
 /// Slots under a limit; see the module comment.
 pub trait SlotStore: Send + Sync + 'static {
-    /// Takes a slot if fewer than `limit` are taken (a shared store uses
-    /// the shared limit, `limit` only when none is stored yet). `waiter` is
-    /// `None` for a caller that has not queued: it gets a slot only when no
-    /// caller waits anywhere.
-    fn try_acquire(&self, limit: usize, waiter: Option<Waiter>) -> StoreFuture<'_, TryAcquire>;
+    /// Takes a slot if fewer than the limit are taken and no better-placed
+    /// waiter is ahead.
+    fn try_acquire(&self, ask: Ask<'_>) -> StoreFuture<'_, TryAcquire>;
     /// Gives a slot back (a shared store does so in the background).
     fn release(&self, lease: Lease);
     /// Notified when a slot may have come free.
     fn released(&self) -> &Notify;
+    /// A head leaves without a slot (timed out, or its caller left).
+    fn leave(&self, _waiter: &Waiter) {}
+    /// Slots this replica holds from this store now.
+    fn taken(&self) -> usize;
 }
 
 /// The slots of this process.
@@ -85,9 +105,10 @@ impl LocalStore {
 }
 
 impl SlotStore for LocalStore {
-    fn try_acquire(&self, limit: usize, _waiter: Option<Waiter>) -> StoreFuture<'_, TryAcquire> {
+    fn try_acquire(&self, ask: Ask<'_>) -> StoreFuture<'_, TryAcquire> {
+        let limit = ask.limit;
         let mut taken = self.lock();
-        let answer = if *taken < limit {
+        let answer = if *taken + ask.extra < limit {
             *taken += 1;
             TryAcquire::Got {
                 lease: Lease::Local,
@@ -109,6 +130,10 @@ impl SlotStore for LocalStore {
 
     fn released(&self) -> &Notify {
         &self.released
+    }
+
+    fn taken(&self) -> usize {
+        *self.lock()
     }
 }
 

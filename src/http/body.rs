@@ -9,6 +9,7 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::BoxError;
 use axum::body::Body;
@@ -111,6 +112,53 @@ impl RequestBody {
     }
 }
 
+/// How much of an answer whose caller left is read and discarded before
+/// its slot is freed: Dataverse counts the request until its answer has
+/// been sent, and a connection read to its end goes back to the pool.
+/// Past the bounds the upstream connection is dropped (which ends the
+/// request on Dataverse's side too) and the slot freed.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainBounds {
+    /// Bytes read at most.
+    pub bytes: usize,
+    /// Time spent at most.
+    pub time: Duration,
+}
+
+/// Bytes of an abandoned answer read at most (a page of records; a file
+/// download is cut off instead).
+const DRAIN_BYTES: usize = 1 << 20;
+
+impl DrainBounds {
+    /// The bounds in force: [`DRAIN_BYTES`], and the disconnect grace.
+    pub fn of(state: &crate::http::state::AppState) -> Self {
+        Self {
+            bytes: DRAIN_BYTES,
+            time: state.orgs.first().map_or(Duration::from_secs(5), |o| {
+                o.governor.config().disconnect_grace
+            }),
+        }
+    }
+
+    /// Reads `body` to its end or to the bounds, discarding it.
+    pub async fn run<B>(self, body: B)
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+    {
+        let mut body = body;
+        let mut read = 0usize;
+        let reading = async {
+            while let Some(Ok(frame)) = body.frame().await {
+                read += frame.data_ref().map_or(0, Bytes::len);
+                if read > self.bytes {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(self.time, reading).await;
+    }
+}
+
 /// The body of Dataverse's answer: its stream, or the bytes of a 429 that
 /// was read to learn which limit it names.
 pub type UpstreamBody = http_body_util::Either<Incoming, http_body_util::Full<Bytes>>;
@@ -123,9 +171,45 @@ pub type UpstreamBody = http_body_util::Either<Incoming, http_body_util::Full<By
 ///
 /// Generic over the upstream body so the answer step can be tested with
 /// bodies made in memory; in the proxy it is hyper's [`Incoming`].
-pub struct ProxyBody<B = UpstreamBody> {
+pub struct ProxyBody<B: Drainable = UpstreamBody> {
     inner: Inner<B>,
     permit: Option<Permit>,
+    /// Set for answers with a slot: how to finish them if the caller goes.
+    drain: Option<DrainBounds>,
+}
+
+/// An upstream body that a task of its own can finish reading.
+pub trait Drainable:
+    http_body::Body<Data = Bytes, Error: Into<BoxError>> + Unpin + Send + 'static
+{
+}
+
+impl<B> Drainable for B where
+    B: http_body::Body<Data = Bytes, Error: Into<BoxError>> + Unpin + Send + 'static
+{
+}
+
+impl<B: Drainable> Drop for ProxyBody<B> {
+    fn drop(&mut self) {
+        // The caller left before Dataverse's answer ended: finish reading
+        // it in a task of its own; the slot is free when it ends.
+        let (Some(permit), Some(bounds)) = (self.permit.take(), self.drain) else {
+            return;
+        };
+        let rest = Self {
+            inner: std::mem::replace(&mut self.inner, Inner::Full(None)),
+            permit: None,
+            drain: None,
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let mut permit = permit;
+                permit.answered();
+                bounds.run(rest).await;
+                permit.finish();
+            });
+        }
+    }
 }
 
 enum Inner<B> {
@@ -136,12 +220,13 @@ enum Inner<B> {
     Full(Option<Bytes>),
 }
 
-impl<B> ProxyBody<B> {
+impl<B: Drainable> ProxyBody<B> {
     /// Dataverse's answer, rewritten when `rewriter` is set.
     pub fn upstream(body: B, rewriter: Option<Rewriter>, permit: Option<Permit>) -> Self {
         Self {
             inner: Inner::Stream(RewriteBody::new(body, rewriter)),
             permit,
+            drain: None,
         }
     }
 
@@ -150,7 +235,14 @@ impl<B> ProxyBody<B> {
         Self {
             inner: Inner::Coded(body),
             permit,
+            drain: None,
         }
+    }
+
+    /// Finishes reading the answer within `bounds` if the caller leaves.
+    pub fn drain_within(mut self, bounds: DrainBounds) -> Self {
+        self.drain = Some(bounds);
+        self
     }
 
     /// Dataverse's answer read whole (and rewritten): it has ended, so the
@@ -162,15 +254,12 @@ impl<B> ProxyBody<B> {
         Self {
             inner: Inner::Full(Some(bytes).filter(|b| !b.is_empty())),
             permit: None,
+            drain: None,
         }
     }
 }
 
-impl<B> http_body::Body for ProxyBody<B>
-where
-    B: http_body::Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
+impl<B: Drainable> http_body::Body for ProxyBody<B> {
     type Data = Bytes;
     type Error = BoxError;
 

@@ -405,7 +405,9 @@ fn build_orgs(
             routes.default = Some(i);
         }
         let governor = match redis {
-            Some(r) => Governor::shared(config.governor.clone(), r, &org.name),
+            // Keyed by the org's host and port: two deployments that call
+            // different orgs by one config name never share a gate.
+            Some(r) => Governor::shared(config.governor.clone(), r, &governor_key(&org.url)),
             None => Governor::new(config.governor.clone()),
         };
         let state = OrgState::new((i, org), origin, token, config, metrics, governor)?;
@@ -462,6 +464,15 @@ fn org_aliases(origin: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// The org's Redis key: its host (and port, where one is given), lower case.
+fn governor_key(url: &url::Url) -> String {
+    let host = url.host_str().unwrap_or("-").to_ascii_lowercase();
+    match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host,
+    }
 }
 
 #[cfg(test)]

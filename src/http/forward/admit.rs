@@ -8,6 +8,7 @@ use axum::http::{HeaderName, HeaderValue, Method, header};
 
 use crate::callers::{CallerRequest, PeerCertificate};
 use crate::error::ProxyError;
+use crate::governor::Flow;
 use crate::http::access_log::RequestInfo;
 use crate::http::rules::Rules;
 use crate::http::state::{AppState, Links, OrgState};
@@ -37,6 +38,8 @@ pub struct Admitted {
     /// The proxy acts as the calling user (`CallerObjectId` set by the
     /// proxy; the caller's own impersonation headers dropped everywhere).
     pub acts_as_caller: bool,
+    /// Who the request counts against in the governor's fair share.
+    pub flow: Flow,
 }
 
 impl Admitted {
@@ -114,6 +117,7 @@ pub async fn admit(
         links,
         batch_origins,
         acts_as_caller: caller.act_as.is_some(),
+        flow: caller.flow,
     })
 }
 
@@ -122,6 +126,7 @@ struct Identified {
     read_only: bool,
     privileged: Option<Vec<String>>,
     act_as: Option<String>,
+    flow: Flow,
 }
 
 /// Who is calling (token, key, certificate or address), recorded for the
@@ -162,5 +167,32 @@ async fn identify(
         privileged: (!rules.access.callers.is_empty())
             .then(|| caller.map(|c| c.privileged.clone()).unwrap_or_default()),
         act_as: admission.act_as,
+        flow: flow_of(caller, info.principal.as_deref(), &rules.access, request),
     })
+}
+
+/// The caller's flow: its rule (per principal for token callers), or its
+/// address where no rule names it.
+fn flow_of(
+    caller: Option<&crate::config::Caller>,
+    principal: Option<&str>,
+    access: &crate::config::Access,
+    request: CallerRequest<'_>,
+) -> Flow {
+    let Some(caller) = caller else {
+        let ip = access.client_ip(request.peer, request.headers);
+        return Flow {
+            key: Arc::from(format!("ip/{ip}")),
+            ..Flow::default()
+        };
+    };
+    let key = match principal {
+        Some(p) => Arc::from(format!("{}/{p}", caller.name)),
+        None => caller.name.clone(),
+    };
+    Flow {
+        key,
+        weight: caller.weight,
+        max_concurrency: caller.max_concurrency,
+    }
 }

@@ -2,7 +2,6 @@
 //! rewritten, the body's coding fitted to the caller's `Accept-Encoding`,
 //! the governor slot held until the body ends.
 
-use axum::BoxError;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -15,7 +14,7 @@ use crate::compression::{
 };
 use crate::error::ProxyError;
 use crate::http::access_log::RequestInfo;
-use crate::http::body::{ProxyBody, is_rewritable};
+use crate::http::body::{DrainBounds, Drainable, ProxyBody, is_rewritable};
 use crate::http::headers::{self, names};
 use crate::http::state::AppState;
 use crate::rewrite::{RewriteBody, Rewriter};
@@ -40,8 +39,7 @@ pub async fn answer<B>(
     info: &mut RequestInfo,
 ) -> Result<Response<ProxyBody<B>>, ProxyError>
 where
-    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
-    B::Error: Into<BoxError>,
+    B: Drainable,
 {
     let Sent { response, permit } = sent;
     let org = &admitted.org;
@@ -91,7 +89,10 @@ where
         }
         (Transcode::Untouched, _) => ProxyBody::upstream(body, None, permit),
     };
-    Ok(Response::from_parts(parts, body))
+    Ok(Response::from_parts(
+        parts,
+        body.drain_within(DrainBounds::of(state)),
+    ))
 }
 
 /// What the answer step does with the coding of an answer with these
@@ -120,8 +121,7 @@ async fn rewrite_identity<B>(
     permit: Option<crate::governor::Permit>,
 ) -> Result<ProxyBody<B>, ProxyError>
 where
-    B: http_body::Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
+    B: Drainable,
 {
     if content_length(headers).is_none_or(|n| n > SMALL_ANSWER) {
         headers.remove(header::CONTENT_LENGTH);
@@ -150,8 +150,7 @@ fn recode<B>(
     permit: Option<crate::governor::Permit>,
 ) -> ProxyBody<B>
 where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    B: Drainable,
 {
     headers.remove(header::CONTENT_LENGTH);
     weaken_etag(headers);

@@ -80,7 +80,7 @@ pub async fn send(
         planned.headers.remove(header::IF_MODIFIED_SINCE);
         planned.headers.insert(header::IF_NONE_MATCH, tag.clone());
     }
-    let sent = send::send(state, &admitted.org, planned, arrived, info).await?;
+    let sent = send::send(state, admitted, planned, arrived, info).await?;
     let status = sent.response.status();
     if let (Some((entry, _)), StatusCode::NOT_MODIFIED) = (&stale, status) {
         let Sent { response, permit } = sent;

@@ -77,7 +77,7 @@ async fn forward(
         let resp = answer::answer(state, &admitted, sent, &accept, info).await?;
         return Ok(resp.map(Body::new));
     }
-    let sent = send::send(state, &admitted.org, planned, arrived, info).await?;
+    let sent = send::send(state, &admitted, planned, arrived, info).await?;
     let resp = answer::answer(state, &admitted, sent, &accept, info).await?;
     Ok(resp.map(Body::new))
 }

@@ -3,7 +3,7 @@
 //! which limit, and the governor adapts), and a transient failure
 //! (idempotent requests only, within the org's retry budget).
 
-use std::sync::Arc;
+use std::future::Future;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -12,13 +12,14 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use super::admit::Admitted;
 use super::plan::Planned;
 use crate::config::GovernorConfig;
 use crate::error::ProxyError;
 use crate::governor::{Permit, Throttle};
 use crate::http::access_log::RequestInfo;
 use crate::http::body::{UpstreamBody, caller_body_fault};
-use crate::http::state::{AppState, OrgState};
+use crate::http::state::AppState;
 
 /// Dataverse's answer, and the slot it holds until its body ends (none
 /// for an answer from the metadata cache).
@@ -88,13 +89,14 @@ const THROTTLE_BODY: usize = 16 * 1024;
 /// transient failures where that is safe ([`transient_wait`]).
 pub async fn send(
     state: &AppState,
-    org: &Arc<OrgState>,
+    admitted: &Admitted,
     mut planned: Planned,
     arrived: Instant,
     info: &mut RequestInfo,
 ) -> Result<Sent<UpstreamBody>, ProxyError> {
+    let org = &admitted.org;
     let governor = &org.governor;
-    let mut permit = governor.acquire().await?;
+    let mut permit = governor.acquire_for(&admitted.flow).await?;
     governor.sent();
     let mut attempts = Attempts::default();
     let idempotent = is_idempotent(&planned.method, &planned.headers);
@@ -103,7 +105,8 @@ pub async fn send(
         let req = upstream_request(&mut planned, token.header());
         let sent_at = Instant::now();
         permit.arm();
-        let outcome = request(state, req).await;
+        let (returned, outcome) = InFlight::start(state, req, permit).finish().await;
+        permit = returned;
         let transient = TransientCheck {
             idempotent: idempotent && planned.body.replayable(),
             attempt: attempts.transient,
@@ -161,7 +164,7 @@ pub async fn send(
                 permit.finish();
                 tokio::time::sleep(wait).await;
                 // The gate (for window limits) and the queue take us back in turn.
-                permit = governor.acquire().await?;
+                permit = governor.acquire_for(&admitted.flow).await?;
             }
         }
     }
@@ -322,14 +325,80 @@ pub fn transient_wait(attempt: u32) -> Duration {
     Duration::from_millis(base / 2 + fastrand::u64(0..=base / 2))
 }
 
-/// One request with a response-header timeout.
-async fn request(state: &AppState, req: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
-    let timeout = state.upstream.response_timeout;
-    tokio::time::timeout(timeout, state.client.request(req))
-        .await
-        .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
-        // A caller's body that stalls, grows too large or breaks its
-        // framing surfaces here too: that is the caller's fault, not
-        // Dataverse's (the upstream request was aborted with it).
-        .map_err(|e| caller_body_fault(&e).unwrap_or(ProxyError::UpstreamUnavailable(e)))
+/// One attempt's exchange with Dataverse, with a response-header timeout.
+type Exchange =
+    std::pin::Pin<Box<dyn Future<Output = Result<Response<Incoming>, ProxyError>> + Send>>;
+
+/// An attempt in flight and the slot it holds. If the caller leaves before
+/// Dataverse answers (the handler is dropped), the attempt goes on in a
+/// task of its own ([`outlive`]): the slot is freed when Dataverse's answer
+/// ends, not a fixed grace later.
+struct InFlight {
+    exchange: Option<Exchange>,
+    permit: Option<Permit>,
+    drain: crate::http::body::DrainBounds,
+}
+
+impl InFlight {
+    fn start(state: &AppState, req: Request<Body>, permit: Permit) -> Self {
+        let timeout = state.upstream.response_timeout;
+        let sending = state.client.request(req);
+        let exchange: Exchange = Box::pin(async move {
+            tokio::time::timeout(timeout, sending)
+                .await
+                .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
+                // A caller's body that stalls, grows too large or breaks its
+                // framing surfaces here too: that is the caller's fault, not
+                // Dataverse's (the upstream request was aborted with it).
+                .map_err(|e| caller_body_fault(&e).unwrap_or(ProxyError::UpstreamUnavailable(e)))
+        });
+        Self {
+            exchange: Some(exchange),
+            permit: Some(permit),
+            drain: crate::http::body::DrainBounds::of(state),
+        }
+    }
+
+    /// Waits for Dataverse's answer; the permit comes back with it.
+    async fn finish(mut self) -> (Permit, Result<Response<Incoming>, ProxyError>) {
+        let outcome = match self.exchange.as_mut() {
+            Some(exchange) => exchange.await,
+            None => Err(ProxyError::Internal),
+        };
+        self.exchange = None;
+        let mut permit = self
+            .permit
+            .take()
+            .expect("the permit stays until the exchange ends");
+        if outcome.is_ok() {
+            permit.answered();
+        }
+        (permit, outcome)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let (Some(exchange), Some(permit)) = (self.exchange.take(), self.permit.take())
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn(outlive(exchange, permit, self.drain));
+        }
+    }
+}
+
+/// The rest of an exchange whose caller left: Dataverse's answer is read
+/// and discarded (within the drain bounds), then the slot is free. Where
+/// Dataverse may still be working (no answer within the timeout, a reset
+/// after sending), the permit keeps the slot for the disconnect grace.
+async fn outlive(exchange: Exchange, mut permit: Permit, drain: crate::http::body::DrainBounds) {
+    match exchange.await {
+        Ok(response) => {
+            permit.answered();
+            drain.run(response.into_body()).await;
+            permit.finish();
+        }
+        Err(e) if is_unreached(&e) => permit.finish(),
+        Err(_) => drop(permit),
+    }
 }
