@@ -133,3 +133,100 @@ fn retry_after_parses_seconds() {
     );
     assert_eq!(retry_after(&h), None);
 }
+
+fn flow(key: &str) -> Flow {
+    Flow {
+        key: std::sync::Arc::from(key),
+        ..Flow::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_small_caller_is_served_ahead_of_a_greedy_callers_queue() {
+    let g = Governor::new(config(2, 100, 60_000));
+    let held = [g.acquire().await.expect("a"), g.acquire().await.expect("b")];
+    // The greedy caller queues 20 requests, then the small caller one.
+    let greedy = flow("greedy");
+    let mut waiting = Vec::new();
+    for _ in 0..20 {
+        let (g, f) = (g.clone(), greedy.clone());
+        waiting.push(tokio::spawn(async move {
+            g.acquire_for(&f).await.map(|p| ("greedy", p))
+        }));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let (g2, small) = (g.clone(), flow("small"));
+    let small = tokio::spawn(async move { g2.acquire_for(&small).await.map(|p| ("small", p)) });
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // Slots free one at a time: the small caller gets the second at the latest.
+    let [a, b] = held;
+    a.finish();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    b.finish();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert!(
+        small.is_finished(),
+        "the small caller still waits behind the greedy one"
+    );
+    let (who, _) = small.await.expect("join").expect("slot");
+    assert_eq!(who, "small");
+    for w in waiting {
+        w.abort();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_callers_own_cap_holds_back_only_that_caller() {
+    let g = Governor::new(config(10, 100, 5_000));
+    let capped = Flow {
+        max_concurrency: Some(2),
+        ..flow("capped")
+    };
+    let _a = g.acquire_for(&capped).await.expect("a");
+    let _b = g.acquire_for(&capped).await.expect("b");
+    let start = Instant::now();
+    let third = g.acquire_for(&capped).await.expect_err("over its cap");
+    assert!(matches!(third, GovernorError::QueueTimeout { .. }));
+    assert_eq!(start.elapsed(), Duration::from_secs(5));
+    let other = g.acquire_for(&flow("other")).await;
+    assert!(other.is_ok(), "others still get slots");
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_slot_is_held_past_max_hold() {
+    let g = Governor::new(GovernorConfig {
+        max_hold: Duration::from_secs(130),
+        ..config(1, 10, 600_000)
+    });
+    let mut stuck = g.acquire().await.expect("a");
+    stuck.arm();
+    let start = Instant::now();
+    let next = g.acquire().await.expect("b");
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs(130) && waited <= Duration::from_secs(131),
+        "{waited:?}"
+    );
+    assert_eq!(g.stats().held_too_long.load(Ordering::Relaxed), 1);
+    // The old permit's drop gives nothing back twice.
+    drop(stuck);
+    drop(next);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(g.stats().in_flight.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answered_request_frees_its_slot_at_once_when_dropped() {
+    let g = Governor::new(config(1, 10, 60_000));
+    let mut a = g.acquire().await.expect("a");
+    a.arm();
+    a.answered();
+    drop(a);
+    let start = Instant::now();
+    let _b = g.acquire().await.expect("b");
+    assert_eq!(
+        start.elapsed(),
+        Duration::ZERO,
+        "no grace once Dataverse answered"
+    );
+}

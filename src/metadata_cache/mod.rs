@@ -214,6 +214,22 @@ impl MetadataCache {
         renewed
     }
 
+    /// The largest answer kept.
+    pub fn max_entry(&self) -> usize {
+        self.config.max_entry
+    }
+
+    /// Keeps a whole 200 answer under `key` (its headers are the 200's).
+    pub fn insert(&self, key: Key, headers: &HeaderMap, body: Bytes) -> Arc<Entry> {
+        let entry = Arc::new(Entry {
+            headers: kept_headers(headers),
+            body,
+            checked: Instant::now(),
+        });
+        self.entries.insert(key, entry.clone());
+        entry
+    }
+
     /// A body that passes `body` through and keeps a copy under `key` when
     /// it ends cleanly within `max_entry`; `headers` are the 200's. `lock`
     /// (this caller's turn) is let go when the body ends or is dropped.
@@ -224,18 +240,13 @@ impl MetadataCache {
         body: B,
         lock: Option<FillLock>,
     ) -> Fill<B> {
-        let mut kept = HeaderMap::new();
-        for name in &KEPT {
-            for value in headers.get_all(name) {
-                kept.append(name, value.clone());
-            }
-        }
         Fill {
+            prefix: None,
             inner: body,
             filling: Some(Filling {
                 cache: self.clone(),
                 key,
-                headers: kept,
+                headers: kept_headers(headers),
                 bytes: BytesMut::new(),
                 _lock: lock,
             }),
@@ -263,6 +274,17 @@ impl MetadataCache {
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The headers of a 200 that an entry keeps.
+fn kept_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut kept = HeaderMap::new();
+    for name in &KEPT {
+        for value in headers.get_all(name) {
+            kept.append(name, value.clone());
+        }
+    }
+    kept
 }
 
 /// How one request fared with the cache (the fields of [`CacheStats`]).
@@ -303,6 +325,8 @@ pub fn none_match(headers: &HeaderMap, etag: &HeaderValue) -> bool {
 
 /// A body on its way to the caller, copied into the cache as it passes.
 pub struct Fill<B> {
+    /// Bytes already read from `inner`, sent first.
+    prefix: Option<Bytes>,
     inner: B,
     /// `None` once the copy is given up (too large, or the body failed),
     /// or for a body that is not kept.
@@ -313,6 +337,17 @@ impl<B> Fill<B> {
     /// A body passed through without a copy (an answer that is not a 200).
     pub fn through(inner: B) -> Self {
         Self {
+            prefix: None,
+            inner,
+            filling: None,
+        }
+    }
+
+    /// `prefix` (already read from `inner`), then the rest of `inner`,
+    /// without a copy (an answer too large to keep).
+    pub fn prefixed(prefix: Bytes, inner: B) -> Self {
+        Self {
+            prefix: Some(prefix).filter(|p| !p.is_empty()),
             inner,
             filling: None,
         }
@@ -340,6 +375,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = &mut *self;
+        if let Some(prefix) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {

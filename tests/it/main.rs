@@ -9,6 +9,7 @@ mod credentials;
 mod forward;
 mod governor;
 mod harness;
+mod holders;
 mod hostile;
 mod identity;
 mod links;

@@ -163,6 +163,8 @@ async fn callers_the_access_rules_refuse_are_refused_with_the_cache_warm() {
     ok.bytes().await.expect("document");
     let cached = h.get_with("/$metadata", &[("x-api-key", "app-key")]).await;
     assert!(cached.headers().get("age").is_some(), "the cache is warm");
+    // An unread 5.9 MB answer would hold its connection through shutdown.
+    drop(cached);
 
     let resp = h.get("/$metadata").await;
     assert_eq!(resp.status(), 401, "no key");
@@ -199,5 +201,41 @@ async fn callers_that_load_metadata_together_cost_one_download() {
     let m = h.metrics().await;
     assert_eq!(counter(&m, "miss"), 1, "{m}");
     assert_eq!(counter(&m, "hit"), 7, "{m}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_reader_leading_a_fill_does_not_hold_back_the_callers_behind_it() {
+    use tokio::io::AsyncWriteExt;
+    let h = Harness::start().await;
+    h.wait_ready().await;
+    h.sim.set_latency(std::time::Duration::from_millis(300));
+    // The first caller asks for the document and never reads its answer.
+    let addr = h.proxy.trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    slow.write_all(
+        b"GET /api/data/v9.2/$metadata HTTP/1.1\r\nHost: proxy.test\r\nAccept: */*\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // The next one waits for that fill, not for that caller's reading: it
+    // gets the document from the cache, well within the fill wait.
+    let started = std::time::Instant::now();
+    let next = h.get("/$metadata").await;
+    assert_eq!(next.status(), 200);
+    assert!(
+        next.headers().get("age").is_some(),
+        "served from the entry the first fill made"
+    );
+    let document = next.bytes().await.expect("document");
+    assert!(document.len() > 1_000_000);
+    assert!(
+        started.elapsed() < dataverse_proxy::metadata_cache::FILL_WAIT,
+        "waited out the fill"
+    );
+    drop(slow);
     h.stop().await;
 }

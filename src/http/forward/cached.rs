@@ -100,15 +100,74 @@ pub async fn send(
     info.cache = Some(outcome.label());
     let Sent { response, permit } = sent;
     let (parts, body) = response.into_parts();
-    let body = if status == StatusCode::OK {
-        cache.fill(key, &parts.headers, body, lock)
-    } else {
-        Fill::through(body)
+    if status != StatusCode::OK {
+        return Ok(Sent {
+            response: Response::from_parts(parts, Either::Left(Fill::through(body))),
+            permit,
+        });
+    }
+    // Read whole before answering, at Dataverse's pace: the callers waiting
+    // for this fill (and the slot) never wait on this caller's reading.
+    let idle = state.upstream.idle_timeout;
+    let body = match read_whole(body, cache.max_entry(), idle).await? {
+        Whole::Complete(bytes) => {
+            cache.insert(key, &parts.headers, bytes.clone());
+            drop(lock);
+            if let Some(permit) = permit {
+                permit.finish();
+            }
+            return Ok(Sent {
+                response: Response::from_parts(parts, Either::Right(Full::new(bytes))),
+                permit: None,
+            });
+        }
+        Whole::TooLarge(prefix, rest) => Fill::prefixed(prefix, rest),
     };
+    drop(lock);
     Ok(Sent {
         response: Response::from_parts(parts, Either::Left(body)),
         permit,
     })
+}
+
+/// An answer read up to a size.
+enum Whole<B> {
+    /// It ended within the size.
+    Complete(Bytes),
+    /// It did not: what was read, and the rest.
+    TooLarge(Bytes, B),
+}
+
+/// Reads `body` to its end, unless it grows beyond `max` bytes; each frame
+/// must come within `idle`.
+async fn read_whole<B>(
+    mut body: B,
+    max: usize,
+    idle: std::time::Duration,
+) -> Result<Whole<B>, ProxyError>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    use http_body_util::BodyExt;
+    let mut bytes = bytes::BytesMut::new();
+    loop {
+        let frame = tokio::time::timeout(idle, body.frame())
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout(idle))?;
+        match frame {
+            None => return Ok(Whole::Complete(bytes.freeze())),
+            Some(Err(e)) => return Err(ProxyError::UpstreamBody(e.into())),
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    bytes.extend_from_slice(data);
+                }
+                if bytes.len() > max {
+                    return Ok(Whole::TooLarge(bytes.freeze(), body));
+                }
+            }
+        }
+    }
 }
 
 /// An answer made from `entry`: a 304 when the caller already holds it,

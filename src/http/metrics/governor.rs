@@ -33,6 +33,7 @@ pub(super) struct GovernorFamilies {
     transient: Family<OrgLabel, Counter>,
     exhausted: Family<OrgLabel, Counter>,
     rejected: Family<OrgLabel, Counter>,
+    held_too_long: Family<OrgLabel, Counter>,
 }
 
 impl GovernorFamilies {
@@ -86,6 +87,10 @@ impl GovernorFamilies {
             "governor_rejected",
             "Callers turned away with a proxy 429 (queue full or timeout)",
         );
+        let held_too_long = counter(
+            "governor_held_too_long",
+            "Slots released because they were held longer than governor.max_hold",
+        );
         let throttled_kind = registered(
             r,
             "governor_throttled_by_kind",
@@ -105,6 +110,7 @@ impl GovernorFamilies {
             transient,
             exhausted,
             rejected,
+            held_too_long,
         }
     }
 
@@ -128,6 +134,7 @@ impl GovernorFamilies {
             (&self.transient, &g.transient_retries),
             (&self.exhausted, &g.budget_exhausted),
             (&self.rejected, &g.rejected),
+            (&self.held_too_long, &g.held_too_long),
         ];
         for (family, value) in counters {
             sync_counter(&family.get_or_create(l), value.load(Ordering::Relaxed));
