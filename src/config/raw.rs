@@ -137,6 +137,7 @@ pub(super) struct RawGovernor {
     pub(super) redis_prefix: Option<String>,
     pub(super) redis_timeout: Option<String>,
     pub(super) lease_time: Option<String>,
+    pub(super) redis_ca_file: Option<String>,
     #[serde(deserialize_with = "lenient_number")]
     pub(super) expected_replicas: Option<usize>,
     #[serde(deserialize_with = "lenient_number")]

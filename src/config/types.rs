@@ -396,6 +396,9 @@ pub struct RedisSettings {
     pub timeout: Duration,
     /// Lifetime of a slot lease unless renewed.
     pub lease_time: Duration,
+    /// CA bundle (PEM) that a `rediss://` server's certificate must chain
+    /// to; `None`: the system's roots.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for GovernorConfig {

@@ -310,6 +310,7 @@ fn redis_settings(p: &mut Problems<'_>, g: &RawGovernor) -> Option<RedisSettings
         );
         return None;
     }
+    let tls = text.starts_with("rediss://");
     Some(RedisSettings {
         url,
         prefix: g
@@ -326,7 +327,44 @@ fn redis_settings(p: &mut Problems<'_>, g: &RawGovernor) -> Option<RedisSettings
             g.lease_time.as_deref(),
             Duration::from_secs(10),
         ),
+        ca_file: g.redis_ca_file.as_deref().map(std::path::PathBuf::from),
     })
+    .inspect(|s| redis_checks(p, s, tls))
+}
+
+/// Durations that would break the shared state, and the CA file.
+fn redis_checks(p: &mut Problems<'_>, s: &RedisSettings, tls: bool) {
+    if s.lease_time < Duration::from_millis(300) {
+        p.push(
+            "governor.lease_time",
+            "is under 300 ms: leases would expire before they are renewed",
+            "e.g. lease_time = \"10s\"",
+        );
+    }
+    if s.timeout.is_zero() {
+        p.push(
+            "governor.redis_timeout",
+            "is zero: every Redis call would time out",
+            "e.g. redis_timeout = \"250ms\"",
+        );
+    }
+    if let Some(ca) = &s.ca_file {
+        if !tls {
+            p.push(
+                "governor.redis_ca_file",
+                "is set but governor.redis_url is not rediss://",
+                "use rediss://host:port for TLS, or drop redis_ca_file",
+            );
+        } else if std::fs::read(ca)
+            .map_or(true, |pem| !pem.windows(11).any(|w| w == b"-----BEGIN "))
+        {
+            p.push(
+                "governor.redis_ca_file",
+                &format!("{} is not a readable PEM file", ca.display()),
+                "give the PEM bundle of the CA that signed the Redis server's certificate",
+            );
+        }
+    }
 }
 
 /// `[token]`: fetch timeout and backoff; egress and CA as for Dataverse.

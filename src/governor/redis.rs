@@ -19,6 +19,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::{ExposeSecret, SecretString};
+
+use crate::config::RedisSettings;
 use tokio::sync::Notify;
 
 use super::store::{Ask, Gate, Lease, SlotStore, StoreError, StoreFuture, TryAcquire, Waiter};
@@ -161,6 +163,28 @@ redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 10)
 return {ok, tostring(wait)}
 ";
 
+/// A client for `url`: `redis://`, or `rediss://` (TLS by rustls, the
+/// server's certificate checked against `ca_file` or the system's roots).
+/// Errors never echo the URL (it may carry a password).
+fn client(url: &SecretString, ca_file: Option<&std::path::Path>) -> Result<redis::Client, String> {
+    let not_a_url =
+        |e: redis::RedisError| format!("governor.redis_url is not a Redis URL ({:?})", e.kind());
+    let Some(ca_file) = ca_file else {
+        return redis::Client::open(url.expose_secret()).map_err(not_a_url);
+    };
+    let root_cert = std::fs::read(ca_file).map_err(|e| {
+        format!(
+            "governor.redis_ca_file {} cannot be read: {e}",
+            ca_file.display()
+        )
+    })?;
+    let certificates = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(root_cert),
+    };
+    redis::Client::build_with_tls(url.expose_secret(), certificates).map_err(not_a_url)
+}
+
 /// One org's keys and what its replicas' messages reach.
 struct OrgShared {
     /// `{prefix}:{org host}`; the keys are `…:leases`, `…:limit`, `…:gate`…
@@ -257,19 +281,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl SharedRedis {
     /// A client for `url` (nothing is connected until [`Self::spawn`]).
-    pub fn new(
-        url: &SecretString,
-        prefix: &str,
-        timeout: Duration,
-        lease_time: Duration,
-    ) -> Result<Arc<Self>, String> {
-        let client = redis::Client::open(url.expose_secret())
-            .map_err(|e| format!("governor.redis_url is not a Redis URL ({:?})", e.kind()))?;
+    pub fn new(settings: &RedisSettings) -> Result<Arc<Self>, String> {
+        let client = client(&settings.url, settings.ca_file.as_deref())?;
         Ok(Arc::new(Self {
             client,
-            prefix: prefix.to_owned(),
-            timeout,
-            lease_time,
+            prefix: settings.prefix.clone(),
+            timeout: settings.timeout,
+            lease_time: settings.lease_time,
             conn: RwLock::new(None),
             healthy: AtomicBool::new(false),
             orgs: Mutex::new(HashMap::new()),

@@ -444,10 +444,7 @@ fn shared_redis(config: &Config) -> std::io::Result<Option<Arc<crate::governor::
         .governor
         .redis
         .as_ref()
-        .map(|r| {
-            crate::governor::SharedRedis::new(&r.url, &r.prefix, r.timeout, r.lease_time)
-                .map_err(std::io::Error::other)
-        })
+        .map(|r| crate::governor::SharedRedis::new(r).map_err(std::io::Error::other))
         .transpose()
 }
 

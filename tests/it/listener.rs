@@ -79,12 +79,12 @@ use dataverse_proxy::sim::{Sim, SimConfig};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
 
 /// A throw-away CA, made per test.
-struct Ca {
+pub struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
 impl Ca {
-    fn new(name: &str) -> Self {
+    pub fn new(name: &str) -> Self {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params
@@ -96,12 +96,12 @@ impl Ca {
         }
     }
 
-    fn pem(&self) -> String {
+    pub fn pem(&self) -> String {
         self.issuer.pem()
     }
 
     /// A leaf certificate and its key, as PEM.
-    fn leaf(&self, cn: &str, dns: &[&str], uris: &[&str]) -> (String, String) {
+    pub fn leaf(&self, cn: &str, dns: &[&str], uris: &[&str]) -> (String, String) {
         let mut params =
             CertificateParams::new(dns.iter().map(|d| (*d).to_owned()).collect::<Vec<_>>())
                 .expect("params");
@@ -119,13 +119,13 @@ impl Ca {
     }
 }
 
-fn temp_dir() -> PathBuf {
+pub fn temp_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("dvp-tls-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).expect("mkdir");
     dir
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> String {
+pub fn write(dir: &Path, name: &str, text: &str) -> String {
     let path = dir.join(name);
     // Write then rename: the watcher never sees half a file.
     let tmp = dir.join(format!("{name}.tmp"));

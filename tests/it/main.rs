@@ -20,6 +20,7 @@ mod redis;
 mod reload;
 mod security;
 mod shared;
+mod shared_trust;
 mod sim;
 mod status;
 mod streaming;

@@ -11,11 +11,29 @@ pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     dir: std::path::PathBuf,
+    /// TLS only (`--tls-port`), with these certificate files.
+    tls: Option<Tls>,
+}
+
+/// A TLS listener's files: the server's certificate and key.
+#[derive(Clone)]
+pub struct Tls {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
 }
 
 impl RedisServer {
     /// Starts one; fails the test with the fix when `redis-server` is missing.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// One that speaks only TLS, with `tls`'s certificate.
+    pub async fn start_tls(tls: Tls) -> Self {
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<Tls>) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
@@ -26,19 +44,34 @@ impl RedisServer {
             child: None,
             port,
             dir,
+            tls,
         };
         server.launch().await;
         server
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT` (`rediss://localhost:PORT` over TLS).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.tls {
+            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(_) => format!("rediss://localhost:{}", self.port),
+        }
     }
 
     async fn launch(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some(tls) => command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&tls.cert)
+                .arg("--tls-key-file")
+                .arg(&tls.key)
+                .args(["--tls-auth-clients", "no"]),
+        };
+        let child = command
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .arg("--dir")
             .arg(&self.dir)
@@ -53,12 +86,22 @@ impl RedisServer {
             });
         self.child = Some(child);
         for _ in 0..200 {
-            if self.ping().await {
+            if self.answers().await {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("redis-server on port {} never answered PING", self.port);
+    }
+
+    /// PING answered (over TLS: the port accepts connections).
+    async fn answers(&self) -> bool {
+        if self.tls.is_some() {
+            return tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok();
+        }
+        self.ping().await
     }
 
     async fn ping(&self) -> bool {
