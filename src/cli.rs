@@ -102,6 +102,21 @@ impl Cli {
     }
 }
 
+/// The sources with the file found at start named explicitly: a reload
+/// reads that file again, and refuses when it is gone, instead of falling
+/// back to defaults because `./config.toml` disappeared.
+fn pinned(mut sources: crate::config::Sources) -> crate::config::Sources {
+    if sources.file.is_none() && sources.default_file {
+        let default = std::path::Path::new("config.toml");
+        if default.is_file() {
+            sources.file =
+                Some(std::fs::canonicalize(default).unwrap_or_else(|_| default.to_owned()));
+        }
+        sources.default_file = false;
+    }
+    sources
+}
+
 /// Runs the command line; `env` is the process environment.
 pub async fn run(cli: Cli, env: HashMap<String, String>) -> ExitCode {
     crate::install_crypto_provider();
@@ -234,7 +249,7 @@ async fn serve(config: Config, sources: Sources) -> ExitCode {
         "dataverse-proxy listening"
     );
     let control = crate::Control {
-        sources: Some(sources),
+        sources: Some(pinned(sources)),
         ..crate::Control::default()
     };
     tokio::spawn(shutdown_signal(control.shutdown.clone()));

@@ -55,9 +55,50 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 /// `POST /reload` (with `admin_reload = true`): reloads as SIGHUP does, and
 /// says what happened: 200 with the settings that still need a restart, or
 /// 422 with every problem (the running configuration stays). Off, 404.
-async fn reload(State(state): State<AppState>) -> axum::response::Response {
+///
+/// A browser page must not be able to trigger it: the request needs
+/// `X-Dataverse-Proxy-Reload: 1` (a header no form or simple request can
+/// carry, and the admin listener answers no CORS preflight), and a `Host`
+/// that is an address or `localhost` (a DNS-rebound name is refused).
+/// Whether `Host` names this machine by address (IPv4, `[IPv6]`) or as
+/// `localhost`, with or without a port.
+fn host_is_local(host: Option<&http::HeaderValue>) -> bool {
+    let Some(host) = host.and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let Ok(authority) = host.parse::<http::uri::Authority>() else {
+        return false;
+    };
+    let name = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+}
+
+async fn reload(
+    State(state): State<AppState>,
+    headers: http::HeaderMap,
+) -> axum::response::Response {
     if !state.admin_reload {
         return (StatusCode::NOT_FOUND, "admin_reload is off\n").into_response();
+    }
+    if headers
+        .get("x-dataverse-proxy-reload")
+        .is_none_or(|v| v != "1")
+    {
+        return (
+            StatusCode::FORBIDDEN,
+            "POST /reload needs the header X-Dataverse-Proxy-Reload: 1\n",
+        )
+            .into_response();
+    }
+    if !host_is_local(headers.get(http::header::HOST)) {
+        return (
+            StatusCode::FORBIDDEN,
+            "POST /reload must name the admin listener by address or localhost in Host\n",
+        )
+            .into_response();
     }
     let outcome = tokio::task::spawn_blocking({
         let state = state.clone();

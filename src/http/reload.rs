@@ -12,6 +12,11 @@
 //! - the governor's limit bounds, queue and replays (not its Redis
 //!   settings, `expected_replicas` or the retry budget).
 //!
+//! Refused although valid: a file that would open a closed proxy (no caller
+//! rule left, or no credential required any more), a changed
+//! `[caller_tokens]` (a removed tenant must not stay trusted), and a start-up
+//! file that is gone. `trusted_proxies` stays as started everywhere.
+//!
 //! A request keeps the rules it was admitted under to its end, and no
 //! connection is touched. Settings that shape listeners, clients, pools or
 //! per-org state need a restart; when the file changes them, the reload
@@ -79,7 +84,17 @@ fn try_reload(state: &AppState) -> Result<Reloaded, Vec<String>> {
             "this proxy was started without a configuration source to read again".to_owned(),
         ]);
     };
-    let new = Config::load(&sources).map_err(|e| e.problems)?;
+    if let Some(file) = sources.file.as_ref().filter(|f| !f.exists()) {
+        return Err(vec![format!(
+            "the configuration file {} the proxy started from is gone; restore it (a reload never falls back to defaults)",
+            file.display()
+        )]);
+    }
+    let mut new = Config::load(&sources).map_err(|e| e.problems)?;
+    refuse_weaker_access(&started, &new)?;
+    // Restart-only, and used in two places (admission and the public URL):
+    // kept as started everywhere, never half applied.
+    new.access.trusted_proxies = started.access.trusted_proxies.clone();
     let names = |c: &Config| c.orgs.iter().map(|o| o.name.clone()).collect::<Vec<_>>();
     if names(&new) != names(&started) {
         return Err(vec![
@@ -102,6 +117,28 @@ fn try_reload(state: &AppState) -> Result<Reloaded, Vec<String>> {
     Ok(Reloaded {
         restart_needed: restart_needed(&started, &new),
     })
+}
+
+/// A reload may not open what was closed, nor keep trusting what the file
+/// no longer trusts: both are refused (the running configuration stays).
+fn refuse_weaker_access(started: &Config, new: &Config) -> Result<(), Vec<String>> {
+    let (a, b) = (&started.access, &new.access);
+    let mut problems = Vec::new();
+    if (!a.is_open() && b.is_open()) || (a.require_credential && !b.require_credential) {
+        problems.push(
+            "access: the new configuration lets callers in without a credential or address rule, and the running one does not; restart the proxy to open it on purpose".to_owned(),
+        );
+    }
+    if format!("{:?}", a.caller_tokens) != format!("{:?}", b.caller_tokens) {
+        problems.push(
+            "caller_tokens: changed, and a reload cannot swap the token checks (a removed tenant or audience would stay trusted); restart the proxy to apply it".to_owned(),
+        );
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
 }
 
 /// The keys whose values differ between `started` and `new` but apply only

@@ -158,7 +158,8 @@ pub struct SimState {
     entra: Arc<EntraState>,
     tenant_id: String,
     org_url: String,
-    latency: Mutex<Duration>,
+    /// Added before Dataverse answers: a base and a spread (± uniform).
+    latency: Mutex<(Duration, Duration)>,
     abort_downloads_after: Mutex<Option<usize>>,
     dataverse_faults: Mutex<Option<DataverseFault>>,
     seen: Mutex<VecDeque<SeenRequest>>,
@@ -370,7 +371,12 @@ impl SimHandle {
 
     /// Adds latency before Dataverse answers.
     pub fn set_latency(&self, latency: Duration) {
-        *lock(&self.0.latency) = latency;
+        self.set_latency_spread(latency, Duration::ZERO);
+    }
+
+    /// Adds `latency ± spread` (uniform) before Dataverse answers.
+    pub fn set_latency_spread(&self, latency: Duration, spread: Duration) {
+        *lock(&self.0.latency) = (latency, spread.min(latency));
     }
 
     /// Makes file downloads break off after `bytes` (the connection is
@@ -538,7 +544,7 @@ impl Sim {
             entra: entra.clone(),
             tenant_id: tenant_id.to_owned(),
             org_url,
-            latency: Mutex::new(Duration::ZERO),
+            latency: Mutex::new((Duration::ZERO, Duration::ZERO)),
             abort_downloads_after: Mutex::new(None),
             dataverse_faults: Mutex::new(None),
             seen: Mutex::new(VecDeque::new()),

@@ -36,6 +36,7 @@ async fn reload(h: &Harness) -> (u16, serde_json::Value) {
     let resp = h
         .client
         .post(format!("{}/reload", h.admin))
+        .header("x-dataverse-proxy-reload", "1")
         .send()
         .await
         .expect("reload");
@@ -186,5 +187,108 @@ async fn a_reload_under_load_fails_no_request() {
         "no request failed across 10 reloads ({ok} succeeded)"
     );
     let h = Arc::try_unwrap(h).ok().expect("the only handle");
+    h.stop().await;
+}
+
+fn hash(key: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_browser_page_cannot_trigger_a_reload() {
+    let h = proxy("", "").await;
+    let url = format!("{}/reload", h.admin);
+    // A form post or fetch without the custom header.
+    let plain = h.client.post(&url).send().await.expect("post");
+    assert_eq!(plain.status(), 403);
+    // A DNS-rebound name in Host, even with the header.
+    let rebound = h
+        .client
+        .post(&url)
+        .header("x-dataverse-proxy-reload", "1")
+        .header("host", "attacker.example.com")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(rebound.status(), 403);
+    let status: serde_json::Value = h.admin_get("/status").await.json().await.expect("json");
+    assert_eq!(status["config"]["reloads"], 0, "nothing was reloaded");
+    assert_eq!(
+        reload(&h).await.0,
+        200,
+        "with the header and a local Host it works"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_that_would_open_a_closed_proxy_is_refused() {
+    let callers = format!(
+        "[[callers]]\nname = \"app\"\napi_key_sha256 = \"{}\"\n",
+        hash("app-key")
+    );
+    let h = proxy("", &callers).await;
+    assert_eq!(with_key(&h, "app-key").await, 200);
+    assert_eq!(h.get("/WhoAmI").await.status(), 401);
+    // Every caller removed: the proxy would act as the application user for anyone.
+    rewrite(&h, "", "");
+    let (status, body) = reload(&h).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["problems"].to_string().contains("access"), "{body}");
+    assert_eq!(h.get("/WhoAmI").await.status(), 401, "still closed");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_whose_file_is_gone_is_refused() {
+    let callers = format!(
+        "[[callers]]\nname = \"app\"\napi_key_sha256 = \"{}\"\n",
+        hash("app-key")
+    );
+    let h = proxy("", &callers).await;
+    let path = h.config_file.clone().expect("file");
+    std::fs::remove_file(&path).expect("rm");
+    let (status, body) = reload(&h).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["problems"].to_string().contains("gone"), "{body}");
+    assert_eq!(with_key(&h, "app-key").await, 200, "the running rules stay");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_that_changes_the_trusted_token_issuers_is_refused() {
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let tenant = sim.handle.tenant_id().to_owned();
+    let entra = sim.handle.entra_url().to_owned();
+    let audience = sim.handle.config().api_client_id.clone();
+    let tokens = |tenants: &str| {
+        format!(
+            "[caller_tokens]\naudiences = [\"{audience}\"]\ntenants = [{tenants}]\nauthority_host = \"{entra}\"\n\n[[callers]]\nname = \"users\"\ntoken = {{ tenants = [\"{tenant}\"], roles = [\"Reader\"] }}\n"
+        )
+    };
+    let h = Harness::with_file(
+        sim,
+        "admin_reload = true",
+        &format!(
+            "[org.policy]\n\n{}",
+            tokens(&format!(
+                "\"{tenant}\", \"00000000-0000-0000-0000-000000000001\""
+            ))
+        ),
+        &[],
+    )
+    .await;
+    h.wait_ready().await;
+    rewrite(&h, "", &tokens(&format!("\"{tenant}\"")));
+    let (status, body) = reload(&h).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["problems"].to_string().contains("caller_tokens"),
+        "{body}"
+    );
     h.stop().await;
 }

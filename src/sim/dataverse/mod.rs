@@ -162,9 +162,14 @@ async fn execute(sim: Arc<SimState>, req: Request) -> Response {
         Ok(_) => match limiter.admit() {
             Err(throttled) => throttled,
             Ok(in_flight) => {
-                let latency = *lock(&sim.latency);
-                if !latency.is_zero() {
-                    tokio::time::sleep(latency).await;
+                let (base, spread) = *lock(&sim.latency);
+                if !base.is_zero() {
+                    let spread = spread.as_micros() as u64;
+                    let jitter = fastrand::u64(0..=spread * 2);
+                    tokio::time::sleep(
+                        base + Duration::from_micros(jitter) - Duration::from_micros(spread),
+                    )
+                    .await;
                 }
                 let mut resp = match take_fault(&sim) {
                     Some(resp) => resp,
