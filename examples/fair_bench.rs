@@ -79,8 +79,14 @@ async fn replica(
             sim.config().client_secret.clone(),
         ),
         ("credential.token_url", sim.token_url()),
-        ("governor.max_concurrency", "52".to_owned()),
-        ("governor.ceiling", "52".to_owned()),
+        (
+            "governor.max_concurrency",
+            std::env::var("BENCH_MAX").unwrap_or("52".into()),
+        ),
+        (
+            "governor.ceiling",
+            std::env::var("BENCH_MAX").unwrap_or("52".into()),
+        ),
         ("governor.max_queue", "1000".to_owned()),
         ("governor.queue_timeout", "30s".to_owned()),
         ("log.format", "json".to_owned()),
@@ -89,6 +95,9 @@ async fn replica(
         overrides.push(("governor.redis_url", url.to_owned()));
         overrides.push(("governor.redis_prefix", uuid::Uuid::new_v4().to_string()));
         overrides.push(("governor.expected_replicas", "3".to_owned()));
+        if let Ok(t) = std::env::var("BENCH_REDIS_TIMEOUT") {
+            overrides.push(("governor.redis_timeout", t));
+        }
     }
     let config = Config::load(&Sources {
         overrides,
@@ -129,7 +138,7 @@ struct Caller {
 }
 
 /// The load for `secs`: connection j of every caller on replica j mod n.
-async fn run(bases: &[String], secs: u64) -> Vec<(String, Arc<Caller>)> {
+async fn run(bases: &[String], secs: u64, keys: bool) -> Vec<(String, Arc<Caller>)> {
     let stop = Arc::new(AtomicBool::new(false));
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(GREEDY + SMALL * SMALL_EACH)
@@ -150,7 +159,11 @@ async fn run(bases: &[String], secs: u64) -> Vec<(String, Arc<Caller>)> {
             tasks.push(tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     let started = Instant::now();
-                    match client.get(&url).header("x-api-key", &key).send().await {
+                    let mut req = client.get(&url);
+                    if keys {
+                        req = req.header("x-api-key", &key);
+                    }
+                    match req.send().await {
                         Ok(r) if r.status() == 200 => {
                             let _ = r.bytes().await;
                             caller.ok.fetch_add(1, Ordering::Relaxed);
@@ -161,10 +174,20 @@ async fn run(bases: &[String], secs: u64) -> Vec<(String, Arc<Caller>)> {
                                 .push(started.elapsed());
                         }
                         Ok(r) if r.status() == 429 => {
+                            if std::env::var("BENCH_DEBUG").is_ok() {
+                                eprintln!(
+                                    "429 {:?} {:?}",
+                                    r.headers().get("x-dataverse-proxy-error"),
+                                    r.headers().get("retry-after")
+                                );
+                            }
                             caller.throttled.fetch_add(1, Ordering::Relaxed);
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
-                        _ => {
+                        other => {
+                            if std::env::var("BENCH_DEBUG").is_ok() {
+                                eprintln!("other {:?}", other.map(|r| r.status()));
+                            }
                             caller.other.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -239,6 +262,12 @@ fn report(name: &str, callers: &[(String, Arc<Caller>)], secs: u64, sim: &SimHan
 #[tokio::main]
 async fn main() {
     dataverse_proxy::install_crypto_provider();
+    if std::env::var("BENCH_DEBUG").is_ok() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let secs = arg("--secs", 10);
     let redis = std::env::var("BENCH_REDIS_URL").ok();
     println!(
@@ -249,6 +278,7 @@ async fn main() {
         "| scenario | goodput/s | of limit | small callers' goodput/s | greedy p50 ms | greedy p99 ms | small p50 ms | small p99 ms | worst small caller p99 ms | small max ms | caller 429s | other errors | max in flight at the stand-in |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let only = std::env::var("BENCH_ONLY").ok();
     let mut rows: Vec<(&str, usize, bool)> = vec![
         ("1 replica, one flow (arrival order)", 1, false),
         ("1 replica, fair share", 1, true),
@@ -258,6 +288,9 @@ async fn main() {
         rows.push(("3 replicas + Redis, fair share", 3, true));
     }
     for (name, replicas, fair) in rows {
+        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
         let sim = stand_in().await;
         let mut bases = Vec::new();
         let mut stops = Vec::new();
@@ -268,7 +301,7 @@ async fn main() {
             bases.push(base);
             stops.push(stop);
         }
-        let callers = run(&bases, secs).await;
+        let callers = run(&bases, secs, fair).await;
         report(name, &callers, secs, &sim.handle);
         for s in stops {
             s.cancel();

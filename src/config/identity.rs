@@ -93,7 +93,7 @@ pub(super) fn caller_tokens(
             raw.clock_skew.as_deref(),
             Duration::from_secs(60),
         ),
-        key_refetch_interval: p.duration(
+        key_refetch_interval: p.nonzero_duration(
             "caller_tokens.key_refetch_interval",
             raw.key_refetch_interval.as_deref(),
             Duration::from_secs(300),

@@ -82,7 +82,7 @@ pub(super) fn tls(p: &mut Problems<'_>, raw: Option<RawTls>) -> Option<ListenerT
             "give the CA bundle client certificates are verified against",
         );
     }
-    let reload_interval = p.duration(
+    let reload_interval = p.nonzero_duration(
         "tls.reload_interval",
         raw.reload_interval.as_deref(),
         Duration::from_secs(10),

@@ -89,6 +89,18 @@ pub(super) struct Problems<'a> {
     pub(super) list: Vec<String>,
 }
 
+/// `value` with the user information of a URL (`user:password@`) masked.
+pub fn redacted(value: &str) -> String {
+    let Some((scheme, rest)) = value.split_once("://") else {
+        return value.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => value.to_owned(),
+    }
+}
+
 impl Problems<'_> {
     /// Where `key`'s value came from, for error messages.
     pub(super) fn origin(&self, key: &str) -> String {
@@ -151,6 +163,26 @@ impl Problems<'_> {
         }
     }
 
+    /// A duration that must be above zero (a zero would spin a timer or
+    /// close everything at once).
+    pub(super) fn nonzero_duration(
+        &mut self,
+        key: &str,
+        value: Option<&str>,
+        default: Duration,
+    ) -> Duration {
+        let d = self.duration(key, value, default);
+        if d.is_zero() {
+            self.push(
+                key,
+                "is zero, which the proxy cannot run with",
+                &format!("give a duration above zero, e.g. {default:?}"),
+            );
+            return default;
+        }
+        d
+    }
+
     pub(super) fn size(&mut self, key: &str, value: Option<&str>, default: usize) -> usize {
         match value {
             None => default,
@@ -166,8 +198,10 @@ impl Problems<'_> {
     }
 
     /// Parses an http(s) URL; `http` only for loopback hosts.
-    pub(super) fn url(&mut self, key: &str, value: &str) -> Option<Url> {
-        let url = match Url::parse(value) {
+    pub(super) fn url(&mut self, key: &str, raw: &str) -> Option<Url> {
+        // A URL's user information may be a password: never echoed.
+        let value = &redacted(raw);
+        let url = match Url::parse(raw) {
             Ok(u) => u,
             Err(e) => {
                 self.push(
@@ -178,6 +212,14 @@ impl Problems<'_> {
                 return None;
             }
         };
+        if !url.username().is_empty() || url.password().is_some() {
+            self.push(
+                key,
+                &format!("{value:?} carries a user name or password"),
+                "give the URL without credentials (the proxy authenticates with its Entra ID credential)",
+            );
+            return None;
+        }
         match url.scheme() {
             "https" => {}
             "http" if is_loopback(&url) => {}

@@ -424,3 +424,51 @@ fn compression_and_the_metadata_cache_are_on_by_default_and_checked() {
         assert!(message.contains(key), "{key} named in: {message}");
     }
 }
+
+#[test]
+fn a_url_with_a_password_is_refused_without_echoing_it() {
+    for url in [
+        "https://user:hunter2secret@contoso.crm.dynamics.com",
+        "http://user:hunter2secret@example.com",
+        "https://user:hunter2secret@bad host",
+    ] {
+        let mut vars = minimal_env();
+        vars.insert("DATAVERSE_URL".into(), url.into());
+        let err = Config::load(&Sources {
+            env: vars,
+            ..Sources::default()
+        })
+        .expect_err("refused");
+        let text = err.to_string();
+        assert!(text.contains("org.url"), "{text}");
+        assert!(!text.contains("hunter2secret"), "{text}");
+    }
+}
+
+#[test]
+fn zero_durations_that_break_things_are_refused() {
+    for (key, toml) in [
+        ("limits.idle_timeout", "[limits]\nidle_timeout = \"0s\"\n"),
+        (
+            "limits.header_read_timeout",
+            "[limits]\nheader_read_timeout = \"0s\"\n",
+        ),
+        (
+            "governor.lease_time",
+            "[governor]\nredis_url = \"redis://127.0.0.1:1\"\nlease_time = \"0s\"\n",
+        ),
+        ("governor.max_hold", "[governor]\nmax_hold = \"0s\"\n"),
+        (
+            "governor.fallback_concurrency",
+            "[governor]\nfallback_concurrency = 99\n",
+        ),
+        (
+            "callers[0].weight",
+            "[[callers]]\nname = \"a\"\ncidrs = [\"10.0.0.0/8\"]\nweight = 0\n",
+        ),
+    ] {
+        let (_, result) = load_toml(toml, minimal_env());
+        let text = result.expect_err(key).to_string();
+        assert!(text.contains(key), "{key}: {text}");
+    }
+}

@@ -277,6 +277,13 @@ fn governor(p: &mut Problems<'_>, g: RawGovernor) -> GovernorConfig {
             "Dataverse allows 52 concurrent requests per user and web server; keep a margin, e.g. 50 (with governor.redis_url every replica shares it)",
         );
     }
+    if governor.fallback_concurrency > 52 {
+        p.push(
+            "governor.fallback_concurrency",
+            &format!("{} is above 52", governor.fallback_concurrency),
+            "it is one replica's cap while Redis is away: at most Dataverse's 52, e.g. max_concurrency / expected_replicas",
+        );
+    }
     if governor.max_hold < Duration::from_secs(1) {
         p.push(
             "governor.max_hold",
@@ -317,12 +324,12 @@ fn redis_settings(p: &mut Problems<'_>, g: &RawGovernor) -> Option<RedisSettings
             .redis_prefix
             .clone()
             .unwrap_or_else(|| "dataverse-proxy".to_owned()),
-        timeout: p.duration(
+        timeout: p.nonzero_duration(
             "governor.redis_timeout",
             g.redis_timeout.as_deref(),
             Duration::from_millis(250),
         ),
-        lease_time: p.duration(
+        lease_time: p.nonzero_duration(
             "governor.lease_time",
             g.lease_time.as_deref(),
             Duration::from_secs(10),
@@ -339,13 +346,6 @@ fn redis_checks(p: &mut Problems<'_>, s: &RedisSettings, tls: bool) {
             "governor.lease_time",
             "is under 300 ms: leases would expire before they are renewed",
             "e.g. lease_time = \"10s\"",
-        );
-    }
-    if s.timeout.is_zero() {
-        p.push(
-            "governor.redis_timeout",
-            "is zero: every Redis call would time out",
-            "e.g. redis_timeout = \"250ms\"",
         );
     }
     if let Some(ca) = &s.ca_file {
@@ -419,13 +419,13 @@ fn limits(p: &mut Problems<'_>, l: RawLimits) -> LimitsConfig {
             64 << 10,
         ),
         max_headers: l.max_headers.unwrap_or(100),
-        header_read_timeout: p.duration(
+        header_read_timeout: p.nonzero_duration(
             "limits.header_read_timeout",
             l.header_read_timeout.as_deref(),
             Duration::from_secs(10),
         ),
         max_body: p.size("limits.max_body", l.max_body.as_deref(), 128 << 20),
-        body_idle_timeout: p.duration(
+        body_idle_timeout: p.nonzero_duration(
             "limits.body_idle_timeout",
             l.body_idle_timeout.as_deref(),
             Duration::from_secs(60),
@@ -434,33 +434,13 @@ fn limits(p: &mut Problems<'_>, l: RawLimits) -> LimitsConfig {
         max_query: p.size("limits.max_query", l.max_query.as_deref(), 32 << 10),
         max_concurrent_streams: l.max_concurrent_streams.unwrap_or(100),
         // nginx's keepalive_timeout.
-        idle_timeout: p.duration(
+        idle_timeout: p.nonzero_duration(
             "limits.idle_timeout",
             l.idle_timeout.as_deref(),
             Duration::from_secs(75),
         ),
         max_connections_per_ip: l.max_connections_per_ip,
     };
-    for (key, value, example) in [
-        (
-            "limits.header_read_timeout",
-            limits.header_read_timeout,
-            "10s",
-        ),
-        ("limits.idle_timeout", limits.idle_timeout, "75s"),
-        ("limits.body_idle_timeout", limits.body_idle_timeout, "60s"),
-    ] {
-        if value.is_zero() {
-            p.push(
-                key,
-                "is zero, which would close every connection at once",
-                &format!(
-                    "give a duration above zero, e.g. {} = \"{example}\"",
-                    key.trim_start_matches("limits.")
-                ),
-            );
-        }
-    }
     if limits.max_connections == 0 || limits.max_connections_per_ip == Some(0) {
         p.push(
             "limits.max_connections",

@@ -48,7 +48,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let id = match req.headers().get(REQUEST_ID) {
+        let id = match req.headers().get(REQUEST_ID).filter(|id| acceptable(id)) {
             Some(id) => id.clone(),
             None => {
                 let id = new_request_id();
@@ -61,6 +61,17 @@ where
             id: Some(id),
         }
     }
+}
+
+/// Longest caller-sent request id kept.
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// Whether a caller's request id is kept as it is: 1 to 128 visible ASCII
+/// characters (no spaces or controls, which logs and the status page would
+/// carry). Anything else is replaced by a new id.
+pub fn acceptable(id: &HeaderValue) -> bool {
+    let b = id.as_bytes();
+    !b.is_empty() && b.len() <= MAX_REQUEST_ID && b.iter().all(|c| c.is_ascii_graphic())
 }
 
 /// The inner answer, with the request id set on it.

@@ -524,3 +524,25 @@ async fn several_tenants_and_group_rules() {
     );
     h.stop().await;
 }
+
+#[tokio::test]
+async fn an_oid_that_cannot_be_sent_never_becomes_a_request_as_the_application_user() {
+    let sim = sim().await;
+    let callers = "[org.policy]\nimpersonation = [\"allow\"]\n\n[[callers]]\nname = \"portal\"\ntoken = {}\nimpersonate = \"caller\"\n";
+    let h = proxy(sim, callers).await;
+    h.sim.clear_seen();
+    let token = h
+        .sim
+        .mint_user_token("not\u{7f}a header value", &["user_impersonation"]);
+    let resp = h
+        .get_with("/WhoAmI", &[("authorization", &format!("Bearer {token}"))])
+        .await;
+    assert_eq!(
+        resp.status(),
+        500,
+        "{:?}",
+        resp.headers().get("x-dataverse-proxy-error")
+    );
+    assert!(h.sim.seen().is_empty(), "nothing reached Dataverse");
+    h.stop().await;
+}

@@ -380,3 +380,46 @@ async fn errors_name_the_request_id_and_keep_internal_detail_in_the_log() {
     }
     h.stop().await;
 }
+
+#[tokio::test]
+async fn caller_request_ids_are_checked_and_never_break_the_status_page() {
+    let h = crate::harness::Harness::start().await;
+    h.wait_ready().await;
+    let id_of = |resp: &reqwest::Response| {
+        resp.headers()["x-request-id"]
+            .to_str()
+            .expect("ascii")
+            .to_owned()
+    };
+    // Printable and short: kept.
+    let kept = h
+        .get_with("/WhoAmI", &[("x-request-id", "job-42/step.7")])
+        .await;
+    assert_eq!(id_of(&kept), "job-42/step.7");
+    // Too long, or with spaces: replaced by a new id.
+    let long = "a".repeat(129);
+    for bad in [long.as_str(), "two words", "tab\there"] {
+        let resp = h.get_with("/WhoAmI", &[("x-request-id", bad)]).await;
+        let id = id_of(&resp);
+        assert_ne!(id, bad);
+        assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+    }
+    // A hostile but printable id on a proxy error ends up in the page's data…
+    let hostile = "<!--<script>";
+    let resp = h
+        .client
+        .get(format!("{}/nowhere", h.proxy))
+        .header("x-request-id", hostile)
+        .send()
+        .await
+        .expect("404");
+    assert_eq!(resp.status(), 404);
+    // …escaped, so it cannot open a comment or a script inside the page.
+    let page = h.admin_get("/").await.text().await.expect("page");
+    assert!(!page.contains(hostile), "the id is inlined raw");
+    assert!(
+        page.contains("\\u003c!--\\u003cscript\\u003e"),
+        "the id is there, escaped"
+    );
+    h.stop().await;
+}

@@ -87,11 +87,10 @@ pub async fn admit(
     let resource = crate::policy::resource(api_path).unwrap_or_default();
     policy.check(&parts.method, &resource, caller.read_only)?;
     let mut restored = policy.restored_headers(&parts.headers, caller.privileged.as_deref());
-    if let Some(oid) = caller
-        .act_as
-        .as_deref()
-        .and_then(|o| HeaderValue::from_str(o).ok())
-    {
+    if let Some(oid) = caller.act_as.as_deref() {
+        // An id that cannot be sent must never turn into a request as the
+        // application user: the request fails instead.
+        let oid = HeaderValue::from_str(oid).map_err(|_| ProxyError::Internal)?;
         restored.push((CALLER_OBJECT_ID, oid));
     }
 

@@ -135,10 +135,27 @@ pub async fn status(State(state): State<AppState>) -> impl IntoResponse {
 /// `GET /`: the page with the first snapshot inside.
 pub async fn page(State(state): State<AppState>) -> impl IntoResponse {
     let first = serde_json::to_string(&snapshot(&state).await).unwrap_or_else(|_| "null".into());
-    // Inside a <script>: no `</` may close it early.
-    let first = first.replace("</", "<\\/");
-    let html = PAGE.replacen("/*INITIAL*/null", &first, 1);
+    let html = PAGE.replacen("/*INITIAL*/null", &script_safe(&first), 1);
     ([(header::CACHE_CONTROL, "no-store")], Html(html))
+}
+
+/// JSON made safe inside a `<script>`: `<`, `>` and `&` as `\u` escapes
+/// (no `</script>`, `<!--` or `]]>` can end or change the script), and
+/// U+2028/U+2029 escaped (line terminators in older JavaScript). The JSON
+/// means the same: these characters only occur inside strings.
+pub fn script_safe(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        match c {
+            '<' => out.push_str("\\u003c"),
+            '>' => out.push_str("\\u003e"),
+            '&' => out.push_str("\\u0026"),
+            '\u{2028}' => out.push_str("\\u2028"),
+            '\u{2029}' => out.push_str("\\u2029"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// The whole status, now.
@@ -256,4 +273,19 @@ pub fn spawn_ticker(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn inlined_json_cannot_end_the_script_and_means_the_same() {
+        let hostile = serde_json::json!({"id": "<!--<script></script>&\u{2028}\u{2029}]]>"});
+        let text = serde_json::to_string(&hostile).expect("json");
+        let safe = super::script_safe(&text);
+        for bad in ["<", ">", "&", "\u{2028}", "\u{2029}"] {
+            assert!(!safe.contains(bad), "{bad:?} left in {safe}");
+        }
+        let back: serde_json::Value = serde_json::from_str(&safe).expect("still JSON");
+        assert_eq!(back, hostile);
+    }
 }
