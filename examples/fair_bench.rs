@@ -67,7 +67,7 @@ async fn stand_in() -> Sim {
 /// A proxy in front of `sim`; its base URL and stop switch.
 async fn replica(
     sim: &SimHandle,
-    redis: Option<&str>,
+    redis: Option<(&str, &str)>,
     rules: Option<String>,
 ) -> (String, CancellationToken) {
     let mut overrides = vec![
@@ -91,10 +91,13 @@ async fn replica(
         ("governor.queue_timeout", "30s".to_owned()),
         ("log.format", "json".to_owned()),
     ];
-    if let Some(url) = redis {
+    if let Some((url, prefix)) = redis {
         overrides.push(("governor.redis_url", url.to_owned()));
-        overrides.push(("governor.redis_prefix", uuid::Uuid::new_v4().to_string()));
+        overrides.push(("governor.redis_prefix", prefix.to_owned()));
         overrides.push(("governor.expected_replicas", "3".to_owned()));
+        if let Ok(t) = std::env::var("BENCH_LEASE") {
+            overrides.push(("governor.lease_time", t));
+        }
         if let Ok(t) = std::env::var("BENCH_REDIS_TIMEOUT") {
             overrides.push(("governor.redis_timeout", t));
         }
@@ -294,9 +297,14 @@ async fn main() {
         let sim = stand_in().await;
         let mut bases = Vec::new();
         let mut stops = Vec::new();
+        // Fresh keys per row, shared by its replicas.
+        let prefix = uuid::Uuid::new_v4().to_string();
         for _ in 0..replicas {
             let rules = fair.then(caller_rules);
-            let shared = (replicas > 1).then_some(()).and(redis.as_deref());
+            let shared = redis
+                .as_deref()
+                .filter(|_| replicas > 1)
+                .map(|u| (u, prefix.as_str()));
             let (base, stop) = replica(&sim.handle, shared, rules).await;
             bases.push(base);
             stops.push(stop);

@@ -446,6 +446,9 @@ impl Governor {
         let waiter = store::Waiter {
             seq: place.seq(),
             wake: Arc::new(tokio::sync::Notify::new()),
+            since: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
         };
         let mut leaving = Leaving {
             governor: self,

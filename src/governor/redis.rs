@@ -27,10 +27,13 @@ use super::store::{Ask, Gate, Lease, SlotStore, StoreError, StoreFuture, TryAcqu
 
 /// Takes a lease unless the gate is closed, the shared limit is reached, or
 /// tickets with a smaller fair-share tag are ahead. KEYS: leases, limit,
-/// gate, queue (head tickets by their flow's start tag), seen (tickets by
-/// last attempt), tags (flow → finish tag), vtime; ARGV: lease ms, lease
-/// id, default limit, ticket ('' when not queued), flow, cost, min limit,
+/// gate, queue (head tickets by their start tag), seen (tickets by last
+/// attempt), tags (flow → finish tag), vtime; ARGV: lease ms, lease id,
+/// default limit, ticket ('' when not queued), flow, cost, min limit,
 /// ceiling, longest gate ms, slots this replica holds outside Redis.
+/// A ticket's start tag is fixed (and its flow charged) when it first
+/// enters, so its place never moves; tickets of equal tags are ordered by
+/// their names, which begin with the head's arrival time.
 /// Nothing read from Redis is trusted beyond the configured bounds: the
 /// limit is clamped to min..ceiling, the gate to the longest Retry-After
 /// (and shortened in Redis), the tags to a sane range. A ticket not seen
@@ -51,11 +54,17 @@ limit = math.max(tonumber(ARGV[7]), math.min(tonumber(ARGV[8]), math.floor(limit
 local free = limit - redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[10])
 local vt = tonumber(redis.call('GET', KEYS[7])) or 0
 if vt ~= vt or vt < 0 or vt > 4503599627370496 then vt = 0; redis.call('DEL', KEYS[6]) end
-local fin = tonumber(redis.call('HGET', KEYS[6], ARGV[5])) or 0
-if fin ~= fin or fin < vt then fin = vt end
-if fin > vt + 1000000000 then fin = vt + 1000000000 end
-local start = fin
 local ticket = ARGV[4]
+local start = tonumber(redis.call('ZSCORE', KEYS[4], ticket))
+if not start then
+  -- A new head, or a caller that has not queued: its start tag, charged now.
+  local fin = tonumber(redis.call('HGET', KEYS[6], ARGV[5])) or 0
+  if fin ~= fin or fin < vt then fin = vt end
+  if fin > vt + 1000000000 then fin = vt + 1000000000 end
+  start = fin
+  redis.call('HSET', KEYS[6], ARGV[5], start + tonumber(ARGV[6]))
+  redis.call('PEXPIRE', KEYS[6], 600000)
+end
 local ahead
 if ticket == '' then
   ahead = redis.call('ZCARD', KEYS[4])
@@ -70,8 +79,6 @@ if ahead < free then
   if ticket ~= '' then redis.call('ZREM', KEYS[4], ticket); redis.call('ZREM', KEYS[5], ticket) end
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 3)
-  redis.call('HSET', KEYS[6], ARGV[5], start + tonumber(ARGV[6]))
-  redis.call('PEXPIRE', KEYS[6], 600000)
   redis.call('SET', KEYS[7], math.max(vt, start), 'PX', 600000)
   return {1, limit}
 end
@@ -205,18 +212,24 @@ struct OrgShared {
 }
 
 impl OrgShared {
-    fn ticket(&self, seq: u64) -> String {
-        format!("{}:{seq}", self.replica)
+    /// A head's ticket: `{arrival ms}:{replica}:{seq}`, so that among equal
+    /// tags the earlier head sorts first (replicas' clocks agree closely
+    /// enough for an order among ties).
+    fn ticket(&self, waiter: &Waiter) -> String {
+        let arrived = waiter.since.saturating_sub(1_000_000_000_000);
+        format!("{arrived:013}:{}:{}", self.replica, waiter.seq)
     }
 
     /// Wakes the heads of this replica named in a release message.
     fn wake(&self, tickets: &str) {
         let heads = lock(&self.heads);
-        for seq in tickets
-            .split(',')
-            .filter_map(|t| t.strip_prefix(self.replica.as_str()))
-            .filter_map(|t| t.strip_prefix(':')?.parse::<u64>().ok())
-        {
+        for seq in tickets.split(',').filter_map(|t| {
+            let (_, rest) = t.split_once(':')?;
+            rest.strip_prefix(self.replica.as_str())?
+                .strip_prefix(':')?
+                .parse::<u64>()
+                .ok()
+        }) {
             if let Some(wake) = heads.get(&seq) {
                 wake.notify_one();
             }
@@ -558,7 +571,7 @@ impl SlotStore for RedisStore {
     fn try_acquire(&self, ask: Ask<'_>) -> StoreFuture<'_, TryAcquire> {
         let ticket = ask.waiter.map_or(String::new(), |w| {
             lock(&self.org.heads).insert(w.seq, w.wake.clone());
-            self.org.ticket(w.seq)
+            self.org.ticket(w)
         });
         let seq = ask.waiter.map(|w| w.seq);
         let (flow, cost) = (ask.flow.key.clone(), ask.flow.cost());
@@ -626,7 +639,7 @@ impl SlotStore for RedisStore {
     fn leave(&self, waiter: &Waiter) {
         lock(&self.org.heads).remove(&waiter.seq);
         let (redis, org) = (self.redis.clone(), self.org.clone());
-        let ticket = org.ticket(waiter.seq);
+        let ticket = org.ticket(waiter);
         let leave = async move {
             let mut call = redis.scripts.leave.key(format!("{}:queue", org.key));
             call.key(format!("{}:queue-seen", org.key));

@@ -56,6 +56,8 @@ pub struct Waiter {
     pub seq: u64,
     /// Notified when this head should try again.
     pub wake: Arc<Notify>,
+    /// When it became a head (Unix milliseconds): orders equal tags.
+    pub since: u64,
 }
 
 /// One attempt at a slot.
