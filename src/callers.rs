@@ -16,7 +16,7 @@ use http::{HeaderMap, HeaderName};
 use sha2::Digest;
 use tokio::time::Instant;
 
-use crate::config::{Access, Caller, CertificateRequirement, TokenRequirement};
+use crate::config::{Access, Caller, CertificateRequirement, SubjectName, TokenRequirement};
 use crate::governor::SharedRedis;
 use crate::identity::{Principal, TokenError, Verifier};
 
@@ -65,19 +65,24 @@ pub struct PeerCertificate {
     /// Subject common names.
     pub common_names: Vec<String>,
     /// Subject alternative names: DNS names, URIs, e-mail addresses.
-    pub sans: Vec<String>,
+    pub sans: Vec<SubjectName>,
 }
 
 impl PeerCertificate {
-    /// Whether it carries one of the names `req` lists.
+    /// Whether it carries one of the names `req` lists. A common name
+    /// counts only on a certificate without SANs, unless the rule says
+    /// otherwise: where SANs exist, they are the identity (RFC 6125).
     pub fn meets(&self, req: &CertificateRequirement) -> bool {
-        req.common_names
-            .iter()
-            .any(|n| self.common_names.contains(n))
+        let by_cn = (self.sans.is_empty() || req.common_name_with_sans)
+            && req
+                .common_names
+                .iter()
+                .any(|n| self.common_names.contains(n));
+        by_cn
             || req
                 .sans
                 .iter()
-                .any(|n| self.sans.iter().any(|s| s.eq_ignore_ascii_case(n)))
+                .any(|n| self.sans.iter().any(|s| n.names(s)))
     }
 }
 
@@ -320,7 +325,8 @@ fn meets(req: &TokenRequirement, p: &Principal) -> bool {
     let any = |wanted: &[String], have: &[String]| {
         wanted.is_empty() || wanted.iter().any(|w| have.contains(w))
     };
-    any(&req.app_ids, std::slice::from_ref(&p.app_id))
+    !(req.app_only && p.is_user)
+        && any(&req.app_ids, std::slice::from_ref(&p.app_id))
         && any(&req.object_ids, std::slice::from_ref(&p.object_id))
         && any(&req.tenants, std::slice::from_ref(&p.tenant))
         && any(&req.roles, &p.roles)

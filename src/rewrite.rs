@@ -110,6 +110,12 @@ impl Patterns {
 }
 
 impl Rewriter {
+    /// What links become: rewriters with the same replacement (for the
+    /// same org) rewrite alike.
+    pub fn replacement(&self) -> &[u8] {
+        &self.0.replacement
+    }
+
     /// Rewrites every `{from}/api/data/` to `{to}/api/data/`. Origins are
     /// given without a trailing slash; `to` may carry a path prefix.
     /// Returns `None` when there is nothing to do (all `from` equal `to`).

@@ -38,16 +38,62 @@ pub struct TokenRequirement {
     pub scopes: Vec<String>,
     /// Group object ids (`groups`).
     pub groups: Vec<String>,
+    /// Only app-only tokens (client credentials), never a user's.
+    pub app_only: bool,
 }
 
 /// What a caller rule asks of a client certificate (mTLS).
 #[derive(Debug, Clone, Default)]
 pub struct CertificateRequirement {
-    /// Subject common names; any of them.
+    /// Subject common names; any of them, looked at only when the
+    /// certificate has no subject alternative name (RFC 6125 §6.4.4) or
+    /// `common_name_with_sans` says so.
     pub common_names: Vec<String>,
-    /// Subject alternative names (DNS names, URIs such as SPIFFE ids,
-    /// e-mail addresses); any of them.
-    pub sans: Vec<String>,
+    /// Subject alternative names, each of its own type; any of them.
+    pub sans: Vec<SubjectName>,
+    /// Match `common_names` even on a certificate that has SANs.
+    pub common_name_with_sans: bool,
+}
+
+/// A typed subject alternative name: `dns:…`, `uri:…` or `email:…` in the
+/// config. Typed so that a DNS name never matches a URI or an e-mail
+/// address that happens to be spelt alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubjectName {
+    /// A DNS name; compared without regard to ASCII case.
+    Dns(String),
+    /// A URI such as a SPIFFE id; compared exactly.
+    Uri(String),
+    /// An e-mail address (RFC 822 name); compared without regard to ASCII case.
+    Email(String),
+}
+
+impl SubjectName {
+    /// Parses `dns:…`, `uri:…` or `email:…`.
+    pub fn parse(typed: &str) -> Option<Self> {
+        let (kind, name) = typed.trim().split_once(':')?;
+        let name = name.trim().to_owned();
+        if name.is_empty() {
+            return None;
+        }
+        match kind.to_ascii_lowercase().as_str() {
+            "dns" => Some(Self::Dns(name)),
+            "uri" => Some(Self::Uri(name)),
+            "email" => Some(Self::Email(name)),
+            _ => None,
+        }
+    }
+
+    /// Whether `self` (the config's) names `other` (the certificate's).
+    pub fn names(&self, other: &SubjectName) -> bool {
+        match (self, other) {
+            (Self::Dns(a), Self::Dns(b)) | (Self::Email(a), Self::Email(b)) => {
+                a.eq_ignore_ascii_case(b)
+            }
+            (Self::Uri(a), Self::Uri(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 /// Acting as the calling user (`impersonate = "caller"`).
@@ -106,32 +152,44 @@ pub(super) fn caller_tokens(
     })
 }
 
-/// A caller's `token = { … }` table.
+/// A caller's `token = { … }` table. A rule that names none of the lists
+/// would admit every app and user of the accepted tenants; it is refused
+/// unless `any_app = true` says that is meant.
 pub(super) fn token_requirement(
     p: &mut Problems<'_>,
     key: &str,
     raw: RawTokenRequirement,
 ) -> TokenRequirement {
-    TokenRequirement {
-        app_ids: guids(
-            p,
-            &format!("{key}.app_ids"),
-            raw.app_ids.unwrap_or_default(),
-        ),
-        object_ids: guids(
-            p,
-            &format!("{key}.object_ids"),
-            raw.object_ids.unwrap_or_default(),
-        ),
-        tenants: guids(
-            p,
-            &format!("{key}.tenants"),
-            raw.tenants.unwrap_or_default(),
-        ),
+    let (any_app, app_only) = (raw.any_app == Some(true), raw.app_only == Some(true));
+    let mut ids = |name: &str, list: Option<Vec<String>>| {
+        guids(p, &format!("{key}.{name}"), list.unwrap_or_default())
+    };
+    let req = TokenRequirement {
+        app_ids: ids("app_ids", raw.app_ids),
+        object_ids: ids("object_ids", raw.object_ids),
+        tenants: ids("tenants", raw.tenants),
+        groups: ids("groups", raw.groups),
         roles: raw.roles.unwrap_or_default(),
         scopes: raw.scopes.unwrap_or_default(),
-        groups: guids(p, &format!("{key}.groups"), raw.groups.unwrap_or_default()),
+        app_only,
+    };
+    let narrowed = [
+        &req.app_ids,
+        &req.object_ids,
+        &req.roles,
+        &req.scopes,
+        &req.groups,
+    ]
+    .iter()
+    .any(|l| !l.is_empty());
+    if !narrowed && !any_app {
+        p.push(
+            key,
+            "admits a token of any app or user of the accepted tenants",
+            "narrow it with app_ids, object_ids, roles, scopes or groups, or say any_app = true if that is meant",
+        );
     }
+    req
 }
 
 /// A caller's `client_certificate = { … }` table.
@@ -140,15 +198,27 @@ pub(super) fn certificate_requirement(
     key: &str,
     raw: RawCertificateRequirement,
 ) -> CertificateRequirement {
+    let mut sans = Vec::new();
+    for typed in raw.sans.unwrap_or_default() {
+        match SubjectName::parse(&typed) {
+            Some(name) => sans.push(name),
+            None => p.push(
+                &format!("{key}.sans"),
+                &format!("{typed:?} is not a typed subject alternative name"),
+                "write each as dns:NAME, uri:URI or email:ADDRESS, e.g. \"uri:spiffe://cluster.local/ns/orders/sa/api\"",
+            ),
+        }
+    }
     let req = CertificateRequirement {
         common_names: raw.common_names.unwrap_or_default(),
-        sans: raw.sans.unwrap_or_default(),
+        sans,
+        common_name_with_sans: raw.common_name_with_sans.unwrap_or(false),
     };
     if req.common_names.is_empty() && req.sans.is_empty() {
         p.push(
             key,
             "names no common_names or sans",
-            "list the certificate subjects this caller presents, e.g. sans = [\"orders.internal.example.com\"]",
+            "list the certificate subjects this caller presents, e.g. sans = [\"dns:orders.internal.example.com\"]",
         );
     }
     req

@@ -45,7 +45,9 @@ mod validate;
 mod tests;
 
 pub use credentials::warn_if_readable_by_others;
-pub use identity::{ActAsCaller, CallerTokens, CertificateRequirement, TokenRequirement};
+pub use identity::{
+    ActAsCaller, CallerTokens, CertificateRequirement, SubjectName, TokenRequirement,
+};
 pub use listener::{CorsConfig, ListenerTls};
 pub use policy::{Access, Caller, Impersonation, PRIVILEGED_HEADERS, Policy, WEB_API_METHODS};
 pub use problems::{ConfigError, parse_duration, parse_size};

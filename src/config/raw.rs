@@ -72,6 +72,8 @@ pub(super) struct RawTokenRequirement {
     pub(super) scopes: Option<Vec<String>>,
     #[serde(deserialize_with = "lenient_list")]
     pub(super) groups: Option<Vec<String>>,
+    pub(super) any_app: Option<bool>,
+    pub(super) app_only: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -81,6 +83,7 @@ pub(super) struct RawCertificateRequirement {
     pub(super) common_names: Option<Vec<String>>,
     #[serde(deserialize_with = "lenient_list")]
     pub(super) sans: Option<Vec<String>>,
+    pub(super) common_name_with_sans: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]

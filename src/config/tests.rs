@@ -316,6 +316,73 @@ fn caller_tokens_and_acting_as_the_caller_load() {
 }
 
 #[test]
+fn broad_token_rules_and_untyped_sans_are_refused() {
+    let head = format!(
+        "[caller_tokens]\naudiences = [\"api://dataverse-proxy\"]\ntenants = [\"{TENANT}\"]\n\n"
+    );
+    for (rule, key) in [
+        ("token = {}".to_owned(), "admits a token of any app"),
+        (
+            format!("token = {{ tenants = [\"{TENANT}\"] }}"),
+            "admits a token of any app",
+        ),
+        (
+            "token = { app_only = true }".to_owned(),
+            "admits a token of any app",
+        ),
+        (
+            "client_certificate = { sans = [\"orders.internal\"] }".to_owned(),
+            "\"orders.internal\" is not a typed",
+        ),
+        (
+            "client_certificate = { sans = [\"ip:10.0.0.1\"] }".to_owned(),
+            "`callers[0].client_certificate.sans`",
+        ),
+    ] {
+        let text = format!("{head}[[callers]]\nname = \"a\"\n{rule}\n");
+        let err = load_toml(&text, minimal_env()).1.expect_err(&rule);
+        let err = err.to_string();
+        assert!(err.contains(key), "{rule}: {err}");
+        let named = if rule.contains("sans") {
+            "`callers[0].client_certificate.sans`"
+        } else {
+            "`callers[0].token`"
+        };
+        assert!(err.contains(named), "{rule}: {err}");
+    }
+    let text =
+        format!("{head}[[callers]]\nname = \"a\"\ntoken = {{ any_app = true, app_only = true }}\n");
+    let cfg = load_toml(&text, minimal_env()).1.expect("valid");
+    assert!(
+        cfg.access.callers[0]
+            .token
+            .as_ref()
+            .expect("token")
+            .app_only
+    );
+    // Typed SANs are accepted (the one problem left is the missing client CA).
+    let text = "[[callers]]\nname = \"b\"\nclient_certificate = { sans = [\"DNS:a.internal\", \"uri:spiffe://c/ns/x/sa/y\", \"email:ops@example.com\"] }\n";
+    let err = load_toml(text, minimal_env()).1.expect_err("no client CA");
+    assert!(err.to_string().contains("(1 problem)"), "{err}");
+    assert!(err.to_string().contains("client_ca_file"), "{err}");
+}
+
+#[test]
+fn subject_names_are_typed() {
+    let dns = SubjectName::parse("DNS:a.internal").expect("dns");
+    assert_eq!(dns, SubjectName::Dns("a.internal".into()));
+    assert!(dns.names(&SubjectName::Dns("A.Internal".into())));
+    assert!(!dns.names(&SubjectName::Uri("a.internal".into())));
+    assert!(!dns.names(&SubjectName::Email("a.internal".into())));
+    let uri = SubjectName::parse("uri:spiffe://c/ns/x/sa/y").expect("uri");
+    assert!(uri.names(&SubjectName::Uri("spiffe://c/ns/x/sa/y".into())));
+    assert!(!uri.names(&SubjectName::Uri("spiffe://c/ns/x/sa/Y".into())));
+    for bad in ["orders.internal", "ip:10.0.0.1", "dns:", "email: "] {
+        assert_eq!(SubjectName::parse(bad), None, "{bad}");
+    }
+}
+
+#[test]
 fn identity_mistakes_name_their_keys() {
     let text = format!(
         "[[callers]]\nname = \"a\"\ntoken = {{ app_ids = [\"not-a-guid\"] }}\n\n\

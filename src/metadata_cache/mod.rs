@@ -10,21 +10,38 @@
 //! schema change shows up within `fresh_for`. Nothing else is cached: data
 //! answers depend on the rows and the user (docs/dataverse.md, "Compression and caching").
 //!
-//! Entries are bounded by bytes (moka's weigher) and keyed by everything
-//! that selects the representation: the path and query, `Accept`, `Prefer`,
-//! `Accept-Language`, and the user Dataverse acts as.
+//! Entries are keyed by everything that selects the representation: the
+//! path and query, `Accept`, `Prefer`, `Accept-Language`, and the user
+//! Dataverse acts as, hashed (SHA-256), so a caller's 60 KB header costs the
+//! cache 32 bytes. They are bounded by bytes (moka's weigher: body, kept
+//! headers, key and bookkeeping) and in number (each weighs at least
+//! `max_bytes / MAX_ENTRIES`).
+//!
+//! A caller's form of an entry (links rewritten, coded as its
+//! `Accept-Encoding` asks) is kept too, as a *variant* of its own under a
+//! key made from the entry's: parallel hits with `Accept-Encoding: br`
+//! cost one decode, rewrite and encode per entry and coding, not one per
+//! hit.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use http_body::{Body, Frame, SizeHint};
+use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
+use crate::compression::Coding;
 use crate::config::MetadataCacheConfig;
+
+/// The most entries (answers and variants) one org's cache holds.
+pub const MAX_ENTRIES: usize = 4096;
+
+/// What an entry costs beyond its bytes: the key, the `Arc`, moka's node.
+const ENTRY_OVERHEAD: usize = 256;
 
 /// Resources (as [`crate::policy::resource`] names them) whose answers are
 /// kept.
@@ -56,34 +73,98 @@ static KEPT: [HeaderName; 7] = [
     HeaderName::from_static("preference-applied"),
 ];
 
-/// What identifies one cached answer.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Key {
-    target: String,
-    selecting: [Option<HeaderValue>; 5],
+/// What identifies one cached answer: a SHA-256 of the target and every
+/// value of the selecting headers, each length-prefixed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key([u8; 32]);
+
+impl Key {
+    fn of(target: &str, headers: &HeaderMap) -> Self {
+        let mut hash = Sha256::new();
+        let mut part = |bytes: &[u8]| {
+            hash.update((bytes.len() as u64).to_be_bytes());
+            hash.update(bytes);
+        };
+        part(target.as_bytes());
+        for name in &SELECTING {
+            for value in headers.get_all(name) {
+                part(name.as_str().as_bytes());
+                part(value.as_bytes());
+            }
+        }
+        Self(hash.finalize().into())
+    }
+
+    /// The key of `entry`'s variant coded as `coding` (`None`: identity)
+    /// with links made to start with `links` (empty: not rewritten). The
+    /// entry's generation is part of it: a changed answer's variants are
+    /// never served for the new one.
+    pub fn variant(&self, entry: &Entry, coding: Option<Coding>, links: &[u8]) -> Self {
+        let mut hash = Sha256::new();
+        hash.update(b"variant");
+        hash.update(self.0);
+        hash.update(entry.generation.to_be_bytes());
+        hash.update(coding.map_or("identity", Coding::token));
+        hash.update((links.len() as u64).to_be_bytes());
+        hash.update(links);
+        Self(hash.finalize().into())
+    }
 }
 
-/// One kept answer (always a 200).
+/// One kept answer (always a 200), or a caller's form of one.
 #[derive(Debug)]
 pub struct Entry {
     pub headers: HeaderMap,
     pub body: Bytes,
     /// When Dataverse last confirmed it (fetched or answered 304).
     pub checked: Instant,
+    /// Which fill it came from; kept across revalidations.
+    generation: u64,
+    /// Codings whose variant is larger than `max_entry` (one bit each):
+    /// those are made afresh at each hit rather than tried again.
+    unkept: AtomicU8,
 }
 
 impl Entry {
+    fn new(headers: HeaderMap, body: Bytes, checked: Instant, generation: u64) -> Self {
+        Self {
+            headers,
+            body,
+            checked,
+            generation,
+            unkept: AtomicU8::new(0),
+        }
+    }
+
     pub fn etag(&self) -> Option<&HeaderValue> {
         self.headers.get(header::ETAG)
     }
 
-    fn weight(&self) -> u32 {
+    /// Whether the variant coded as `coding` is known not to fit.
+    pub fn variant_unkept(&self, coding: Option<Coding>) -> bool {
+        self.unkept.load(Ordering::Relaxed) & coding_bit(coding) != 0
+    }
+
+    /// Marks the variant coded as `coding` as too large to keep.
+    pub fn set_variant_unkept(&self, coding: Option<Coding>) {
+        self.unkept.fetch_or(coding_bit(coding), Ordering::Relaxed);
+    }
+
+    fn weight(&self, floor: usize) -> u32 {
         let headers: usize = self
             .headers
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len())
             .sum();
-        u32::try_from(self.body.len() + headers).unwrap_or(u32::MAX)
+        let weight = (self.body.len() + headers + ENTRY_OVERHEAD).max(floor);
+        u32::try_from(weight).unwrap_or(u32::MAX)
+    }
+}
+
+fn coding_bit(coding: Option<Coding>) -> u8 {
+    match coding {
+        None => 1,
+        Some(c) => 2 << Coding::ALL.iter().position(|a| *a == c).unwrap_or(0),
     }
 }
 
@@ -109,6 +190,8 @@ pub struct CacheStats {
     pub revalidated: AtomicU64,
     /// Stale, and Dataverse sent a new answer (the schema changed).
     pub changed: AtomicU64,
+    /// Variants made (decoded, rewritten, encoded for a caller's coding).
+    pub variants_made: AtomicU64,
 }
 
 /// One org's metadata cache.
@@ -120,6 +203,8 @@ pub struct MetadataCache {
     fills: moka::sync::Cache<Key, Arc<tokio::sync::Mutex<()>>>,
     config: MetadataCacheConfig,
     stats: Arc<CacheStats>,
+    /// The last fill's generation.
+    generations: AtomicU64,
 }
 
 /// The longest a caller waits for another's fetch of the same answer
@@ -145,9 +230,11 @@ pub struct FillLock(
 
 impl MetadataCache {
     pub fn new(config: &MetadataCacheConfig) -> Self {
+        // Each entry weighs at least this: at most MAX_ENTRIES fit.
+        let floor = config.max_bytes / MAX_ENTRIES;
         let entries = moka::sync::Cache::builder()
             .max_capacity(config.max_bytes as u64)
-            .weigher(|_: &Key, e: &Arc<Entry>| e.weight())
+            .weigher(move |_: &Key, e: &Arc<Entry>| e.weight(floor))
             .build();
         let fills = moka::sync::Cache::builder()
             .max_capacity(10_000)
@@ -158,6 +245,7 @@ impl MetadataCache {
             fills,
             config: config.clone(),
             stats: Arc::default(),
+            generations: AtomicU64::new(0),
         }
     }
 
@@ -166,7 +254,7 @@ impl MetadataCache {
     pub async fn turn(&self, key: &Key) -> Turn {
         let lock = self
             .fills
-            .get_with(key.clone(), || Arc::new(tokio::sync::Mutex::new(())));
+            .get_with(*key, || Arc::new(tokio::sync::Mutex::new(())));
         let Ok(guard) = tokio::time::timeout(FILL_WAIT, lock.lock_owned()).await else {
             return Turn::Alone;
         };
@@ -187,10 +275,7 @@ impl MetadataCache {
         if method != Method::GET || !CACHED.contains(&resource) {
             return None;
         }
-        Some(Key {
-            target: path_and_query.to_owned(),
-            selecting: SELECTING.each_ref().map(|n| headers.get(n).cloned()),
-        })
+        Some(Key::of(path_and_query, headers))
     }
 
     /// Finds `key`; `check` (the caller sent `Cache-Control: no-cache` or
@@ -205,12 +290,13 @@ impl MetadataCache {
 
     /// Dataverse answered 304 for `entry`: fresh again from now.
     pub fn revalidated(&self, key: &Key, entry: &Entry) -> Arc<Entry> {
-        let renewed = Arc::new(Entry {
-            headers: entry.headers.clone(),
-            body: entry.body.clone(),
-            checked: Instant::now(),
-        });
-        self.entries.insert(key.clone(), renewed.clone());
+        let renewed = Arc::new(Entry::new(
+            entry.headers.clone(),
+            entry.body.clone(),
+            Instant::now(),
+            entry.generation,
+        ));
+        self.entries.insert(*key, renewed.clone());
         renewed
     }
 
@@ -221,13 +307,37 @@ impl MetadataCache {
 
     /// Keeps a whole 200 answer under `key` (its headers are the 200's).
     pub fn insert(&self, key: Key, headers: &HeaderMap, body: Bytes) -> Arc<Entry> {
-        let entry = Arc::new(Entry {
-            headers: kept_headers(headers),
+        let entry = Arc::new(Entry::new(
+            kept_headers(headers),
             body,
-            checked: Instant::now(),
-        });
+            Instant::now(),
+            self.next_generation(),
+        ));
         self.entries.insert(key, entry.clone());
         entry
+    }
+
+    /// The variant under `key`, if kept.
+    pub fn variant(&self, key: &Key) -> Option<Arc<Entry>> {
+        self.entries.get(key)
+    }
+
+    /// Keeps `of`'s variant: the caller's `headers` and `body`, as old as `of`.
+    pub fn insert_variant(
+        &self,
+        key: Key,
+        of: &Entry,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Arc<Entry> {
+        let variant = Arc::new(Entry::new(headers, body, of.checked, of.generation));
+        self.entries.insert(key, variant.clone());
+        self.stats.variants_made.fetch_add(1, Ordering::Relaxed);
+        variant
+    }
+
+    fn next_generation(&self) -> u64 {
+        self.generations.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// A body that passes `body` through and keeps a copy under `key` when
@@ -391,11 +501,8 @@ where
             }
             Poll::Ready(None) => {
                 if let Some(f) = this.filling.take() {
-                    let entry = Entry {
-                        headers: f.headers,
-                        body: f.bytes.freeze(),
-                        checked: Instant::now(),
-                    };
+                    let generation = f.cache.next_generation();
+                    let entry = Entry::new(f.headers, f.bytes.freeze(), Instant::now(), generation);
                     f.cache.entries.insert(f.key, Arc::new(entry));
                 }
             }

@@ -45,7 +45,7 @@ fn answer() -> HeaderMap {
 /// Fills the cache with `body` through a [`Fill`] body read to its end.
 async fn fill(cache: &Arc<MetadataCache>, key: &Key, body: &'static [u8]) -> Vec<u8> {
     let filled = cache.fill(
-        key.clone(),
+        *key,
         &answer(),
         http_body_util::Full::new(Bytes::from_static(body)),
         None,
@@ -150,7 +150,7 @@ async fn only_whole_bodies_within_max_entry_are_kept() {
     let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
     assert!(
         cache
-            .fill(broken.clone(), &answer(), body, None)
+            .fill(broken, &answer(), body, None)
             .collect()
             .await
             .is_err()
@@ -196,13 +196,13 @@ async fn callers_that_miss_together_wait_for_the_first_fetch() {
         panic!("the first caller fetches")
     };
     let waiter = tokio::spawn({
-        let (cache, k) = (cache.clone(), k.clone());
+        let (cache, k) = (cache.clone(), k);
         async move { matches!(cache.turn(&k).await, Turn::Ready(e) if e.body == "<edmx/>") }
     });
     tokio::task::yield_now().await;
     assert!(!waiter.is_finished(), "waits for the fetch under way");
     let filled = cache.fill(
-        k.clone(),
+        k,
         &answer(),
         http_body_util::Full::new(Bytes::from_static(b"<edmx/>")),
         Some(lock),
@@ -232,4 +232,34 @@ async fn callers_that_miss_together_wait_for_the_first_fetch() {
     let started = tokio::time::Instant::now();
     assert!(matches!(cache.turn(&slow).await, Turn::Alone));
     assert_eq!(started.elapsed(), FILL_WAIT);
+}
+
+/// A caller's huge selecting header costs the cache its hash, not its
+/// bytes; and tiny answers are bounded in number as well as in bytes.
+#[tokio::test]
+async fn keys_are_hashed_and_entries_bounded_in_number() {
+    let config = MetadataCacheConfig {
+        max_bytes: MAX_ENTRIES * 1024,
+        ..config()
+    };
+    let floor = (config.max_bytes / MAX_ENTRIES) as u64;
+    let cache = Arc::new(MetadataCache::new(&config));
+    let huge = HeaderValue::from_str(&"x".repeat(60 * 1024)).expect("value");
+    let mut h = HeaderMap::new();
+    h.insert("prefer", huge);
+    fill(&cache, &key("/api/data/v9.2/$metadata", &h), b"<edmx/>").await;
+    let held = cache.weighted_size();
+    assert_eq!(held, floor, "one small entry weighs the floor, not 60 KB");
+    for i in 0..MAX_ENTRIES + 500 {
+        let mut h = HeaderMap::new();
+        h.insert("prefer", HeaderValue::from(i));
+        fill(&cache, &key("/api/data/v9.2/$metadata", &h), b"<edmx/>").await;
+    }
+    let held = cache.weighted_size();
+    assert!(held <= config.max_bytes as u64, "{held}");
+    assert!(
+        held / floor <= MAX_ENTRIES as u64,
+        "{} entries",
+        held / floor
+    );
 }

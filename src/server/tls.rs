@@ -15,7 +15,7 @@ use rustls::server::WebPkiClientVerifier;
 use tokio_rustls::TlsAcceptor;
 
 use crate::callers::PeerCertificate;
-use crate::config::ListenerTls;
+use crate::config::{ListenerTls, SubjectName};
 
 /// The listener's TLS setup, swapped whole on reload.
 pub struct ListenerTlsState {
@@ -180,9 +180,9 @@ pub fn peer_certificate(conn: &rustls::ServerConnection) -> Option<PeerCertifica
                 .general_names
                 .iter()
                 .filter_map(|n| match n {
-                    GeneralName::DNSName(s) | GeneralName::URI(s) | GeneralName::RFC822Name(s) => {
-                        Some((*s).to_owned())
-                    }
+                    GeneralName::DNSName(s) => Some(SubjectName::Dns((*s).to_owned())),
+                    GeneralName::URI(s) => Some(SubjectName::Uri((*s).to_owned())),
+                    GeneralName::RFC822Name(s) => Some(SubjectName::Email((*s).to_owned())),
                     _ => None,
                 })
                 .collect()

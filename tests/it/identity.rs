@@ -114,6 +114,28 @@ async fn app_tokens_of_both_versions_are_admitted_and_never_forwarded() {
     h.stop().await;
 }
 
+/// `app_only = true`: a user's token never meets the rule, even from an
+/// app the rule would admit.
+#[tokio::test]
+async fn app_only_rules_refuse_user_tokens() {
+    let sim = sim().await;
+    let app = sim.handle.add_caller_app(&["Dataverse.ReadWrite"]);
+    let callers = "[[callers]]\nname = \"daemons\"\ntoken = { app_only = true, any_app = true }\n";
+    let h = proxy(sim, callers).await;
+    let token = client_credentials(&h, &app, false).await;
+    assert_eq!(whoami(&h, &token).await.status(), 200, "an app-only token");
+    let user = h
+        .sim
+        .mint_user_token(&Uuid::new_v4().to_string(), &["user_impersonation"]);
+    let resp = whoami(&h, &user).await;
+    assert_eq!(resp.status(), 403, "a user's token");
+    assert_eq!(
+        resp.headers()["x-dataverse-proxy-error"],
+        "insufficient_scope"
+    );
+    h.stop().await;
+}
+
 /// Every token the proxy must refuse, with its status; none reaches Dataverse.
 #[tokio::test]
 async fn refused_tokens_never_reach_dataverse() {
@@ -327,7 +349,10 @@ async fn key_rotation_fails_no_request_and_cached_keys_outlive_an_outage() {
 async fn without_any_keys_nothing_is_admitted() {
     let sim = sim().await;
     sim.handle.set_entra_down(true);
-    let extra = caller_config(&sim.handle, "[[callers]]\nname = \"any\"\ntoken = {}\n");
+    let extra = caller_config(
+        &sim.handle,
+        "[[callers]]\nname = \"any\"\ntoken = { any_app = true }\n",
+    );
     // Not ready (Entra ID is down for the Dataverse token too): no waiting.
     let h = Harness::with_file(sim, "", &extra, &[]).await;
     let token = h
@@ -453,7 +478,7 @@ async fn acting_as_the_calling_user() {
 #[tokio::test]
 async fn impersonation_inside_a_batch_is_the_callers_own() {
     let sim = sim().await;
-    let callers = "[org.policy]\nimpersonation = [\"allow\"]\n\n[[callers]]\nname = \"portal\"\ntoken = {}\nimpersonate = \"caller\"\n";
+    let callers = "[org.policy]\nimpersonation = [\"allow\"]\n\n[[callers]]\nname = \"portal\"\ntoken = { any_app = true }\nimpersonate = \"caller\"\n";
     let h = proxy(sim, callers).await;
     let user = Uuid::new_v4();
     h.sim.add_user(user);
@@ -528,7 +553,7 @@ async fn several_tenants_and_group_rules() {
 #[tokio::test]
 async fn an_oid_that_cannot_be_sent_never_becomes_a_request_as_the_application_user() {
     let sim = sim().await;
-    let callers = "[org.policy]\nimpersonation = [\"allow\"]\n\n[[callers]]\nname = \"portal\"\ntoken = {}\nimpersonate = \"caller\"\n";
+    let callers = "[org.policy]\nimpersonation = [\"allow\"]\n\n[[callers]]\nname = \"portal\"\ntoken = { any_app = true }\nimpersonate = \"caller\"\n";
     let h = proxy(sim, callers).await;
     h.sim.clear_seen();
     let token = h

@@ -307,10 +307,18 @@ async fn client_certificates_name_callers_and_strangers_are_refused() {
     let svc = ca.leaf("orders", &[], &["spiffe://cluster.local/ns/orders/sa/api"]);
     let known_cn = ca.leaf("reporting", &[], &[]);
     let stranger = ca.leaf("unknown", &[], &["spiffe://cluster.local/ns/x/sa/y"]);
+    // Where a certificate has SANs, its CN is not its identity.
+    let cn_with_san = ca.leaf("reporting", &["elsewhere.example"], &[]);
+    // A DNS rule is not met by a URI spelt alike; DNS is case-blind.
+    let (web_dns, web_uri) = (
+        ca.leaf("x", &["WEB.internal"], &[]),
+        ca.leaf("x", &[], &["web.internal"]),
+    );
     let foreign = other_ca.leaf("orders", &[], &["spiffe://cluster.local/ns/orders/sa/api"]);
     let h = with_toml(
-        "[[callers]]\nname = \"orders\"\nclient_certificate = { sans = [\"spiffe://cluster.local/ns/orders/sa/api\"] }\n\n\
-         [[callers]]\nname = \"reporting\"\nclient_certificate = { common_names = [\"reporting\"] }\nread_only = true\n",
+        "[[callers]]\nname = \"orders\"\nclient_certificate = { sans = [\"uri:spiffe://cluster.local/ns/orders/sa/api\"] }\n\n\
+         [[callers]]\nname = \"reporting\"\nclient_certificate = { common_names = [\"reporting\"] }\nread_only = true\n\n\
+         [[callers]]\nname = \"web\"\nclient_certificate = { sans = [\"dns:web.internal\"] }\n",
         &[
             ("tls.cert_file", write(&dir, "tls.crt", &cert)),
             ("tls.key_file", write(&dir, "tls.key", &key)),
@@ -322,7 +330,7 @@ async fn client_certificates_name_callers_and_strangers_are_refused() {
         "{}/api/data/v9.2/WhoAmI",
         h.proxy.replace("http://", "https://")
     );
-    for (who, identity) in [("by SAN", &svc), ("by CN", &known_cn)] {
+    for (who, identity) in [("by SAN", &svc), ("by CN", &known_cn), ("by DNS", &web_dns)] {
         let resp = https_client(&ca, Some(identity), false)
             .get(&url)
             .send()
@@ -336,6 +344,14 @@ async fn client_certificates_name_callers_and_strangers_are_refused() {
         .await
         .expect("stranger");
     assert_eq!(resp.status(), 401, "a valid certificate no rule names");
+    for (who, identity) in [("CN beside a SAN", &cn_with_san), ("URI as DNS", &web_uri)] {
+        let resp = https_client(&ca, Some(identity), false)
+            .get(&url)
+            .send()
+            .await
+            .expect(who);
+        assert_eq!(resp.status(), 401, "{who}");
+    }
     h.sim.clear_seen();
     assert!(
         https_client(&ca, None, false)

@@ -239,3 +239,58 @@ async fn a_slow_reader_leading_a_fill_does_not_hold_back_the_callers_behind_it()
     drop(slow);
     h.stop().await;
 }
+
+fn variants_made(metrics: &str) -> u64 {
+    let prefix = "dataverse_proxy_metadata_cache_variants_made_total{org=\"default\"} ";
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .map_or(0, |v| v.trim().parse().expect("number"))
+}
+
+/// Parallel hits that want another coding than the entry's cost one
+/// transcoding per coding, not one per hit: the caller's form is kept.
+#[tokio::test]
+async fn hits_in_another_coding_are_transcoded_once() {
+    let h = Harness::start().await;
+    let fetched = h
+        .get_with("/$metadata", &[("accept-encoding", "gzip")])
+        .await;
+    assert_eq!(fetched.headers()["content-encoding"], "gzip");
+    let strong = fetched.headers()["etag"].clone();
+    fetched.bytes().await.expect("document");
+    let loads = (0..16).map(|_| async {
+        let resp = h.get_with("/$metadata", &[("accept-encoding", "br")]).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-encoding"], "br");
+        assert!(resp.headers().get("age").is_some(), "from the cache");
+        let etag = resp.headers()["etag"].to_str().expect("ascii").to_owned();
+        (etag, resp.bytes().await.expect("document"))
+    });
+    let answers = futures_util::future::join_all(loads).await;
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "one form for all");
+    let (etag, br) = &answers[0];
+    assert_eq!(
+        etag,
+        &format!("W/{}", strong.to_str().expect("ascii")),
+        "recoded: weak"
+    );
+    let mut xml = Vec::new();
+    brotli::BrotliDecompress(&mut &br[..], &mut xml).expect("brotli");
+    assert!(xml.starts_with(b"<?xml"), "the CSDL document");
+    assert_eq!(
+        variants_made(&h.metrics().await),
+        1,
+        "one brotli transcoding"
+    );
+    // Identity is a coding of its own; asked again, it is served as kept.
+    for _ in 0..3 {
+        let plain = h.get("/$metadata").await.bytes().await.expect("xml");
+        assert_eq!(plain, xml);
+    }
+    let m = h.metrics().await;
+    assert_eq!(variants_made(&m), 2, "{m}");
+    assert_eq!(metadata_requests(&h).len(), 1, "Dataverse sent it once");
+    assert_eq!(counter(&m, "hit"), 19, "{m}");
+    h.stop().await;
+}

@@ -11,21 +11,31 @@ use std::sync::Arc;
 
 use axum::http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use bytes::Bytes;
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Collected, Either, Full};
 
 use super::admit::Admitted;
 use super::plan::Planned;
 use super::send::{self, Sent};
-use crate::compression::{AcceptEncoding, Transcode, vary_on_accept_encoding, weaken_etag};
+use crate::compression::{AcceptEncoding, Coding, Transcode, vary_on_accept_encoding, weaken_etag};
 use crate::error::ProxyError;
 use crate::http::access_log::RequestInfo;
 use crate::http::body::{UpstreamBody, is_rewritable};
 use crate::http::state::AppState;
 use crate::metadata_cache::{Entry, Fill, Key, Lookup, MetadataCache, Outcome, Turn, none_match};
+use crate::rewrite::Rewriter;
 
 /// An answer of the cached path: Dataverse's (copied into the cache as it
 /// passes when it is a 200), or one made from an entry.
 pub type CachedBody = Either<Fill<UpstreamBody>, Full<Bytes>>;
+
+/// What the cached path gives the answer step.
+pub enum Cached {
+    /// Dataverse's answer, or an entry as Dataverse sent it: the answer
+    /// step fits it to the caller.
+    Answer(Box<Sent<CachedBody>>),
+    /// Already the caller's: a 304, or a kept variant.
+    Made(Response<Full<Bytes>>),
+}
 
 /// The org's cache and the request's key, when the request is one the
 /// cache serves.
@@ -54,7 +64,7 @@ pub async fn send(
     mut planned: Planned,
     (accept, arrived): (&AcceptEncoding, tokio::time::Instant),
     info: &mut RequestInfo,
-) -> Result<Sent<CachedBody>, ProxyError> {
+) -> Result<Cached, ProxyError> {
     let asker = Asker {
         admitted,
         accept,
@@ -62,7 +72,10 @@ pub async fn send(
     };
     // A stale entry without a tag cannot be revalidated: fetched again.
     let stale = match cache.lookup(&key, wants_check(&planned.headers)) {
-        Lookup::Fresh(entry) => return Ok(served(&cache, Outcome::Hit, &entry, &asker, info)),
+        Lookup::Fresh(entry) => {
+            let hit = Hit(&cache, &key, Outcome::Hit);
+            return served(state, hit, &entry, &asker, info).await;
+        }
         Lookup::Stale(entry) => entry.etag().cloned().map(|tag| (entry, tag)),
         Lookup::Miss => None,
     };
@@ -70,7 +83,10 @@ pub async fn send(
     let lock = match stale {
         Some(_) => None,
         None => match cache.turn(&key).await {
-            Turn::Ready(entry) => return Ok(served(&cache, Outcome::Hit, &entry, &asker, info)),
+            Turn::Ready(entry) => {
+                let hit = Hit(&cache, &key, Outcome::Hit);
+                return served(state, hit, &entry, &asker, info).await;
+            }
             Turn::Lead(lock) => Some(lock),
             Turn::Alone => None,
         },
@@ -89,7 +105,8 @@ pub async fn send(
             permit.finish();
         }
         let entry = cache.revalidated(&key, entry);
-        return Ok(served(&cache, Outcome::Revalidated, &entry, &asker, info));
+        let hit = Hit(&cache, &key, Outcome::Revalidated);
+        return served(state, hit, &entry, &asker, info).await;
     }
     let outcome = if stale.is_some() {
         Outcome::Changed
@@ -101,10 +118,10 @@ pub async fn send(
     let Sent { response, permit } = sent;
     let (parts, body) = response.into_parts();
     if status != StatusCode::OK {
-        return Ok(Sent {
+        return Ok(Cached::Answer(Box::new(Sent {
             response: Response::from_parts(parts, Either::Left(Fill::through(body))),
             permit,
-        });
+        })));
     }
     // Read whole before answering, at Dataverse's pace: the callers waiting
     // for this fill (and the slot) never wait on this caller's reading.
@@ -116,18 +133,18 @@ pub async fn send(
             if let Some(permit) = permit {
                 permit.finish();
             }
-            return Ok(Sent {
+            return Ok(Cached::Answer(Box::new(Sent {
                 response: Response::from_parts(parts, Either::Right(Full::new(bytes))),
                 permit: None,
-            });
+            })));
         }
         Whole::TooLarge(prefix, rest) => Fill::prefixed(prefix, rest),
     };
     drop(lock);
-    Ok(Sent {
+    Ok(Cached::Answer(Box::new(Sent {
         response: Response::from_parts(parts, Either::Left(body)),
         permit,
-    })
+    })))
 }
 
 /// An answer read up to a size.
@@ -170,41 +187,125 @@ where
     }
 }
 
+/// A hit: the cache, the entry's key, and how it was found.
+struct Hit<'a>(&'a MetadataCache, &'a Key, Outcome);
+
 /// An answer made from `entry`: a 304 when the caller already holds it,
-/// else the whole entry, with its `Age`.
-fn served(
-    cache: &MetadataCache,
-    outcome: Outcome,
+/// the entry itself when the answer step leaves its bytes alone, else its
+/// variant for this caller's coding. Each carries the entry's `Age`.
+async fn served(
+    state: &AppState,
+    Hit(cache, key, outcome): Hit<'_>,
     entry: &Entry,
     asker: &Asker<'_>,
     info: &mut RequestInfo,
-) -> Sent<CachedBody> {
+) -> Result<Cached, ProxyError> {
     cache.count(outcome);
     info.cache = Some(outcome.label());
-    let mut response = match entry.etag() {
-        Some(etag) if none_match(&asker.if_none_match, etag) => not_modified(entry, asker),
-        _ => {
-            let mut response = Response::new(Either::Right(Full::new(entry.body.clone())));
-            *response.headers_mut() = entry.headers.clone();
-            let length = HeaderValue::from(entry.body.len());
-            response
-                .headers_mut()
-                .insert(header::CONTENT_LENGTH, length);
-            response
-        }
-    };
     let age = HeaderValue::from(entry.checked.elapsed().as_secs());
-    response.headers_mut().insert(header::AGE, age);
+    if let Some(etag) = entry.etag()
+        && none_match(&asker.if_none_match, etag)
+    {
+        let mut response = not_modified(entry, asker);
+        response.headers_mut().insert(header::AGE, age);
+        return Ok(Cached::Made(response));
+    }
+    let Some(coding) = variant_coding(entry, asker) else {
+        let mut sent = as_sent(entry);
+        sent.response.headers_mut().insert(header::AGE, age);
+        return Ok(Cached::Answer(Box::new(sent)));
+    };
+    let made = variant(state, (cache, key), entry, coding, asker).await?;
+    Ok(match made {
+        Some(variant) => {
+            let mut response = Response::new(Full::new(variant.body.clone()));
+            *response.headers_mut() = variant.headers.clone();
+            response.headers_mut().insert(header::AGE, age);
+            Cached::Made(response)
+        }
+        None => {
+            let mut sent = as_sent(entry);
+            sent.response.headers_mut().insert(header::AGE, age);
+            Cached::Answer(Box::new(sent))
+        }
+    })
+}
+
+/// The entry as Dataverse sent it, for the answer step.
+fn as_sent(entry: &Entry) -> Sent<CachedBody> {
+    let mut response = Response::new(Either::Right(Full::new(entry.body.clone())));
+    *response.headers_mut() = entry.headers.clone();
+    let length = HeaderValue::from(entry.body.len());
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, length);
     Sent {
         response,
         permit: None,
     }
 }
 
+/// The coding of the caller's variant (`Some(None)`: identity), or `None`
+/// when the answer step would send the entry's bytes as they are.
+fn variant_coding(entry: &Entry, asker: &Asker<'_>) -> Option<Option<Coding>> {
+    let admitted = asker.admitted;
+    let kept = &entry.headers;
+    let rewrite = admitted.links.to_caller.is_some() && is_rewritable(kept);
+    let as_200 = (StatusCode::OK, kept);
+    match super::answer::transcode_for(as_200, &admitted.method, rewrite, asker.accept) {
+        Transcode::Recode { to, .. } => Some(to),
+        Transcode::Untouched if rewrite => Some(None),
+        Transcode::Untouched => None,
+    }
+}
+
+/// The variant of `entry` coded as `coding`: kept, or made now by the
+/// answer step (one caller makes it, the others wait for it) and kept when
+/// it fits `max_entry`. `None`: too large to keep; the answer step makes
+/// this caller's answer as it streams.
+async fn variant(
+    state: &AppState,
+    (cache, key): (&MetadataCache, &Key),
+    entry: &Entry,
+    coding: Option<Coding>,
+    asker: &Asker<'_>,
+) -> Result<Option<Arc<Entry>>, ProxyError> {
+    let links = asker.admitted.links.to_caller.as_ref();
+    let vkey = key.variant(entry, coding, links.map_or(&[][..], Rewriter::replacement));
+    if let Some(kept) = cache.variant(&vkey) {
+        return Ok(Some(kept));
+    }
+    if entry.variant_unkept(coding) {
+        return Ok(None);
+    }
+    let _lock = match cache.turn(&vkey).await {
+        Turn::Ready(kept) => return Ok(Some(kept)),
+        Turn::Alone => return Ok(None),
+        Turn::Lead(lock) => lock,
+    };
+    let mut scratch = RequestInfo::default();
+    let sent = as_sent(entry);
+    let made = super::answer::answer(state, asker.admitted, sent, asker.accept, &mut scratch);
+    let (mut parts, body) = made.await?.into_parts();
+    let limited = http_body_util::Limited::new(body, cache.max_entry());
+    let Ok(bytes) = limited.collect().await.map(Collected::to_bytes) else {
+        entry.set_variant_unkept(coding);
+        return Ok(None);
+    };
+    let length = HeaderValue::from(bytes.len());
+    parts.headers.insert(header::CONTENT_LENGTH, length);
+    Ok(Some(cache.insert_variant(
+        vkey,
+        entry,
+        parts.headers,
+        bytes,
+    )))
+}
+
 /// The 304 for a caller whose `If-None-Match` names the entry: its `ETag`
 /// and `Vary` as the 200 would carry them (RFC 9110 §15.4.5), the tag weak
 /// where the answer step would change the bytes.
-fn not_modified(entry: &Entry, asker: &Asker<'_>) -> Response<CachedBody> {
+fn not_modified(entry: &Entry, asker: &Asker<'_>) -> Response<Full<Bytes>> {
     let kept = &entry.headers;
     let admitted = asker.admitted;
     let rewrite = admitted.links.to_caller.is_some() && is_rewritable(kept);
@@ -223,7 +324,7 @@ fn not_modified(entry: &Entry, asker: &Asker<'_>) -> Response<CachedBody> {
     if recoded {
         weaken_etag(&mut headers);
     }
-    let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+    let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::NOT_MODIFIED;
     *response.headers_mut() = headers;
     response

@@ -74,8 +74,12 @@ async fn forward(
     let planned = plan::plan(state, &admitted, parts, body).await?;
     if let Some(cache) = cached::lookup_key(&admitted, &planned) {
         let sent = cached::send(state, &admitted, cache, planned, (&accept, arrived), info).await?;
-        let resp = answer::answer(state, &admitted, sent, &accept, info).await?;
-        return Ok(resp.map(Body::new));
+        return Ok(match sent {
+            cached::Cached::Answer(sent) => answer::answer(state, &admitted, *sent, &accept, info)
+                .await?
+                .map(Body::new),
+            cached::Cached::Made(made) => made.map(Body::new),
+        });
     }
     let sent = send::send(state, &admitted, planned, arrived, info).await?;
     let resp = answer::answer(state, &admitted, sent, &accept, info).await?;

@@ -1,5 +1,6 @@
 //! The metadata cache's figures by org, copied in at scrape time: how
-//! requests fared (hit, miss, revalidated, changed) and the bytes held.
+//! requests fared (hit, miss, revalidated, changed), the variants made and
+//! the bytes held.
 
 use std::sync::atomic::Ordering;
 
@@ -20,6 +21,7 @@ pub(super) struct OrgResult {
 
 pub(super) struct CacheFamilies {
     requests: Family<OrgResult, Counter>,
+    variants: Family<OrgLabel, Counter>,
     bytes: Family<OrgLabel, Gauge>,
 }
 
@@ -30,6 +32,12 @@ impl CacheFamilies {
                 r,
                 "metadata_cache_requests",
                 "Metadata requests by how the cache served them: hit (no call to Dataverse), revalidated (Dataverse answered 304), changed (stale, and Dataverse sent a new answer), miss",
+                Family::default(),
+            ),
+            variants: registered(
+                r,
+                "metadata_cache_variants_made",
+                "Callers' forms of cached answers made (decoded, links rewritten, encoded for one coding) and kept",
                 Family::default(),
             ),
             bytes: registered(
@@ -58,6 +66,10 @@ impl CacheFamilies {
                 value.load(Ordering::Relaxed),
             );
         }
+        sync_counter(
+            &self.variants.get_or_create(l),
+            s.variants_made.load(Ordering::Relaxed),
+        );
         let held = i64::try_from(cache.weighted_size()).unwrap_or(i64::MAX);
         self.bytes.get_or_create(l).set(held);
     }
