@@ -134,6 +134,7 @@ fn validate_caller(p: &mut Problems<'_>, key: &str, c: RawCaller) -> Caller {
         requests_per_second: c.requests_per_second,
         weight: weight.clamp(1, 100),
         max_concurrency: c.max_concurrency,
+        lanes: c.lanes.unwrap_or_default(),
         privileged: privileged_headers(
             p,
             &format!("{key}.privileged_headers"),

@@ -10,6 +10,8 @@ struct Wanted {
     name: String,
     url: Option<String>,
     credential: String,
+    /// `lanes = [...]`, if given (then `credential` is its first).
+    lanes: Option<Vec<String>>,
     default: Option<bool>,
     hosts: Vec<String>,
     scope: Option<String>,
@@ -23,12 +25,7 @@ struct Credentials {
 }
 
 impl Credentials {
-    fn get(
-        &mut self,
-        p: &mut Problems<'_>,
-        org_key: &str,
-        name: &str,
-    ) -> Option<Arc<CredentialConfig>> {
+    fn get(&mut self, p: &mut Problems<'_>, at: &str, name: &str) -> Option<Arc<CredentialConfig>> {
         if let Some(c) = self.validated.get(name) {
             return c.clone();
         }
@@ -36,7 +33,7 @@ impl Credentials {
             Some(raw) => validate_credential(p, name, raw).map(Arc::new),
             None => {
                 p.push(
-                    &format!("{org_key}.credential"),
+                    at,
                     &format!("no credential named {name:?}"),
                     "define it as [credentials.NAME], or use \"default\" for [credential]",
                 );
@@ -85,13 +82,13 @@ pub(super) fn validate_orgs(
     for w in wanted {
         check_name(p, &w, &mut names);
         let url = org_url(p, &w);
-        let credential = credentials.get(p, &w.key, &w.credential);
+        let lanes = lanes(p, &w, &mut credentials);
         let policy = validate_policy(
             p,
             &format!("{}.policy", w.key),
             w.policy.unwrap_or_default(),
         );
-        let (Some(url), Some(credential)) = (url, credential) else {
+        let (Some(url), Some(credential)) = (url, lanes.first().cloned()) else {
             continue;
         };
         let origin = url.as_str().trim_end_matches('/').to_owned();
@@ -99,6 +96,7 @@ pub(super) fn validate_orgs(
             scope: w.scope.unwrap_or_else(|| format!("{origin}/.default")),
             url,
             credential,
+            lanes,
             hosts: w
                 .hosts
                 .iter()
@@ -114,6 +112,66 @@ pub(super) fn validate_orgs(
     out
 }
 
+/// Most lanes per org.
+const MAX_LANES: usize = 16;
+
+/// The org's lanes: `lanes = [...]` (each a credential, an application user
+/// of its own), else its one credential. Empty when one does not validate.
+fn lanes(
+    p: &mut Problems<'_>,
+    w: &Wanted,
+    credentials: &mut Credentials,
+) -> Vec<Arc<CredentialConfig>> {
+    let key = format!("{}.lanes", w.key);
+    let Some(names) = &w.lanes else {
+        let at = format!("{}.credential", w.key);
+        return credentials.get(p, &at, &w.credential).into_iter().collect();
+    };
+    if w.key != "org" && w.credential != "default" {
+        p.push(
+            &format!("{}.credential", w.key),
+            "is set beside lanes",
+            "name every credential in lanes (the first is the org's own) and remove credential",
+        );
+    }
+    if names.is_empty() || names.len() > MAX_LANES {
+        p.push(
+            &key,
+            &format!("names {} lanes", names.len()),
+            "name 1 to 16 credentials, e.g. lanes = [\"default\", \"bulk-2\"]",
+        );
+    }
+    let mut out: Vec<Arc<CredentialConfig>> = Vec::new();
+    for name in names {
+        if out.iter().any(|c| &c.name == name) {
+            p.push(
+                &key,
+                &format!("names {name:?} twice"),
+                "name each credential once",
+            );
+            continue;
+        }
+        let Some(c) = credentials.get(p, &key, name) else {
+            continue;
+        };
+        if let Some(twin) = out
+            .iter()
+            .find(|o| o.client_id.is_some() && o.client_id == c.client_id)
+        {
+            p.push(
+                &key,
+                &format!("lanes {:?} and {name:?} are the same application user (one client id)", twin.name),
+                "give each lane its own app registration: Dataverse counts its limits per application user",
+            );
+        }
+        out.push(c);
+    }
+    if out.len() != names.len() {
+        return Vec::new();
+    }
+    out
+}
+
 /// `[org]` (when it has a URL, or when there is nothing else) and `[[orgs]]`.
 fn wanted_orgs(org: RawOrg, named: Vec<RawNamedOrg>) -> Vec<Wanted> {
     let mut wanted = Vec::new();
@@ -123,6 +181,7 @@ fn wanted_orgs(org: RawOrg, named: Vec<RawNamedOrg>) -> Vec<Wanted> {
             name: "default".to_owned(),
             url: org.url,
             credential: "default".to_owned(),
+            lanes: org.lanes,
             default: None,
             hosts: org.hosts.unwrap_or_default(),
             scope: org.scope,
@@ -135,6 +194,7 @@ fn wanted_orgs(org: RawOrg, named: Vec<RawNamedOrg>) -> Vec<Wanted> {
             name: o.name,
             url: o.url,
             credential: o.credential.unwrap_or_else(|| "default".to_owned()),
+            lanes: o.lanes,
             default: o.default,
             hosts: o.hosts.unwrap_or_default(),
             scope: o.scope,

@@ -97,6 +97,8 @@ pub struct Caller {
     /// Its requests in flight at most, per replica and org (token callers:
     /// per principal).
     pub max_concurrency: Option<usize>,
+    /// The lanes (credential names) its requests may take; empty: any.
+    pub lanes: Vec<String>,
     /// Privileged headers this caller may send (lower-case), where the org
     /// policy allows them too.
     pub privileged: Vec<String>,

@@ -151,6 +151,8 @@ pub(super) struct RawGovernor {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawOrg {
     pub(super) url: Option<String>,
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) lanes: Option<Vec<String>>,
     pub(super) scope: Option<String>,
     pub(super) policy: Option<RawPolicy>,
     #[serde(deserialize_with = "lenient_list")]
@@ -164,6 +166,8 @@ pub(super) struct RawNamedOrg {
     pub(super) url: Option<String>,
     #[serde(default)]
     pub(super) credential: Option<String>,
+    #[serde(default, deserialize_with = "lenient_list")]
+    pub(super) lanes: Option<Vec<String>>,
     #[serde(default, deserialize_with = "lenient_bool")]
     pub(super) default: Option<bool>,
     #[serde(default, deserialize_with = "lenient_list")]
@@ -212,6 +216,8 @@ pub(super) struct RawCaller {
     pub(super) weight: Option<u32>,
     #[serde(default, deserialize_with = "lenient_number")]
     pub(super) max_concurrency: Option<usize>,
+    #[serde(default, deserialize_with = "lenient_list")]
+    pub(super) lanes: Option<Vec<String>>,
     #[serde(default, deserialize_with = "lenient_list")]
     pub(super) privileged_headers: Option<Vec<String>>,
     #[serde(default)]

@@ -539,3 +539,52 @@ fn zero_durations_that_break_things_are_refused() {
         assert!(text.contains(key), "{key}: {text}");
     }
 }
+
+const LANES: &str = "[org]\nlanes = [\"default\", \"bulk-2\", \"bulk-3\"]\n\n\
+    [credentials.bulk-2]\ntenant_id = \"tenant-1\"\nclient_id = \"client-2\"\nclient_secret = \"s2\"\n\n\
+    [credentials.bulk-3]\ntenant_id = \"tenant-1\"\nclient_id = \"client-3\"\nclient_secret = \"s3\"\n\n";
+
+#[test]
+fn lanes_load_in_order_and_callers_may_be_pinned() {
+    let text = format!(
+        "{LANES}[[callers]]\nname = \"bulk\"\ncidrs = [\"10.0.0.0/8\"]\nlanes = [\"bulk-3\"]\n"
+    );
+    let cfg = load_toml(&text, minimal_env()).1.expect("valid");
+    let names: Vec<_> = cfg.orgs[0].lanes.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["default", "bulk-2", "bulk-3"]);
+    assert_eq!(cfg.orgs[0].credential.name, "default", "the first lane");
+    assert_eq!(cfg.access.callers[0].lanes, ["bulk-3"]);
+    // Without lanes: one lane, the org's credential.
+    let cfg = load_toml("", minimal_env()).1.expect("valid");
+    assert_eq!(cfg.orgs[0].lanes.len(), 1);
+}
+
+#[test]
+fn lane_mistakes_name_their_keys() {
+    for (text, wanted) in [
+        (
+            "[org]\nlanes = [\"default\", \"nope\"]\n".to_owned(),
+            "`org.lanes` (in config file",
+        ),
+        (
+            "[org]\nlanes = [\"default\", \"default\"]\n".to_owned(),
+            "names \"default\" twice",
+        ),
+        (
+            "[org]\nlanes = [\"default\", \"same\"]\n\n[credentials.same]\ntenant_id = \"t\"\nclient_id = \"client-1\"\nclient_secret = \"x\"\n".to_owned(),
+            "are the same application user",
+        ),
+        (
+            format!("{LANES}[[callers]]\nname = \"bulk\"\ncidrs = [\"10.0.0.0/8\"]\nlanes = [\"bulk-9\"]\n"),
+            "\"bulk-9\" is no org's lane",
+        ),
+        (
+            "[org]\nlanes = []\n".to_owned(),
+            "names 0 lanes",
+        ),
+    ] {
+        let err = load_toml(&text, minimal_env()).1.expect_err(wanted);
+        assert!(err.to_string().contains(wanted), "{wanted}: {err}");
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
+    }
+}

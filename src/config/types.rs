@@ -48,8 +48,12 @@ pub struct OrgConfig {
     /// Origin of the org, e.g. `https://contoso.crm.dynamics.com`, without a
     /// trailing slash or path.
     pub url: Url,
-    /// The credential its tokens are requested with.
+    /// The credential its tokens are requested with: the first lane's.
     pub credential: Arc<CredentialConfig>,
+    /// Its lanes: each an application user of the org with its own token
+    /// and Dataverse budget (`lanes = [...]`; without it, one lane: the
+    /// credential). Never empty; names are distinct.
+    pub lanes: Vec<Arc<CredentialConfig>>,
     /// OAuth2 scope (v2), `{url}/.default` unless overridden.
     pub scope: String,
     /// `Host` values routed to this org (host routing), lower-case.

@@ -44,6 +44,7 @@ impl RawConfig {
                 client_ca,
             },
         );
+        pinned_lanes(&mut p, &access.callers, &orgs);
         let limits = limits(&mut p, self.limits);
         let log = LogConfig {
             format: log_format(&mut p, self.log.format.as_deref()),
@@ -463,6 +464,38 @@ fn log_format(p: &mut Problems<'_>, raw: Option<&str>) -> LogFormat {
                 "use \"text\" or \"json\"",
             );
             LogFormat::Text
+        }
+    }
+}
+
+/// A caller pinned to lanes (`[[callers]] lanes`) must find one of them in
+/// every org it may use, and each name must be some org's lane.
+fn pinned_lanes(p: &mut Problems<'_>, callers: &[Caller], orgs: &[OrgConfig]) {
+    for (i, c) in callers.iter().enumerate() {
+        if c.lanes.is_empty() {
+            continue;
+        }
+        let key = format!("callers[{i}].lanes");
+        let usable = orgs
+            .iter()
+            .filter(|o| c.orgs.is_empty() || c.orgs.contains(&o.name));
+        for o in usable {
+            if !o.lanes.iter().any(|l| c.lanes.contains(&l.name)) {
+                p.push(
+                    &key,
+                    &format!("names no lane of org {:?}", o.name),
+                    "name one of that org's lanes, or limit the caller with orgs = [...]",
+                );
+            }
+        }
+        for name in &c.lanes {
+            if !orgs.iter().any(|o| o.lanes.iter().any(|l| &l.name == name)) {
+                p.push(
+                    &key,
+                    &format!("{name:?} is no org's lane"),
+                    "name credentials listed in an org's lanes = [...]",
+                );
+            }
         }
     }
 }

@@ -4,9 +4,9 @@
 //! (seconds) and the hex error code of the facet; every admitted answer
 //! carries the `x-ms-ratelimit-*` headers.
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -60,19 +60,40 @@ pub(super) struct Limiter {
     throttled: AtomicU64,
 }
 
-/// The org's web servers, each with its own [`Limiter`].
+/// The org's web servers, each counting every user's limits on its own
+/// (Dataverse: "Each authenticated user has an independent limit", per web
+/// server). A user is the token's `oid`: an application user for app-only
+/// tokens, the signed-in user for delegated ones.
 pub(super) struct WebServers {
-    servers: Mutex<Vec<std::sync::Arc<Limiter>>>,
+    state: Mutex<Servers>,
     next: AtomicUsize,
     dop_hint: AtomicUsize,
+    /// Requests in flight over every server and user, and the most seen.
+    total: AtomicUsize,
+    max_total: AtomicUsize,
+}
+
+/// The servers' limiters by user, and the limits they start with.
+struct Servers {
+    limits: ServiceLimits,
+    /// Limits of particular users, where a test set them.
+    by_user: HashMap<String, ServiceLimits>,
+    /// One map per web server: user → limiter.
+    servers: Vec<HashMap<String, Arc<Limiter>>>,
 }
 
 impl Default for WebServers {
     fn default() -> Self {
         let servers = WebServers {
-            servers: Mutex::new(Vec::new()),
+            state: Mutex::new(Servers {
+                limits: ServiceLimits::default(),
+                by_user: HashMap::new(),
+                servers: Vec::new(),
+            }),
             next: AtomicUsize::new(0),
             dop_hint: AtomicUsize::new(0),
+            total: AtomicUsize::new(0),
+            max_total: AtomicUsize::new(0),
         };
         servers.set(ServiceLimits::default());
         servers
@@ -80,52 +101,101 @@ impl Default for WebServers {
 }
 
 impl WebServers {
-    /// Applies `limits` to `limits.web_servers` fresh servers.
+    /// Applies `limits` to every user of `limits.web_servers` fresh servers.
     pub(super) fn set(&self, limits: ServiceLimits) {
         self.dop_hint.store(limits.dop_hint, Ordering::SeqCst);
-        let servers = (0..limits.web_servers.max(1))
-            .map(|_| {
-                let l = Limiter::default();
-                l.set(limits.clone());
-                std::sync::Arc::new(l)
-            })
+        let mut state = lock(&self.state);
+        state.servers = (0..limits.web_servers.max(1))
+            .map(|_| HashMap::new())
             .collect();
-        *lock(&self.servers) = servers;
+        state.limits = limits;
+    }
+
+    /// Gives `user` its own limits from now on (on every server).
+    pub(super) fn set_for_user(&self, user: &str, limits: ServiceLimits) {
+        let mut state = lock(&self.state);
+        for server in &mut state.servers {
+            server.remove(user);
+        }
+        state.by_user.insert(user.to_owned(), limits);
     }
 
     /// The server for a request: by affinity cookie, else the next in turn;
-    /// with its index (the `ARRAffinity` value).
-    pub(super) fn pick(&self, headers: &HeaderMap) -> (usize, std::sync::Arc<Limiter>) {
-        let servers = lock(&self.servers);
+    /// with its index (the `ARRAffinity` value) and `user`'s limiter there.
+    pub(super) fn pick(&self, headers: &HeaderMap, user: &str) -> (usize, Arc<Limiter>) {
+        let mut state = lock(&self.state);
+        let count = state.servers.len();
         let by_cookie = headers
             .get_all(header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(';'))
             .find_map(|c| c.trim().strip_prefix("ARRAffinity=")?.parse::<usize>().ok())
-            .filter(|i| *i < servers.len());
-        let i =
-            by_cookie.unwrap_or_else(|| self.next.fetch_add(1, Ordering::SeqCst) % servers.len());
-        (i, servers[i].clone())
+            .filter(|i| *i < count);
+        let i = by_cookie.unwrap_or_else(|| self.next.fetch_add(1, Ordering::SeqCst) % count);
+        let limits = state.by_user.get(user).unwrap_or(&state.limits).clone();
+        let limiter = state.servers[i]
+            .entry(user.to_owned())
+            .or_insert_with(|| {
+                let l = Limiter::default();
+                l.set(limits);
+                Arc::new(l)
+            })
+            .clone();
+        (i, limiter)
     }
 
-    /// The most in flight any one server saw.
+    /// Counts a request in flight over all users until the guard drops.
+    pub(super) fn count(&self) -> TotalInFlight<'_> {
+        let now = self.total.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_total.fetch_max(now, Ordering::SeqCst);
+        TotalInFlight(self)
+    }
+
+    /// The most in flight any one user had on any one server.
     pub(super) fn max_in_flight(&self) -> usize {
-        lock(&self.servers)
-            .iter()
-            .map(|s| s.max_in_flight())
-            .max()
-            .unwrap_or(0)
+        self.users_max().into_values().max().unwrap_or(0)
+    }
+
+    /// The most in flight each user had on any one server.
+    pub(super) fn users_max(&self) -> HashMap<String, usize> {
+        let mut out = HashMap::new();
+        for server in &lock(&self.state).servers {
+            for (user, l) in server {
+                let most = out.entry(user.clone()).or_insert(0);
+                *most = (*most).max(l.max_in_flight());
+            }
+        }
+        out
+    }
+
+    /// The most requests in flight at once over all servers and users.
+    pub(super) fn max_total_in_flight(&self) -> usize {
+        self.max_total.load(Ordering::SeqCst)
     }
 
     /// 429s answered by all servers.
     pub(super) fn throttled(&self) -> u64 {
-        lock(&self.servers).iter().map(|s| s.throttled()).sum()
+        lock(&self.state)
+            .servers
+            .iter()
+            .flat_map(|s| s.values())
+            .map(|l| l.throttled())
+            .sum()
     }
 
     /// The recommended parallelism advertised.
     pub(super) fn dop_hint(&self) -> usize {
         self.dop_hint.load(Ordering::SeqCst)
+    }
+}
+
+/// One request counted in [`WebServers::count`].
+pub(super) struct TotalInFlight<'a>(&'a WebServers);
+
+impl Drop for TotalInFlight<'_> {
+    fn drop(&mut self) {
+        self.0.total.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

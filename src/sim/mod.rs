@@ -21,15 +21,17 @@
 //! Entra's RS256 keys: the proxy treats tokens as opaque, and only the
 //! simulator itself checks them.
 
+mod app_users;
 mod batch;
 pub mod dataverse;
 pub mod entra;
 mod limits;
 mod multipart;
 
+pub use app_users::AppUser;
 pub use limits::ServiceLimits;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -151,6 +153,8 @@ pub struct EntraState {
     last_request: Mutex<Option<(HeaderMap, String)>>,
     /// The proxy's API, its caller apps and signing keys.
     callers: entra::CallerDirectory,
+    /// More application users of the org: client id → secret.
+    app_users: Mutex<HashMap<String, String>>,
 }
 
 /// One simulated Dataverse org.
@@ -401,21 +405,6 @@ impl SimHandle {
             .store(broken, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Sets the service-protection limits (default: Dataverse's own).
-    pub fn set_service_limits(&self, limits: ServiceLimits) {
-        self.0.limiter.set(limits);
-    }
-
-    /// The most requests Dataverse ever had in flight at once.
-    pub fn max_concurrency_seen(&self) -> usize {
-        self.0.limiter.max_in_flight()
-    }
-
-    /// How many 429s the service-protection limits produced.
-    pub fn throttled(&self) -> u64 {
-        self.0.limiter.throttled()
-    }
-
     /// Adds `n` generated rows to a table (for paging tests).
     pub fn seed_rows(&self, entity_set: &str, n: usize) {
         lock(&self.0.db).seed_rows(entity_set, n);
@@ -517,6 +506,7 @@ impl Sim {
             used_jti: Mutex::new(std::collections::HashSet::new()),
             last_request: Mutex::new(None),
             callers: entra::CallerDirectory::new(),
+            app_users: Mutex::new(HashMap::new()),
         });
         spawn(entra, entra::router(entra_state.clone()), &shutdown);
         let tenant = entra_state.config.tenant_id.clone();

@@ -149,7 +149,10 @@ async fn handle(State(sim): State<Arc<SimState>>, req: Request) -> Response {
 async fn execute(sim: Arc<SimState>, req: Request) -> Response {
     let claims = check_token(&sim, req.headers());
     record(&sim, &req, claims.clone());
-    let (server, limiter) = sim.limiter.pick(req.headers());
+    // Limits count per user: the token's oid (the application user for an
+    // app-only token); an unauthenticated request counts as nobody's.
+    let user = claims.as_ref().map_or("", |c| c.oid.as_str()).to_owned();
+    let (server, limiter) = sim.limiter.pick(req.headers(), &user);
     let mut resp = match claims {
         Err(why) => {
             // Read (and drop) the body first, as IIS does for small bodies,
@@ -162,6 +165,7 @@ async fn execute(sim: Arc<SimState>, req: Request) -> Response {
         Ok(_) => match limiter.admit() {
             Err(throttled) => throttled,
             Ok(in_flight) => {
+                let _counted = sim.limiter.count();
                 let (base, spread) = *lock(&sim.latency);
                 if !base.is_zero() {
                     let spread = spread.as_micros() as u64;

@@ -308,7 +308,7 @@ fn client_id(
             "The request body must contain the following parameter: 'client_id'.",
         ));
     };
-    if client_id != sim.config.client_id {
+    if client_id != sim.config.client_id && !lock(&sim.app_users).contains_key(&client_id) {
         return Err(bad_request(
             "unauthorized_client",
             700016,
@@ -333,8 +333,13 @@ fn authenticate(
         .get("client_secret")
         .cloned()
         .or_else(|| basic.map(|(_, s)| s));
+    // The org's own app, or one of its other application users.
+    let expected = lock(&sim.app_users)
+        .get(client_id)
+        .cloned()
+        .unwrap_or_else(|| sim.config.client_secret.clone());
     match (secret, form.get("client_assertion")) {
-        (Some(s), _) if s != sim.config.client_secret => Err(entra_error(
+        (Some(s), _) if s != expected => Err(entra_error(
             StatusCode::UNAUTHORIZED,
             "invalid_client",
             7000215,
