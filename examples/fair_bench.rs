@@ -123,7 +123,8 @@ async fn replica(
             Err(_) => String::new(),
         };
         if ready.is_ok_and(|r| r.status() == 200)
-            && (redis.is_none() || shared.contains("governor_shared_state{org=\"default\"} 1"))
+            && (redis.is_none()
+                || shared.contains("governor_shared_state{org=\"default\",lane=\"default\"} 1"))
         {
             break;
         }

@@ -428,11 +428,15 @@ fn describe(c: &CredentialConfig) -> String {
     }
 }
 
-fn provider_for(config: &Config, org: &OrgConfig) -> Result<TokenProvider, String> {
+fn provider_for(
+    config: &Config,
+    org: &OrgConfig,
+    credential: &std::sync::Arc<crate::config::CredentialConfig>,
+) -> Result<TokenProvider, String> {
     let tls =
         crate::tls::client_config(config.upstream.ca_file.as_deref()).map_err(|e| e.to_string())?;
     TokenProvider::new(
-        org.credential.clone(),
+        credential.clone(),
         Target {
             scope: org.scope.clone(),
             resource: org.origin(),
@@ -474,13 +478,30 @@ async fn check(config: &Config) -> ExitCode {
 }
 
 async fn check_org(config: &Config, org: &OrgConfig, http: &reqwest::Client) -> bool {
-    let c = &org.credential;
     println!(
         "\norg {}{}",
         org.name,
         if org.default { " (default)" } else { "" }
     );
     println!("  url:         {}", org.origin());
+    println!("  scope:       {}", org.scope);
+    let mut all_ok = true;
+    for credential in &org.lanes {
+        if org.lanes.len() > 1 {
+            println!("  lane {}", credential.name);
+        }
+        all_ok &= check_lane(config, org, credential, http).await;
+    }
+    all_ok
+}
+
+/// One lane: its credential gets a token, and Dataverse accepts it.
+async fn check_lane(
+    config: &Config,
+    org: &OrgConfig,
+    c: &std::sync::Arc<crate::config::CredentialConfig>,
+    http: &reqwest::Client,
+) -> bool {
     println!("  credential:  {} ({})", c.name, describe(c));
     if let Some(url) = &c.token_url {
         println!("  token URL:   {url}");
@@ -488,8 +509,7 @@ async fn check_org(config: &Config, org: &OrgConfig, http: &reqwest::Client) -> 
     if let Some(id) = &c.client_id {
         println!("  client id:   {id}");
     }
-    println!("  scope:       {}", org.scope);
-    let provider = match provider_for(config, org) {
+    let provider = match provider_for(config, org, c) {
         Ok(p) => p,
         Err(e) => {
             println!("  token: cannot build the HTTP client: {e}");
@@ -566,7 +586,7 @@ async fn token(config: &Config, name: Option<&str>) -> ExitCode {
         );
         return ExitCode::from(EXIT_CONFIG as u8);
     };
-    let provider = match provider_for(config, org) {
+    let provider = match provider_for(config, org, &org.credential) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("dataverse-proxy token: {e}");

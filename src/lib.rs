@@ -17,7 +17,9 @@
 //! - **Domain** (no HTTP): [`token`] (client-credentials requests, the moka
 //!   cache, refresh ahead), [`governor`] (service protection: the adaptive
 //!   concurrency limit, queue, 429 gate and retry budget, per process or shared
-//!   through Redis), [`guard`] (which paths may reach Dataverse),
+//!   through Redis), [`lanes`] (an org's application users, each a token
+//!   and a governor, and which lane a request takes), [`guard`] (which
+//!   paths may reach Dataverse),
 //!   [`policy`] (the per-org access policy), [`callers`] (who is calling:
 //!   Entra ID tokens, API keys, client certificates, source addresses, quotas),
 //!   [`identity`] (Entra ID caller tokens: discovery, keys, claims), [`batch`] (the strict `$batch` reader),
@@ -58,6 +60,7 @@ pub mod governor;
 pub mod guard;
 pub mod http;
 pub mod identity;
+pub mod lanes;
 pub mod metadata_cache;
 pub mod policy;
 pub mod rewrite;

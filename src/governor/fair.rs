@@ -86,31 +86,20 @@ type FlowCap = (usize, Arc<Semaphore>);
 pub struct FairQueue {
     state: Mutex<State>,
     max_heads: usize,
-    caps: Mutex<HashMap<Arc<str>, FlowCap>>,
+    caps: Caps,
 }
 
-impl FairQueue {
-    /// A queue letting `max_heads` waiters try for slots at once.
-    pub fn new(max_heads: usize) -> Self {
-        Self {
-            state: Mutex::new(State::default()),
-            max_heads: max_heads.max(1),
-            caps: Mutex::new(HashMap::new()),
-        }
-    }
+/// Per-flow caps (`max_concurrency`): a semaphore per flow.
+#[derive(Debug, Default)]
+pub struct Caps(Mutex<HashMap<Arc<str>, FlowCap>>);
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
+impl Caps {
     /// The flow's own cap, if it has one (waits for a place under it).
     pub async fn cap(&self, flow: &Flow) -> Option<OwnedSemaphorePermit> {
         let max = flow.max_concurrency?;
         let semaphore = {
             let mut caps = self
-                .caps
+                .0
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if caps.len() > 1024 {
@@ -127,6 +116,28 @@ impl FairQueue {
             entry.1.clone()
         };
         semaphore.acquire_owned().await.ok()
+    }
+}
+
+impl FairQueue {
+    /// A queue letting `max_heads` waiters try for slots at once.
+    pub fn new(max_heads: usize) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            max_heads: max_heads.max(1),
+            caps: Caps::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The flow's own cap, if it has one (waits for a place under it).
+    pub async fn cap(&self, flow: &Flow) -> Option<OwnedSemaphorePermit> {
+        self.caps.cap(flow).await
     }
 
     /// Enters the queue; the place waits its turn with [`Place::turn`].

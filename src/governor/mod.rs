@@ -330,6 +330,25 @@ impl Governor {
         )
     }
 
+    /// A slot at once, or `None`: the gate is closed, callers are queued
+    /// here already, or no slot is free. `flow`'s own cap is the caller's
+    /// business (the org's lanes keep it across lanes).
+    pub async fn try_now(&self, flow: &Flow) -> Option<Permit> {
+        if self.gate_closed_until().is_some() || self.inner.stats.queued.load(Ordering::Relaxed) > 0
+        {
+            return None;
+        }
+        self.try_once(flow, None, &mut None).await
+    }
+
+    /// Slots free by this replica's count (the limit less what it holds
+    /// and what waits here); negative when callers queue.
+    pub fn room(&self) -> i64 {
+        let stats = &self.inner.stats;
+        let used = stats.in_flight.load(Ordering::Relaxed) + stats.queued.load(Ordering::Relaxed);
+        self.limit() as i64 - used as i64
+    }
+
     /// [`Self::acquire_for`] a caller nobody named (one flow for all).
     pub async fn acquire(&self) -> Result<Permit, GovernorError> {
         self.acquire_for(&Flow::default()).await

@@ -122,6 +122,15 @@ impl Permit {
         }
     }
 
+    /// Holds `cap` (a caller's cap taken outside this governor, by the
+    /// org's lanes) as long as the slot.
+    pub fn with_cap(mut self, cap: Option<OwnedSemaphorePermit>) -> Self {
+        if cap.is_some() {
+            self._cap = cap;
+        }
+        self
+    }
+
     /// A request is on its way to Dataverse: until it answers, dropping
     /// the permit keeps the slot for the disconnect grace.
     pub fn arm(&mut self) {

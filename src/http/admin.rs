@@ -1,5 +1,6 @@
 //! The admin listener: `/livez` (the process is up), `/readyz` (a valid
-//! token is held for every org and shutdown has not begun), `/metrics`,
+//! token is held for a lane of every org and shutdown has not begun; the
+//! lanes down are named), `/metrics`,
 //! and the operator's view: `/` (the status page) and `/status` (its data
 //! as JSON), see `http/status/`.
 
@@ -42,12 +43,21 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         Some(true) => "governor: shared (Redis)\n",
         Some(false) => "governor: local fallback cap (Redis does not answer)\n",
     };
+    let mut lanes = String::new();
+    for org in state.orgs.iter() {
+        for lane in org.lanes.out_of_rotation() {
+            lanes.push_str(&format!(
+                "lane down: {}/{lane} (its credential fails; the other lanes serve)\n",
+                org.name
+            ));
+        }
+    }
     if state.ready().await {
-        (StatusCode::OK, format!("ready\n{governor}"))
+        (StatusCode::OK, format!("ready\n{governor}{lanes}"))
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: no valid token for every org yet\n{governor}"),
+            format!("not ready: no valid token for every org yet\n{governor}{lanes}"),
         )
     }
 }

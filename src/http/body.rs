@@ -135,7 +135,7 @@ impl DrainBounds {
         Self {
             bytes: DRAIN_BYTES,
             time: state.orgs.first().map_or(Duration::from_secs(5), |o| {
-                o.governor.config().disconnect_grace
+                o.lanes.first().governor.config().disconnect_grace
             }),
         }
     }

@@ -112,7 +112,9 @@ fn try_reload(state: &AppState) -> Result<Reloaded, Vec<String>> {
     };
     state.limits.store(Arc::new(limits));
     for org in state.orgs.iter() {
-        org.governor.reconfigure(new.governor.clone());
+        for lane in org.lanes.iter() {
+            lane.governor.reconfigure(new.governor.clone());
+        }
     }
     Ok(Reloaded {
         restart_needed: restart_needed(&started, &new),
@@ -158,7 +160,7 @@ pub fn restart_needed(started: &Config, new: &Config) -> Vec<&'static str> {
                     o.scope.clone(),
                     o.hosts.clone(),
                     o.default,
-                    format!("{:?}", o.credential),
+                    format!("{:?}", o.lanes),
                 )
             })
             .collect::<Vec<_>>()
@@ -172,7 +174,7 @@ pub fn restart_needed(started: &Config, new: &Config) -> Vec<&'static str> {
         ("public_url", a.public_url != b.public_url),
         ("trusted_proxies", a.trusted_proxies != b.trusted_proxies),
         (
-            "orgs (url, scope, hosts, default, credential)",
+            "orgs (url, scope, hosts, default, credential, lanes)",
             org_shape(a) != org_shape(b),
         ),
         ("upstream", differ(&a.upstream, &b.upstream)),

@@ -97,10 +97,9 @@ pub struct OrgState {
     /// Every origin under which the org writes its links: the configured
     /// one and its `.api.` sibling (`contoso.crm…` ⇄ `contoso.api.crm…`).
     pub aliases: Vec<String>,
-    /// The org's token.
-    pub token: TokenProvider,
-    /// The org's service-protection governor.
-    pub governor: Governor,
+    /// The org's lanes: each an application user's token and governor
+    /// (one lane without `lanes` in the config).
+    pub lanes: crate::lanes::Lanes,
     /// Last rate-limit headers Dataverse sent.
     pub ratelimit: RateLimitSeen,
     /// Its place in `orgs` (and in every generation of the rules).
@@ -158,10 +157,9 @@ impl OrgState {
     fn new(
         (index, org): (usize, &crate::config::OrgConfig),
         origin: String,
-        token: TokenProvider,
+        lanes: crate::lanes::Lanes,
         config: &Config,
         metrics: &Arc<Metrics>,
-        governor: Governor,
     ) -> std::io::Result<Self> {
         let origin_uri = origin
             .parse::<http::Uri>()
@@ -178,8 +176,7 @@ impl OrgState {
             name: org.name.clone(),
             aliases: org_aliases(&origin),
             origin,
-            token,
-            governor,
+            lanes,
             ratelimit: RateLimitSeen::default(),
             index,
             metadata: config.metadata_cache.enabled.then(|| {
@@ -344,13 +341,21 @@ impl AppState {
             .collect()
     }
 
-    /// True when every org holds a valid token and shutdown has not begun.
+    /// True when every org holds a valid token on at least one lane and
+    /// shutdown has not begun.
     pub async fn ready(&self) -> bool {
         if self.draining.load(Ordering::SeqCst) {
             return false;
         }
-        for p in self.providers.iter() {
-            if !p.is_ready().await {
+        for org in self.orgs.iter() {
+            let mut any = false;
+            for lane in org.lanes.iter() {
+                if lane.token.is_ready().await {
+                    any = true;
+                    break;
+                }
+            }
+            if !any {
                 return false;
             }
         }
@@ -381,22 +386,31 @@ fn build_orgs(
             scope: org.scope.clone(),
             resource: origin.clone(),
         };
-        let key = TokenKey::new(&org.credential, &target);
-        let token = match providers.get(&key) {
-            Some(p) => p.clone(),
-            None => {
-                let p = TokenProvider::new(
-                    org.credential.clone(),
-                    target,
-                    config.token.clone(),
-                    cache.clone(),
-                    tls.clone(),
-                )
-                .map_err(std::io::Error::other)?;
-                providers.insert(key, p.clone());
-                p
-            }
-        };
+        let mut lanes = Vec::new();
+        for credential in &org.lanes {
+            let key = TokenKey::new(credential, &target);
+            let token = match providers.get(&key) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = TokenProvider::new(
+                        credential.clone(),
+                        target.clone(),
+                        config.token.clone(),
+                        cache.clone(),
+                        tls.clone(),
+                    )
+                    .map_err(std::io::Error::other)?;
+                    providers.insert(key, p.clone());
+                    p
+                }
+            };
+            let governor = match redis {
+                Some(r) => Governor::shared(config.governor.clone(), r, &lane_key(org, credential)),
+                None => Governor::new(config.governor.clone()),
+            };
+            lanes.push(crate::lanes::Lane::new(&credential.name, token, governor));
+        }
+        let lanes = crate::lanes::Lanes::new(&org.name, lanes);
         routes.by_name.insert(org.name.clone(), i);
         for host in &org.hosts {
             routes.by_host.insert(host.clone(), i);
@@ -404,13 +418,7 @@ fn build_orgs(
         if org.default {
             routes.default = Some(i);
         }
-        let governor = match redis {
-            // Keyed by the org's host and port: two deployments that call
-            // different orgs by one config name never share a gate.
-            Some(r) => Governor::shared(config.governor.clone(), r, &governor_key(&org.url)),
-            None => Governor::new(config.governor.clone()),
-        };
-        let state = OrgState::new((i, org), origin, token, config, metrics, governor)?;
+        let state = OrgState::new((i, org), origin, lanes, config, metrics)?;
         orgs.push(Arc::new(state));
     }
     Ok(BuiltOrgs {
@@ -436,6 +444,18 @@ fn verifier(
         tokens.clone(),
         Arc::new(source),
     ))))
+}
+
+/// Where a lane's shared state lives in Redis: by the org's host and port
+/// (two deployments that call different orgs by one config name never
+/// share a gate) and, for an org with several lanes, the lane's
+/// application user (its client id, else its name), whose budget it is.
+fn lane_key(org: &crate::config::OrgConfig, lane: &crate::config::CredentialConfig) -> String {
+    let host = governor_key(&org.url);
+    if org.lanes.len() == 1 {
+        return host;
+    }
+    format!("{host}/{}", lane.client_id.as_deref().unwrap_or(&lane.name))
 }
 
 /// The governors' shared state, where `governor.redis_url` is set.

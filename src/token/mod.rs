@@ -441,6 +441,21 @@ impl TokenProvider {
         tracing::info!("Dataverse refused the token (401); fetching a new one");
     }
 
+    /// Whether [`Self::get`] can be expected to give a token now: one is
+    /// held, or the last fetch did not fail. `false` means the credential
+    /// fails (a lane is then out of rotation until the refresher, which
+    /// keeps trying, gets a token).
+    pub fn usable_now(&self) -> bool {
+        self.viewed()
+            .is_some_and(|t| Instant::now() < t.serve_until)
+            || self.lock_failure().is_none()
+    }
+
+    /// What the last failure tells a caller, if the last fetch failed.
+    pub fn failing_reason(&self) -> Option<String> {
+        self.lock_failure().as_ref().map(|f| f.reason.clone())
+    }
+
     /// True when a token is cached and servable (admin `/readyz`).
     pub async fn is_ready(&self) -> bool {
         self.inner.cache.get(&self.inner.key).await.is_some()

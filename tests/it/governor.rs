@@ -228,7 +228,9 @@ async fn transient_failures_are_replayed_only_for_idempotent_requests() {
     assert_eq!(resp.status(), 204, "a conditional PATCH is");
     let m = h.metrics().await;
     assert!(
-        m.contains("dataverse_proxy_governor_transient_retries_total{org=\"default\"} 2"),
+        m.contains(
+            "dataverse_proxy_governor_transient_retries_total{org=\"default\",lane=\"default\"} 2"
+        ),
         "{m}"
     );
     h.stop().await;
@@ -253,11 +255,13 @@ async fn the_retry_budget_stops_a_retry_storm() {
     }
     let m = h.metrics().await;
     assert!(
-        m.contains("dataverse_proxy_governor_transient_retries_total{org=\"default\"} 3"),
+        m.contains(
+            "dataverse_proxy_governor_transient_retries_total{org=\"default\",lane=\"default\"} 3"
+        ),
         "{m}"
     );
     assert!(
-        m.contains("dataverse_proxy_governor_retry_budget_exhausted_total{org=\"default\"} 9"),
+        m.contains("dataverse_proxy_governor_retry_budget_exhausted_total{org=\"default\",lane=\"default\"} 9"),
         "{m}"
     );
     h.stop().await;

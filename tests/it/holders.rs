@@ -98,7 +98,10 @@ async fn callers_that_stop_reading_lose_their_slots_and_others_get_through() {
     let mut m = String::new();
     for _ in 0..100 {
         m = h.metrics().await;
-        let in_flight = metric(&m, "dataverse_proxy_governor_in_flight{org=\"default\"}");
+        let in_flight = metric(
+            &m,
+            "dataverse_proxy_governor_in_flight{org=\"default\",lane=\"default\"}",
+        );
         if in_flight == 0.0 {
             break;
         }
@@ -113,14 +116,17 @@ async fn callers_that_stop_reading_lose_their_slots_and_others_get_through() {
         "{m}"
     );
     assert_eq!(
-        metric(&m, "dataverse_proxy_governor_in_flight{org=\"default\"}"),
+        metric(
+            &m,
+            "dataverse_proxy_governor_in_flight{org=\"default\",lane=\"default\"}"
+        ),
         0.0,
         "{m}"
     );
     assert_eq!(
         metric(
             &m,
-            "dataverse_proxy_governor_rejected_total{org=\"default\"}"
+            "dataverse_proxy_governor_rejected_total{org=\"default\",lane=\"default\"}"
         ),
         0.0
     );
@@ -195,7 +201,7 @@ async fn no_slot_is_held_past_max_hold() {
     assert_eq!(
         metric(
             &m,
-            "dataverse_proxy_governor_held_too_long_total{org=\"default\"}"
+            "dataverse_proxy_governor_held_too_long_total{org=\"default\",lane=\"default\"}"
         ),
         1.0,
         "{m}"

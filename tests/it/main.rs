@@ -12,6 +12,7 @@ mod harness;
 mod holders;
 mod hostile;
 mod identity;
+mod lanes;
 mod links;
 mod listener;
 mod metadata;

@@ -61,7 +61,7 @@ async fn metrics_move_for_requests_token_fetches_429s_and_waits() {
     assert_eq!(
         sample(
             &after,
-            "dataverse_proxy_governor_throttled_total{org=\"default\"}"
+            "dataverse_proxy_governor_throttled_total{org=\"default\",lane=\"default\"}"
         ),
         1.0,
         "{after}"
@@ -69,7 +69,7 @@ async fn metrics_move_for_requests_token_fetches_429s_and_waits() {
     assert!(
         sample(
             &after,
-            "dataverse_proxy_governor_waits_total{org=\"default\"}"
+            "dataverse_proxy_governor_waits_total{org=\"default\",lane=\"default\"}"
         ) >= 1.0,
         "{after}"
     );

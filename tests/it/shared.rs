@@ -59,7 +59,7 @@ impl Replica {
             if self
                 .metrics()
                 .await
-                .contains("governor_shared_state{org=\"default\"} 1")
+                .contains("governor_shared_state{org=\"default\",lane=\"default\"} 1")
             {
                 return;
             }
@@ -185,7 +185,7 @@ async fn three_replicas_share_one_budget_and_callers_see_no_429() {
     for r in replicas {
         let m = r.metrics().await;
         assert!(
-            m.contains("governor_shared_state{org=\"default\"} 1"),
+            m.contains("governor_shared_state{org=\"default\",lane=\"default\"} 1"),
             "{m}"
         );
         r.stop().await;
@@ -222,7 +222,7 @@ async fn a_429_answered_to_one_replica_pauses_all_three() {
         for _ in 0..50 {
             let m = r.metrics().await;
             let line = m.lines().find(|l| {
-                l.starts_with("dataverse_proxy_governor_gate_closed_seconds{org=\"default\"}")
+                l.starts_with("dataverse_proxy_governor_gate_closed_seconds{org=\"default\",lane=\"default\"}")
             });
             if line
                 .and_then(|l| l.rsplit(' ').next())
@@ -277,7 +277,7 @@ async fn redis_stopped_mid_run_fails_no_request_and_sharing_resumes() {
         for _ in 0..100 {
             if r.metrics()
                 .await
-                .contains("governor_shared_state{org=\"default\"} 1")
+                .contains("governor_shared_state{org=\"default\",lane=\"default\"} 1")
             {
                 back = true;
                 break;
@@ -425,7 +425,7 @@ async fn the_limit_rises_above_52_where_dataverse_has_more_web_servers() {
     let m = h.metrics().await;
     let limit: usize = m
         .lines()
-        .find(|l| l.starts_with("dataverse_proxy_governor_limit{org=\"default\"}"))
+        .find(|l| l.starts_with("dataverse_proxy_governor_limit{org=\"default\",lane=\"default\"}"))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .expect("governor_limit");

@@ -212,7 +212,10 @@ async fn the_shared_governor_works_over_rediss_with_a_private_ca() {
     assert!(burst(&replica).await.iter().all(|s| *s == 200));
     let m = replica.metrics().await;
     assert_eq!(
-        metric(&m, "dataverse_proxy_governor_shared_state{org=\"default\"}"),
+        metric(
+            &m,
+            "dataverse_proxy_governor_shared_state{org=\"default\",lane=\"default\"}"
+        ),
         1.0,
         "{m}"
     );
@@ -254,7 +257,10 @@ async fn a_rediss_server_whose_certificate_is_not_trusted_is_never_used() {
         .await
         .expect("t");
     assert_eq!(
-        metric(&m, "dataverse_proxy_governor_shared_state{org=\"default\"}"),
+        metric(
+            &m,
+            "dataverse_proxy_governor_shared_state{org=\"default\",lane=\"default\"}"
+        ),
         0.0,
         "{m}"
     );

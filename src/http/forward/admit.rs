@@ -12,6 +12,7 @@ use crate::governor::Flow;
 use crate::http::access_log::RequestInfo;
 use crate::http::rules::Rules;
 use crate::http::state::{AppState, Links, OrgState};
+use crate::lanes::LaneSet;
 
 /// A request the proxy will forward, and what the next steps need of it.
 pub struct Admitted {
@@ -40,6 +41,8 @@ pub struct Admitted {
     pub acts_as_caller: bool,
     /// Who the request counts against in the governor's fair share.
     pub flow: Flow,
+    /// The org's lanes the caller may take.
+    pub lanes: LaneSet,
 }
 
 impl Admitted {
@@ -117,6 +120,7 @@ pub async fn admit(
         batch_origins,
         acts_as_caller: caller.act_as.is_some(),
         flow: caller.flow,
+        lanes: caller.lanes,
     })
 }
 
@@ -126,6 +130,7 @@ struct Identified {
     privileged: Option<Vec<String>>,
     act_as: Option<String>,
     flow: Flow,
+    lanes: LaneSet,
 }
 
 /// Who is calling (token, key, certificate or address), recorded for the
@@ -166,6 +171,9 @@ async fn identify(
         privileged: (!rules.access.callers.is_empty())
             .then(|| caller.map(|c| c.privileged.clone()).unwrap_or_default()),
         act_as: admission.act_as,
+        lanes: org
+            .lanes
+            .allowed(caller.map_or(&[][..], |c| c.lanes.as_slice())),
         flow: flow_of(caller, info.principal.as_deref(), &rules.access, request),
     })
 }

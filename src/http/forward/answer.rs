@@ -51,9 +51,6 @@ where
         .or_else(|| parts.headers.get(names::REQ_ID))
         .cloned();
     headers::to_caller(&mut parts.headers);
-    if let Some(hint) = dop_hint(&parts.headers) {
-        org.governor.dop_hint(hint);
-    }
     let rewriter = admitted.links.to_caller.as_ref();
     if let Some(r) = rewriter {
         rewrite_link_headers(&mut parts.headers, r);
@@ -178,13 +175,6 @@ pub fn has_body(method: &Method, status: StatusCode) -> bool {
 fn content_length(headers: &HeaderMap) -> Option<usize> {
     headers
         .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-}
-
-fn dop_hint(headers: &HeaderMap) -> Option<usize> {
-    headers
-        .get(names::X_MS_DOP_HINT)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
 }

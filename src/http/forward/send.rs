@@ -86,7 +86,9 @@ pub fn throttle_wait(headers: &HeaderMap, attempt: u32) -> Duration {
 const THROTTLE_BODY: usize = 16 * 1024;
 
 /// Sends the planned request until [`next_step`] says answer, replaying
-/// transient failures where that is safe ([`transient_wait`]).
+/// transient failures where that is safe ([`transient_wait`]). The request
+/// takes one of the org's lanes ([`crate::lanes`]); a lane whose credential
+/// fails, or whose gate a 429 closed, hands the request to another lane.
 pub async fn send(
     state: &AppState,
     admitted: &Admitted,
@@ -95,13 +97,28 @@ pub async fn send(
     info: &mut RequestInfo,
 ) -> Result<Sent<UpstreamBody>, ProxyError> {
     let org = &admitted.org;
-    let governor = &org.governor;
-    let mut permit = governor.acquire_for(&admitted.flow).await?;
-    governor.sent();
+    let lanes = &org.lanes;
+    let (mut lane, mut permit) = lanes.acquire(admitted.lanes, &admitted.flow).await?;
     let mut attempts = Attempts::default();
     let idempotent = is_idempotent(&planned.method, &planned.headers);
     loop {
-        let token = org.token.get().await?;
+        let governor = &lanes.get(lane).governor;
+        governor.sent();
+        let token = match lanes.get(lane).token.get().await {
+            Ok(token) => token,
+            Err(e) => {
+                // Nothing was sent: the slot is free at once.
+                permit.finish();
+                match lanes
+                    .acquire_elsewhere(admitted.lanes, lane, &admitted.flow)
+                    .await
+                {
+                    Some(next) => (lane, permit) = next?,
+                    None => return Err(e.into()),
+                }
+                continue;
+            }
+        };
         let req = upstream_request(&mut planned, token.header());
         let sent_at = Instant::now();
         permit.arm();
@@ -121,6 +138,9 @@ pub async fn send(
             attempts.transient += 1;
             continue;
         };
+        if let Some(hint) = dop_hint(response.headers()) {
+            governor.dop_hint(hint);
+        }
         let response = match response.status() {
             StatusCode::TOO_MANY_REQUESTS => {
                 read_throttle(governor, response, attempts.throttled).await?
@@ -134,19 +154,26 @@ pub async fn send(
                 });
             }
         };
-        let next = next_step(
-            response.status(),
-            response.headers(),
-            &attempts,
-            planned.body.replayable(),
-            arrived.elapsed(),
-            &governor.config(),
-        );
+        let next = if replay_elsewhere(&response, &attempts, &planned, governor)
+            && lanes.another_open(admitted.lanes, lane)
+        {
+            // Throttled on this lane only: another lane takes it at once.
+            Next::Wait(Duration::ZERO)
+        } else {
+            next_step(
+                response.status(),
+                response.headers(),
+                &attempts,
+                planned.body.replayable(),
+                arrived.elapsed(),
+                &governor.config(),
+            )
+        };
         if response.status() == StatusCode::UNAUTHORIZED && !attempts.refreshed {
             // Revoked or rotated: drop this token (not a newer one),
             // whether or not the request can be replayed.
             attempts.refreshed = true;
-            org.token.invalidate(&token).await;
+            lanes.get(lane).token.invalidate(&token).await;
         }
         match next {
             Next::Answer => {
@@ -162,12 +189,37 @@ pub async fn send(
                 drop(response);
                 // Dataverse answered: the slot is free now, not after a grace.
                 permit.finish();
-                tokio::time::sleep(wait).await;
-                // The gate (for window limits) and the queue take us back in turn.
-                permit = governor.acquire_for(&admitted.flow).await?;
+                // Another lane with an open gate takes the replay at once;
+                // else the wait, then the gate and the queue in turn.
+                if !lanes.another_open(admitted.lanes, lane) {
+                    tokio::time::sleep(wait).await;
+                }
+                (lane, permit) = lanes.acquire(admitted.lanes, &admitted.flow).await?;
             }
         }
     }
+}
+
+/// Whether a 429 could be replayed on another lane: the body allows it
+/// and the replays are not used up (the wait does not count: another
+/// lane's gate is open now).
+fn replay_elsewhere<B>(
+    response: &Response<B>,
+    attempts: &Attempts,
+    planned: &Planned,
+    governor: &crate::governor::Governor,
+) -> bool {
+    response.status() == StatusCode::TOO_MANY_REQUESTS
+        && planned.body.replayable()
+        && attempts.throttled < governor.config().max_retries
+}
+
+/// Dataverse's recommended parallelism (`x-ms-dop-hint`).
+fn dop_hint(headers: &HeaderMap) -> Option<usize> {
+    headers
+        .get(crate::http::headers::names::X_MS_DOP_HINT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 /// The attempt's answer, or `None` once the wait before a transient replay

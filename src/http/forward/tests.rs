@@ -324,7 +324,14 @@ async fn answered_for(
     let a = admitted(state, method, "/api/data/v9.2/accounts", &[])
         .await
         .expect("admitted");
-    let permit = a.org.governor.acquire().await.expect("a slot");
+    let permit = a
+        .org
+        .lanes
+        .first()
+        .governor
+        .acquire()
+        .await
+        .expect("a slot");
     let mut caller = HeaderMap::new();
     if !accept.is_empty() {
         caller.insert(header::ACCEPT_ENCODING, accept.parse().expect("value"));

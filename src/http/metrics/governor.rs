@@ -1,6 +1,7 @@
-//! The governor's figures by org, copied in at scrape time: its limit, what
-//! it holds and queues, its gate, whether its state is shared, and what
-//! Dataverse's 429s and the replays did.
+//! The governors' figures by org and lane, copied in at scrape time: each
+//! lane's limit, what it holds and queues, its gate, whether its state is
+//! shared, whether it is in rotation, and what Dataverse's 429s and the
+//! replays did.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -10,37 +11,45 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use super::{OrgLabel, registered, sync_counter};
-use crate::governor::Throttle;
+use super::{registered, sync_counter};
+use crate::governor::{Governor, Throttle};
 use crate::http::state::OrgState;
+
+/// An org's lane (the lane's credential name).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct OrgLane {
+    org: String,
+    lane: String,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct OrgKind {
     org: String,
+    lane: String,
     kind: &'static str,
 }
 
 pub(super) struct GovernorFamilies {
-    in_flight: Family<OrgLabel, Gauge>,
-    queued: Family<OrgLabel, Gauge>,
-    limit: Family<OrgLabel, Gauge>,
-    gate: Family<OrgLabel, Gauge<f64, AtomicU64>>,
-    shared: Family<OrgLabel, Gauge>,
-    waits: Family<OrgLabel, Counter>,
-    throttled: Family<OrgLabel, Counter>,
+    in_flight: Family<OrgLane, Gauge>,
+    queued: Family<OrgLane, Gauge>,
+    limit: Family<OrgLane, Gauge>,
+    gate: Family<OrgLane, Gauge<f64, AtomicU64>>,
+    shared: Family<OrgLane, Gauge>,
+    waits: Family<OrgLane, Counter>,
+    throttled: Family<OrgLane, Counter>,
     throttled_kind: Family<OrgKind, Counter>,
-    retries: Family<OrgLabel, Counter>,
-    transient: Family<OrgLabel, Counter>,
-    exhausted: Family<OrgLabel, Counter>,
-    rejected: Family<OrgLabel, Counter>,
-    held_too_long: Family<OrgLabel, Counter>,
+    retries: Family<OrgLane, Counter>,
+    transient: Family<OrgLane, Counter>,
+    exhausted: Family<OrgLane, Counter>,
+    rejected: Family<OrgLane, Counter>,
+    held_too_long: Family<OrgLane, Counter>,
+    in_rotation: Family<OrgLane, Gauge>,
 }
 
 impl GovernorFamilies {
     pub(super) fn register(r: &mut Registry) -> Self {
-        let mut gauge = |name: &str, help: &str| {
-            registered(r, name, help, Family::<OrgLabel, Gauge>::default())
-        };
+        let mut gauge =
+            |name: &str, help: &str| registered(r, name, help, Family::<OrgLane, Gauge>::default());
         let in_flight = gauge(
             "governor_in_flight",
             "Requests of this replica holding a governor slot towards the org",
@@ -53,6 +62,10 @@ impl GovernorFamilies {
             "governor_limit",
             "The adaptive concurrency limit in force (shared by all replicas with Redis)",
         );
+        let in_rotation = gauge(
+            "lane_in_rotation",
+            "1 while the lane's credential gets tokens, 0 while it is out of rotation",
+        );
         let shared = gauge(
             "governor_shared_state",
             "1 while the governor's state is shared through Redis, 0 while on the local fallback cap",
@@ -61,10 +74,10 @@ impl GovernorFamilies {
             r,
             "governor_gate_closed_seconds",
             "Seconds until the Retry-After gate reopens (0: open)",
-            Family::<OrgLabel, Gauge<f64, AtomicU64>>::default(),
+            Family::<OrgLane, Gauge<f64, AtomicU64>>::default(),
         );
         let mut counter = |name: &str, help: &str| {
-            registered(r, name, help, Family::<OrgLabel, Counter>::default())
+            registered(r, name, help, Family::<OrgLane, Counter>::default())
         };
         let waits = counter(
             "governor_waits",
@@ -111,11 +124,23 @@ impl GovernorFamilies {
             exhausted,
             rejected,
             held_too_long,
+            in_rotation,
         }
     }
 
-    pub(super) fn render(&self, org: &OrgState, l: &OrgLabel) {
-        let governor = &org.governor;
+    pub(super) fn render(&self, org: &OrgState) {
+        for (i, lane) in org.lanes.iter().enumerate() {
+            let l = OrgLane {
+                org: org.name.clone(),
+                lane: lane.name.to_string(),
+            };
+            let up = org.lanes.in_rotation(i);
+            self.in_rotation.get_or_create(&l).set(i64::from(up));
+            self.render_lane(&lane.governor, &l);
+        }
+    }
+
+    fn render_lane(&self, governor: &Governor, l: &OrgLane) {
         let g = governor.stats();
         let load = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as i64;
         self.in_flight.get_or_create(l).set(load(&g.in_flight));
@@ -143,6 +168,7 @@ impl GovernorFamilies {
         for (kind, value) in Throttle::ALL.iter().zip(&g.throttled) {
             let label = OrgKind {
                 org: l.org.clone(),
+                lane: l.lane.clone(),
                 kind: kind.label(),
             };
             sync_counter(

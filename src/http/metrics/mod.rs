@@ -431,7 +431,7 @@ impl Metrics {
             let l = OrgLabel {
                 org: org.name.clone(),
             };
-            self.governor.render(org, &l);
+            self.governor.render(org);
             if let Some(cache) = &org.metadata {
                 self.cache.render(cache, &l);
             }
@@ -439,7 +439,7 @@ impl Metrics {
             self.org
                 .dop_hint
                 .get_or_create(&l)
-                .set(load(&org.governor.stats().dop_hint));
+                .set(load(&org.lanes.first().governor.stats().dop_hint));
             if org.ratelimit.seen.load(Ordering::Relaxed) == 1 {
                 self.org
                     .ratelimit_burst
@@ -450,19 +450,18 @@ impl Metrics {
                     .get_or_create(&l)
                     .set(org.ratelimit.time_remaining_ms.load(Ordering::Relaxed) as f64 / 1000.0);
             }
-            let credential = org.token.credential_name().to_owned();
-            let left = org
-                .token
-                .expires_in()
-                .await
-                .map_or(0.0, |d| d.as_secs_f64());
-            self.org
-                .token_expiry
-                .get_or_create(&TokenOrg {
+            for lane in org.lanes.iter() {
+                let left = lane
+                    .token
+                    .expires_in()
+                    .await
+                    .map_or(0.0, |d| d.as_secs_f64());
+                let label = TokenOrg {
                     org: org.name.clone(),
-                    credential,
-                })
-                .set(left);
+                    credential: lane.token.credential_name().to_owned(),
+                };
+                self.org.token_expiry.get_or_create(&label).set(left);
+            }
         }
         for provider in state.providers() {
             for (result, reason, count) in provider.stats().snapshot() {

@@ -10,6 +10,7 @@
 
 pub mod activity;
 pub mod board;
+mod lanes;
 
 use std::sync::atomic::Ordering;
 
@@ -62,7 +63,11 @@ pub struct OrgStatus {
     pub name: String,
     pub url: String,
     pub token: TokenStatus,
+    /// The org's lanes together: limits, slots and 429s summed; the gate
+    /// closed only while every lane's is.
     pub governor: GovernorStatus,
+    /// Each lane (one without `lanes` in the config).
+    pub lanes: Vec<lanes::LaneStatus>,
     pub callers: Vec<CallerStatus>,
     pub errors: Vec<ErrorCount>,
     pub metadata_cache: Option<CacheStatus>,
@@ -72,7 +77,7 @@ pub struct OrgStatus {
     pub series: Vec<Sample>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct TokenStatus {
     pub credential: String,
     pub kind: &'static str,
@@ -177,8 +182,8 @@ pub async fn snapshot(state: &AppState) -> Status {
 }
 
 async fn org_status(org: &OrgState) -> OrgStatus {
-    let health = org.token.health().await;
-    let throttled_total = org.governor.stats().throttled_total();
+    let lanes = lanes::lanes(org).await;
+    let throttled_total = lanes.iter().map(|l| l.governor.throttled_total).sum();
     let series = org.board.activity.series(throttled_total);
     let five_minutes = (300 / activity::INTERVAL.as_secs()) as usize + 1;
     let throttled_5m = series
@@ -190,16 +195,9 @@ async fn org_status(org: &OrgState) -> OrgStatus {
     OrgStatus {
         name: org.name.clone(),
         url: org.origin.clone(),
-        token: TokenStatus {
-            credential: health.credential,
-            kind: health.kind,
-            valid: health.expires_in.is_some(),
-            expires_in_s: health.expires_in.map(|d| d.as_secs()),
-            last_refresh: health.last_refresh_ms,
-            failures_in_a_row: health.failures_in_a_row,
-            last_error: health.last_error,
-        },
-        governor: governor_status(org, throttled_5m, throttled_total),
+        token: lanes[0].token.clone(),
+        governor: lanes::together(&lanes, throttled_5m),
+        lanes,
         callers: org
             .board
             .callers()
@@ -232,26 +230,6 @@ async fn org_status(org: &OrgState) -> OrgStatus {
     }
 }
 
-fn governor_status(org: &OrgState, throttled_5m: u64, throttled_total: u64) -> GovernorStatus {
-    let g = &org.governor;
-    let stats = g.stats();
-    GovernorStatus {
-        limit: g.limit(),
-        in_flight: stats.in_flight.load(Ordering::Relaxed),
-        queued: stats.queued.load(Ordering::Relaxed),
-        gate_closed_for_s: g
-            .gate_closed_until()
-            .map_or(0.0, |u| (u - tokio::time::Instant::now()).as_secs_f64()),
-        throttled_5m,
-        throttled_total,
-        state: match g.shared_state() {
-            None => "local",
-            Some(true) => "shared",
-            Some(false) => "fallback",
-        },
-    }
-}
-
 /// Closes every org's current interval each [`activity::INTERVAL`] until
 /// `shutdown`.
 pub fn spawn_ticker(
@@ -267,7 +245,7 @@ pub fn spawn_ticker(
                 () = shutdown.cancelled() => return,
                 _ = tick.tick() => {
                     for org in state.orgs.iter() {
-                        org.board.activity.roll(org.governor.stats().throttled_total());
+                        org.board.activity.roll(lanes::throttled_total(org));
                     }
                 }
             }

@@ -1,0 +1,230 @@
+//! Lanes: an org's application users, each with its own token and its own
+//! governor (its own Dataverse budget: Dataverse counts its limits per user
+//! and web server), and which lane a request takes.
+//!
+//! A request takes the allowed lane with the most room: a lane whose gate
+//! is open and that grants a slot at once, tried in order of free slots;
+//! when none does, it waits in the queue of the lane with the most room
+//! (or, when every gate is closed, of the one that reopens first). A lane
+//! whose credential fails is out of rotation until its token provider has
+//! a token again; the others keep serving. A caller's own cap
+//! (`max_concurrency`) holds across the lanes of the org.
+//!
+//! Written here: routing over several budgets with per-lane fair queues is
+//! this proxy's own policy; no crate offers it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::governor::fair::Caps;
+use crate::governor::{Flow, Governor, GovernorError, Permit};
+use crate::token::TokenProvider;
+
+/// One lane: an application user's token and budget.
+pub struct Lane {
+    /// The credential's name (`[credentials.NAME]`; `default` for `[credential]`).
+    pub name: Arc<str>,
+    pub token: TokenProvider,
+    pub governor: Governor,
+    /// Out of rotation as last seen (a change is logged once).
+    out: AtomicBool,
+}
+
+impl Lane {
+    pub fn new(name: &str, token: TokenProvider, governor: Governor) -> Self {
+        Self {
+            name: name.into(),
+            token,
+            governor,
+            out: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Which lanes a request may take: bit `i` for lane `i`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneSet(u64);
+
+impl LaneSet {
+    /// Every lane.
+    pub const ALL: Self = Self(u64::MAX);
+
+    fn has(self, i: usize) -> bool {
+        i < 64 && self.0 & (1 << i) != 0
+    }
+
+    fn without(self, i: usize) -> Self {
+        Self(self.0 & !(1u64 << i.min(63)))
+    }
+}
+
+/// The lanes of one org. Without `lanes` in the config, one lane: the
+/// org's credential.
+pub struct Lanes {
+    org: String,
+    lanes: Box<[Lane]>,
+    /// Callers' caps across the lanes (with one lane, its governor's).
+    caps: Caps,
+}
+
+impl Lanes {
+    /// `lanes` must not be empty.
+    pub fn new(org: &str, lanes: Vec<Lane>) -> Self {
+        assert!(!lanes.is_empty(), "an org has at least one lane");
+        Self {
+            org: org.to_owned(),
+            lanes: lanes.into(),
+            caps: Caps::default(),
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Lane> {
+        self.lanes.iter()
+    }
+
+    pub fn get(&self, i: usize) -> &Lane {
+        &self.lanes[i]
+    }
+
+    /// The first lane: the org's own credential.
+    pub fn first(&self) -> &Lane {
+        &self.lanes[0]
+    }
+
+    /// The lanes a caller pinned to `names` may take (empty: all).
+    pub fn allowed(&self, names: &[String]) -> LaneSet {
+        if names.is_empty() {
+            return LaneSet::ALL;
+        }
+        let mut set = 0u64;
+        for (i, lane) in self.lanes.iter().enumerate().take(64) {
+            if names.iter().any(|n| **n == *lane.name) {
+                set |= 1 << i;
+            }
+        }
+        LaneSet(set)
+    }
+
+    /// Whether lane `i` is in rotation; logs a change once.
+    pub fn in_rotation(&self, i: usize) -> bool {
+        let lane = &self.lanes[i];
+        let usable = lane.token.usable_now();
+        // `out` was the opposite of `!usable`: the lane just changed.
+        if lane.out.swap(!usable, Ordering::Relaxed) == usable {
+            if usable {
+                tracing::info!(org = %self.org, lane = %lane.name, "lane back in rotation: its credential gets tokens again");
+            } else {
+                let reason = lane.token.failing_reason().unwrap_or_default();
+                tracing::warn!(org = %self.org, lane = %lane.name, %reason, "lane out of rotation: its credential fails; the other lanes keep serving");
+            }
+        }
+        usable
+    }
+
+    /// The lanes out of rotation, by name.
+    pub fn out_of_rotation(&self) -> Vec<&str> {
+        (0..self.lanes.len())
+            .filter(|&i| !self.in_rotation(i))
+            .map(|i| &*self.lanes[i].name)
+            .collect()
+    }
+
+    /// Whether a lane of `allowed` other than `except` is in rotation.
+    pub fn another_in_rotation(&self, allowed: LaneSet, except: usize) -> bool {
+        (0..self.lanes.len()).any(|i| i != except && allowed.has(i) && self.in_rotation(i))
+    }
+
+    /// Whether a lane of `allowed` other than `except` is in rotation with
+    /// its gate open (a throttled request's replay can go there at once).
+    pub fn another_open(&self, allowed: LaneSet, except: usize) -> bool {
+        (0..self.lanes.len()).any(|i| {
+            i != except
+                && allowed.has(i)
+                && self.lanes[i].governor.gate_closed_until().is_none()
+                && self.in_rotation(i)
+        })
+    }
+
+    /// A slot on one of `allowed` for `flow`: its lane's index and the
+    /// permit. With one lane, that lane's governor decides alone.
+    pub async fn acquire(
+        &self,
+        allowed: LaneSet,
+        flow: &Flow,
+    ) -> Result<(usize, Permit), GovernorError> {
+        if self.lanes.len() == 1 {
+            return Ok((0, self.lanes[0].governor.acquire_for(flow).await?));
+        }
+        let cap = match flow.max_concurrency {
+            None => None,
+            Some(_) => {
+                let timeout = self.first().governor.config().queue_timeout;
+                tokio::time::timeout(timeout, self.caps.cap(flow))
+                    .await
+                    .map_err(|_| GovernorError::QueueTimeout {
+                        waited: timeout,
+                        retry_after: std::time::Duration::from_secs(1),
+                    })?
+            }
+        };
+        // The cap is held here, across lanes, not by each lane's governor.
+        let uncapped = Flow {
+            max_concurrency: None,
+            ..flow.clone()
+        };
+        let order = self.by_room(allowed);
+        for &i in &order {
+            if let Some(permit) = self.lanes[i].governor.try_now(&uncapped).await {
+                return Ok((i, permit.with_cap(cap)));
+            }
+        }
+        let best = order.first().copied().unwrap_or(0);
+        let permit = self.lanes[best].governor.acquire_for(&uncapped).await?;
+        Ok((best, permit.with_cap(cap)))
+    }
+
+    /// [`Self::acquire`] on the lanes of `allowed` but `i` (its credential
+    /// failed just now), or `None` when no other lane is in rotation.
+    pub async fn acquire_elsewhere(
+        &self,
+        allowed: LaneSet,
+        i: usize,
+        flow: &Flow,
+    ) -> Option<Result<(usize, Permit), GovernorError>> {
+        let others = allowed.without(i);
+        if !self.another_in_rotation(others, i) {
+            return None;
+        }
+        Some(self.acquire(others, flow).await)
+    }
+
+    /// The allowed lanes in rotation (all allowed ones when none is, so
+    /// that the token error reaches the caller), open gates first by most
+    /// room, then closed ones by the earliest reopening.
+    fn by_room(&self, allowed: LaneSet) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.lanes.len())
+            .filter(|&i| allowed.has(i) && self.in_rotation(i))
+            .collect();
+        if order.is_empty() {
+            order = (0..self.lanes.len()).filter(|&i| allowed.has(i)).collect();
+        }
+        order.sort_by_key(|&i| {
+            let g = &self.lanes[i].governor;
+            match g.gate_closed_until() {
+                None => (0, std::cmp::Reverse(g.room()), None),
+                Some(until) => (1, std::cmp::Reverse(0), Some(until)),
+            }
+        });
+        order
+    }
+}
+
+impl std::fmt::Debug for Lanes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.lanes.iter().map(|l| &*l.name).collect();
+        f.debug_struct("Lanes")
+            .field("org", &self.org)
+            .field("lanes", &names)
+            .finish()
+    }
+}
