@@ -167,7 +167,12 @@ async fn run(bases: &[String], secs: u64, keys: bool) -> Vec<(String, Arc<Caller
                     if keys {
                         req = req.header("x-api-key", &key);
                     }
-                    match req.send().await {
+                    let answer = req.send().await;
+                    if stop.load(Ordering::Relaxed) {
+                        // Past the window: not counted.
+                        break;
+                    }
+                    match answer {
                         Ok(r) if r.status() == 200 => {
                             let _ = r.bytes().await;
                             caller.ok.fetch_add(1, Ordering::Relaxed);

@@ -173,7 +173,15 @@ impl Lanes {
             ..flow.clone()
         };
         let order = self.by_room(allowed);
-        for &i in &order {
+        // Each try of a shared lane is a Redis round trip, and this
+        // replica's count of its room is only its own: with shared state
+        // the best lane alone is tried (its queue takes the request if it
+        // is full), without it every lane in order (a try costs nothing).
+        let tries = match self.first().governor.shared_state() {
+            Some(true) => &order[..order.len().min(1)],
+            _ => &order[..],
+        };
+        for &i in tries {
             if let Some(permit) = self.lanes[i].governor.try_now(&uncapped).await {
                 return Ok((i, permit.with_cap(cap)));
             }

@@ -69,6 +69,11 @@ impl SimHandle {
         self.0.limiter.max_total_in_flight()
     }
 
+    /// Requests in flight now over all users and servers.
+    pub fn in_flight_now(&self) -> usize {
+        self.0.limiter.total_in_flight()
+    }
+
     /// How many 429s the service-protection limits produced.
     pub fn throttled(&self) -> u64 {
         self.0.limiter.throttled()

@@ -169,6 +169,11 @@ impl WebServers {
         out
     }
 
+    /// Requests in flight now over all servers and users.
+    pub(super) fn total_in_flight(&self) -> usize {
+        self.total.load(Ordering::SeqCst)
+    }
+
     /// The most requests in flight at once over all servers and users.
     pub(super) fn max_total_in_flight(&self) -> usize {
         self.max_total.load(Ordering::SeqCst)

@@ -340,8 +340,15 @@ impl SharedRedis {
             return;
         };
         if let Some(tickets) = payload.strip_prefix("released:") {
-            org.wake(tickets);
-            org.released.notify_one();
+            // The heads whose tickets come first are named; waking any
+            // other head too would cost a Redis call per replica and
+            // release for a try that must fail. With no ticket queued, one
+            // head here that has none yet may take the slot.
+            if tickets.is_empty() {
+                org.released.notify_one();
+            } else {
+                org.wake(tickets);
+            }
         } else if let Some(ms) = payload.strip_prefix("gate:").and_then(|m| m.parse().ok()) {
             // A published gate is believed only up to the longest Retry-After.
             let wait = Duration::from_millis(ms).min(org.bounds.max_gate);
