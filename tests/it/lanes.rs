@@ -199,6 +199,14 @@ async fn a_lane_whose_credential_fails_is_skipped_and_named() {
     assert_eq!(lanes[1]["name"], "bulk-2");
     assert_eq!(lanes[1]["in_rotation"], false);
     assert_eq!(lanes[0]["token"]["valid"], true);
+    // The status page shows each lane, the failing ones named so.
+    let url = format!("{}/", h.admin);
+    let dom = tokio::task::spawn_blocking(move || crate::status::rendered_dom(&url))
+        .await
+        .expect("chromium thread");
+    assert!(dom.contains("<h3>Lanes</h3>"), "{dom}");
+    assert!(dom.contains("<td>bulk-3</td><td>failing</td>"), "{dom}");
+    assert!(dom.contains("<td>default</td><td>valid</td>"), "{dom}");
     h.stop().await;
 }
 

@@ -8,7 +8,7 @@ use crate::harness::{Harness, Setup};
 
 /// Chromium's rendered DOM of `url` after its scripts ran, or a failed test
 /// naming the fix.
-fn rendered_dom(url: &str) -> String {
+pub fn rendered_dom(url: &str) -> String {
     let dir = std::env::temp_dir().join(format!("dvp-chromium-{}", uuid::Uuid::new_v4()));
     let out = Command::new(chromium())
         .args(headless_flags(&dir))
