@@ -95,6 +95,29 @@ pub struct Admission<'a> {
     pub principal: Option<Principal>,
     /// The user object id to act as (`impersonate = "caller"`).
     pub act_as: Option<String>,
+    /// The user whose own token the request goes with
+    /// (`impersonate = "delegated"`).
+    pub delegated: Option<Delegated>,
+}
+
+/// A user's validated token, kept to be exchanged on-behalf-of.
+pub struct Delegated {
+    /// The caller's token as it came; only ever sent to Entra ID.
+    pub token: secrecy::SecretString,
+    pub tenant: String,
+    pub object_id: String,
+    /// The token's `exp` (Unix seconds).
+    pub expires_at: u64,
+}
+
+impl std::fmt::Debug for Delegated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delegated")
+            .field("token", &"[REDACTED]")
+            .field("tenant", &self.tenant)
+            .field("object_id", &self.object_id)
+            .finish()
+    }
 }
 
 impl<'a> Admission<'a> {
@@ -269,6 +292,8 @@ impl Access {
                     return None;
                 }
                 match &c.act_as_caller {
+                    // The user's own token: a user's alone.
+                    None if c.delegated => principal.is_user.then_some((c, None)),
                     None => Some((c, None)),
                     Some(_) if principal.is_user => Some((c, Some(principal.object_id.clone()))),
                     // An app-only token acts as a user only where mapped.
@@ -276,10 +301,17 @@ impl Access {
                 }
             })
             .ok_or(AdmissionError::InsufficientToken)?;
+        let delegated = caller.delegated.then(|| Delegated {
+            token: token.into(),
+            tenant: principal.tenant.clone(),
+            object_id: principal.object_id.clone(),
+            expires_at: principal.expires_at,
+        });
         Ok(Admission {
             caller: Some(caller),
             principal: Some(principal),
             act_as,
+            delegated,
         })
     }
 

@@ -113,6 +113,29 @@ pub enum ProxyError {
         /// When the next fetch attempt is due.
         retry_after: Duration,
     },
+    /// 403: the tenant never consented to the proxy acting for its users.
+    #[error(
+        "the proxy may not act for users of this tenant yet: an administrator must grant admin consent to its Dynamics CRM user_impersonation permission"
+    )]
+    ConsentRequired,
+    /// 401: the caller's token cannot be exchanged for the user's own.
+    #[error("the caller's token can no longer be exchanged for a Dataverse token; sign in again")]
+    DelegationRefused,
+    /// 401: Conditional Access wants more of the user's sign-in; `claims`
+    /// is Entra's challenge, passed back for MSAL to step up.
+    #[error(
+        "Conditional Access requires the user to sign in again with more (MFA or a compliant device)"
+    )]
+    ClaimsRequired {
+        /// The claims challenge (JSON), as Entra sent it.
+        claims: String,
+    },
+    /// 503: Entra ID could not exchange the user's token now.
+    #[error("Entra ID could not exchange the caller's token now; try again later")]
+    DelegationUnavailable {
+        /// For the log only.
+        detail: String,
+    },
     /// 429: the governor's queue for the org is full.
     #[error(
         "too many requests are waiting for this Dataverse org (the proxy keeps it under its service-protection limits); retry later"
@@ -151,7 +174,12 @@ impl ProxyError {
         match self {
             Self::NotFound | Self::UnknownOrg => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Unauthorized(_) | Self::InvalidCallerToken(_) => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized(_)
+            | Self::InvalidCallerToken(_)
+            | Self::DelegationRefused
+            | Self::ClaimsRequired { .. } => StatusCode::UNAUTHORIZED,
+            Self::ConsentRequired => StatusCode::FORBIDDEN,
+            Self::DelegationUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Forbidden(_) | Self::PolicyDenied(_) | Self::InsufficientCallerToken => {
                 StatusCode::FORBIDDEN
             }
@@ -196,6 +224,10 @@ impl ProxyError {
             Self::BadRequestBody => "bad_request_body",
             Self::BadBatch(_) => "bad_batch",
             Self::TokenUnavailable { .. } => "token_unavailable",
+            Self::ConsentRequired => "consent_required",
+            Self::DelegationRefused => "invalid_token",
+            Self::ClaimsRequired { .. } => "insufficient_claims",
+            Self::DelegationUnavailable { .. } => "token_exchange_unavailable",
             Self::GovernorQueueFull { .. } => "governor_queue_full",
             Self::GovernorQueueTimeout { .. } => "governor_queue_timeout",
             Self::UpstreamUnavailable(_) | Self::UpstreamBody(_) => "upstream_unavailable",
@@ -210,7 +242,10 @@ impl ProxyError {
             | Self::GovernorQueueFull { retry_after }
             | Self::GovernorQueueTimeout { retry_after, .. }
             | Self::CallerQuota { retry_after } => Some(*retry_after),
-            Self::CallerKeysUnavailable => Some(Duration::from_secs(5)),
+            Self::CallerKeysUnavailable | Self::DelegationUnavailable { .. } => {
+                Some(Duration::from_secs(5))
+            }
+            Self::ConsentRequired | Self::DelegationRefused | Self::ClaimsRequired { .. } => None,
             Self::NotFound
             | Self::UnknownOrg
             | Self::MethodNotAllowed
@@ -238,7 +273,8 @@ impl ProxyError {
     /// source chain and anything else kept from callers.
     pub fn log_detail(&self) -> String {
         let mut msg = self.to_string();
-        if let Self::TokenUnavailable { detail, .. } = self {
+        if let Self::TokenUnavailable { detail, .. } | Self::DelegationUnavailable { detail } = self
+        {
             msg.push_str(": ");
             msg.push_str(detail);
         }
@@ -288,6 +324,24 @@ impl ProxyError {
                     HeaderValue::from_static("Bearer error=\"insufficient_scope\""),
                 );
             }
+            Self::DelegationRefused => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+            }
+            Self::ClaimsRequired { claims } => {
+                // Microsoft's claims challenge: MSAL reads `claims` (base64
+                // of Entra's JSON) and asks the user to step up.
+                use base64::Engine;
+                let encoded = base64::engine::general_purpose::STANDARD.encode(claims);
+                let challenge = format!(
+                    "Bearer realm=\"\", error=\"insufficient_claims\", error_description=\"Conditional Access requires more of the sign-in\", claims=\"{encoded}\""
+                );
+                if let Ok(v) = HeaderValue::from_str(&challenge) {
+                    h.insert(header::WWW_AUTHENTICATE, v);
+                }
+            }
             Self::MethodNotAllowed => {
                 h.insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
             }
@@ -315,6 +369,18 @@ impl From<crate::token::TokenUnavailable> for ProxyError {
             reason: e.reason,
             detail: e.detail,
             retry_after: e.retry_after,
+        }
+    }
+}
+
+impl From<crate::token::OboError> for ProxyError {
+    fn from(e: crate::token::OboError) -> Self {
+        use crate::token::OboError;
+        match e {
+            OboError::ConsentRequired => Self::ConsentRequired,
+            OboError::InvalidGrant => Self::DelegationRefused,
+            OboError::ClaimsChallenge { claims } => Self::ClaimsRequired { claims },
+            OboError::Unavailable { detail } => Self::DelegationUnavailable { detail },
         }
     }
 }

@@ -14,7 +14,7 @@
 //! this proxy's own policy; no crate offers it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::governor::fair::Caps;
 use crate::governor::{Flow, Governor, GovernorError, Permit};
@@ -65,6 +65,11 @@ pub struct Lanes {
     lanes: Box<[Lane]>,
     /// Callers' caps across the lanes (with one lane, its governor's).
     caps: Caps,
+    /// Requests that chose a lane and are taking its slot now: counted at
+    /// once, so that a burst does not see the same lane as the emptiest.
+    choosing: Box<[AtomicUsize]>,
+    /// Where ties start, turned at each choice (equal lanes take turns).
+    turn: AtomicUsize,
 }
 
 impl Lanes {
@@ -73,8 +78,10 @@ impl Lanes {
         assert!(!lanes.is_empty(), "an org has at least one lane");
         Self {
             org: org.to_owned(),
+            choosing: lanes.iter().map(|_| AtomicUsize::new(0)).collect(),
             lanes: lanes.into(),
             caps: Caps::default(),
+            turn: AtomicUsize::new(0),
         }
     }
 
@@ -182,11 +189,13 @@ impl Lanes {
             _ => &order[..],
         };
         for &i in tries {
+            let _choosing = Choosing::new(&self.choosing[i]);
             if let Some(permit) = self.lanes[i].governor.try_now(&uncapped).await {
                 return Ok((i, permit.with_cap(cap)));
             }
         }
         let best = order.first().copied().unwrap_or(0);
+        let _choosing = Choosing::new(&self.choosing[best]);
         let permit = self.lanes[best].governor.acquire_for(&uncapped).await?;
         Ok((best, permit.with_cap(cap)))
     }
@@ -216,14 +225,34 @@ impl Lanes {
         if order.is_empty() {
             order = (0..self.lanes.len()).filter(|&i| allowed.has(i)).collect();
         }
+        let n = self.lanes.len();
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed) % n;
         order.sort_by_key(|&i| {
             let g = &self.lanes[i].governor;
+            let room = g.room() - self.choosing[i].load(Ordering::Relaxed) as i64;
+            let tie = (i + n - turn) % n;
             match g.gate_closed_until() {
-                None => (0, std::cmp::Reverse(g.room()), None),
-                Some(until) => (1, std::cmp::Reverse(0), Some(until)),
+                None => (0, std::cmp::Reverse(room), None, tie),
+                Some(until) => (1, std::cmp::Reverse(0), Some(until), tie),
             }
         });
         order
+    }
+}
+
+/// One request choosing a lane, counted until it holds a slot or gave up.
+struct Choosing<'a>(&'a AtomicUsize);
+
+impl<'a> Choosing<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Choosing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -118,7 +118,7 @@ fn validate_caller(p: &mut Problems<'_>, key: &str, c: RawCaller) -> Caller {
             "Dataverse allows 52 concurrent requests per user; e.g. max_concurrency = 10",
         );
     }
-    let act_as_caller = act_as_caller(
+    let (act_as_caller, delegated) = act_as_caller(
         p,
         key,
         c.impersonate.as_deref(),
@@ -143,6 +143,7 @@ fn validate_caller(p: &mut Problems<'_>, key: &str, c: RawCaller) -> Caller {
         token,
         certificate,
         act_as_caller,
+        delegated,
     }
 }
 

@@ -224,34 +224,47 @@ pub(super) fn certificate_requirement(
     req
 }
 
-/// `impersonate` and `impersonate_apps` of a caller.
+/// How a caller rule acts for its users: `impersonate = "none"` (the
+/// application user), `"caller"` (the application user on behalf of the
+/// token's user: `CallerObjectId`) or `"delegated"` (the user's own token,
+/// by the on-behalf-of exchange).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActingMode {
+    None,
+    Caller,
+    Delegated,
+}
+
+/// `impersonate` and `impersonate_apps` of a caller: what `act_as_caller`
+/// holds (for `"caller"`), and whether the rule is `"delegated"`.
 pub(super) fn act_as_caller(
     p: &mut Problems<'_>,
     key: &str,
     impersonate: Option<&str>,
     apps: Option<BTreeMap<String, String>>,
     has_token: bool,
-) -> Option<ActAsCaller> {
-    let wanted = match impersonate.map(str::trim) {
-        None | Some("none") => false,
-        Some("caller") => true,
+) -> (Option<ActAsCaller>, bool) {
+    let mode = match impersonate.map(str::trim) {
+        None | Some("none") => ActingMode::None,
+        Some("caller") => ActingMode::Caller,
+        Some("delegated") => ActingMode::Delegated,
         Some(other) => {
             p.push(
                 &format!("{key}.impersonate"),
-                &format!("{other:?} is not \"caller\" or \"none\""),
-                "use impersonate = \"caller\" to act as the calling user",
+                &format!("{other:?} is not \"caller\", \"delegated\" or \"none\""),
+                "use impersonate = \"caller\" (CallerObjectId) or \"delegated\" (the user's own token) to act as the calling user",
             );
-            false
+            ActingMode::None
         }
     };
-    if wanted && !has_token {
+    if mode != ActingMode::None && !has_token {
         p.push(
             &format!("{key}.impersonate"),
             "needs a token requirement: only a validated Entra ID token names the user",
             "add token = { … } to this caller",
         );
     }
-    if !wanted && apps.is_some() {
+    if mode != ActingMode::Caller && apps.is_some() {
         p.push(
             &format!("{key}.impersonate_apps"),
             "is set without impersonate = \"caller\"",
@@ -270,7 +283,8 @@ pub(super) fn act_as_caller(
             }
         }
     }
-    wanted.then_some(ActAsCaller { apps })
+    let caller = (mode == ActingMode::Caller).then_some(ActAsCaller { apps });
+    (caller, mode == ActingMode::Delegated)
 }
 
 /// A list of GUIDs, lower-cased.

@@ -108,6 +108,9 @@ pub struct Caller {
     pub certificate: Option<super::CertificateRequirement>,
     /// Acts as the calling user (`CallerObjectId`).
     pub act_as_caller: Option<super::ActAsCaller>,
+    /// `impersonate = "delegated"`: the user's own token (on-behalf-of);
+    /// app-only tokens are refused.
+    pub delegated: bool,
 }
 
 /// Caller identification settings ([[callers]] and [access]).

@@ -45,6 +45,7 @@ impl RawConfig {
             },
         );
         pinned_lanes(&mut p, &access.callers, &orgs);
+        delegating_orgs(&mut p, &access.callers, &orgs);
         let limits = limits(&mut p, self.limits);
         let log = LogConfig {
             format: log_format(&mut p, self.log.format.as_deref()),
@@ -494,6 +495,28 @@ fn pinned_lanes(p: &mut Problems<'_>, callers: &[Caller], orgs: &[OrgConfig]) {
                     &key,
                     &format!("{name:?} is no org's lane"),
                     "name credentials listed in an org's lanes = [...]",
+                );
+            }
+        }
+    }
+}
+
+/// `impersonate = "delegated"` exchanges the user's token with the org's
+/// own credential: one that can authenticate at the token endpoint.
+fn delegating_orgs(p: &mut Problems<'_>, callers: &[Caller], orgs: &[OrgConfig]) {
+    for (i, c) in callers.iter().enumerate().filter(|(_, c)| c.delegated) {
+        let usable = orgs
+            .iter()
+            .filter(|o| c.orgs.is_empty() || c.orgs.contains(&o.name));
+        for o in usable {
+            if matches!(o.credential.kind, CredentialKind::ManagedIdentity(_)) {
+                p.push(
+                    &format!("callers[{i}].impersonate"),
+                    &format!(
+                        "\"delegated\" needs org {:?}'s credential to be an app registration's (a secret, certificate or federated credential), not a managed identity",
+                        o.name
+                    ),
+                    "give the org an app registration's credential, or use impersonate = \"caller\"",
                 );
             }
         }

@@ -35,6 +35,7 @@ pub mod permit;
 pub mod redis;
 pub mod stats;
 pub mod store;
+pub mod users;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -49,6 +50,7 @@ pub use permit::Permit;
 pub use redis::{RedisStore, SharedRedis};
 pub use stats::{GovernorError, GovernorStats};
 pub use store::{Ask, Gate, Lease, LocalStore, SlotStore, TryAcquire};
+pub use users::UserGovernors;
 
 use fair::FairQueue;
 use permit::Holds;
@@ -205,6 +207,13 @@ impl Governor {
             handle.spawn(release_overdue(Arc::downgrade(&governor.inner)));
         }
         governor
+    }
+
+    /// Stops its shared store's messages (the governor is being dropped).
+    pub fn forget_shared(&self) {
+        if let Some(shared) = &self.inner.shared {
+            shared.forget();
+        }
     }
 
     /// The counters.

@@ -115,6 +115,7 @@ fn try_reload(state: &AppState) -> Result<Reloaded, Vec<String>> {
         for lane in org.lanes.iter() {
             lane.governor.reconfigure(new.governor.clone());
         }
+        org.users.reconfigure(new.governor.clone());
     }
     Ok(Reloaded {
         restart_needed: restart_needed(&started, &new),

@@ -70,6 +70,8 @@ pub struct Shared {
     pub quotas: Arc<crate::callers::Quotas>,
     /// Checks caller tokens, where `[caller_tokens]` is configured.
     pub verifier: Option<Arc<crate::identity::Verifier>>,
+    /// Exchanges users' tokens on-behalf-of (`impersonate = "delegated"`).
+    pub obo: Arc<crate::token::OnBehalfOf>,
     /// CORS settings; `None`: off.
     pub cors: Option<crate::config::CorsConfig>,
     /// The governors' shared state, where `governor.redis_url` is set.
@@ -100,6 +102,8 @@ pub struct OrgState {
     /// The org's lanes: each an application user's token and governor
     /// (one lane without `lanes` in the config).
     pub lanes: crate::lanes::Lanes,
+    /// A governor per user, for requests with the user's own token.
+    pub users: crate::governor::UserGovernors,
     /// Last rate-limit headers Dataverse sent.
     pub ratelimit: RateLimitSeen,
     /// Its place in `orgs` (and in every generation of the rules).
@@ -157,7 +161,7 @@ impl OrgState {
     fn new(
         (index, org): (usize, &crate::config::OrgConfig),
         origin: String,
-        lanes: crate::lanes::Lanes,
+        (lanes, users): (crate::lanes::Lanes, crate::governor::UserGovernors),
         config: &Config,
         metrics: &Arc<Metrics>,
     ) -> std::io::Result<Self> {
@@ -177,6 +181,7 @@ impl OrgState {
             aliases: org_aliases(&origin),
             origin,
             lanes,
+            users,
             ratelimit: RateLimitSeen::default(),
             index,
             metadata: config.metadata_cache.enabled.then(|| {
@@ -227,6 +232,10 @@ impl AppState {
         let redis = shared_redis(config)?;
         let built = build_orgs(config, &metrics, &tls, redis.as_ref())?;
         let verifier = verifier(config, &tls)?;
+        let obo = Arc::new(crate::token::OnBehalfOf::new(
+            crate::token::entra_client(&config.token, tls.clone())
+                .map_err(std::io::Error::other)?,
+        ));
         let rules = super::rules::Rules::new(config, &metrics);
         Ok(Self(Arc::new(Shared {
             orgs: built.orgs.into(),
@@ -255,6 +264,7 @@ impl AppState {
                 None => crate::callers::Quotas::default(),
             }),
             verifier,
+            obo,
             cors: config.cors.clone(),
             redis,
             started: super::status::activity::unix_ms(),
@@ -418,7 +428,12 @@ fn build_orgs(
         if org.default {
             routes.default = Some(i);
         }
-        let state = OrgState::new((i, org), origin, lanes, config, metrics)?;
+        let users = crate::governor::UserGovernors::new(
+            config.governor.clone(),
+            redis.cloned(),
+            &governor_key(&org.url),
+        );
+        let state = OrgState::new((i, org), origin, (lanes, users), config, metrics)?;
         orgs.push(Arc::new(state));
     }
     Ok(BuiltOrgs {

@@ -24,6 +24,9 @@ pub struct Principal {
     pub scopes: Vec<String>,
     /// Group object ids (`groups`).
     pub groups: Vec<String>,
+    /// When the token expires (`exp`, Unix seconds): nothing obtained with
+    /// it (an on-behalf-of token) is kept longer.
+    pub expires_at: u64,
 }
 
 /// The two claims read before the signature is checked, to choose the
@@ -65,6 +68,9 @@ pub(super) struct TokenClaims {
     groups: Vec<String>,
     /// The optional `idtyp` claim: `app` or `user`.
     idtyp: Option<String>,
+    /// Checked by the validation already; kept for what the token yields.
+    #[serde(default)]
+    exp: u64,
 }
 
 impl TokenClaims {
@@ -96,6 +102,7 @@ impl TokenClaims {
                 .map(str::to_owned)
                 .collect(),
             groups: self.groups.iter().map(|g| g.to_ascii_lowercase()).collect(),
+            expires_at: self.exp,
         })
     }
 }

@@ -155,6 +155,8 @@ pub struct EntraState {
     callers: entra::CallerDirectory,
     /// More application users of the org: client id → secret.
     app_users: Mutex<HashMap<String, String>>,
+    /// Consent and Conditional Access for the on-behalf-of grant.
+    obo: Mutex<entra::obo::OboState>,
 }
 
 /// One simulated Dataverse org.
@@ -507,6 +509,7 @@ impl Sim {
             last_request: Mutex::new(None),
             callers: entra::CallerDirectory::new(),
             app_users: Mutex::new(HashMap::new()),
+            obo: Mutex::new(entra::obo::OboState::default()),
         });
         spawn(entra, entra::router(entra_state.clone()), &shutdown);
         let tenant = entra_state.config.tenant_id.clone();

@@ -200,12 +200,15 @@ pub fn advice_for(code: u32) -> Option<&'static str> {
 
 /// Entra ID's OAuth2 error body.
 #[derive(Deserialize)]
-struct EntraErrorBody {
-    error: String,
+pub(super) struct EntraErrorBody {
+    pub(super) error: String,
     #[serde(default)]
-    error_description: String,
+    pub(super) error_description: String,
     #[serde(default)]
-    error_codes: Vec<u32>,
+    pub(super) error_codes: Vec<u32>,
+    /// A Conditional Access challenge (`interaction_required`).
+    #[serde(default)]
+    pub(super) claims: Option<String>,
 }
 
 /// The success body; numbers may be JSON integers (v2) or strings (v1,
@@ -294,14 +297,24 @@ pub async fn request_token(
             ));
         }
     };
-    let mut form: Vec<(&str, SecretString)> = vec![
-        ("grant_type", "client_credentials".into()),
-        ("client_id", client_id.as_str().into()),
-    ];
+    let mut form: Vec<(&str, SecretString)> = vec![("grant_type", "client_credentials".into())];
     match cred.version {
         TokenVersion::V2 => form.push(("scope", target.scope.as_str().into())),
         TokenVersion::V1 => form.push(("resource", target.resource.as_str().into())),
     }
+    form.extend(client_auth(cred, client_id, token_url)?);
+    let (status, bytes) = post_form(http, token_url, &form).await?;
+    parse_response(status, &bytes)
+}
+
+/// How the app proves itself to the token endpoint: its client id and a
+/// secret, a certificate's assertion, or a federated token.
+pub(super) fn client_auth(
+    cred: &CredentialConfig,
+    client_id: &str,
+    token_url: &url::Url,
+) -> Result<Vec<(&'static str, SecretString)>, TokenError> {
+    let mut form: Vec<(&'static str, SecretString)> = vec![("client_id", client_id.into())];
     match &cred.kind {
         CredentialKind::Secret(source) => form.push(("client_secret", read_secret(source)?)),
         CredentialKind::Certificate {
@@ -331,8 +344,21 @@ pub async fn request_token(
                 read_file("federated token", token_file)?,
             ));
         }
-        CredentialKind::ManagedIdentity(_) => {}
+        CredentialKind::ManagedIdentity(_) => {
+            return Err(TokenError::Credential(
+                "a managed identity cannot authenticate at the token endpoint itself".to_owned(),
+            ));
+        }
     }
+    Ok(form)
+}
+
+/// POSTs `form` to `token_url`; the status and the whole (small) body.
+pub(super) async fn post_form(
+    http: &reqwest::Client,
+    token_url: &url::Url,
+    form: &[(&str, SecretString)],
+) -> Result<(u16, bytes::Bytes), TokenError> {
     let body: String = url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs(form.iter().map(|(k, v)| (*k, v.expose_secret())))
         .finish();
@@ -344,8 +370,7 @@ pub async fn request_token(
             "application/x-www-form-urlencoded",
         )
         .body(body);
-    let (status, bytes) = exchange(req).await?;
-    parse_response(status, &bytes)
+    exchange(req).await
 }
 
 /// Sends a token request; the status and the whole (small) body.

@@ -20,8 +20,10 @@ pub mod certificate;
 pub mod client;
 pub mod expiry;
 mod health;
+pub mod obo;
 
 pub use health::{FetchReason, TokenHealth, TokenStats};
+pub use obo::{OboError, OnBehalfOf, UserAssertion};
 
 use std::fmt;
 use std::future::Future;
@@ -318,6 +320,11 @@ impl TokenProvider {
             failures_in_a_row,
             last_error,
         }
+    }
+
+    /// The credential (the on-behalf-of exchange authenticates with it).
+    pub fn credential(&self) -> &Arc<CredentialConfig> {
+        &self.inner.credential
     }
 
     /// The credential's name (for logs and metrics).

@@ -6,6 +6,7 @@ mod binary;
 mod compression;
 mod connections;
 mod credentials;
+mod delegated;
 mod forward;
 mod governor;
 mod harness;

@@ -205,6 +205,11 @@ impl SharedRedis {
         }
     }
 
+    /// Stops dispatching to a store's channel (its governor is gone).
+    pub(super) fn forget(&self, channel: &str) {
+        lock(&self.orgs).remove(channel);
+    }
+
     /// The background tasks: connecting and health checks, the channel
     /// subscription, lease renewal.
     pub fn spawn(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {

@@ -17,6 +17,11 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
+    /// Its governor is dropped: no more messages for it.
+    pub fn forget(&self) {
+        self.redis.forget(&self.org.channel);
+    }
+
     /// Whether the shared state is in use.
     pub fn is_shared(&self) -> bool {
         self.redis.is_shared()

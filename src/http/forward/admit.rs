@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 
-use crate::callers::{CallerRequest, PeerCertificate};
+use crate::callers::{CallerRequest, Delegated, PeerCertificate};
 use crate::error::ProxyError;
 use crate::governor::Flow;
 use crate::http::access_log::RequestInfo;
@@ -43,6 +43,9 @@ pub struct Admitted {
     pub flow: Flow,
     /// The org's lanes the caller may take.
     pub lanes: LaneSet,
+    /// The user whose own token goes to Dataverse (`impersonate =
+    /// "delegated"`): exchanged on-behalf-of, governed per user.
+    pub delegated: Option<Arc<Delegated>>,
 }
 
 impl Admitted {
@@ -82,7 +85,8 @@ pub async fn admit(
     info.rules = Some(rules.clone());
     let caller = identify(state, &rules, (peer, parts), &org, info).await?;
     let org_rules = &rules.orgs[org.index];
-    let policy = if caller.act_as.is_some() {
+    let acting = caller.act_as.is_some() || caller.delegated.is_some();
+    let policy = if acting {
         &org_rules.policy_acting_as_caller
     } else {
         &org_rules.policy
@@ -118,9 +122,10 @@ pub async fn admit(
         restored,
         links,
         batch_origins,
-        acts_as_caller: caller.act_as.is_some(),
+        acts_as_caller: acting,
         flow: caller.flow,
         lanes: caller.lanes,
+        delegated: caller.delegated.map(Arc::new),
     })
 }
 
@@ -129,6 +134,7 @@ struct Identified {
     read_only: bool,
     privileged: Option<Vec<String>>,
     act_as: Option<String>,
+    delegated: Option<Delegated>,
     flow: Flow,
     lanes: LaneSet,
 }
@@ -171,6 +177,7 @@ async fn identify(
         privileged: (!rules.access.callers.is_empty())
             .then(|| caller.map(|c| c.privileged.clone()).unwrap_or_default()),
         act_as: admission.act_as,
+        delegated: admission.delegated,
         lanes: org
             .lanes
             .allowed(caller.map_or(&[][..], |c| c.lanes.as_slice())),

@@ -23,6 +23,7 @@ mod admit;
 mod answer;
 mod cached;
 mod plan;
+mod route;
 mod send;
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::admit::Admitted;
 use super::plan::Planned;
+use super::route::Route;
 use crate::config::GovernorConfig;
 use crate::error::ProxyError;
 use crate::governor::{Permit, Throttle};
@@ -97,28 +98,13 @@ pub async fn send(
     info: &mut RequestInfo,
 ) -> Result<Sent<UpstreamBody>, ProxyError> {
     let org = &admitted.org;
-    let lanes = &org.lanes;
-    let (mut lane, mut permit) = lanes.acquire(admitted.lanes, &admitted.flow).await?;
+    let (mut route, mut permit) = Route::start(admitted).await?;
     let mut attempts = Attempts::default();
     let idempotent = is_idempotent(&planned.method, &planned.headers);
     loop {
-        let governor = &lanes.get(lane).governor;
+        let token = route.token(state, &mut permit).await?;
+        let governor = route.governor().clone();
         governor.sent();
-        let token = match lanes.get(lane).token.get().await {
-            Ok(token) => token,
-            Err(e) => {
-                // Nothing was sent: the slot is free at once.
-                permit.finish();
-                match lanes
-                    .acquire_elsewhere(admitted.lanes, lane, &admitted.flow)
-                    .await
-                {
-                    Some(next) => (lane, permit) = next?,
-                    None => return Err(e.into()),
-                }
-                continue;
-            }
-        };
         let req = upstream_request(&mut planned, token.header());
         let sent_at = Instant::now();
         permit.arm();
@@ -134,7 +120,7 @@ pub async fn send(
             info.upstream = Some(waited);
             org.metrics.upstream(waited);
         }
-        let Some(response) = settle(outcome, &transient, governor, &mut permit).await? else {
+        let Some(response) = settle(outcome, &transient, &governor, &mut permit).await? else {
             attempts.transient += 1;
             continue;
         };
@@ -143,7 +129,7 @@ pub async fn send(
         }
         let response = match response.status() {
             StatusCode::TOO_MANY_REQUESTS => {
-                read_throttle(governor, response, attempts.throttled).await?
+                read_throttle(&governor, response, attempts.throttled).await?
             }
             StatusCode::UNAUTHORIZED => response.map(http_body_util::Either::Left),
             _ => {
@@ -154,8 +140,8 @@ pub async fn send(
                 });
             }
         };
-        let next = if replay_elsewhere(&response, &attempts, &planned, governor)
-            && lanes.another_open(admitted.lanes, lane)
+        let next = if replay_elsewhere(&response, &attempts, &planned, &governor)
+            && route.another_open()
         {
             // Throttled on this lane only: another lane takes it at once.
             Next::Wait(Duration::ZERO)
@@ -173,7 +159,7 @@ pub async fn send(
             // Revoked or rotated: drop this token (not a newer one),
             // whether or not the request can be replayed.
             attempts.refreshed = true;
-            lanes.get(lane).token.invalidate(&token).await;
+            route.invalidate(state, &token).await;
         }
         match next {
             Next::Answer => {
@@ -191,10 +177,10 @@ pub async fn send(
                 permit.finish();
                 // Another lane with an open gate takes the replay at once;
                 // else the wait, then the gate and the queue in turn.
-                if !lanes.another_open(admitted.lanes, lane) {
+                if !route.another_open() {
                     tokio::time::sleep(wait).await;
                 }
-                (lane, permit) = lanes.acquire(admitted.lanes, &admitted.flow).await?;
+                permit = route.reacquire().await?;
             }
         }
     }

@@ -153,6 +153,13 @@ async fn execute(sim: Arc<SimState>, req: Request) -> Response {
     // app-only token); an unauthenticated request counts as nobody's.
     let user = claims.as_ref().map_or("", |c| c.oid.as_str()).to_owned();
     let (server, limiter) = sim.limiter.pick(req.headers(), &user);
+    let mut req = req;
+    if let Ok(c) = &claims
+        && c.scp.is_some()
+    {
+        // A user's own token (on-behalf-of): the request is that user's.
+        req.extensions_mut().insert(users::TokenUser(c.oid.clone()));
+    }
     let mut resp = match claims {
         Err(why) => {
             // Read (and drop) the body first, as IIS does for small bodies,
@@ -377,7 +384,7 @@ pub(super) async fn route(sim: &Arc<SimState>, req: Request) -> Response {
         Ok(t) => t,
         Err(resp) => return resp,
     };
-    let acting = match users::acting(sim, req.headers()) {
+    let acting = match users::acting(sim, req.headers(), req.extensions().get()) {
         Ok(a) => a,
         Err(resp) => return resp,
     };

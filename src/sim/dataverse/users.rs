@@ -17,8 +17,23 @@ pub(super) struct Acting {
     pub(super) on_behalf_of: Option<Uuid>,
 }
 
-/// The acting user of a request, or Dataverse's error.
-pub(super) fn acting(sim: &SimState, headers: &HeaderMap) -> Result<Acting, Response> {
+/// The user a user's own token (on-behalf-of) names: its `oid`.
+#[derive(Clone)]
+pub(super) struct TokenUser(pub(super) String);
+
+/// The acting user of a request, or Dataverse's error. A user's own token
+/// is that user, with the user's roles and nobody acting on its behalf.
+pub(super) fn acting(
+    sim: &SimState,
+    headers: &HeaderMap,
+    token_user: Option<&TokenUser>,
+) -> Result<Acting, Response> {
+    if let Some(TokenUser(oid)) = token_user {
+        return Ok(Acting {
+            user: by_object_id(sim, oid)?,
+            on_behalf_of: None,
+        });
+    }
     let app_user = sim.ids.user;
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let user = match (header("callerobjectid"), header("mscrmcallerid")) {

@@ -125,6 +125,12 @@ impl CallerDirectory {
         keys.last().cloned().expect("a key was just ensured")
     }
 
+    /// The keys published now (an assertion signed with any of them holds).
+    pub(in crate::sim) fn published_keys(&self) -> Vec<Arc<CallerKey>> {
+        self.current_key();
+        lock(&self.keys).clone()
+    }
+
     /// Publishes a new key and signs with it from now on; one older key
     /// stays published.
     pub(in crate::sim) fn rotate(&self) -> Arc<CallerKey> {

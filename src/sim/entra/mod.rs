@@ -48,6 +48,7 @@ use super::{EntraState, FEDERATION_AUDIENCE, lock, now_epoch, utc_timestamp};
 mod assertion;
 mod callers;
 mod managed;
+pub mod obo;
 
 pub use callers::{CallerApp, CallerKey, TokenSubject, issuer};
 pub(super) use callers::{CallerDirectory, claims as caller_claims};
@@ -84,6 +85,10 @@ pub struct Claims {
     pub uti: String,
     /// Token version.
     pub ver: String,
+    /// Delegated scopes: set on a user's token (on-behalf-of), absent on
+    /// an app's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scp: Option<String>,
 }
 
 pub(super) fn router(state: Arc<EntraState>) -> Router {
@@ -228,6 +233,9 @@ fn issue_for_client(
     version: Version,
 ) -> Result<Response, Response> {
     check_tenant(sim, tenant)?;
+    if form.get("grant_type").map(String::as_str) == Some(obo::JWT_BEARER) {
+        return obo::issue(sim, tenant, headers, form, endpoint);
+    }
     check_grant_type(form)?;
     if let Some(api) = requested_resource(form, version)
         .ok()
@@ -491,6 +499,7 @@ fn sign(
         tid: tenant.to_owned(),
         uti: Uuid::new_v4().simple().to_string(),
         ver: "1.0".to_owned(),
+        scp: None,
     };
     lock(&sim.issued).push(claims.uti.clone());
     let mut jwt_header = Header::new(Algorithm::HS256);

@@ -1,0 +1,144 @@
+//! Which budget and which token a request goes with: one of the org's
+//! lanes (an application user's token and governor), or, for a caller
+//! rule with `impersonate = "delegated"`, the user's own token (exchanged
+//! on-behalf-of) and the user's own governor.
+
+use std::sync::Arc;
+
+use super::admit::Admitted;
+use crate::callers::Delegated;
+use crate::error::ProxyError;
+use crate::governor::{Governor, Permit};
+use crate::http::state::AppState;
+use crate::token::{AccessToken, UserAssertion};
+
+/// Where the request is.
+pub enum Route<'a> {
+    /// On lane `lane` of the org.
+    Lane { admitted: &'a Admitted, lane: usize },
+    /// As `user`, with the user's governor.
+    User {
+        admitted: &'a Admitted,
+        user: &'a Delegated,
+        governor: Governor,
+    },
+}
+
+impl<'a> Route<'a> {
+    /// The request's route and its first slot.
+    pub async fn start(admitted: &'a Admitted) -> Result<(Self, Permit), ProxyError> {
+        if let Some(user) = admitted.delegated.as_deref() {
+            let governor = admitted.org.users.of(&user.tenant, &user.object_id);
+            let permit = governor.acquire_for(&admitted.flow).await?;
+            return Ok((
+                Self::User {
+                    admitted,
+                    user,
+                    governor,
+                },
+                permit,
+            ));
+        }
+        let lanes = &admitted.org.lanes;
+        let (lane, permit) = lanes.acquire(admitted.lanes, &admitted.flow).await?;
+        Ok((Self::Lane { admitted, lane }, permit))
+    }
+
+    /// The governor of the slot held.
+    pub fn governor(&self) -> &Governor {
+        match self {
+            Self::Lane { admitted, lane } => &admitted.org.lanes.get(*lane).governor,
+            Self::User { governor, .. } => governor,
+        }
+    }
+
+    /// The token to send. A lane whose credential fails hands the request
+    /// to another lane (`permit` is then that lane's); a user's token
+    /// that cannot be had is the caller's error.
+    pub async fn token(
+        &mut self,
+        state: &AppState,
+        permit: &mut Permit,
+    ) -> Result<Arc<AccessToken>, ProxyError> {
+        match self {
+            Self::User { admitted, user, .. } => {
+                let credential = admitted.org.lanes.first().token.credential();
+                let assertion = assertion(user);
+                Ok(state
+                    .obo
+                    .token(credential, &admitted.org.origin, &assertion)
+                    .await?)
+            }
+            Self::Lane { admitted, lane } => loop {
+                let lanes = &admitted.org.lanes;
+                match lanes.get(*lane).token.get().await {
+                    Ok(token) => return Ok(token),
+                    Err(e) => {
+                        // Nothing was sent: the slot is free at once.
+                        permit.set_finished();
+                        match lanes
+                            .acquire_elsewhere(admitted.lanes, *lane, &admitted.flow)
+                            .await
+                        {
+                            Some(next) => (*lane, *permit) = next?,
+                            None => return Err(e.into()),
+                        }
+                    }
+                }
+            },
+        }
+    }
+
+    /// Dataverse refused `token` (401): it is dropped, so the replay gets
+    /// a fresh one.
+    pub async fn invalidate(&self, state: &AppState, token: &Arc<AccessToken>) {
+        match self {
+            Self::Lane { admitted, lane } => {
+                admitted.org.lanes.get(*lane).token.invalidate(token).await;
+            }
+            Self::User { admitted, user, .. } => {
+                state
+                    .obo
+                    .invalidate(&admitted.org.origin, &assertion(user))
+                    .await;
+            }
+        }
+    }
+
+    /// Whether a throttled request can go elsewhere at once: another lane
+    /// with an open gate (a user has one budget only).
+    pub fn another_open(&self) -> bool {
+        match self {
+            Self::Lane { admitted, lane } => admitted.org.lanes.another_open(admitted.lanes, *lane),
+            Self::User { .. } => false,
+        }
+    }
+
+    /// A new slot, after a 429's wait: any allowed lane, or the user's.
+    pub async fn reacquire(&mut self) -> Result<Permit, ProxyError> {
+        match self {
+            Self::Lane { admitted, lane } => {
+                let (next, permit) = admitted
+                    .org
+                    .lanes
+                    .acquire(admitted.lanes, &admitted.flow)
+                    .await?;
+                *lane = next;
+                Ok(permit)
+            }
+            Self::User {
+                admitted, governor, ..
+            } => Ok(governor.acquire_for(&admitted.flow).await?),
+        }
+    }
+}
+
+fn assertion(user: &Delegated) -> UserAssertion<'_> {
+    use secrecy::ExposeSecret;
+    UserAssertion {
+        token: user.token.expose_secret(),
+        tenant: &user.tenant,
+        object_id: &user.object_id,
+        expires_at: user.expires_at,
+    }
+}

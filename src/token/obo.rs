@@ -1,0 +1,196 @@
+//! Acting as the user with the user's own token: the OAuth 2.0 on-behalf-of
+//! flow (docs/dataverse.md, "On-behalf-of"). The caller's Entra ID token
+//! (for the proxy's API) is exchanged, with the org's credential, for a
+//! token of the same user for Dataverse (`{org}/user_impersonation`), so
+//! Dataverse applies that user's roles and budget.
+//!
+//! Tokens are kept per (tenant, user, org) in moka, bounded in entries,
+//! each until shortly before it expires and never beyond the caller
+//! token's own `exp`; callers of one user that miss together cost one
+//! exchange (moka's `try_get_with`). Nothing of a token is logged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use sha2::Digest;
+use tokio::time::Instant;
+
+use super::AccessToken;
+use super::client::{self, EntraErrorBody, TokenError, TokenResponse};
+use crate::config::CredentialConfig;
+
+/// Most users whose exchanged tokens are kept at once.
+const MAX_USERS: u64 = 10_000;
+
+/// The grant type of the exchange (RFC 7523).
+const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+
+/// A caller's validated user token, and who it names.
+pub struct UserAssertion<'a> {
+    /// The caller's token as it came (the assertion); never forwarded.
+    pub token: &'a str,
+    pub tenant: &'a str,
+    pub object_id: &'a str,
+    /// The caller token's `exp` (Unix seconds).
+    pub expires_at: u64,
+}
+
+/// Why no token could be had for the user. Each becomes its own error
+/// code at the boundary; Entra's own description goes to the log only.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OboError {
+    /// AADSTS65001: nobody consented to the proxy's delegated permission.
+    #[error("the tenant has not consented to the proxy acting for its users")]
+    ConsentRequired,
+    /// The caller's token cannot be exchanged (expired, revoked, wrong audience).
+    #[error("the caller's token can no longer be exchanged")]
+    InvalidGrant,
+    /// Conditional Access or MFA wants more of the user's sign-in; `claims`
+    /// is the challenge to pass back (RFC 6750 `insufficient_claims`).
+    #[error("Conditional Access requires a new sign-in of the user")]
+    ClaimsChallenge { claims: String },
+    /// Entra ID unreachable, or it failed: try again later.
+    #[error("Entra ID could not exchange the token: {detail}")]
+    Unavailable { detail: String },
+}
+
+/// The on-behalf-of exchanges of one proxy.
+pub struct OnBehalfOf {
+    http: reqwest::Client,
+    cache: moka::future::Cache<[u8; 32], Arc<AccessToken>>,
+}
+
+impl OnBehalfOf {
+    pub fn new(http: reqwest::Client) -> Self {
+        Self {
+            http,
+            cache: moka::future::Cache::builder()
+                .max_capacity(MAX_USERS)
+                // No exchanged token lives longer than Entra's longest.
+                .time_to_live(Duration::from_secs(24 * 3600))
+                .build(),
+        }
+    }
+
+    /// The user's token for `org` (scope `{org}/user_impersonation`),
+    /// exchanged with `credential`, from the cache while it serves.
+    pub async fn token(
+        &self,
+        credential: &Arc<CredentialConfig>,
+        org: &str,
+        user: &UserAssertion<'_>,
+    ) -> Result<Arc<AccessToken>, OboError> {
+        let key = key(user, org);
+        if let Some(t) = self.cache.get(&key).await {
+            if Instant::now() < t.serve_until {
+                return Ok(t);
+            }
+            self.cache.invalidate(&key).await;
+        }
+        let fetch = self.exchange(credential, org, user);
+        self.cache
+            .try_get_with(key, fetch)
+            .await
+            .map_err(|e| (*e).clone())
+    }
+
+    /// Drops the user's token for `org` (Dataverse refused it with 401).
+    pub async fn invalidate(&self, org: &str, user: &UserAssertion<'_>) {
+        self.cache.invalidate(&key(user, org)).await;
+    }
+
+    async fn exchange(
+        &self,
+        credential: &CredentialConfig,
+        org: &str,
+        user: &UserAssertion<'_>,
+    ) -> Result<Arc<AccessToken>, OboError> {
+        let (Some(url), Some(client_id)) = (&credential.token_url, &credential.client_id) else {
+            return Err(unavailable("the org's credential has no token endpoint"));
+        };
+        let mut form: Vec<(&str, SecretString)> = vec![
+            ("grant_type", JWT_BEARER_GRANT.into()),
+            ("requested_token_use", "on_behalf_of".into()),
+            ("assertion", user.token.into()),
+            ("scope", format!("{org}/user_impersonation").into()),
+        ];
+        form.extend(
+            client::client_auth(credential, client_id, url)
+                .map_err(|e| unavailable(&e.to_string()))?,
+        );
+        let (status, body) = client::post_form(&self.http, url, &form)
+            .await
+            .map_err(|e| unavailable(&e.to_string()))?;
+        let resp = classify(status, &body)?;
+        let now = Instant::now();
+        let mut token = AccessToken::new(resp, now).map_err(|e| unavailable(&e.to_string()))?;
+        // Never beyond the caller token's own expiry.
+        let left = user.expires_at.saturating_sub(unix_now());
+        token.serve_until = token.serve_until.min(now + Duration::from_secs(left));
+        Ok(Arc::new(token))
+    }
+}
+
+/// The cache key: the user (tenant, oid) and the org, hashed.
+fn key(user: &UserAssertion<'_>, org: &str) -> [u8; 32] {
+    let mut h = sha2::Sha256::new();
+    for part in [user.tenant, user.object_id, org] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize().into()
+}
+
+/// A token answer, or what its error means for the caller.
+fn classify(status: u16, body: &[u8]) -> Result<TokenResponse, OboError> {
+    if (200..300).contains(&status) {
+        return client::parse_response(status, body).map_err(|e| unavailable(&e.to_string()));
+    }
+    let Ok(e) = serde_json::from_slice::<EntraErrorBody>(body) else {
+        return Err(unavailable(&format!(
+            "HTTP {status} without an OAuth2 error"
+        )));
+    };
+    let detail = || {
+        TokenError::Entra {
+            status,
+            error: e.error.clone(),
+            codes: e.error_codes.clone(),
+            description: e
+                .error_description
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        }
+        .to_string()
+    };
+    tracing::warn!(error = %detail(), "the on-behalf-of exchange was refused");
+    if e.error_codes.contains(&65001) {
+        return Err(OboError::ConsentRequired);
+    }
+    match (e.error.as_str(), &e.claims) {
+        ("interaction_required", Some(claims)) if !claims.is_empty() => {
+            Err(OboError::ClaimsChallenge {
+                claims: claims.clone(),
+            })
+        }
+        ("invalid_grant" | "interaction_required", _) => Err(OboError::InvalidGrant),
+        // The proxy's own credential refused, or Entra failing: not the
+        // caller's doing; it may pass.
+        _ => Err(unavailable(&detail())),
+    }
+}
+
+fn unavailable(detail: &str) -> OboError {
+    OboError::Unavailable {
+        detail: detail.to_owned(),
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
