@@ -267,7 +267,14 @@ async fn serve(config: Config, sources: Sources) -> ExitCode {
 }
 
 async fn demo(mut sources: Sources) -> ExitCode {
-    let sim = match Sim::start(SimConfig::default()).await {
+    // The proxy's app exposes the API its callers' tokens are for, as the
+    // on-behalf-of exchange needs (docs/azure-setup.md).
+    let defaults = SimConfig::default();
+    let sim_config = SimConfig {
+        api_client_id: defaults.client_id.clone(),
+        ..defaults
+    };
+    let sim = match Sim::start(sim_config).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("dataverse-proxy demo: cannot start the simulator: {e}");
@@ -300,6 +307,7 @@ async fn demo(mut sources: Sources) -> ExitCode {
     let user = uuid::Uuid::new_v4();
     h.add_user(user);
     let user_token = h.mint_user_token(&user.to_string(), &["user_impersonation"]);
+    let delegated_token = h.mint_user_token(&user.to_string(), &["Dataverse.Delegated"]);
     let config = match load(&sources) {
         Ok(c) => c,
         Err(code) => return code,
@@ -328,6 +336,9 @@ async fn demo(mut sources: Sources) -> ExitCode {
          Act as a signed-in user (a caller token minted by the simulated Entra ID, valid\n\
          for an hour; Dataverse then applies that user's roles, and WhoAmI answers them):\n\
          \x20 curl -H 'Authorization: Bearer {user_token}' '{p}/api/data/v9.2/WhoAmI'\n\n\
+         Act as the user with the user's own token (on-behalf-of: the proxy exchanges\n\
+         the caller token with Entra ID, and Dataverse counts the user's own budget):\n\
+         \x20 curl -H 'Authorization: Bearer {delegated_token}' '{p}/api/data/v9.2/WhoAmI'\n\n\
          Press Ctrl-C to stop.",
         entra = h.entra_url(),
         org = h.org_url(),
@@ -348,11 +359,13 @@ async fn demo(mut sources: Sources) -> ExitCode {
 }
 
 /// The demo's callers: Entra ID user tokens for the simulated proxy API act
-/// as their user; anything else from loopback needs no credential.
+/// as their user (with the scope `Dataverse.Delegated`, with the user's own
+/// token); anything else from loopback needs no credential.
 fn demo_callers(h: &crate::sim::SimHandle) -> String {
     let cfg = h.config();
     format!(
         "[caller_tokens]\naudiences = [\"{}\", \"{}\"]\ntenants = [\"{}\"]\nauthority_host = \"{}\"\n\n\
+         [[callers]]\nname = \"delegated-users\"\ntoken = {{ scopes = [\"Dataverse.Delegated\"] }}\nimpersonate = \"delegated\"\n\n\
          [[callers]]\nname = \"signed-in-users\"\ntoken = {{ scopes = [\"user_impersonation\"] }}\nimpersonate = \"caller\"\n\n\
          [[callers]]\nname = \"local\"\ncidrs = [\"127.0.0.0/8\", \"::1/128\"]\n\n\
          [access]\nrequire_credential = false\n",

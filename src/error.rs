@@ -129,6 +129,8 @@ pub enum ProxyError {
     ClaimsRequired {
         /// The claims challenge (JSON), as Entra sent it.
         claims: String,
+        /// Where the client signs the user in again.
+        authorization_uri: String,
     },
     /// 503: Entra ID could not exchange the user's token now.
     #[error("Entra ID could not exchange the caller's token now; try again later")]
@@ -330,13 +332,16 @@ impl ProxyError {
                     HeaderValue::from_static("Bearer error=\"invalid_token\""),
                 );
             }
-            Self::ClaimsRequired { claims } => {
+            Self::ClaimsRequired {
+                claims,
+                authorization_uri,
+            } => {
                 // Microsoft's claims challenge: MSAL reads `claims` (base64
                 // of Entra's JSON) and asks the user to step up.
                 use base64::Engine;
                 let encoded = base64::engine::general_purpose::STANDARD.encode(claims);
                 let challenge = format!(
-                    "Bearer realm=\"\", error=\"insufficient_claims\", error_description=\"Conditional Access requires more of the sign-in\", claims=\"{encoded}\""
+                    "Bearer realm=\"\", authorization_uri=\"{authorization_uri}\", error=\"insufficient_claims\", claims=\"{encoded}\""
                 );
                 if let Ok(v) = HeaderValue::from_str(&challenge) {
                     h.insert(header::WWW_AUTHENTICATE, v);
@@ -379,7 +384,13 @@ impl From<crate::token::OboError> for ProxyError {
         match e {
             OboError::ConsentRequired => Self::ConsentRequired,
             OboError::InvalidGrant => Self::DelegationRefused,
-            OboError::ClaimsChallenge { claims } => Self::ClaimsRequired { claims },
+            OboError::ClaimsChallenge {
+                claims,
+                authorization_uri,
+            } => Self::ClaimsRequired {
+                claims,
+                authorization_uri,
+            },
             OboError::Unavailable { detail } => Self::DelegationUnavailable { detail },
         }
     }

@@ -49,7 +49,12 @@ pub enum OboError {
     /// Conditional Access or MFA wants more of the user's sign-in; `claims`
     /// is the challenge to pass back (RFC 6750 `insufficient_claims`).
     #[error("Conditional Access requires a new sign-in of the user")]
-    ClaimsChallenge { claims: String },
+    ClaimsChallenge {
+        claims: String,
+        /// Where the client signs the user in again (the tenant's
+        /// authorize endpoint).
+        authorization_uri: String,
+    },
     /// Entra ID unreachable, or it failed: try again later.
     #[error("Entra ID could not exchange the token: {detail}")]
     Unavailable { detail: String },
@@ -122,7 +127,7 @@ impl OnBehalfOf {
         let (status, body) = client::post_form(&self.http, url, &form)
             .await
             .map_err(|e| unavailable(&e.to_string()))?;
-        let resp = classify(status, &body)?;
+        let resp = classify(status, &body, url)?;
         let now = Instant::now();
         let mut token = AccessToken::new(resp, now).map_err(|e| unavailable(&e.to_string()))?;
         // Never beyond the caller token's own expiry.
@@ -143,7 +148,7 @@ fn key(user: &UserAssertion<'_>, org: &str) -> [u8; 32] {
 }
 
 /// A token answer, or what its error means for the caller.
-fn classify(status: u16, body: &[u8]) -> Result<TokenResponse, OboError> {
+fn classify(status: u16, body: &[u8], token_url: &url::Url) -> Result<TokenResponse, OboError> {
     if (200..300).contains(&status) {
         return client::parse_response(status, body).map_err(|e| unavailable(&e.to_string()));
     }
@@ -174,12 +179,23 @@ fn classify(status: u16, body: &[u8]) -> Result<TokenResponse, OboError> {
         ("interaction_required", Some(claims)) if !claims.is_empty() => {
             Err(OboError::ClaimsChallenge {
                 claims: claims.clone(),
+                authorization_uri: authorize_endpoint(token_url),
             })
         }
         ("invalid_grant" | "interaction_required", _) => Err(OboError::InvalidGrant),
         // The proxy's own credential refused, or Entra failing: not the
         // caller's doing; it may pass.
         _ => Err(unavailable(&detail())),
+    }
+}
+
+/// The authorize endpoint beside a token endpoint (`…/oauth2/v2.0/token`
+/// → `…/oauth2/v2.0/authorize`).
+fn authorize_endpoint(token_url: &url::Url) -> String {
+    let url = token_url.as_str();
+    match url.strip_suffix("/token") {
+        Some(base) => format!("{base}/authorize"),
+        None => url.to_owned(),
     }
 }
 

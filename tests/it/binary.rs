@@ -150,14 +150,14 @@ async fn demo_serves_the_simulators_leads() {
         }
     });
     let lines = tokio::task::spawn_blocking(move || {
-        [(); 2].map(|()| {
+        [(); 3].map(|()| {
             rx.recv_timeout(Duration::from_secs(30))
                 .expect("a curl line")
         })
     })
     .await
     .expect("join");
-    let [leads, as_user] = lines;
+    let [leads, as_user, delegated] = lines;
     let url = leads.split('\'').nth(1).expect("quoted URL").to_owned();
     let resp = client().get(&url).send().await.expect("request");
     assert_eq!(resp.status(), 200);
@@ -188,6 +188,18 @@ async fn demo_serves_the_simulators_leads() {
         as_user["UserId"], as_app["UserId"],
         "the token's user, not the application user"
     );
+    // The on-behalf-of line: the same user, with the user's own token.
+    let quoted: Vec<&str> = delegated.split('\'').collect();
+    let token = quoted[1].strip_prefix("Authorization: ").expect("header");
+    let resp = client()
+        .get(quoted[3])
+        .header("authorization", token)
+        .send()
+        .await
+        .expect("whoami");
+    assert_eq!(resp.status(), 200);
+    let own: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(own["UserId"], as_user["UserId"], "the same user, own token");
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -35,8 +35,16 @@ async fn proxy(sim: Sim, overrides: &[(&'static str, String)]) -> Harness {
     h
 }
 
+/// A simulator whose proxy app exposes the API itself: the on-behalf-of
+/// exchange needs the assertion to be for the app that exchanges it.
 async fn sim() -> Sim {
-    Sim::start(SimConfig::default()).await.expect("sim")
+    let config = SimConfig::default();
+    Sim::start(SimConfig {
+        api_client_id: config.client_id.clone(),
+        ..config
+    })
+    .await
+    .expect("sim")
 }
 
 /// A user of the org and a caller token of theirs.

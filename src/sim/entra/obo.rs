@@ -65,6 +65,11 @@ pub(super) fn issue(
     let basic = basic_credentials(headers);
     let client = client_id(sim, tenant, form, basic.as_ref())?;
     authenticate(sim, form, basic, &client, endpoint)?;
+    // The middle tier exchanges tokens issued to itself: the client must be
+    // the API the assertion is for.
+    if client != sim.config.api_client_id {
+        return Err(bad_request("invalid_grant", 50013, &format!("Assertion audience does not match the Client app presenting the assertion. The expected audience is '{client}'.")));
+    }
     let user = check_assertion(sim, tenant, form.get("assertion").map(String::as_str))?;
     let scope = form.get("scope").cloned().unwrap_or_default();
     let Some(resource) = scope.strip_suffix("/user_impersonation") else {
