@@ -588,3 +588,35 @@ fn lane_mistakes_name_their_keys() {
         assert!(!err.to_string().contains("s3cr3t"), "{err}");
     }
 }
+
+#[test]
+fn delegated_rules_load_and_their_mistakes_are_named() {
+    let head = format!(
+        "[caller_tokens]\naudiences = [\"api://dataverse-proxy\"]\ntenants = [\"{TENANT}\"]\n\n"
+    );
+    let rule = "[[callers]]\nname = \"portal\"\ntoken = { scopes = [\"user_impersonation\"] }\nimpersonate = \"delegated\"\n";
+    let cfg = load_toml(&format!("{head}{rule}"), minimal_env())
+        .1
+        .expect("valid");
+    assert!(cfg.access.callers[0].delegated);
+    assert!(cfg.access.callers[0].act_as_caller.is_none());
+    let err = load_toml(
+        "[[callers]]\nname = \"p\"\ncidrs = [\"10.0.0.0/8\"]\nimpersonate = \"delegated\"\n",
+        minimal_env(),
+    )
+    .1
+    .expect_err("no token");
+    assert!(
+        err.to_string().contains("`callers[0].impersonate`"),
+        "{err}"
+    );
+    // A managed identity cannot run the exchange.
+    let env = env(&[
+        ("DATAVERSE_URL", "https://contoso.crm.dynamics.com"),
+        ("DATAVERSE_PROXY_MANAGED_IDENTITY", "imds"),
+    ]);
+    let err = load_toml(&format!("{head}{rule}"), env)
+        .1
+        .expect_err("managed identity");
+    assert!(err.to_string().contains("not a managed identity"), "{err}");
+}

@@ -68,7 +68,13 @@ pub(super) fn issue(
     // The middle tier exchanges tokens issued to itself: the client must be
     // the API the assertion is for.
     if client != sim.config.api_client_id {
-        return Err(bad_request("invalid_grant", 50013, &format!("Assertion audience does not match the Client app presenting the assertion. The expected audience is '{client}'.")));
+        return Err(bad_request(
+            "invalid_grant",
+            50013,
+            &format!(
+                "Assertion audience does not match the Client app presenting the assertion. The expected audience is '{client}'."
+            ),
+        ));
     }
     let user = check_assertion(sim, tenant, form.get("assertion").map(String::as_str))?;
     let scope = form.get("scope").cloned().unwrap_or_default();
