@@ -42,6 +42,8 @@ mod types;
 mod validate;
 
 #[cfg(test)]
+mod access_tests;
+#[cfg(test)]
 mod tests;
 
 pub use credentials::warn_if_readable_by_others;

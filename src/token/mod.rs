@@ -16,12 +16,14 @@
 //! token (it is still in the cache) and retries with jittered exponential
 //! backoff until it succeeds or the token really expires.
 
+mod access;
 pub mod certificate;
 pub mod client;
 pub mod expiry;
 mod health;
 pub mod obo;
 
+pub use access::AccessToken;
 pub use health::{FetchReason, TokenHealth, TokenStats};
 pub use obo::{OboError, OnBehalfOf, UserAssertion};
 
@@ -31,10 +33,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::http::HeaderValue;
 use moka::Expiry;
 use moka::future::Cache;
-use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -84,59 +84,6 @@ pub fn new_cache() -> TokenCache {
         .max_capacity(1024)
         .expire_after(ServeUntil)
         .build()
-}
-
-/// A cached access token with its schedule.
-pub struct AccessToken {
-    /// The token itself, for `dataverse-proxy token`.
-    token: SecretString,
-    /// `Bearer …`, marked sensitive so it never prints in Debug output.
-    header: HeaderValue,
-    /// When the background task refreshes it.
-    pub refresh_at: Instant,
-    /// When it stops being served (just before it really expires).
-    pub serve_until: Instant,
-    /// Lifetime granted by Entra ID.
-    pub lifetime: Duration,
-}
-
-impl AccessToken {
-    fn new(resp: client::TokenResponse, now: Instant) -> Result<Self, TokenError> {
-        let mut header =
-            HeaderValue::try_from(format!("Bearer {}", resp.access_token.expose_secret()))
-                .map_err(|_| TokenError::Malformed {
-                    status: 200,
-                    detail: "access_token contains bytes not allowed in a header".to_owned(),
-                })?;
-        header.set_sensitive(true);
-        Ok(Self {
-            refresh_at: now + expiry::refresh_after(resp.expires_in, resp.refresh_in),
-            serve_until: now + expiry::serve_for(resp.expires_in),
-            lifetime: resp.expires_in,
-            header,
-            token: resp.access_token,
-        })
-    }
-
-    /// The `Authorization` header value to inject.
-    pub fn header(&self) -> HeaderValue {
-        self.header.clone()
-    }
-
-    /// The raw token, for the `token` subcommand only.
-    pub fn expose(&self) -> &str {
-        self.token.expose_secret()
-    }
-}
-
-impl fmt::Debug for AccessToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AccessToken")
-            .field("token", &"[REDACTED]")
-            .field("refresh_at", &self.refresh_at)
-            .field("serve_until", &self.serve_until)
-            .finish()
-    }
 }
 
 /// Per-entry expiry: an entry leaves the cache when it stops being served.

@@ -69,6 +69,7 @@ impl OrgIds {
     }
 }
 
+mod auth;
 mod crud;
 mod files;
 mod metadata;
@@ -147,8 +148,8 @@ async fn handle(State(sim): State<Arc<SimState>>, req: Request) -> Response {
 }
 
 async fn execute(sim: Arc<SimState>, req: Request) -> Response {
-    let claims = check_token(&sim, req.headers());
-    record(&sim, &req, claims.clone());
+    let claims = auth::check_token(&sim, req.headers());
+    auth::record(&sim, &req, claims.clone());
     // Limits count per user: the token's oid (the application user for an
     // app-only token); an unauthenticated request counts as nobody's.
     let user = claims.as_ref().map_or("", |c| c.oid.as_str()).to_owned();
@@ -167,7 +168,7 @@ async fn execute(sim: Arc<SimState>, req: Request) -> Response {
             let _ = http_body_util::Limited::new(req.into_body(), JSON_LIMIT)
                 .collect()
                 .await;
-            challenge(&sim, why)
+            auth::challenge(&sim, why)
         }
         Ok(_) => match limiter.admit() {
             Err(throttled) => throttled,
@@ -219,75 +220,6 @@ fn take_fault(sim: &SimState) -> Option<Response> {
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     Some(resp)
-}
-
-fn record(sim: &SimState, req: &Request, claims: Result<Claims, &'static str>) {
-    let seen = SeenRequest {
-        method: req.method().to_string(),
-        target: req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| req.uri().path().to_owned(), |pq| pq.as_str().to_owned()),
-        headers: req.headers().clone(),
-        authorized: claims.is_ok(),
-        claims: claims.ok(),
-    };
-    let mut log = lock(&sim.seen);
-    if log.len() >= SEEN_CAPACITY {
-        log.pop_front();
-    }
-    log.push_back(seen);
-}
-
-/// Validates the bearer: signature, audience (this org) and expiry.
-fn check_token(sim: &SimState, headers: &HeaderMap) -> Result<Claims, &'static str> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or("MissingCrmAuthenticationToken")?;
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or("InvalidAuthTicket")?;
-    let mut validation = Validation::new(Algorithm::HS256);
-    validation.set_audience(&[&sim.org_url]);
-    validation.set_issuer(&[format!("https://sts.windows.net/{}/", sim.tenant_id)]);
-    validation.leeway = 0;
-    validation.set_required_spec_claims(&["exp", "aud"]);
-    jsonwebtoken::decode::<Claims>(
-        token,
-        &DecodingKey::from_secret(&sim.entra.signing_key),
-        &validation,
-    )
-    .map_err(|e| match e.kind() {
-        jsonwebtoken::errors::ErrorKind::ExpiredSignature => "ExpiredAuthTicket",
-        _ => "InvalidAuthTicket",
-    })
-    .and_then(|d| {
-        // A token Entra ID has revoked is refused as a bad ticket.
-        if lock(&sim.entra.revoked).contains(&d.claims.uti) {
-            Err("BadAuthTicket")
-        } else {
-            Ok(d.claims)
-        }
-    })
-}
-
-/// Dataverse's 401 with the bearer challenge (docs/dataverse.md, "The Web API").
-fn challenge(sim: &SimState, why: &str) -> Response {
-    let mut resp = dv_error(
-        StatusCode::UNAUTHORIZED,
-        "0x80072560",
-        &format!("The user is not authenticated ({why})."),
-    );
-    let challenge = format!(
-        "Bearer authorization_uri={}/{}/oauth2/authorize, resource_id={}/",
-        sim.entra.url, sim.tenant_id, sim.org_url
-    );
-    if let Ok(v) = HeaderValue::from_str(&challenge) {
-        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-    }
-    resp
 }
 
 /// What a path under `/api/data/vX.Y/` addresses.
