@@ -81,7 +81,7 @@ impl RedisServer {
             .unwrap_or_else(|e| {
                 panic!(
                     "cannot start redis-server ({e}): the shared-governor tests need it; \
-                     install Debian's redis-server package (.ci/run does where it is missing)"
+                     install Debian's redis-server package (bash tests/run.sh does where it is missing)"
                 )
             });
         self.child = Some(child);

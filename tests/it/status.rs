@@ -1,5 +1,5 @@
 //! The operator's view: `/status` as JSON and the status page, rendered by
-//! a real headless Chromium (Debian's `chromium`; `.ci/run` installs it
+//! a real headless Chromium (Debian's `chromium`; `tests/run.sh` installs it
 //! where it is missing).
 
 use std::process::Command;
@@ -24,7 +24,7 @@ pub fn rendered_dom(url: &str) -> String {
     String::from_utf8(out.stdout).expect("utf-8 DOM")
 }
 
-const INSTALL: &str = "the status page test needs Debian's chromium package (.ci/run installs it where it is missing)";
+const INSTALL: &str = "the status page test needs Debian's chromium package (bash tests/run.sh installs it where it is missing)";
 
 fn chromium() -> &'static str {
     ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
