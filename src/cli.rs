@@ -318,7 +318,30 @@ async fn demo(mut sources: Sources) -> ExitCode {
     let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
     let p = format!("http://{}", local(&proxy, config.listen));
     let a = format!("http://{}", local(&admin, config.admin_listen));
-    let banner = format!(
+    let tokens = (user_token.as_str(), delegated_token.as_str());
+    let banner = demo_banner((&p, &a), (h.entra_url(), h.org_url()), tokens);
+    // A closed stdout (e.g. piped into `head`) must not stop the demo.
+    let _ = writeln!(std::io::stdout().lock(), "{banner}");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(shutdown_signal(shutdown.clone()));
+    let result = crate::serve(config, proxy, admin, shutdown).await;
+    sim.shutdown();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dataverse-proxy demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What the demo prints: where everything listens and curl lines to try.
+fn demo_banner(
+    (p, a): (&str, &str),
+    (entra, org): (&str, &str),
+    (user_token, delegated_token): (&str, &str),
+) -> String {
+    format!(
         "dataverse-proxy demo\n\
          \x20 simulated Entra ID:  {entra}\n\
          \x20 simulated Dataverse: {org}\n\
@@ -338,22 +361,7 @@ async fn demo(mut sources: Sources) -> ExitCode {
          the caller token with Entra ID, and Dataverse counts the user's own budget):\n\
          \x20 curl -H 'Authorization: Bearer {delegated_token}' '{p}/api/data/v9.2/WhoAmI'\n\n\
          Press Ctrl-C to stop.",
-        entra = h.entra_url(),
-        org = h.org_url(),
-    );
-    // A closed stdout (e.g. piped into `head`) must not stop the demo.
-    let _ = writeln!(std::io::stdout().lock(), "{banner}");
-    let shutdown = CancellationToken::new();
-    tokio::spawn(shutdown_signal(shutdown.clone()));
-    let result = crate::serve(config, proxy, admin, shutdown).await;
-    sim.shutdown();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("dataverse-proxy demo: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    )
 }
 
 /// The demo's callers: Entra ID user tokens for the simulated proxy API act

@@ -155,24 +155,8 @@ pub async fn serve_with(
         .clone()
         .map(|v| tokio::spawn(async move { v.prefetch().await }));
 
-    let delay = config.shutdown.delay;
     let grace = config.shutdown.grace;
-    let stop_accepting = {
-        let (shutdown, state) = (control.shutdown.clone(), state.clone());
-        async move {
-            shutdown.cancelled().await;
-            state.set_draining();
-            tracing::info!(
-                delay_ms = delay.as_millis() as u64,
-                "shutting down: readiness is now false"
-            );
-            tokio::time::sleep(delay).await;
-            tracing::info!(
-                grace_ms = grace.as_millis() as u64,
-                "listener closed; draining in-flight requests"
-            );
-        }
-    };
+    let stop_accepting = stop_accepting(&control, &state, config.shutdown.delay, grace);
     let admin_stop = CancellationToken::new();
     let admin_server = tokio::spawn(
         axum::serve(admin, http::admin::router(state.clone()))
@@ -205,6 +189,27 @@ pub async fn serve_with(
         r.abort();
     }
     result
+}
+
+/// Resolves when the listener should stop accepting: after shutdown began
+/// (readiness false at once) and its `delay` passed.
+async fn stop_accepting(
+    control: &Control,
+    state: &http::AppState,
+    delay: std::time::Duration,
+    grace: std::time::Duration,
+) {
+    control.shutdown.cancelled().await;
+    state.set_draining();
+    tracing::info!(
+        delay_ms = delay.as_millis() as u64,
+        "shutting down: readiness is now false"
+    );
+    tokio::time::sleep(delay).await;
+    tracing::info!(
+        grace_ms = grace.as_millis() as u64,
+        "listener closed; draining in-flight requests"
+    );
 }
 
 /// Startup warnings an operator must see: an open proxy, readable secrets.

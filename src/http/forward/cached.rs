@@ -115,16 +115,27 @@ pub async fn send(
     };
     cache.count(outcome);
     info.cache = Some(outcome.label());
+    Ok(Cached::Answer(Box::new(
+        keep(state, (&cache, key), sent, lock).await?,
+    )))
+}
+
+/// Dataverse's fresh answer: a 200 is read whole at Dataverse's pace and
+/// kept (the callers waiting for this fill, and the slot, never wait on
+/// this caller's reading), unless it outgrows `max_entry`; anything else
+/// passes through.
+async fn keep(
+    state: &AppState,
+    (cache, key): (&MetadataCache, Key),
+    sent: Sent<UpstreamBody>,
+    lock: Option<crate::metadata_cache::FillLock>,
+) -> Result<Sent<CachedBody>, ProxyError> {
     let Sent { response, permit } = sent;
     let (parts, body) = response.into_parts();
-    if status != StatusCode::OK {
-        return Ok(Cached::Answer(Box::new(Sent {
-            response: Response::from_parts(parts, Either::Left(Fill::through(body))),
-            permit,
-        })));
+    if parts.status != StatusCode::OK {
+        let response = Response::from_parts(parts, Either::Left(Fill::through(body)));
+        return Ok(Sent { response, permit });
     }
-    // Read whole before answering, at Dataverse's pace: the callers waiting
-    // for this fill (and the slot) never wait on this caller's reading.
     let idle = state.upstream.idle_timeout;
     let body = match read_whole(body, cache.max_entry(), idle).await? {
         Whole::Complete(bytes) => {
@@ -133,18 +144,19 @@ pub async fn send(
             if let Some(permit) = permit {
                 permit.finish();
             }
-            return Ok(Cached::Answer(Box::new(Sent {
-                response: Response::from_parts(parts, Either::Right(Full::new(bytes))),
+            let response = Response::from_parts(parts, Either::Right(Full::new(bytes)));
+            return Ok(Sent {
+                response,
                 permit: None,
-            })));
+            });
         }
         Whole::TooLarge(prefix, rest) => Fill::prefixed(prefix, rest),
     };
     drop(lock);
-    Ok(Cached::Answer(Box::new(Sent {
+    Ok(Sent {
         response: Response::from_parts(parts, Either::Left(body)),
         permit,
-    })))
+    })
 }
 
 /// An answer read up to a size.

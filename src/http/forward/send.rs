@@ -116,9 +116,7 @@ pub async fn send(
             elapsed: arrived.elapsed(),
         };
         if outcome.is_ok() {
-            let waited = sent_at.elapsed();
-            info.upstream = Some(waited);
-            org.metrics.upstream(waited);
+            upstream_time(info, org, sent_at);
         }
         let Some(response) = settle(outcome, &transient, &governor, &mut permit).await? else {
             attempts.transient += 1;
@@ -140,21 +138,7 @@ pub async fn send(
                 });
             }
         };
-        let next = if replay_elsewhere(&response, &attempts, &planned, &governor)
-            && route.another_open()
-        {
-            // Throttled on this lane only: another lane takes it at once.
-            Next::Wait(Duration::ZERO)
-        } else {
-            next_step(
-                response.status(),
-                response.headers(),
-                &attempts,
-                planned.body.replayable(),
-                arrived.elapsed(),
-                &governor.config(),
-            )
-        };
+        let next = decide(&route, &response, &attempts, &planned, arrived);
         if response.status() == StatusCode::UNAUTHORIZED && !attempts.refreshed {
             // Revoked or rotated: drop this token (not a newer one),
             // whether or not the request can be replayed.
@@ -184,6 +168,37 @@ pub async fn send(
             }
         }
     }
+}
+
+/// What follows an answer that is a 401 or a 429: a 429 on one lane goes
+/// to another open lane at once; otherwise [`next_step`] decides.
+fn decide<B>(
+    route: &Route<'_>,
+    response: &Response<B>,
+    attempts: &Attempts,
+    planned: &Planned,
+    arrived: Instant,
+) -> Next {
+    let governor = route.governor();
+    if replay_elsewhere(response, attempts, planned, governor) && route.another_open() {
+        // Throttled on this lane only: another lane takes it at once.
+        return Next::Wait(Duration::ZERO);
+    }
+    next_step(
+        response.status(),
+        response.headers(),
+        attempts,
+        planned.body.replayable(),
+        arrived.elapsed(),
+        &governor.config(),
+    )
+}
+
+/// Records how long Dataverse took to send its response headers.
+fn upstream_time(info: &mut RequestInfo, org: &crate::http::state::OrgState, sent_at: Instant) {
+    let waited = sent_at.elapsed();
+    info.upstream = Some(waited);
+    org.metrics.upstream(waited);
 }
 
 /// Whether a 429 could be replayed on another lane: the body allows it
