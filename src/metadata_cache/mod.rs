@@ -12,7 +12,8 @@
 //!
 //! Entries are keyed by everything that selects the representation: the
 //! path and query, `Accept`, `Prefer`, `Accept-Language`, and the user
-//! Dataverse acts as, hashed (SHA-256), so a caller's 60 KB header costs the
+//! Dataverse acts as (impersonation headers, or the user whose own token
+//! the request carries), hashed (SHA-256), so a caller's 60 KB header costs the
 //! cache 32 bytes. They are bounded by bytes (moka's weigher: body, kept
 //! headers, key and bookkeeping) and in number (each weighs at least
 //! `max_bytes / MAX_ENTRIES`).
@@ -92,6 +93,18 @@ impl Key {
                 part(value.as_bytes());
             }
         }
+        Self(hash.finalize().into())
+    }
+
+    /// The key of the same answer for a request that goes with `user`'s own
+    /// token (on-behalf-of): Dataverse's answer is that user's, so it is
+    /// kept apart from everyone else's.
+    pub fn for_user(self, user: &str) -> Self {
+        let mut hash = Sha256::new();
+        hash.update(b"user");
+        hash.update(self.0);
+        hash.update((user.len() as u64).to_be_bytes());
+        hash.update(user.as_bytes());
         Self(hash.finalize().into())
     }
 

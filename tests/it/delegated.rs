@@ -339,3 +339,31 @@ async fn a_users_gate_is_shared_by_every_replica() {
     one.stop().await;
     two.stop().await;
 }
+
+/// A metadata answer fetched with one user's own token is that user's:
+/// the cache keeps it apart from other users'.
+#[tokio::test]
+async fn cached_metadata_is_kept_per_user() {
+    let h = proxy(sim().await, &[]).await;
+    let (_, _, a) = user(&h.sim);
+    let (_, _, b) = user(&h.sim);
+    let path = "/EntityDefinitions?$select=LogicalName";
+    for (token, fetched, why) in [
+        (Some(&a), 1, "A's first load"),
+        (Some(&a), 1, "A's second load is a hit"),
+        (Some(&b), 2, "B's is B's own"),
+    ] {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|v| ("authorization", v.as_str())).collect();
+        assert_eq!(h.get_with(path, &headers).await.status(), 200, "{why}");
+        let seen = h
+            .sim
+            .seen()
+            .iter()
+            .filter(|s| s.target.contains("EntityDefinitions"))
+            .count();
+        assert_eq!(seen, fetched, "{why}");
+    }
+    h.stop().await;
+}

@@ -44,6 +44,10 @@ pub fn lookup_key(admitted: &Admitted, planned: &Planned) -> Option<(Arc<Metadat
     let resource = crate::policy::resource(planned.uri.path())?;
     let target = planned.uri.path_and_query()?.as_str();
     let key = MetadataCache::key(&planned.method, &resource, target, &planned.headers)?;
+    let key = match admitted.delegated.as_deref() {
+        Some(user) => key.for_user(&format!("{}/{}", user.tenant, user.object_id)),
+        None => key,
+    };
     Some((cache.clone(), key))
 }
 
