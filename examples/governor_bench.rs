@@ -144,7 +144,12 @@ async fn run(urls: &[String], bearer: Option<&str>, secs: u64) -> Outcome {
                         req = req.header("authorization", b);
                     }
                     let started = Instant::now();
-                    match req.send().await {
+                    let answer = req.send().await;
+                    if stop.load(Ordering::Relaxed) {
+                        // Past the window: not counted.
+                        break;
+                    }
+                    match answer {
                         Ok(r) if r.status() == 200 => {
                             let _ = r.bytes().await;
                             outcome.ok.fetch_add(1, Ordering::Relaxed);
