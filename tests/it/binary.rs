@@ -103,6 +103,56 @@ async fn check_reports_ids_or_explains_the_entra_error() {
     sim.shutdown();
 }
 
+/// `check` tests every lane: a working one is ok, a broken one is named
+/// with Entra's code, and the exit code says something failed.
+#[tokio::test]
+async fn check_tests_every_lane() {
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let (good, bad) = (
+        sim.handle.add_application_user(),
+        sim.handle.add_application_user(),
+    );
+    let lane = |name: &str, client: &str, secret: &str| {
+        format!(
+            "[credentials.{name}]\ntenant_id = \"{}\"\nclient_id = \"{client}\"\nclient_secret = \"{secret}\"\ntoken_url = \"{}\"\n\n",
+            sim.handle.config().tenant_id,
+            sim.handle.token_url()
+        )
+    };
+    let file = std::env::temp_dir().join(format!("dvp-lanes-{}.toml", uuid::Uuid::new_v4()));
+    let toml = format!(
+        "[org]\nlanes = [\"default\", \"bulk-2\", \"bulk-3\"]\n\n{}{}",
+        lane("bulk-2", &good.client_id, &good.secret),
+        lane("bulk-3", &bad.client_id, "wrong"),
+    );
+    std::fs::write(&file, toml).expect("config file");
+    let env = sim_env(&sim.handle);
+    let out = tokio::task::spawn_blocking({
+        let file = file.clone();
+        move || {
+            command()
+                .envs(env)
+                .arg("--config")
+                .arg(&file)
+                .arg("check")
+                .output()
+                .expect("run")
+        }
+    })
+    .await
+    .expect("join");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for name in ["lane default", "lane bulk-2", "lane bulk-3"] {
+        assert!(text.contains(name), "{name}: {text}");
+    }
+    assert_eq!(text.matches("WhoAmI: ok").count(), 2, "{text}");
+    assert!(text.contains("AADSTS7000215"), "{text}");
+    assert!(!text.contains("wrong\""), "{text}");
+    let _ = std::fs::remove_file(&file);
+    sim.shutdown();
+}
+
 #[tokio::test]
 async fn the_token_command_prints_a_token_dataverse_accepts() {
     let sim = Sim::start(SimConfig::default()).await.expect("sim");
