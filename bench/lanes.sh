@@ -6,18 +6,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS="${SECS:-10}"
-command -v redis-server >/dev/null || { echo "redis-server is needed (Debian package redis-server)" >&2; exit 1; }
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
-REDIS=$!
-trap 'kill $REDIS 2>/dev/null || true' EXIT
+source bench/redis.sh
 cargo build --release --quiet --example lanes_bench
 mkdir -p bench/results
 OUT="bench/results/lanes-$(date -u +%Y%m%d-%H%M).md"
 # The issue's stand-in (40 ms), then a slower one (200 ms) where the load
 # does not need every core of a small machine.
 for MS in 40 200; do
-  BENCH_LATENCY_MS=$MS BENCH_REDIS_URL="redis://127.0.0.1:$PORT" RUST_LOG=warn \
+  BENCH_LATENCY_MS=$MS RUST_LOG=warn \
     ./target/release/examples/lanes_bench --secs "$SECS" | tee -a "$OUT"
   echo | tee -a "$OUT"
 done

@@ -70,15 +70,8 @@ async fn replica(
     redis: Option<(&str, &str)>,
     rules: Option<String>,
 ) -> (String, CancellationToken) {
-    let mut overrides = vec![
-        ("org.url", sim.org_url().to_owned()),
-        ("credential.tenant_id", sim.config().tenant_id.clone()),
-        ("credential.client_id", sim.config().client_id.clone()),
-        (
-            "credential.client_secret",
-            sim.config().client_secret.clone(),
-        ),
-        ("credential.token_url", sim.token_url()),
+    let mut overrides = sim.proxy_overrides();
+    overrides.extend([
         (
             "governor.max_concurrency",
             std::env::var("BENCH_MAX").unwrap_or("52".into()),
@@ -90,7 +83,7 @@ async fn replica(
         ("governor.max_queue", "1000".to_owned()),
         ("governor.queue_timeout", "30s".to_owned()),
         ("log.format", "json".to_owned()),
-    ];
+    ]);
     if let Some((url, prefix)) = redis {
         overrides.push(("governor.redis_url", url.to_owned()));
         overrides.push(("governor.redis_prefix", prefix.to_owned()));

@@ -55,16 +55,7 @@ async fn sim() -> Sim {
 
 /// A proxy in front of `sim`; its URL and stop switch.
 async fn replica(sim: &SimHandle, extra: &[(&'static str, String)]) -> (String, CancellationToken) {
-    let mut overrides = vec![
-        ("org.url", sim.org_url().to_owned()),
-        ("credential.tenant_id", sim.config().tenant_id.clone()),
-        ("credential.client_id", sim.config().client_id.clone()),
-        (
-            "credential.client_secret",
-            sim.config().client_secret.clone(),
-        ),
-        ("credential.token_url", sim.token_url()),
-    ];
+    let mut overrides = sim.proxy_overrides();
     overrides.extend(extra.iter().cloned());
     let config = Config::load(&Sources {
         overrides,

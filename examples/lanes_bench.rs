@@ -72,15 +72,8 @@ async fn replica(
     prefix: &str,
     toml: String,
 ) -> (String, CancellationToken) {
-    let overrides = vec![
-        ("org.url", sim.org_url().to_owned()),
-        ("credential.tenant_id", sim.config().tenant_id.clone()),
-        ("credential.client_id", sim.config().client_id.clone()),
-        (
-            "credential.client_secret",
-            sim.config().client_secret.clone(),
-        ),
-        ("credential.token_url", sim.token_url()),
+    let mut overrides = sim.proxy_overrides();
+    overrides.extend([
         ("governor.max_concurrency", "52".to_owned()),
         ("governor.ceiling", "52".to_owned()),
         ("governor.max_queue", "1000".to_owned()),
@@ -89,7 +82,7 @@ async fn replica(
         ("governor.redis_prefix", prefix.to_owned()),
         ("governor.expected_replicas", "3".to_owned()),
         ("log.format", "json".to_owned()),
-    ];
+    ]);
     let config = Config::load(&Sources {
         overrides,
         inline_toml: Some(toml),

@@ -148,16 +148,7 @@ async fn pump(
 
 /// A proxy in front of the relay; its base URL and stop switch.
 async fn proxy(sim: &SimHandle, extra: &[(&'static str, &str)]) -> (String, CancellationToken) {
-    let mut overrides = vec![
-        ("org.url", sim.org_url().to_owned()),
-        ("credential.tenant_id", sim.config().tenant_id.clone()),
-        ("credential.client_id", sim.config().client_id.clone()),
-        (
-            "credential.client_secret",
-            sim.config().client_secret.clone(),
-        ),
-        ("credential.token_url", sim.token_url()),
-    ];
+    let mut overrides = sim.proxy_overrides();
     overrides.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
     let config = Config::load(&Sources {
         overrides,

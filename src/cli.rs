@@ -293,13 +293,7 @@ async fn demo(mut sources: Sources) -> ExitCode {
                 | "DATAVERSE_PROXY_LOG_FORMAT"
         )
     });
-    sources.overrides = vec![
-        ("org.url", h.org_url().to_owned()),
-        ("credential.tenant_id", h.config().tenant_id.clone()),
-        ("credential.client_id", h.config().client_id.clone()),
-        ("credential.client_secret", h.config().client_secret.clone()),
-        ("credential.token_url", h.token_url()),
-    ];
+    sources.overrides = h.proxy_overrides();
     sources.inline_toml = Some(demo_callers(h));
     // A signed-in user of the org, and a token of theirs for the proxy's API.
     let user = uuid::Uuid::new_v4();

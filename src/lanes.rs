@@ -53,7 +53,8 @@ impl LaneSet {
         i < 64 && self.0 & (1 << i) != 0
     }
 
-    fn without(self, i: usize) -> Self {
+    /// The set without lane `i`.
+    pub fn without(self, i: usize) -> Self {
         Self(self.0 & !(1u64 << i.min(63)))
     }
 }
@@ -136,11 +137,6 @@ impl Lanes {
             .collect()
     }
 
-    /// Whether a lane of `allowed` other than `except` is in rotation.
-    pub fn another_in_rotation(&self, allowed: LaneSet, except: usize) -> bool {
-        (0..self.lanes.len()).any(|i| i != except && allowed.has(i) && self.in_rotation(i))
-    }
-
     /// Whether a lane of `allowed` other than `except` is in rotation with
     /// its gate open (a throttled request's replay can go there at once).
     pub fn another_open(&self, allowed: LaneSet, except: usize) -> bool {
@@ -200,19 +196,19 @@ impl Lanes {
         Ok((best, permit.with_cap(cap)))
     }
 
-    /// [`Self::acquire`] on the lanes of `allowed` but `i` (its credential
-    /// failed just now), or `None` when no other lane is in rotation.
+    /// [`Self::acquire`] on `allowed` (the lanes whose credential failed
+    /// for this request taken out), or `None` when none of them is in
+    /// rotation.
     pub async fn acquire_elsewhere(
         &self,
         allowed: LaneSet,
-        i: usize,
         flow: &Flow,
     ) -> Option<Result<(usize, Permit), GovernorError>> {
-        let others = allowed.without(i);
-        if !self.another_in_rotation(others, i) {
+        let any = (0..self.lanes.len()).any(|i| allowed.has(i) && self.in_rotation(i));
+        if !any {
             return None;
         }
-        Some(self.acquire(others, flow).await)
+        Some(self.acquire(allowed, flow).await)
     }
 
     /// The allowed lanes in rotation (all allowed ones when none is, so
@@ -241,6 +237,8 @@ impl Lanes {
 }
 
 /// One request choosing a lane, counted until it holds a slot or gave up.
+/// A request waiting in a lane's queue counts there too; it does so alike
+/// on every lane, so the order between lanes holds.
 struct Choosing<'a>(&'a AtomicUsize);
 
 impl<'a> Choosing<'a> {

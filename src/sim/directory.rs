@@ -10,6 +10,19 @@ use axum::http::HeaderMap;
 use super::{SimHandle, entra, lock};
 
 impl SimHandle {
+    /// The configuration overrides that point a proxy at this simulator:
+    /// its org and the credential of its registered app.
+    pub fn proxy_overrides(&self) -> Vec<(&'static str, String)> {
+        let cfg = self.config();
+        vec![
+            ("org.url", self.org_url().to_owned()),
+            ("credential.tenant_id", cfg.tenant_id.clone()),
+            ("credential.client_id", cfg.client_id.clone()),
+            ("credential.client_secret", cfg.client_secret.clone()),
+            ("credential.token_url", self.token_url()),
+        ]
+    }
+
     /// Token requests received so far (successful or not, all endpoints).
     pub fn token_requests(&self) -> u64 {
         self.0.entra.token_requests.load(Ordering::SeqCst)

@@ -77,16 +77,7 @@ impl Setup {
 
 /// The config overrides that point a proxy at `sim`.
 pub fn sim_overrides(sim: &SimHandle) -> Vec<(&'static str, String)> {
-    vec![
-        ("org.url", sim.org_url().to_owned()),
-        ("credential.tenant_id", sim.config().tenant_id.clone()),
-        ("credential.client_id", sim.config().client_id.clone()),
-        (
-            "credential.client_secret",
-            sim.config().client_secret.clone(),
-        ),
-        ("credential.token_url", sim.token_url()),
-    ]
+    sim.proxy_overrides()
 }
 
 /// A proxy serving `config` on ephemeral ports: its URL, its admin URL,

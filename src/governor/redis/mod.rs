@@ -66,7 +66,7 @@ struct OrgShared {
     limit: std::sync::atomic::AtomicUsize,
     /// Leases this replica holds (renewed until released).
     held: Mutex<HashSet<String>>,
-    /// This replica's id: its heads' tickets are `{replica}:{seq}`.
+    /// This replica's id: its heads' tickets are `{arrival}:{replica}:{seq}`.
     replica: String,
     /// This replica's heads, by seq, to wake when their ticket comes up.
     heads: Mutex<HashMap<u64, Arc<Notify>>>,
@@ -77,8 +77,7 @@ impl OrgShared {
     /// tags the earlier head sorts first (replicas' clocks agree closely
     /// enough for an order among ties).
     fn ticket(&self, waiter: &Waiter) -> String {
-        let arrived = waiter.since.saturating_sub(1_000_000_000_000);
-        format!("{arrived:013}:{}:{}", self.replica, waiter.seq)
+        format!("{:013}:{}:{}", waiter.since, self.replica, waiter.seq)
     }
 
     /// Wakes the heads of this replica named in a release message.

@@ -226,12 +226,10 @@ async fn served(
         response.headers_mut().insert(header::AGE, age);
         return Ok(Cached::Made(response));
     }
-    let Some(coding) = variant_coding(entry, asker) else {
-        let mut sent = as_sent(entry);
-        sent.response.headers_mut().insert(header::AGE, age);
-        return Ok(Cached::Answer(Box::new(sent)));
+    let made = match variant_coding(entry, asker) {
+        Some(coding) => variant(state, (cache, key), entry, coding, asker).await?,
+        None => None,
     };
-    let made = variant(state, (cache, key), entry, coding, asker).await?;
     Ok(match made {
         Some(variant) => {
             let mut response = Response::new(Full::new(variant.body.clone()));
@@ -239,6 +237,8 @@ async fn served(
             response.headers_mut().insert(header::AGE, age);
             Cached::Made(response)
         }
+        // The entry's own bytes suit the caller, or its form is too large
+        // to keep: the answer step fits it as it streams.
         None => {
             let mut sent = as_sent(entry);
             sent.response.headers_mut().insert(header::AGE, age);

@@ -69,23 +69,24 @@ impl<'a> Route<'a> {
                     .token(credential, &admitted.org.origin, &assertion)
                     .await?)
             }
-            Self::Lane { admitted, lane } => loop {
+            Self::Lane { admitted, lane } => {
                 let lanes = &admitted.org.lanes;
-                match lanes.get(*lane).token.get().await {
-                    Ok(token) => return Ok(token),
-                    Err(e) => {
-                        // Nothing was sent: the slot is free at once.
-                        permit.set_finished();
-                        match lanes
-                            .acquire_elsewhere(admitted.lanes, *lane, &admitted.flow)
-                            .await
-                        {
-                            Some(next) => (*lane, *permit) = next?,
-                            None => return Err(e.into()),
-                        }
+                let mut allowed = admitted.lanes;
+                loop {
+                    let e = match lanes.get(*lane).token.get().await {
+                        Ok(token) => return Ok(token),
+                        Err(e) => e,
+                    };
+                    // Nothing was sent: the slot is free at once; every lane
+                    // whose credential failed stays out of this request's way.
+                    permit.set_finished();
+                    allowed = allowed.without(*lane);
+                    match lanes.acquire_elsewhere(allowed, &admitted.flow).await {
+                        Some(next) => (*lane, *permit) = next?,
+                        None => return Err(e.into()),
                     }
                 }
-            },
+            }
         }
     }
 

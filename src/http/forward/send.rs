@@ -99,12 +99,12 @@ pub async fn send(
 ) -> Result<Sent<UpstreamBody>, ProxyError> {
     let org = &admitted.org;
     let (mut route, mut permit) = Route::start(admitted).await?;
+    route.governor().sent();
     let mut attempts = Attempts::default();
     let idempotent = is_idempotent(&planned.method, &planned.headers);
     loop {
         let token = route.token(state, &mut permit).await?;
         let governor = route.governor().clone();
-        governor.sent();
         let req = upstream_request(&mut planned, token.header());
         let sent_at = Instant::now();
         permit.arm();

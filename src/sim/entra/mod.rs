@@ -471,7 +471,7 @@ fn check_resource(sim: &EntraState, resource: &str, tenant: &str) -> Result<Stri
         })
 }
 
-/// Signs an access token; returns it and its lifetime in seconds.
+/// Signs an app's access token; returns it and its lifetime in seconds.
 fn sign(
     sim: &EntraState,
     org: &str,
@@ -479,13 +479,24 @@ fn sign(
     client_id: &str,
     acr: &str,
 ) -> Result<(String, u64), Response> {
-    let lifetime = *lock(&sim.token_lifetime);
-    let now = now_epoch();
     let oid = Uuid::new_v5(
         &Uuid::NAMESPACE_OID,
         format!("{tenant}/{client_id}").as_bytes(),
     )
     .to_string();
+    sign_for(sim, (org, tenant), (client_id, acr), (&oid, None))
+}
+
+/// Signs a Dataverse token of `org` issued to `client_id` for the
+/// principal `oid`: the app itself, or (with `scp`) a user it acts for.
+fn sign_for(
+    sim: &EntraState,
+    (org, tenant): (&str, &str),
+    (client_id, acr): (&str, &str),
+    (oid, scp): (&str, Option<&str>),
+) -> Result<(String, u64), Response> {
+    let lifetime = *lock(&sim.token_lifetime);
+    let now = now_epoch();
     let claims = Claims {
         aud: org.to_owned(),
         iss: format!("https://sts.windows.net/{tenant}/"),
@@ -494,12 +505,12 @@ fn sign(
         exp: now + lifetime.as_secs(),
         appid: client_id.to_owned(),
         appidacr: acr.to_owned(),
-        sub: oid.clone(),
-        oid,
+        sub: oid.to_owned(),
+        oid: oid.to_owned(),
         tid: tenant.to_owned(),
         uti: Uuid::new_v4().simple().to_string(),
         ver: "1.0".to_owned(),
-        scp: None,
+        scp: scp.map(str::to_owned),
     };
     lock(&sim.issued).push(claims.uti.clone());
     let mut jwt_header = Header::new(Algorithm::HS256);

@@ -9,13 +9,12 @@ use std::collections::{HashMap, HashSet};
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
-use uuid::Uuid;
 
 use super::{
-    Claims, EntraState, Version, authenticate, bad_request, basic_credentials, check_resource,
-    client_id, entra_error, no_store, now_epoch, token_body,
+    EntraState, Version, authenticate, bad_request, basic_credentials, check_resource, client_id,
+    no_store, sign_for, token_body,
 };
 use crate::sim::{SimHandle, lock};
 
@@ -100,7 +99,8 @@ pub(super) fn issue(
     if lock(&sim.obo).require_mfa && !user.amr.iter().any(|m| m == "mfa") {
         return Err(mfa_challenge());
     }
-    let (token, secs) = sign_user(sim, &org, tenant, &client, &user.oid)?;
+    let scope = Some("user_impersonation");
+    let (token, secs) = sign_for(sim, (&org, tenant), (&client, "1"), (&user.oid, scope))?;
     lock(&sim.obo).exchanges += 1;
     let mut resp = (
         StatusCode::OK,
@@ -179,50 +179,6 @@ fn mfa_challenge() -> Response {
     let mut resp = (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
     no_store(resp.headers_mut());
     resp
-}
-
-/// A Dataverse token for the user `oid`, issued to the proxy's app.
-fn sign_user(
-    sim: &EntraState,
-    org: &str,
-    tenant: &str,
-    client: &str,
-    oid: &str,
-) -> Result<(String, u64), Response> {
-    let lifetime = *lock(&sim.token_lifetime);
-    let now = now_epoch();
-    let claims = Claims {
-        aud: org.to_owned(),
-        iss: format!("https://sts.windows.net/{tenant}/"),
-        iat: now,
-        nbf: now,
-        exp: now + lifetime.as_secs(),
-        appid: client.to_owned(),
-        appidacr: "1".to_owned(),
-        sub: oid.to_owned(),
-        oid: oid.to_owned(),
-        tid: tenant.to_owned(),
-        uti: Uuid::new_v4().simple().to_string(),
-        ver: "1.0".to_owned(),
-        scp: Some("user_impersonation".to_owned()),
-    };
-    lock(&sim.issued).push(claims.uti.clone());
-    let mut header = Header::new(Algorithm::HS256);
-    header.kid = Some("sim-key".to_owned());
-    jsonwebtoken::encode(
-        &header,
-        &claims,
-        &EncodingKey::from_secret(&sim.signing_key),
-    )
-    .map(|t| (t, lifetime.as_secs()))
-    .map_err(|e| {
-        entra_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            50000,
-            &format!("could not sign the token: {e}"),
-        )
-    })
 }
 
 impl SimHandle {
