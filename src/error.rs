@@ -158,7 +158,7 @@ pub enum ProxyError {
     },
     /// 502: the upstream could not be reached or broke the protocol.
     #[error("Dataverse could not be reached or broke the protocol; try again later")]
-    UpstreamUnavailable(#[source] hyper_util::client::legacy::Error),
+    UpstreamUnavailable(#[source] crate::http::upstream::UpstreamError),
     /// 502: the upstream broke off a (small, buffered) answer's body.
     #[error("Dataverse broke off its answer; try again later")]
     UpstreamBody(#[source] axum::BoxError),

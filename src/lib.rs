@@ -32,7 +32,7 @@
 //!   log, catch-panic, body idle timeouts, the axum router, edge checks), the
 //!   forwarding handler in four steps (`http/forward/`: admit, plan, send
 //!   (or `cached` for metadata), answer), bodies, header policy, the
-//!   upstream client, metrics, the admin listener with its status page
+//!   upstream pool per org (`http/upstream/`), metrics, the admin listener with its status page
 //!   (`http/status/`), and the rules a reload swaps (`http/rules.rs`,
 //!   `http/reload.rs`); [`error`]: [`error::ProxyError`], where domain errors
 //!   become statuses and OData bodies; [`server`]: the accept loop
@@ -44,7 +44,8 @@
 //!   OpenTelemetry span export.
 //!
 //! A request enters at [`server::run`], crosses the layers listed in
-//! [`http`], and leaves through `http/forward/send.rs` to Dataverse; the
+//! [`http`], and leaves through `http/forward/send.rs` and the org's pool
+//! (`http/upstream/pool.rs`) to Dataverse; the
 //! answer comes back through `http/forward/answer.rs`.
 //!
 //! The library never binds sockets itself: [`serve`] takes bound listeners

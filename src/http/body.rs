@@ -11,13 +11,13 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::http::upstream::PooledBody;
 use axum::BoxError;
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, header};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::compression::stream::CodedBody;
 use crate::error::ProxyError;
@@ -161,7 +161,7 @@ impl DrainBounds {
 
 /// The body of Dataverse's answer: its stream, or the bytes of a 429 that
 /// was read to learn which limit it names.
-pub type UpstreamBody = http_body_util::Either<Incoming, http_body_util::Full<Bytes>>;
+pub type UpstreamBody = http_body_util::Either<PooledBody, http_body_util::Full<Bytes>>;
 
 /// The body of every answer that comes from Dataverse (or from the
 /// metadata cache): its stream, links rewritten when a rewriter is set, or
@@ -170,7 +170,7 @@ pub type UpstreamBody = http_body_util::Either<Incoming, http_body_util::Full<By
 /// counts a request as in flight until its answer is sent.
 ///
 /// Generic over the upstream body so the answer step can be tested with
-/// bodies made in memory; in the proxy it is hyper's [`Incoming`].
+/// bodies made in memory; in the proxy it is the pool's [`PooledBody`].
 pub struct ProxyBody<B: Drainable = UpstreamBody> {
     inner: Inner<B>,
     permit: Option<Permit>,

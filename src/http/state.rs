@@ -13,7 +13,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::metrics::{Metrics, RateLimitSeen, RequestHandles};
 use super::public::{Base, PublicUrl};
-use super::upstream::UpstreamClient;
 use crate::config::{Config, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::governor::Governor;
@@ -41,8 +40,6 @@ pub struct Shared {
     routes: Arc<Routes>,
     /// One token provider per distinct token (orgs may share one).
     providers: Arc<[TokenProvider]>,
-    /// Pooled client towards the orgs.
-    pub client: UpstreamClient,
     /// Timeouts towards the orgs.
     pub upstream: UpstreamConfig,
     /// How the proxy's public URL is found.
@@ -99,6 +96,8 @@ pub struct OrgState {
     /// Every origin under which the org writes its links: the configured
     /// one and its `.api.` sibling (`contoso.crm…` ⇄ `contoso.api.crm…`).
     pub aliases: Vec<String>,
+    /// Idle connections to the origin, and how new ones are made.
+    pub pool: super::upstream::Pool,
     /// The org's lanes: each an application user's token and governor
     /// (one lane without `lanes` in the config).
     pub lanes: crate::lanes::Lanes,
@@ -161,7 +160,11 @@ impl OrgState {
     fn new(
         (index, org): (usize, &crate::config::OrgConfig),
         origin: String,
-        (lanes, users): (crate::lanes::Lanes, crate::governor::UserGovernors),
+        (lanes, users, pool): (
+            crate::lanes::Lanes,
+            crate::governor::UserGovernors,
+            impl FnOnce(http::Uri) -> super::upstream::Pool,
+        ),
         config: &Config,
         metrics: &Arc<Metrics>,
     ) -> std::io::Result<Self> {
@@ -174,7 +177,14 @@ impl OrgState {
             .as_ref()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
             .ok_or_else(|| std::io::Error::other(format!("org {}: no host", org.name)))?;
+        let mut dial = http::uri::Parts::default();
+        dial.scheme = origin_uri.scheme.clone();
+        dial.authority = origin_uri.authority.clone();
+        dial.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        let dial = http::Uri::from_parts(dial)
+            .map_err(|e| std::io::Error::other(format!("org {}: {e}", org.name)))?;
         Ok(OrgState {
+            pool: pool(dial),
             origin_uri,
             host_header,
             name: org.name.clone(),
@@ -230,7 +240,8 @@ impl AppState {
         let tls = crate::tls::client_config(config.upstream.ca_file.as_deref())
             .map_err(std::io::Error::other)?;
         let redis = shared_redis(config)?;
-        let built = build_orgs(config, &metrics, &tls, redis.as_ref())?;
+        let connector = super::upstream::connector(&config.upstream, tls.clone());
+        let built = build_orgs(config, &metrics, (&tls, &connector), redis.as_ref())?;
         let verifier = verifier(config, &tls)?;
         let obo = Arc::new(crate::token::OnBehalfOf::new(
             crate::token::entra_client(&config.token, tls.clone())
@@ -241,7 +252,6 @@ impl AppState {
             orgs: built.orgs.into(),
             routes: Arc::new(built.routes),
             providers: built.providers,
-            client: super::upstream::build_client(&config.upstream, tls),
             upstream: config.upstream.clone(),
             public: Arc::new(PublicUrl {
                 fixed: config
@@ -373,6 +383,9 @@ impl AppState {
     }
 }
 
+/// What each org's pool dials with.
+type Connector = hyper_rustls::HttpsConnector<super::upstream::Egress>;
+
 /// The orgs with their token providers (one per distinct token) and routes.
 struct BuiltOrgs {
     orgs: Vec<Arc<OrgState>>,
@@ -383,7 +396,7 @@ struct BuiltOrgs {
 fn build_orgs(
     config: &Config,
     metrics: &Arc<Metrics>,
-    tls: &rustls::ClientConfig,
+    (tls, connector): (&rustls::ClientConfig, &Connector),
     redis: Option<&Arc<crate::governor::SharedRedis>>,
 ) -> std::io::Result<BuiltOrgs> {
     let cache = crate::token::new_cache();
@@ -433,7 +446,8 @@ fn build_orgs(
             redis.cloned(),
             &governor_key(&org.url),
         );
-        let state = OrgState::new((i, org), origin, (lanes, users), config, metrics)?;
+        let pool = |origin: http::Uri| super::upstream::pool(&config.upstream, connector, origin);
+        let state = OrgState::new((i, org), origin, (lanes, users, pool), config, metrics)?;
         orgs.push(Arc::new(state));
     }
     Ok(BuiltOrgs {

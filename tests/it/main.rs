@@ -18,6 +18,7 @@ mod links;
 mod listener;
 mod metadata;
 mod operations;
+mod pool;
 mod redis;
 mod reload;
 mod security;

@@ -6,10 +6,10 @@
 use std::future::Future;
 use std::time::Duration;
 
+use crate::http::upstream::{Pool, PooledBody};
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, Response, StatusCode, Version, header};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::admit::Admitted;
@@ -24,7 +24,7 @@ use crate::http::state::AppState;
 
 /// Dataverse's answer, and the slot it holds until its body ends (none
 /// for an answer from the metadata cache).
-pub struct Sent<B = Incoming> {
+pub struct Sent<B = PooledBody> {
     pub response: Response<B>,
     pub permit: Option<Permit>,
 }
@@ -108,7 +108,9 @@ pub async fn send(
         let req = upstream_request(&mut planned, token.header());
         let sent_at = Instant::now();
         permit.arm();
-        let (returned, outcome) = InFlight::start(state, req, permit).finish().await;
+        let (returned, outcome) = InFlight::start(state, &org.pool, req, permit)
+            .finish()
+            .await;
         permit = returned;
         let transient = TransientCheck {
             idempotent: idempotent && planned.body.replayable(),
@@ -226,11 +228,11 @@ fn dop_hint(headers: &HeaderMap) -> Option<usize> {
 /// The attempt's answer, or `None` once the wait before a transient replay
 /// is over, or the error for the caller.
 async fn settle(
-    outcome: Result<Response<Incoming>, ProxyError>,
+    outcome: Result<Response<PooledBody>, ProxyError>,
     transient: &TransientCheck,
     governor: &crate::governor::Governor,
     permit: &mut Permit,
-) -> Result<Option<Response<Incoming>>, ProxyError> {
+) -> Result<Option<Response<PooledBody>>, ProxyError> {
     let failure = match &outcome {
         Ok(r) => Failure::Status(r.status()),
         Err(e) => Failure::Error(e),
@@ -271,7 +273,7 @@ fn upstream_request(
 /// governor, and keeps the bytes for the caller.
 async fn read_throttle(
     governor: &crate::governor::Governor,
-    response: Response<Incoming>,
+    response: Response<PooledBody>,
     attempt: u32,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     let wait = throttle_wait(response.headers(), attempt);
@@ -350,6 +352,8 @@ impl TransientCheck {
     /// transient, not idempotent, past the attempts or the deadline, or the
     /// org's retry budget is used up.
     fn wait(&self, governor: &crate::governor::Governor, failure: Failure<'_>) -> Option<Duration> {
+        let stale =
+            matches!(&failure, Failure::Error(ProxyError::UpstreamUnavailable(e)) if e.is_stale());
         let transient = match failure {
             // Unreachable, or reset before any answer; a caller's own body
             // fault and a response timeout (Dataverse may still be working)
@@ -366,7 +370,13 @@ impl TransientCheck {
         if !transient || !self.idempotent || self.attempt >= limits.transient_retries {
             return None;
         }
-        let wait = transient_wait(self.attempt);
+        // A pooled connection the server had closed idle: a new one is
+        // made at once (the request never reached a working connection).
+        let wait = if stale && self.attempt == 0 {
+            Duration::ZERO
+        } else {
+            transient_wait(self.attempt)
+        };
         (self.elapsed + wait <= limits.retry_deadline && governor.try_transient_retry())
             .then_some(wait)
     }
@@ -380,7 +390,7 @@ pub fn transient_wait(attempt: u32) -> Duration {
 
 /// One attempt's exchange with Dataverse, with a response-header timeout.
 type Exchange =
-    std::pin::Pin<Box<dyn Future<Output = Result<Response<Incoming>, ProxyError>> + Send>>;
+    std::pin::Pin<Box<dyn Future<Output = Result<Response<PooledBody>, ProxyError>> + Send>>;
 
 /// An attempt in flight and the slot it holds. If the caller leaves before
 /// Dataverse answers (the handler is dropped), the attempt goes on in a
@@ -393,11 +403,11 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn start(state: &AppState, req: Request<Body>, permit: Permit) -> Self {
+    fn start(state: &AppState, pool: &Pool, req: Request<Body>, permit: Permit) -> Self {
         let timeout = state.upstream.response_timeout;
-        let sending = state.client.request(req);
+        let pool = pool.clone();
         let exchange: Exchange = Box::pin(async move {
-            tokio::time::timeout(timeout, sending)
+            tokio::time::timeout(timeout, pool.send(req))
                 .await
                 .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
                 // A caller's body that stalls, grows too large or breaks its
@@ -413,7 +423,7 @@ impl InFlight {
     }
 
     /// Waits for Dataverse's answer; the permit comes back with it.
-    async fn finish(mut self) -> (Permit, Result<Response<Incoming>, ProxyError>) {
+    async fn finish(mut self) -> (Permit, Result<Response<PooledBody>, ProxyError>) {
         let outcome = match self.exchange.as_mut() {
             Some(exchange) => exchange.await,
             None => Err(ProxyError::Internal),

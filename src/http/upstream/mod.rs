@@ -1,4 +1,5 @@
-//! The pooled HTTP/1.1 client towards Dataverse.
+//! The HTTP/1.1 client towards Dataverse: a pool per org ([`pool`]) and
+//! the connector it dials with.
 //!
 //! Dataverse is called over HTTP/1.1 with keep-alive pooling (no primary
 //! source states HTTP/2 support; every Microsoft sample uses 1.1). TLS is the one setup of `crate::tls` (platform roots, extra CA). Plain `http` is only
@@ -11,21 +12,20 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::BoxError;
-use axum::body::Body;
 use axum::http::Uri;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::proxy::matcher::Matcher;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower::ServiceExt;
 
 use crate::config::{EgressProxy, UpstreamConfig};
 
-/// The upstream client type.
-pub type UpstreamClient = Client<HttpsConnector<Egress>, Body>;
+pub mod pool;
+
+pub use pool::{Pool, PooledBody, UpstreamError};
 
 /// Connects directly, or through the configured egress proxy with a CONNECT
 /// tunnel (hosts matching `no_proxy` are reached directly).
@@ -80,22 +80,28 @@ impl tower::Service<Uri> for Egress {
     }
 }
 
-/// Builds the pooled upstream client.
-pub fn build_client(cfg: &UpstreamConfig, tls: rustls::ClientConfig) -> UpstreamClient {
+/// The connector every org's pool dials with: TCP (connect timeout,
+/// no delay, keep-alive probes), the egress proxy where configured, TLS
+/// for `https` origins.
+pub fn connector(cfg: &UpstreamConfig, tls: rustls::ClientConfig) -> HttpsConnector<Egress> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(cfg.connect_timeout));
     http.set_nodelay(true);
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(Egress::new(http, cfg.egress.as_ref()));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(cfg.pool_idle_timeout)
-        .pool_max_idle_per_host(cfg.pool_max_idle)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(https)
+        .wrap_connector(Egress::new(http, cfg.egress.as_ref()))
+}
+
+/// The pool towards one org's origin.
+pub fn pool(cfg: &UpstreamConfig, connector: &HttpsConnector<Egress>, origin: Uri) -> Pool {
+    Pool::new(
+        connector.clone(),
+        origin,
+        cfg.pool_max_idle,
+        cfg.pool_idle_timeout,
+    )
 }
