@@ -68,12 +68,12 @@ measure() {
   PID=$!
   for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
   wrk -t1 -c"$conns" -d2s "$URL" >/dev/null
-  callgrind_control -z "$PID" >/dev/null
+  callgrind_control -z "$PID" >/dev/null 2>&1
   local out reqs non2xx
   out=$(wrk -t1 -c"$conns" -d5s "$URL")
   reqs=$(awk '/requests in/ {print $1}' <<<"$out")
   non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
-  callgrind_control -d "$PID" >/dev/null
+  callgrind_control -d "$PID" >/dev/null 2>&1
   sleep 1
   local dump total
   dump=$(ls -t "$WORK"/cg.out* | head -1)

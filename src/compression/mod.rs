@@ -69,6 +69,12 @@ pub enum BodyCoding {
     Unknown,
 }
 
+impl Default for BodyCoding {
+    fn default() -> Self {
+        Self::Identity
+    }
+}
+
 impl BodyCoding {
     pub fn of(headers: &HeaderMap) -> Self {
         let mut values = headers.get_all(header::CONTENT_ENCODING).iter();
@@ -79,6 +85,11 @@ impl BodyCoding {
                 Self::Identity
             };
         };
+        Self::of_value(value)
+    }
+
+    /// The coding one `Content-Encoding` value names.
+    pub fn of_value(value: &HeaderValue) -> Self {
         let Ok(value) = value.to_str() else {
             return Self::Unknown;
         };

@@ -27,10 +27,14 @@ use crate::rewrite::{RewriteBody, Rewriter};
 /// True for content types whose bodies carry links: OData JSON and `$batch`
 /// multipart.
 pub fn is_rewritable(headers: &HeaderMap) -> bool {
-    let Some(ct) = headers
+    headers
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    else {
+        .is_some_and(is_rewritable_type)
+}
+
+/// Whether a `Content-Type` value is one whose bodies can hold links.
+pub fn is_rewritable_type(value: &axum::http::HeaderValue) -> bool {
+    let Ok(ct) = value.to_str() else {
         return false;
     };
     let ct = ct.trim_start();

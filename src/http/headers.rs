@@ -70,7 +70,7 @@ fn is_dropped_upstream(name: &str) -> bool {
 
 /// Response headers from Dataverse that are not passed to callers; CORS
 /// headers are the proxy's own to give (`http/cors.rs`).
-fn is_dropped_downstream(name: &str) -> bool {
+pub fn is_dropped_downstream(name: &str) -> bool {
     is_hop_by_hop(name)
         || name == "proxy-authenticate"
         || name == "set-cookie"

@@ -14,8 +14,8 @@ use crate::compression::{
 };
 use crate::error::ProxyError;
 use crate::http::access_log::RequestInfo;
-use crate::http::body::{DrainBounds, Drainable, ProxyBody, is_rewritable};
-use crate::http::headers::{self, names};
+use crate::http::body::{DrainBounds, Drainable, ProxyBody};
+use crate::http::headers;
 use crate::http::state::AppState;
 use crate::rewrite::{RewriteBody, Rewriter};
 
@@ -41,30 +41,33 @@ pub async fn answer<B>(
 where
     B: Drainable,
 {
-    let Sent { response, permit } = sent;
+    let Sent {
+        response,
+        permit,
+        head,
+    } = sent;
     let org = &admitted.org;
     let (mut parts, body) = response.into_parts();
-    org.ratelimit.record(&parts.headers);
-    info.dataverse_request_id = parts
-        .headers
-        .get(names::X_MS_SERVICE_REQUEST_ID)
-        .or_else(|| parts.headers.get(names::REQ_ID))
-        .cloned();
-    headers::to_caller(&mut parts.headers);
+    org.ratelimit
+        .record(head.burst_remaining, head.time_remaining_ms);
+    info.dataverse_request_id = head.request_id.clone();
+    if head.for_upstream_only {
+        headers::to_caller(&mut parts.headers);
+    }
     let rewriter = admitted.links.to_caller.as_ref();
-    if let Some(r) = rewriter {
+    if let Some(r) = rewriter.filter(|_| head.link_headers) {
         rewrite_link_headers(&mut parts.headers, r);
     }
     let rewriter = rewriter
-        .filter(|_| has_body(&admitted.method, parts.status) && is_rewritable(&parts.headers))
+        .filter(|_| has_body(&admitted.method, parts.status) && head.rewritable)
         .cloned();
-    let coding = BodyCoding::of(&parts.headers);
+    let coding = head.coding;
     if matches!(coding, BodyCoding::Coded(_)) {
         // What the caller gets depends on its Accept-Encoding.
         vary_on_accept_encoding(&mut parts.headers);
     }
-    let transcode = transcode_for(
-        (parts.status, &parts.headers),
+    let transcode = transcode_of(
+        (parts.status, coding),
         &admitted.method,
         rewriter.is_some(),
         accept,
@@ -82,7 +85,8 @@ where
             )
         }
         (Transcode::Untouched, Some(rewriter)) if coding == BodyCoding::Identity => {
-            rewrite_identity(state, &mut parts.headers, body, rewriter, permit).await?
+            let length = head.content_length;
+            rewrite_identity(state, (&mut parts.headers, length), body, rewriter, permit).await?
         }
         (Transcode::Untouched, _) => ProxyBody::upstream(body, None, permit),
     };
@@ -101,10 +105,20 @@ pub fn transcode_for(
     rewrite: bool,
     accept: &AcceptEncoding,
 ) -> Transcode {
+    transcode_of((status, BodyCoding::of(headers)), method, rewrite, accept)
+}
+
+/// [`transcode_for`] with the coding already read.
+fn transcode_of(
+    (status, coding): (StatusCode, BodyCoding),
+    method: &Method,
+    rewrite: bool,
+    accept: &AcceptEncoding,
+) -> Transcode {
     if !has_body(method, status) || status == StatusCode::PARTIAL_CONTENT {
         return Transcode::Untouched;
     }
-    Transcode::decide(BodyCoding::of(headers), rewrite, accept)
+    Transcode::decide(coding, rewrite, accept)
 }
 
 /// An identity answer with links: a small one is read whole and rewritten
@@ -112,7 +126,7 @@ pub fn transcode_for(
 /// or one of unknown length, is rewritten chunk by chunk.
 async fn rewrite_identity<B>(
     state: &AppState,
-    headers: &mut HeaderMap,
+    (headers, length): (&mut HeaderMap, Option<usize>),
     body: B,
     rewriter: Rewriter,
     permit: Option<crate::governor::Permit>,
@@ -120,7 +134,7 @@ async fn rewrite_identity<B>(
 where
     B: Drainable,
 {
-    if content_length(headers).is_none_or(|n| n > SMALL_ANSWER) {
+    if length.is_none_or(|n| n > SMALL_ANSWER) {
         headers.remove(header::CONTENT_LENGTH);
         return Ok(ProxyBody::upstream(body, Some(rewriter), permit));
     }
@@ -170,13 +184,6 @@ where
 
 pub fn has_body(method: &Method, status: StatusCode) -> bool {
     method != Method::HEAD && !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
-}
-
-fn content_length(headers: &HeaderMap) -> Option<usize> {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
 }
 
 fn rewrite_link_headers(headers: &mut HeaderMap, rewriter: &Rewriter) {

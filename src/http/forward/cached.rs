@@ -103,7 +103,9 @@ pub async fn send(
     let sent = send::send(state, admitted, planned, arrived, info).await?;
     let status = sent.response.status();
     if let (Some((entry, _)), StatusCode::NOT_MODIFIED) = (&stale, status) {
-        let Sent { response, permit } = sent;
+        let Sent {
+            response, permit, ..
+        } = sent;
         drop(response);
         if let Some(permit) = permit {
             permit.finish();
@@ -134,11 +136,13 @@ async fn keep(
     sent: Sent<UpstreamBody>,
     lock: Option<crate::metadata_cache::FillLock>,
 ) -> Result<Sent<CachedBody>, ProxyError> {
-    let Sent { response, permit } = sent;
+    let Sent {
+        response, permit, ..
+    } = sent;
     let (parts, body) = response.into_parts();
     if parts.status != StatusCode::OK {
         let response = Response::from_parts(parts, Either::Left(Fill::through(body)));
-        return Ok(Sent { response, permit });
+        return Ok(Sent::new(response, permit));
     }
     let idle = state.upstream.idle_timeout;
     let body = match read_whole(body, cache.max_entry(), idle).await? {
@@ -149,18 +153,15 @@ async fn keep(
                 permit.finish();
             }
             let response = Response::from_parts(parts, Either::Right(Full::new(bytes)));
-            return Ok(Sent {
-                response,
-                permit: None,
-            });
+            return Ok(Sent::new(response, None));
         }
         Whole::TooLarge(prefix, rest) => Fill::prefixed(prefix, rest),
     };
     drop(lock);
-    Ok(Sent {
-        response: Response::from_parts(parts, Either::Left(body)),
+    Ok(Sent::new(
+        Response::from_parts(parts, Either::Left(body)),
         permit,
-    })
+    ))
 }
 
 /// An answer read up to a size.
@@ -255,10 +256,7 @@ fn as_sent(entry: &Entry) -> Sent<CachedBody> {
     response
         .headers_mut()
         .insert(header::CONTENT_LENGTH, length);
-    Sent {
-        response,
-        permit: None,
-    }
+    Sent::new(response, None)
 }
 
 /// The coding of the caller's variant (`Some(None)`: identity), or `None`

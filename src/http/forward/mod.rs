@@ -22,6 +22,7 @@
 mod admit;
 mod answer;
 mod cached;
+mod head;
 mod plan;
 mod route;
 mod send;

@@ -13,6 +13,7 @@ use http_body_util::Full;
 use tokio::time::Instant;
 
 use super::admit::Admitted;
+use super::head::AnswerHead;
 use super::plan::Planned;
 use super::route::Route;
 use crate::config::GovernorConfig;
@@ -27,6 +28,20 @@ use crate::http::state::AppState;
 pub struct Sent<B = PooledBody> {
     pub response: Response<B>,
     pub permit: Option<Permit>,
+    /// The answer's head, read once.
+    pub head: AnswerHead,
+}
+
+impl<B> Sent<B> {
+    /// An answer and its slot; its head is read here.
+    pub fn new(response: Response<B>, permit: Option<Permit>) -> Self {
+        let head = AnswerHead::read(response.headers());
+        Self {
+            response,
+            permit,
+            head,
+        }
+    }
 }
 
 /// What to do after an attempt.
@@ -124,7 +139,8 @@ pub async fn send(
             attempts.transient += 1;
             continue;
         };
-        if let Some(hint) = dop_hint(response.headers()) {
+        let head = AnswerHead::read(response.headers());
+        if let Some(hint) = head.dop_hint {
             governor.dop_hint(hint);
         }
         let response = match response.status() {
@@ -137,6 +153,7 @@ pub async fn send(
                 return Ok(Sent {
                     response: response.map(http_body_util::Either::Left),
                     permit: Some(permit),
+                    head,
                 });
             }
         };
@@ -152,6 +169,7 @@ pub async fn send(
                 return Ok(Sent {
                     response,
                     permit: Some(permit),
+                    head,
                 });
             }
             Next::Refresh => {}
@@ -215,14 +233,6 @@ fn replay_elsewhere<B>(
     response.status() == StatusCode::TOO_MANY_REQUESTS
         && planned.body.replayable()
         && attempts.throttled < governor.config().max_retries
-}
-
-/// Dataverse's recommended parallelism (`x-ms-dop-hint`).
-fn dop_hint(headers: &HeaderMap) -> Option<usize> {
-    headers
-        .get(crate::http::headers::names::X_MS_DOP_HINT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
 }
 
 /// The attempt's answer, or `None` once the wait before a transient replay

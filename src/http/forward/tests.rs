@@ -339,10 +339,7 @@ async fn answered_for(
     answer(
         state,
         &a,
-        Sent {
-            response: upstream,
-            permit: Some(permit),
-        },
+        Sent::new(upstream, Some(permit)),
         &AcceptEncoding::from_headers(&caller),
         &mut RequestInfo::default(),
     )

@@ -83,24 +83,20 @@ pub struct RateLimitSeen {
 
 impl RateLimitSeen {
     /// Records the headers of a Dataverse answer, if present.
-    pub fn record(&self, headers: &http::HeaderMap) {
-        use super::headers::names;
-        let get = |name: http::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-        if let Some(n) = get(names::RATELIMIT_BURST).and_then(|v| v.trim().parse().ok()) {
+    pub fn record(&self, burst_remaining: Option<u64>, time_remaining_ms: Option<u64>) {
+        if let Some(n) = burst_remaining {
             self.burst_remaining.store(n, Ordering::Relaxed);
             self.seen.store(1, Ordering::Relaxed);
         }
-        // Seen as "1,199.83" (seconds with a thousands separator).
-        if let Some(secs) = get(names::RATELIMIT_TIME).and_then(parse_seconds) {
-            self.time_remaining_ms
-                .store((secs * 1000.0) as u64, Ordering::Relaxed);
+        if let Some(ms) = time_remaining_ms {
+            self.time_remaining_ms.store(ms, Ordering::Relaxed);
             self.seen.store(1, Ordering::Relaxed);
         }
     }
 }
 
 /// `"1,199.83"` → 1199.83, without allocating for the common form.
-fn parse_seconds(v: &str) -> Option<f64> {
+pub fn parse_seconds(v: &str) -> Option<f64> {
     let v = v.trim();
     if v.contains(',') {
         v.replace(',', "").parse().ok()
@@ -496,17 +492,10 @@ mod tests {
 
     #[test]
     fn ratelimit_headers_parse() {
+        // The head reader (http/forward/head.rs) parses the values.
         let r = RateLimitSeen::default();
-        let mut h = http::HeaderMap::new();
-        h.insert(
-            "x-ms-ratelimit-burst-remaining-xrm-requests",
-            http::HeaderValue::from_static("5999"),
-        );
-        h.insert(
-            "x-ms-ratelimit-time-remaining-xrm-requests",
-            http::HeaderValue::from_static("1,199.83"),
-        );
-        r.record(&h);
+        assert_eq!(parse_seconds("1,199.83"), Some(1199.83));
+        r.record(Some(5999), Some(1_199_830));
         assert_eq!(r.burst_remaining.load(Ordering::Relaxed), 5999);
         assert_eq!(r.time_remaining_ms.load(Ordering::Relaxed), 1_199_830);
     }
