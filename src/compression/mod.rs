@@ -59,20 +59,15 @@ impl Coding {
 }
 
 /// The coding of a body, from its `Content-Encoding`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BodyCoding {
     /// None (or `identity`).
+    #[default]
     Identity,
     Coded(Coding),
     /// A coding the proxy cannot decode, or several stacked: the body can
     /// only pass through as it is.
     Unknown,
-}
-
-impl Default for BodyCoding {
-    fn default() -> Self {
-        Self::Identity
-    }
 }
 
 impl BodyCoding {
