@@ -321,6 +321,14 @@ impl TokenProvider {
         if let Some(token) = viewed.filter(|t| Instant::now() < t.serve_until) {
             return Ok(token);
         }
+        // Boxed: the cache and fetch futures are large (~4 KB), and inline
+        // they would make every request's future as large, copied at each
+        // move (measured: docs/benchmarks.md, "future sizes").
+        Box::pin(self.get_from_cache()).await
+    }
+
+    /// [`Self::get`] past the remembered token: the cache, else a fetch.
+    async fn get_from_cache(&self) -> Result<Arc<AccessToken>, TokenUnavailable> {
         let inner = &self.inner;
         match inner.cache.get(&inner.key).await {
             Some(token) if Instant::now() < token.serve_until => {

@@ -75,15 +75,41 @@ async fn forward(
     let admitted = admit::admit(state, peer.ip(), &parts, info).await?;
     let planned = plan::plan(state, &admitted, parts, body).await?;
     if let Some(cache) = cached::lookup_key(&admitted, &planned) {
-        let sent = cached::send(state, &admitted, cache, planned, (&accept, arrived), info).await?;
-        return Ok(match sent {
-            cached::Cached::Answer(sent) => answer::answer(state, &admitted, *sent, &accept, info)
-                .await?
-                .map(Body::new),
-            cached::Cached::Made(made) => made.map(Body::new),
-        });
+        // Boxed: the metadata path's future is large (6.6 KB), and inline it
+        // would make every request's future (moved into axum's box, copied
+        // at each move) as large.
+        return Box::pin(cached_answer(
+            state,
+            &admitted,
+            cache,
+            planned,
+            (&accept, arrived),
+            info,
+        ))
+        .await;
     }
     let sent = send::send(state, &admitted, planned, arrived, info).await?;
     let resp = answer::answer(state, &admitted, sent, &accept, info).await?;
     Ok(resp.map(Body::new))
+}
+
+/// The metadata cache's path: a cached answer, or Dataverse's kept on the way.
+async fn cached_answer(
+    state: &AppState,
+    admitted: &admit::Admitted,
+    cache: (
+        std::sync::Arc<crate::metadata_cache::MetadataCache>,
+        crate::metadata_cache::Key,
+    ),
+    planned: plan::Planned,
+    (accept, arrived): (&AcceptEncoding, Instant),
+    info: &mut RequestInfo,
+) -> Result<Response, ProxyError> {
+    let sent = cached::send(state, admitted, cache, planned, (accept, arrived), info).await?;
+    Ok(match sent {
+        cached::Cached::Answer(sent) => answer::answer(state, admitted, *sent, accept, info)
+            .await?
+            .map(Body::new),
+        cached::Cached::Made(made) => made.map(Body::new),
+    })
 }

@@ -64,10 +64,11 @@ impl<'a> Route<'a> {
             Self::User { admitted, user, .. } => {
                 let credential = admitted.org.lanes.first().token.credential();
                 let assertion = assertion(user);
-                Ok(state
+                // Boxed, as the lane's fetch is (`TokenProvider::get`).
+                let exchange = state
                     .obo
-                    .token(credential, &admitted.org.origin, &assertion)
-                    .await?)
+                    .token(credential, &admitted.org.origin, &assertion);
+                Ok(Box::pin(exchange).await?)
             }
             Self::Lane { admitted, lane } => {
                 let lanes = &admitted.org.lanes;
@@ -81,7 +82,7 @@ impl<'a> Route<'a> {
                     // whose credential failed stays out of this request's way.
                     permit.set_finished();
                     allowed = allowed.without(*lane);
-                    match lanes.acquire_elsewhere(allowed, &admitted.flow).await {
+                    match Box::pin(lanes.acquire_elsewhere(allowed, &admitted.flow)).await {
                         Some(next) => (*lane, *permit) = next?,
                         None => return Err(e.into()),
                     }
