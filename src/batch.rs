@@ -450,5 +450,7 @@ fn check_reference(op: &Operation<'_>, defined: &[&str]) -> Result<(), BatchErro
     }
 }
 
+pub mod long_get;
+
 #[cfg(test)]
 mod tests;

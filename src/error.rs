@@ -46,6 +46,11 @@ pub enum ProxyError {
         "the request path or query is longer than the proxy accepts (limits.max_path, limits.max_query)"
     )]
     UriTooLong,
+    /// 414: a GET's URL is longer than Dataverse takes even inside `$batch`.
+    #[error(
+        "the request URL is {0} characters long at Dataverse; Dataverse takes at most 65,536, even inside $batch: split the query"
+    )]
+    UrlTooLongForDataverse(usize),
     /// 431: the request headers are larger or more numerous than the limits.
     #[error("the request headers are too large (limits.max_header_bytes, limits.max_headers)")]
     HeadersTooLarge,
@@ -187,7 +192,7 @@ impl ProxyError {
             }
             Self::CallerKeysUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::CallerQuota { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::UriTooLong => StatusCode::URI_TOO_LONG,
+            Self::UriTooLong | Self::UrlTooLongForDataverse(_) => StatusCode::URI_TOO_LONG,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -217,7 +222,7 @@ impl ProxyError {
             Self::Forbidden(_) => "forbidden",
             Self::PolicyDenied(_) => "policy_denied",
             Self::CallerQuota { .. } => "caller_quota_exceeded",
-            Self::UriTooLong => "uri_too_long",
+            Self::UriTooLong | Self::UrlTooLongForDataverse(_) => "uri_too_long",
             Self::HeadersTooLarge => "headers_too_large",
             Self::BodyTooLarge(_) => "body_too_large",
             Self::RequestTimeout => "request_timeout",
@@ -257,6 +262,7 @@ impl ProxyError {
             | Self::Forbidden(_)
             | Self::PolicyDenied(_)
             | Self::UriTooLong
+            | Self::UrlTooLongForDataverse(_)
             | Self::HeadersTooLarge
             | Self::BodyTooLarge(_)
             | Self::RequestTimeout

@@ -433,7 +433,7 @@ fn limits(p: &mut Problems<'_>, l: RawLimits) -> LimitsConfig {
             Duration::from_secs(60),
         ),
         max_path: p.size("limits.max_path", l.max_path.as_deref(), 4 << 10),
-        max_query: p.size("limits.max_query", l.max_query.as_deref(), 32 << 10),
+        max_query: p.size("limits.max_query", l.max_query.as_deref(), 64 << 10),
         max_concurrent_streams: l.max_concurrent_streams.unwrap_or(100),
         // nginx's keepalive_timeout.
         idle_timeout: p.nonzero_duration(

@@ -12,6 +12,8 @@
 //!                   └─ edge checks (request head, method set, lengths)
 //!                      └─ router: /api/data/…, /{org}/api/data/…, else 404
 //!                         └─ forward: admit → plan → send → answer
+//!                            (a GET too long for Dataverse's request line: as a one-part
+//!                            $batch, `forward/long_get.rs`; metadata: `forward/cached.rs`)
 //! ```
 //!
 //! The accept loop that drives the service (connection cap, header-read

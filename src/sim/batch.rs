@@ -51,6 +51,13 @@ fn parse_operation(part: &Part<'_>) -> Result<Operation, String> {
     };
     let method =
         Method::from_bytes(method.as_bytes()).map_err(|_| format!("invalid method '{method}'"))?;
+    if url.len() > super::dataverse::MAX_BATCH_URL {
+        return Err(format!(
+            "the URL of a batch operation is {} characters long; at most {} are allowed",
+            url.len(),
+            super::dataverse::MAX_BATCH_URL
+        ));
+    }
     let headers = lines
         .filter_map(|l| {
             let (k, v) = l.split_once(':')?;

@@ -16,6 +16,7 @@ mod identity;
 mod lanes;
 mod links;
 mod listener;
+mod long_get;
 mod metadata;
 mod operations;
 mod pool;

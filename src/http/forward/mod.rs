@@ -23,6 +23,7 @@ mod admit;
 mod answer;
 mod cached;
 mod head;
+mod long_get;
 mod plan;
 mod route;
 mod send;
@@ -74,6 +75,10 @@ async fn forward(
     let body = Body::new(Inbound::new(body, state.limits.load().max_body));
     let admitted = admit::admit(state, peer.ip(), &parts, info).await?;
     let planned = plan::plan(state, &admitted, parts, body).await?;
+    if let Some(len) = long_get::too_long_for_a_request_line(&admitted, &planned) {
+        let how = (&accept, arrived, len);
+        return Box::pin(long_get::forward(state, &admitted, planned, how, info)).await;
+    }
     if let Some(cache) = cached::lookup_key(&admitted, &planned) {
         // Boxed: the metadata path's future is large (6.6 KB), and inline it
         // would make every request's future (moved into axum's box, copied

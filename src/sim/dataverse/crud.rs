@@ -3,25 +3,63 @@
 use super::*;
 
 impl Ctx {
+    /// A `fetchXml` query of this table, its columns checked.
+    fn fetch(&self, s: &'static Schema, xml: &str) -> Result<fetch::Fetch, Response> {
+        let bad = |msg: String| dv_error(StatusCode::BAD_REQUEST, "0x80041103", &msg);
+        let f = fetch::parse(xml).map_err(|e| bad(format!("Invalid FetchXML: {e}.")))?;
+        if f.entity != s.logical {
+            return Err(bad(format!(
+                "The entity name {} does not match the collection {}.",
+                f.entity, s.entity_set
+            )));
+        }
+        let columns = f
+            .attributes
+            .iter()
+            .chain(f.conditions.iter().map(|(c, _)| c));
+        if let Some(c) = columns
+            .into_iter()
+            .find(|c| *c != s.id_field && !s.all_columns().any(|k| k == *c))
+        {
+            return Err(bad(format!(
+                "'{}' entity doesn't contain attribute with Name = '{c}'.",
+                s.logical
+            )));
+        }
+        Ok(f)
+    }
+
     pub(super) fn list(&self, s: &'static Schema, headers: &HeaderMap) -> Response {
         let q = Query::parse(&self.query);
         let paging = match Paging::parse(&q, headers) {
             Ok(p) => p,
             Err(resp) => return resp,
         };
-        let select = match self.select(s, &q) {
-            Ok(sel) => sel,
+        let fetch = match q.get("fetchXml").map(|x| self.fetch(s, x)).transpose() {
+            Ok(f) => f,
             Err(resp) => return resp,
+        };
+        let select = match &fetch {
+            Some(f) if !f.attributes.is_empty() => Some(f.attributes.clone()),
+            Some(_) => None,
+            None => match self.select(s, &q) {
+                Ok(sel) => sel,
+                Err(resp) => return resp,
+            },
         };
         let conditions = match q.get("$filter").map(parse_filter).transpose() {
             Ok(c) => c.unwrap_or_default(),
             Err(msg) => return dv_error(StatusCode::BAD_REQUEST, "0x80060888", &msg),
         };
+        let fetched = fetch.map(|f| f.conditions).unwrap_or_default();
         let db = lock(&self.sim.db);
         let Some(table) = db.tables.get(s.entity_set) else {
             return dv_error(StatusCode::NOT_FOUND, "0x80060888", "No such table.");
         };
-        let keep = |(id, row): &(&Uuid, &Row)| matches(&row.fields, s.id_field, **id, &conditions);
+        let keep = |(id, row): &(&Uuid, &Row)| {
+            matches(&row.fields, s.id_field, **id, &conditions)
+                && fetch::matches(&row.fields, (s.id_field, **id), &fetched)
+        };
         let start = paging.after.map(|(_, last)| last);
         let mut matching = table
             .range((

@@ -71,6 +71,7 @@ impl OrgIds {
 
 mod auth;
 mod crud;
+mod fetch;
 mod files;
 mod metadata;
 mod odata;
@@ -147,7 +148,27 @@ async fn handle(State(sim): State<Arc<SimState>>, req: Request) -> Response {
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
+/// Longest URL Dataverse takes on the request line (docs/dataverse.md,
+/// "Long queries"); inside `$batch` a part's URL may be twice as long.
+pub(in crate::sim) const MAX_URL: usize = 32_768;
+/// Longest URL of a `$batch` part.
+pub(in crate::sim) const MAX_BATCH_URL: usize = 65_536;
+
 async fn execute(sim: Arc<SimState>, req: Request) -> Response {
+    let url_len = sim.org_url.len() + req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if url_len > MAX_URL {
+        // Refused by the front end before any authentication; the body
+        // is the web server's, not an OData error (status and body as
+        // IIS answers an over-long URL; Dataverse's exact page: UNCONFIRMED).
+        let mut resp = (
+            StatusCode::URI_TOO_LONG,
+            "<h2>Bad Request - Request URL Too Long</h2>",
+        )
+            .into_response();
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+        return resp;
+    }
     let claims = auth::check_token(&sim, req.headers());
     auth::record(&sim, &req, claims.clone());
     // Limits count per user: the token's oid (the application user for an
