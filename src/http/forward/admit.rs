@@ -185,6 +185,27 @@ async fn identify(
     })
 }
 
+/// `ip/ADDRESS`, remembered per thread for the last few hundred addresses:
+/// formatting it cost ~1,400 instructions a request (callgrind), a lookup
+/// a tenth of that.
+fn address_flow(ip: std::net::IpAddr) -> Arc<str> {
+    thread_local! {
+        static KEYS: std::cell::RefCell<std::collections::HashMap<std::net::IpAddr, Arc<str>>> =
+            std::cell::RefCell::default();
+    }
+    KEYS.with_borrow_mut(|keys| {
+        if let Some(key) = keys.get(&ip) {
+            return key.clone();
+        }
+        if keys.len() >= 512 {
+            keys.clear();
+        }
+        let key: Arc<str> = Arc::from(format!("ip/{ip}"));
+        keys.insert(ip, key.clone());
+        key
+    })
+}
+
 /// The caller's flow: its rule (per principal for token callers), or its
 /// address where no rule names it.
 fn flow_of(
@@ -196,7 +217,7 @@ fn flow_of(
     let Some(caller) = caller else {
         let ip = access.client_ip(request.peer, request.headers);
         return Flow {
-            key: Arc::from(format!("ip/{ip}")),
+            key: address_flow(ip),
             ..Flow::default()
         };
     };
