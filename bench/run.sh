@@ -38,7 +38,7 @@ if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null || ! command -v 
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk util-linux curl >/dev/null
 fi
 NGINX=$(command -v nginx)
-(cd "$ROOT" && cargo build --release --quiet && cargo build --release --quiet --example bare_proxy)
+(cd "$ROOT" && cargo build --release --quiet && cargo build --release --quiet --example bare_proxy --example open_loop)
 BIN="$ROOT/target/release/dataverse-proxy"
 BARE_BIN="$ROOT/target/release/examples/bare_proxy"
 
@@ -245,6 +245,23 @@ for conns in 16 256; do
   done
 done
 wait "$SAMPLER"
+
+# Added latency at a fixed rate: an open-loop load (examples/open_loop.rs)
+# of RATE requests/s over 32 connections, each request's latency counted
+# from when it was due (wrk's closed loop hides queueing behind the load).
+RATE=${RATE:-5000}
+SECS=$(awk -v d="$DURATION" 'BEGIN { sub(/s$/, "", d); print d }')
+declare -A OL
+for target in direct nginx hyper-floor dataverse-proxy; do
+  case $target in
+    direct) port=$UP; auth="Authorization: Bearer bench-token" ;;
+    nginx) port=$NGX; auth="" ;;
+    hyper-floor) port=$BARE; auth="" ;;
+    dataverse-proxy) port=$DVP; auth="" ;;
+  esac
+  OL[$target]=$(taskset -c 0 "$ROOT/target/release/examples/open_loop" \
+    "http://127.0.0.1:$port/api/data/v9.2/accounts" "$RATE" "$SECS" 32 ${auth:+"$auth"})
+done
 TOKENS=$(wc -l < "$WORK/logs/token.log")
 RSS_256=$(cat "$WORK/rss256")
 
@@ -308,6 +325,14 @@ mb() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1e6 }'; }
   echo "| direct | $(mb "$S_DIRECT") | - |"
   echo "| nginx | $(mb "$S_NGX") | $((PEAK_NGX / 1024)) MiB |"
   echo "| dataverse-proxy | $(mb "$S_DVP") ($(ratio "$S_DVP" "$S_NGX") × nginx) | $((PEAK_DVP / 1024)) MiB |"
+  echo
+  echo "| open loop, $RATE req/s, 32 conns | sent | p50 µs | p99 µs | p99.9 µs | max µs | errors | sent late (> 1 ms) | p99 above direct |"
+  echo "|---|---|---|---|---|---|---|---|---|"
+  d99=$(echo "${OL[direct]}" | cut -d' ' -f3)
+  for t in direct nginx hyper-floor dataverse-proxy; do
+    read -r n p50 p99 p999 max errs late <<<"${OL[$t]}"
+    echo "| $t | $n | $p50 | $p99 | $p999 | $max | $errs | $late | $((p99 - d99)) µs |"
+  done
   echo
   echo "| other | value |"
   echo "|---|---|"

@@ -160,10 +160,15 @@ pub fn init_tracing(format: LogFormat) {
         LogFormat::Json => fmt.json().flatten_event(true).boxed(),
         LogFormat::Text => fmt.boxed(),
     };
-    let registry = tracing_subscriber::registry().with(filter).with(fmt);
-    #[cfg(feature = "otel")]
-    let registry = registry.with(crate::telemetry::layer());
-    let _ = registry.try_init();
+    // Each layer filters for itself: RUST_LOG decides what is logged, not
+    // which spans are exported.
+    let registry = tracing_subscriber::registry().with(fmt.with_filter(filter));
+    let spans = crate::telemetry::layer().map(|layer| {
+        layer.with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+            meta.is_span() && meta.target().starts_with("dataverse_proxy")
+        }))
+    });
+    let _ = registry.with(spans).try_init();
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -253,7 +258,6 @@ async fn serve(config: Config, sources: Sources) -> ExitCode {
     tokio::spawn(shutdown_signal(control.shutdown.clone()));
     tokio::spawn(reload_signal(control.reload.clone()));
     let result = crate::serve_with(config, proxy, admin, control).await;
-    #[cfg(feature = "otel")]
     crate::telemetry::shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,

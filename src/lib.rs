@@ -40,8 +40,8 @@
 //!   header-read timeout, drain).
 //! - **Wiring**: [`serve`] below and [`cli`] (the subcommands, signals).
 //! - **Simulator**: [`sim`]: Entra ID and the Dataverse Web API, used by
-//!   `demo`, `sim` and the tests; `telemetry` (feature `otel`): optional
-//!   OpenTelemetry span export.
+//!   `demo`, `sim` and the tests; [`telemetry`]: OpenTelemetry
+//!   traces by the HTTP semantic conventions, exported over OTLP when configured.
 //!
 //! A request enters at [`server::run`], crosses the layers listed in
 //! [`http`], and leaves through `http/forward/send.rs` and the org's pool
@@ -67,7 +67,6 @@ pub mod policy;
 pub mod rewrite;
 pub mod server;
 pub mod sim;
-#[cfg(feature = "otel")]
 pub mod telemetry;
 pub mod tls;
 pub mod token;

@@ -38,7 +38,7 @@ use crate::error::{ErrorDetail, PROXY_ERROR_HEADER};
 pub struct RequestInfo {
     /// The org it was routed to.
     pub org: Option<Arc<OrgState>>,
-    /// Time until Dataverse's response headers.
+    /// Time until Dataverse's response headers (summed over attempts).
     pub upstream: Option<Duration>,
     /// Dataverse's own request id (`x-ms-service-request-id` or `REQ_ID`).
     pub dataverse_request_id: Option<HeaderValue>,

@@ -87,6 +87,7 @@ pub fn proxy_service(
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(request_span)
+                .on_response(record_response)
                 // Dataverse's own 5xx pass through: the access log has them.
                 .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
         )
@@ -115,19 +116,65 @@ async fn outside_the_api(State(state): State<AppState>, req: Request) -> Respons
         .to_response(req.headers().get(REQUEST_ID))
 }
 
-/// One span per request (never the query: it can carry personal data).
+/// One SERVER span per request, by OpenTelemetry's HTTP conventions: named
+/// `{method} {route}`, the caller's trace context its parent. Never the
+/// query: it can carry personal data.
 fn request_span<B>(req: &http::Request<B>) -> tracing::Span {
     let id = req
         .headers()
         .get(REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    tracing::info_span!(
+    let (method, path) = (req.method(), req.uri().path());
+    let route = crate::telemetry::route_of(path);
+    let span = tracing::info_span!(
         "request",
+        otel.name = %match route {
+            Some(route) => format!("{method} {route}"),
+            None => method.to_string(),
+        },
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        http.route = route,
+        url.path = %path,
+        network.protocol.version = protocol_version(req.version()),
+        http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
         request.id = %id,
-        method = %req.method(),
-        path = %req.uri().path(),
-    )
+    );
+    crate::telemetry::adopt_caller_context(&span, req.headers());
+    span
+}
+
+/// `1.1`, `2`…, as the conventions write `network.protocol.version`.
+fn protocol_version(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "0.9",
+        http::Version::HTTP_10 => "1.0",
+        http::Version::HTTP_2 => "2",
+        http::Version::HTTP_3 => "3",
+        _ => "1.1",
+    }
+}
+
+/// The answer's status on the request span; a 5xx is an error (its type
+/// the proxy's error code when the proxy made it). A 4xx is the caller's
+/// error, not the server's, so the span's status stays unset.
+fn record_response<B>(resp: &http::Response<B>, _: std::time::Duration, span: &tracing::Span) {
+    let status = resp.status();
+    span.record("http.response.status_code", i64::from(status.as_u16()));
+    if status.is_server_error() {
+        let code = resp
+            .headers()
+            .get("x-dataverse-proxy-error")
+            .and_then(|v| v.to_str().ok());
+        match code {
+            Some(code) => span.record("error.type", code),
+            None => span.record("error.type", status.as_str()),
+        };
+        span.record("otel.status_code", "ERROR");
+    }
 }
 
 /// The OData 500 of a request whose handling panicked.

@@ -454,11 +454,25 @@ impl TokenProvider {
     async fn fetch(&self, reason: FetchReason) -> Result<Arc<AccessToken>, TokenError> {
         let inner = &self.inner;
         let started = Instant::now();
-        let result = inner
-            .source
-            .request()
+        // A span of its own (a child of the request that waits for it, if
+        // any): the credential's name, never its secret or the token.
+        let span = tracing::info_span!(
+            "token fetch",
+            otel.name = "token fetch",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = "POST",
+            dataverse.credential = %inner.credential.name,
+            dataverse.fetch_reason = ?reason,
+            error.type = tracing::field::Empty,
+        );
+        let result = tracing::Instrument::instrument(inner.source.request(), span.clone())
             .await
             .and_then(|resp| AccessToken::new(resp, started));
+        if result.is_err() {
+            span.record("error.type", "token_unavailable");
+            span.record("otel.status_code", "ERROR");
+        }
         inner.stats.record(reason, result.is_ok());
         let mut failure = self.lock_failure();
         match result {

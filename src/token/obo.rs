@@ -60,6 +60,18 @@ pub enum OboError {
     Unavailable { detail: String },
 }
 
+impl OboError {
+    /// A short, stable name of the failure (a span's `error.type`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ConsentRequired => "consent_required",
+            Self::InvalidGrant => "invalid_grant",
+            Self::ClaimsChallenge { .. } => "insufficient_claims",
+            Self::Unavailable { .. } => "token_exchange_unavailable",
+        }
+    }
+}
+
 /// The on-behalf-of exchanges of one proxy.
 pub struct OnBehalfOf {
     http: reqwest::Client,
@@ -93,11 +105,23 @@ impl OnBehalfOf {
             }
             self.cache.invalidate(&key).await;
         }
-        let fetch = self.exchange(credential, org, user);
-        self.cache
-            .try_get_with(key, fetch)
-            .await
-            .map_err(|e| (*e).clone())
+        let span = tracing::info_span!(
+            "token on-behalf-of",
+            otel.name = "token on-behalf-of",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = "POST",
+            dataverse.credential = %credential.name,
+            error.type = tracing::field::Empty,
+        );
+        let fetch =
+            tracing::Instrument::instrument(self.exchange(credential, org, user), span.clone());
+        let result = self.cache.try_get_with(key, fetch).await;
+        if let Err(e) = &result {
+            span.record("error.type", e.kind());
+            span.record("otel.status_code", "ERROR");
+        }
+        result.map_err(|e| (*e).clone())
     }
 
     /// Drops the user's token for `org` (Dataverse refused it with 401).

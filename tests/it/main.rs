@@ -29,3 +29,4 @@ mod sim;
 mod status;
 mod streaming;
 mod token;
+mod traces;

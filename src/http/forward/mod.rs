@@ -54,10 +54,16 @@ pub async fn handle(
 ) -> Response {
     let request_id = req.headers().get(REQUEST_ID).cloned();
     let mut info = RequestInfo::default();
+    let arrived = Instant::now();
     let mut resp = match forward(&state, peer, req, &mut info).await {
         Ok(resp) => resp,
         Err(e) => e.to_response(request_id.as_ref()),
     };
+    if let Some(org) = &info.org {
+        let upstream = info.upstream.unwrap_or_default();
+        org.metrics
+            .gateway(arrived.elapsed().saturating_sub(upstream));
+    }
     resp.extensions_mut().insert(info);
     resp
 }

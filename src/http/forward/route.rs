@@ -44,6 +44,15 @@ impl<'a> Route<'a> {
         Ok((Self::Lane { admitted, lane }, permit))
     }
 
+    /// The lane's name, or `user` for a request with the user's own token
+    /// (for traces and logs).
+    pub fn lane_name(&self) -> &str {
+        match self {
+            Self::Lane { admitted, lane } => &admitted.org.lanes.get(*lane).name,
+            Self::User { .. } => "user",
+        }
+    }
+
     /// The governor of the slot held.
     pub fn governor(&self) -> &Governor {
         match self {

@@ -113,19 +113,23 @@ pub async fn send(
     info: &mut RequestInfo,
 ) -> Result<Sent<UpstreamBody>, ProxyError> {
     let org = &admitted.org;
+    let queued = Instant::now();
     let (mut route, mut permit) = Route::start(admitted).await?;
+    let mut waited = queued.elapsed();
     route.governor().sent();
     let mut attempts = Attempts::default();
     let idempotent = is_idempotent(&planned.method, &planned.headers);
     loop {
         let token = route.token(state, &mut permit).await?;
         let governor = route.governor().clone();
-        let req = upstream_request(&mut planned, token.header());
+        let mut req = upstream_request(&mut planned, token.header());
+        let span = attempt_span(org, &req, route.lane_name(), (&attempts, waited));
+        crate::telemetry::inject_context(&span, req.headers_mut());
         let sent_at = Instant::now();
         permit.arm();
-        let (returned, outcome) = InFlight::start(state, &org.pool, req, permit)
-            .finish()
-            .await;
+        let exchange = InFlight::start(state, &org.pool, req, permit, span.clone());
+        let (returned, outcome) = exchange.finish().await;
+        record_attempt(&span, &outcome);
         permit = returned;
         let transient = TransientCheck {
             idempotent: idempotent && planned.body.replayable(),
@@ -181,10 +185,12 @@ pub async fn send(
                 permit.finish();
                 // Another lane with an open gate takes the replay at once;
                 // else the wait, then the gate and the queue in turn.
+                let queued = Instant::now();
                 if !route.another_open() {
                     tokio::time::sleep(wait).await;
                 }
                 permit = route.reacquire().await?;
+                waited = queued.elapsed();
             }
         }
     }
@@ -214,10 +220,60 @@ fn decide<B>(
     )
 }
 
+/// One CLIENT span per attempt towards Dataverse, by OpenTelemetry's HTTP
+/// conventions (named by its method; no `url.full`, as the query must not
+/// appear), with the lane it went on, how long it waited for its slot and,
+/// on a replay, `http.request.resend_count`.
+fn attempt_span(
+    org: &crate::http::state::OrgState,
+    req: &Request<Body>,
+    lane: &str,
+    (attempts, waited): (&Attempts, Duration),
+) -> tracing::Span {
+    let resends = attempts.throttled + attempts.transient + u32::from(attempts.refreshed);
+    let authority = org.origin_uri.authority.as_ref();
+    tracing::info_span!(
+        "upstream",
+        otel.name = %req.method(),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %req.method(),
+        server.address = authority.map(http::uri::Authority::host),
+        server.port = authority.and_then(http::uri::Authority::port_u16).map(i64::from),
+        url.path = req.uri().path(),
+        http.request.resend_count = (resends > 0).then_some(i64::from(resends)),
+        http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        dataverse.lane = lane,
+        dataverse.governor.wait_ms = waited.as_secs_f64() * 1000.0,
+    )
+}
+
+/// The attempt's outcome on its span: the status, and for a failure or a
+/// 4xx/5xx its type (for a CLIENT span both are errors).
+fn record_attempt(span: &tracing::Span, outcome: &Result<Response<PooledBody>, ProxyError>) {
+    match outcome {
+        Ok(resp) => {
+            span.record(
+                "http.response.status_code",
+                i64::from(resp.status().as_u16()),
+            );
+            if resp.status().is_client_error() || resp.status().is_server_error() {
+                span.record("error.type", resp.status().as_str());
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        Err(e) => {
+            span.record("error.type", e.code());
+            span.record("otel.status_code", "ERROR");
+        }
+    }
+}
+
 /// Records how long Dataverse took to send its response headers.
 fn upstream_time(info: &mut RequestInfo, org: &crate::http::state::OrgState, sent_at: Instant) {
     let waited = sent_at.elapsed();
-    info.upstream = Some(waited);
+    info.upstream = Some(info.upstream.unwrap_or_default() + waited);
     org.metrics.upstream(waited);
 }
 
@@ -413,10 +469,16 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn start(state: &AppState, pool: &Pool, req: Request<Body>, permit: Permit) -> Self {
+    fn start(
+        state: &AppState,
+        pool: &Pool,
+        req: Request<Body>,
+        permit: Permit,
+        span: tracing::Span,
+    ) -> Self {
         let timeout = state.upstream.response_timeout;
         let pool = pool.clone();
-        let exchange: Exchange = Box::pin(async move {
+        let exchange = async move {
             tokio::time::timeout(timeout, pool.send(req))
                 .await
                 .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
@@ -424,7 +486,8 @@ impl InFlight {
                 // framing surfaces here too: that is the caller's fault, not
                 // Dataverse's (the upstream request was aborted with it).
                 .map_err(|e| caller_body_fault(&e).unwrap_or(ProxyError::UpstreamUnavailable(e)))
-        });
+        };
+        let exchange: Exchange = Box::pin(tracing::Instrument::instrument(exchange, span));
         Self {
             exchange: Some(exchange),
             permit: Some(permit),

@@ -111,6 +111,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     duration: Family<OrgMethod, Histogram>,
     upstream_duration: Family<OrgLabel, Histogram>,
+    gateway_duration: Family<OrgLabel, Histogram>,
     bytes_in: Family<OrgLabel, Counter>,
     bytes_out: Family<OrgLabel, Counter>,
     in_flight: Gauge,
@@ -229,6 +230,7 @@ pub struct RequestHandles {
     bytes_in: OnceLock<Counter>,
     bytes_out: OnceLock<Counter>,
     upstream: OnceLock<Histogram>,
+    gateway: OnceLock<Histogram>,
 }
 
 impl std::fmt::Debug for RequestHandles {
@@ -285,16 +287,31 @@ impl RequestHandles {
 
     /// Records the time Dataverse took to send response headers.
     pub fn upstream(&self, duration: Duration) {
-        self.upstream
-            .get_or_init(|| {
-                self.metrics
-                    .upstream_duration
-                    .get_or_create(&OrgLabel {
-                        org: self.org.clone(),
-                    })
-                    .clone()
-            })
+        let family = &self.metrics.upstream_duration;
+        self.per_org(&self.upstream, family)
             .observe(duration.as_secs_f64());
+    }
+
+    /// Records the proxy's own time for a request: to the answer's head,
+    /// less the time Dataverse took for its response headers.
+    pub fn gateway(&self, duration: Duration) {
+        let family = &self.metrics.gateway_duration;
+        self.per_org(&self.gateway, family)
+            .observe(duration.as_secs_f64());
+    }
+
+    fn per_org<'a>(
+        &self,
+        handle: &'a OnceLock<Histogram>,
+        family: &Family<OrgLabel, Histogram>,
+    ) -> &'a Histogram {
+        handle.get_or_init(|| {
+            family
+                .get_or_create(&OrgLabel {
+                    org: self.org.clone(),
+                })
+                .clone()
+        })
     }
 }
 
@@ -360,6 +377,12 @@ impl Metrics {
             "Time from sending to Dataverse until its response headers",
             Family::<OrgLabel, Histogram>::new_with_constructor(histogram),
         );
+        let gateway_duration = registered(
+            &mut r,
+            "gateway_duration_seconds",
+            "The proxy's own time for a request: until the answer's head, less Dataverse's time to its response headers (governor waits and replay backoff included)",
+            Family::<OrgLabel, Histogram>::new_with_constructor(histogram),
+        );
         let bytes_in = registered(
             &mut r,
             "request_bytes",
@@ -394,6 +417,7 @@ impl Metrics {
             requests,
             duration,
             upstream_duration,
+            gateway_duration,
             bytes_in,
             bytes_out,
             in_flight,
@@ -417,6 +441,7 @@ impl Metrics {
             bytes_in: OnceLock::new(),
             bytes_out: OnceLock::new(),
             upstream: OnceLock::new(),
+            gateway: OnceLock::new(),
         }
     }
 

@@ -1,10 +1,9 @@
-//! Optional OpenTelemetry traces (cargo feature `otel`, off by default).
-//!
-//! When built with `--features otel` and `OTEL_EXPORTER_OTLP_ENDPOINT` (or
-//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, the request spans (with
-//! `request.id`, method and path, never the query or headers) are exported
-//! over OTLP/HTTP by a batch exporter on its own thread. The standard
-//! `OTEL_*` variables configure the exporter and the resource.
+//! Span export: when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, the proxy's spans are
+//! exported over OTLP/HTTP (protobuf) by a batch exporter on its own
+//! thread; the standard `OTEL_*` variables configure the exporter
+//! (`OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_BSP_SCHEDULE_DELAY`, …) and the
+//! resource (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`).
 
 use std::sync::OnceLock;
 
@@ -39,8 +38,16 @@ where
             return None;
         }
     };
-    let resource = opentelemetry_sdk::Resource::builder()
-        .with_service_name("dataverse-proxy")
+    // OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over the default.
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name("dataverse-proxy");
+    }
+    let resource = resource
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.version",
+            env!("CARGO_PKG_VERSION"),
+        ))
         .build();
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
