@@ -163,7 +163,7 @@ pub enum ProxyError {
     },
     /// 502: the upstream could not be reached or broke the protocol.
     #[error("Dataverse could not be reached or broke the protocol; try again later")]
-    UpstreamUnavailable(#[source] crate::http::upstream::UpstreamError),
+    UpstreamUnavailable(#[source] crate::upstream::UpstreamError),
     /// 502: the upstream broke off a (small, buffered) answer's body.
     #[error("Dataverse broke off its answer; try again later")]
     UpstreamBody(#[source] axum::BoxError),

@@ -31,21 +31,24 @@
 //!   order in `http/mod.rs` (request id, sensitive headers, trace, access
 //!   log, catch-panic, body idle timeouts, the axum router, edge checks), the
 //!   forwarding handler in four steps (`http/forward/`: admit, plan, send
-//!   (or `cached` for metadata), answer), bodies, header policy, the
-//!   upstream pool per org (`http/upstream/`), metrics, the admin listener with its status page
-//!   (`http/status/`), and the rules a reload swaps (`http/rules.rs`,
+//!   (or `cached` for metadata, `long_get` for GETs too long for a request
+//!   line), answer), bodies, header policy, metrics, the admin listener with
+//!   its status page (`http/status/`), and the rules a reload swaps (`http/rules.rs`,
 //!   `http/reload.rs`); [`error`]: [`error::ProxyError`], where domain errors
 //!   become statuses and OData bodies; [`server`]: the accept loop
 //!   (HTTP/1.1 and HTTP/2, TLS and client certificates, connection cap,
-//!   header-read timeout, drain).
+//!   header-read timeout, drain); [`upstream`]: where requests leave, a
+//!   connection pool per org over hyper's HTTP/1.1 connection (TLS, the
+//!   egress proxy).
 //! - **Wiring**: [`serve`] below and [`cli`] (the subcommands, signals).
 //! - **Simulator**: [`sim`]: Entra ID and the Dataverse Web API, used by
-//!   `demo`, `sim` and the tests; [`telemetry`]: OpenTelemetry
-//!   traces by the HTTP semantic conventions, exported over OTLP when configured.
+//!   `demo`, `sim` and the tests.
+//! - **Traces**: [`telemetry`]: OpenTelemetry spans by the HTTP semantic
+//!   conventions, exported over OTLP when configured.
 //!
 //! A request enters at [`server::run`], crosses the layers listed in
 //! [`http`], and leaves through `http/forward/send.rs` and the org's pool
-//! (`http/upstream/pool.rs`) to Dataverse; the
+//! (`upstream/pool.rs`) to Dataverse; the
 //! answer comes back through `http/forward/answer.rs`.
 //!
 //! The library never binds sockets itself: [`serve`] takes bound listeners
@@ -70,6 +73,7 @@ pub mod sim;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod upstream;
 
 use std::sync::Arc;
 

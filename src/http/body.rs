@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::http::upstream::PooledBody;
+use crate::upstream::PooledBody;
 use axum::BoxError;
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, header};

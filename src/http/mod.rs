@@ -34,7 +34,6 @@ pub mod request_id;
 pub mod rules;
 pub mod state;
 pub mod status;
-pub mod upstream;
 
 use std::convert::Infallible;
 

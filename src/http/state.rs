@@ -97,7 +97,7 @@ pub struct OrgState {
     /// one and its `.api.` sibling (`contoso.crm…` ⇄ `contoso.api.crm…`).
     pub aliases: Vec<String>,
     /// Idle connections to the origin, and how new ones are made.
-    pub pool: super::upstream::Pool,
+    pub pool: crate::upstream::Pool,
     /// The org's lanes: each an application user's token and governor
     /// (one lane without `lanes` in the config).
     pub lanes: crate::lanes::Lanes,
@@ -163,7 +163,7 @@ impl OrgState {
         (lanes, users, pool): (
             crate::lanes::Lanes,
             crate::governor::UserGovernors,
-            impl FnOnce(http::Uri) -> super::upstream::Pool,
+            impl FnOnce(http::Uri) -> crate::upstream::Pool,
         ),
         config: &Config,
         metrics: &Arc<Metrics>,
@@ -240,7 +240,7 @@ impl AppState {
         let tls = crate::tls::client_config(config.upstream.ca_file.as_deref())
             .map_err(std::io::Error::other)?;
         let redis = shared_redis(config)?;
-        let connector = super::upstream::connector(&config.upstream, tls.clone());
+        let connector = crate::upstream::connector(&config.upstream, tls.clone());
         let built = build_orgs(config, &metrics, (&tls, &connector), redis.as_ref())?;
         let verifier = verifier(config, &tls)?;
         let obo = Arc::new(crate::token::OnBehalfOf::new(
@@ -384,7 +384,7 @@ impl AppState {
 }
 
 /// What each org's pool dials with.
-type Connector = hyper_rustls::HttpsConnector<super::upstream::Egress>;
+type Connector = hyper_rustls::HttpsConnector<crate::upstream::Egress>;
 
 /// The orgs with their token providers (one per distinct token) and routes.
 struct BuiltOrgs {
@@ -446,7 +446,7 @@ fn build_orgs(
             redis.cloned(),
             &governor_key(&org.url),
         );
-        let pool = |origin: http::Uri| super::upstream::pool(&config.upstream, connector, origin);
+        let pool = |origin: http::Uri| crate::upstream::pool(&config.upstream, connector, origin);
         let state = OrgState::new((i, org), origin, (lanes, users, pool), config, metrics)?;
         orgs.push(Arc::new(state));
     }

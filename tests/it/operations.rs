@@ -121,16 +121,10 @@ async fn sigterm_drains_a_slow_download_then_exits_zero() {
     assert!(h.put_file("accounts", id, "dvp_document", "big.bin", data.into()));
 
     let (port, admin) = (free_port(), free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dataverse-proxy"))
-        .env_clear()
-        .env("DATAVERSE_URL", h.org_url())
-        .env("AZURE_TENANT_ID", &h.config().tenant_id)
-        .env("AZURE_CLIENT_ID", &h.config().client_id)
-        .env("AZURE_CLIENT_SECRET", &h.config().client_secret)
-        .env("DATAVERSE_PROXY_TOKEN_URL", h.token_url())
+    let mut child = crate::binary::command()
+        .envs(crate::binary::sim_env(&h))
         .env("DATAVERSE_PROXY_LISTEN", format!("127.0.0.1:{port}"))
         .env("DATAVERSE_PROXY_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-        .current_dir(std::env::temp_dir())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use dataverse_proxy::config::UpstreamConfig;
-use dataverse_proxy::http::upstream::{self, Pool};
+use dataverse_proxy::upstream::{self, Pool};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;

@@ -78,20 +78,14 @@ async fn spans_follow_the_http_conventions_and_carry_the_callers_trace() {
     let sim = Sim::start(SimConfig::default()).await.expect("sim");
     let h = sim.handle.clone();
     let (port, admin) = (free_port(), free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dataverse-proxy"))
+    let mut child = crate::binary::command()
         .arg("serve")
-        .env_clear()
-        .env("DATAVERSE_URL", h.org_url())
-        .env("AZURE_TENANT_ID", &h.config().tenant_id)
-        .env("AZURE_CLIENT_ID", &h.config().client_id)
-        .env("AZURE_CLIENT_SECRET", &h.config().client_secret)
-        .env("DATAVERSE_PROXY_TOKEN_URL", h.token_url())
+        .envs(crate::binary::sim_env(&h))
         .env("DATAVERSE_PROXY_LISTEN", format!("127.0.0.1:{port}"))
         .env("DATAVERSE_PROXY_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
         .env("RUST_LOG", "warn")
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp)
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .current_dir(std::env::temp_dir())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

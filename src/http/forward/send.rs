@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::http::upstream::{Pool, PooledBody};
+use crate::upstream::{Pool, PooledBody};
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, Response, StatusCode, Version, header};
 use http_body_util::Full;
