@@ -122,14 +122,10 @@ pub async fn send(
     loop {
         let token = route.token(state, &mut permit).await?;
         let governor = route.governor().clone();
-        let mut req = upstream_request(&mut planned, token.header());
-        let span = attempt_span(org, &req, route.lane_name(), (&attempts, waited));
-        crate::telemetry::inject_context(&span, req.headers_mut());
+        let req = upstream_request(&mut planned, token.header());
         let sent_at = Instant::now();
-        permit.arm();
-        let exchange = InFlight::start(state, &org.pool, req, permit, span.clone());
-        let (returned, outcome) = exchange.finish().await;
-        record_attempt(&span, &outcome);
+        let span = attempt_span(org, &req, route.lane_name(), (&attempts, waited));
+        let (returned, outcome) = attempt(state, (org, req), permit, span).await;
         permit = returned;
         let transient = TransientCheck {
             idempotent: idempotent && planned.body.replayable(),
@@ -218,6 +214,22 @@ fn decide<B>(
         arrived.elapsed(),
         &governor.config(),
     )
+}
+
+/// One attempt: the request goes out on the org's pool with the span's
+/// trace context; the permit comes back with the outcome.
+async fn attempt(
+    state: &AppState,
+    (org, mut req): (&crate::http::state::OrgState, Request<Body>),
+    mut permit: Permit,
+    span: tracing::Span,
+) -> (Permit, Result<Response<PooledBody>, ProxyError>) {
+    crate::telemetry::inject_context(&span, req.headers_mut());
+    permit.arm();
+    let exchange = InFlight::start(state, &org.pool, req, permit, span.clone());
+    let (permit, outcome) = exchange.finish().await;
+    record_attempt(&span, &outcome);
+    (permit, outcome)
 }
 
 /// One CLIENT span per attempt towards Dataverse, by OpenTelemetry's HTTP
