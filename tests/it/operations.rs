@@ -92,6 +92,19 @@ async fn metrics_move_for_requests_token_fetches_429s_and_waits() {
         "{after}"
     );
     assert!(
+        after.contains("dataverse_proxy_gateway_duration_seconds_count{org=\"default\"} 3"),
+        "{after}"
+    );
+    // Three requests one after the other, the 429 read whole: one
+    // connection, back in the pool after each.
+    let pool = |name: &str| {
+        sample(
+            &after,
+            &format!("dataverse_proxy_upstream_connections_{name}{{org=\"default\"}}"),
+        )
+    };
+    assert_eq!((pool("opened_total"), pool("idle")), (1.0, 1.0), "{after}");
+    assert!(
         sample(
             &after,
             "dataverse_proxy_response_bytes_total{org=\"default\"}"

@@ -40,6 +40,7 @@ pub struct RequestLabels {
 mod cache;
 mod connections;
 mod governor;
+mod pool;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OrgLabel {
@@ -123,6 +124,8 @@ pub struct Metrics {
     cache: cache::CacheFamilies,
     /// Copied in at scrape time from the accept loop.
     connections: connections::ConnectionFamilies,
+    /// Copied in at scrape time from the orgs' pools.
+    pools: pool::PoolFamilies,
 }
 
 /// What Dataverse and Entra ID told us last, by org.
@@ -413,6 +416,7 @@ impl Metrics {
             org: OrgFamilies::register(&mut r),
             cache: cache::CacheFamilies::register(&mut r),
             connections: connections::ConnectionFamilies::register(&mut r),
+            pools: pool::PoolFamilies::register(&mut r),
             registry: r,
             requests,
             duration,
@@ -453,6 +457,7 @@ impl Metrics {
                 org: org.name.clone(),
             };
             self.governor.render(org);
+            self.pools.render(&org.pool, &l);
             if let Some(cache) = &org.metadata {
                 self.cache.render(cache, &l);
             }
