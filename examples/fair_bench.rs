@@ -8,14 +8,17 @@
 //! before the fair queue).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use dataverse_proxy::config::{Config, Sources};
 use dataverse_proxy::sim::{ServiceLimits, Sim, SimConfig, SimHandle};
 use sha2::Digest;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+mod common;
+use common::{OnThrottle, Tally, percentile_ms};
 
 const GREEDY: usize = 200;
 const SMALL: usize = 10;
@@ -126,16 +129,8 @@ async fn replica(
     (base, stop)
 }
 
-#[derive(Default)]
-struct Caller {
-    ok: AtomicU64,
-    throttled: AtomicU64,
-    other: AtomicU64,
-    latencies: std::sync::Mutex<Vec<Duration>>,
-}
-
 /// The load for `secs`: connection j of every caller on replica j mod n.
-async fn run(bases: &[String], secs: u64, keys: bool) -> Vec<(String, Arc<Caller>)> {
+async fn run(bases: &[String], secs: u64, keys: bool) -> Vec<(String, Arc<Tally>)> {
     let stop = Arc::new(AtomicBool::new(false));
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(GREEDY + SMALL * SMALL_EACH)
@@ -147,62 +142,33 @@ async fn run(bases: &[String], secs: u64, keys: bool) -> Vec<(String, Arc<Caller
     let mut tasks = Vec::new();
     let mut n = 0usize;
     for (name, connections) in callers {
-        let caller = Arc::new(Caller::default());
+        let tally = Arc::new(Tally::default());
         for _ in 0..connections {
             let url = format!("{}/api/data/v9.2/WhoAmI", bases[n % bases.len()]);
             n += 1;
-            let (client, caller, stop, key) =
-                (client.clone(), caller.clone(), stop.clone(), key_of(&name));
-            tasks.push(tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    let started = Instant::now();
-                    let mut req = client.get(&url);
-                    if keys {
-                        req = req.header("x-api-key", &key);
-                    }
-                    let answer = req.send().await;
-                    if stop.load(Ordering::Relaxed) {
-                        // Past the window: not counted.
-                        break;
-                    }
-                    match answer {
-                        Ok(r) if r.status() == 200 => {
-                            let _ = r.bytes().await;
-                            caller.ok.fetch_add(1, Ordering::Relaxed);
-                            caller
-                                .latencies
-                                .lock()
-                                .expect("lock")
-                                .push(started.elapsed());
-                        }
-                        Ok(r) if r.status() == 429 => {
-                            if std::env::var("BENCH_DEBUG").is_ok() {
-                                eprintln!(
-                                    "429 {:?} {:?}",
-                                    r.headers().get("x-dataverse-proxy-error"),
-                                    r.headers().get("retry-after")
-                                );
-                            }
-                            caller.throttled.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                        other => {
-                            if std::env::var("BENCH_DEBUG").is_ok() {
-                                eprintln!("other {:?}", other.map(|r| r.status()));
-                            }
-                            caller.other.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
+            let (client, key) = (client.clone(), key_of(&name));
+            let request = move || {
+                let req = client.get(&url);
+                if keys {
+                    req.header("x-api-key", &key)
+                } else {
+                    req
                 }
-            }));
+            };
+            let pause = OnThrottle::Pause(Duration::from_millis(100));
+            tasks.push(tokio::spawn(common::caller(
+                request,
+                tally.clone(),
+                stop.clone(),
+                pause,
+            )));
         }
-        out.push((name, caller));
+        out.push((name, tally));
     }
     // The first second warms the pools and the limits up; it is not counted.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    for (_, c) in &out {
-        c.ok.store(0, Ordering::Relaxed);
-        c.latencies.lock().expect("lock").clear();
+    for (_, t) in &out {
+        t.reset();
     }
     tokio::time::sleep(Duration::from_secs(secs)).await;
     stop.store(true, Ordering::Relaxed);
@@ -212,37 +178,17 @@ async fn run(bases: &[String], secs: u64, keys: bool) -> Vec<(String, Arc<Caller
     out
 }
 
-fn percentile(l: &[Duration], q: f64) -> f64 {
-    l.get(((l.len() as f64 * q) as usize).min(l.len().saturating_sub(1)))
-        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-}
-
-fn report(name: &str, callers: &[(String, Arc<Caller>)], secs: u64, sim: &SimHandle) {
-    let total: u64 = callers
-        .iter()
-        .map(|(_, c)| c.ok.load(Ordering::Relaxed))
-        .sum();
-    let throttled: u64 = callers
-        .iter()
-        .map(|(_, c)| c.throttled.load(Ordering::Relaxed))
-        .sum();
-    let other: u64 = callers
-        .iter()
-        .map(|(_, c)| c.other.load(Ordering::Relaxed))
-        .sum();
-    let sorted = |c: &Caller| {
-        let mut l = c.latencies.lock().expect("lock").clone();
-        l.sort();
-        l
-    };
-    let greedy = sorted(&callers[0].1);
+fn report(name: &str, callers: &[(String, Arc<Tally>)], secs: u64, sim: &SimHandle) {
+    let sum = |f: fn(&Tally) -> u64| callers.iter().map(|(_, c)| f(c)).sum::<u64>();
+    let (total, throttled, other) = (sum(Tally::ok), sum(Tally::throttled), sum(Tally::other));
+    let greedy = callers[0].1.sorted();
     let mut small: Vec<Duration> = Vec::new();
     let mut worst_small_p99 = 0.0f64;
     let mut small_rate = 0.0;
     for (_, c) in &callers[1..] {
-        let l = sorted(c);
-        worst_small_p99 = worst_small_p99.max(percentile(&l, 0.99));
-        small_rate += c.ok.load(Ordering::Relaxed) as f64 / secs as f64;
+        let l = c.sorted();
+        worst_small_p99 = worst_small_p99.max(percentile_ms(&l, 0.99));
+        small_rate += c.ok() as f64 / secs as f64;
         small.extend(l);
     }
     small.sort();
@@ -251,12 +197,12 @@ fn report(name: &str, callers: &[(String, Arc<Caller>)], secs: u64, sim: &SimHan
         "| {name} | {goodput:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {throttled} | {other} | {} |",
         goodput / (52.0 / 0.040),
         small_rate,
-        percentile(&greedy, 0.50),
-        percentile(&greedy, 0.99),
-        percentile(&small, 0.50),
-        percentile(&small, 0.99),
+        percentile_ms(&greedy, 0.50),
+        percentile_ms(&greedy, 0.99),
+        percentile_ms(&small, 0.50),
+        percentile_ms(&small, 0.99),
         worst_small_p99,
-        percentile(&small, 1.0),
+        percentile_ms(&small, 1.0),
         sim.max_concurrency_seen(),
     );
 }

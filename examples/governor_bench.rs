@@ -11,26 +11,22 @@
 //! inherits another's counters.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use dataverse_proxy::config::{Config, Sources};
 use dataverse_proxy::sim::{ServiceLimits, Sim, SimConfig, SimHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+mod common;
+use common::{OnThrottle, Tally, percentile_ms};
+
 const CALLERS: usize = 300;
 
 /// A name, a number of replicas (0: direct clients), their overrides.
 type Scenario = (&'static str, usize, Vec<(&'static str, String)>);
 const SERVICE_TIME: Duration = Duration::from_millis(40);
-
-struct Outcome {
-    ok: AtomicU64,
-    throttled: AtomicU64,
-    other: AtomicU64,
-    latencies: std::sync::Mutex<Vec<Duration>>,
-}
 
 fn arg(name: &str, default: u64) -> u64 {
     std::env::args()
@@ -105,15 +101,10 @@ async fn token(sim: &SimHandle) -> String {
     body["access_token"].as_str().expect("token").to_owned()
 }
 
-/// `CALLERS` callers for `secs`, caller i on `urls[90/5/5 split]`; a direct
-/// client (with `bearer`) sleeps for Retry-After after a 429.
-async fn run(urls: &[String], bearer: Option<&str>, secs: u64) -> Outcome {
-    let outcome = Arc::new(Outcome {
-        ok: AtomicU64::new(0),
-        throttled: AtomicU64::new(0),
-        other: AtomicU64::new(0),
-        latencies: std::sync::Mutex::new(Vec::new()),
-    });
+/// `CALLERS` callers for `secs`, caller i on `urls[90/5/5 split]`; after a
+/// 429 each waits for its Retry-After (a direct client carries `bearer`).
+async fn run(urls: &[String], bearer: Option<&str>, secs: u64) -> Tally {
+    let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(CALLERS)
@@ -126,52 +117,14 @@ async fn run(urls: &[String], bearer: Option<&str>, secs: u64) -> Outcome {
                 (0, _) => urls[1].clone(),
                 _ => urls[2].clone(),
             };
-            let (client, outcome, stop) = (client.clone(), outcome.clone(), stop.clone());
+            let client = client.clone();
             let bearer = bearer.map(|b| format!("Bearer {b}"));
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    let mut req = client.get(&url);
-                    if let Some(b) = &bearer {
-                        req = req.header("authorization", b);
-                    }
-                    let started = Instant::now();
-                    let answer = req.send().await;
-                    if stop.load(Ordering::Relaxed) {
-                        // Past the window: not counted.
-                        break;
-                    }
-                    match answer {
-                        Ok(r) if r.status() == 200 => {
-                            let _ = r.bytes().await;
-                            outcome.ok.fetch_add(1, Ordering::Relaxed);
-                            outcome
-                                .latencies
-                                .lock()
-                                .expect("lock")
-                                .push(started.elapsed());
-                        }
-                        Ok(r) if r.status() == 429 => {
-                            if std::env::var("BENCH_DEBUG").is_ok() {
-                                eprintln!("429 {:?}", r.headers().get("x-dataverse-proxy-error"));
-                            }
-                            outcome.throttled.fetch_add(1, Ordering::Relaxed);
-                            let wait = r
-                                .headers()
-                                .get("retry-after")
-                                .and_then(|v| v.to_str().ok())
-                                .and_then(|v| v.parse().ok())
-                                .unwrap_or(1);
-                            let until = Instant::now() + Duration::from_secs(wait);
-                            while Instant::now() < until && !stop.load(Ordering::Relaxed) {
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                            }
-                        }
-                        _ => {
-                            outcome.other.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            })
+            let request = move || match &bearer {
+                Some(b) => client.get(&url).header("authorization", b),
+                None => client.get(&url),
+            };
+            let wait = OnThrottle::RetryAfter;
+            tokio::spawn(common::caller(request, tally.clone(), stop.clone(), wait))
         })
         .collect();
     tokio::time::sleep(Duration::from_secs(secs)).await;
@@ -179,26 +132,20 @@ async fn run(urls: &[String], bearer: Option<&str>, secs: u64) -> Outcome {
     for t in tasks {
         let _ = t.await;
     }
-    Arc::try_unwrap(outcome).ok().expect("all callers ended")
+    Arc::try_unwrap(tally).ok().expect("all callers ended")
 }
 
-fn report(name: &str, o: &Outcome, secs: u64, sim: &SimHandle) {
-    let mut l = o.latencies.lock().expect("lock").clone();
-    l.sort();
-    let p = |q: f64| {
-        l.get(((l.len() as f64 * q) as usize).min(l.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default()
-    };
+fn report(name: &str, o: &Tally, secs: u64, sim: &SimHandle) {
+    let l = o.sorted();
     println!(
-        "| {name} | {:.0} | {} | {} | {} | {} | {} ms | {} ms |",
-        o.ok.load(Ordering::Relaxed) as f64 / secs as f64,
-        o.throttled.load(Ordering::Relaxed),
-        o.other.load(Ordering::Relaxed),
+        "| {name} | {:.0} | {} | {} | {} | {} | {:.0} ms | {:.0} ms |",
+        o.ok() as f64 / secs as f64,
+        o.throttled(),
+        o.other(),
         sim.throttled(),
         sim.max_concurrency_seen(),
-        p(0.5).as_millis(),
-        p(0.99).as_millis(),
+        percentile_ms(&l, 0.5),
+        percentile_ms(&l, 0.99),
     );
 }
 

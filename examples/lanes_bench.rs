@@ -5,13 +5,16 @@
 //! three lanes (three), side by side in one run.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use dataverse_proxy::config::{Config, Sources};
 use dataverse_proxy::sim::{AppUser, ServiceLimits, Sim, SimConfig, SimHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+mod common;
+use common::{OnThrottle, Tally, percentile_ms};
 
 const CALLERS: usize = 400;
 const REPLICAS: usize = 3;
@@ -109,14 +112,6 @@ async fn replica(
     (base, stop)
 }
 
-#[derive(Default)]
-struct Tally {
-    ok: AtomicU64,
-    throttled: AtomicU64,
-    other: AtomicU64,
-    latencies: std::sync::Mutex<Vec<Duration>>,
-}
-
 /// `CALLERS` closed-loop callers for `secs` (after a second's warm-up),
 /// caller i on replica i mod n.
 async fn run(bases: &[String], secs: u64) -> Arc<Tally> {
@@ -129,52 +124,24 @@ async fn run(bases: &[String], secs: u64) -> Arc<Tally> {
     let tasks: Vec<_> = (0..CALLERS)
         .map(|i| {
             let url = format!("{}/api/data/v9.2/WhoAmI", bases[i % bases.len()]);
-            let (client, tally, stop) = (client.clone(), tally.clone(), stop.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    let started = Instant::now();
-                    let answer = client.get(&url).send().await;
-                    if stop.load(Ordering::Relaxed) {
-                        // Past the window: not counted (400 answers more
-                        // would inflate the slower rows most).
-                        break;
-                    }
-                    match answer {
-                        Ok(r) if r.status() == 200 => {
-                            let _ = r.bytes().await;
-                            tally.ok.fetch_add(1, Ordering::Relaxed);
-                            tally
-                                .latencies
-                                .lock()
-                                .expect("lock")
-                                .push(started.elapsed());
-                        }
-                        Ok(r) if r.status() == 429 => {
-                            tally.throttled.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                        _ => {
-                            tally.other.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            })
+            let client = client.clone();
+            let pause = OnThrottle::Pause(Duration::from_millis(100));
+            tokio::spawn(common::caller(
+                move || client.get(&url),
+                tally.clone(),
+                stop.clone(),
+                pause,
+            ))
         })
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    tally.ok.store(0, Ordering::Relaxed);
-    tally.latencies.lock().expect("lock").clear();
+    tally.reset();
     tokio::time::sleep(Duration::from_secs(secs)).await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = t.await;
     }
     tally
-}
-
-fn percentile(l: &[Duration], q: f64) -> f64 {
-    l.get(((l.len() as f64 * q) as usize).min(l.len().saturating_sub(1)))
-        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
 #[tokio::main]
@@ -238,18 +205,17 @@ async fn main() {
         let tally = run(&bases, secs).await;
         sampling.store(false, Ordering::Relaxed);
         let mean_in_flight = sampler.await.unwrap_or(0.0);
-        let goodput = tally.ok.load(Ordering::Relaxed) as f64 / secs as f64;
+        let goodput = tally.ok() as f64 / secs as f64;
         let base = *one_lane.get_or_insert(goodput);
-        let mut l = tally.latencies.lock().expect("lock").clone();
-        l.sort();
+        let l = tally.sorted();
         let per_user = sim.handle.max_concurrency_by_user();
         println!(
             "| {lanes} | {goodput:.0} | {:.2} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {mean_in_flight:.0} |",
             goodput / base,
-            percentile(&l, 0.50),
-            percentile(&l, 0.99),
-            tally.throttled.load(Ordering::Relaxed),
-            tally.other.load(Ordering::Relaxed),
+            percentile_ms(&l, 0.50),
+            percentile_ms(&l, 0.99),
+            tally.throttled(),
+            tally.other(),
             sim.handle.throttled(),
             per_user.values().max().copied().unwrap_or(0),
             sim.handle.max_total_concurrency_seen(),
