@@ -33,32 +33,9 @@ export DATAVERSE_PROXY_LISTEN=127.0.0.1:$PORT DATAVERSE_PROXY_ADMIN_LISTEN=127.0
 export RUST_LOG=warn TOKIO_WORKER_THREADS=1
 URL="http://127.0.0.1:$PORT/api/data/v9.2/accounts"
 mkdir -p "$WORK/tmp" "$WORK/logs"
-cat > "$WORK/nginx.conf" <<CONF
-worker_processes 1;
-master_process off;
-daemon off;
-pid $WORK/nginx.pid;
-error_log $WORK/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/tmp; proxy_temp_path $WORK/tmp; fastcgi_temp_path $WORK/tmp;
-  uwsgi_temp_path $WORK/tmp; scgi_temp_path $WORK/tmp;
-  keepalive_requests 1000000;
-  upstream dataverse { server 127.0.0.1:18081; keepalive 64; }
-  server {
-    listen 127.0.0.1:$PORT backlog=4096;
-    location / {
-      proxy_pass http://dataverse;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Authorization "Bearer bench-token";
-      proxy_buffering off;
-      proxy_request_buffering off;
-    }
-  }
-}
-CONF
+# nginx's one process is the one measured: no master, no daemon.
+source "$ROOT/bench/nginx.sh"
+nginx_proxy_conf "$WORK/nginx.conf" "$WORK" "$PORT" 18081 "master_process off;"
 
 # measure NAME CONNS COMMAND... -> one table row
 measure() {

@@ -110,32 +110,8 @@ http {
   }
 }
 CONF
-cat > "$WORK/nginx-proxy.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/nginx-proxy.pid;
-error_log $WORK/logs/proxy-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/tmp; proxy_temp_path $WORK/tmp; fastcgi_temp_path $WORK/tmp;
-  uwsgi_temp_path $WORK/tmp; scgi_temp_path $WORK/tmp;
-  keepalive_requests 1000000;
-  upstream dataverse { server 127.0.0.1:$UP; keepalive 64; }
-  server {
-    listen 127.0.0.1:$NGX backlog=4096;
-    location / {
-      proxy_pass http://dataverse;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Authorization "Bearer bench-token";
-      # Stream like dataverse-proxy does, instead of spooling to disk.
-      proxy_buffering off;
-      proxy_request_buffering off;
-    }
-  }
-}
-CONF
+source "$ROOT/bench/nginx.sh"
+nginx_proxy_conf "$WORK/nginx-proxy.conf" "$WORK" "$NGX" "$UP"
 
 start() { # name, command... -> LAST (its PID)
   local name=$1; shift

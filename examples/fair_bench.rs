@@ -14,23 +14,14 @@ use std::time::Duration;
 use dataverse_proxy::config::{Config, Sources};
 use dataverse_proxy::sim::{ServiceLimits, Sim, SimConfig, SimHandle};
 use sha2::Digest;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod common;
-use common::{OnThrottle, Tally, percentile_ms};
+use common::{OnThrottle, Tally, arg, percentile_ms};
 
 const GREEDY: usize = 200;
 const SMALL: usize = 10;
 const SMALL_EACH: usize = 2;
-
-fn arg(name: &str, default: u64) -> u64 {
-    std::env::args()
-        .skip_while(|a| a != name)
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn key_of(caller: &str) -> String {
     format!("key-{caller}")
@@ -104,12 +95,11 @@ async fn replica(
         ..Sources::default()
     })
     .expect("config");
-    let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let base = format!("http://{}", proxy.local_addr().expect("addr"));
-    let admin_url = format!("http://{}", admin.local_addr().expect("addr"));
-    let stop = CancellationToken::new();
-    tokio::spawn(dataverse_proxy::serve(config, proxy, admin, stop.clone()));
+    let common::Replica {
+        base,
+        admin: admin_url,
+        stop,
+    } = common::serve(config).await;
     let client = reqwest::Client::new();
     for _ in 0..1000 {
         let ready = client.get(format!("{admin_url}/readyz")).send().await;

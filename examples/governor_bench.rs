@@ -16,25 +16,16 @@ use std::time::Duration;
 
 use dataverse_proxy::config::{Config, Sources};
 use dataverse_proxy::sim::{ServiceLimits, Sim, SimConfig, SimHandle};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod common;
-use common::{OnThrottle, Tally, percentile_ms};
+use common::{OnThrottle, Tally, arg, percentile_ms};
 
 const CALLERS: usize = 300;
 
 /// A name, a number of replicas (0: direct clients), their overrides.
 type Scenario = (&'static str, usize, Vec<(&'static str, String)>);
 const SERVICE_TIME: Duration = Duration::from_millis(40);
-
-fn arg(name: &str, default: u64) -> u64 {
-    std::env::args()
-        .skip_while(|a| a != name)
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 async fn sim() -> Sim {
     let sim = Sim::start(SimConfig::default()).await.expect("sim");
@@ -58,14 +49,11 @@ async fn replica(sim: &SimHandle, extra: &[(&'static str, String)]) -> (String, 
         ..Sources::default()
     })
     .expect("config");
-    let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!(
-        "http://{}/api/data/v9.2/WhoAmI",
-        proxy.local_addr().expect("addr")
+    let replica = common::serve(config).await;
+    let (url, stop) = (
+        format!("{}/api/data/v9.2/WhoAmI", replica.base),
+        replica.stop,
     );
-    let stop = CancellationToken::new();
-    tokio::spawn(dataverse_proxy::serve(config, proxy, admin, stop.clone()));
     let client = reqwest::Client::new();
     for _ in 0..500 {
         if client

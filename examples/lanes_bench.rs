@@ -10,22 +10,13 @@ use std::time::Duration;
 
 use dataverse_proxy::config::{Config, Sources};
 use dataverse_proxy::sim::{AppUser, ServiceLimits, Sim, SimConfig, SimHandle};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod common;
-use common::{OnThrottle, Tally, percentile_ms};
+use common::{OnThrottle, Tally, arg, percentile_ms};
 
 const CALLERS: usize = 400;
 const REPLICAS: usize = 3;
-
-fn arg(name: &str, default: u64) -> u64 {
-    std::env::args()
-        .skip_while(|a| a != name)
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// The stand-in's service time: 40 ± 10 ms, or `BENCH_LATENCY_MS` ± a quarter.
 fn latency() -> (Duration, Duration) {
@@ -92,12 +83,11 @@ async fn replica(
         ..Sources::default()
     })
     .expect("config");
-    let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let base = format!("http://{}", proxy.local_addr().expect("addr"));
-    let admin_url = format!("http://{}", admin.local_addr().expect("addr"));
-    let stop = CancellationToken::new();
-    tokio::spawn(dataverse_proxy::serve(config, proxy, admin, stop.clone()));
+    let common::Replica {
+        base,
+        admin: admin_url,
+        stop,
+    } = common::serve(config).await;
     let client = reqwest::Client::new();
     for _ in 0..1000 {
         let metrics = match client.get(format!("{admin_url}/metrics")).send().await {

@@ -124,3 +124,45 @@ pub fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
         .get(((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1)))
         .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
+
+/// The value after `name` on the command line, else `default`.
+pub fn arg(name: &str, default: u64) -> u64 {
+    std::env::args()
+        .skip_while(|a| a != name)
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A replica of the proxy started in this process on free loopback ports.
+pub struct Replica {
+    /// `http://127.0.0.1:PORT` of its proxy listener.
+    pub base: String,
+    /// `http://127.0.0.1:PORT` of its admin listener.
+    pub admin: String,
+    /// Stops it.
+    pub stop: tokio_util::sync::CancellationToken,
+}
+
+/// Binds both listeners and serves `config` on them (not yet ready: each
+/// driver waits for what it needs).
+pub async fn serve(config: dataverse_proxy::config::Config) -> Replica {
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let replica = Replica {
+        base: format!("http://{}", proxy.local_addr().expect("addr")),
+        admin: format!("http://{}", admin.local_addr().expect("addr")),
+        stop: tokio_util::sync::CancellationToken::new(),
+    };
+    tokio::spawn(dataverse_proxy::serve(
+        config,
+        proxy,
+        admin,
+        replica.stop.clone(),
+    ));
+    replica
+}

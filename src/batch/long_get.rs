@@ -100,18 +100,11 @@ where
         }))
 }
 
+/// The answer's boundary, when it is `multipart/mixed` (the reader's own
+/// rule, `super::boundary`).
 fn multipart_boundary(headers: &HeaderMap) -> Option<String> {
-    let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
-    let (kind, params) = ct.split_once(';')?;
-    if !kind.trim().eq_ignore_ascii_case("multipart/mixed") {
-        return None;
-    }
-    params.split(';').find_map(|p| {
-        let (k, v) = p.split_once('=')?;
-        k.trim()
-            .eq_ignore_ascii_case("boundary")
-            .then(|| v.trim().trim_matches('"').to_owned())
-    })
+    let content_type = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    super::boundary(content_type).map(str::to_owned)
 }
 
 /// Reads up to the end of the inner head: the status, the headers, and

@@ -136,12 +136,12 @@ impl Pool {
         }
     }
 
-    /// Connections opened so far (for tests and the status of the pool).
+    /// Connections opened so far (`upstream_connections_opened_total`).
     pub fn opened(&self) -> u64 {
         self.0.opened.load(Ordering::Relaxed)
     }
 
-    /// Idle connections held now.
+    /// Idle connections held now (`upstream_connections_idle`).
     pub fn idle(&self) -> usize {
         self.0.lock().len()
     }

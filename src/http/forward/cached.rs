@@ -37,9 +37,12 @@ pub enum Cached {
     Made(Response<Full<Bytes>>),
 }
 
+/// The org's cache and the key a request has in it.
+pub type CacheKey = (Arc<MetadataCache>, Key);
+
 /// The org's cache and the request's key, when the request is one the
 /// cache serves.
-pub fn lookup_key(admitted: &Admitted, planned: &Planned) -> Option<(Arc<MetadataCache>, Key)> {
+pub fn lookup_key(admitted: &Admitted, planned: &Planned) -> Option<CacheKey> {
     let cache = admitted.org.metadata.as_ref()?;
     let resource = crate::policy::resource(planned.uri.path())?;
     let target = planned.uri.path_and_query()?.as_str();
@@ -64,7 +67,7 @@ struct Asker<'a> {
 pub async fn send(
     state: &AppState,
     admitted: &Admitted,
-    (cache, key): (Arc<MetadataCache>, Key),
+    (cache, key): CacheKey,
     mut planned: Planned,
     (accept, arrived): (&AcceptEncoding, tokio::time::Instant),
     info: &mut RequestInfo,

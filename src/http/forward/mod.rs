@@ -108,10 +108,7 @@ async fn forward(
 async fn cached_answer(
     state: &AppState,
     admitted: &admit::Admitted,
-    cache: (
-        std::sync::Arc<crate::metadata_cache::MetadataCache>,
-        crate::metadata_cache::Key,
-    ),
+    cache: cached::CacheKey,
     planned: plan::Planned,
     (accept, arrived): (&AcceptEncoding, Instant),
     info: &mut RequestInfo,

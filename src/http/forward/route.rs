@@ -45,7 +45,7 @@ impl<'a> Route<'a> {
     }
 
     /// The lane's name, or `user` for a request with the user's own token
-    /// (for traces and logs).
+    /// (the attempt's span names it).
     pub fn lane_name(&self) -> &str {
         match self {
             Self::Lane { admitted, lane } => &admitted.org.lanes.get(*lane).name,

@@ -383,7 +383,7 @@ impl Metrics {
         let gateway_duration = registered(
             &mut r,
             "gateway_duration_seconds",
-            "The proxy's own time for a request: until the answer's head, less Dataverse's time to its response headers (governor waits and replay backoff included)",
+            "The proxy's own time for a request: until the answer's head is ready for the caller, less Dataverse's time to its response headers (governor waits, replay backoff and reading a small rewritten answer's body included)",
             Family::<OrgLabel, Histogram>::new_with_constructor(histogram),
         );
         let bytes_in = registered(
