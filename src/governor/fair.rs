@@ -12,10 +12,13 @@
 //! semaphore per flow, taken before the queue, so a capped caller never
 //! holds a place at its head.
 //!
-//! The queue decides which waiters are *heads* (those that try the store
-//! for a slot): one at a time with this process's store (it answers at
-//! once), a few with the shared store (each try is a round trip), whose
-//! tickets Redis orders by the same tags across replicas (`redis.rs`).
+//! With the shared store, the queue decides which waiters are *heads*
+//! (those that try the store for a slot): a few (each try is a round
+//! trip), whose tickets Redis orders by the same tags across replicas
+//! (`redis.rs`). A governor of this process only keeps its slots here
+//! instead ([`FairQueue::with_slots`]): a slot given back goes straight to
+//! the best-placed waiter, which wakes once and holds it. Nobody tries
+//! twice, and the cost of a wait does not grow with the queue.
 //!
 //! Written here: tokio's semaphore is first-come first-served, and no crate
 //! offers a weighted fair async queue.
@@ -26,6 +29,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use super::store::{Ask, Gate, Lease, SlotStore, StoreFuture, TryAcquire};
 
 /// A flow's cost per request at weight 1 (tags are integers).
 pub const COST: u64 = 1000;
@@ -59,11 +64,21 @@ impl Flow {
     }
 }
 
-/// A waiter's place: notified when it becomes a head.
+/// A waiter's place: notified when it becomes a head (or, with slots
+/// kept here, when it is given one).
 #[derive(Debug, Default)]
 struct Slot {
     head: AtomicBool,
     wake: Notify,
+}
+
+/// The slots of a governor of this process only, kept with its queue.
+#[derive(Debug)]
+struct Slots {
+    taken: usize,
+    /// The limit in force, as the governor last set it.
+    limit: usize,
+    gate: Arc<Gate>,
 }
 
 #[derive(Debug, Default)]
@@ -76,6 +91,8 @@ struct State {
     waiting: HashMap<u64, Arc<Slot>>,
     heads: usize,
     next: u64,
+    /// `Some` when the slots are kept here (see the module comment).
+    slots: Option<Slots>,
 }
 
 /// A flow's cap: its size, and the semaphore that keeps it.
@@ -87,6 +104,7 @@ pub struct FairQueue {
     state: Mutex<State>,
     max_heads: usize,
     caps: Caps,
+    released: Notify,
 }
 
 /// Per-flow caps (`max_concurrency`): a semaphore per flow.
@@ -126,7 +144,30 @@ impl FairQueue {
             state: Mutex::new(State::default()),
             max_heads: max_heads.max(1),
             caps: Caps::default(),
+            released: Notify::new(),
         }
+    }
+
+    /// A queue that keeps the slots itself, under `limit` (see
+    /// [`Self::set_limit`]) while `gate` is open, and hands each one given
+    /// back to the best-placed waiter.
+    pub fn with_slots(limit: usize, gate: Arc<Gate>) -> Self {
+        let queue = Self::new(1);
+        queue.lock().slots = Some(Slots {
+            taken: 0,
+            limit,
+            gate,
+        });
+        queue
+    }
+
+    /// The limit changed or the gate reopened: waiters get the slots now free.
+    pub fn set_limit(&self, limit: usize) {
+        let mut s = self.lock();
+        if let Some(slots) = &mut s.slots {
+            slots.limit = limit;
+        }
+        grant(&mut s);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -161,7 +202,32 @@ impl FairQueue {
             queue: self,
             seq,
             slot,
+            claimed: false,
         }
+    }
+
+    /// A slot kept here, if one is free, the gate open and nobody waiting.
+    fn try_take(&self, limit: usize) -> bool {
+        let mut s = self.lock();
+        let nobody_waits = s.waiting.is_empty();
+        let Some(slots) = &mut s.slots else {
+            return false;
+        };
+        slots.limit = limit;
+        let free = nobody_waits && slots.taken < limit && slots.gate.closed_until().is_none();
+        slots.taken += usize::from(free);
+        free
+    }
+
+    /// A slot kept here comes back: to the next waiter, if it may go.
+    fn give_back(&self) {
+        let mut s = self.lock();
+        if let Some(slots) = &mut s.slots {
+            slots.taken = slots.taken.saturating_sub(1);
+        }
+        grant(&mut s);
+        drop(s);
+        self.released.notify_one();
     }
 
     /// Waiters that are not heads yet.
@@ -170,19 +236,75 @@ impl FairQueue {
     }
 }
 
-/// Makes the best-placed waiters heads while there is room.
+/// Makes the best-placed waiters heads while there is room (with the
+/// slots kept here: gives them the free slots instead).
 fn promote(s: &mut State, max_heads: usize) {
+    if s.slots.is_some() {
+        return grant(s);
+    }
     while s.heads < max_heads {
-        let Some(Reverse((start, seq))) = s.heap.pop() else {
+        if !turn_next(s) {
             return;
-        };
+        }
+        s.heads += 1;
+    }
+}
+
+/// Gives the best-placed waiters the slots free under the limit, while
+/// the gate is open.
+fn grant(s: &mut State) {
+    while let Some(slots) = &s.slots
+        && slots.taken < slots.limit
+        && !s.waiting.is_empty()
+        && slots.gate.closed_until().is_none()
+    {
+        if turn_next(s)
+            && let Some(slots) = &mut s.slots
+        {
+            slots.taken += 1;
+        }
+    }
+}
+
+/// Wakes the best-placed waiter, if any (entries whose waiter left are
+/// skipped); true if one was woken.
+fn turn_next(s: &mut State) -> bool {
+    while let Some(Reverse((start, seq))) = s.heap.pop() {
         let Some(slot) = s.waiting.remove(&seq) else {
             continue;
         };
-        s.heads += 1;
         s.vtime = s.vtime.max(start);
         slot.head.store(true, Ordering::Release);
         slot.wake.notify_one();
+        return true;
+    }
+    false
+}
+
+/// Slots kept with the queue, for a governor of this process only.
+impl SlotStore for FairQueue {
+    fn try_acquire(&self, ask: Ask<'_>) -> StoreFuture<'_, TryAcquire> {
+        let answer = if self.try_take(ask.limit) {
+            TryAcquire::Got {
+                lease: Lease::Local,
+                limit: ask.limit,
+            }
+        } else {
+            TryAcquire::Full
+        };
+        Box::pin(std::future::ready(Ok(answer)))
+    }
+
+    fn release(&self, _lease: Lease) {
+        self.give_back();
+    }
+
+    fn released(&self) -> &Notify {
+        &self.released
+    }
+
+    fn taken(&self) -> usize {
+        self.lock().slots.as_ref().map_or(0, |s| s.taken)
     }
 }
 
@@ -192,10 +314,13 @@ pub struct Place<'a> {
     queue: &'a FairQueue,
     seq: u64,
     slot: Arc<Slot>,
+    /// A slot given to this waiter is now the caller's (its permit's).
+    claimed: bool,
 }
 
 impl Place<'_> {
-    /// Resolves when this waiter is a head.
+    /// Resolves when this waiter is a head (with the slots kept here: when
+    /// it holds one).
     pub async fn turn(&self) {
         loop {
             let woken = self.slot.wake.notified();
@@ -210,15 +335,28 @@ impl Place<'_> {
     pub fn seq(&self) -> u64 {
         self.seq
     }
+
+    /// The slot this place was given goes to the caller's permit, which
+    /// gives it back to the queue ([`SlotStore::release`]).
+    pub fn claim(mut self) {
+        self.claimed = self.slot.head.load(Ordering::Acquire);
+    }
 }
 
 impl Drop for Place<'_> {
     fn drop(&mut self) {
         let mut s = self.queue.lock();
-        if self.slot.head.load(Ordering::Acquire) {
-            s.heads -= 1;
-        } else {
-            s.waiting.remove(&self.seq);
+        // Read under the lock: a grant (made under it) may have just come.
+        let turned = self.slot.head.load(Ordering::Acquire);
+        match (turned, s.slots.is_some()) {
+            (false, _) => drop(s.waiting.remove(&self.seq)),
+            (true, false) => s.heads -= 1,
+            // Given a slot but gone before taking it: it goes on.
+            (true, true) if !self.claimed => {
+                drop(s);
+                return self.queue.give_back();
+            }
+            (true, true) => return,
         }
         promote(&mut s, self.queue.max_heads);
     }
@@ -304,6 +442,69 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(1), fourth.turn())
             .await
             .expect("the fourth is a head now");
+    }
+
+    fn slots(limit: usize) -> FairQueue {
+        FairQueue::with_slots(limit, Arc::new(Gate::default()))
+    }
+
+    #[test]
+    fn a_slot_given_back_goes_to_the_best_placed_waiter_and_stays_taken() {
+        let q = slots(1);
+        assert!(q.try_take(1), "a free slot");
+        assert!(!q.try_take(1), "the only slot is taken");
+        let (greedy, small) = (flow("greedy", 1), flow("small", 1));
+        let queued: Vec<_> = (0..5).map(|_| q.enter(&greedy)).collect();
+        let small_place = q.enter(&small);
+        assert!(queued.iter().all(|p| !p.slot.head.load(Ordering::Acquire)));
+        q.give_back();
+        assert_eq!(q.taken(), 1, "handed on, never free");
+        let given: Vec<bool> = queued
+            .iter()
+            .map(|p| p.slot.head.load(Ordering::Acquire))
+            .collect();
+        assert_eq!(given, [true, false, false, false, false]);
+        queued.into_iter().next().expect("first").claim();
+        q.give_back();
+        assert!(
+            small_place.slot.head.load(Ordering::Acquire),
+            "the small caller's one request goes ahead of the greedy queue"
+        );
+        assert!(!q.try_take(1), "no caller jumps the queue");
+    }
+
+    #[test]
+    fn a_waiter_given_a_slot_that_leaves_hands_it_on() {
+        let q = slots(1);
+        assert!(q.try_take(1));
+        let f = flow("a", 1);
+        let (first, second) = (q.enter(&f), q.enter(&f));
+        q.give_back();
+        assert!(first.slot.head.load(Ordering::Acquire));
+        drop(first); // its caller left before taking the slot
+        assert!(second.slot.head.load(Ordering::Acquire));
+        second.claim();
+        assert_eq!(q.taken(), 1);
+        q.give_back();
+        assert_eq!(q.taken(), 0, "nobody waits: the slot is free");
+        assert_eq!(q.waiting(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_gate_or_a_full_limit_holds_the_slots_back() {
+        let gate = Arc::new(Gate::default());
+        let q = FairQueue::with_slots(1, gate.clone());
+        assert!(q.try_take(1));
+        let waiter = q.enter(&flow("a", 1));
+        gate.close(std::time::Duration::from_secs(2));
+        q.give_back();
+        assert!(!waiter.slot.head.load(Ordering::Acquire), "gate closed");
+        assert_eq!(q.taken(), 0);
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        q.set_limit(0);
+        assert!(!waiter.slot.head.load(Ordering::Acquire), "no room");
+        q.set_limit(1);
+        assert!(waiter.slot.head.load(Ordering::Acquire), "reopened, room");
     }
 
     #[tokio::test(start_paused = true)]

@@ -66,18 +66,20 @@ pub struct Governor {
 struct Inner {
     /// Swapped whole by a reload ([`Governor::reconfigure`]).
     config: arc_swap::ArcSwap<GovernorConfig>,
+    /// With shared state, the fallback while Redis does not answer.
     local: Arc<LocalStore>,
     shared: Option<Arc<RedisStore>>,
     limit: Mutex<AdaptiveLimit>,
     gate: Arc<Gate>,
     budget: RetryBudget,
     stats: Arc<GovernorStats>,
-    /// Only the heads of this replica's queue try for slots; the rest wait
-    /// their turn by fair share. With the shared store a few heads (each
-    /// attempt is a round trip; one could not take freed slots as fast as
-    /// they free up), so a long queue costs Redis a few attempts per
-    /// release, not one per waiter.
-    queue: FairQueue,
+    /// Without shared state, the slots themselves: each one given back goes
+    /// to the best-placed waiter. With it, only the heads of this replica's
+    /// queue try for slots; the rest wait their turn by fair share: a few
+    /// heads (each attempt is a round trip; one could not take freed slots
+    /// as fast as they free up), so a long queue costs Redis a few attempts
+    /// per release, not one per waiter.
+    queue: Arc<FairQueue>,
     /// Slots handed out, for `max_hold`.
     holds: Holds,
 }
@@ -189,7 +191,10 @@ impl Governor {
         };
         let limit = AdaptiveLimit::new(config.max_concurrency, config.min_concurrency, ceiling);
         let stats = Arc::new(GovernorStats::default());
-        let heads = if shared.is_some() { HEADS } else { 1 };
+        let queue = match shared {
+            Some(_) => FairQueue::new(HEADS),
+            None => FairQueue::with_slots(limit.get(), gate.clone()),
+        };
         let governor = Self {
             inner: Arc::new(Inner {
                 shared,
@@ -198,7 +203,7 @@ impl Governor {
                 gate,
                 budget: RetryBudget::new(config.retry_budget, config.min_retries),
                 stats,
-                queue: FairQueue::new(heads),
+                queue: Arc::new(queue),
                 holds: Holds::default(),
                 config: arc_swap::ArcSwap::from_pointee(config),
             }),
@@ -249,6 +254,15 @@ impl Governor {
         self.adaptive()
             .rebound(config.max_concurrency, config.min_concurrency, ceiling);
         self.inner.config.store(Arc::new(config));
+        self.limit_changed();
+    }
+
+    /// The limit moved or the gate reopened: slots kept with the queue
+    /// (no shared state) go to waiters under the limit now in force.
+    fn limit_changed(&self) {
+        if self.inner.shared.is_none() {
+            self.inner.queue.set_limit(self.limit());
+        }
     }
 
     /// `Some(true)` while the shared state is in use, `Some(false)` while
@@ -285,7 +299,7 @@ impl Governor {
                 inner.config.load().fallback_concurrency,
                 shared.taken(),
             ),
-            None => (inner.local.clone(), self.adaptive().get(), 0),
+            None => (inner.queue.clone(), self.adaptive().get(), 0),
         }
     }
 
@@ -394,10 +408,27 @@ impl Governor {
             });
         }
         stats.waits.fetch_add(1, Ordering::Relaxed);
-        let wait = self.wait_for_slot(flow, cap);
-        tokio::time::timeout(inner.config.load().queue_timeout, wait)
-            .await
-            .map_err(|_| self.timed_out())
+        let timeout = inner.config.load().queue_timeout;
+        let permit = if inner.shared.is_some() {
+            tokio::time::timeout(timeout, self.wait_for_slot(flow, cap)).await
+        } else {
+            tokio::time::timeout(timeout, self.wait_for_grant(flow, cap)).await
+        };
+        permit.map_err(|_| self.timed_out())
+    }
+
+    /// Waits until the queue hands this request a slot given back (no
+    /// shared state: the queue keeps the slots, and the gate and limit
+    /// are checked where they are handed on).
+    async fn wait_for_grant(
+        &self,
+        flow: &Flow,
+        cap: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Permit {
+        let place = self.inner.queue.enter(flow);
+        place.turn().await;
+        place.claim();
+        self.permit(Lease::Local, self.inner.queue.clone(), cap)
     }
 
     fn timed_out(&self) -> GovernorError {
@@ -476,6 +507,15 @@ impl Governor {
         }
         let wait = retry_after.min(inner.config.load().max_retry_after);
         inner.gate.close(wait);
+        if inner.shared.is_none() {
+            // Slots given back while the gate is closed stay free: the
+            // waiters get them when it reopens.
+            let governor = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                governor.limit_changed();
+            });
+        }
         if let Some(shared) = inner.shared.clone().filter(|s| s.is_shared()) {
             tokio::spawn(async move {
                 let _ = shared.close_gate(wait).await;
@@ -496,6 +536,7 @@ impl Governor {
         if !lowered {
             return;
         }
+        self.limit_changed();
         tracing::warn!(
             limit = now,
             "Dataverse refused a request for concurrency; lowering the limit"
@@ -522,6 +563,7 @@ impl Governor {
         if !raised {
             return;
         }
+        self.limit_changed();
         if let Some(shared) = self.inner.shared.clone().filter(|s| s.is_shared()) {
             let governor = self.clone();
             tokio::spawn(async move {
@@ -562,7 +604,15 @@ impl Governor {
     /// Records Dataverse's recommended degree of parallelism.
     pub fn dop_hint(&self, hint: usize) {
         self.inner.stats.dop_hint.store(hint, Ordering::Relaxed);
-        self.adaptive().hint(hint);
+        let lowered = {
+            let mut limit = self.adaptive();
+            let before = limit.get();
+            limit.hint(hint);
+            limit.get() < before
+        };
+        if lowered {
+            self.limit_changed();
+        }
     }
 }
 

@@ -230,3 +230,44 @@ async fn an_answered_request_frees_its_slot_at_once_when_dropped() {
         "no grace once Dataverse answered"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn slots_given_back_while_the_gate_is_closed_wait_for_it_to_reopen() {
+    let g = Governor::new(config(2, 10, 60_000));
+    let (a, b) = (g.acquire().await.expect("a"), g.acquire().await.expect("b"));
+    let waiters: Vec<_> = (0..2)
+        .map(|_| {
+            let g = g.clone();
+            tokio::spawn(async move { g.acquire().await.map(|p| (Instant::now(), p)) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let closed = Instant::now();
+    g.throttled(Throttle::RequestCount, Duration::from_secs(3));
+    a.finish();
+    b.finish();
+    assert_eq!(g.stats().in_flight.load(Ordering::Relaxed), 0, "given back");
+    for w in waiters {
+        let (at, _permit) = w.await.expect("join").expect("a slot");
+        assert_eq!(at.duration_since(closed), Duration::from_secs(3));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_raised_limit_lets_waiters_in_at_once() {
+    let g = Governor::new(GovernorConfig {
+        max_concurrency: 1,
+        ceiling: 4,
+        ..config(1, 10, 60_000)
+    });
+    let a = g.acquire().await.expect("a");
+    let g2 = g.clone();
+    let waiter = tokio::spawn(async move { g2.acquire().await.map(|_| Instant::now()) });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let raised = Instant::now();
+    g.dop_hint(4);
+    g.succeeded(); // one success at limit 1 raises it to 2
+    assert_eq!(g.limit(), 2);
+    assert_eq!(waiter.await.expect("join").expect("a slot"), raised);
+    drop(a);
+}
