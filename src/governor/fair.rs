@@ -23,7 +23,6 @@
 //! Written here: tokio's semaphore is first-come first-served, and no crate
 //! offers a weighted fair async queue.
 
-use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -69,8 +68,38 @@ impl Flow {
 #[derive(Debug, Default)]
 struct Slot {
     head: AtomicBool,
+    /// Its waiter left before its turn (set under the queue's lock).
+    left: AtomicBool,
     wake: Notify,
 }
+
+/// A waiter in the heap, ordered by (start tag, arrival), smallest first.
+#[derive(Debug)]
+struct Waiting {
+    start: u64,
+    seq: u64,
+    slot: Arc<Slot>,
+}
+
+impl Ord for Waiting {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (other.start, other.seq).cmp(&(self.start, self.seq))
+    }
+}
+
+impl PartialOrd for Waiting {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Waiting {
+    fn eq(&self, other: &Self) -> bool {
+        (self.start, self.seq) == (other.start, other.seq)
+    }
+}
+
+impl Eq for Waiting {}
 
 /// The slots of a governor of this process only, kept with its queue.
 #[derive(Debug)]
@@ -85,10 +114,12 @@ struct Slots {
 struct State {
     vtime: u64,
     finish: HashMap<Arc<str>, u64>,
-    /// Waiters not yet heads, by (start tag, arrival); entries whose waiter
-    /// left are skipped when they come up.
-    heap: BinaryHeap<Reverse<(u64, u64)>>,
-    waiting: HashMap<u64, Arc<Slot>>,
+    /// Waiters not yet heads, best first; entries whose waiter left are
+    /// skipped when they come up (no map to look them up: one push and one
+    /// pop per wait).
+    heap: BinaryHeap<Waiting>,
+    /// Waiters in the heap that have not left.
+    waiting: usize,
     heads: usize,
     next: u64,
     /// `Some` when the slots are kept here (see the module comment).
@@ -185,17 +216,26 @@ impl FairQueue {
     pub fn enter(&self, flow: &Flow) -> Place<'_> {
         let slot = Arc::new(Slot::default());
         let mut s = self.lock();
-        let start = s.vtime.max(s.finish.get(&flow.key).copied().unwrap_or(0));
-        s.finish.insert(flow.key.clone(), start + flow.cost());
-        if s.finish.len() > 1024 && s.finish.len() > 4 * s.waiting.len() {
+        let vtime = s.vtime;
+        let finish = s.finish.entry(flow.key.clone()).or_insert(0);
+        let start = vtime.max(*finish);
+        *finish = start + flow.cost();
+        if s.finish.len() > 1024 && s.finish.len() > 4 * s.waiting {
             // A flow whose tag the virtual time has passed starts afresh anyway.
-            let vtime = s.vtime;
             s.finish.retain(|_, f| *f > vtime);
+        }
+        if s.heap.len() > 64 && s.heap.len() > 2 * s.waiting {
+            // Waiters that left (timed out, their callers gone) take no room.
+            s.heap.retain(|w| !w.slot.left.load(Ordering::Relaxed));
         }
         let seq = s.next;
         s.next += 1;
-        s.waiting.insert(seq, slot.clone());
-        s.heap.push(Reverse((start, seq)));
+        s.waiting += 1;
+        s.heap.push(Waiting {
+            start,
+            seq,
+            slot: slot.clone(),
+        });
         promote(&mut s, self.max_heads);
         drop(s);
         Place {
@@ -209,7 +249,7 @@ impl FairQueue {
     /// A slot kept here, if one is free, the gate open and nobody waiting.
     fn try_take(&self, limit: usize) -> bool {
         let mut s = self.lock();
-        let nobody_waits = s.waiting.is_empty();
+        let nobody_waits = s.waiting == 0;
         let Some(slots) = &mut s.slots else {
             return false;
         };
@@ -232,7 +272,7 @@ impl FairQueue {
 
     /// Waiters that are not heads yet.
     pub fn waiting(&self) -> usize {
-        self.lock().waiting.len()
+        self.lock().waiting
     }
 }
 
@@ -255,7 +295,7 @@ fn promote(s: &mut State, max_heads: usize) {
 fn grant(s: &mut State) {
     while let Some(slots) = &s.slots
         && slots.taken < slots.limit
-        && !s.waiting.is_empty()
+        && s.waiting > 0
         && slots.gate.closed_until().is_none()
     {
         if turn_next(s)
@@ -269,10 +309,11 @@ fn grant(s: &mut State) {
 /// Wakes the best-placed waiter, if any (entries whose waiter left are
 /// skipped); true if one was woken.
 fn turn_next(s: &mut State) -> bool {
-    while let Some(Reverse((start, seq))) = s.heap.pop() {
-        let Some(slot) = s.waiting.remove(&seq) else {
+    while let Some(Waiting { start, slot, .. }) = s.heap.pop() {
+        if slot.left.load(Ordering::Relaxed) {
             continue;
-        };
+        }
+        s.waiting -= 1;
         s.vtime = s.vtime.max(start);
         slot.head.store(true, Ordering::Release);
         slot.wake.notify_one();
@@ -349,7 +390,10 @@ impl Drop for Place<'_> {
         // Read under the lock: a grant (made under it) may have just come.
         let turned = self.slot.head.load(Ordering::Acquire);
         match (turned, s.slots.is_some()) {
-            (false, _) => drop(s.waiting.remove(&self.seq)),
+            (false, _) => {
+                self.slot.left.store(true, Ordering::Relaxed);
+                s.waiting -= 1;
+            }
             (true, false) => s.heads -= 1,
             // Given a slot but gone before taking it: it goes on.
             (true, true) if !self.claimed => {
@@ -488,6 +532,21 @@ mod tests {
         q.give_back();
         assert_eq!(q.taken(), 0, "nobody waits: the slot is free");
         assert_eq!(q.waiting(), 0);
+    }
+
+    #[test]
+    fn waiters_that_left_take_no_room() {
+        let q = slots(0);
+        let f = flow("a", 1);
+        let places: Vec<_> = (0..500).map(|_| q.enter(&f)).collect();
+        drop(places); // all timed out
+        assert_eq!(q.waiting(), 0);
+        let _next = q.enter(&f);
+        assert!(
+            q.lock().heap.len() <= 1,
+            "{} entries kept",
+            q.lock().heap.len()
+        );
     }
 
     #[tokio::test(start_paused = true)]
