@@ -110,43 +110,6 @@ impl Drop for Leaving<'_> {
     }
 }
 
-/// Releases the slots held past `max_hold`, while the governor lives.
-async fn release_overdue(inner: std::sync::Weak<Inner>) {
-    loop {
-        let period = match inner.upgrade() {
-            Some(i) => (i.config.load().max_hold / 8)
-                .clamp(Duration::from_millis(100), Duration::from_secs(5)),
-            None => return,
-        };
-        tokio::time::sleep(period).await;
-        let Some(inner) = inner.upgrade() else {
-            return;
-        };
-        let max_hold = inner.config.load().max_hold;
-        let released = inner.holds.release_older_than(max_hold);
-        if released > 0 {
-            inner
-                .stats
-                .held_too_long
-                .fetch_add(released as u64, Ordering::Relaxed);
-            tracing::warn!(
-                released,
-                max_hold_ms = max_hold.as_millis() as u64,
-                "governor slots held longer than governor.max_hold released"
-            );
-        }
-    }
-}
-
-/// Decrements the queue length however the wait ends.
-struct Queued<'a>(&'a GovernorStats);
-
-impl Drop for Queued<'_> {
-    fn drop(&mut self) {
-        self.0.queued.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Callers of one replica trying for shared slots at once.
 const HEADS: usize = 8;
 
@@ -209,7 +172,7 @@ impl Governor {
             }),
         };
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(release_overdue(Arc::downgrade(&governor.inner)));
+            handle.spawn(permit::release_overdue(Arc::downgrade(&governor.inner)));
         }
         governor
     }
@@ -400,7 +363,7 @@ impl Governor {
             return Ok(p);
         }
         let queued = stats.queued.fetch_add(1, Ordering::Relaxed);
-        let _queued = Queued(stats);
+        let _queued = stats::Queued(stats);
         if queued >= inner.config.load().max_queue {
             stats.rejected.fetch_add(1, Ordering::Relaxed);
             return Err(GovernorError::QueueFull {

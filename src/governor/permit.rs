@@ -172,3 +172,31 @@ impl Drop for Permit {
         }
     }
 }
+
+/// Releases the slots held past `max_hold`, while the governor lives.
+pub(super) async fn release_overdue(inner: Weak<super::Inner>) {
+    loop {
+        let period = match inner.upgrade() {
+            Some(i) => (i.config.load().max_hold / 8)
+                .clamp(Duration::from_millis(100), Duration::from_secs(5)),
+            None => return,
+        };
+        tokio::time::sleep(period).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let max_hold = inner.config.load().max_hold;
+        let released = inner.holds.release_older_than(max_hold);
+        if released > 0 {
+            inner
+                .stats
+                .held_too_long
+                .fetch_add(released as u64, Ordering::Relaxed);
+            tracing::warn!(
+                released,
+                max_hold_ms = max_hold.as_millis() as u64,
+                "governor slots held longer than governor.max_hold released"
+            );
+        }
+    }
+}

@@ -57,3 +57,12 @@ impl GovernorStats {
             .sum()
     }
 }
+
+/// Decrements the queue length however the wait ends.
+pub(super) struct Queued<'a>(pub(super) &'a GovernorStats);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::Relaxed);
+    }
+}
