@@ -21,9 +21,11 @@
 //!   all share the throttled user; waiting callers resume when it reopens;
 //! - a **retry budget** ([`budget`]) for replays of transient failures.
 //!
-//! The slots and the gate live in a store ([`store`]): this process's, or
-//! one shared by every replica through Redis ([`redis`]), with the local
-//! store and a fallback cap whenever Redis does not answer.
+//! The slots and the gate live in a store ([`store`]): without shared
+//! state, with the fair queue itself, which hands each slot given back to
+//! the next waiter ([`fair`]); with it, in Redis, shared by every replica
+//! ([`redis`]), with a local store and a fallback cap whenever Redis does
+//! not answer.
 //!
 //! The retry decisions (replay a throttled or failed request) are made by
 //! the forwarding handler, which knows whether the body can be replayed.
