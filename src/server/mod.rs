@@ -23,6 +23,7 @@ pub mod watch;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -159,16 +160,7 @@ pub async fn run<S: Service>(
         let stats = stats.clone();
         stats.open.fetch_add(1, Ordering::Relaxed);
         tasks.spawn(async move {
-            // Boxed: the connection's state (hyper's HTTP/1 and HTTP/2
-            // machines, TLS) is tens of KB, and the task would otherwise
-            // copy it whole on every move into the runtime; callgrind
-            // counted ~120k instructions of memcpy per new connection.
-            let serving = Box::pin(async {
-                match tls {
-                    None => connection.serve(tcp, None).await,
-                    Some(acceptor) => connection.serve_tls(acceptor, tcp).await,
-                }
-            });
+            let serving = connection.serving(tls, tcp);
             tokio::select! {
                 () = serving => {}
                 closed = watch::watch(&activity, timeouts) => {
@@ -247,6 +239,24 @@ struct Connection<S> {
 }
 
 impl<S: Service> Connection<S> {
+    /// The connection served, over TLS when `tls` is given. Boxed: its
+    /// state (hyper's HTTP/1 and HTTP/2 machines, TLS) is tens of KB, and
+    /// the task would otherwise copy it whole on every move into the
+    /// runtime; callgrind counted ~120k instructions of memcpy per new
+    /// connection.
+    fn serving(
+        self,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        tcp: TcpStream,
+    ) -> Pin<Box<impl Future<Output = ()> + Send>> {
+        Box::pin(async move {
+            match tls {
+                None => self.serve(tcp, None).await,
+                Some(acceptor) => self.serve_tls(acceptor, tcp).await,
+            }
+        })
+    }
+
     /// The TLS handshake (the watchdog bounds it with the first request
     /// head), then the requests.
     async fn serve_tls(self, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream) {
