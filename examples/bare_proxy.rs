@@ -24,7 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 /// The binary's allocator, so that the floor and the proxy differ only in
 /// what the proxy does (src/main.rs).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);

@@ -12,10 +12,13 @@ async fn main() -> ExitCode {
     cli::run(cli, env).await
 }
 
-/// mimalloc (v2) rather than glibc's malloc: a request makes some forty
-/// small allocations (hyper's, axum's, the layers' and ours), and under
-/// callgrind mimalloc cuts ~5.4k instructions per request (80.0k → 74.6k at
-/// 16 connections, docs/benchmarks.md); v3 and jemalloc measured 75.2k and
-/// 75.3k in the same run.
+/// jemalloc rather than glibc's malloc. A request makes some forty
+/// allocations (hyper's, axum's, the layers' and ours), several of them
+/// above the 1 KiB that glibc's per-thread cache serves (boxed futures,
+/// buffers), and glibc's general path costs ~200 instructions each. Under
+/// callgrind, jemalloc cuts ~4.7k instructions per request (80.0k → 75.3k at
+/// 16 connections, docs/benchmarks.md) for +2.4 MB of peak RSS while
+/// streaming 1 GiB (15.7 → 18.1 MB, under the 20 MB bound). mimalloc cut a
+/// little more (74.6k) but held 26.7 MB at that peak.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
