@@ -1,4 +1,5 @@
-//! `dataverse-proxy` binary: parse the command line, hand over to the library.
+//! `dataverse-proxy` binary: the allocator, then parse the command line and
+//! hand over to the library.
 
 use std::process::ExitCode;
 
