@@ -7,8 +7,6 @@ FROM rust:1-slim-bookworm AS build
 WORKDIR /src
 # Dependencies first, so code changes reuse the cached dependency layer.
 COPY Cargo.toml Cargo.lock ./
-# jemalloc (the allocator, src/main.rs) is built from C with make.
-RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 RUN mkdir src benches && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && echo 'fn main() {}' > benches/hot_path.rs \
     && cargo build --release --locked --bin dataverse-proxy \
