@@ -157,20 +157,17 @@ pub async fn run<S: Service>(
             activity: activity.clone(),
         };
         let tls = tls.as_ref().map(|t| t.acceptor());
-        let stats = stats.clone();
         stats.open.fetch_add(1, Ordering::Relaxed);
-        tasks.spawn(async move {
-            let serving = connection.serving(tls, tcp);
-            tokio::select! {
-                () = serving => {}
-                closed = watch::watch(&activity, timeouts) => {
-                    tracing::debug!(%peer, reason = closed.label(), "closing the connection");
-                    stats.closed[closed as usize].fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            stats.open.fetch_sub(1, Ordering::Relaxed);
-            drop(place);
+        let open = OpenConnection {
+            stats: stats.clone(),
+            activity: activity.clone(),
+            _place: place,
+        };
+        let serving = tasks.spawn(async move {
+            let _open = open;
+            connection.serving(tls, tcp).await;
         });
+        tokio::spawn(watchdog(activity, timeouts, serving, stats.clone(), peer));
     }
     drop(listener);
     tokio::select! {
@@ -178,6 +175,42 @@ pub async fn run<S: Service>(
         () = tokio::time::sleep(grace) => {
             tracing::warn!(connections = tasks.len(), "grace period over: aborting the requests still in flight");
             tasks.abort_all();
+        }
+    }
+}
+
+/// A connection's place in the table and in the open count, given up when
+/// its task ends (or is aborted).
+struct OpenConnection {
+    stats: Arc<ConnectionStats>,
+    activity: Arc<Activity>,
+    _place: table::Place,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+        self.activity.end();
+    }
+}
+
+/// The connection's watchdog ([`watch`]): aborts its task when it must
+/// close, and stops when the task ends. A task of its own, so that the
+/// connection's many wakes per request do not poll its timer.
+async fn watchdog(
+    activity: Arc<Activity>,
+    timeouts: Timeouts,
+    serving: tokio::task::AbortHandle,
+    stats: Arc<ConnectionStats>,
+    peer: SocketAddr,
+) {
+    tokio::select! {
+        biased;
+        () = activity.ended() => {}
+        closed = watch::watch(&activity, timeouts) => {
+            tracing::debug!(%peer, reason = closed.label(), "closing the connection");
+            stats.closed[closed as usize].fetch_add(1, Ordering::Relaxed);
+            serving.abort();
         }
     }
 }
