@@ -453,16 +453,28 @@ mod tests {
         assert_eq!(after, T.header_read);
     }
 
+    /// An answer's body of three one-byte frames.
+    fn three_frames() -> impl http_body::Body<Data = Bytes, Error = std::convert::Infallible> {
+        http_body_util::StreamBody::new(futures_util::stream::iter(
+            (0..3).map(|_| Ok(Frame::data(Bytes::from("x")))),
+        ))
+    }
+
+    /// A connection after one request, its watchdog running in a task.
+    fn watching_a_kept_alive_connection()
+    -> (Arc<Activity>, tokio::task::JoinHandle<(Closed, Duration)>) {
+        let a = Activity::new();
+        drop(a.request(false));
+        let watched = a.clone();
+        let watcher = tokio::spawn(async move { closes_after(&watched).await });
+        (a, watcher)
+    }
+
     /// The watchdog already asleep when the head begins: nothing wakes
     /// it, and it still closes exactly at the head's deadline.
     #[tokio::test(start_paused = true)]
     async fn a_head_begun_while_the_watchdog_sleeps_is_timed_exactly() {
-        let a = Activity::new();
-        drop(a.request(false));
-        let watcher = tokio::spawn({
-            let a = a.clone();
-            async move { closes_after(&a).await }
-        });
+        let (a, watcher) = watching_a_kept_alive_connection();
         tokio::time::sleep(Duration::from_millis(30_500)).await;
         a.read_some();
         let (why, after) = watcher.await.expect("the watchdog task");
@@ -474,17 +486,9 @@ mod tests {
     /// the idle deadline.
     #[tokio::test(start_paused = true)]
     async fn an_answer_stalled_while_the_watchdog_sleeps_is_timed_exactly() {
-        let a = Activity::new();
-        drop(a.request(false));
-        let watcher = tokio::spawn({
-            let a = a.clone();
-            async move { closes_after(&a).await }
-        });
+        let (a, watcher) = watching_a_kept_alive_connection();
         tokio::time::sleep(Duration::from_millis(40_300)).await;
-        let body = http_body_util::StreamBody::new(futures_util::stream::iter(
-            (0..3).map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from("x")))),
-        ));
-        let mut body = WatchedBody::new(body, a.request(false));
+        let mut body = WatchedBody::new(three_frames(), a.request(false));
         assert!(http_body_util::BodyExt::frame(&mut body).await.is_some());
         let (why, after) = watcher.await.expect("the watchdog task");
         assert_eq!(why, Closed::StalledReader);
@@ -502,10 +506,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_answer_not_taken_closes_after_the_write_stall_timeout() {
         let a = Activity::new();
-        let body = http_body_util::StreamBody::new(futures_util::stream::iter(
-            (0..3).map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from("x")))),
-        ));
-        let mut body = WatchedBody::new(body, a.request(false));
+        let mut body = WatchedBody::new(three_frames(), a.request(false));
         // One frame taken, then hyper stops polling (the caller reads nothing).
         let frame = http_body_util::BodyExt::frame(&mut body).await;
         assert!(frame.is_some());
