@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Checks the README's test command on a fresh Debian 12 without
-# redis-server or chromium: a debootstrap chroot with only a C compiler and
-# git added (and this machine's Rust toolchain bound in), a fresh clone of
-# this repository's HEAD, then `bash tests/run.sh`. Root only; not part of
+# Checks the README's two commands and .ci/run on a fresh Debian 12 without
+# redis-server, chromium or python3: a debootstrap chroot with only a C
+# compiler and git added (and this machine's Rust toolchain bound in), a
+# fresh clone of this repository's HEAD, then `bash .ci/run` (whose last
+# step is the README's test command, `bash tests/run.sh`) and `cargo run
+# --release -- demo`, asked for /api/data/v9.2/leads. Root only; not part of
 # CI. Usage: sudo bash tests/fresh_debian.sh [/path/for/the/chroot]
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -26,5 +28,15 @@ chroot "$C" /bin/bash -c '
   echo "before: redis-server=$(command -v redis-server || echo absent) chromium=$(command -v chromium || echo absent)"
   rm -rf /root/dvp && git clone -q /src /root/dvp && cd /root/dvp
   git log --oneline -1
-  time bash tests/run.sh
+  echo "before: python3=$(command -v python3 || echo absent)"
+  time bash .ci/run
+  cargo run --release -- demo >/tmp/demo.log 2>&1 &
+  demo=$!
+  for _ in $(seq 600); do (exec 3<>/dev/tcp/127.0.0.1/8080) 2>/dev/null && break; sleep 1; done
+  exec 3<>/dev/tcp/127.0.0.1/8080
+  printf "GET /api/data/v9.2/leads HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" >&3
+  status=$(head -1 <&3); exec 3<&-
+  kill "$demo"
+  echo "demo: $status"
+  case "$status" in "HTTP/1.1 200"*) ;; *) echo "the demo did not answer 200" >&2; exit 1 ;; esac
 '
