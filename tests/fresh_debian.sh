@@ -12,6 +12,9 @@ C="${1:-/var/tmp/dvp-fresh-debian}"
 command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap
 [ -x "$C/bin/bash" ] || debootstrap --variant=minbase bookworm "$C" http://deb.debian.org/debian
 cp /etc/resolv.conf "$C/etc/resolv.conf"
+# The chroot trusts what this machine trusts: where the network inspects
+# TLS (as here), Debian's own CA list would refuse PyPI and crates.io.
+cp /etc/ssl/certs/ca-certificates.crt "$C/root/host-ca-certificates.crt"
 # Services installed in the chroot must not start (they would share this
 # machine's ports).
 printf '#!/bin/sh\nexit 101\n' > "$C/usr/sbin/policy-rc.d"; chmod +x "$C/usr/sbin/policy-rc.d"
@@ -25,6 +28,7 @@ chroot "$C" /bin/bash -c '
   set -e
   export HOME=/root PATH=/root/.cargo/bin:/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq gcc libc6-dev git ca-certificates >/dev/null
+  cp /root/host-ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
   echo "before: redis-server=$(command -v redis-server || echo absent) chromium=$(command -v chromium || echo absent)"
   rm -rf /root/dvp && git clone -q /src /root/dvp && cd /root/dvp
   git log --oneline -1
