@@ -122,10 +122,24 @@ pub enum ProxyError {
     #[error(
         "the proxy may not act for users of this tenant yet: an administrator must grant admin consent to its Dynamics CRM user_impersonation permission"
     )]
-    ConsentRequired,
+    ConsentRequired {
+        /// Until the refusal is asked again.
+        retry_after: Duration,
+    },
     /// 401: the caller's token cannot be exchanged for the user's own.
     #[error("the caller's token can no longer be exchanged for a Dataverse token; sign in again")]
-    DelegationRefused,
+    DelegationRefused {
+        /// Until the refusal is asked again.
+        retry_after: Duration,
+    },
+    /// 401: Dataverse refused the user's freshly exchanged token.
+    #[error(
+        "Dataverse refused the user's token (the user may be disabled in this org or lack access to it); try again later"
+    )]
+    UserTokenRefused {
+        /// Until the refusal is asked again.
+        retry_after: Duration,
+    },
     /// 401: Conditional Access wants more of the user's sign-in; `claims`
     /// is Entra's challenge, passed back for MSAL to step up.
     #[error(
@@ -136,12 +150,16 @@ pub enum ProxyError {
         claims: String,
         /// Where the client signs the user in again.
         authorization_uri: String,
+        /// Until this assertion's refusal is asked again.
+        retry_after: Duration,
     },
     /// 503: Entra ID could not exchange the user's token now.
     #[error("Entra ID could not exchange the caller's token now; try again later")]
     DelegationUnavailable {
         /// For the log only.
         detail: String,
+        /// Until this assertion is exchanged again.
+        retry_after: Duration,
     },
     /// 429: the governor's queue for the org is full.
     #[error(
@@ -183,9 +201,10 @@ impl ProxyError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized(_)
             | Self::InvalidCallerToken(_)
-            | Self::DelegationRefused
+            | Self::DelegationRefused { .. }
+            | Self::UserTokenRefused { .. }
             | Self::ClaimsRequired { .. } => StatusCode::UNAUTHORIZED,
-            Self::ConsentRequired => StatusCode::FORBIDDEN,
+            Self::ConsentRequired { .. } => StatusCode::FORBIDDEN,
             Self::DelegationUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Forbidden(_) | Self::PolicyDenied(_) | Self::InsufficientCallerToken => {
                 StatusCode::FORBIDDEN
@@ -231,8 +250,9 @@ impl ProxyError {
             Self::BadRequestBody => "bad_request_body",
             Self::BadBatch(_) => "bad_batch",
             Self::TokenUnavailable { .. } => "token_unavailable",
-            Self::ConsentRequired => "consent_required",
-            Self::DelegationRefused => "invalid_token",
+            Self::ConsentRequired { .. } => "consent_required",
+            Self::DelegationRefused { .. } => "invalid_token",
+            Self::UserTokenRefused { .. } => "user_token_refused",
             Self::ClaimsRequired { .. } => "insufficient_claims",
             Self::DelegationUnavailable { .. } => "token_exchange_unavailable",
             Self::GovernorQueueFull { .. } => "governor_queue_full",
@@ -248,11 +268,13 @@ impl ProxyError {
             Self::TokenUnavailable { retry_after, .. }
             | Self::GovernorQueueFull { retry_after }
             | Self::GovernorQueueTimeout { retry_after, .. }
-            | Self::CallerQuota { retry_after } => Some(*retry_after),
-            Self::CallerKeysUnavailable | Self::DelegationUnavailable { .. } => {
-                Some(Duration::from_secs(5))
-            }
-            Self::ConsentRequired | Self::DelegationRefused | Self::ClaimsRequired { .. } => None,
+            | Self::CallerQuota { retry_after }
+            | Self::ConsentRequired { retry_after }
+            | Self::DelegationRefused { retry_after }
+            | Self::UserTokenRefused { retry_after }
+            | Self::ClaimsRequired { retry_after, .. }
+            | Self::DelegationUnavailable { retry_after, .. } => Some(*retry_after),
+            Self::CallerKeysUnavailable => Some(Duration::from_secs(5)),
             Self::NotFound
             | Self::UnknownOrg
             | Self::MethodNotAllowed
@@ -281,7 +303,8 @@ impl ProxyError {
     /// source chain and anything else kept from callers.
     pub fn log_detail(&self) -> String {
         let mut msg = self.to_string();
-        if let Self::TokenUnavailable { detail, .. } | Self::DelegationUnavailable { detail } = self
+        if let Self::TokenUnavailable { detail, .. } | Self::DelegationUnavailable { detail, .. } =
+            self
         {
             msg.push_str(": ");
             msg.push_str(detail);
@@ -332,7 +355,7 @@ impl ProxyError {
                     HeaderValue::from_static("Bearer error=\"insufficient_scope\""),
                 );
             }
-            Self::DelegationRefused => {
+            Self::DelegationRefused { .. } | Self::UserTokenRefused { .. } => {
                 h.insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer error=\"invalid_token\""),
@@ -341,6 +364,7 @@ impl ProxyError {
             Self::ClaimsRequired {
                 claims,
                 authorization_uri,
+                ..
             } => {
                 // Microsoft's claims challenge: MSAL reads `claims` (base64
                 // of Entra's JSON) and asks the user to step up.
@@ -384,20 +408,26 @@ impl From<crate::token::TokenUnavailable> for ProxyError {
     }
 }
 
-impl From<crate::token::OboError> for ProxyError {
-    fn from(e: crate::token::OboError) -> Self {
+impl From<crate::token::Refused> for ProxyError {
+    fn from(e: crate::token::Refused) -> Self {
         use crate::token::OboError;
-        match e {
-            OboError::ConsentRequired => Self::ConsentRequired,
-            OboError::InvalidGrant => Self::DelegationRefused,
+        let retry_after = e.retry_after;
+        match e.reason {
+            OboError::ConsentRequired => Self::ConsentRequired { retry_after },
+            OboError::InvalidGrant => Self::DelegationRefused { retry_after },
+            OboError::RefusedByDataverse => Self::UserTokenRefused { retry_after },
             OboError::ClaimsChallenge {
                 claims,
                 authorization_uri,
             } => Self::ClaimsRequired {
                 claims,
                 authorization_uri,
+                retry_after,
             },
-            OboError::Unavailable { detail } => Self::DelegationUnavailable { detail },
+            OboError::Unavailable { detail } => Self::DelegationUnavailable {
+                detail,
+                retry_after,
+            },
         }
     }
 }

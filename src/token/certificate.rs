@@ -8,7 +8,10 @@
 //! the chain in `x5c` when asked (subject-name/issuer authentication). A new
 //! assertion is made for every token request; none is reused.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::SystemTime;
 
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -50,6 +53,59 @@ struct AssertionClaims<'a> {
 
 fn b64url(data: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
+}
+
+/// A certificate file as last loaded: what identified the file's version
+/// then, and the loaded certificate.
+struct Loaded {
+    version: FileVersion,
+    certificate: Arc<ClientCertificate>,
+}
+
+/// What tells one version of a credential file from the next (and which
+/// password opened it).
+#[derive(PartialEq, Eq)]
+struct FileVersion {
+    modified: Option<SystemTime>,
+    len: u64,
+    password: [u8; 32],
+}
+
+/// The certificate at `path`, loaded once and again only when the file
+/// changes: parsing a PFX and its key costs far more than a signature, and
+/// every token request (a lane's refresh, each on-behalf-of exchange)
+/// needs one. Process-wide because credentials of several orgs, lanes and
+/// reloads name the same file; bounded by the files the configuration names.
+pub fn load_shared(
+    path: &Path,
+    password: Option<&SecretString>,
+) -> Result<Arc<ClientCertificate>, String> {
+    static LOADED: OnceLock<Mutex<HashMap<PathBuf, Loaded>>> = OnceLock::new();
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let version = FileVersion {
+        modified: meta.modified().ok(),
+        len: meta.len(),
+        password: sha2::Sha256::digest(password.map_or("", |p| p.expose_secret())).into(),
+    };
+    let loaded = LOADED.get_or_init(Mutex::default);
+    let lock = || {
+        loaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    if let Some(l) = lock().get(path).filter(|l| l.version == version) {
+        return Ok(Arc::clone(&l.certificate));
+    }
+    let certificate = Arc::new(ClientCertificate::load(path, password)?);
+    lock().insert(
+        path.to_owned(),
+        Loaded {
+            version,
+            certificate: Arc::clone(&certificate),
+        },
+    );
+    Ok(certificate)
 }
 
 impl ClientCertificate {
@@ -185,6 +241,27 @@ mod tests {
         assert_eq!(pem.thumbprint_sha256(), pfx.thumbprint_sha256());
         assert_eq!(pem.thumbprint_sha1(), legacy.thumbprint_sha1());
         assert!(!format!("{pem:?}").contains("BEGIN"));
+    }
+
+    #[test]
+    fn a_certificate_is_loaded_once_and_again_when_its_file_changes() {
+        let dir = std::env::temp_dir().join(format!("dvp-cert-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("client.pem");
+        std::fs::copy(fixture("client.pem"), &path).expect("copy");
+        let first = load_shared(&path, None).expect("load");
+        let again = load_shared(&path, None).expect("load");
+        assert!(Arc::ptr_eq(&first, &again), "the file unchanged: no reload");
+        // A renewed certificate: another file's contents under the name.
+        let mut renewed = std::fs::read(fixture("client.pem")).expect("read");
+        renewed.extend_from_slice(b"\n");
+        std::fs::write(&path, renewed).expect("write");
+        let after = load_shared(&path, None).expect("load");
+        assert!(
+            !Arc::ptr_eq(&first, &after),
+            "the changed file is read again"
+        );
+        std::fs::remove_dir_all(&dir).expect("clean");
     }
 
     #[test]

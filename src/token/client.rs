@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::config::{
     CredentialConfig, CredentialKind, ManagedIdentity, SecretSource, TokenVersion,
 };
-use crate::token::certificate::ClientCertificate;
+use crate::token::certificate;
 
 /// `client_assertion_type` of certificate and federated assertions.
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -323,7 +323,7 @@ pub(super) fn client_auth(
             send_chain,
             algorithm,
         } => {
-            let cert = ClientCertificate::load(path, password.as_ref().map(|p| &p.0))
+            let cert = certificate::load_shared(path, password.as_ref().map(|p| &p.0))
                 .map_err(TokenError::Credential)?;
             let assertion = cert
                 .assertion(

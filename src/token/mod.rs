@@ -25,7 +25,7 @@ pub mod obo;
 
 pub use access::AccessToken;
 pub use health::{FetchReason, TokenHealth, TokenStats};
-pub use obo::{OboError, OnBehalfOf, UserAssertion};
+pub use obo::{Exchanged, OboError, OnBehalfOf, Refused, UserAssertion};
 
 use std::fmt;
 use std::future::Future;
@@ -89,10 +89,10 @@ pub fn new_cache() -> TokenCache {
 /// Per-entry expiry: an entry leaves the cache when it stops being served.
 struct ServeUntil;
 
-impl Expiry<TokenKey, Arc<AccessToken>> for ServeUntil {
+impl<K> Expiry<K, Arc<AccessToken>> for ServeUntil {
     fn expire_after_create(
         &self,
-        _key: &TokenKey,
+        _key: &K,
         value: &Arc<AccessToken>,
         _now: std::time::Instant,
     ) -> Option<Duration> {
@@ -101,7 +101,7 @@ impl Expiry<TokenKey, Arc<AccessToken>> for ServeUntil {
 
     fn expire_after_update(
         &self,
-        _key: &TokenKey,
+        _key: &K,
         value: &Arc<AccessToken>,
         _now: std::time::Instant,
         _current: Option<Duration>,

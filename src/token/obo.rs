@@ -4,10 +4,16 @@
 //! token of the same user for Dataverse (`{org}/user_impersonation`), so
 //! Dataverse applies that user's roles and budget.
 //!
-//! Tokens are kept per (tenant, user, org) in moka, bounded in entries,
-//! each until shortly before it expires and never beyond the caller
-//! token's own `exp`; callers of one user that miss together cost one
-//! exchange (moka's `try_get_with`). Nothing of a token is logged.
+//! Tokens are kept per presented assertion (its hash, with the tenant, the
+//! user and the org), as MSAL keys its on-behalf-of cache: Entra evaluates
+//! Conditional Access at each exchange, so another token of the same user
+//! (without MFA, say) is exchanged on its own and never served the first
+//! one's result. Entries are bounded in number, each kept until shortly
+//! before it expires and never beyond the presenting token's `exp`; callers
+//! presenting one assertion that miss together cost one exchange (moka's
+//! `entry().or_try_insert_with`). A refused exchange is remembered briefly
+//! for that assertion, so a refused user costs Entra one call per
+//! [`REFUSAL_TTL`], not one per request. Nothing of a token is logged.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,8 +26,16 @@ use super::AccessToken;
 use super::client::{self, EntraErrorBody, TokenError, TokenResponse};
 use crate::config::CredentialConfig;
 
-/// Most users whose exchanged tokens are kept at once.
-const MAX_USERS: u64 = 10_000;
+/// Most presented assertions whose exchanged tokens are kept at once.
+const MAX_ASSERTIONS: u64 = 10_000;
+
+/// How long a refused exchange (or Dataverse's refusal of a freshly
+/// exchanged token) is answered from memory for that assertion.
+pub const REFUSAL_TTL: Duration = Duration::from_secs(30);
+
+/// How long Entra being unreachable is answered from memory for an
+/// assertion: as short as the `Retry-After` a lane's failing fetch gives.
+pub const UNAVAILABLE_TTL: Duration = Duration::from_secs(5);
 
 /// The grant type of the exchange (RFC 7523).
 const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -55,9 +69,35 @@ pub enum OboError {
         /// authorize endpoint).
         authorization_uri: String,
     },
+    /// Dataverse refused the user's token right after it was exchanged
+    /// (the user disabled in the org, or without access to it).
+    #[error("Dataverse refused the user's freshly exchanged token")]
+    RefusedByDataverse,
     /// Entra ID unreachable, or it failed: try again later.
     #[error("Entra ID could not exchange the token: {detail}")]
     Unavailable { detail: String },
+}
+
+/// An exchange that gave no token, and when asking again may help.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub reason: OboError,
+    /// What is left of the refusal's time in memory.
+    pub retry_after: Duration,
+}
+
+/// A refusal as remembered: the reason and when it is forgotten.
+#[derive(Clone)]
+struct Remembered {
+    reason: OboError,
+    until: Instant,
+}
+
+/// A token handed out, and whether this call exchanged it (a waiter on
+/// another caller's exchange, or a cache hit, did not).
+pub struct Exchanged {
+    pub token: Arc<AccessToken>,
+    pub fresh: bool,
 }
 
 impl OboError {
@@ -67,7 +107,16 @@ impl OboError {
             Self::ConsentRequired => "consent_required",
             Self::InvalidGrant => "invalid_grant",
             Self::ClaimsChallenge { .. } => "insufficient_claims",
+            Self::RefusedByDataverse => "user_token_refused",
             Self::Unavailable { .. } => "token_exchange_unavailable",
+        }
+    }
+
+    /// How long the refusal is answered without asking Entra again.
+    fn remembered_for(&self) -> Duration {
+        match self {
+            Self::Unavailable { .. } => UNAVAILABLE_TTL,
+            _ => REFUSAL_TTL,
         }
     }
 }
@@ -75,35 +124,46 @@ impl OboError {
 /// The on-behalf-of exchanges of one proxy.
 pub struct OnBehalfOf {
     http: reqwest::Client,
-    cache: moka::future::Cache<[u8; 32], Arc<AccessToken>>,
+    tokens: moka::future::Cache<[u8; 32], Arc<AccessToken>>,
+    refusals: moka::future::Cache<[u8; 32], Remembered>,
 }
 
 impl OnBehalfOf {
     pub fn new(http: reqwest::Client) -> Self {
         Self {
             http,
-            cache: moka::future::Cache::builder()
-                .max_capacity(MAX_USERS)
-                // No exchanged token lives longer than Entra's longest.
-                .time_to_live(Duration::from_secs(24 * 3600))
+            tokens: moka::future::Cache::builder()
+                .max_capacity(MAX_ASSERTIONS)
+                .expire_after(super::ServeUntil)
+                .build(),
+            refusals: moka::future::Cache::builder()
+                .max_capacity(MAX_ASSERTIONS)
+                .time_to_live(REFUSAL_TTL)
                 .build(),
         }
     }
 
     /// The user's token for `org` (scope `{org}/user_impersonation`),
-    /// exchanged with `credential`, from the cache while it serves.
+    /// exchanged with `credential` for this very assertion, from the cache
+    /// while it serves; a recent refusal of the assertion answers at once.
     pub async fn token(
         &self,
         credential: &Arc<CredentialConfig>,
         org: &str,
         user: &UserAssertion<'_>,
-    ) -> Result<Arc<AccessToken>, OboError> {
+    ) -> Result<Exchanged, Refused> {
         let key = key(user, org);
-        if let Some(t) = self.cache.get(&key).await {
+        if let Some(refused) = self.remembered(&key).await {
+            return Err(refused);
+        }
+        if let Some(t) = self.tokens.get(&key).await {
             if Instant::now() < t.serve_until {
-                return Ok(t);
+                return Ok(Exchanged {
+                    token: t,
+                    fresh: false,
+                });
             }
-            self.cache.invalidate(&key).await;
+            self.tokens.invalidate(&key).await;
         }
         let span = tracing::info_span!(
             "token on-behalf-of",
@@ -116,17 +176,63 @@ impl OnBehalfOf {
         );
         let fetch =
             tracing::Instrument::instrument(self.exchange(credential, org, user), span.clone());
-        let result = self.cache.try_get_with(key, fetch).await;
-        if let Err(e) = &result {
-            span.record("error.type", e.kind());
-            span.record("otel.status_code", "ERROR");
+        match self.tokens.entry(key).or_try_insert_with(fetch).await {
+            Ok(entry) => Ok(Exchanged {
+                fresh: entry.is_fresh(),
+                token: entry.into_value(),
+            }),
+            Err(e) => {
+                span.record("error.type", e.kind());
+                span.record("otel.status_code", "ERROR");
+                Err(self.remember(key, (*e).clone()).await)
+            }
         }
-        result.map_err(|e| (*e).clone())
     }
 
-    /// Drops the user's token for `org` (Dataverse refused it with 401).
+    /// Drops the user's token for `org`: Dataverse refused it (401), and
+    /// it was not freshly exchanged, so it may have been revoked since.
     pub async fn invalidate(&self, org: &str, user: &UserAssertion<'_>) {
-        self.cache.invalidate(&key(user, org)).await;
+        self.tokens.invalidate(&key(user, org)).await;
+    }
+
+    /// Dataverse refused a token exchanged for this very request: the user
+    /// cannot use the org, and asking Entra again would not change that
+    /// before [`REFUSAL_TTL`].
+    pub async fn refused_by_dataverse(&self, org: &str, user: &UserAssertion<'_>) {
+        let key = key(user, org);
+        self.tokens.invalidate(&key).await;
+        self.remember(key, OboError::RefusedByDataverse).await;
+    }
+
+    async fn remembered(&self, key: &[u8; 32]) -> Option<Refused> {
+        let r = self.refusals.get(key).await?;
+        let left = r.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            self.refusals.invalidate(key).await;
+            return None;
+        }
+        Some(Refused {
+            reason: r.reason,
+            retry_after: left,
+        })
+    }
+
+    async fn remember(&self, key: [u8; 32], reason: OboError) -> Refused {
+        let retry_after = reason.remembered_for();
+        let until = Instant::now() + retry_after;
+        self.refusals
+            .insert(
+                key,
+                Remembered {
+                    reason: reason.clone(),
+                    until,
+                },
+            )
+            .await;
+        Refused {
+            reason,
+            retry_after,
+        }
     }
 
     async fn exchange(
@@ -161,10 +267,11 @@ impl OnBehalfOf {
     }
 }
 
-/// The cache key: the user (tenant, oid) and the org, hashed.
+/// The cache key: the presented assertion itself, the user (tenant, oid)
+/// and the org, hashed, so only identical assertions share an entry.
 fn key(user: &UserAssertion<'_>, org: &str) -> [u8; 32] {
     let mut h = sha2::Sha256::new();
-    for part in [user.tenant, user.object_id, org] {
+    for part in [user.tenant, user.object_id, org, user.token] {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part.as_bytes());
     }

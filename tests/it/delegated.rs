@@ -148,8 +148,8 @@ async fn entras_refusals_are_the_callers_errors() {
 
     // No admin consent: 403 naming the step.
     h.sim.set_obo_consent(&tenant, false);
-    let (_, _, token) = user(&h.sim);
-    let resp = whoami(&h, &token).await;
+    let (_, _, refused) = user(&h.sim);
+    let resp = whoami(&h, &refused).await;
     assert_eq!(resp.status(), 403);
     assert_eq!(
         resp.headers()["x-dataverse-proxy-error"],
@@ -162,6 +162,7 @@ async fn entras_refusals_are_the_callers_errors() {
         "never Entra's description: {text}"
     );
     h.sim.set_obo_consent(&tenant, true);
+    let (_, _, token) = user(&h.sim);
 
     // MFA demanded: the claims challenge, passed back for MSAL.
     h.sim.require_mfa(true);
@@ -222,6 +223,82 @@ async fn entras_refusals_are_the_callers_errors() {
     ));
     let resp = whoami(&h, &app_token).await;
     assert_eq!(resp.status(), 403);
+    h.stop().await;
+}
+
+/// Conditional Access is evaluated at each exchange, so a second token of
+/// the same user (without MFA) is exchanged on its own, never served the
+/// first token's cached result.
+#[tokio::test]
+async fn a_second_token_of_a_user_cannot_skip_conditional_access() {
+    let h = proxy(sim().await, &[]).await;
+    h.sim.require_mfa(true);
+    let tenant = h.sim.tenant_id().to_owned();
+    let oid = Uuid::new_v4();
+    h.sim.add_user(oid);
+    let token_with = |amr: &[&str]| {
+        let who = TokenSubject::User {
+            oid: oid.to_string(),
+            client_id: Uuid::new_v4().to_string(),
+            scopes: vec!["user_impersonation".to_owned()],
+        };
+        let mut claims = h.sim.caller_claims(&tenant, &who, 2);
+        claims["amr"] = json!(amr);
+        h.sim.sign_caller_token(&claims)
+    };
+    let strong = token_with(&["pwd", "mfa"]);
+    assert_eq!(whoami(&h, &strong).await.status(), 200);
+    let weak = token_with(&["pwd"]);
+    let resp = whoami(&h, &weak).await;
+    assert_eq!(
+        resp.status(),
+        401,
+        "the cached exchange is not the weak token's"
+    );
+    assert_eq!(
+        resp.headers()["x-dataverse-proxy-error"],
+        "insufficient_claims"
+    );
+    assert_eq!(h.sim.obo_attempts(), 2, "each token exchanged on its own");
+    assert_eq!(h.sim.obo_exchanges(), 1);
+    // The strong token still serves from the cache.
+    assert_eq!(whoami(&h, &strong).await.status(), 200);
+    assert_eq!(h.sim.obo_attempts(), 2);
+    h.stop().await;
+}
+
+/// A refused exchange is remembered for that assertion: the user's next
+/// requests cost Entra nothing until the refusal's time is up, and say
+/// when to come back.
+#[tokio::test]
+async fn a_refused_exchange_is_not_asked_again_on_every_request() {
+    let h = proxy(sim().await, &[]).await;
+    h.sim.set_obo_consent(h.sim.tenant_id(), false);
+    let (_, _, token) = user(&h.sim);
+    for _ in 0..5 {
+        let resp = whoami(&h, &token).await;
+        assert_eq!(resp.status(), 403);
+        assert_eq!(
+            resp.headers()["x-dataverse-proxy-error"],
+            "consent_required"
+        );
+        let wait: u64 = resp.headers()["retry-after"]
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("seconds");
+        assert!((1..=30).contains(&wait), "{wait}");
+    }
+    assert_eq!(
+        h.sim.obo_attempts(),
+        1,
+        "one call to Entra for five requests"
+    );
+    // Another user is not refused for the first one's sake.
+    h.sim.set_obo_consent(h.sim.tenant_id(), true);
+    let (_, _, other) = user(&h.sim);
+    assert_eq!(whoami(&h, &other).await.status(), 200);
+    assert_eq!(h.sim.obo_attempts(), 2);
     h.stop().await;
 }
 

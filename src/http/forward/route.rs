@@ -21,6 +21,8 @@ pub enum Route<'a> {
         admitted: &'a Admitted,
         user: &'a Delegated,
         governor: Governor,
+        /// The token in hand was exchanged by this request.
+        fresh: bool,
     },
 }
 
@@ -35,6 +37,7 @@ impl<'a> Route<'a> {
                     admitted,
                     user,
                     governor,
+                    fresh: false,
                 },
                 permit,
             ));
@@ -70,14 +73,21 @@ impl<'a> Route<'a> {
         permit: &mut Permit,
     ) -> Result<Arc<AccessToken>, ProxyError> {
         match self {
-            Self::User { admitted, user, .. } => {
+            Self::User {
+                admitted,
+                user,
+                fresh,
+                ..
+            } => {
                 let credential = admitted.org.lanes.first().token.credential();
                 let assertion = assertion(user);
                 // Boxed, as the lane's fetch is (`TokenProvider::get`).
                 let exchange = state
                     .obo
                     .token(credential, &admitted.org.origin, &assertion);
-                Ok(Box::pin(exchange).await?)
+                let exchanged = Box::pin(exchange).await?;
+                *fresh = exchanged.fresh;
+                Ok(exchanged.token)
             }
             Self::Lane { admitted, lane } => {
                 let lanes = &admitted.org.lanes;
@@ -101,19 +111,32 @@ impl<'a> Route<'a> {
     }
 
     /// Dataverse refused `token` (401): it is dropped, so the replay gets
-    /// a fresh one.
+    /// a fresh one. A user's token exchanged for this very request was not
+    /// revoked since: the refusal is the user's, remembered for a while.
     pub async fn invalidate(&self, state: &AppState, token: &Arc<AccessToken>) {
         match self {
             Self::Lane { admitted, lane } => {
                 admitted.org.lanes.get(*lane).token.invalidate(token).await;
             }
-            Self::User { admitted, user, .. } => {
-                state
-                    .obo
-                    .invalidate(&admitted.org.origin, &assertion(user))
-                    .await;
+            Self::User {
+                admitted,
+                user,
+                fresh,
+                ..
+            } => {
+                let (org, user) = (&admitted.org.origin, assertion(user));
+                if *fresh {
+                    state.obo.refused_by_dataverse(org, &user).await;
+                } else {
+                    state.obo.invalidate(org, &user).await;
+                }
             }
         }
+    }
+
+    /// Whether the token in hand is a user's, exchanged by this request.
+    pub fn exchanged_now(&self) -> bool {
+        matches!(self, Self::User { fresh: true, .. })
     }
 
     /// Whether a throttled request can go elsewhere at once: another lane

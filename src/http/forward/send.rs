@@ -158,9 +158,11 @@ pub async fn send(
             }
         };
         let next = decide(&route, &response, &attempts, &planned, arrived);
-        if response.status() == StatusCode::UNAUTHORIZED && !attempts.refreshed {
+        let unauthorized = response.status() == StatusCode::UNAUTHORIZED;
+        if unauthorized && (!attempts.refreshed || route.exchanged_now()) {
             // Revoked or rotated: drop this token (not a newer one),
-            // whether or not the request can be replayed.
+            // whether or not the request can be replayed; a user's token
+            // exchanged just now is the user's refusal, remembered.
             attempts.refreshed = true;
             route.invalidate(state, &token).await;
         }

@@ -34,6 +34,8 @@ pub struct OboState {
     require_mfa: bool,
     /// Exchanges that issued a token.
     exchanges: u64,
+    /// Exchanges asked for, issued or refused.
+    attempts: u64,
 }
 
 /// The claims of an assertion that matter here.
@@ -61,6 +63,7 @@ pub(super) fn issue(
             "The request body must contain the following parameter: 'requested_token_use'.",
         ));
     }
+    lock(&sim.obo).attempts += 1;
     let basic = basic_credentials(headers);
     let client = client_id(sim, tenant, form, basic.as_ref())?;
     authenticate(sim, form, basic, &client, endpoint)?;
@@ -202,5 +205,10 @@ impl SimHandle {
     /// On-behalf-of exchanges that issued a token.
     pub fn obo_exchanges(&self) -> u64 {
         lock(&self.0.entra.obo).exchanges
+    }
+
+    /// On-behalf-of exchanges asked for, whether issued or refused.
+    pub fn obo_attempts(&self) -> u64 {
+        lock(&self.0.entra.obo).attempts
     }
 }
