@@ -268,12 +268,21 @@ impl Access {
             ));
         }
         // Without credentials, a caller can be known by its address alone.
-        Ok(self.callers.iter().find(|c| {
+        let by_address = self.callers.iter().find(|c| {
             c.key_sha256.is_none()
                 && c.token.is_none()
                 && c.certificate.is_none()
                 && c.cidrs.iter().any(|n| n.contains(&ip))
-        }))
+        });
+        // Once any caller rule exists, no rule is not "every right": an
+        // address no rule names would otherwise get more than a named,
+        // read-only subnet. A catch-all rule admits the rest on purpose.
+        if by_address.is_none() && !self.callers.is_empty() {
+            return Err(AdmissionError::Forbidden(format!(
+                "no caller rule admits {ip} (add a [[callers]] rule with its address, or a catch-all cidrs = [\"0.0.0.0/0\", \"::/0\"])"
+            )));
+        }
+        Ok(by_address)
     }
 
     /// The first token rule the principal meets.

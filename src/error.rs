@@ -153,6 +153,11 @@ pub enum ProxyError {
         /// Until this assertion's refusal is asked again.
         retry_after: Duration,
     },
+    /// 503: the caller is pinned to lanes the org does not run.
+    #[error(
+        "this caller is pinned to lanes (application users) this org does not run; the operator must restart the proxy with a configuration that runs them"
+    )]
+    CallerLaneUnavailable,
     /// 503: Entra ID could not exchange the user's token now.
     #[error("Entra ID could not exchange the caller's token now; try again later")]
     DelegationUnavailable {
@@ -205,7 +210,9 @@ impl ProxyError {
             | Self::UserTokenRefused { .. }
             | Self::ClaimsRequired { .. } => StatusCode::UNAUTHORIZED,
             Self::ConsentRequired { .. } => StatusCode::FORBIDDEN,
-            Self::DelegationUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::DelegationUnavailable { .. } | Self::CallerLaneUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Forbidden(_) | Self::PolicyDenied(_) | Self::InsufficientCallerToken => {
                 StatusCode::FORBIDDEN
             }
@@ -255,6 +262,7 @@ impl ProxyError {
             Self::UserTokenRefused { .. } => "user_token_refused",
             Self::ClaimsRequired { .. } => "insufficient_claims",
             Self::DelegationUnavailable { .. } => "token_exchange_unavailable",
+            Self::CallerLaneUnavailable => "caller_lane_unavailable",
             Self::GovernorQueueFull { .. } => "governor_queue_full",
             Self::GovernorQueueTimeout { .. } => "governor_queue_timeout",
             Self::UpstreamUnavailable(_) | Self::UpstreamBody(_) => "upstream_unavailable",
@@ -295,6 +303,7 @@ impl ProxyError {
             | Self::UpstreamUnavailable(_)
             | Self::UpstreamBody(_)
             | Self::UpstreamTimeout(_)
+            | Self::CallerLaneUnavailable
             | Self::Internal => None,
         }
     }

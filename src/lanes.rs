@@ -99,10 +99,13 @@ impl Lanes {
         &self.lanes[0]
     }
 
-    /// The lanes a caller pinned to `names` may take (empty: all).
-    pub fn allowed(&self, names: &[String]) -> LaneSet {
+    /// The lanes a caller pinned to `names` may take (no names: all);
+    /// `None` when none of the names is a running lane of this org. That
+    /// is a refusal, never a fall back onto the first lane: the pin says
+    /// which application user's rights the caller may use.
+    pub fn allowed(&self, names: &[String]) -> Option<LaneSet> {
         if names.is_empty() {
-            return LaneSet::ALL;
+            return Some(LaneSet::ALL);
         }
         let mut set = 0u64;
         for (i, lane) in self.lanes.iter().enumerate().take(64) {
@@ -110,7 +113,7 @@ impl Lanes {
                 set |= 1 << i;
             }
         }
-        LaneSet(set)
+        (set != 0).then_some(LaneSet(set))
     }
 
     /// Whether lane `i` is in rotation; logs a change once.

@@ -216,8 +216,12 @@ async fn stop_accepting(
     );
 }
 
-/// Startup warnings an operator must see: an open proxy, readable secrets.
+/// Startup warnings an operator must see: an open proxy, readable secrets;
+/// and who is admitted with what.
 fn warn_about_exposure(config: &config::Config) {
+    for line in config.access.summary() {
+        tracing::info!(admitted = %line, "callers");
+    }
     if !config.listen.ip().is_loopback() && config.access.is_open() {
         tracing::warn!(
             listen = %config.listen,

@@ -56,6 +56,10 @@ pub(super) async fn check(config: &Config) -> ExitCode {
         config.orgs.len(),
         if config.orgs.len() == 1 { "" } else { "s" }
     );
+    println!("callers:");
+    for line in config.access.summary() {
+        println!("  {line}");
+    }
     let http = match reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(config.upstream.response_timeout)

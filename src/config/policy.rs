@@ -129,6 +129,86 @@ pub struct Access {
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
+impl Access {
+    /// Who is admitted and with what, one line per caller rule and one for
+    /// everyone else: what `check` prints and the start-up log says.
+    pub fn summary(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self.callers.iter().map(describe_caller).collect();
+        let sources = if self.allow_cidrs.is_empty() {
+            String::new()
+        } else {
+            format!(" (only from {})", join(&self.allow_cidrs))
+        };
+        lines.push(if self.callers.is_empty() {
+            format!("every caller{sources}: admitted with the application user's full rights (no [[callers]] rule)")
+        } else if self.require_credential {
+            "any other caller: refused (a credential of a rule above is required)".to_owned()
+        } else {
+            "any other caller: refused (no rule above names its address)".to_owned()
+        });
+        lines
+    }
+}
+
+fn describe_caller(c: &Caller) -> String {
+    let mut by = Vec::new();
+    if c.key_sha256.is_some() {
+        by.push("an API key".to_owned());
+    }
+    if c.token.is_some() {
+        by.push("an Entra ID token".to_owned());
+    }
+    if c.certificate.is_some() {
+        by.push("a client certificate".to_owned());
+    }
+    if by.is_empty() {
+        by.push(format!("its address in {}", join(&c.cidrs)));
+    } else if !c.cidrs.is_empty() {
+        by.push(format!("from {}", join(&c.cidrs)));
+    }
+    let mut rights = vec![
+        if c.read_only {
+            "read-only"
+        } else {
+            "read and write"
+        }
+        .to_owned(),
+    ];
+    if !c.orgs.is_empty() {
+        rights.push(format!("orgs {}", c.orgs.join(", ")));
+    }
+    if !c.lanes.is_empty() {
+        rights.push(format!("lanes {}", c.lanes.join(", ")));
+    }
+    if c.delegated {
+        rights.push("as the user, with the user's own token".to_owned());
+    } else if c.act_as_caller.is_some() {
+        rights.push("as the calling user".to_owned());
+    }
+    if let Some(rps) = c.requests_per_second {
+        rights.push(format!("{rps} requests/s"));
+    }
+    if let Some(n) = c.max_concurrency {
+        rights.push(format!("{n} at once"));
+    }
+    if !c.privileged.is_empty() {
+        rights.push(format!("privileged headers {}", c.privileged.join(", ")));
+    }
+    format!(
+        "caller {:?}: by {}; {}",
+        c.name,
+        by.join(" "),
+        rights.join(", ")
+    )
+}
+
+fn join(nets: &[ipnet::IpNet]) -> String {
+    nets.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Validates an org's access policy.
 pub(super) fn validate_policy(p: &mut Problems<'_>, key: &str, r: RawPolicy) -> Policy {
     let mut methods = Vec::new();

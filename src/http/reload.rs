@@ -14,8 +14,9 @@
 //!
 //! Refused although valid: a file that would open a closed proxy (no caller
 //! rule left, or no credential required any more), a changed
-//! `[caller_tokens]` (a removed tenant must not stay trusted), and a start-up
-//! file that is gone. `trusted_proxies` stays as started everywhere.
+//! `[caller_tokens]` (a removed tenant must not stay trusted), changed lanes
+//! of an org or a caller pinned to lanes not running, and a start-up file
+//! that is gone. `trusted_proxies` stays as started everywhere.
 //!
 //! A request keeps the rules it was admitted under to its end, and no
 //! connection is touched. Settings that shape listeners, clients, pools or
@@ -101,6 +102,7 @@ fn try_reload(state: &AppState) -> Result<Reloaded, Vec<String>> {
             "orgs: an org was added, removed, renamed or moved; that needs a restart".to_owned(),
         ]);
     }
+    refuse_lane_changes(state, &new)?;
     state
         .rules
         .store(Arc::new(Rules::new(&new, &state.metrics)));
@@ -136,6 +138,45 @@ fn refuse_weaker_access(started: &Config, new: &Config) -> Result<(), Vec<String
         problems.push(
             "caller_tokens: changed, and a reload cannot swap the token checks (a removed tenant or audience would stay trusted); restart the proxy to apply it".to_owned(),
         );
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
+/// An org's lanes are built at start: a reload that changes them, or pins
+/// a caller to a lane an org it may use does not run, is refused (a pin
+/// that finds no lane would otherwise be a caller without a lane).
+fn refuse_lane_changes(state: &AppState, new: &Config) -> Result<(), Vec<String>> {
+    let mut problems = Vec::new();
+    for (org, running) in new.orgs.iter().zip(state.orgs.iter()) {
+        let wanted: Vec<&str> = org.lanes.iter().map(|l| l.name.as_str()).collect();
+        let has: Vec<&str> = running.lanes.iter().map(|l| &*l.name).collect();
+        if wanted != has {
+            problems.push(format!(
+                "orgs[{:?}].lanes: {wanted:?} instead of the running {has:?}; changing an org's lanes needs a restart",
+                org.name
+            ));
+        }
+    }
+    for (i, caller) in new.access.callers.iter().enumerate() {
+        if caller.lanes.is_empty() {
+            continue;
+        }
+        let usable = state
+            .orgs
+            .iter()
+            .filter(|o| caller.orgs.is_empty() || caller.orgs.contains(&o.name));
+        for org in usable {
+            if org.lanes.allowed(&caller.lanes).is_none() {
+                problems.push(format!(
+                    "callers[{i}].lanes: {:?} names no lane org {:?} runs; pinning a caller to new lanes needs a restart",
+                    caller.lanes, org.name
+                ));
+            }
+        }
     }
     if problems.is_empty() {
         Ok(())

@@ -307,3 +307,50 @@ async fn three_replicas_share_the_lanes() {
 async fn burst_owned(url: String, n: usize) -> Vec<u16> {
     burst(&url, n, &[]).await
 }
+
+/// Lanes are built at start. A reload that adds a lane and pins a caller
+/// to it is refused (saying a restart is needed), so the caller is never
+/// moved onto the org's first application user.
+#[tokio::test]
+async fn a_reload_cannot_pin_a_caller_to_a_lane_that_is_not_running() {
+    let sim = sim_with_latency(Duration::ZERO).await;
+    let b2 = sim.handle.add_application_user();
+    let caller = |pin: &str| {
+        format!(
+            "[[callers]]\nname = \"bulk\"\napi_key_sha256 = \"{}\"\n{pin}\n",
+            hex(hash_key("bulk-key"))
+        )
+    };
+    let h = Harness::with_file(sim, "admin_reload = true", &caller(""), &[]).await;
+    h.wait_ready().await;
+    let path = h.config_file.clone().expect("file");
+    let text = std::fs::read_to_string(&path).expect("config");
+    let lanes = lanes_toml(&h.sim, &[("bulk-2", &b2)], own_secret);
+    let (lanes_line, credentials) = lanes.split_once("\n\n").expect("two parts");
+    let pinned = text
+        .replace("[org]\n", &format!("[org]\n{lanes_line}\n"))
+        .replace(&caller(""), &caller("lanes = [\"bulk-2\"]"))
+        + "\n"
+        + credentials;
+    std::fs::write(&path, pinned).expect("write");
+    let resp = h
+        .client
+        .post(format!("{}/reload", h.admin))
+        .header("x-dataverse-proxy-reload", "1")
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(resp.status(), 422);
+    let body = resp.text().await.expect("body");
+    assert!(body.contains("lanes") && body.contains("restart"), "{body}");
+    // The running rules stay: the caller unpinned on the one lane.
+    let ok = h.get_with("/WhoAmI", &[("x-api-key", "bulk-key")]).await;
+    assert_eq!(ok.status(), 200);
+    let seen = h.sim.seen().pop().expect("seen");
+    assert_eq!(
+        seen.claims.expect("claims").appid,
+        h.sim.config().client_id,
+        "the one lane that runs"
+    );
+    h.stop().await;
+}

@@ -423,3 +423,57 @@ async fn caller_request_ids_are_checked_and_never_break_the_status_page() {
     );
     h.stop().await;
 }
+
+/// Once a caller rule exists, an address no rule names gets nothing, not
+/// more than the named read-only subnet; a catch-all rule admits the rest
+/// on purpose, with the rights it says.
+#[tokio::test]
+async fn unknown_addresses_get_no_more_than_named_ones() {
+    let reporting =
+        "[[callers]]\nname = \"reporting\"\ncidrs = [\"10.1.0.0/16\"]\nread_only = true\n";
+    let h = with_toml_top("trusted_proxies = [\"127.0.0.1\"]", reporting).await;
+    let delete = async |from: &'static str| {
+        h.send(
+            reqwest::Method::DELETE,
+            "/accounts(00000000-0000-0000-0000-000000000001)",
+            &[("x-forwarded-for", from)],
+            None,
+        )
+        .await
+    };
+    let named = delete("10.1.2.3").await;
+    assert_eq!(named.status(), 403, "read-only");
+    let unknown = delete("10.9.9.9").await;
+    assert_eq!(unknown.status(), 403, "no rule: refused, never full rights");
+    assert_eq!(unknown.headers()["x-dataverse-proxy-error"], "forbidden");
+    let read = h
+        .get_with("/WhoAmI", &[("x-forwarded-for", "10.9.9.9")])
+        .await;
+    assert_eq!(read.status(), 403);
+    assert!(h.sim.seen().is_empty(), "nothing reached Dataverse");
+    let ok = h
+        .get_with("/WhoAmI", &[("x-forwarded-for", "10.1.2.3")])
+        .await;
+    assert_eq!(ok.status(), 200);
+    h.stop().await;
+
+    // A catch-all rule after it admits everyone else, read-only too.
+    let everyone = format!(
+        "{reporting}\n[[callers]]\nname = \"everyone\"\ncidrs = [\"0.0.0.0/0\", \"::/0\"]\nread_only = true\n"
+    );
+    let h = with_toml_top("trusted_proxies = [\"127.0.0.1\"]", &everyone).await;
+    let read = h
+        .get_with("/WhoAmI", &[("x-forwarded-for", "10.9.9.9")])
+        .await;
+    assert_eq!(read.status(), 200);
+    let write = h
+        .send(
+            reqwest::Method::DELETE,
+            "/accounts(00000000-0000-0000-0000-000000000001)",
+            &[("x-forwarded-for", "10.9.9.9")],
+            None,
+        )
+        .await;
+    assert_eq!(write.status(), 403);
+    h.stop().await;
+}

@@ -177,12 +177,26 @@ async fn identify(
         privileged: (!rules.access.callers.is_empty())
             .then(|| caller.map(|c| c.privileged.clone()).unwrap_or_default()),
         act_as: admission.act_as,
+        lanes: lanes_of(caller, org, admission.delegated.is_some())?,
         delegated: admission.delegated,
-        lanes: org
-            .lanes
-            .allowed(caller.map_or(&[][..], |c| c.lanes.as_slice())),
         flow: flow_of(caller, info.principal.as_deref(), &rules.access, request),
     })
+}
+
+/// The lanes the caller may take on `org`: all without a pin; a pin that
+/// names no running lane of the org is refused, never lane 0 (a user's own
+/// token takes no lane, so the pin does not matter there).
+fn lanes_of(
+    caller: Option<&crate::config::Caller>,
+    org: &OrgState,
+    delegated: bool,
+) -> Result<LaneSet, ProxyError> {
+    let pinned = caller.map_or(&[][..], |c| c.lanes.as_slice());
+    match org.lanes.allowed(pinned) {
+        Some(set) => Ok(set),
+        None if delegated => Ok(LaneSet::ALL),
+        None => Err(ProxyError::CallerLaneUnavailable),
+    }
 }
 
 /// `ip/ADDRESS`, remembered per thread for the last few hundred addresses:
