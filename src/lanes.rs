@@ -53,6 +53,16 @@ impl LaneSet {
         i < 64 && self.0 & (1 << i) != 0
     }
 
+    /// Whether this is every lane (no pin).
+    pub fn is_all(self) -> bool {
+        self == Self::ALL
+    }
+
+    /// One bit per lane.
+    pub fn bits(self) -> u64 {
+        self.0
+    }
+
     /// The set without lane `i`.
     pub fn without(self, i: usize) -> Self {
         Self(self.0 & !(1u64 << i.min(63)))

@@ -30,12 +30,13 @@ impl PublicUrl {
     /// per-request lookup of its rewriters needs no allocation.
     pub fn derive<'a>(&'a self, headers: &'a HeaderMap, peer: IpAddr) -> Base<'a> {
         if let Some(fixed) = &self.fixed {
-            return Base([fixed, "", "", "", "", ""]);
+            return Base::new([fixed, "", "", "", "", ""], false);
         }
         let mut proto = "http";
         let mut host = header_str(headers, header::HOST).filter(|h| valid_host(h));
         let mut prefix = "";
-        if self.trusted.iter().any(|net| net.contains(&peer)) {
+        let trusted = self.trusted.iter().any(|net| net.contains(&peer));
+        if trusted {
             if let Some(fwd) = header_str(headers, names::FORWARDED) {
                 let (p, h) = parse_forwarded(fwd);
                 if let Some(p) = p {
@@ -64,27 +65,42 @@ impl PublicUrl {
                 prefix = p.trim_end_matches('/');
             }
         }
+        // An untrusted peer's own `Host` picks the links of its answer only.
+        let from_caller = !trusted && host.is_some();
         let host = host.unwrap_or(&self.fallback_host);
-        Base([proto, "://", host, prefix, "", ""])
+        Base::new([proto, "://", host, prefix, "", ""], from_caller)
     }
 }
 
 /// A public base URL in pieces, joined only when a new one is seen.
 #[derive(Debug, Clone, Copy)]
-pub struct Base<'a>([&'a str; 6]);
+pub struct Base<'a> {
+    pieces: [&'a str; 6],
+    /// Taken from what any caller may send (the `Host` of an untrusted
+    /// peer), not from the configuration or a trusted proxy: such a base
+    /// is used for the caller's own answer, never kept for others.
+    pub from_caller: bool,
+}
 
 impl<'a> Base<'a> {
+    fn new(pieces: [&'a str; 6], from_caller: bool) -> Self {
+        Self {
+            pieces,
+            from_caller,
+        }
+    }
+
     /// The same base followed by `/{segment}` (the org prefix of path routing).
     pub fn with_segment(mut self, segment: &'a str) -> Self {
-        self.0[4] = "/";
-        self.0[5] = segment;
+        self.pieces[4] = "/";
+        self.pieces[5] = segment;
         self
     }
 
     /// Whether `s` spells this base.
     pub fn is(&self, s: &str) -> bool {
         let mut rest = s;
-        for piece in self.0 {
+        for piece in self.pieces {
             match rest.strip_prefix(piece) {
                 Some(r) => rest = r,
                 None => return false,
@@ -96,7 +112,7 @@ impl<'a> Base<'a> {
 
 impl std::fmt::Display for Base<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.iter().try_for_each(|p| f.write_str(p))
+        self.pieces.iter().try_for_each(|p| f.write_str(p))
     }
 }
 
@@ -175,10 +191,12 @@ mod tests {
             ("host", "proxy.local:8080"),
             ("x-forwarded-host", "evil.example"),
         ]);
-        assert_eq!(
-            cfg(&[]).derive(&h, PEER).to_string(),
-            "http://proxy.local:8080"
-        );
+        let (untrusting, trusting) = (cfg(&[]), cfg(&["10.0.0.0/8"]));
+        let base = untrusting.derive(&h, PEER);
+        assert_eq!(base.to_string(), "http://proxy.local:8080");
+        assert!(base.from_caller, "the caller's own Host");
+        let trusted = trusting.derive(&h, PEER);
+        assert!(!trusted.from_caller, "vouched for by a trusted proxy");
     }
 
     #[test]

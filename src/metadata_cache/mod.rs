@@ -28,15 +28,20 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use http_body::{Body, Frame, SizeHint};
 use sha2::{Digest, Sha256};
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use crate::compression::Coding;
 use crate::config::MetadataCacheConfig;
+
+/// The most variants (codings and link forms) kept of one answer.
+pub const MAX_VARIANTS: u8 = 16;
 
 /// The most entries (answers and variants) one org's cache holds.
 pub const MAX_ENTRIES: usize = 4096;
@@ -108,6 +113,18 @@ impl Key {
         Self(hash.finalize().into())
     }
 
+    /// The key of the same answer for a request that may take only some of
+    /// the org's lanes (a pinned caller, `lanes` one bit per lane): each
+    /// lane is an application user with its own roles, so an answer
+    /// fetched on lanes the caller may not take is not served to it.
+    pub fn for_lanes(self, lanes: u64) -> Self {
+        let mut hash = Sha256::new();
+        hash.update(b"lanes");
+        hash.update(self.0);
+        hash.update(lanes.to_be_bytes());
+        Self(hash.finalize().into())
+    }
+
     /// The key of `entry`'s variant coded as `coding` (`None`: identity)
     /// with links made to start with `links` (empty: not rewritten). The
     /// entry's generation is part of it: a changed answer's variants are
@@ -136,6 +153,8 @@ pub struct Entry {
     /// Codings whose variant is larger than `max_entry` (one bit each):
     /// those are made afresh at each hit rather than tried again.
     unkept: AtomicU8,
+    /// Variants of this entry kept so far.
+    variants: AtomicU8,
 }
 
 impl Entry {
@@ -146,6 +165,7 @@ impl Entry {
             checked,
             generation,
             unkept: AtomicU8::new(0),
+            variants: AtomicU8::new(0),
         }
     }
 
@@ -218,6 +238,8 @@ pub struct MetadataCache {
     stats: Arc<CacheStats>,
     /// The last fill's generation.
     generations: AtomicU64,
+    /// Places for making callers' forms of entries: one per core.
+    transcoding: Semaphore,
 }
 
 /// The longest a caller waits for another's fetch of the same answer
@@ -259,6 +281,9 @@ impl MetadataCache {
             config: config.clone(),
             stats: Arc::default(),
             generations: AtomicU64::new(0),
+            transcoding: Semaphore::new(
+                std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
+            ),
         }
     }
 
@@ -335,6 +360,26 @@ impl MetadataCache {
         self.entries.get(key)
     }
 
+    /// Whether `of` may get one more kept variant ([`MAX_VARIANTS`]).
+    pub fn may_add_variant(&self, of: &Entry) -> bool {
+        of.variants.load(Ordering::Relaxed) < MAX_VARIANTS
+    }
+
+    /// One of the places for making a caller's form of an entry (decoding,
+    /// rewriting and encoding a document of up to `max_entry` bytes),
+    /// waited for at most `wait`; `None` when none came free.
+    pub async fn transcoding(&self, wait: Duration) -> Option<SemaphorePermit<'_>> {
+        tokio::time::timeout(wait, self.transcoding.acquire())
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// A caller's form of `of` that is not kept (made for one answer).
+    pub fn unkept_variant(of: &Entry, headers: HeaderMap, body: Bytes) -> Entry {
+        Entry::new(headers, body, of.checked, of.generation)
+    }
+
     /// Keeps `of`'s variant: the caller's `headers` and `body`, as old as `of`.
     pub fn insert_variant(
         &self,
@@ -345,6 +390,7 @@ impl MetadataCache {
     ) -> Arc<Entry> {
         let variant = Arc::new(Entry::new(headers, body, of.checked, of.generation));
         self.entries.insert(key, variant.clone());
+        of.variants.fetch_add(1, Ordering::Relaxed);
         self.stats.variants_made.fetch_add(1, Ordering::Relaxed);
         variant
     }

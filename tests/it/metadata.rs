@@ -294,3 +294,43 @@ async fn hits_in_another_coding_are_transcoded_once() {
     assert_eq!(counter(&m, "hit"), 19, "{m}");
     h.stop().await;
 }
+
+fn cache_bytes(metrics: &str) -> u64 {
+    let prefix = "dataverse_proxy_metadata_cache_bytes{org=\"default\"} ";
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .map_or(0, |v| v.trim().parse().expect("number"))
+}
+
+/// Without `public_url` or a trusted proxy, each caller's `Host` gets its
+/// own links, but a form made for a `Host` anyone may send is never kept:
+/// forty made-up hosts add nothing to the cache and evict nothing.
+#[tokio::test]
+async fn forms_for_a_callers_own_host_are_never_kept() {
+    let h = Harness::start().await;
+    let path = "/EntityDefinitions?$select=LogicalName";
+    let first = h.get(path).await;
+    assert_eq!(first.status(), 200);
+    first.bytes().await.expect("answer");
+    let before = h.metrics().await;
+    let held = cache_bytes(&before);
+    assert!(held > 0, "{before}");
+    for i in 0..40 {
+        let host = format!("made-up-{i}.example:8080");
+        let resp = h.get_with(path, &[("host", &host)]).await;
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers().get("age").is_some(), "from the cache");
+        let body: serde_json::Value = resp.json().await.expect("json");
+        let context = body["@odata.context"].as_str().expect("context");
+        assert!(
+            context.starts_with(&format!("http://{host}/api/data/")),
+            "the caller's own links: {context}"
+        );
+    }
+    let after = h.metrics().await;
+    assert_eq!(cache_bytes(&after), held, "nothing kept for made-up hosts");
+    assert_eq!(variants_made(&after), variants_made(&before));
+    assert_eq!(counter(&after, "miss"), 1, "{after}");
+    h.stop().await;
+}

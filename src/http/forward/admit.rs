@@ -34,6 +34,9 @@ pub struct Admitted {
     pub restored: Vec<(HeaderName, HeaderValue)>,
     /// The link rewriters for the caller's view of the proxy.
     pub links: Arc<Links>,
+    /// The links' base came from the caller's own `Host` (no `public_url`,
+    /// no trusted proxy): forms made with them are never kept for others.
+    pub links_from_caller: bool,
     /// For a `$batch`: the bases its absolute operation URLs may start with.
     pub batch_origins: Option<Vec<String>>,
     /// The proxy acts as the calling user (`CallerObjectId` set by the
@@ -107,6 +110,7 @@ pub async fn admit(
         public = public.with_segment(&org.name);
     }
     let links = org.links(public);
+    let links_from_caller = public.from_caller;
     let batch_origins = (resource == "$batch" && parts.method == Method::POST).then(|| {
         let mut origins: Vec<String> = org.aliases.iter().map(|a| a.to_ascii_lowercase()).collect();
         origins.push(public.to_string().to_ascii_lowercase());
@@ -121,6 +125,7 @@ pub async fn admit(
         caller_privileged: caller.privileged,
         restored,
         links,
+        links_from_caller,
         batch_origins,
         acts_as_caller: acting,
         flow: caller.flow,

@@ -49,7 +49,8 @@ pub fn lookup_key(admitted: &Admitted, planned: &Planned) -> Option<CacheKey> {
     let key = MetadataCache::key(&planned.method, &resource, target, &planned.headers)?;
     let key = match admitted.delegated.as_deref() {
         Some(user) => key.for_user(&format!("{}/{}", user.tenant, user.object_id)),
-        None => key,
+        None if admitted.lanes.is_all() => key,
+        None => key.for_lanes(admitted.lanes.bits()),
     };
     Some((cache.clone(), key))
 }
@@ -231,7 +232,7 @@ async fn served(
         return Ok(Cached::Made(response));
     }
     let made = match variant_coding(entry, asker) {
-        Some(coding) => variant(state, (cache, key), entry, coding, asker).await?,
+        Some(form) => variant(state, (cache, key), entry, form, asker).await?,
         None => None,
     };
     Ok(match made {
@@ -262,61 +263,119 @@ fn as_sent(entry: &Entry) -> Sent<CachedBody> {
     Sent::new(response, None)
 }
 
-/// The coding of the caller's variant (`Some(None)`: identity), or `None`
-/// when the answer step would send the entry's bytes as they are.
-fn variant_coding(entry: &Entry, asker: &Asker<'_>) -> Option<Option<Coding>> {
+/// The form an answer made from an entry takes: its coding (`None`:
+/// identity) and whether its links are rewritten.
+#[derive(Clone, Copy)]
+struct Form {
+    coding: Option<Coding>,
+    rewrite: bool,
+}
+
+/// The caller's form of `entry`, or `None` when the answer step would send
+/// the entry's bytes as they are.
+fn variant_coding(entry: &Entry, asker: &Asker<'_>) -> Option<Form> {
     let admitted = asker.admitted;
     let kept = &entry.headers;
     let rewrite = admitted.links.to_caller.is_some() && is_rewritable(kept);
     let as_200 = (StatusCode::OK, kept);
     match super::answer::transcode_for(as_200, &admitted.method, rewrite, asker.accept) {
-        Transcode::Recode { to, .. } => Some(to),
-        Transcode::Untouched if rewrite => Some(None),
+        Transcode::Recode { to, .. } => Some(Form {
+            coding: to,
+            rewrite,
+        }),
+        Transcode::Untouched if rewrite => Some(Form {
+            coding: None,
+            rewrite,
+        }),
         Transcode::Untouched => None,
     }
 }
 
-/// The variant of `entry` coded as `coding`: kept, or made now by the
-/// answer step (one caller makes it, the others wait for it) and kept when
-/// it fits `max_entry`. `None`: too large to keep; the answer step makes
-/// this caller's answer as it streams.
+/// The variant of `entry` in `form`: kept, or made now by the answer step
+/// (one caller makes it, the others wait for it) and kept when it fits
+/// `max_entry`. A form whose links come from the caller's own `Host`, or
+/// one past the entry's variant cap, is made for this caller alone and not
+/// kept. Every making takes one of the cache's transcoding places, so the
+/// CPU callers can spend on cached documents is bounded. `None`: too large
+/// to keep; the answer step makes this caller's answer as it streams.
 async fn variant(
     state: &AppState,
     (cache, key): (&MetadataCache, &Key),
     entry: &Entry,
-    coding: Option<Coding>,
+    form: Form,
     asker: &Asker<'_>,
 ) -> Result<Option<Arc<Entry>>, ProxyError> {
-    let links = asker.admitted.links.to_caller.as_ref();
-    let vkey = key.variant(entry, coding, links.map_or(&[][..], Rewriter::replacement));
+    let links = asker
+        .admitted
+        .links
+        .to_caller
+        .as_ref()
+        .filter(|_| form.rewrite);
+    let vkey = key.variant(
+        entry,
+        form.coding,
+        links.map_or(&[][..], Rewriter::replacement),
+    );
     if let Some(kept) = cache.variant(&vkey) {
         return Ok(Some(kept));
     }
-    if entry.variant_unkept(coding) {
+    if entry.variant_unkept(form.coding) {
         return Ok(None);
     }
-    let _lock = match cache.turn(&vkey).await {
-        Turn::Ready(kept) => return Ok(Some(kept)),
-        Turn::Alone => return Ok(None),
-        Turn::Lead(lock) => lock,
+    let keep = !(form.rewrite && asker.admitted.links_from_caller) && cache.may_add_variant(entry);
+    let _lock = match keep {
+        false => None,
+        true => match cache.turn(&vkey).await {
+            Turn::Ready(kept) => return Ok(Some(kept)),
+            Turn::Alone => return Ok(None),
+            Turn::Lead(lock) => Some(lock),
+        },
     };
+    let wait = asker
+        .admitted
+        .org
+        .lanes
+        .first()
+        .governor
+        .config()
+        .queue_timeout;
+    let _transcoding = cache
+        .transcoding(wait)
+        .await
+        .ok_or(ProxyError::GovernorQueueTimeout {
+            waited: wait,
+            retry_after: std::time::Duration::from_secs(1),
+        })?;
+    let Some((headers, bytes)) = make(state, cache, entry, asker).await? else {
+        entry.set_variant_unkept(form.coding);
+        return Ok(None);
+    };
+    Ok(Some(if keep {
+        cache.insert_variant(vkey, entry, headers, bytes)
+    } else {
+        Arc::new(MetadataCache::unkept_variant(entry, headers, bytes))
+    }))
+}
+
+/// The caller's form of `entry`, made whole by the answer step; `None`
+/// when it outgrows `max_entry`.
+async fn make(
+    state: &AppState,
+    cache: &MetadataCache,
+    entry: &Entry,
+    asker: &Asker<'_>,
+) -> Result<Option<(HeaderMap, Bytes)>, ProxyError> {
     let mut scratch = RequestInfo::default();
     let sent = as_sent(entry);
     let made = super::answer::answer(state, asker.admitted, sent, asker.accept, &mut scratch);
     let (mut parts, body) = made.await?.into_parts();
     let limited = http_body_util::Limited::new(body, cache.max_entry());
     let Ok(bytes) = limited.collect().await.map(Collected::to_bytes) else {
-        entry.set_variant_unkept(coding);
         return Ok(None);
     };
     let length = HeaderValue::from(bytes.len());
     parts.headers.insert(header::CONTENT_LENGTH, length);
-    Ok(Some(cache.insert_variant(
-        vkey,
-        entry,
-        parts.headers,
-        bytes,
-    )))
+    Ok(Some((parts.headers, bytes)))
 }
 
 /// The 304 for a caller whose `If-None-Match` names the entry: its `ETag`
