@@ -364,9 +364,9 @@ pub struct LimitsConfig {
     /// A connection with no request in progress for this long is closed
     /// (HTTP/1.1 keep-alive and HTTP/2 alike).
     pub idle_timeout: Duration,
-    /// Open connections from one source address at most (`None`: no cap
-    /// but `max_connections`).
-    pub max_connections_per_ip: Option<usize>,
+    /// Open connections from one source address at most (default: a
+    /// quarter of `max_connections`).
+    pub max_connections_per_ip: usize,
 }
 
 /// Shutdown settings.

@@ -413,8 +413,9 @@ fn shutdown(p: &mut Problems<'_>, raw: RawShutdown) -> ShutdownConfig {
 
 /// `[limits]`: connections, headers, body, path and query.
 fn limits(p: &mut Problems<'_>, l: RawLimits) -> LimitsConfig {
+    let max_connections = l.max_connections.unwrap_or(4096);
     let limits = LimitsConfig {
-        max_connections: l.max_connections.unwrap_or(4096),
+        max_connections,
         max_header_bytes: p.size(
             "limits.max_header_bytes",
             l.max_header_bytes.as_deref(),
@@ -441,9 +442,12 @@ fn limits(p: &mut Problems<'_>, l: RawLimits) -> LimitsConfig {
             l.idle_timeout.as_deref(),
             Duration::from_secs(75),
         ),
-        max_connections_per_ip: l.max_connections_per_ip,
+        // One source (a client, or the only ingress) never takes every place.
+        max_connections_per_ip: l
+            .max_connections_per_ip
+            .unwrap_or((max_connections / 4).max(1)),
     };
-    if limits.max_connections == 0 || limits.max_connections_per_ip == Some(0) {
+    if limits.max_connections == 0 || limits.max_connections_per_ip == 0 {
         p.push(
             "limits.max_connections",
             "limits.max_connections and limits.max_connections_per_ip must be at least 1",

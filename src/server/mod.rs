@@ -116,7 +116,14 @@ pub async fn run<S: Service>(
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
-    let table = Table::new(limits.max_connections, limits.max_connections_per_ip);
+    // A first request has half the header-read time, at most a second,
+    // before its connection may be closed to make room.
+    let first_request = (limits.header_read_timeout / 2).min(Duration::from_secs(1));
+    let table = Table::new(
+        limits.max_connections,
+        Some(limits.max_connections_per_ip),
+        first_request,
+    );
     let builder = Arc::new(builder(limits));
     let timeouts = Timeouts {
         header_read: limits.header_read_timeout,

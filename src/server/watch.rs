@@ -153,6 +153,12 @@ impl Activity {
         self.born + Duration::from_millis(ms.saturating_sub(1))
     }
 
+    /// A connection that has not sent a whole request head yet: since when
+    /// (when it was accepted).
+    pub fn no_request_yet(&self) -> Option<Instant> {
+        (self.requests.load(Ordering::Relaxed) == 0).then_some(self.born)
+    }
+
     /// A keep-alive connection with no request in progress: since when.
     pub fn idle_keep_alive(&self) -> Option<Instant> {
         let idle = self.requests.load(Ordering::Relaxed) > 0
@@ -164,6 +170,12 @@ impl Activity {
     /// Asks the connection to close (the accept loop needs its place).
     pub fn evict(&self) {
         self.evict.cancel();
+    }
+
+    /// Whether the connection was asked to close to make room.
+    #[cfg(test)]
+    pub(super) fn evicted(&self) -> bool {
+        self.evict.is_cancelled()
     }
 
     /// The connection's task has ended (its watchdog may stop).

@@ -65,6 +65,7 @@ async fn keep_alive(
 async fn silent_connections_and_half_a_preface_cannot_shut_callers_out() {
     let setup = Setup::default()
         .set("limits.max_connections", "64")
+        .set("limits.max_connections_per_ip", "64")
         .set("limits.header_read_timeout", "500ms");
     let h = Harness::with(setup).await;
     h.wait_ready().await;
@@ -76,8 +77,8 @@ async fn silent_connections_and_half_a_preface_cannot_shut_callers_out() {
         }
         held.push(s);
     }
-    // Every place is taken by a connection that has sent no request: a new
-    // one cannot get in now…
+    // Every place is taken by a connection that has sent no request, each
+    // within its grace for a first request: a new one cannot get in now…
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut refused = TcpStream::connect(addr(&h)).await.expect("connect");
     assert!(closed_within(&mut refused, Duration::from_millis(400)).await);
@@ -187,7 +188,9 @@ async fn a_trickled_second_request_head_is_cut_off() {
 
 #[tokio::test]
 async fn at_the_limit_the_oldest_idle_keep_alive_connection_makes_room() {
-    let setup = Setup::default().set("limits.max_connections", "4");
+    let setup = Setup::default()
+        .set("limits.max_connections", "4")
+        .set("limits.max_connections_per_ip", "4");
     let h = Harness::with(setup).await;
     h.wait_ready().await;
     let mut idle = Vec::new();
@@ -214,8 +217,11 @@ async fn one_address_is_held_to_its_share_of_connections() {
     let setup = Setup::default().set("limits.max_connections_per_ip", "2");
     let h = Harness::with(setup).await;
     h.wait_ready().await;
-    let _a = keep_alive(&h).await;
-    let _b = keep_alive(&h).await;
+    // Two connections within their grace for a first request hold the
+    // address's share: a third is refused.
+    let _a = TcpStream::connect(addr(&h)).await.expect("connect");
+    let _b = TcpStream::connect(addr(&h)).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let mut third = TcpStream::connect(addr(&h)).await.expect("connect");
     assert!(closed_within(&mut third, Duration::from_secs(2)).await);
     let m = h.metrics().await;
@@ -225,6 +231,72 @@ async fn one_address_is_held_to_its_share_of_connections() {
             "dataverse_proxy_connections_refused_total{reason=\"per_ip\"}"
         ),
         1.0,
+        "{m}"
+    );
+    h.stop().await;
+}
+
+/// 64 places, and one address reconnecting 64 sockets that never send a
+/// request as fast as they are closed: the kept-alive client beside them is
+/// never the one closed to make room, and keeps being served.
+#[tokio::test]
+async fn sockets_that_send_nothing_cannot_push_out_a_kept_alive_client() {
+    let setup = Setup::default()
+        .set("limits.max_connections", "64")
+        .set("limits.max_connections_per_ip", "64")
+        .set("limits.header_read_timeout", "400ms");
+    let h = Harness::with(setup).await;
+    h.wait_ready().await;
+    let (mut client, conn) = keep_alive(&h).await;
+    let target = addr(&h);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let flood = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut opened = 0u32;
+            let mut held: Vec<TcpStream> = Vec::new();
+            while !stop.is_cancelled() {
+                // Drop the sockets the proxy closed, open new ones in their place.
+                let mut open = Vec::new();
+                for mut s in held.drain(..) {
+                    if !closed_within(&mut s, Duration::from_millis(1)).await {
+                        open.push(s);
+                    }
+                }
+                held = open;
+                while held.len() < 64 {
+                    held.push(TcpStream::connect(&target).await.expect("connect"));
+                    opened += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            opened
+        }
+    });
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!client.is_closed(), "the kept-alive connection was closed");
+        let req = http::Request::get("/api/data/v9.2/WhoAmI")
+            .header("host", "proxy.test")
+            .body(Empty::new())
+            .expect("request");
+        let resp = client.send_request(req).await.expect("served");
+        assert_eq!(resp.status(), 200);
+        let _ = resp.into_body().collect().await;
+    }
+    stop.cancel();
+    let opened = flood.await.expect("flood");
+    assert!(opened > 128, "the sockets kept coming back: {opened}");
+    assert!(!conn.is_finished(), "the client's connection lives");
+    let m = h.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "dataverse_proxy_connections_closed_total{reason=\"evicted\"}"
+        ) + metric(
+            &m,
+            "dataverse_proxy_connections_closed_total{reason=\"no_request\"}"
+        ) >= 64.0,
         "{m}"
     );
     h.stop().await;
