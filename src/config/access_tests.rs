@@ -158,6 +158,10 @@ fn lane_mistakes_name_their_keys() {
             "are the same application user",
         ),
         (
+            "[org]\nlanes = [\"default\", \"same\"]\n\n[credentials.same]\ntenant_id = \"t\"\nclient_id = \"CLIENT-1\"\nclient_secret = \"x\"\n".to_owned(),
+            "are the same application user",
+        ),
+        (
             format!("{LANES}[[callers]]\nname = \"bulk\"\ncidrs = [\"10.0.0.0/8\"]\nlanes = [\"bulk-9\"]\n"),
             "\"bulk-9\" is no org's lane",
         ),

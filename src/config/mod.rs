@@ -105,6 +105,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("DATAVERSE_PROXY_LISTEN", "listen"),
     ("DATAVERSE_PROXY_ADMIN_LISTEN", "admin_listen"),
     ("DATAVERSE_PROXY_ADMIN_RELOAD", "admin_reload"),
+    ("DATAVERSE_PROXY_ADMIN_HOSTS", "admin_hosts"),
     ("DATAVERSE_PROXY_PUBLIC_URL", "public_url"),
     ("DATAVERSE_PROXY_TRUSTED_PROXIES", "trusted_proxies"),
     (

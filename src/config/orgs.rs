@@ -154,10 +154,12 @@ fn lanes(
         let Some(c) = credentials.get(p, &key, name) else {
             continue;
         };
-        if let Some(twin) = out
-            .iter()
-            .find(|o| o.client_id.is_some() && o.client_id == c.client_id)
-        {
+        // Client ids are GUIDs: one app whatever the letter case.
+        let same_app = |o: &Arc<CredentialConfig>| match (&o.client_id, &c.client_id) {
+            (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+            _ => false,
+        };
+        if let Some(twin) = out.iter().find(|o| same_app(o)) {
             p.push(
                 &key,
                 &format!("lanes {:?} and {name:?} are the same application user (one client id)", twin.name),

@@ -13,6 +13,8 @@ pub struct RawConfig {
     pub(super) admin_listen: Option<String>,
     #[serde(deserialize_with = "lenient_bool")]
     pub(super) admin_reload: Option<bool>,
+    #[serde(deserialize_with = "lenient_list")]
+    pub(super) admin_hosts: Option<Vec<String>>,
     pub(super) public_url: Option<String>,
     #[serde(deserialize_with = "lenient_list")]
     pub(super) trusted_proxies: Option<Vec<String>>,
@@ -299,6 +301,8 @@ pub(super) struct RawLog {
     pub(super) format: Option<String>,
     #[serde(deserialize_with = "lenient_bool")]
     pub(super) query: Option<bool>,
+    #[serde(deserialize_with = "lenient_bool")]
+    pub(super) trust_caller_trace_context: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]

@@ -12,6 +12,9 @@ pub struct Config {
     /// `POST /reload` on the admin listener reloads the configuration
     /// (off: only SIGHUP does).
     pub admin_reload: bool,
+    /// Names (lower-case, without a port) besides addresses and
+    /// `localhost` under which the admin listener answers.
+    pub admin_hosts: Vec<String>,
     /// The proxy's URL as callers see it, when fixed by configuration.
     pub public_url: Option<Url>,
     /// Peers whose `Forwarded` / `X-Forwarded-*` headers are believed.
@@ -336,6 +339,9 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// Log query strings in request lines (they can carry personal data).
     pub query: bool,
+    /// Adopt any caller's `traceparent` (not only a trusted proxy's) as the
+    /// request span's parent: its trace id and sampling decision.
+    pub trust_caller_trace_context: bool,
 }
 
 /// Limits at the edge.

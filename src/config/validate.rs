@@ -50,12 +50,19 @@ impl RawConfig {
         let log = LogConfig {
             format: log_format(&mut p, self.log.format.as_deref()),
             query: self.log.query.unwrap_or(false),
+            trust_caller_trace_context: self.log.trust_caller_trace_context.unwrap_or(false),
         };
         match (listen, admin_listen) {
             (Some(listen), Some(admin_listen)) if p.list.is_empty() => Ok(Config {
                 listen,
                 admin_listen,
                 admin_reload: self.admin_reload.unwrap_or(false),
+                admin_hosts: self
+                    .admin_hosts
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
                 public_url,
                 trusted_proxies,
                 orgs,

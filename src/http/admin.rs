@@ -13,14 +13,40 @@ use axum::routing::get;
 use super::state::AppState;
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/livez", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+    // What a page in the operator's browser must not read through a
+    // DNS-rebound name (a port-forward to 127.0.0.1): the status page, its
+    // data and the metrics answer only to a Host the operator uses.
+    let views = Router::new()
         .route("/metrics", get(metrics))
         .route("/", get(super::status::page))
         .route("/status", get(super::status::status))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            known_host,
+        ));
+    Router::new()
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/reload", axum::routing::post(reload))
+        .merge(views)
         .with_state(state)
+}
+
+/// Refuses a request whose `Host` is neither an address, `localhost`, nor
+/// one of `admin_hosts`.
+async fn known_host(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if host_is_local(req.headers().get(http::header::HOST), &state.admin_hosts) {
+        return next.run(req).await;
+    }
+    (
+        StatusCode::FORBIDDEN,
+        "the admin listener answers only to an address, localhost or a name in admin_hosts (Host)\n",
+    )
+        .into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
@@ -70,9 +96,9 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 /// `X-Dataverse-Proxy-Reload: 1` (a header no form or simple request can
 /// carry, and the admin listener answers no CORS preflight), and a `Host`
 /// that is an address or `localhost` (a DNS-rebound name is refused).
-/// Whether `Host` names this machine by address (IPv4, `[IPv6]`) or as
-/// `localhost`, with or without a port.
-fn host_is_local(host: Option<&http::HeaderValue>) -> bool {
+/// Whether `Host` names this machine by address (IPv4, `[IPv6]`), as
+/// `localhost` or as one of `names`, with or without a port.
+fn host_is_local(host: Option<&http::HeaderValue>, names: &[String]) -> bool {
     let Some(host) = host.and_then(|h| h.to_str().ok()) else {
         return false;
     };
@@ -83,7 +109,9 @@ fn host_is_local(host: Option<&http::HeaderValue>) -> bool {
         .host()
         .trim_start_matches('[')
         .trim_end_matches(']');
-    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<std::net::IpAddr>().is_ok()
+        || names.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
 async fn reload(
@@ -103,7 +131,7 @@ async fn reload(
         )
             .into_response();
     }
-    if !host_is_local(headers.get(http::header::HOST)) {
+    if !host_is_local(headers.get(http::header::HOST), &state.admin_hosts) {
         return (
             StatusCode::FORBIDDEN,
             "POST /reload must name the admin listener by address or localhost in Host\n",

@@ -17,6 +17,7 @@ use futures_util::future::{Either, Ready, ready};
 use super::REQUEST_ID;
 use crate::config::LimitsConfig;
 use crate::error::ProxyError;
+use crate::server::ConflictingHost;
 
 /// The edge checks as a layer in front of the router: a request that fails
 /// them is answered at once with its error and goes no further.
@@ -80,6 +81,11 @@ where
 /// before a byte of it is read).
 fn check_head<B>(req: &Request<B>, limits: &LimitsConfig) -> Result<(), ProxyError> {
     check_target(req.method(), req.uri(), req.headers(), limits)?;
+    if req.extensions().get::<ConflictingHost>().is_some() {
+        return Err(ProxyError::BadRequest(
+            "the host header names another authority than :authority (RFC 9113 section 8.3.1)",
+        ));
+    }
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)

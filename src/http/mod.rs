@@ -37,6 +37,8 @@ pub mod status;
 
 use std::convert::Infallible;
 
+use std::sync::Arc;
+
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::HeaderName;
@@ -80,12 +82,13 @@ pub fn proxy_service(
         state.limits.load().body_idle_timeout,
         state.upstream.idle_timeout,
     );
+    let trace_from = state.trace_context_from.clone();
     ServiceBuilder::new()
         .layer(request_id::RequestIdLayer)
         .layer(SetSensitiveRequestHeadersLayer::new(sensitive))
         .layer(
             TraceLayer::new_for_http()
-                .make_span_with(request_span)
+                .make_span_with(move |req: &http::Request<_>| request_span(req, &trace_from))
                 .on_response(record_response)
                 // Dataverse's own 5xx pass through: the access log has them.
                 .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
@@ -116,15 +119,17 @@ async fn outside_the_api(State(state): State<AppState>, req: Request) -> Respons
 }
 
 /// One SERVER span per request, by OpenTelemetry's HTTP conventions: named
-/// `{method} {route}`, the caller's trace context its parent. Never the
-/// query: it can carry personal data.
-fn request_span<B>(req: &http::Request<B>) -> tracing::Span {
+/// `{method} {route}` (`_OTHER` for a method the conventions do not know),
+/// the trace context of a peer in `trace_from` its parent: anyone else
+/// could pick the trace id and the sampling decision. Never the query: it
+/// can carry personal data.
+fn request_span<B>(req: &http::Request<B>, trace_from: &TraceContextFrom) -> tracing::Span {
     let id = req
         .headers()
         .get(REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let (method, path) = (req.method(), req.uri().path());
+    let (method, path) = (known_method(req.method()), req.uri().path());
     let route = crate::telemetry::route_of(path);
     let span = tracing::info_span!(
         "request",
@@ -142,8 +147,42 @@ fn request_span<B>(req: &http::Request<B>) -> tracing::Span {
         error.type = tracing::field::Empty,
         request.id = %id,
     );
-    crate::telemetry::adopt_caller_context(&span, req.headers());
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    if peer.is_some_and(|ip| trace_from.admits(ip)) {
+        crate::telemetry::adopt_caller_context(&span, req.headers());
+    }
     span
+}
+
+/// Whose W3C trace context becomes a request span's parent.
+#[derive(Debug, Clone)]
+pub enum TraceContextFrom {
+    /// Any caller's (`log.trust_caller_trace_context = true`).
+    Anyone,
+    /// Only these peers' (`trusted_proxies`).
+    Peers(Arc<[ipnet::IpNet]>),
+}
+
+impl TraceContextFrom {
+    fn admits(&self, ip: std::net::IpAddr) -> bool {
+        match self {
+            Self::Anyone => true,
+            Self::Peers(nets) => nets.iter().any(|n| n.contains(&ip)),
+        }
+    }
+}
+
+/// The method as the HTTP conventions name it: one of the registered
+/// methods, else `_OTHER` (a caller's made-up method never names a span).
+fn known_method(method: &http::Method) -> &str {
+    match method.as_str() {
+        m @ ("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE"
+        | "PATCH") => m,
+        _ => "_OTHER",
+    }
 }
 
 /// `1.1`, `2`…, as the conventions write `network.protocol.version`.

@@ -210,8 +210,9 @@ pub fn restart_needed(started: &Config, new: &Config) -> Vec<&'static str> {
     let (a, b) = (started, new);
     let (la, lb) = (&a.limits, &b.limits);
     let (ga, gb) = (&a.governor, &b.governor);
-    let checks: [(&'static str, bool); 20] = [
+    let checks: [(&'static str, bool); 21] = [
         ("listen", a.listen != b.listen),
+        ("admin_hosts", a.admin_hosts != b.admin_hosts),
         ("admin_listen", a.admin_listen != b.admin_listen),
         ("public_url", a.public_url != b.public_url),
         ("trusted_proxies", a.trusted_proxies != b.trusted_proxies),

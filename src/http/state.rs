@@ -63,6 +63,10 @@ pub struct Shared {
     pub running: Mutex<(Arc<Config>, Option<crate::config::Sources>)>,
     /// `POST /reload` on the admin listener is switched on.
     pub admin_reload: bool,
+    /// Names the admin listener answers to besides addresses and `localhost`.
+    pub admin_hosts: Arc<[String]>,
+    /// Whose trace context a request span adopts.
+    pub trace_context_from: super::TraceContextFrom,
     /// Caller request-rate quotas.
     pub quotas: Arc<crate::callers::Quotas>,
     /// Checks caller tokens, where `[caller_tokens]` is configured.
@@ -269,6 +273,12 @@ impl AppState {
             rules: ArcSwap::from_pointee(rules),
             running: Mutex::new((Arc::new(config.clone()), None)),
             admin_reload: config.admin_reload,
+            admin_hosts: config.admin_hosts.clone().into(),
+            trace_context_from: if config.log.trust_caller_trace_context {
+                super::TraceContextFrom::Anyone
+            } else {
+                super::TraceContextFrom::Peers(config.trusted_proxies.clone().into())
+            },
             quotas: Arc::new(match &redis {
                 Some(r) => crate::callers::Quotas::shared(r.clone()),
                 None => crate::callers::Quotas::default(),

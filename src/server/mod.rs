@@ -346,6 +346,11 @@ impl<S: Service> Connection<S> {
     }
 }
 
+/// Marks an HTTP/2 request whose `host` names another authority than its
+/// `:authority`: malformed (RFC 9113 §8.3.1), refused at the edge.
+#[derive(Debug, Clone, Copy)]
+pub struct ConflictingHost;
+
 /// An HTTP/2 request as an HTTP/1.1 one looks: `Host` from `:authority`
 /// and an origin-form target, so the edge checks, routing and the public
 /// URL treat both versions alike. HTTP/1.1 requests are left as they are
@@ -354,11 +359,22 @@ fn as_origin_form(mut req: Request<Incoming>) -> Request<Incoming> {
     if req.version() != http::Version::HTTP_2 {
         return req;
     }
-    if let Some(authority) = req.uri().authority().cloned()
-        && !req.headers().contains_key(http::header::HOST)
-        && let Ok(host) = http::HeaderValue::from_str(authority.as_str())
-    {
-        req.headers_mut().insert(http::header::HOST, host);
+    if let Some(authority) = req.uri().authority().cloned() {
+        match req.headers().get(http::header::HOST) {
+            Some(host)
+                if !host
+                    .as_bytes()
+                    .eq_ignore_ascii_case(authority.as_str().as_bytes()) =>
+            {
+                req.extensions_mut().insert(ConflictingHost);
+            }
+            Some(_) => {}
+            None => {
+                if let Ok(host) = http::HeaderValue::from_str(authority.as_str()) {
+                    req.headers_mut().insert(http::header::HOST, host);
+                }
+            }
+        }
     }
     let origin_form = req.uri().path_and_query().cloned().map(http::Uri::from);
     if let Some(uri) = origin_form {

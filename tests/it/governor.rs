@@ -216,6 +216,7 @@ async fn transient_failures_are_replayed_only_for_idempotent_requests() {
         .send(reqwest::Method::PATCH, &path, &[], Some(&body))
         .await;
     assert_eq!(resp.status(), 503, "a PATCH without If-Match is not");
+    // `If-Match: *` holds again after the first attempt updated the row.
     h.sim.inject_dataverse_fault(fault(1));
     let resp = h
         .send(
@@ -225,7 +226,23 @@ async fn transient_failures_are_replayed_only_for_idempotent_requests() {
             Some(&body),
         )
         .await;
-    assert_eq!(resp.status(), 204, "a conditional PATCH is");
+    assert_eq!(resp.status(), 503, "If-Match: * is not replayed");
+    let row: serde_json::Value = h.get(&path).await.json().await.expect("row");
+    let tag = row["@odata.etag"].as_str().expect("etag").to_owned();
+    h.sim.inject_dataverse_fault(fault(1));
+    let resp = h
+        .send(
+            reqwest::Method::PATCH,
+            &path,
+            &[("if-match", &tag)],
+            Some(&body),
+        )
+        .await;
+    assert_eq!(
+        resp.status(),
+        204,
+        "a PATCH conditional on the row's tag is"
+    );
     let m = h.metrics().await;
     assert!(
         m.contains(

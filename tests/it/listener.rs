@@ -223,6 +223,43 @@ async fn h2c_with_prior_knowledge_round_trips_and_streams() {
     h.stop().await;
 }
 
+/// RFC 9113 §8.3.1: a `host` that names another authority than
+/// `:authority` makes an HTTP/2 request malformed; it is refused, never
+/// routed or linked by either name.
+#[tokio::test]
+async fn an_http2_host_that_differs_from_the_authority_is_refused() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let h = Harness::start().await;
+    h.wait_ready().await;
+    let authority = h.proxy.trim_start_matches("http://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&authority)
+        .await
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let send = |host: &str| {
+        http::Request::get(format!("http://{authority}/api/data/v9.2/WhoAmI"))
+            .header("host", host)
+            .body(Empty::<bytes::Bytes>::new())
+            .expect("request")
+    };
+    let resp = sender
+        .send_request(send("evil.example"))
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.headers()["x-dataverse-proxy-error"], "bad_request");
+    let _ = resp.into_body().collect().await;
+    let resp = sender.send_request(send(&authority)).await.expect("answer");
+    assert_eq!(resp.status(), 200, "the same authority is fine");
+    assert_eq!(h.sim.seen().len(), 1, "only the good one reached Dataverse");
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn tls_speaks_h2_by_alpn_and_reloads_its_certificate() {
     let (ca, ca2) = (Ca::new("first CA"), Ca::new("second CA"));

@@ -192,3 +192,33 @@ async fn status_json_has_the_documented_shape() {
     );
     h.stop().await;
 }
+
+/// A page in the operator's browser reaching the admin listener through a
+/// DNS-rebound name (a port-forward on 127.0.0.1) reads nothing: the views
+/// answer only to an address, `localhost` or a name in `admin_hosts`; the
+/// probes answer to any Host.
+#[tokio::test]
+async fn admin_views_answer_only_to_known_hosts() {
+    let h = Harness::with(Setup::default().set("admin_hosts", "proxy-admin.monitoring.svc")).await;
+    h.wait_ready().await;
+    let port = h.admin.rsplit(':').next().expect("port").to_owned();
+    let get = async |path: &str, host: &str| {
+        h.client
+            .get(format!("{}{path}", h.admin))
+            .header("host", format!("{host}:{port}"))
+            .send()
+            .await
+            .expect("admin")
+            .status()
+    };
+    for path in ["/", "/status", "/metrics"] {
+        assert_eq!(get(path, "rebound.attacker.example").await, 403, "{path}");
+        assert_eq!(get(path, "127.0.0.1").await, 200, "{path}");
+        assert_eq!(get(path, "localhost").await, 200, "{path}");
+        assert_eq!(get(path, "proxy-admin.monitoring.svc").await, 200, "{path}");
+    }
+    for path in ["/livez", "/readyz"] {
+        assert_eq!(get(path, "rebound.attacker.example").await, 200, "{path}");
+    }
+    h.stop().await;
+}

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use dataverse_proxy::sim::{DataverseFault, Sim, SimConfig};
+use dataverse_proxy::sim::{DataverseFault, Sim, SimConfig, SimHandle};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
 use opentelemetry_proto::tonic::trace::v1::Span;
@@ -72,13 +72,17 @@ fn int(span: &Span, key: &str) -> Option<i64> {
     }
 }
 
-#[tokio::test]
-async fn spans_follow_the_http_conventions_and_carry_the_callers_trace() {
+/// Runs the binary exporting to an OTLP receiver, sends one GET carrying a
+/// caller's `traceparent` (replayed once after a 429), and returns the
+/// server span, every span, and the simulator. `trusted`: the caller's
+/// address is in `trusted_proxies`.
+async fn traced_request(trusted: bool) -> (Span, Vec<Span>, SimHandle) {
     let (otlp, spans) = receiver().await;
     let sim = Sim::start(SimConfig::default()).await.expect("sim");
     let h = sim.handle.clone();
     let (port, admin) = (free_port(), free_port());
-    let mut child = crate::binary::command()
+    let mut command = crate::binary::command();
+    command
         .arg("serve")
         .envs(crate::binary::sim_env(&h))
         .env("DATAVERSE_PROXY_LISTEN", format!("127.0.0.1:{port}"))
@@ -87,9 +91,11 @@ async fn spans_follow_the_http_conventions_and_carry_the_callers_trace() {
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp)
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+        .stderr(Stdio::null());
+    if trusted {
+        command.env("DATAVERSE_PROXY_TRUSTED_PROXIES", "127.0.0.1");
+    }
+    let mut child = command.spawn().expect("spawn");
     let c = client();
     crate::harness::wait_ready(&c, &format!("http://127.0.0.1:{admin}")).await;
     // One 429 first: the request is replayed, a second attempt span.
@@ -128,6 +134,26 @@ async fn spans_follow_the_http_conventions_and_carry_the_callers_trace() {
     let (server, all) = server.expect("a server span and two client spans arrived");
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let _ = child.wait();
+    (server, all, h)
+}
+
+/// A caller that is not a trusted proxy picks neither the trace id nor the
+/// sampling decision: its `traceparent` is not the request span's parent.
+#[tokio::test]
+async fn an_untrusted_callers_trace_context_is_not_adopted() {
+    let (server, all, h) = traced_request(false).await;
+    assert_ne!(hex(&server.trace_id), TRACE, "a trace of the proxy's own");
+    assert!(server.parent_span_id.is_empty(), "no caller's parent");
+    let seen = h.seen();
+    let last = seen.last().expect("seen");
+    let traceparent = last.headers["traceparent"].to_str().expect("ascii");
+    assert!(!traceparent.contains(TRACE), "{traceparent}");
+    assert!(all.iter().all(|s| hex(&s.trace_id) != TRACE));
+}
+
+#[tokio::test]
+async fn spans_follow_the_http_conventions_and_carry_the_callers_trace() {
+    let (server, all, h) = traced_request(true).await;
 
     // SERVER: named `{method} {route}`, the caller's trace, its span the parent.
     assert_eq!(server.name, "GET /api/data/{*rest}");

@@ -397,15 +397,33 @@ async fn readable(coding: crate::compression::BodyCoding, bytes: bytes::Bytes) -
 }
 
 /// Whether a method may be sent twice with the same effect: GET and HEAD,
-/// and PUT, PATCH and DELETE made conditional by `If-Match` (a second
-/// attempt after the first took effect fails with 412 instead of acting
-/// twice). POST never is: the proxy cannot prove it idempotent.
+/// and PUT, PATCH and DELETE made conditional by `If-Match` naming entity
+/// tags (a second attempt after the first took effect fails with 412, the
+/// record's tag having changed, instead of acting twice). `If-Match: *`
+/// only asks that the record exist, which it still does after an update:
+/// such a write is not replayed. POST never is: the proxy cannot prove it
+/// idempotent.
 pub fn is_idempotent(method: &Method, headers: &HeaderMap) -> bool {
     match *method {
         Method::GET | Method::HEAD => true,
-        Method::PUT | Method::PATCH | Method::DELETE => headers.contains_key(header::IF_MATCH),
+        Method::PUT | Method::PATCH | Method::DELETE => names_entity_tags(headers),
         _ => false,
     }
+}
+
+/// `If-Match` is present and every value is a specific entity tag.
+fn names_entity_tags(headers: &HeaderMap) -> bool {
+    let mut tags = headers
+        .get_all(header::IF_MATCH)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("*").split(','))
+        .map(str::trim)
+        .peekable();
+    tags.peek().is_some()
+        && tags.all(|t| {
+            let quoted = t.strip_prefix("W/").unwrap_or(t);
+            quoted.len() >= 2 && quoted.starts_with('"') && quoted.ends_with('"')
+        })
 }
 
 /// A failure that may be transient.
