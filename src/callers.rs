@@ -134,6 +134,9 @@ pub fn hash_key(key: &str) -> [u8; 32] {
     sha2::Sha256::digest(key.as_bytes()).into()
 }
 
+/// Quota buckets kept before full ones are dropped.
+const MAX_BUCKETS: usize = 10_000;
+
 /// Token buckets for caller quotas: in Redis when the governor's state is
 /// shared (one quota for all replicas), else (and while Redis does not
 /// answer) in this process.
@@ -153,7 +156,7 @@ impl Quotas {
     }
 
     /// Takes one request from `caller`'s bucket; the wait until the next when empty.
-    async fn take(&self, caller: &Arc<str>, rate: f64) -> Result<(), Duration> {
+    async fn take(&self, caller: &str, rate: f64) -> Result<(), Duration> {
         if let Some(redis) = self.shared.as_ref().filter(|r| r.is_shared())
             && let Ok(answer) = redis.take_quota(caller, rate).await
         {
@@ -162,13 +165,22 @@ impl Quotas {
         self.take_local(caller, rate)
     }
 
-    fn take_local(&self, caller: &Arc<str>, rate: f64) -> Result<(), Duration> {
+    fn take_local(&self, caller: &str, rate: f64) -> Result<(), Duration> {
         let now = Instant::now();
         let mut buckets = self
             .buckets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (tokens, last) = buckets.entry(caller.clone()).or_insert((rate, now));
+        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(caller) {
+            // A bucket refilled to its burst is as good as none: only the
+            // callers spending now are kept (one per principal of a rule).
+            buckets.retain(|_, (tokens, last)| {
+                *tokens + now.saturating_duration_since(*last).as_secs_f64() * rate < rate.max(1.0)
+            });
+        }
+        let (tokens, last) = buckets
+            .entry(Arc::from(caller))
+            .or_insert((rate.max(1.0), now));
         let refill = now.saturating_duration_since(*last).as_secs_f64() * rate;
         *tokens = (*tokens + refill).min(rate.max(1.0));
         *last = now;
@@ -228,7 +240,8 @@ impl Access {
             _ => Admission::of(self.by_key_or_certificate(request, ip)?),
         };
         if let Some(c) = admission.caller {
-            self.check_caller(c, ip, org, quotas).await?;
+            let principal = admission.principal.as_ref().map(Principal::flow_id);
+            self.check_caller(c, ip, org, quotas, principal).await?;
         }
         Ok(admission)
     }
@@ -325,12 +338,17 @@ impl Access {
     }
 
     /// Where it may connect from, which orgs, its quota.
+    /// The caller's source, org and quota rules. A token rule's quota, like
+    /// its `max_concurrency`, is each principal's (user or app) own: one
+    /// bucket per `{rule}/{principal}`, so one user of a broad rule never
+    /// spends another's.
     async fn check_caller(
         &self,
         c: &Caller,
         ip: IpAddr,
         org: &str,
         quotas: &Quotas,
+        principal: Option<&str>,
     ) -> Result<(), AdmissionError> {
         if !c.cidrs.is_empty() && !c.cidrs.iter().any(|n| n.contains(&ip)) {
             return Err(AdmissionError::Forbidden(format!(
@@ -345,8 +363,13 @@ impl Access {
             )));
         }
         if let Some(rate) = c.requests_per_second {
+            let bucket = match principal {
+                Some(p) => std::borrow::Cow::Owned(format!("{}/{p}", c.name)),
+                None => std::borrow::Cow::Borrowed(&*c.name),
+            };
+            let bucket: &str = &bucket;
             quotas
-                .take(&c.name, rate)
+                .take(bucket, rate)
                 .await
                 .map_err(|retry_after| AdmissionError::Quota { retry_after })?;
         }

@@ -171,18 +171,35 @@ impl Lanes {
         if self.lanes.len() == 1 {
             return Ok((0, self.lanes[0].governor.acquire_for(flow).await?));
         }
-        let cap = match flow.max_concurrency {
-            None => None,
-            Some(_) => {
-                let timeout = self.first().governor.config().queue_timeout;
-                tokio::time::timeout(timeout, self.caps.cap(flow))
-                    .await
-                    .map_err(|_| GovernorError::QueueTimeout {
-                        waited: timeout,
-                        retry_after: std::time::Duration::from_secs(1),
-                    })?
-            }
-        };
+        let cap = self.cap(flow).await?;
+        self.acquire_capped(allowed, flow, cap).await
+    }
+
+    /// A place under the caller's cap (`max_concurrency`) across the lanes,
+    /// waited for at most the queue timeout.
+    async fn cap(
+        &self,
+        flow: &Flow,
+    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, GovernorError> {
+        if flow.max_concurrency.is_none() {
+            return Ok(None);
+        }
+        let timeout = self.first().governor.config().queue_timeout;
+        tokio::time::timeout(timeout, self.caps.cap(flow))
+            .await
+            .map_err(|_| GovernorError::QueueTimeout {
+                waited: timeout,
+                retry_after: std::time::Duration::from_secs(1),
+            })
+    }
+
+    /// [`Self::acquire`] with the caller's cap already in hand.
+    async fn acquire_capped(
+        &self,
+        allowed: LaneSet,
+        flow: &Flow,
+        cap: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Result<(usize, Permit), GovernorError> {
         // The cap is held here, across lanes, not by each lane's governor.
         let uncapped = Flow {
             max_concurrency: None,
@@ -211,17 +228,19 @@ impl Lanes {
 
     /// [`Self::acquire`] on `allowed` (the lanes whose credential failed
     /// for this request taken out), or `None` when none of them is in
-    /// rotation.
+    /// rotation. `cap` is the request's place under its caller's cap,
+    /// taken from the slot it gave up: it moves with the request.
     pub async fn acquire_elsewhere(
         &self,
         allowed: LaneSet,
         flow: &Flow,
+        cap: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Option<Result<(usize, Permit), GovernorError>> {
         let any = (0..self.lanes.len()).any(|i| allowed.has(i) && self.in_rotation(i));
         if !any {
             return None;
         }
-        Some(self.acquire(allowed, flow).await)
+        Some(self.acquire_capped(allowed, flow, cap).await)
     }
 
     /// The allowed lanes in rotation (all allowed ones when none is, so

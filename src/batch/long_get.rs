@@ -73,14 +73,19 @@ pub enum UnwrapError {
     /// Reading the answer failed.
     #[error("reading the $batch answer failed")]
     Body(#[source] BoxError),
+    /// Dataverse sent nothing of the head for this long.
+    #[error("the $batch answer stalled for {0:?} before its response head")]
+    Stalled(std::time::Duration),
 }
 
 /// Dataverse's `$batch` answer as the inner response. An answer that is
 /// not `multipart/mixed` (the batch itself refused: 400, 401, 429…) is
 /// `Err(answer)`, to be passed on as it is. Outer headers not in the inner
-/// head (rate-limit remainders, request ids) are kept.
+/// head (rate-limit remainders, request ids) are kept. Each piece of the
+/// head must come within `idle`.
 pub async fn unwrap<B>(
     response: Response<B>,
+    idle: std::time::Duration,
 ) -> Result<Result<Response<Unwrapped<B>>, UnwrapError>, Response<B>>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -90,7 +95,7 @@ where
         return Err(response);
     };
     let (outer, mut body) = response.into_parts();
-    Ok(read_head(&mut body, &boundary)
+    Ok(read_head(&mut body, &boundary, idle)
         .await
         .map(|(status, headers, rest)| {
             let mut inner = Response::new(Unwrapped::new(body, rest, &boundary));
@@ -108,26 +113,36 @@ fn multipart_boundary(headers: &HeaderMap) -> Option<String> {
 }
 
 /// Reads up to the end of the inner head: the status, the headers, and
-/// the body bytes that came with it.
+/// the body bytes that came with it. A head can only be whole once a new
+/// blank line (`CRLF CRLF`) arrives, so the buffer is parsed only then, not
+/// at every frame: a head trickled a byte a frame costs linear work.
 async fn read_head<B>(
     body: &mut B,
     boundary: &str,
+    idle: std::time::Duration,
 ) -> Result<(StatusCode, HeaderMap, Bytes), UnwrapError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
     let mut buf = BytesMut::new();
+    let mut scanned: usize = 0;
     loop {
-        if let Some(done) = parse_head(&buf, boundary)? {
-            let (status, headers, used) = done;
+        let from = scanned.saturating_sub(3);
+        if memchr::memmem::find(&buf[from..], b"\r\n\r\n").is_some()
+            && let Some((status, headers, used)) = parse_head(&buf, boundary)?
+        {
             buf.advance(used);
             return Ok((status, headers, buf.freeze()));
         }
+        scanned = buf.len();
         if buf.len() > MAX_HEAD {
             return Err(UnwrapError::Malformed("the head is too long"));
         }
-        match body.frame().await {
+        let frame = tokio::time::timeout(idle, body.frame())
+            .await
+            .map_err(|_| UnwrapError::Stalled(idle))?;
+        match frame {
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     buf.extend_from_slice(&data);
@@ -317,6 +332,25 @@ where
 mod tests {
     use super::*;
 
+    const IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// A head that stops coming is an error after the idle time, not a
+    /// wait without end.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_head_times_out() {
+        use futures_util::StreamExt;
+        let first: Result<Frame<Bytes>, std::convert::Infallible> = Ok(Frame::data(
+            Bytes::from_static(b"--batchresponse_1\r\nContent-Ty"),
+        ));
+        let frames = futures_util::stream::iter([first]).chain(futures_util::stream::pending());
+        let stalled = http_body_util::StreamBody::new(frames);
+        let outcome = unwrap(outer(stalled), IDLE).await.expect("multipart");
+        assert!(
+            matches!(outcome, Err(UnwrapError::Stalled(d)) if d == IDLE),
+            "stalled"
+        );
+    }
+
     const ANSWER: &str = "--batchresponse_1\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n\
         HTTP/1.1 200 OK\r\nContent-Type: application/json; odata.metadata=minimal\r\nOData-Version: 4.0\r\n\r\n\
         {\"value\":[\"a\r\n--batchresponse_\"]}\r\n--batchresponse_1--\r\n";
@@ -349,7 +383,7 @@ mod tests {
     #[tokio::test]
     async fn the_inner_response_streams_out_whatever_the_chunking() {
         for size in [1, 2, 7, 64, 4096] {
-            let inner = unwrap(outer(body(ANSWER, size)))
+            let inner = unwrap(outer(body(ANSWER, size)), IDLE)
                 .await
                 .expect("multipart")
                 .expect("unwrapped");
@@ -378,7 +412,7 @@ mod tests {
     #[tokio::test]
     async fn a_cut_answer_is_an_error_and_not_multipart_passes_as_it_is() {
         let cut = &ANSWER[..ANSWER.len() - 30];
-        let inner = unwrap(outer(body(cut, 16)))
+        let inner = unwrap(outer(body(cut, 16)), IDLE)
             .await
             .expect("multipart")
             .expect("head read");
@@ -386,13 +420,13 @@ mod tests {
         let headless =
             "--batchresponse_1\r\nContent-Type: application/http\r\n\r\nnot a response\r\n\r\n";
         assert!(
-            unwrap(outer(body(headless, 16)))
+            unwrap(outer(body(headless, 16)), IDLE)
                 .await
                 .expect("multipart")
                 .is_err()
         );
         let plain = Response::new(body("{\"error\":{}}", 4));
-        assert!(unwrap(plain).await.is_err());
+        assert!(unwrap(plain, IDLE).await.is_err());
     }
 
     #[test]

@@ -122,6 +122,13 @@ impl Permit {
         }
     }
 
+    /// Gives up the caller's cap it holds, for the next slot of the same
+    /// request (a lane failover): waiting for another place under the cap
+    /// while holding one would wait on itself.
+    pub fn take_cap(&mut self) -> Option<OwnedSemaphorePermit> {
+        self._cap.take()
+    }
+
     /// Holds `cap` (a caller's cap taken outside this governor, by the
     /// org's lanes) as long as the slot.
     pub fn with_cap(mut self, cap: Option<OwnedSemaphorePermit>) -> Self {

@@ -29,6 +29,19 @@ pub struct Principal {
     pub expires_at: u64,
 }
 
+impl Principal {
+    /// Who this is among the callers of one rule: the user's object id for
+    /// a user's token, the app's client id for an app's (its flow, quota
+    /// bucket and cap are its own).
+    pub fn flow_id(&self) -> &str {
+        if self.is_user {
+            &self.object_id
+        } else {
+            &self.app_id
+        }
+    }
+}
+
 /// The two claims read before the signature is checked, to choose the
 /// tenant's keys. Nothing else is trusted from them.
 #[derive(Deserialize)]

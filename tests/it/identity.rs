@@ -571,3 +571,27 @@ async fn an_oid_that_cannot_be_sent_never_becomes_a_request_as_the_application_u
     assert!(h.sim.seen().is_empty(), "nothing reached Dataverse");
     h.stop().await;
 }
+
+/// A broad token rule's `requests_per_second`, like its `max_concurrency`,
+/// is each principal's own: one user spending it leaves another's whole.
+#[tokio::test]
+async fn a_broad_rules_quota_is_each_users_own() {
+    let sim = sim().await;
+    let callers = "[[callers]]\nname = \"portal\"\ntoken = { scopes = [\"user_impersonation\"] }\nrequests_per_second = 0.1\n";
+    let h = proxy(sim, callers).await;
+    let a = h
+        .sim
+        .mint_user_token(&Uuid::new_v4().to_string(), &["user_impersonation"]);
+    let b = h
+        .sim
+        .mint_user_token(&Uuid::new_v4().to_string(), &["user_impersonation"]);
+    assert_eq!(whoami(&h, &a).await.status(), 200);
+    let again = whoami(&h, &a).await;
+    assert_eq!(again.status(), 429, "user A's quota is spent");
+    assert_eq!(
+        again.headers()["x-dataverse-proxy-error"],
+        "caller_quota_exceeded"
+    );
+    assert_eq!(whoami(&h, &b).await.status(), 200, "user B's is whole");
+    h.stop().await;
+}

@@ -319,3 +319,71 @@ async fn callers_that_stop_reading_on_one_replica_do_not_block_another() {
     a.stop().await;
     b.stop().await;
 }
+
+/// The fair-share tags hold only flows used in the last ten minutes: 500
+/// flows last seen eleven minutes ago are trimmed as requests come, a few
+/// per request, and the live flow keeps its tag.
+#[tokio::test]
+async fn fair_share_tags_of_flows_unused_for_ten_minutes_are_trimmed() {
+    let redis = RedisServer::start().await;
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let key = org_key(&sim);
+    let replica = Replica::start(&sim.handle, &governed(&redis, "4")).await;
+    let mut conn = redis_conn(&redis.url()).await;
+    assert_eq!(
+        crate::harness::client()
+            .get(replica.url("/WhoAmI"))
+            .send()
+            .await
+            .expect("request")
+            .status(),
+        200
+    );
+    let (secs, _): (u64, u64) = redis::cmd("TIME")
+        .query_async(&mut conn)
+        .await
+        .expect("time");
+    let long_ago = (secs - 11 * 60) * 1000;
+    for i in 0..500 {
+        let flow = format!("ip/10.9.{}.{}", i / 250, i % 250);
+        let _: () = redis::pipe()
+            .cmd("HSET")
+            .arg(format!("{key}:tags"))
+            .arg(&flow)
+            .arg(1)
+            .cmd("ZADD")
+            .arg(format!("{key}:tags-used"))
+            .arg(long_ago)
+            .arg(&flow)
+            .query_async(&mut conn)
+            .await
+            .expect("seed");
+    }
+    let hlen = async |conn: &mut redis::aio::MultiplexedConnection| -> usize {
+        redis::cmd("HLEN")
+            .arg(format!("{key}:tags"))
+            .query_async(conn)
+            .await
+            .expect("hlen")
+    };
+    assert!(hlen(&mut conn).await > 500);
+    let client = crate::harness::client();
+    for _ in 0..40 {
+        let status = client
+            .get(replica.url("/WhoAmI"))
+            .send()
+            .await
+            .expect("request")
+            .status();
+        assert_eq!(status, 200);
+    }
+    assert_eq!(hlen(&mut conn).await, 1, "only the live flow's tag is left");
+    let live: Option<String> = redis::cmd("HGET")
+        .arg(format!("{key}:tags"))
+        .arg("ip/127.0.0.1")
+        .query_async(&mut conn)
+        .await
+        .expect("hget");
+    assert!(live.is_some(), "the live flow keeps its tag");
+    replica.stop().await;
+}

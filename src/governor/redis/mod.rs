@@ -123,7 +123,12 @@ pub struct SharedRedis {
     lease_time: Duration,
     conn: RwLock<Option<ConnectionManager>>,
     healthy: AtomicBool,
-    orgs: Mutex<HashMap<String, Arc<OrgShared>>>,
+    /// Every live store, by its channel and then its own id: two stores
+    /// may share a channel (a governor replaced while a request of the old
+    /// one still runs), and each keeps its leases renewed until it goes.
+    orgs: Mutex<HashMap<String, HashMap<u64, Arc<OrgShared>>>>,
+    /// The next store's id.
+    next_store: std::sync::atomic::AtomicU64,
     scripts: Scripts,
 }
 
@@ -164,6 +169,7 @@ impl SharedRedis {
             conn: RwLock::new(None),
             healthy: AtomicBool::new(false),
             orgs: Mutex::new(HashMap::new()),
+            next_store: std::sync::atomic::AtomicU64::new(0),
             scripts: Scripts {
                 acquire: redis::Script::new(ACQUIRE),
                 release: redis::Script::new(RELEASE),
@@ -197,16 +203,36 @@ impl SharedRedis {
             replica: uuid::Uuid::new_v4().simple().to_string(),
             heads: Mutex::new(HashMap::new()),
         });
-        lock(&self.orgs).insert(shared.channel.clone(), shared.clone());
+        let id = self.next_store.fetch_add(1, Ordering::Relaxed);
+        lock(&self.orgs)
+            .entry(shared.channel.clone())
+            .or_default()
+            .insert(id, shared.clone());
         RedisStore {
             redis: self.clone(),
             org: shared,
+            id,
         }
     }
 
-    /// Stops dispatching to a store's channel (its governor is gone).
-    pub(super) fn forget(&self, channel: &str) {
-        lock(&self.orgs).remove(channel);
+    /// Stops dispatching to the store `id` on `channel` (its governor is
+    /// gone); another store on the same channel stays.
+    pub(super) fn forget(&self, channel: &str, id: u64) {
+        let mut orgs = lock(&self.orgs);
+        if let Some(stores) = orgs.get_mut(channel) {
+            stores.remove(&id);
+            if stores.is_empty() {
+                orgs.remove(channel);
+            }
+        }
+    }
+
+    /// The stores listening on `channel`.
+    fn stores_on(&self, channel: &str) -> Vec<Arc<OrgShared>> {
+        lock(&self.orgs)
+            .get(channel)
+            .map(|stores| stores.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// The background tasks: connecting and health checks, the channel
@@ -340,9 +366,12 @@ impl SharedRedis {
     }
 
     fn dispatch(&self, channel: &str, payload: &str) {
-        let Some(org) = lock(&self.orgs).get(channel).cloned() else {
-            return;
-        };
+        for org in self.stores_on(channel) {
+            Self::dispatch_to(&org, payload);
+        }
+    }
+
+    fn dispatch_to(org: &OrgShared, payload: &str) {
         if let Some(tickets) = payload.strip_prefix("released:") {
             // The heads whose tickets come first are named; waking any
             // other head too would cost a Redis call per replica and
@@ -365,7 +394,10 @@ impl SharedRedis {
         let every = (self.lease_time / 3).max(Duration::from_millis(100));
         loop {
             tokio::time::sleep(every).await;
-            let orgs: Vec<Arc<OrgShared>> = lock(&self.orgs).values().cloned().collect();
+            let orgs: Vec<Arc<OrgShared>> = lock(&self.orgs)
+                .values()
+                .flat_map(|stores| stores.values().cloned())
+                .collect();
             for org in orgs {
                 let held: Vec<String> = lock(&org.held).iter().cloned().collect();
                 if held.is_empty() {
@@ -379,5 +411,48 @@ impl SharedRedis {
                 let _ = self.run::<i64>(call).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redis() -> Arc<SharedRedis> {
+        SharedRedis::new(&crate::config::RedisSettings {
+            url: "redis://127.0.0.1:1".to_owned().into(),
+            prefix: "test".to_owned(),
+            timeout: Duration::from_millis(100),
+            lease_time: Duration::from_secs(5),
+            ca_file: None,
+        })
+        .expect("client")
+    }
+
+    const BOUNDS: Bounds = Bounds {
+        min: 1,
+        ceiling: 52,
+        max_gate: Duration::from_secs(300),
+    };
+
+    /// Two stores of one org (a governor replaced while a request of the
+    /// old one still runs): forgetting the old one leaves the new one
+    /// hearing its channel.
+    #[tokio::test(start_paused = true)]
+    async fn a_second_store_on_one_channel_is_not_replaced_or_forgotten() {
+        let redis = redis();
+        let (old_gate, new_gate) = (Arc::new(Gate::default()), Arc::new(Gate::default()));
+        let old = redis.store("org.example:443", old_gate.clone(), BOUNDS);
+        let new = redis.store("org.example:443", new_gate.clone(), BOUNDS);
+        redis.dispatch("test:org.example:443:events", "gate:1000");
+        assert!(old_gate.closed_until().is_some(), "both hear the channel");
+        assert!(new_gate.closed_until().is_some());
+        old.forget();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        redis.dispatch("test:org.example:443:events", "gate:1000");
+        assert!(old_gate.closed_until().is_none(), "the old one is gone");
+        assert!(new_gate.closed_until().is_some(), "the new one still hears");
+        assert_eq!(redis.stores_on("test:org.example:443:events").len(), 1);
+        drop(new);
     }
 }

@@ -4,7 +4,8 @@
 /// Takes a lease unless the gate is closed, the shared limit is reached, or
 /// tickets with a smaller fair-share tag are ahead. KEYS: leases, limit,
 /// gate, queue (head tickets by their start tag), seen (tickets by last
-/// attempt), tags (flow → finish tag), vtime; ARGV: lease ms, lease id,
+/// attempt), tags (flow → finish tag), vtime, tags-used (flows by last
+/// use); ARGV: lease ms, lease id,
 /// default limit, ticket ('' when not queued), flow, cost, min limit,
 /// ceiling, longest gate ms, slots this replica holds outside Redis.
 /// A ticket's start tag is fixed (and its flow charged) when it first
@@ -13,7 +14,10 @@
 /// Nothing read from Redis is trusted beyond the configured bounds: the
 /// limit is clamped to min..ceiling, the gate to the longest Retry-After
 /// (and shortened in Redis), the tags to a sane range. A ticket not seen
-/// for a second (its head left, or its replica died) is dropped.
+/// for a second (its head left, or its replica died) is dropped. A flow
+/// unused for ten minutes loses its tag (a few per call, so the hash holds
+/// only the flows of the last ten minutes, not every address ever seen);
+/// coming back it starts at the virtual time, as a new flow does.
 pub(super) const ACQUIRE: &str = r"
 local maxgate = tonumber(ARGV[9])
 local gate = redis.call('PTTL', KEYS[3])
@@ -40,6 +44,10 @@ if not start then
   start = fin
   redis.call('HSET', KEYS[6], ARGV[5], start + tonumber(ARGV[6]))
   redis.call('PEXPIRE', KEYS[6], 600000)
+  redis.call('ZADD', KEYS[8], now, ARGV[5])
+  redis.call('PEXPIRE', KEYS[8], 600000)
+  local unused = redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', now - 600000, 'LIMIT', 0, 16)
+  for _, f in ipairs(unused) do redis.call('HDEL', KEYS[6], f); redis.call('ZREM', KEYS[8], f) end
 end
 local ahead
 if ticket == '' then

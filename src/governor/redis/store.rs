@@ -14,12 +14,14 @@ use crate::governor::store::{Ask, Lease, SlotStore, StoreError, StoreFuture, Try
 pub struct RedisStore {
     pub(super) redis: Arc<SharedRedis>,
     pub(super) org: Arc<OrgShared>,
+    /// This store's own id among the stores of its channel.
+    pub(super) id: u64,
 }
 
 impl RedisStore {
     /// Its governor is dropped: no more messages for it.
     pub fn forget(&self) {
-        self.redis.forget(&self.org.channel);
+        self.redis.forget(&self.org.channel, self.id);
     }
 
     /// Whether the shared state is in use.
@@ -84,7 +86,15 @@ impl SlotStore for RedisStore {
             let id = uuid::Uuid::new_v4().simple().to_string();
             let key = &self.org.key;
             let mut call = self.redis.scripts.acquire.key(format!("{key}:leases"));
-            for k in ["limit", "gate", "queue", "queue-seen", "tags", "vtime"] {
+            for k in [
+                "limit",
+                "gate",
+                "queue",
+                "queue-seen",
+                "tags",
+                "vtime",
+                "tags-used",
+            ] {
                 call.key(format!("{key}:{k}"));
             }
             let b = self.org.bounds;

@@ -169,10 +169,7 @@ async fn identify(
         .await?;
     let caller = admission.caller;
     info.caller = caller.map(|c| c.name.clone());
-    info.principal = admission.principal.as_ref().map(|p| {
-        let id = if p.is_user { &p.object_id } else { &p.app_id };
-        Arc::from(id.as_str())
-    });
+    info.principal = admission.principal.as_ref().map(|p| Arc::from(p.flow_id()));
     info.caller_slot = caller
         .and_then(|c| rules.access.callers.iter().position(|k| std::ptr::eq(k, c)))
         .map_or(0, |i| i + 1);

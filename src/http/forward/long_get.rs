@@ -10,7 +10,7 @@ use super::admit::Admitted;
 use super::answer::answer;
 use super::plan::{Planned, service_root};
 use super::send::{Sent, send};
-use crate::batch::long_get::{MAX_BATCH_URL, MAX_GET_URL, unwrap, wrap};
+use crate::batch::long_get::{MAX_BATCH_URL, MAX_GET_URL, UnwrapError, unwrap, wrap};
 use crate::compression::AcceptEncoding;
 use crate::error::ProxyError;
 use crate::http::access_log::RequestInfo;
@@ -53,9 +53,11 @@ pub async fn forward(
     let Sent {
         response, permit, ..
     } = sent;
-    let response = match unwrap(response).await {
+    let idle = state.upstream.idle_timeout;
+    let response = match unwrap(response, idle).await {
         Err(as_it_is) => as_it_is.map(http_body_util::Either::Left),
         Ok(Ok(inner)) => inner.map(http_body_util::Either::Right),
+        Ok(Err(UnwrapError::Stalled(idle))) => return Err(ProxyError::UpstreamTimeout(idle)),
         Ok(Err(e)) => return Err(ProxyError::UpstreamBody(e.into())),
     };
     let resp = answer(state, admitted, Sent::new(response, permit), accept, info).await?;

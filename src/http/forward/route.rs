@@ -101,7 +101,10 @@ impl<'a> Route<'a> {
                     // whose credential failed stays out of this request's way.
                     permit.set_finished();
                     allowed = allowed.without(*lane);
-                    match Box::pin(lanes.acquire_elsewhere(allowed, &admitted.flow)).await {
+                    // The caller's cap moves with the request to the next lane.
+                    let cap = permit.take_cap();
+                    let elsewhere = lanes.acquire_elsewhere(allowed, &admitted.flow, cap);
+                    match Box::pin(elsewhere).await {
                         Some(next) => (*lane, *permit) = next?,
                         None => return Err(e.into()),
                     }
