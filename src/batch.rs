@@ -68,6 +68,8 @@ pub struct Operation<'a> {
     pub part_headers: Vec<HeaderLine<'a>>,
     /// The embedded request's headers.
     pub headers: Vec<HeaderLine<'a>>,
+    /// The embedded request's body (empty for GET, HEAD, DELETE).
+    pub body: &'a [u8],
 }
 
 /// Where an operation's target points.
@@ -338,6 +340,7 @@ fn operation<'a>(
         in_change_set,
         part_headers: head.headers,
         headers,
+        body: rest,
     })
 }
 

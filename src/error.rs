@@ -153,6 +153,14 @@ pub enum ProxyError {
         /// Until this assertion's refusal is asked again.
         retry_after: Duration,
     },
+    /// 503: the org's tables could not be read for the table policy.
+    #[error(
+        "the org's tables could not be read from its $metadata, so the policy's table list cannot be checked; try again later"
+    )]
+    PolicyTablesUnavailable(
+        /// For the log only.
+        String,
+    ),
     /// 503: the caller is pinned to lanes the org does not run.
     #[error(
         "this caller is pinned to lanes (application users) this org does not run; the operator must restart the proxy with a configuration that runs them"
@@ -210,9 +218,9 @@ impl ProxyError {
             | Self::UserTokenRefused { .. }
             | Self::ClaimsRequired { .. } => StatusCode::UNAUTHORIZED,
             Self::ConsentRequired { .. } => StatusCode::FORBIDDEN,
-            Self::DelegationUnavailable { .. } | Self::CallerLaneUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::DelegationUnavailable { .. }
+            | Self::CallerLaneUnavailable
+            | Self::PolicyTablesUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Forbidden(_) | Self::PolicyDenied(_) | Self::InsufficientCallerToken => {
                 StatusCode::FORBIDDEN
             }
@@ -263,6 +271,7 @@ impl ProxyError {
             Self::ClaimsRequired { .. } => "insufficient_claims",
             Self::DelegationUnavailable { .. } => "token_exchange_unavailable",
             Self::CallerLaneUnavailable => "caller_lane_unavailable",
+            Self::PolicyTablesUnavailable(_) => "policy_tables_unavailable",
             Self::GovernorQueueFull { .. } => "governor_queue_full",
             Self::GovernorQueueTimeout { .. } => "governor_queue_timeout",
             Self::UpstreamUnavailable(_) | Self::UpstreamBody(_) => "upstream_unavailable",
@@ -282,7 +291,9 @@ impl ProxyError {
             | Self::UserTokenRefused { retry_after }
             | Self::ClaimsRequired { retry_after, .. }
             | Self::DelegationUnavailable { retry_after, .. } => Some(*retry_after),
-            Self::CallerKeysUnavailable => Some(Duration::from_secs(5)),
+            Self::CallerKeysUnavailable | Self::PolicyTablesUnavailable(_) => {
+                Some(Duration::from_secs(5))
+            }
             Self::NotFound
             | Self::UnknownOrg
             | Self::MethodNotAllowed
@@ -312,8 +323,9 @@ impl ProxyError {
     /// source chain and anything else kept from callers.
     pub fn log_detail(&self) -> String {
         let mut msg = self.to_string();
-        if let Self::TokenUnavailable { detail, .. } | Self::DelegationUnavailable { detail, .. } =
-            self
+        if let Self::TokenUnavailable { detail, .. }
+        | Self::DelegationUnavailable { detail, .. }
+        | Self::PolicyTablesUnavailable(detail) = self
         {
             msg.push_str(": ");
             msg.push_str(detail);

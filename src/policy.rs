@@ -58,6 +58,9 @@ pub struct BatchContext<'a> {
     /// The caller's own privileged-header grants; `None` when no callers
     /// are configured (the org policy alone decides).
     pub caller_privileged: Option<&'a [String]>,
+    /// The org's tables, when the policy lists tables: every table each
+    /// operation reaches is checked.
+    pub tables: Option<&'a tables::TableMap>,
 }
 
 /// The resource a Web API path addresses: the first segment after
@@ -85,6 +88,38 @@ impl Policy {
             || !self.allow.is_empty()
             || !self.deny.is_empty()
             || !self.metadata
+    }
+
+    /// Whether the policy names tables (`allow` or `deny`): then every
+    /// table a request reaches is checked, not only its first segment.
+    pub fn lists_tables(&self) -> bool {
+        !self.allow.is_empty() || !self.deny.is_empty()
+    }
+
+    /// Checks every table `reached` names (entity sets, lower-case), and
+    /// refuses what could not be read with certainty.
+    pub fn check_reached(
+        &self,
+        reached: Result<reach::Reached, reach::Unreadable>,
+    ) -> Result<(), PolicyError> {
+        let reached = reached.map_err(|e| {
+            PolicyError::Denied(format!(
+                "the request cannot be checked against the policy's table list: {e}"
+            ))
+        })?;
+        for table in &reached.0 {
+            if self.deny.iter().any(|d| d == table) {
+                return Err(PolicyError::Denied(format!(
+                    "the request reaches '{table}', which is denied by the policy"
+                )));
+            }
+            if !self.allow.is_empty() && !self.allow.iter().any(|a| a == table) {
+                return Err(PolicyError::Denied(format!(
+                    "the request reaches '{table}', which is not in the policy's allow list"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Checks one operation (the request itself, or one `$batch` part).
@@ -162,8 +197,12 @@ impl Policy {
             .map_err(|_| bad(BatchError("an operation's method cannot be read")))?;
         let path = match op.resolve(ctx.service_root, ctx.origins).map_err(bad)? {
             // `$1`-style references name an entity created earlier in the
-            // same change set (already checked): only method rules apply.
-            Target::Reference => return self.check_method_only(&method, ctx.caller_read_only),
+            // same change set (already checked): only method rules apply,
+            // and the tables its body or further path reach.
+            Target::Reference => {
+                self.check_method_only(&method, ctx.caller_read_only)?;
+                return self.check_reference_tables(op, ctx);
+            }
             Target::Path(p) => p,
         };
         let (path, query) = path.split_once('?').unwrap_or((&path, ""));
@@ -181,7 +220,50 @@ impl Policy {
         if resource == "$batch" {
             return Err(bad(BatchError("a batch may not contain another batch")));
         }
-        self.check(&method, &resource, ctx.caller_read_only)
+        self.check(&method, &resource, ctx.caller_read_only)?;
+        let Some(map) = ctx.tables else {
+            return Ok(());
+        };
+        let rest = path[ctx.service_root.len().min(path.len())..].trim_start_matches('/');
+        let rest = percent_encoding::percent_decode_str(rest).decode_utf8_lossy();
+        self.check_reached(reach::of_target(map, &rest, query))?;
+        self.check_body_tables(map, reach::table_written(map, &rest).as_deref(), op.body)
+    }
+
+    /// A `$n` reference operation while tables are listed: nothing after
+    /// the reference but its key, and the tables its body reaches.
+    fn check_reference_tables(
+        &self,
+        op: &Operation<'_>,
+        ctx: &BatchContext<'_>,
+    ) -> Result<(), PolicyError> {
+        let Some(map) = ctx.tables else {
+            return Ok(());
+        };
+        if op.target.contains(['/', '?']) {
+            return self.check_reached(Err(reach::Unreadable(format!(
+                "the reference '{}' goes on past the row it names",
+                op.target
+            ))));
+        }
+        self.check_body_tables(map, None, op.body)
+    }
+
+    /// The tables an operation's JSON body reaches.
+    fn check_body_tables(
+        &self,
+        map: &tables::TableMap,
+        table: Option<&str>,
+        body: &[u8],
+    ) -> Result<(), PolicyError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        let reached = match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(json) => reach::of_body(map, table, &json),
+            Err(_) => Err(reach::Unreadable("a part's body is not JSON".to_owned())),
+        };
+        self.check_reached(reached)
     }
 
     /// The header lines of `op` that may not reach Dataverse; when any of
@@ -300,6 +382,9 @@ fn names_guarded_header(body: &[u8]) -> bool {
     });
     finder.is_match(body)
 }
+
+pub mod reach;
+pub mod tables;
 
 #[cfg(test)]
 mod batch_tests;

@@ -113,6 +113,9 @@ pub struct OrgState {
     pub index: usize,
     /// `$metadata` and `EntityDefinitions…` answers (`None`: switched off).
     pub metadata: Option<Arc<crate::metadata_cache::MetadataCache>>,
+    /// The org's tables as its `$metadata` last described them, and when
+    /// that was read (for the table policy; filled on first need).
+    pub tables: tokio::sync::Mutex<Option<(Arc<crate::policy::tables::TableMap>, tokio::time::Instant)>>,
     /// Rewriters by public base URL (usually one entry).
     links: Mutex<Vec<(String, Arc<Links>)>>,
     /// What the status page shows of its requests.
@@ -203,6 +206,7 @@ impl OrgState {
                     &config.metadata_cache,
                 ))
             }),
+            tables: tokio::sync::Mutex::new(None),
             links: Mutex::new(Vec::new()),
             board: super::status::board::OrgBoard::default(),
             metrics: metrics.handles(&org.name, "-"),

@@ -18,6 +18,7 @@ fn ctx<'a>(origins: &'a [String], caller_privileged: Option<&'a [String]>) -> Ba
         origins,
         caller_read_only: false,
         caller_privileged,
+        tables: None,
     }
 }
 
@@ -275,5 +276,48 @@ proptest! {
             matches!(result, Err(PolicyError::Denied(_) | PolicyError::BadBatch(_))),
             "{:?} let through {:?}", result.map(|_| ()), String::from_utf8_lossy(&body)
         );
+    }
+}
+
+/// With the org's tables known, a part that reaches a denied table through
+/// `$expand`, a navigation, a binding or a reference is refused.
+#[test]
+fn parts_reaching_a_denied_table_are_refused() {
+    let map = crate::policy::tables::TableMap::from_csdl(crate::policy::tables::TEST_CSDL)
+        .expect("csdl");
+    let policy = Policy {
+        deny: vec!["contacts".to_owned()],
+        ..Policy::default()
+    };
+    let origins = origins();
+    let ctx = BatchContext {
+        tables: Some(&map),
+        ..ctx(&origins, None)
+    };
+    let part = |line: &str, body: &str| {
+        let head = if body.is_empty() {
+            String::new()
+        } else {
+            "Content-Type: application/json\r\n".to_owned()
+        };
+        format!(
+            "--batch_1\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n{line} HTTP/1.1\r\n{head}\r\n{body}\r\n--batch_1--\r\n"
+        )
+    };
+    let ok = part("GET /api/data/v9.2/accounts?$select=name", "");
+    assert!(policy.check_batch(Some(CT), ok.as_bytes(), &ctx).is_ok());
+    for (line, body) in [
+        ("GET /api/data/v9.2/accounts?$expand=primarycontactid", ""),
+        ("GET /api/data/v9.2/accounts(1)/primarycontactid", ""),
+        (
+            "PATCH /api/data/v9.2/accounts(1)",
+            "{\"primarycontactid@odata.bind\":\"/contacts(2)\"}",
+        ),
+    ] {
+        let batch = part(line, body);
+        let err = policy
+            .check_batch(Some(CT), batch.as_bytes(), &ctx)
+            .expect_err(line);
+        assert!(err.to_string().contains("contacts"), "{line}: {err}");
     }
 }

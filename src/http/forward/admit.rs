@@ -96,6 +96,13 @@ pub async fn admit(
     };
     let resource = crate::policy::resource(api_path).unwrap_or_default();
     policy.check(&parts.method, &resource, caller.read_only)?;
+    if policy.lists_tables() {
+        let map = super::tables::of(&org, state.upstream.response_timeout).await?;
+        let rest = api_path[super::plan::service_root(api_path).len()..].trim_start_matches('/');
+        let rest = percent_encoding::percent_decode_str(rest).decode_utf8_lossy();
+        let query = parts.uri.query().unwrap_or("");
+        policy.check_reached(crate::policy::reach::of_target(&map, &rest, query))?;
+    }
     let mut restored = policy.restored_headers(&parts.headers, caller.privileged.as_deref());
     if let Some(oid) = caller.act_as.as_deref() {
         // An id that cannot be sent must never turn into a request as the

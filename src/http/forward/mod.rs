@@ -27,6 +27,7 @@ mod long_get;
 mod plan;
 mod route;
 mod send;
+mod tables;
 
 #[cfg(test)]
 mod tests;

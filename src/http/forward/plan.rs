@@ -40,13 +40,25 @@ pub async fn plan(
     upstream_accept_encoding(&mut headers, state.upstream.compression, parts.uri.path());
     let body = match &admitted.batch_origins {
         Some(origins) => {
+            let tables = match admitted.policy().lists_tables() {
+                true => Some(super::tables::of(org, state.upstream.response_timeout).await?),
+                false => None,
+            };
             let ctx = BatchContext {
                 service_root: service_root(&parts.uri.path()[admitted.prefix_len..]),
                 origins,
                 caller_read_only: admitted.caller_read_only,
                 caller_privileged: admitted.caller_privileged.as_deref(),
+                tables: tables.as_deref(),
             };
             let bytes = read_batch(body, &headers, admitted.policy(), &ctx).await?;
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+            headers.remove(header::TRANSFER_ENCODING);
+            Body::from(bytes)
+        }
+        None if writes_body(admitted, &parts.method, &headers) => {
+            let rest = &parts.uri.path()[admitted.prefix_len..];
+            let bytes = read_checked_body(state, admitted, body, rest).await?;
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             headers.remove(header::TRANSFER_ENCODING);
             Body::from(bytes)
@@ -85,6 +97,46 @@ fn upstream_accept_encoding(headers: &mut HeaderMap, compression: bool, path: &s
 /// never rewritten and may come compressed.
 pub fn is_file_download(path: &str) -> bool {
     path.ends_with("/$value")
+}
+
+/// Whether the request's JSON body must be read for the table policy: a
+/// write while the policy lists tables.
+fn writes_body(admitted: &Admitted, method: &Method, headers: &HeaderMap) -> bool {
+    matches!(*method, Method::POST | Method::PATCH | Method::PUT)
+        && admitted.policy().lists_tables()
+        && headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.to_ascii_lowercase().contains("json"))
+}
+
+/// Reads a write's JSON body whole (up to the policy's `batch_buffer`) and
+/// checks every table it reaches: `@odata.bind` and `@odata.id` targets,
+/// deep inserts, typed records. A body that is not JSON cannot be checked.
+async fn read_checked_body(
+    state: &AppState,
+    admitted: &Admitted,
+    body: Body,
+    api_path: &str,
+) -> Result<Bytes, ProxyError> {
+    let policy = admitted.policy();
+    let limit = policy.batch_buffer;
+    let bytes = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit))
+        .await
+        .map_err(|e| caller_body_fault(&*e).unwrap_or(ProxyError::BodyTooLarge(limit)))?
+        .to_bytes();
+    let map = super::tables::of(&admitted.org, state.upstream.response_timeout).await?;
+    let rest = api_path[service_root(api_path).len()..].trim_start_matches('/');
+    let rest = percent_encoding::percent_decode_str(rest).decode_utf8_lossy();
+    let table = crate::policy::reach::table_written(&map, &rest);
+    let reached = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(json) => crate::policy::reach::of_body(&map, table.as_deref(), &json),
+        Err(_) => Err(crate::policy::reach::Unreadable(
+            "the body is not JSON".to_owned(),
+        )),
+    };
+    policy.check_reached(reached)?;
+    Ok(bytes)
 }
 
 /// Reads a `$batch` body whole (up to the policy's `batch_buffer`) and

@@ -69,7 +69,7 @@ async fn admitted(
 
 #[tokio::test]
 async fn admit_routes_guards_and_applies_the_policy() {
-    let s = state(&[("org.policy.deny", "systemusers")]);
+    let s = state(&[("org.policy.metadata", "false")]);
     let ok = admitted(&s, Method::GET, "/api/data/v9.2/accounts", &[])
         .await
         .expect("admitted");
@@ -82,7 +82,17 @@ async fn admit_routes_guards_and_applies_the_policy() {
         ("/other/api/data/v9.2/accounts", "not_found"),
         ("/api/data/v8.0/accounts", "not_found"),
         ("/api/data/v9.2/%u002e%u002e/x", "bad_path"),
+        ("/api/data/v9.2/$metadata", "policy_denied"),
+    ] {
+        let err = admitted(&s, Method::GET, target, &[]).await.err();
+        assert_eq!(err.map(|e| e.code()), Some(code), "{target}");
+    }
+    // A table list needs the org's tables: without them (Entra and
+    // Dataverse unreachable here), refused, never checked by a guess.
+    let s = state(&[("org.policy.deny", "systemusers")]);
+    for (target, code) in [
         ("/api/data/v9.2/SystemUsers", "policy_denied"),
+        ("/api/data/v9.2/accounts", "policy_tables_unavailable"),
     ] {
         let err = admitted(&s, Method::GET, target, &[]).await.err();
         assert_eq!(err.map(|e| e.code()), Some(code), "{target}");
