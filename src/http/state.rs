@@ -115,7 +115,8 @@ pub struct OrgState {
     pub metadata: Option<Arc<crate::metadata_cache::MetadataCache>>,
     /// The org's tables as its `$metadata` last described them, and when
     /// that was read (for the table policy; filled on first need).
-    pub tables: tokio::sync::Mutex<Option<(Arc<crate::policy::tables::TableMap>, tokio::time::Instant)>>,
+    pub tables:
+        tokio::sync::Mutex<Option<(Arc<crate::policy::tables::TableMap>, tokio::time::Instant)>>,
     /// Rewriters by public base URL (usually one entry).
     links: Mutex<Vec<(String, Arc<Links>)>>,
     /// What the status page shows of its requests.

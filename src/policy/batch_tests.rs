@@ -283,8 +283,8 @@ proptest! {
 /// `$expand`, a navigation, a binding or a reference is refused.
 #[test]
 fn parts_reaching_a_denied_table_are_refused() {
-    let map = crate::policy::tables::TableMap::from_csdl(crate::policy::tables::TEST_CSDL)
-        .expect("csdl");
+    let map =
+        crate::policy::tables::TableMap::from_csdl(crate::policy::tables::TEST_CSDL).expect("csdl");
     let policy = Policy {
         deny: vec!["contacts".to_owned()],
         ..Policy::default()

@@ -22,7 +22,9 @@ pub struct Reached(pub Vec<String>);
 impl Reached {
     fn ty(&mut self, map: &TableMap, ty: &str) -> Result<(), Unreadable> {
         let set = map.set_of_type(ty).ok_or_else(|| {
-            Unreadable(format!("the table '{ty}' has no entity set in the org's metadata"))
+            Unreadable(format!(
+                "the table '{ty}' has no entity set in the org's metadata"
+            ))
         })?;
         if !self.0.iter().any(|s| s == set) {
             self.0.push(set.to_owned());
@@ -62,7 +64,11 @@ pub fn of_target(map: &TableMap, rest: &str, query: &str) -> Result<Reached, Unr
 
 /// Walks the path's segments from its entity set; the entity type it ends
 /// on, when it ends on rows (not on a property, a function or an action).
-fn walk_path(map: &TableMap, rest: &str, reached: &mut Reached) -> Result<Option<String>, Unreadable> {
+fn walk_path(
+    map: &TableMap,
+    rest: &str,
+    reached: &mut Reached,
+) -> Result<Option<String>, Unreadable> {
     let segments = split_top(rest, b'/');
     let Some(first) = segments.first() else {
         return Ok(None);
@@ -141,7 +147,9 @@ fn expand(
                 reached.ty(map, target)?;
             }
             if !options.is_empty() {
-                return Err(Unreadable("options on '$expand=*' cannot be checked".to_owned()));
+                return Err(Unreadable(
+                    "options on '$expand=*' cannot be checked".to_owned(),
+                ));
             }
             continue;
         }
@@ -198,7 +206,12 @@ fn expand_options(
 /// `$apply`, an alias): each member path is walked from `ty`; a lambda's
 /// variable (`x` in `contacts/any(x: x/fullname eq 'a')`) stands for the
 /// collection's target until its parenthesis closes.
-fn expression(map: &TableMap, ty: &str, text: &str, reached: &mut Reached) -> Result<(), Unreadable> {
+fn expression(
+    map: &TableMap,
+    ty: &str,
+    text: &str,
+    reached: &mut Reached,
+) -> Result<(), Unreadable> {
     let bytes = text.as_bytes();
     // Lambda variables in scope: name, type, the depth where they end.
     let mut scopes: Vec<(String, String, usize)> = Vec::new();
@@ -219,7 +232,8 @@ fn expression(map: &TableMap, ty: &str, text: &str, reached: &mut Reached) -> Re
             b'$' | b'_' | b'a'..=b'z' | b'A'..=b'Z' => {
                 let start = i;
                 while i < bytes.len()
-                    && (bytes[i].is_ascii_alphanumeric() || matches!(bytes[i], b'_' | b'.' | b'/' | b'$'))
+                    && (bytes[i].is_ascii_alphanumeric()
+                        || matches!(bytes[i], b'_' | b'.' | b'/' | b'$'))
                 {
                     i += 1;
                 }
@@ -233,14 +247,18 @@ fn expression(map: &TableMap, ty: &str, text: &str, reached: &mut Reached) -> Re
             }
             b'0'..=b'9' | b'-' => {
                 // Numbers, GUIDs and dates: no member path starts with these.
-                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || matches!(bytes[i], b'-' | b':' | b'.')) {
+                while i < bytes.len()
+                    && (bytes[i].is_ascii_alphanumeric() || matches!(bytes[i], b'-' | b':' | b'.'))
+                {
                     i += 1;
                 }
             }
             // Outside strings, a `/` belongs to a member path (read above);
             // one anywhere else is something this reader does not know.
             b'/' => {
-                return Err(Unreadable(format!("'{text}' cannot be read: a '/' outside a path")));
+                return Err(Unreadable(format!(
+                    "'{text}' cannot be read: a '/' outside a path"
+                )));
             }
             _ => i += 1,
         }
@@ -302,7 +320,12 @@ fn walk_members(
 /// One segment from `cur`: the type a navigation or cast leads to (the
 /// table reached), or `None` for anything else (a column, a keyword, a
 /// function, `$count`).
-fn step(map: &TableMap, cur: &str, seg: &str, reached: &mut Reached) -> Result<Option<String>, Unreadable> {
+fn step(
+    map: &TableMap,
+    cur: &str,
+    seg: &str,
+    reached: &mut Reached,
+) -> Result<Option<String>, Unreadable> {
     if let Some(target) = map.navigation(cur, seg) {
         let target = target.to_owned();
         reached.ty(map, &target)?;
@@ -375,7 +398,11 @@ fn split_top(text: &str, sep: u8) -> Vec<&str> {
 fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
     query.split('&').filter(|p| !p.is_empty()).map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
         (decode(k), decode(v))
     })
 }
@@ -411,7 +438,11 @@ pub fn table_written(map: &TableMap, rest: &str) -> Option<String> {
 /// The tables a JSON body reaches: `@odata.bind` and `@odata.id` targets,
 /// and deep inserts through navigation properties of `ty` (the table the
 /// body is written to, when known).
-pub fn of_body(map: &TableMap, ty: Option<&str>, body: &serde_json::Value) -> Result<Reached, Unreadable> {
+pub fn of_body(
+    map: &TableMap,
+    ty: Option<&str>,
+    body: &serde_json::Value,
+) -> Result<Reached, Unreadable> {
     let mut reached = Reached::default();
     body_value(map, ty, body, &mut reached, 0)?;
     Ok(reached)
@@ -457,7 +488,9 @@ fn body_value(
                 one => vec![one],
             };
             for t in targets {
-                let s = t.as_str().ok_or_else(|| Unreadable(format!("'{key}' is not a URL")))?;
+                let s = t
+                    .as_str()
+                    .ok_or_else(|| Unreadable(format!("'{key}' is not a URL")))?;
                 bound_target(map, s, reached)?;
             }
         } else if key.contains('@') {

@@ -168,7 +168,10 @@ mod tests {
         let map = TableMap::from_csdl(TEST_CSDL).expect("csdl");
         assert_eq!(map.type_of_set("accounts"), Some("account"));
         assert_eq!(map.set_of_type("contact"), Some("contacts"));
-        assert_eq!(map.navigation("account", "primarycontactid"), Some("contact"));
+        assert_eq!(
+            map.navigation("account", "primarycontactid"),
+            Some("contact")
+        );
         assert_eq!(
             map.navigation("account", "contact_customer_accounts"),
             Some("contact")

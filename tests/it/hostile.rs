@@ -403,12 +403,15 @@ async fn hostile_proxy() -> Harness {
         .set("org.policy.deny", "systemusers");
     let h = Harness::with(setup).await;
     h.wait_ready().await;
+    // The table list needs the org's tables: read once, before the rows.
+    assert_eq!(h.get("/accounts?$top=1").await.status(), 200);
     h
 }
 
 #[tokio::test]
 async fn three_hundred_hostile_requests_each_get_their_status_and_never_reach_dataverse() {
     let h = hostile_proxy().await;
+    let warm = h.sim.seen().len();
     let addr = h.proxy.trim_start_matches("http://").to_owned();
     let cases = cases();
     assert!(cases.len() >= 300, "{} cases", cases.len());
@@ -428,7 +431,7 @@ async fn three_hundred_hostile_requests_each_get_their_status_and_never_reach_da
         cases.len(),
         failures.join("\n")
     );
-    assert!(h.sim.seen().is_empty());
+    assert_eq!(h.sim.seen().len(), warm, "no row reached Dataverse");
     // Still serving.
     assert_eq!(h.get("/WhoAmI").await.status(), 200);
     h.stop().await;

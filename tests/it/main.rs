@@ -28,5 +28,6 @@ mod shared_trust;
 mod sim;
 mod status;
 mod streaming;
+mod table_policy;
 mod token;
 mod traces;

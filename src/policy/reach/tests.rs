@@ -11,9 +11,18 @@ fn target(rest: &str, query: &str) -> Result<Vec<String>, Unreadable> {
 #[test]
 fn paths_reach_their_navigations() {
     assert_eq!(target("accounts", "").expect("ok"), Vec::<String>::new());
-    assert_eq!(target("accounts(1)/primarycontactid", "").expect("ok"), ["contacts"]);
-    assert_eq!(target("accounts(1)/contact_customer_accounts/$ref", "").expect("ok"), ["contacts"]);
-    assert_eq!(target("accounts(1)/name", "").expect("ok"), Vec::<String>::new());
+    assert_eq!(
+        target("accounts(1)/primarycontactid", "").expect("ok"),
+        ["contacts"]
+    );
+    assert_eq!(
+        target("accounts(1)/contact_customer_accounts/$ref", "").expect("ok"),
+        ["contacts"]
+    );
+    assert_eq!(
+        target("accounts(1)/name", "").expect("ok"),
+        Vec::<String>::new()
+    );
     assert!(target("accounts(1)/nope", "").is_err());
 }
 
@@ -49,11 +58,23 @@ fn filters_orderby_select_apply_and_lambdas() {
 #[test]
 fn fetchxml_sql_and_saved_queries() {
     let x = "<fetch><entity name='account'><link-entity name='contact' from='contactid' to='primarycontactid'/></entity></fetch>";
-    let q = format!("fetchXml={}", percent_encoding::utf8_percent_encode(x, percent_encoding::NON_ALPHANUMERIC));
-    assert_eq!(target("accounts", &q).expect("ok"), ["accounts", "contacts"]);
+    let q = format!(
+        "fetchXml={}",
+        percent_encoding::utf8_percent_encode(x, percent_encoding::NON_ALPHANUMERIC)
+    );
+    assert_eq!(
+        target("accounts", &q).expect("ok"),
+        ["accounts", "contacts"]
+    );
     assert!(target("accounts", "fetchXml=%3Cfetch").is_err());
     assert!(target("accounts", "sql=select%201").is_err());
-    assert!(target("accounts", "savedQuery=00000000-0000-0000-0000-000000000001").is_err());
+    assert!(
+        target(
+            "accounts",
+            "savedQuery=00000000-0000-0000-0000-000000000001"
+        )
+        .is_err()
+    );
 }
 
 #[test]
@@ -63,9 +84,15 @@ fn bodies_bind_and_deep_insert() {
         "name": "a",
         "primarycontactid@odata.bind": "/contacts(00000000-0000-0000-0000-000000000001)",
     });
-    assert_eq!(of_body(&m, Some("account"), &body).expect("ok").0, ["contacts"]);
+    assert_eq!(
+        of_body(&m, Some("account"), &body).expect("ok").0,
+        ["contacts"]
+    );
     let deep = serde_json::json!({"name": "a", "contact_customer_accounts": [{"fullname": "x"}]});
-    assert_eq!(of_body(&m, Some("account"), &deep).expect("ok").0, ["contacts"]);
+    assert_eq!(
+        of_body(&m, Some("account"), &deep).expect("ok").0,
+        ["contacts"]
+    );
     let id = serde_json::json!({"@odata.id": "https://org.example/api/data/v9.2/contacts(1)"});
     assert_eq!(of_body(&m, None, &id).expect("ok").0, ["contacts"]);
     let bad = serde_json::json!({"x@odata.bind": "/nothing(1)"});

@@ -26,6 +26,31 @@ impl Ctx {
                 s.logical
             )));
         }
+        for link in &f.links {
+            let column = format!("_{}_value", link.to);
+            let lookup = s.lookups.iter().find(|l| l.column == column);
+            let target = lookup.and_then(|l| schema(l.target));
+            match target {
+                Some(t) if t.logical == link.entity && t.id_field == link.from => {
+                    if let Some(c) = link
+                        .attributes
+                        .iter()
+                        .find(|c| !t.all_columns().any(|k| k == *c))
+                    {
+                        return Err(bad(format!(
+                            "'{}' entity doesn't contain attribute with Name = '{c}'.",
+                            t.logical
+                        )));
+                    }
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "No relationship from {}.{} to {}.{} (the simulator joins along lookups only).",
+                        s.logical, link.to, link.entity, link.from
+                    )));
+                }
+            }
+        }
         Ok(f)
     }
 
@@ -51,6 +76,15 @@ impl Ctx {
             Ok(c) => c.unwrap_or_default(),
             Err(msg) => return dv_error(StatusCode::BAD_REQUEST, "0x80060888", &msg),
         };
+        let expands = match q
+            .get("$expand")
+            .map(|e| navigation::parse_expand(s, e))
+            .transpose()
+        {
+            Ok(e) => e.unwrap_or_default(),
+            Err(resp) => return resp,
+        };
+        let links = fetch.as_ref().map(|f| f.links.clone()).unwrap_or_default();
         let fetched = fetch.map(|f| f.conditions).unwrap_or_default();
         let db = lock(&self.sim.db);
         let Some(table) = db.tables.get(s.entity_set) else {
@@ -85,9 +119,12 @@ impl Ctx {
         if let Some(n) = total {
             body.insert("@odata.count".into(), json!(n));
         }
-        let value = page
-            .iter()
-            .map(|(id, row)| Self::project(s, *id, row, select.as_deref()));
+        let value = page.iter().map(|(id, row)| {
+            let mut v = Self::project(s, *id, row, select.as_deref());
+            navigation::add_expanded(&db, s, (*id, row), &expands, &mut v);
+            fetch::add_linked(&db, s, row, &links, &mut v);
+            v
+        });
         body.insert("value".into(), Value::Array(value.collect()));
         if more && let (Some((first, _)), Some((last, _))) = (page.first(), page.last()) {
             let page_no = paging.after.map_or(2, |(n, _)| n + 1);
@@ -127,6 +164,14 @@ impl Ctx {
             Ok(sel) => sel,
             Err(resp) => return resp,
         };
+        let expands = match q
+            .get("$expand")
+            .map(|e| navigation::parse_expand(s, e))
+            .transpose()
+        {
+            Ok(e) => e.unwrap_or_default(),
+            Err(resp) => return resp,
+        };
         let db = lock(&self.sim.db);
         let Some(row) = db.tables.get(s.entity_set).and_then(|t| t.get(&id)) else {
             return not_found(s, id);
@@ -142,6 +187,7 @@ impl Ctx {
             return resp;
         }
         let mut body = Self::project(s, id, row, select.as_deref());
+        navigation::add_expanded(&db, s, (id, row), &expands, &mut body);
         body["@odata.context"] = Value::String(self.context(s, select.as_deref(), true));
         drop(db);
         let mut resp = json_response(StatusCode::OK, &body);
@@ -195,6 +241,9 @@ impl Ctx {
             _ => Uuid::new_v4(),
         };
         let mut db = lock(&self.sim.db);
+        if let Err(resp) = navigation::bind_lookups(&db, s, &mut body) {
+            return resp;
+        }
         if db
             .tables
             .get(s.entity_set)
@@ -300,6 +349,10 @@ impl Ctx {
                 );
             }
             (Some(_), _, _) => {}
+        }
+        let mut body = body;
+        if let Err(resp) = navigation::bind_lookups(&db, s, &mut body) {
+            return resp;
         }
         let version = db.bump();
         let now = utc_timestamp(now_epoch()).replace(' ', "T");

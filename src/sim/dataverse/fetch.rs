@@ -1,7 +1,9 @@
 //! A FetchXML subset for `GET {entityset}?fetchXml=…` (docs/dataverse.md,
 //! "Long queries"): one `<entity name>`, its `<attribute name>`s, and
 //! `<condition attribute operator value>`s joined by `and`, with `eq` or
-//! `in` (`<value>` children). That is the shape of the long queries clients
+//! `in` (`<value>` children); and one level of many-to-one
+//! `<link-entity name from to alias>` with its own `<attribute>`s, whose
+//! values come back as `{alias}.{attribute}`. That is the shape of the long queries clients
 //! build (a list of ids or names); anything else is refused as Dataverse
 //! refuses what it cannot parse. Written by hand: the simulator needs only
 //! this much of XML.
@@ -12,6 +14,18 @@ pub(in crate::sim) struct Fetch {
     pub(in crate::sim) entity: String,
     pub(in crate::sim) attributes: Vec<String>,
     pub(in crate::sim) conditions: Vec<(String, Vec<String>)>,
+    pub(in crate::sim) links: Vec<Link>,
+}
+
+/// A `<link-entity>`: the joined table (logical name), its key (`from`),
+/// this table's lookup (`to`), the alias, and its columns.
+#[derive(Clone)]
+pub(in crate::sim) struct Link {
+    pub(in crate::sim) entity: String,
+    pub(in crate::sim) from: String,
+    pub(in crate::sim) to: String,
+    pub(in crate::sim) alias: String,
+    pub(in crate::sim) attributes: Vec<String>,
 }
 
 /// One tag: its name (with a leading `/` for a closing tag), attributes,
@@ -26,15 +40,18 @@ pub(in crate::sim) fn parse(xml: &str) -> Result<Fetch, String> {
         entity: String::new(),
         attributes: Vec::new(),
         conditions: Vec::new(),
+        links: Vec::new(),
     };
     let mut rest = xml;
     let mut in_value = false;
+    let mut in_link = false;
     while let Some(open) = rest.find('<') {
         let text = &rest[..open];
         if in_value && let Some((_, values)) = fetch.conditions.last_mut() {
             values.push(unescape(text.trim()));
         }
         let close = rest[open..].find('>').ok_or("unterminated tag")? + open;
+        let closes_itself = rest[open + 1..close].trim_end().ends_with('/');
         let tag = tag(&rest[open + 1..close])?;
         rest = &rest[close + 1..];
         let get = |k: &str| {
@@ -45,9 +62,32 @@ pub(in crate::sim) fn parse(xml: &str) -> Result<Fetch, String> {
         };
         match tag.name {
             "entity" => fetch.entity = get("name").ok_or("entity without a name")?,
-            "attribute" => fetch
-                .attributes
-                .push(get("name").ok_or("attribute without a name")?),
+            "attribute" => {
+                let name = get("name").ok_or("attribute without a name")?;
+                match fetch.links.last_mut().filter(|_| in_link) {
+                    Some(link) => link.attributes.push(name),
+                    None => fetch.attributes.push(name),
+                }
+            }
+            "link-entity" if in_link => return Err("nested link-entity is not supported".into()),
+            "link-entity" => {
+                if get("link-type").is_some_and(|t| t != "inner" && t != "outer") {
+                    return Err("only inner and outer links are supported".into());
+                }
+                let entity = get("name").ok_or("link-entity without a name")?;
+                fetch.links.push(Link {
+                    alias: get("alias").unwrap_or_else(|| entity.clone()),
+                    from: get("from").ok_or("link-entity without from")?,
+                    to: get("to").ok_or("link-entity without to")?,
+                    entity,
+                    attributes: Vec::new(),
+                });
+                in_link = !closes_itself;
+            }
+            "/link-entity" => in_link = false,
+            "condition" if in_link => {
+                return Err("conditions on a link-entity are not supported".into());
+            }
             "condition" => {
                 let column = get("attribute").ok_or("condition without an attribute")?;
                 let values = match get("operator").as_deref() {
@@ -98,6 +138,33 @@ fn unescape(s: &str) -> String {
         .replace("&amp;", "&")
 }
 
+/// Adds each link's columns of the row `row`'s lookup names, as
+/// `{alias}.{column}` (null where the lookup is empty).
+pub(in crate::sim) fn add_linked(
+    db: &super::Db,
+    s: &super::Schema,
+    row: &super::Row,
+    links: &[Link],
+    out: &mut serde_json::Value,
+) {
+    for link in links {
+        let column = format!("_{}_value", link.to);
+        let target = s
+            .lookups
+            .iter()
+            .find(|l| l.column == column)
+            .and_then(|l| db.tables.get(l.target))
+            .zip(row.fields.get(&column).and_then(|v| v.as_str()))
+            .and_then(|(table, id)| table.get(&uuid::Uuid::parse_str(id).ok()?));
+        for attr in &link.attributes {
+            let value = target
+                .and_then(|r| r.fields.get(attr).cloned())
+                .unwrap_or(serde_json::Value::Null);
+            out[format!("{}.{attr}", link.alias)] = value;
+        }
+    }
+}
+
 /// Whether a row meets every condition: its column's value is one of the
 /// condition's values (text compared without case, numbers by value).
 pub(in crate::sim) fn matches(
@@ -144,6 +211,10 @@ mod tests {
             f.conditions[1],
             ("statecode".to_owned(), vec!["0".to_owned()])
         );
+        let f = parse("<fetch><entity name='account'><link-entity name='contact' from='contactid' to='primarycontactid' alias='pc'><attribute name='fullname'/></link-entity></entity></fetch>")
+            .expect("a link");
+        assert_eq!(f.links[0].alias, "pc");
+        assert_eq!(f.links[0].attributes, ["fullname"]);
         assert!(parse("<fetch><entity name='a'><link-entity name='b'/></entity></fetch>").is_err());
         assert!(parse("<fetch/>").is_err());
     }

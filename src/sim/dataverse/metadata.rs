@@ -129,12 +129,36 @@ fn build_csdl(version: u64) -> String {
     for s in SCHEMAS {
         let columns: Vec<(String, &str)> = s
             .all_columns()
-            .map(|c| (c.to_owned(), "Edm.String"))
+            .map(|c| {
+                let ty = if c.starts_with('_') {
+                    "Edm.Guid"
+                } else {
+                    "Edm.String"
+                };
+                (c.to_owned(), ty)
+            })
             .collect();
         entity_type(&mut types, s.logical, s.id_field, &columns);
+        // Its relationships, before the type closes (entity_type ends it).
+        types.truncate(types.len() - "</EntityType>".len());
+        let mut bindings = String::new();
+        for (nav, target, collection) in navigations(s) {
+            let ty = if collection {
+                format!("Collection(mscrm.{})", target.logical)
+            } else {
+                format!("mscrm.{}", target.logical)
+            };
+            let _ = write!(types, "<NavigationProperty Name=\"{nav}\" Type=\"{ty}\"/>");
+            let _ = write!(
+                bindings,
+                "<NavigationPropertyBinding Path=\"{nav}\" Target=\"{}\"/>",
+                target.entity_set
+            );
+        }
+        types.push_str("</EntityType>");
         let _ = write!(
             sets,
-            "<EntitySet Name=\"{}\" EntityType=\"Microsoft.Dynamics.CRM.{}\"/>",
+            "<EntitySet Name=\"{}\" EntityType=\"Microsoft.Dynamics.CRM.{}\">{bindings}</EntitySet>",
             s.entity_set, s.logical
         );
     }
@@ -154,6 +178,16 @@ fn build_csdl(version: u64) -> String {
     format!(
         "<?xml version=\"1.0\" encoding=\"utf-8\"?><edmx:Edmx Version=\"4.0\" xmlns:edmx=\"http://docs.oasis-open.org/odata/ns/edmx\"><edmx:DataServices><Schema Namespace=\"Microsoft.Dynamics.CRM\" Alias=\"mscrm\" xmlns=\"http://docs.oasis-open.org/odata/ns/edm\"><Annotation Term=\"Org.SchemaVersion\" Int=\"{version}\"/>{types}<EntityContainer Name=\"System\">{sets}</EntityContainer></Schema></edmx:DataServices></edmx:Edmx>"
     )
+}
+
+/// A table's navigation properties: name, target, collection-valued.
+fn navigations(s: &Schema) -> Vec<(&'static str, &'static Schema, bool)> {
+    let single = s.lookups.iter().map(|l| (l.nav, l.target, false));
+    let many = s.relations.iter().map(|r| (r.nav, r.target, true));
+    single
+        .chain(many)
+        .filter_map(|(nav, target, collection)| schema(target).map(|t| (nav, t, collection)))
+        .collect()
 }
 
 /// One `EntityType` with its key, columns, lookups and their annotations,

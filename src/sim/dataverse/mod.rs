@@ -74,6 +74,7 @@ mod crud;
 mod fetch;
 mod files;
 mod metadata;
+mod navigation;
 mod odata;
 mod tables;
 mod users;
@@ -254,6 +255,8 @@ enum Target<'a> {
     Entity(&'static Schema, Uuid),
     File(&'static Schema, Uuid, &'a str),
     FileValue(&'static Schema, Uuid, &'a str),
+    /// `{set}(id)/{navigation}`.
+    Navigation(&'static Schema, Uuid, &'a str),
 }
 
 fn parse_target(rest: &str) -> Result<Target<'_>, Response> {
@@ -304,6 +307,7 @@ fn parse_target(rest: &str) -> Result<Target<'_>, Response> {
         [_, col, "$value"] if schema.file_columns.contains(col) => {
             Ok(Target::FileValue(schema, id, col))
         }
+        [_, nav] if schema.navigation(nav).is_some() => Ok(Target::Navigation(schema, id, nav)),
         _ => Err(not_found()),
     }
 }
@@ -393,6 +397,7 @@ pub(super) async fn route(sim: &Arc<SimState>, req: Request) -> Response {
         }
         (Method::DELETE, Target::File(s, id, col)) => ctx.delete_file(s, id, col),
         (Method::GET, Target::FileValue(s, id, col)) => ctx.download(s, id, col),
+        (Method::GET, Target::Navigation(s, id, nav)) => ctx.navigate(s, id, nav),
         (m, _) => dv_error(
             StatusCode::METHOD_NOT_ALLOWED,
             "0x80060888",

@@ -10,6 +10,27 @@ pub(in crate::sim) struct Schema {
     /// Columns a row may have (besides the id and the file columns).
     pub(in crate::sim) columns: &'static [&'static str],
     pub(in crate::sim) file_columns: &'static [&'static str],
+    /// Single-valued navigations: a lookup column naming a row of another
+    /// table (many-to-one).
+    pub(in crate::sim) lookups: &'static [Lookup],
+    /// Collection-valued navigations: the rows of another table whose
+    /// lookup names this row (one-to-many).
+    pub(in crate::sim) relations: &'static [Relation],
+}
+
+/// A many-to-one navigation: `nav` follows `column` (`_x_value`) to a row of `target`.
+pub(in crate::sim) struct Lookup {
+    pub(in crate::sim) nav: &'static str,
+    pub(in crate::sim) column: &'static str,
+    pub(in crate::sim) target: &'static str,
+}
+
+/// A one-to-many navigation: `nav` gives the rows of `target` whose
+/// `column` names this row.
+pub(in crate::sim) struct Relation {
+    pub(in crate::sim) nav: &'static str,
+    pub(in crate::sim) target: &'static str,
+    pub(in crate::sim) column: &'static str,
 }
 
 pub(in crate::sim) const SCHEMAS: &[Schema] = &[
@@ -31,6 +52,16 @@ pub(in crate::sim) const SCHEMAS: &[Schema] = &[
             "statecode",
         ],
         file_columns: &["dvp_document"],
+        lookups: &[Lookup {
+            nav: "primarycontactid",
+            column: "_primarycontactid_value",
+            target: "contacts",
+        }],
+        relations: &[Relation {
+            nav: "contact_customer_accounts",
+            target: "contacts",
+            column: "_parentcustomerid_value",
+        }],
     },
     Schema {
         entity_set: "contacts",
@@ -48,6 +79,12 @@ pub(in crate::sim) const SCHEMAS: &[Schema] = &[
             "statecode",
         ],
         file_columns: &[],
+        lookups: &[Lookup {
+            nav: "parentcustomerid_account",
+            column: "_parentcustomerid_value",
+            target: "accounts",
+        }],
+        relations: &[],
     },
     Schema {
         entity_set: "leads",
@@ -66,6 +103,8 @@ pub(in crate::sim) const SCHEMAS: &[Schema] = &[
             "statecode",
         ],
         file_columns: &["dvp_document"],
+        lookups: &[],
+        relations: &[],
     },
 ];
 
@@ -78,9 +117,23 @@ pub(in crate::sim) const AUDIT_COLUMNS: [&str; 3] = [
 ];
 
 impl Schema {
-    /// The columns a row shows: its own, then the audit lookups.
+    /// The columns a row shows: its own, its lookups, then the audit lookups.
     pub(in crate::sim) fn all_columns(&self) -> impl Iterator<Item = &'static str> {
-        self.columns.iter().copied().chain(AUDIT_COLUMNS)
+        self.columns
+            .iter()
+            .copied()
+            .chain(self.lookups.iter().map(|l| l.column))
+            .chain(AUDIT_COLUMNS)
+    }
+
+    /// The table a navigation of this one leads to, and whether it is a
+    /// collection.
+    pub(in crate::sim) fn navigation(&self, nav: &str) -> Option<(&'static Schema, bool)> {
+        if let Some(l) = self.lookups.iter().find(|l| l.nav == nav) {
+            return schema(l.target).map(|t| (t, false));
+        }
+        let r = self.relations.iter().find(|r| r.nav == nav)?;
+        schema(r.target).map(|t| (t, true))
     }
 }
 
@@ -222,6 +275,7 @@ impl Db {
                 }),
             );
         }
+        db.relate_seeds();
         for i in 0..25 {
             let (first, last) = (FIRST[(i * 3) % FIRST.len()], LAST[(i * 5) % LAST.len()]);
             db.insert_seed(
@@ -241,6 +295,35 @@ impl Db {
             );
         }
         db
+    }
+
+    /// Each seeded account's primary contact is a contact of its own, and
+    /// each contact's company (parent customer) an account.
+    fn relate_seeds(&mut self) {
+        let accounts = self.ids("accounts");
+        let contacts = self.ids("contacts");
+        for (i, contact) in contacts.iter().enumerate() {
+            let Some(account) = accounts.get(i % accounts.len().max(1)) else {
+                break;
+            };
+            if let Some(row) = self
+                .tables
+                .get_mut("contacts")
+                .and_then(|t| t.get_mut(contact))
+            {
+                row.fields
+                    .insert("_parentcustomerid_value".into(), json!(account.to_string()));
+            }
+            if i < accounts.len()
+                && let Some(row) = self
+                    .tables
+                    .get_mut("accounts")
+                    .and_then(|t| t.get_mut(account))
+            {
+                row.fields
+                    .insert("_primarycontactid_value".into(), json!(contact.to_string()));
+            }
+        }
     }
 
     pub(in crate::sim) fn insert_seed(&mut self, set: &'static str, fields: Value) {
