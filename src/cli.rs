@@ -171,20 +171,28 @@ pub fn init_tracing(format: LogFormat) {
     let _ = registry.with(spans).try_init();
 }
 
+/// Cancels `shutdown` on the first SIGINT or SIGTERM, and `abort` on the
+/// second (the drain ends at once).
+async fn shutdown_signals(shutdown: CancellationToken, abort: CancellationToken) {
+    stop_signal().await;
+    tracing::info!("shutdown signal received, draining (a second signal ends the drain at once)");
+    shutdown.cancel();
+    stop_signal().await;
+    tracing::warn!("second shutdown signal: ending the drain now");
+    abort.cancel();
+}
+
 /// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal(token: CancellationToken) {
+async fn stop_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    token.cancel();
-                    return;
-                }
-            };
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            let _ = ctrl_c.await;
+            return;
+        };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -192,7 +200,13 @@ async fn shutdown_signal(token: CancellationToken) {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-    tracing::info!("shutdown signal received, draining");
+}
+
+/// Cancels `token` on the first SIGINT or SIGTERM (the demo and the
+/// simulator, which have no drain).
+async fn shutdown_signal(token: CancellationToken) {
+    stop_signal().await;
+    tracing::info!("shutdown signal received");
     token.cancel();
 }
 
@@ -255,7 +269,10 @@ async fn serve(config: Config, sources: Sources) -> ExitCode {
         sources: Some(pinned(sources)),
         ..crate::Control::default()
     };
-    tokio::spawn(shutdown_signal(control.shutdown.clone()));
+    tokio::spawn(shutdown_signals(
+        control.shutdown.clone(),
+        control.abort.clone(),
+    ));
     tokio::spawn(reload_signal(control.reload.clone()));
     let result = crate::serve_with(config, proxy, admin, control).await;
     crate::telemetry::shutdown();
@@ -322,7 +339,13 @@ async fn demo(mut sources: Sources) -> ExitCode {
     let _ = writeln!(std::io::stdout().lock(), "{banner}");
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_signal(shutdown.clone()));
-    let result = crate::serve(config, proxy, admin, shutdown).await;
+    // The demo stops at Ctrl-C at once: nothing routes to it to drain.
+    let control = crate::Control {
+        abort: shutdown.child_token(),
+        shutdown,
+        ..crate::Control::default()
+    };
+    let result = crate::serve_with(config, proxy, admin, control).await;
     sim.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -114,6 +114,8 @@ pub async fn serve(
 pub struct Control {
     /// Cancelled to shut down gracefully (SIGTERM, SIGINT).
     pub shutdown: CancellationToken,
+    /// Cancelled to end the drain at once (a second SIGTERM or SIGINT).
+    pub abort: CancellationToken,
     /// Notified to reload now (SIGHUP): the configuration from `sources`,
     /// credential files, the listener's certificate.
     pub reload: Arc<Notify>,
@@ -124,11 +126,13 @@ pub struct Control {
 
 /// [`serve`] with a reload trigger.
 ///
-/// Shutdown sequence: `/readyz` turns 503 at once; after `shutdown.delay`
-/// the proxy listener closes (new connections are refused) and idle
-/// keep-alive connections are closed; in-flight requests (long downloads
-/// included) get `shutdown.grace` to finish, then the rest are aborted; the
-/// admin listener closes last.
+/// Shutdown sequence: `/readyz` turns 503 at once, and for `shutdown.delay`
+/// the proxy keeps accepting and serving while it closes keep-alive
+/// connections politely (`Connection: close` on HTTP/1.1 answers, GOAWAY
+/// on HTTP/2), so an ingress sees the probe fail before the listener goes;
+/// then the listener closes, in-flight requests (long downloads included)
+/// get `shutdown.grace` to finish, and the rest are aborted; the admin
+/// listener closes last. A second signal (`Control::abort`) ends it at once.
 pub async fn serve_with(
     config: config::Config,
     proxy: TcpListener,
@@ -160,7 +164,13 @@ pub async fn serve_with(
         .map(|v| tokio::spawn(async move { v.prefetch().await }));
 
     let grace = config.shutdown.grace;
-    let stop_accepting = stop_accepting(&control, &state, config.shutdown.delay, grace);
+    let begun = CancellationToken::new();
+    let drain = server::Drain {
+        begun: begun.clone(),
+        stop_accepting: stop_accepting(&control, &state, (config.shutdown.delay, grace), begun),
+        grace,
+        abort: control.abort.clone(),
+    };
     let admin_stop = CancellationToken::new();
     let admin_server = tokio::spawn(
         axum::serve(admin, http::admin::router(state.clone()))
@@ -173,8 +183,7 @@ pub async fn serve_with(
         http::proxy_service(state.clone()),
         &config.limits,
         state.connections.clone(),
-        stop_accepting,
-        grace,
+        drain,
     )
     .await;
     let result: std::io::Result<()> = Ok(());
@@ -196,20 +205,25 @@ pub async fn serve_with(
 }
 
 /// Resolves when the listener should stop accepting: after shutdown began
-/// (readiness false at once) and its `delay` passed.
+/// (readiness false and `begun` cancelled at once) and its `delay` passed,
+/// or at once on an abort.
 async fn stop_accepting(
     control: &Control,
     state: &http::AppState,
-    delay: std::time::Duration,
-    grace: std::time::Duration,
+    (delay, grace): (std::time::Duration, std::time::Duration),
+    begun: CancellationToken,
 ) {
     control.shutdown.cancelled().await;
     state.set_draining();
+    begun.cancel();
     tracing::info!(
         delay_ms = delay.as_millis() as u64,
-        "shutting down: readiness is now false"
+        "shutting down: readiness is now false; keep-alive connections are closed after their answers"
     );
-    tokio::time::sleep(delay).await;
+    tokio::select! {
+        () = tokio::time::sleep(delay) => {}
+        () = control.abort.cancelled() => {}
+    }
     tracing::info!(
         grace_ms = grace.as_millis() as u64,
         "listener closed; draining in-flight requests"

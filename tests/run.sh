@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The README's test command. The tests start what they need themselves
 # (redis-server instances on ephemeral ports, headless Chromium for the
-# status page), so this installs Debian's redis-server and chromium where
-# they are missing, then runs the whole suite: `bash tests/run.sh [cargo
+# status page, haproxy as the ingress of the rolling-restart test), so this
+# installs Debian's redis-server, chromium and haproxy where they are missing, then runs the whole suite: `bash tests/run.sh [cargo
 # test arguments]`. .ci/run calls it after the format and lint checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 [ -x /usr/bin/chromium ] || [ -x /usr/bin/chromium-browser ] || need+=(chromium)
+[ -x /usr/sbin/haproxy ] || [ -x /usr/bin/haproxy ] || need+=(haproxy)
 if [ ${#need[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then
     echo "the tests need ${need[*]}; install them with your package manager (this script knows Debian's apt-get)" >&2

@@ -117,6 +117,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
         "DATAVERSE_PROXY_EXPECTED_REPLICAS",
         "governor.expected_replicas",
     ),
+    ("DATAVERSE_PROXY_SHUTDOWN_DELAY", "shutdown.delay"),
     ("DATAVERSE_PROXY_SHUTDOWN_GRACE", "shutdown.grace"),
     ("https_proxy", "upstream.proxy"),
     ("HTTPS_PROXY", "upstream.proxy"),

@@ -409,7 +409,13 @@ fn token(p: &mut Problems<'_>, t: RawToken, upstream: &UpstreamConfig) -> TokenC
 /// `[shutdown]`: readiness delay and drain grace.
 fn shutdown(p: &mut Problems<'_>, raw: RawShutdown) -> ShutdownConfig {
     ShutdownConfig {
-        delay: p.duration("shutdown.delay", raw.delay.as_deref(), Duration::ZERO),
+        // Long enough for an ingress's health checks or Kubernetes'
+        // endpoints to see readiness fail before the listener closes.
+        delay: p.duration(
+            "shutdown.delay",
+            raw.delay.as_deref(),
+            Duration::from_secs(5),
+        ),
         grace: p.duration(
             "shutdown.grace",
             raw.grace.as_deref(),

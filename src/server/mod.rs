@@ -13,8 +13,17 @@
 //! ([`watch`]) closes it when its first request head (protocol sniff and
 //! TLS handshake included) does not arrive within `header_read_timeout`
 //! from accept, when it idles for `idle_timeout`, and when its caller stops
-//! taking an answer for `body_idle_timeout`. Shutdown stops accepting, lets
-//! open requests finish for the grace period, then drops the rest.
+//! taking an answer for `body_idle_timeout`.
+//!
+//! Shutdown ([`Drain`]) has two steps. When it begins, the listener keeps
+//! accepting and serving (an ingress has not yet seen the readiness probe
+//! fail), but every HTTP/1.1 answer says `Connection: close` and HTTP/2
+//! connections get GOAWAY, so keep-alive clients reconnect elsewhere after
+//! the answer they are waiting for; an idle connection is never cut while a
+//! request may be on its way. When the listener closes, the connections
+//! still open close after their answer in progress (idle ones at once);
+//! open requests get the grace period, then the rest are dropped. An abort
+//! (a second signal) drops them at once.
 
 pub mod table;
 pub mod tls;
@@ -34,8 +43,8 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::callers::PeerCertificate;
@@ -104,18 +113,31 @@ pub struct ConnectionStats {
     pub refused_per_ip: AtomicU64,
 }
 
-/// Serves `service` on `listener` (over TLS when `tls` is given) until
-/// `stop` resolves, then drains open connections for at most `grace`.
+/// How the accept loop shuts down (see the module's text).
+pub struct Drain<F> {
+    /// Cancelled when the drain begins: HTTP/1.1 answers say
+    /// `Connection: close`, HTTP/2 connections get GOAWAY.
+    pub begun: CancellationToken,
+    /// Resolves when the listener closes (`shutdown.delay` after it began).
+    pub stop_accepting: F,
+    /// How long open requests have once the listener closed.
+    pub grace: Duration,
+    /// Cancelled to end the drain at once (a second SIGTERM or SIGINT).
+    pub abort: CancellationToken,
+}
+
+/// Serves `service` on `listener` (over TLS when `tls` is given) until the
+/// drain closes the listener, then lets open requests finish for at most
+/// its grace.
 pub async fn run<S: Service>(
     listener: TcpListener,
     tls: Option<Arc<ListenerTlsState>>,
     service: S,
     limits: &LimitsConfig,
     stats: Arc<ConnectionStats>,
-    stop: impl Future<Output = ()>,
-    grace: Duration,
+    drain: Drain<impl Future<Output = ()>>,
 ) {
-    let graceful = GracefulShutdown::new();
+    let closing = CancellationToken::new();
     // A first request has half the header-read time, at most a second,
     // before its connection may be closed to make room.
     let first_request = (limits.header_read_timeout / 2).min(Duration::from_secs(1));
@@ -131,6 +153,7 @@ pub async fn run<S: Service>(
         write_stall: limits.body_idle_timeout,
     };
     let mut tasks = tokio::task::JoinSet::new();
+    let stop = drain.stop_accepting;
     tokio::pin!(stop);
     loop {
         // Reap finished connection tasks so the set stays small.
@@ -158,7 +181,8 @@ pub async fn run<S: Service>(
         let _ = tcp.set_nodelay(true);
         let connection = Connection {
             builder: builder.clone(),
-            watcher: graceful.watcher(),
+            drain_begun: drain.begun.clone(),
+            closing: closing.clone(),
             service: service.clone(),
             peer,
             activity: activity.clone(),
@@ -177,13 +201,18 @@ pub async fn run<S: Service>(
         tokio::spawn(watchdog(activity, timeouts, serving, stats.clone(), peer));
     }
     drop(listener);
+    closing.cancel();
+    let finished = async { while tasks.join_next().await.is_some() {} };
     tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(grace) => {
+        () = finished => return,
+        () = tokio::time::sleep(drain.grace) => {
             tracing::warn!(connections = tasks.len(), "grace period over: aborting the requests still in flight");
-            tasks.abort_all();
+        }
+        () = drain.abort.cancelled() => {
+            tracing::warn!(connections = tasks.len(), "second signal: aborting the requests still in flight");
         }
     }
+    tasks.abort_all();
 }
 
 /// A connection's place in the table and in the open count, given up when
@@ -272,7 +301,10 @@ const H2_PING: Duration = Duration::from_secs(20);
 /// One accepted connection and what serving it needs.
 struct Connection<S> {
     builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: Watcher,
+    /// The drain began: answers close HTTP/1.1 connections, HTTP/2 ones get GOAWAY.
+    drain_begun: CancellationToken,
+    /// The listener closed: the connection closes after its answer in progress.
+    closing: CancellationToken,
     service: S,
     peer: SocketAddr,
     activity: Arc<Activity>,
@@ -321,27 +353,60 @@ impl<S: Service> Connection<S> {
     {
         let Self {
             builder,
-            watcher,
+            drain_begun,
+            closing,
             service,
             peer,
             activity,
         } = self;
+        let draining = drain_begun.clone();
+        let speaks = activity.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let open = activity.request(req.version() == http::Version::HTTP_2);
+            let h1 = req.version() < http::Version::HTTP_2;
             let mut req = as_origin_form(req);
             req.extensions_mut().insert(ConnectInfo(peer));
             if let Some(c) = &certificate {
                 req.extensions_mut().insert(c.clone());
             }
             let answer = service.clone().oneshot(req);
+            let draining = draining.clone();
             async move {
-                let resp = answer.await?;
+                let mut resp = answer.await?;
+                if h1 && draining.is_cancelled() {
+                    // The client's next request goes to another replica.
+                    resp.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
                 Ok::<_, Infallible>(resp.map(|body| WatchedBody::new(body, open)))
             }
         });
         let conn = builder.serve_connection(TokioIo::new(io), service);
-        if let Err(e) = watcher.watch(conn).await {
-            tracing::debug!(error = %e, "connection ended with an error");
+        tokio::pin!(conn);
+        let (mut told, mut closed) = (false, false);
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                // HTTP/2: GOAWAY as soon as the drain begins; HTTP/1.1 says
+                // `Connection: close` on its next answer instead.
+                () = drain_begun.cancelled(), if !told => {
+                    told = true;
+                    if speaks.is_h2() {
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+                () = closing.cancelled(), if !closed => {
+                    closed = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
         }
     }
 }

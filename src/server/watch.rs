@@ -167,6 +167,11 @@ impl Activity {
         idle.then(|| self.at(self.idle_since.load(Ordering::Relaxed)))
     }
 
+    /// Whether the connection speaks HTTP/2 (known from its first request).
+    pub fn is_h2(&self) -> bool {
+        self.h2.load(Ordering::Relaxed)
+    }
+
     /// Asks the connection to close (the accept loop needs its place).
     pub fn evict(&self) {
         self.evict.cancel();

@@ -110,6 +110,8 @@ pub async fn spawn_proxy_with(
     let shutdown = CancellationToken::new();
     let control = dataverse_proxy::Control {
         shutdown: shutdown.clone(),
+        // Tests stop at once: no readiness delay, no drain.
+        abort: shutdown.child_token(),
         sources,
         ..dataverse_proxy::Control::default()
     };

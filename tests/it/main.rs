@@ -22,6 +22,7 @@ mod operations;
 mod pool;
 mod redis;
 mod reload;
+mod rollout;
 mod security;
 mod shared;
 mod shared_trust;

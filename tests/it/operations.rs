@@ -138,6 +138,7 @@ async fn sigterm_drains_a_slow_download_then_exits_zero() {
         .envs(crate::binary::sim_env(&h))
         .env("DATAVERSE_PROXY_LISTEN", format!("127.0.0.1:{port}"))
         .env("DATAVERSE_PROXY_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("DATAVERSE_PROXY_SHUTDOWN_DELAY", "1s")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -185,16 +186,26 @@ async fn sigterm_drains_a_slow_download_then_exits_zero() {
     assert!(status.success());
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    // Draining: not ready, and the proxy port refuses new connections.
+    // Within the delay: not ready, but still serving, and each answer
+    // tells a keep-alive client to take its next request elsewhere.
     let r = c
         .get(&ready)
         .send()
         .await
         .expect("admin still up while draining");
     assert_eq!(r.status(), 503);
+    let served = c
+        .get(format!("http://127.0.0.1:{port}/api/data/v9.2/WhoAmI"))
+        .send()
+        .await
+        .expect("served during the delay");
+    assert_eq!(served.status(), 200);
+    assert_eq!(served.headers()["connection"], "close");
+    // After it, the proxy port refuses new connections.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
-        "new connections are refused while draining"
+        "new connections are refused once the delay is over"
     );
 
     let raw = tokio::task::spawn_blocking(move || download.join().expect("download thread"))
