@@ -124,7 +124,7 @@ const SHARED_POLL: Duration = Duration::from_millis(100);
 impl Governor {
     /// A governor of this process only.
     pub fn new(config: GovernorConfig) -> Self {
-        Self::build(config, |_| None)
+        Self::build(config, |_, _| None)
     }
 
     /// A governor whose slots, gate and limit are shared through `redis`
@@ -136,17 +136,18 @@ impl Governor {
             ceiling: config.ceiling,
             max_gate: config.max_retry_after,
         };
-        Self::build(config, |gate| {
-            Some(Arc::new(redis.store(org_key, gate, bounds)))
+        Self::build(config, |gate, local| {
+            Some(Arc::new(redis.store(org_key, gate, local, bounds)))
         })
     }
 
     fn build(
         config: GovernorConfig,
-        shared: impl FnOnce(Arc<Gate>) -> Option<Arc<RedisStore>>,
+        shared: impl FnOnce(Arc<Gate>, Arc<LocalStore>) -> Option<Arc<RedisStore>>,
     ) -> Self {
         let gate = Arc::new(Gate::default());
-        let shared = shared(gate.clone());
+        let local = Arc::new(LocalStore::default());
+        let shared = shared(gate.clone(), local.clone());
         // One of several replicas governing alone cannot know what the
         // others spend: Dataverse's hint may then only lower its limit.
         let ceiling = if shared.is_some() || config.expected_replicas <= 1 {
@@ -163,7 +164,7 @@ impl Governor {
         let governor = Self {
             inner: Arc::new(Inner {
                 shared,
-                local: Arc::new(LocalStore::default()),
+                local,
                 limit: Mutex::new(limit),
                 gate,
                 budget: RetryBudget::new(config.retry_budget, config.min_retries),

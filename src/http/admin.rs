@@ -64,10 +64,14 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 /// is reported in the body but never makes the proxy unready (it runs on
 /// its local fallback cap while Redis does not answer).
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let governor = match state.redis.as_ref().map(|r| r.is_shared()) {
+    use crate::governor::redis::State;
+    let governor = match state.redis.as_ref().map(|r| r.state()) {
         None => "",
-        Some(true) => "governor: shared (Redis)\n",
-        Some(false) => "governor: local fallback cap (Redis does not answer)\n",
+        Some(State::Shared) => "governor: shared (Redis)\n",
+        Some(State::Returning) => {
+            "governor: returning (Redis answers again; local fallback cap while every replica registers its slots)\n"
+        }
+        Some(State::Down) => "governor: local fallback cap (Redis does not answer)\n",
     };
     let mut lanes = String::new();
     for org in state.orgs.iter() {

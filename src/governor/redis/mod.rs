@@ -12,7 +12,7 @@
 //! answering again.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::config::RedisSettings;
 use tokio::sync::Notify;
 
-use super::store::{Gate, StoreError, Waiter};
+use super::store::{Gate, LocalStore, SlotStore, StoreError, Waiter};
 use scripts::*;
 
 mod scripts;
@@ -70,6 +70,13 @@ struct OrgShared {
     replica: String,
     /// This replica's heads, by seq, to wake when their ticket comes up.
     heads: Mutex<HashMap<u64, Arc<Notify>>>,
+    /// The slots this replica's governor holds on its local fallback cap:
+    /// registered in Redis as leases whenever it answers, so that no replica
+    /// back on the shared state overlooks them.
+    local: Arc<LocalStore>,
+    /// How many local slots were registered last time (the ones past the
+    /// count now are taken out).
+    registered: AtomicUsize,
 }
 
 impl OrgShared {
@@ -122,7 +129,13 @@ pub struct SharedRedis {
     timeout: Duration,
     lease_time: Duration,
     conn: RwLock<Option<ConnectionManager>>,
-    healthy: AtomicBool,
+    /// [`State`] as a number: down, returning, shared.
+    state: AtomicU8,
+    /// When Redis answered again after being away (the returning state).
+    returned_at: Mutex<Option<tokio::time::Instant>>,
+    /// The shared state was in use once (a later return goes through
+    /// the returning state).
+    was_shared: std::sync::atomic::AtomicBool,
     /// Every live store, by its channel and then its own id: two stores
     /// may share a channel (a governor replaced while a request of the old
     /// one still runs), and each keeps its leases renewed until it goes.
@@ -137,6 +150,7 @@ struct Scripts {
     release: redis::Script,
     leave: redis::Script,
     renew: redis::Script,
+    presence: redis::Script,
     gate: redis::Script,
     lower: redis::Script,
     raise: redis::Script,
@@ -167,7 +181,9 @@ impl SharedRedis {
             timeout: settings.timeout,
             lease_time: settings.lease_time,
             conn: RwLock::new(None),
-            healthy: AtomicBool::new(false),
+            state: AtomicU8::new(State::Down as u8),
+            returned_at: Mutex::new(None),
+            was_shared: std::sync::atomic::AtomicBool::new(false),
             orgs: Mutex::new(HashMap::new()),
             next_store: std::sync::atomic::AtomicU64::new(0),
             scripts: Scripts {
@@ -175,6 +191,7 @@ impl SharedRedis {
                 release: redis::Script::new(RELEASE),
                 leave: redis::Script::new(LEAVE),
                 renew: redis::Script::new(RENEW),
+                presence: redis::Script::new(PRESENCE),
                 gate: redis::Script::new(GATE),
                 lower: redis::Script::new(LOWER),
                 raise: redis::Script::new(RAISE),
@@ -183,14 +200,30 @@ impl SharedRedis {
         }))
     }
 
-    /// Whether the shared state is in use (Redis answered last time).
+    /// Whether the shared state is in use (Redis answers, and has for
+    /// long enough since it was last away).
     pub fn is_shared(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.state() == State::Shared
+    }
+
+    /// Where the shared state stands now.
+    pub fn state(&self) -> State {
+        match self.state.load(Ordering::Relaxed) {
+            2 => State::Shared,
+            1 => State::Returning,
+            _ => State::Down,
+        }
     }
 
     /// The store of the org keyed `org_key` (its host), whose gate
     /// messages close `gate`.
-    pub fn store(self: &Arc<Self>, org_key: &str, gate: Arc<Gate>, bounds: Bounds) -> RedisStore {
+    pub fn store(
+        self: &Arc<Self>,
+        org_key: &str,
+        gate: Arc<Gate>,
+        local: Arc<LocalStore>,
+        bounds: Bounds,
+    ) -> RedisStore {
         let key = format!("{}:{org_key}", self.prefix);
         let shared = Arc::new(OrgShared {
             channel: format!("{key}:events"),
@@ -202,6 +235,8 @@ impl SharedRedis {
             held: Mutex::new(HashSet::new()),
             replica: uuid::Uuid::new_v4().simple().to_string(),
             heads: Mutex::new(HashMap::new()),
+            local,
+            registered: AtomicUsize::new(0),
         });
         let id = self.next_store.fetch_add(1, Ordering::Relaxed);
         lock(&self.orgs)
@@ -268,8 +303,40 @@ impl SharedRedis {
     }
 
     fn mark_down(&self, why: &str) {
-        if self.healthy.swap(false, Ordering::Relaxed) {
+        if self.state.swap(State::Down as u8, Ordering::Relaxed) != State::Down as u8 {
             tracing::warn!(error = %why, "shared governor state unavailable (Redis): each replica now keeps its local fallback cap");
+        }
+    }
+
+    /// Redis answered a health check: back to shared only after it has
+    /// answered for a while, meanwhile on the local cap with its
+    /// slots registered in Redis, so that every replica has seen Redis
+    /// again and registered its own before any takes slots from it.
+    fn mark_answering(&self) {
+        let mut since = lock(&self.returned_at);
+        match self.state() {
+            State::Shared => {}
+            // The first answer of a replica that never held a slot: nothing
+            // of its own to register, and Redis holds the others' leases.
+            State::Down if !self.was_shared.load(Ordering::Relaxed) && !self.holds_local() => {
+                self.was_shared.store(true, Ordering::Relaxed);
+                self.state.store(State::Shared as u8, Ordering::Relaxed);
+                tracing::info!("shared governor state in use (Redis answers)");
+            }
+            State::Down => {
+                *since = Some(tokio::time::Instant::now());
+                self.state.store(State::Returning as u8, Ordering::Relaxed);
+                tracing::info!(
+                    "Redis answers again: registering this replica's slots before using the shared state"
+                );
+            }
+            State::Returning => {
+                if since.is_none_or(|t| t.elapsed() >= self.returning_for()) {
+                    self.was_shared.store(true, Ordering::Relaxed);
+                    self.state.store(State::Shared as u8, Ordering::Relaxed);
+                    tracing::info!("shared governor state in use (Redis answers)");
+                }
+            }
         }
     }
 
@@ -330,9 +397,7 @@ impl SharedRedis {
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(conn);
                 if matches!(ping, Ok(Ok(_))) {
-                    if !self.healthy.swap(true, Ordering::Relaxed) {
-                        tracing::info!("shared governor state in use (Redis answers)");
-                    }
+                    self.mark_answering();
                 } else {
                     self.mark_down("no answer to PING");
                 }
@@ -390,29 +455,105 @@ impl SharedRedis {
         }
     }
 
+    /// How long Redis must answer again before this replica takes slots
+    /// from it: longer than another replica needs to notice (a health
+    /// check a second, a connect within the timeout) and to register its
+    /// local slots (every [`REGISTER_EVERY`]); half a lease time at least.
+    fn returning_for(&self) -> Duration {
+        (self.lease_time / 2).max(MIN_RETURNING)
+    }
+
+    /// Whether any governor of this replica holds slots on its local cap.
+    fn holds_local(&self) -> bool {
+        lock(&self.orgs)
+            .values()
+            .flat_map(HashMap::values)
+            .any(|org| org.local.taken() > 0)
+    }
+
+    /// Keeps this replica's slots known to Redis: the leases it holds
+    /// (renewed, and written again if Redis lost them), and the slots it
+    /// holds on its local fallback cap.
     async fn renew_leases(self: Arc<Self>) {
-        let every = (self.lease_time / 3).max(Duration::from_millis(100));
+        let every = (self.lease_time / 3).clamp(Duration::from_millis(100), REGISTER_EVERY);
         loop {
             tokio::time::sleep(every).await;
+            if self.state() == State::Down {
+                continue;
+            }
             let orgs: Vec<Arc<OrgShared>> = lock(&self.orgs)
                 .values()
                 .flat_map(|stores| stores.values().cloned())
                 .collect();
             for org in orgs {
-                let held: Vec<String> = lock(&org.held).iter().cloned().collect();
-                if held.is_empty() {
-                    continue;
-                }
-                let mut call = self.scripts.renew.key(format!("{}:leases", org.key));
-                call.arg(self.lease_time.as_millis() as u64);
-                for id in &held {
-                    call.arg(id);
-                }
-                let _ = self.run::<i64>(call).await;
+                self.renew(&org).await;
+                self.register_local(&org).await;
             }
         }
     }
+
+    async fn renew(&self, org: &OrgShared) {
+        let held: Vec<String> = lock(&org.held).iter().cloned().collect();
+        if held.is_empty() {
+            return;
+        }
+        let mut call = self.scripts.renew.key(format!("{}:leases", org.key));
+        call.arg(self.lease_time.as_millis() as u64);
+        for id in &held {
+            call.arg(id);
+        }
+        let _ = self.run::<i64>(call).await;
+    }
+
+    /// Writes one lease per slot held on the local cap
+    /// (`{replica}:local:{n}`), and takes out the ones no longer held.
+    async fn register_local(&self, org: &OrgShared) {
+        let now = org.local.taken();
+        let before = org.registered.load(Ordering::Relaxed);
+        if now == 0 && before == 0 {
+            return;
+        }
+        let mut call = self.scripts.presence.key(format!("{}:leases", org.key));
+        call.arg(self.lease_time.as_millis() as u64)
+            .arg(&org.replica)
+            .arg(now)
+            .arg(before.max(now));
+        if self.run::<i64>(call).await.is_ok() {
+            org.registered.store(now, Ordering::Relaxed);
+        }
+    }
 }
+
+/// Where a replica's shared state stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    /// Redis does not answer: the local fallback cap.
+    Down = 0,
+    /// Redis answers again: still the local cap, its slots registered in
+    /// Redis, until every replica has had time to register its own.
+    Returning = 1,
+    /// The shared state.
+    Shared = 2,
+}
+
+impl State {
+    /// Its name on `/status`, `/readyz` and the metric.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Down => "local",
+            Self::Returning => "returning",
+            Self::Shared => "shared",
+        }
+    }
+}
+
+/// The shortest time Redis must answer again before a replica that used
+/// its local cap takes slots from it (see `SharedRedis::returning_for`).
+const MIN_RETURNING: Duration = Duration::from_secs(3);
+
+/// How often held leases are renewed and local slots registered, at most.
+const REGISTER_EVERY: Duration = Duration::from_millis(500);
 
 #[cfg(test)]
 mod tests {
@@ -442,8 +583,8 @@ mod tests {
     async fn a_second_store_on_one_channel_is_not_replaced_or_forgotten() {
         let redis = redis();
         let (old_gate, new_gate) = (Arc::new(Gate::default()), Arc::new(Gate::default()));
-        let old = redis.store("org.example:443", old_gate.clone(), BOUNDS);
-        let new = redis.store("org.example:443", new_gate.clone(), BOUNDS);
+        let old = redis.store("org.example:443", old_gate.clone(), Arc::default(), BOUNDS);
+        let new = redis.store("org.example:443", new_gate.clone(), Arc::default(), BOUNDS);
         redis.dispatch("test:org.example:443:events", "gate:1000");
         assert!(old_gate.closed_until().is_some(), "both hear the channel");
         assert!(new_gate.closed_until().is_some());

@@ -88,14 +88,31 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 ";
 
-/// Extends the leases still held (long answers outlive the lease time).
+/// Extends the leases still held (long answers outlive the lease time),
+/// and writes again those Redis lost (a restart, a failover that lost the
+/// last writes): a slot held is counted wherever it was taken.
 pub(super) const RENEW: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for i = 2, #ARGV do
-  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-    redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i])
-  end
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 3)
+return 1
+";
+
+/// Registers the slots a replica holds on its local fallback cap as leases
+/// `{replica}:local:{n}` for n below ARGV[3], and takes out those from
+/// ARGV[3] up to ARGV[4]. ARGV: lease ms, replica, held now, held before.
+pub(super) const PRESENCE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local held, before = tonumber(ARGV[3]), tonumber(ARGV[4])
+for n = 0, held - 1 do
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2] .. ':local:' .. n)
+end
+for n = held, before - 1 do
+  redis.call('ZREM', KEYS[1], ARGV[2] .. ':local:' .. n)
 end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 3)
 return 1
