@@ -237,6 +237,12 @@ impl Governor {
         self.inner.shared.as_ref().map(|s| s.is_shared())
     }
 
+    /// Where the shared state stands (shared, returning, local) and why it
+    /// left `shared` last; `None` without shared state.
+    pub fn shared_standing(&self) -> Option<(redis::State, &'static str)> {
+        self.inner.shared.as_ref().map(|s| s.state())
+    }
+
     /// When the gate reopens, if it is closed now.
     pub fn gate_closed_until(&self) -> Option<Instant> {
         self.inner.gate.closed_until()

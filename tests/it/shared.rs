@@ -264,10 +264,29 @@ async fn redis_stopped_mid_run_fails_no_request_and_sharing_resumes() {
             .await
             .expect("readyz");
         let body = (ready.status().as_u16(), ready.text().await.expect("body"));
+        let metrics = replicas[0].metrics().await;
+        let status: serde_json::Value = client()
+            .get(format!("{}/status", replicas[0].admin))
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("json");
         redis.restart().await;
-        body
+        (body, metrics, status)
     };
-    let ((statuses, _), (ready, body)) = tokio::join!(running, outage);
+    let ((statuses, _), ((ready, body), metrics, status)) = tokio::join!(running, outage);
+    assert!(
+        metrics.contains("governor_state{org=\"default\",lane=\"default\",state=\"local\"} 1"),
+        "{metrics}"
+    );
+    let text = status.to_string();
+    assert!(text.contains("\"state\":\"fallback\""), "{text}");
+    assert!(
+        text.contains("\"reason\":\""),
+        "the reason is named: {text}"
+    );
     let failed = statuses.iter().filter(|s| **s != 200).count();
     assert_eq!(failed, 0, "no request failed while Redis was away");
     assert_eq!(ready, 200, "readiness stays true");

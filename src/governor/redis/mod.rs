@@ -136,6 +136,10 @@ pub struct SharedRedis {
     /// The shared state was in use once (a later return goes through
     /// the returning state).
     was_shared: std::sync::atomic::AtomicBool,
+    /// Why the state last left `shared` (a short class, never the URL).
+    reason: Mutex<&'static str>,
+    /// Times the state left `shared` or `returning` since the start.
+    losses: std::sync::atomic::AtomicU64,
     /// Every live store, by its channel and then its own id: two stores
     /// may share a channel (a governor replaced while a request of the old
     /// one still runs), and each keeps its leases renewed until it goes.
@@ -184,6 +188,8 @@ impl SharedRedis {
             state: AtomicU8::new(State::Down as u8),
             returned_at: Mutex::new(None),
             was_shared: std::sync::atomic::AtomicBool::new(false),
+            reason: Mutex::new("not connected yet"),
+            losses: std::sync::atomic::AtomicU64::new(0),
             orgs: Mutex::new(HashMap::new()),
             next_store: std::sync::atomic::AtomicU64::new(0),
             scripts: Scripts {
@@ -303,9 +309,25 @@ impl SharedRedis {
     }
 
     fn mark_down(&self, why: &str) {
+        *lock(&self.reason) = reason_class(why);
         if self.state.swap(State::Down as u8, Ordering::Relaxed) != State::Down as u8 {
-            tracing::warn!(error = %why, "shared governor state unavailable (Redis): each replica now keeps its local fallback cap");
+            let losses = self.losses.fetch_add(1, Ordering::Relaxed) + 1;
+            if losses > 3 {
+                tracing::warn!(error = %why, losses, "shared governor state lost again (Redis keeps failing): each replica keeps its local fallback cap meanwhile");
+            } else {
+                tracing::warn!(error = %why, "shared governor state unavailable (Redis): each replica now keeps its local fallback cap");
+            }
         }
+    }
+
+    /// Why the state last left `shared` (`unreachable`, `CROSSSLOT`, …).
+    pub fn reason(&self) -> &'static str {
+        *lock(&self.reason)
+    }
+
+    /// Times the shared state was lost since the start.
+    pub fn losses(&self) -> u64 {
+        self.losses.load(Ordering::Relaxed)
     }
 
     /// Redis answered a health check: back to shared only after it has
@@ -521,6 +543,23 @@ impl SharedRedis {
         if self.run::<i64>(call).await.is_ok() {
             org.registered.store(now, Ordering::Relaxed);
         }
+    }
+}
+
+/// A failure's class for `/status` and the metric: what an operator acts
+/// on, never the server's text (which may name hosts).
+fn reason_class(why: &str) -> &'static str {
+    let lower = why.to_ascii_lowercase();
+    if lower.contains("crossslot") {
+        "CROSSSLOT (a clustered Redis)"
+    } else if lower.contains("auth") || lower.contains("noperm") || lower.contains("wrongpass") {
+        "authentication refused"
+    } else if lower.contains("script") || lower.contains("response") && lower.contains("error") {
+        "script refused"
+    } else if lower.contains("no answer") {
+        "no answer within the timeout"
+    } else {
+        "unreachable"
     }
 }
 

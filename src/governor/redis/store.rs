@@ -29,6 +29,11 @@ impl RedisStore {
         self.redis.is_shared()
     }
 
+    /// Where the shared state stands, and why it left `shared` last.
+    pub fn state(&self) -> (super::State, &'static str) {
+        (self.redis.state(), self.redis.reason())
+    }
+
     /// Closes every replica's gate for `wait`.
     pub async fn close_gate(&self, wait: Duration) -> Result<(), StoreError> {
         let mut call = self

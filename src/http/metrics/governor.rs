@@ -29,12 +29,21 @@ pub(super) struct OrgKind {
     kind: &'static str,
 }
 
+/// An org's lane and one state of its shared governor.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct OrgLaneState {
+    org: String,
+    lane: String,
+    state: &'static str,
+}
+
 pub(super) struct GovernorFamilies {
     in_flight: Family<OrgLane, Gauge>,
     queued: Family<OrgLane, Gauge>,
     limit: Family<OrgLane, Gauge>,
     gate: Family<OrgLane, Gauge<f64, AtomicU64>>,
     shared: Family<OrgLane, Gauge>,
+    state: Family<OrgLaneState, Gauge>,
     waits: Family<OrgLane, Counter>,
     throttled: Family<OrgLane, Counter>,
     throttled_kind: Family<OrgKind, Counter>,
@@ -104,6 +113,12 @@ impl GovernorFamilies {
             "governor_held_too_long",
             "Slots released because they were held longer than governor.max_hold",
         );
+        let state = registered(
+            r,
+            "governor_state",
+            "1 for the shared governor's state now (shared, returning, local), 0 for the others; /status says why when not shared",
+            Family::<OrgLaneState, Gauge>::default(),
+        );
         let throttled_kind = registered(
             r,
             "governor_throttled_by_kind",
@@ -116,6 +131,7 @@ impl GovernorFamilies {
             limit,
             gate,
             shared,
+            state,
             waits,
             throttled,
             throttled_kind,
@@ -150,8 +166,18 @@ impl GovernorFamilies {
             .gate_closed_until()
             .map_or(0.0, |u| (u - tokio::time::Instant::now()).as_secs_f64());
         self.gate.get_or_create(l).set(closed);
-        if let Some(shared) = governor.shared_state() {
+        if let Some((state, _)) = governor.shared_standing() {
+            let shared = state == crate::governor::redis::State::Shared;
             self.shared.get_or_create(l).set(i64::from(shared));
+            use crate::governor::redis::State;
+            for s in [State::Shared, State::Returning, State::Down] {
+                let label = OrgLaneState {
+                    org: l.org.clone(),
+                    lane: l.lane.clone(),
+                    state: s.name(),
+                };
+                self.state.get_or_create(&label).set(i64::from(s == state));
+            }
         }
         let counters = [
             (&self.waits, &g.waits),

@@ -1,6 +1,7 @@
 //! Each lane of an org as the status page shows it: its token, its
 //! governor, whether it is in rotation; and the org's lanes together.
 
+use crate::governor::redis::State;
 use std::sync::atomic::Ordering;
 
 use serde::Serialize;
@@ -60,6 +61,7 @@ pub fn together(lanes: &[LaneStatus], throttled_5m: u64) -> GovernorStatus {
         throttled_5m,
         throttled_total: lanes.iter().map(|l| l.governor.throttled_total).sum(),
         state: lanes.first().map_or("local", |l| l.governor.state),
+        reason: lanes.first().and_then(|l| l.governor.reason),
     }
 }
 
@@ -82,10 +84,15 @@ fn governor(g: &Governor) -> GovernorStatus {
             .map_or(0.0, |u| (u - tokio::time::Instant::now()).as_secs_f64()),
         throttled_5m: 0,
         throttled_total: stats.throttled_total(),
-        state: match g.shared_state() {
+        state: match g.shared_standing() {
             None => "local",
-            Some(true) => "shared",
-            Some(false) => "fallback",
+            Some((State::Shared, _)) => "shared",
+            Some((State::Returning, _)) => "returning",
+            Some((State::Down, _)) => "fallback",
+        },
+        reason: match g.shared_standing() {
+            Some((State::Down | State::Returning, why)) => Some(why),
+            _ => None,
         },
     }
 }

@@ -98,9 +98,12 @@ pub struct GovernorStatus {
     /// 429 answers from Dataverse in the last 5 minutes.
     pub throttled_5m: u64,
     pub throttled_total: u64,
-    /// `local` (this process), `shared` (Redis), or `fallback` (Redis away:
-    /// this replica's share of the limit).
+    /// `local` (this process), `shared` (Redis), `fallback` (Redis away:
+    /// this replica's share of the limit) or `returning` (Redis answers
+    /// again; still the share while every replica registers its slots).
     pub state: &'static str,
+    /// Why Redis is not (yet) in use, while `fallback` or `returning`.
+    pub reason: Option<&'static str>,
 }
 
 #[derive(Debug, Serialize)]
