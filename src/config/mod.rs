@@ -113,6 +113,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
         "governor.max_concurrency",
     ),
     ("DATAVERSE_PROXY_REDIS_URL", "governor.redis_url"),
+    ("DATAVERSE_PROXY_REDIS_CLUSTER", "governor.redis_cluster"),
     (
         "DATAVERSE_PROXY_EXPECTED_REPLICAS",
         "governor.expected_replicas",

@@ -143,6 +143,8 @@ pub(super) struct RawGovernor {
     pub(super) redis_timeout: Option<String>,
     pub(super) lease_time: Option<String>,
     pub(super) redis_ca_file: Option<String>,
+    #[serde(deserialize_with = "lenient_bool")]
+    pub(super) redis_cluster: Option<bool>,
     #[serde(deserialize_with = "lenient_number")]
     pub(super) expected_replicas: Option<usize>,
     #[serde(deserialize_with = "lenient_number")]

@@ -409,6 +409,10 @@ pub struct RedisSettings {
     /// CA bundle (PEM) that a `rediss://` server's certificate must chain
     /// to; `None`: the system's roots.
     pub ca_file: Option<std::path::PathBuf>,
+    /// A clustered Redis (Redis Cluster, Azure Managed Redis with the OSS
+    /// cluster policy): `Some(true)`; `Some(false)`: a single server;
+    /// `None`: asked of the server (`CLUSTER INFO`) at connect.
+    pub cluster: Option<bool>,
 }
 
 impl Default for GovernorConfig {

@@ -344,6 +344,7 @@ fn redis_settings(p: &mut Problems<'_>, g: &RawGovernor) -> Option<RedisSettings
             Duration::from_secs(10),
         ),
         ca_file: g.redis_ca_file.as_deref().map(std::path::PathBuf::from),
+        cluster: g.redis_cluster,
     })
     .inspect(|s| redis_checks(p, s, tls))
 }

@@ -265,12 +265,15 @@ impl Governor {
             Some(shared) if shared.is_shared() => {
                 (shared.clone(), self.adaptive().get(), inner.local.taken())
             }
-            // Redis does not answer: this replica's share of the limit.
-            Some(shared) => (
-                inner.local.clone(),
-                inner.config.load().fallback_concurrency,
-                shared.taken(),
-            ),
+            // Redis does not answer: this replica's share of the limit,
+            // once the slots taken from Redis before had time to end.
+            Some(shared) => {
+                let share = match shared.settling() {
+                    true => 0,
+                    false => inner.config.load().fallback_concurrency,
+                };
+                (inner.local.clone(), share, shared.taken())
+            }
             None => (inner.queue.clone(), self.adaptive().get(), 0),
         }
     }
@@ -296,8 +299,12 @@ impl Governor {
         };
         match answer {
             TryAcquire::Got { lease, limit } => {
-                if self.inner.shared.as_ref().is_some_and(|s| s.is_shared()) {
-                    self.adaptive().set(limit);
+                if let Some(shared) = &self.inner.shared {
+                    if shared.is_shared() {
+                        self.adaptive().set(limit);
+                    } else {
+                        shared.register_if_returning().await;
+                    }
                 }
                 Some(self.permit(lease, store, cap.take()))
             }

@@ -496,6 +496,9 @@ async fn a_callers_quota_is_one_for_all_replicas() {
 /// two seconds later. The replicas' fallback slots are registered in Redis
 /// before any replica takes slots from it again, and leases Redis lost are
 /// written again, so the simulator never sees more than 24 in flight.
+/// Twenty callers per replica: a replica may hold more than its fallback
+/// share when Redis goes, and the replicas settle before they use their
+/// fallback caps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cap_holds_through_a_redis_restart() {
     let mut redis = RedisServer::start().await;

@@ -31,7 +31,7 @@ async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
 fn org_key(sim: &Sim) -> String {
     let url = url::Url::parse(sim.handle.org_url()).expect("url");
     format!(
-        "dataverse-proxy:{}:{}",
+        "dataverse-proxy:{{{}:{}}}",
         url.host_str().expect("host"),
         url.port().expect("port")
     )

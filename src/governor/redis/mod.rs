@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use conn::{Conn, Target};
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::RedisSettings;
@@ -26,6 +26,7 @@ use tokio::sync::Notify;
 use super::store::{Gate, LocalStore, SlotStore, StoreError, Waiter};
 use scripts::*;
 
+mod conn;
 mod scripts;
 mod store;
 
@@ -125,14 +126,17 @@ pub struct Bounds {
 /// The connection to Redis, its health, and every org's shared state.
 pub struct SharedRedis {
     client: redis::Client,
+    target: Target,
     prefix: String,
     timeout: Duration,
     lease_time: Duration,
-    conn: RwLock<Option<ConnectionManager>>,
+    conn: RwLock<Option<Conn>>,
     /// [`State`] as a number: down, returning, shared.
     state: AtomicU8,
     /// When Redis answered again after being away (the returning state).
     returned_at: Mutex<Option<tokio::time::Instant>>,
+    /// When the shared state was lost last.
+    lost_at: Mutex<Option<tokio::time::Instant>>,
     /// The shared state was in use once (a later return goes through
     /// the returning state).
     was_shared: std::sync::atomic::AtomicBool,
@@ -179,7 +183,23 @@ impl SharedRedis {
     /// A client for `url` (nothing is connected until [`Self::spawn`]).
     pub fn new(settings: &RedisSettings) -> Result<Arc<Self>, String> {
         let client = client(&settings.url, settings.ca_file.as_deref())?;
+        let root_cert = match &settings.ca_file {
+            Some(file) => Some(std::fs::read(file).map_err(|e| {
+                format!(
+                    "governor.redis_ca_file {} cannot be read: {e}",
+                    file.display()
+                )
+            })?),
+            None => None,
+        };
         Ok(Arc::new(Self {
+            target: Target {
+                client: client.clone(),
+                url: settings.url.clone(),
+                root_cert,
+                cluster: settings.cluster,
+                timeout: settings.timeout,
+            },
             client,
             prefix: settings.prefix.clone(),
             timeout: settings.timeout,
@@ -187,6 +207,7 @@ impl SharedRedis {
             conn: RwLock::new(None),
             state: AtomicU8::new(State::Down as u8),
             returned_at: Mutex::new(None),
+            lost_at: Mutex::new(None),
             was_shared: std::sync::atomic::AtomicBool::new(false),
             reason: Mutex::new("not connected yet"),
             losses: std::sync::atomic::AtomicU64::new(0),
@@ -230,7 +251,9 @@ impl SharedRedis {
         local: Arc<LocalStore>,
         bounds: Bounds,
     ) -> RedisStore {
-        let key = format!("{}:{org_key}", self.prefix);
+        // One hash slot for every key of the org: `{…}` is the cluster's
+        // hash tag, so each script's keys live on one node.
+        let key = format!("{}:{{{org_key}}}", self.prefix);
         let shared = Arc::new(OrgShared {
             channel: format!("{key}:events"),
             key,
@@ -310,7 +333,11 @@ impl SharedRedis {
 
     fn mark_down(&self, why: &str) {
         *lock(&self.reason) = reason_class(why);
-        if self.state.swap(State::Down as u8, Ordering::Relaxed) != State::Down as u8 {
+        let before = self.state.swap(State::Down as u8, Ordering::Relaxed);
+        if before == State::Shared as u8 {
+            *lock(&self.lost_at) = Some(tokio::time::Instant::now());
+        }
+        if before != State::Down as u8 {
             let losses = self.losses.fetch_add(1, Ordering::Relaxed) + 1;
             if losses > 3 {
                 tracing::warn!(error = %why, losses, "shared governor state lost again (Redis keeps failing): each replica keeps its local fallback cap meanwhile");
@@ -318,6 +345,14 @@ impl SharedRedis {
                 tracing::warn!(error = %why, "shared governor state unavailable (Redis): each replica now keeps its local fallback cap");
             }
         }
+    }
+
+    /// Whether the shared state was lost less than [`SETTLE`] ago: the
+    /// slots other replicas took from Redis are still running and nobody
+    /// can count them, so no replica takes a slot on its fallback cap
+    /// until they have had that long to end (callers wait in the queue).
+    pub fn settling(&self) -> bool {
+        self.state() == State::Down && lock(&self.lost_at).is_some_and(|t| t.elapsed() < SETTLE)
     }
 
     /// Why the state last left `shared` (`unreachable`, `CROSSSLOT`, …).
@@ -388,10 +423,6 @@ impl SharedRedis {
 
     /// Connects, then checks every second; marks the state shared when Redis answers.
     async fn keep_connected(self: Arc<Self>) {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1);
         loop {
             let existing = self
                 .conn
@@ -400,13 +431,7 @@ impl SharedRedis {
                 .clone();
             let conn = match existing {
                 Some(c) => Some(c),
-                None => tokio::time::timeout(
-                    self.timeout * 4,
-                    ConnectionManager::new_with_config(self.client.clone(), config.clone()),
-                )
-                .await
-                .ok()
-                .and_then(Result::ok),
+                None => self.target.connect().await,
             };
             if let Some(mut conn) = conn {
                 let ping = tokio::time::timeout(
@@ -414,11 +439,15 @@ impl SharedRedis {
                     redis::cmd("PING").query_async::<String>(&mut conn),
                 )
                 .await;
+                let answered = matches!(ping, Ok(Ok(_)));
+                // A connection that does not answer is replaced at the next
+                // check rather than left to its own reconnect backoff: a
+                // Redis that is back is noticed within about a second.
                 *self
                     .conn
                     .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(conn);
-                if matches!(ping, Ok(Ok(_))) {
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = answered.then_some(conn);
+                if answered {
                     self.mark_answering();
                 } else {
                     self.mark_down("no answer to PING");
@@ -479,10 +508,11 @@ impl SharedRedis {
 
     /// How long Redis must answer again before this replica takes slots
     /// from it: longer than another replica needs to notice (a health
-    /// check a second, a connect within the timeout) and to register its
-    /// local slots (every [`REGISTER_EVERY`]); half a lease time at least.
+    /// check a second, a connect within four timeouts) and to register its
+    /// local slots (every [`REGISTER_EVERY`]), with room for a busy
+    /// machine: a lease time, [`MIN_RETURNING`] at least.
     fn returning_for(&self) -> Duration {
-        (self.lease_time / 2).max(MIN_RETURNING)
+        self.lease_time.max(MIN_RETURNING)
     }
 
     /// Whether any governor of this replica holds slots on its local cap.
@@ -589,7 +619,13 @@ impl State {
 
 /// The shortest time Redis must answer again before a replica that used
 /// its local cap takes slots from it (see `SharedRedis::returning_for`).
-const MIN_RETURNING: Duration = Duration::from_secs(3);
+const MIN_RETURNING: Duration = Duration::from_secs(5);
+
+/// How long after losing the shared state a replica takes no slot on its
+/// fallback cap: the requests that held shared slots then (on any replica)
+/// have had this long to end. Longer requests can still add to the
+/// fallback caps for the rest of their time (docs/operations.md).
+pub const SETTLE: Duration = Duration::from_secs(2);
 
 /// How often held leases are renewed and local slots registered, at most.
 const REGISTER_EVERY: Duration = Duration::from_millis(500);
@@ -605,6 +641,7 @@ mod tests {
             timeout: Duration::from_millis(100),
             lease_time: Duration::from_secs(5),
             ca_file: None,
+            cluster: Some(false),
         })
         .expect("client")
     }
@@ -624,15 +661,15 @@ mod tests {
         let (old_gate, new_gate) = (Arc::new(Gate::default()), Arc::new(Gate::default()));
         let old = redis.store("org.example:443", old_gate.clone(), Arc::default(), BOUNDS);
         let new = redis.store("org.example:443", new_gate.clone(), Arc::default(), BOUNDS);
-        redis.dispatch("test:org.example:443:events", "gate:1000");
+        redis.dispatch("test:{org.example:443}:events", "gate:1000");
         assert!(old_gate.closed_until().is_some(), "both hear the channel");
         assert!(new_gate.closed_until().is_some());
         old.forget();
         tokio::time::sleep(Duration::from_secs(2)).await;
-        redis.dispatch("test:org.example:443:events", "gate:1000");
+        redis.dispatch("test:{org.example:443}:events", "gate:1000");
         assert!(old_gate.closed_until().is_none(), "the old one is gone");
         assert!(new_gate.closed_until().is_some(), "the new one still hears");
-        assert_eq!(redis.stores_on("test:org.example:443:events").len(), 1);
+        assert_eq!(redis.stores_on("test:{org.example:443}:events").len(), 1);
         drop(new);
     }
 }

@@ -29,6 +29,20 @@ impl RedisStore {
         self.redis.is_shared()
     }
 
+    /// While returning, registers this replica's fallback slots in Redis
+    /// at once (a slot just taken must be counted before a replica that
+    /// is back on the shared state next takes one).
+    pub async fn register_if_returning(&self) {
+        if self.redis.state() == super::State::Returning {
+            self.redis.register_local(&self.org).await;
+        }
+    }
+
+    /// Whether the shared state was lost too recently for the fallback cap.
+    pub fn settling(&self) -> bool {
+        self.redis.settling()
+    }
+
     /// Where the shared state stands, and why it left `shared` last.
     pub fn state(&self) -> (super::State, &'static str) {
         (self.redis.state(), self.redis.reason())
