@@ -13,6 +13,8 @@ pub struct RedisServer {
     dir: std::path::PathBuf,
     /// TLS only (`--tls-port`), with these certificate files.
     tls: Option<Tls>,
+    /// More arguments (a cluster node's).
+    extra: Vec<String>,
 }
 
 /// A TLS listener's files: the server's certificate and key.
@@ -34,6 +36,10 @@ impl RedisServer {
     }
 
     async fn start_with(tls: Option<Tls>) -> Self {
+        Self::start_args(tls, Vec::new()).await
+    }
+
+    async fn start_args(tls: Option<Tls>, extra: Vec<String>) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
@@ -45,6 +51,7 @@ impl RedisServer {
             port,
             dir,
             tls,
+            extra,
         };
         server.launch().await;
         server
@@ -75,6 +82,7 @@ impl RedisServer {
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -133,5 +141,60 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis Cluster of three masters (no replicas) on ephemeral ports,
+/// made with `redis-cli --cluster create`, as Azure Managed Redis's OSS
+/// cluster policy presents itself.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub async fn start() -> Self {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"];
+            nodes.push(RedisServer::start_args(None, args.map(str::to_owned).to_vec()).await);
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli (Debian's redis-tools, with redis-server)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = Self { nodes };
+        for _ in 0..200 {
+            if cluster.state_ok() {
+                return cluster;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the cluster never reached cluster_state:ok");
+    }
+
+    fn state_ok(&self) -> bool {
+        self.nodes.iter().all(|n| {
+            Command::new("redis-cli")
+                .args(["-p", &n.port.to_string(), "cluster", "info"])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+        })
+    }
+
+    /// One node's URL: the proxy finds the others itself.
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
     }
 }
