@@ -174,13 +174,13 @@ async fn three_replicas_share_one_budget_and_callers_see_no_429() {
     println!(
         "goodput of three shared replicas / one replica: {ratio:.2} ({one_secs:.2} s vs {three_secs:.2} s)"
     );
-    // Measured 0.90–0.93 here (debug build, everything on two cores, the
-    // suite running beside it); docs/benchmarks.md has the release figures.
-    // The bound leaves room for a noisy machine while still failing a
-    // scheme that wastes the budget (independent caps gave ≈ 0.3).
+    // Goodput is a benchmark's figure (docs/benchmarks.md), not a timed
+    // assertion: here, that the replicas used one shared budget. With 80 %
+    // of the callers on one replica, independent caps would let it reach
+    // about a third of 52; the shared cap lets it use the whole.
     assert!(
-        ratio >= 0.8,
-        "three replicas reach {ratio:.2} of one replica's goodput"
+        max >= 40,
+        "the shared budget was not used: at most {max} in flight"
     );
     for r in replicas {
         let m = r.metrics().await;
