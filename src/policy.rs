@@ -108,16 +108,22 @@ impl Policy {
             ))
         })?;
         for table in &reached.0 {
-            if self.deny.iter().any(|d| d == table) {
-                return Err(PolicyError::Denied(format!(
-                    "the request reaches '{table}', which is denied by the policy"
-                )));
-            }
-            if !self.allow.is_empty() && !self.allow.iter().any(|a| a == table) {
-                return Err(PolicyError::Denied(format!(
-                    "the request reaches '{table}', which is not in the policy's allow list"
-                )));
-            }
+            self.check_table(table)
+                .map_err(|why| PolicyError::Denied(format!("the request reaches {why}")))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the lists let `table` (an entity set, function or action,
+    /// lower-case) be reached; the refusal's words when not.
+    fn check_table(&self, table: &str) -> Result<(), String> {
+        if self.deny.iter().any(|d| d == table) {
+            return Err(format!("'{table}', which is denied by the policy"));
+        }
+        if !self.allow.is_empty() && !self.allow.iter().any(|a| a == table) {
+            return Err(format!(
+                "'{table}', which is not in the policy's allow list"
+            ));
         }
         Ok(())
     }
@@ -142,17 +148,8 @@ impl Policy {
         if resource == "$batch" || resource == "$metadata" {
             return Ok(());
         }
-        if self.deny.iter().any(|d| d == resource) {
-            return Err(PolicyError::Denied(format!(
-                "'{resource}' is denied by the policy"
-            )));
-        }
-        if !self.allow.is_empty() && !self.allow.iter().any(|a| a == resource) {
-            return Err(PolicyError::Denied(format!(
-                "'{resource}' is not in the policy's allow list"
-            )));
-        }
-        Ok(())
+        self.check_table(resource)
+            .map_err(|why| PolicyError::Denied(format!("the request is for {why}")))
     }
 
     /// Checks every operation of a buffered `$batch` body and drops the

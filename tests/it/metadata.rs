@@ -240,12 +240,17 @@ async fn a_slow_reader_leading_a_fill_does_not_hold_back_the_callers_behind_it()
     h.stop().await;
 }
 
-fn variants_made(metrics: &str) -> u64 {
-    let prefix = "dataverse_proxy_metadata_cache_variants_made_total{org=\"default\"} ";
+/// The default org's value of the metric `name` (0 when absent).
+fn org_metric(metrics: &str, name: &str) -> u64 {
+    let prefix = format!("dataverse_proxy_{name}{{org=\"default\"}} ");
     metrics
         .lines()
-        .find_map(|l| l.strip_prefix(prefix))
+        .find_map(|l| l.strip_prefix(&prefix))
         .map_or(0, |v| v.trim().parse().expect("number"))
+}
+
+fn variants_made(metrics: &str) -> u64 {
+    org_metric(metrics, "metadata_cache_variants_made_total")
 }
 
 /// Parallel hits that want another coding than the entry's cost one
@@ -296,11 +301,7 @@ async fn hits_in_another_coding_are_transcoded_once() {
 }
 
 fn cache_bytes(metrics: &str) -> u64 {
-    let prefix = "dataverse_proxy_metadata_cache_bytes{org=\"default\"} ";
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .map_or(0, |v| v.trim().parse().expect("number"))
+    org_metric(metrics, "metadata_cache_bytes")
 }
 
 /// Without `public_url` or a trusted proxy, each caller's `Host` gets its

@@ -76,12 +76,8 @@ impl Ctx {
             Ok(c) => c.unwrap_or_default(),
             Err(msg) => return dv_error(StatusCode::BAD_REQUEST, "0x80060888", &msg),
         };
-        let expands = match q
-            .get("$expand")
-            .map(|e| navigation::parse_expand(s, e))
-            .transpose()
-        {
-            Ok(e) => e.unwrap_or_default(),
+        let expands = match navigation::expand_of(s, &q) {
+            Ok(e) => e,
             Err(resp) => return resp,
         };
         let links = fetch.as_ref().map(|f| f.links.clone()).unwrap_or_default();
@@ -164,12 +160,8 @@ impl Ctx {
             Ok(sel) => sel,
             Err(resp) => return resp,
         };
-        let expands = match q
-            .get("$expand")
-            .map(|e| navigation::parse_expand(s, e))
-            .transpose()
-        {
-            Ok(e) => e.unwrap_or_default(),
+        let expands = match navigation::expand_of(s, &q) {
+            Ok(e) => e,
             Err(resp) => return resp,
         };
         let db = lock(&self.sim.db);

@@ -18,6 +18,12 @@ fn bad(msg: &str) -> Response {
     dv_error(StatusCode::BAD_REQUEST, "0x80060888", msg)
 }
 
+/// The query's `$expand` of `s`, read (none: empty).
+pub(super) fn expand_of(s: &Schema, q: &Query) -> Result<Vec<Expand>, Response> {
+    q.get("$expand")
+        .map_or(Ok(Vec::new()), |e| parse_expand(s, e))
+}
+
 /// The `$expand` option of `s`, read.
 pub(super) fn parse_expand(s: &Schema, value: &str) -> Result<Vec<Expand>, Response> {
     let mut out = Vec::new();
