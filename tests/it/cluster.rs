@@ -8,22 +8,51 @@ use std::time::Duration;
 use dataverse_proxy::sim::{ServiceLimits, Sim, SimConfig};
 
 use crate::harness::client;
-use crate::redis::RedisCluster;
+use crate::listener::{Ca, temp_dir, write};
+use crate::redis::{ClusterSecurity, RedisCluster, Tls};
 use crate::shared::Replica;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_cap_through_a_redis_cluster() {
     let cluster = RedisCluster::start().await;
+    shares_one_cap(&cluster, &[]).await;
+}
+
+/// The same over TLS (the cluster bus too) with an ACL user in the URL,
+/// as Azure Managed Redis's access keys are used; the password appears
+/// nowhere the proxy shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_over_tls_with_a_user_and_password() {
+    let ca = Ca::new("redis cluster CA");
+    let (cert, key) = ca.leaf("redis-node", &["localhost", "127.0.0.1"], &[]);
+    let dir = temp_dir();
+    let ca_file = write(&dir, "ca.pem", &ca.pem());
+    let security = ClusterSecurity {
+        tls: Tls {
+            cert: write(&dir, "node.crt", &cert).into(),
+            key: write(&dir, "node.key", &key).into(),
+        },
+        ca_file: ca_file.clone().into(),
+        user: ("proxy".to_owned(), "s3cret-cluster-pass".to_owned()),
+    };
+    let cluster = RedisCluster::start_secure(security).await;
+    shares_one_cap(&cluster, &[("governor.redis_ca_file", ca_file)]).await;
+}
+
+/// Three replicas on `cluster`, most callers on one: the shared cap of 12
+/// holds and is used whole (each replica's fallback share is 4).
+async fn shares_one_cap(cluster: &RedisCluster, extra: &[(&'static str, String)]) {
     let sim = Sim::start(SimConfig::default()).await.expect("sim");
     sim.handle.set_service_limits(ServiceLimits::default());
     sim.handle.set_latency(Duration::from_millis(50));
-    let overrides = vec![
+    let mut overrides = vec![
         ("governor.redis_url", cluster.url()),
         ("governor.lease_time", "2s".to_owned()),
         ("governor.expected_replicas", "3".to_owned()),
         ("governor.max_concurrency", "12".to_owned()),
         ("governor.ceiling", "12".to_owned()),
     ];
+    overrides.extend(extra.iter().cloned());
     let replicas = [
         Replica::start(&sim.handle, &overrides).await,
         Replica::start(&sim.handle, &overrides).await,
@@ -63,6 +92,18 @@ async fn three_replicas_share_one_cap_through_a_redis_cluster() {
         assert!(
             m.contains("governor_state{org=\"default\",lane=\"default\",state=\"shared\"} 1"),
             "{m}"
+        );
+        let status = client()
+            .get(format!("{}/status", r.admin))
+            .send()
+            .await
+            .expect("status")
+            .text()
+            .await
+            .expect("body");
+        assert!(
+            !status.contains("s3cret") && !m.contains("s3cret"),
+            "the password is never shown"
         );
     }
     for r in replicas {

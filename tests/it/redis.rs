@@ -149,20 +149,54 @@ impl Drop for RedisServer {
 /// cluster policy presents itself.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
+    security: Option<ClusterSecurity>,
+}
+
+/// A cluster's TLS files (its nodes' certificate, and the CA for
+/// `redis-cli`) and the ACL user it requires.
+pub struct ClusterSecurity {
+    pub tls: Tls,
+    pub ca_file: std::path::PathBuf,
+    pub user: (String, String),
 }
 
 impl RedisCluster {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Three masters over TLS only (the cluster bus too), refusing every
+    /// connection but `security.user`'s.
+    pub async fn start_secure(security: ClusterSecurity) -> Self {
+        Self::start_with(Some(security)).await
+    }
+
+    async fn start_with(security: Option<ClusterSecurity>) -> Self {
+        let mut args: Vec<String> = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+            .map(str::to_owned)
+            .to_vec();
+        let tls = security.as_ref().map(|s| s.tls.clone());
+        if let Some(s) = &security {
+            let (name, password) = &s.user;
+            args.extend(["--tls-cluster".to_owned(), "yes".to_owned()]);
+            args.push("--tls-ca-cert-file".to_owned());
+            args.push(s.ca_file.display().to_string());
+            // One directive, its words as separate arguments.
+            let acl = format!("--user {name} on >{password} ~* &* +@all --user default off");
+            args.extend(acl.split(' ').map(str::to_owned));
+        }
         let mut nodes = Vec::new();
         for _ in 0..3 {
-            let args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"];
-            nodes.push(RedisServer::start_args(None, args.map(str::to_owned).to_vec()).await);
+            nodes.push(RedisServer::start_args(tls.clone(), args.clone()).await);
         }
-        let addrs: Vec<String> = nodes
+        let cluster = Self { nodes, security };
+        let addrs: Vec<String> = cluster
+            .nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let out = Command::new("redis-cli")
+        let out = cluster
+            .cli()
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
@@ -174,7 +208,6 @@ impl RedisCluster {
             "{}",
             String::from_utf8_lossy(&out.stdout)
         );
-        let cluster = Self { nodes };
         for _ in 0..200 {
             if cluster.state_ok() {
                 return cluster;
@@ -184,17 +217,40 @@ impl RedisCluster {
         panic!("the cluster never reached cluster_state:ok");
     }
 
+    /// `redis-cli` with the cluster's TLS and user.
+    fn cli(&self) -> Command {
+        let mut c = Command::new("redis-cli");
+        if let Some(s) = &self.security {
+            c.arg("--tls").arg("--cacert").arg(&s.ca_file);
+            c.args([
+                "--user",
+                &s.user.0,
+                "--pass",
+                &s.user.1,
+                "--no-auth-warning",
+            ]);
+        }
+        c
+    }
+
     fn state_ok(&self) -> bool {
         self.nodes.iter().all(|n| {
-            Command::new("redis-cli")
+            self.cli()
                 .args(["-p", &n.port.to_string(), "cluster", "info"])
                 .output()
                 .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
         })
     }
 
-    /// One node's URL: the proxy finds the others itself.
+    /// One node's URL (with the user, over TLS, for a secure cluster):
+    /// the proxy finds the others itself.
     pub fn url(&self) -> String {
-        self.nodes[0].url()
+        match &self.security {
+            None => self.nodes[0].url(),
+            Some(s) => format!(
+                "rediss://{}:{}@127.0.0.1:{}",
+                s.user.0, s.user.1, self.nodes[0].port
+            ),
+        }
     }
 }
