@@ -147,7 +147,7 @@ async fn main() {
         "| scenario | goodput (req/s) | 429s seen by callers | other failures | 429s sent by Dataverse | max in flight at Dataverse | p50 | p99 |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    let scenarios: [Scenario; 5] = [
+    let mut scenarios: Vec<Scenario> = vec![
         ("direct clients, honouring Retry-After", 0, vec![]),
         ("one proxy (cap 50)", 1, vec![]),
         (
@@ -172,6 +172,17 @@ async fn main() {
             ],
         ),
     ];
+    // A three-master Redis Cluster, when bench/governor.sh could start one.
+    if let Ok(cluster) = std::env::var("BENCH_REDIS_CLUSTER_URL") {
+        scenarios.push((
+            "three proxies sharing a Redis Cluster of three masters (cap 50)",
+            3,
+            vec![
+                ("governor.redis_url", cluster),
+                ("governor.expected_replicas", "3".to_owned()),
+            ],
+        ));
+    }
     for (run_no, (name, replicas, extra)) in scenarios.into_iter().enumerate() {
         let sim = sim().await;
         let mut extra = extra;
