@@ -6,18 +6,28 @@ command -v redis-cli >/dev/null || { echo "redis-cli is needed (Debian package r
 CLUSTER_DIR=$(mktemp -d)
 CLUSTER_PIDS=()
 CLUSTER_NODES=()
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 for _ in 1 2 3; do
-  P=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  P=$(free_port)
   mkdir -p "$CLUSTER_DIR/$P"
+  # The bus port of its own: the default (port + 10000) passes 65535 for
+  # an ephemeral port above 55535.
   redis-server --port "$P" --bind 127.0.0.1 --save "" --appendonly no --dir "$CLUSTER_DIR/$P" \
-    --cluster-enabled yes --cluster-node-timeout 2000 >/dev/null &
+    --cluster-enabled yes --cluster-node-timeout 2000 --cluster-port "$(free_port)" >/dev/null &
   CLUSTER_PIDS+=($!)
   CLUSTER_NODES+=("127.0.0.1:$P")
 done
 trap 'kill ${REDIS:-} "${CLUSTER_PIDS[@]}" 2>/dev/null || true; rm -rf "$CLUSTER_DIR"' EXIT
+# Bounded waits: a node that did not start (its port, or its bus port at
+# port + 10000, taken meanwhile) ends the script instead of hanging it.
+wait_for() {
+  for _ in $(seq 100); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "the Redis Cluster for the benchmark did not come up ($*)" >&2; exit 1
+}
 for n in "${CLUSTER_NODES[@]}"; do
-  until redis-cli -p "${n##*:}" ping >/dev/null 2>&1; do sleep 0.1; done
+  wait_for redis-cli -p "${n##*:}" ping
 done
 redis-cli --cluster create "${CLUSTER_NODES[@]}" --cluster-replicas 0 --cluster-yes >/dev/null
-until redis-cli -p "${CLUSTER_NODES[0]##*:}" cluster info | grep -q cluster_state:ok; do sleep 0.1; done
+cluster_ok() { redis-cli -p "${CLUSTER_NODES[0]##*:}" cluster info | grep -q cluster_state:ok; }
+wait_for cluster_ok
 export BENCH_REDIS_CLUSTER_URL="redis://${CLUSTER_NODES[0]}"

@@ -187,7 +187,15 @@ impl RedisCluster {
         }
         let mut nodes = Vec::new();
         for _ in 0..3 {
-            nodes.push(RedisServer::start_args(tls.clone(), args.clone()).await);
+            // The bus port defaults to the port + 10000, past 65535 for an
+            // ephemeral port above 55535: each node gets one of its own.
+            let bus = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("a free port");
+            let mut node_args = args.clone();
+            node_args.extend(["--cluster-port".to_owned(), bus.to_string()]);
+            nodes.push(RedisServer::start_args(tls.clone(), node_args).await);
         }
         let cluster = Self { nodes, security };
         let addrs: Vec<String> = cluster

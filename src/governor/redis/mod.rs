@@ -373,13 +373,6 @@ impl SharedRedis {
         let mut since = lock(&self.returned_at);
         match self.state() {
             State::Shared => {}
-            // The first answer of a replica that never held a slot: nothing
-            // of its own to register, and Redis holds the others' leases.
-            State::Down if !self.was_shared.load(Ordering::Relaxed) && !self.holds_local() => {
-                self.was_shared.store(true, Ordering::Relaxed);
-                self.state.store(State::Shared as u8, Ordering::Relaxed);
-                tracing::info!("shared governor state in use (Redis answers)");
-            }
             State::Down => {
                 *since = Some(tokio::time::Instant::now());
                 self.state.store(State::Returning as u8, Ordering::Relaxed);
@@ -448,7 +441,7 @@ impl SharedRedis {
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = answered.then_some(conn);
                 if answered {
-                    self.mark_answering();
+                    self.answered().await;
                 } else {
                     self.mark_down("no answer to PING");
                 }
@@ -515,12 +508,25 @@ impl SharedRedis {
         self.lease_time.max(MIN_RETURNING)
     }
 
-    /// Whether any governor of this replica holds slots on its local cap.
-    fn holds_local(&self) -> bool {
-        lock(&self.orgs)
+    /// Redis answered a health check. Its very first answer: the slots
+    /// this replica took on its local cap before (requests that came
+    /// before Redis answered) are registered, and the shared state is used
+    /// at once: the other replicas, already sharing, see them.
+    async fn answered(&self) {
+        if self.state() != State::Down || self.was_shared.load(Ordering::Relaxed) {
+            self.mark_answering();
+            return;
+        }
+        let orgs: Vec<Arc<OrgShared>> = lock(&self.orgs)
             .values()
-            .flat_map(HashMap::values)
-            .any(|org| org.local.taken() > 0)
+            .flat_map(|stores| stores.values().cloned())
+            .collect();
+        for org in orgs {
+            self.register_local(&org).await;
+        }
+        self.was_shared.store(true, Ordering::Relaxed);
+        self.state.store(State::Shared as u8, Ordering::Relaxed);
+        tracing::info!("shared governor state in use (Redis answers)");
     }
 
     /// Keeps this replica's slots known to Redis: the leases it holds
@@ -550,7 +556,9 @@ impl SharedRedis {
             return;
         }
         let mut call = self.scripts.renew.key(format!("{}:leases", org.key));
-        call.arg(self.lease_time.as_millis() as u64);
+        let readd = self.state() == State::Returning;
+        call.arg(self.lease_time.as_millis() as u64)
+            .arg(u8::from(readd));
         for id in &held {
             call.arg(id);
         }

@@ -88,14 +88,20 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 ";
 
-/// Extends the leases still held (long answers outlive the lease time),
-/// and writes again those Redis lost (a restart, a failover that lost the
-/// last writes): a slot held is counted wherever it was taken.
+/// Extends the leases still held (long answers outlive the lease time).
+/// With ARGV[2] = 1 (the replica is returning after Redis was away) it
+/// also writes again those Redis lost (a restart, a failover that lost the
+/// last writes); otherwise only leases still there are extended, so that a
+/// lease released meanwhile is never brought back. ARGV: lease ms, re-add,
+/// lease ids.
 pub(super) const RENEW: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
+local readd = ARGV[2] == '1'
+for i = 3, #ARGV do
+  if readd or redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
+  end
 end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 3)
 return 1
