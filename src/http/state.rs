@@ -115,8 +115,9 @@ pub struct OrgState {
     pub metadata: Option<Arc<crate::metadata_cache::MetadataCache>>,
     /// The org's tables as its `$metadata` last described them, and when
     /// that was read (for the table policy; filled on first need).
-    pub tables:
-        tokio::sync::Mutex<Option<(Arc<crate::policy::tables::TableMap>, tokio::time::Instant)>>,
+    pub tables: arc_swap::ArcSwapOption<crate::policy::tables::Loaded>,
+    /// Held by the one request reading the org's `$metadata` again.
+    pub tables_refresh: tokio::sync::Mutex<()>,
     /// Rewriters by public base URL (usually one entry).
     links: Mutex<Vec<(String, Arc<Links>)>>,
     /// What the status page shows of its requests.
@@ -207,7 +208,8 @@ impl OrgState {
                     &config.metadata_cache,
                 ))
             }),
-            tables: tokio::sync::Mutex::new(None),
+            tables: arc_swap::ArcSwapOption::empty(),
+            tables_refresh: tokio::sync::Mutex::new(()),
             links: Mutex::new(Vec::new()),
             board: super::status::board::OrgBoard::default(),
             metrics: metrics.handles(&org.name, "-"),

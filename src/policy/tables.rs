@@ -24,6 +24,17 @@ pub struct TableMap {
     types: HashMap<String, EntityType>,
 }
 
+/// The org's tables as last read, or why they could not be, and until
+/// when that answer stands (then the org's `$metadata` is read again).
+#[derive(Debug)]
+pub struct Loaded {
+    /// The map last read; kept through a failed refresh.
+    pub map: Option<std::sync::Arc<TableMap>>,
+    /// Why the last read failed, if it did.
+    pub failure: Option<String>,
+    pub until: tokio::time::Instant,
+}
+
 /// Why a CSDL document could not be read.
 #[derive(Debug, thiserror::Error)]
 #[error("the org's $metadata cannot be read: {0}")]

@@ -1,7 +1,10 @@
 //! The org's tables for the table policy: its `$metadata` (CSDL), fetched
 //! with the first lane's token when first needed and again once it is older
-//! than [`MAX_AGE`]. While a fetch fails, the last map serves; with none,
-//! the request is refused (503), never checked by a guess.
+//! than [`MAX_AGE`]. Requests read the map without a lock; one request at a
+//! time reads `$metadata` again, while the others go on with the map they
+//! have. A failed read is not tried again for [`RETRY_AFTER`]: meanwhile the
+//! last map serves, or, with none, requests are refused (503), never
+//! checked by a guess.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,39 +15,73 @@ use tokio::time::Instant;
 
 use crate::error::ProxyError;
 use crate::http::state::OrgState;
-use crate::policy::tables::TableMap;
+use crate::policy::tables::{Loaded, TableMap};
 
 /// How long a map serves before the org's `$metadata` is read again.
 const MAX_AGE: Duration = Duration::from_secs(3600);
 
+/// How long a failed read stands before the next try.
+const RETRY_AFTER: Duration = Duration::from_secs(10);
+
 /// The largest `$metadata` read (Dataverse's run to tens of megabytes).
 const MAX_CSDL: usize = 128 << 20;
 
-/// The org's table map, fetched or refreshed first when it must be.
+/// The org's table map, read first when there is none yet or it is due.
 pub async fn of(org: &OrgState, timeout: Duration) -> Result<Arc<TableMap>, ProxyError> {
-    let mut held = org.tables.lock().await;
-    if let Some((map, at)) = held.as_ref()
-        && at.elapsed() < MAX_AGE
-    {
-        return Ok(map.clone());
+    if let Some(answer) = standing(org, false) {
+        return answer;
     }
-    match tokio::time::timeout(timeout, fetch(org)).await {
-        Ok(Ok(map)) => {
-            let map = Arc::new(map);
-            *held = Some((map.clone(), Instant::now()));
-            Ok(map)
-        }
+    let _refresh = match org.tables_refresh.try_lock() {
+        Ok(guard) => guard,
+        // Another request reads it: go on with the map there is, or wait.
+        Err(_) => match standing(org, true) {
+            Some(answer) => return answer,
+            None => org.tables_refresh.lock().await,
+        },
+    };
+    if let Some(answer) = standing(org, false) {
+        return answer;
+    }
+    let previous = org.tables.load_full().and_then(|l| l.map.clone());
+    let loaded = match tokio::time::timeout(timeout, fetch(org)).await {
+        Ok(Ok(map)) => Loaded {
+            map: Some(Arc::new(map)),
+            failure: None,
+            until: Instant::now() + MAX_AGE,
+        },
         failed => {
             let why = match failed {
                 Ok(Err(why)) => why,
                 _ => format!("no answer within {timeout:?}"),
             };
             tracing::warn!(org = %org.name, error = %why, "cannot read the org's $metadata for the table policy");
-            match held.as_ref() {
-                Some((map, _)) => Ok(map.clone()),
-                None => Err(ProxyError::PolicyTablesUnavailable(why)),
+            Loaded {
+                map: previous,
+                failure: Some(why),
+                until: Instant::now() + RETRY_AFTER,
             }
         }
+    };
+    let answer = answer_of(&loaded);
+    org.tables.store(Some(Arc::new(loaded)));
+    answer
+}
+
+/// What the map last read answers: while it stands, or (`stale_ok`) as long
+/// as it holds a map at all.
+fn standing(org: &OrgState, stale_ok: bool) -> Option<Result<Arc<TableMap>, ProxyError>> {
+    let loaded = org.tables.load();
+    let loaded = loaded.as_ref()?;
+    let stands = Instant::now() < loaded.until;
+    (stands || (stale_ok && loaded.map.is_some())).then(|| answer_of(loaded))
+}
+
+fn answer_of(loaded: &Loaded) -> Result<Arc<TableMap>, ProxyError> {
+    match (&loaded.map, &loaded.failure) {
+        (Some(map), _) => Ok(map.clone()),
+        (None, why) => Err(ProxyError::PolicyTablesUnavailable(
+            why.clone().unwrap_or_default(),
+        )),
     }
 }
 
