@@ -58,28 +58,11 @@ async fn shares_one_cap(cluster: &RedisCluster, extra: &[(&'static str, String)]
         Replica::start(&sim.handle, &overrides).await,
         Replica::start(&sim.handle, &overrides).await,
     ];
-    let c = client();
-    let tasks: Vec<_> = (0..36)
-        .map(|i| {
-            // Most callers on one replica: its fallback share alone (4)
-            // could not take what the shared cap (12) gives it.
-            let (c, url) = (
-                c.clone(),
-                replicas[usize::from(i % 6 == 5) * (i % 3)].url("/WhoAmI"),
-            );
-            tokio::spawn(async move {
-                let mut statuses = Vec::new();
-                for _ in 0..15 {
-                    statuses.push(c.get(&url).send().await.map_or(0, |r| r.status().as_u16()));
-                }
-                statuses
-            })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for t in tasks {
-        statuses.extend(t.await.expect("caller"));
-    }
+    let urls: Vec<String> = replicas.iter().map(|r| r.url("/WhoAmI")).collect();
+    // Most callers on one replica: its fallback share alone (4) could not
+    // take what the shared cap (12) gives it.
+    let (statuses, _) =
+        crate::shared::load(&urls, 36, 15, |i| usize::from(i % 6 == 5) * (i % 3)).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let max = sim.handle.max_concurrency_seen();
     assert!(max <= 12, "Dataverse saw {max} in flight (cap 12)");

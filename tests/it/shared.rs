@@ -107,7 +107,7 @@ async fn sim_with_latency(latency: Duration) -> Sim {
 
 /// `callers` concurrent callers, each sending `each` requests to one of
 /// `urls` (caller i to `urls[pick(i)]`); the statuses and the seconds taken.
-async fn load(
+pub(crate) async fn load(
     urls: &[String],
     callers: usize,
     each: usize,
