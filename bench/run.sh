@@ -22,6 +22,9 @@ WORK=$(mktemp -d /tmp/dvp-bench.XXXXXX)
 # nginx workers run as nobody: they must be able to read the files.
 chmod 755 "$WORK"
 UP=18081 NGX=18082 DVP=18083 BARE=18084 BASE=18085 ADMIN=18093 BASE_ADMIN=18095
+# The shipped logging: dataverse-proxy as the Kubernetes manifests set it
+# (JSON lines, RUST_LOG=info), nginx with its buffered access log.
+NGX_LOG=18087 DVP_LOG=18088 LOG_ADMIN=18098
 PIDS=()
 
 cleanup() {
@@ -112,6 +115,7 @@ http {
 CONF
 source "$ROOT/bench/nginx.sh"
 nginx_proxy_conf "$WORK/nginx-proxy.conf" "$WORK" "$NGX" "$UP"
+nginx_proxy_conf "$WORK/nginx-logged.conf" "$WORK" "$NGX_LOG" "$UP" "" log
 
 start() { # name, command... -> LAST (its PID)
   local name=$1; shift
@@ -129,16 +133,22 @@ wait_port() {
 
 start upstream "$NGINX" -p "$WORK" -c "$WORK/upstream.conf"
 start nginx-proxy "$NGINX" -p "$WORK" -c "$WORK/nginx-proxy.conf"; NGX_PID=$LAST
+start nginx-logged "$NGINX" -p "$WORK" -c "$WORK/nginx-logged.conf"; NGX_LOG_PID=$LAST
 # The floor: the least a hyper-based proxy does (examples/bare_proxy.rs).
 start bare "$BARE_BIN" 127.0.0.1:$BARE "http://127.0.0.1:$UP" "Bearer bench-token"; BARE_PID=$LAST
-wait_port $UP; wait_port $NGX; wait_port $BARE
+wait_port $UP; wait_port $NGX; wait_port $NGX_LOG; wait_port $BARE
 # nginx's master forks one worker: measure the worker.
-NGX_WORKER=""
-for _ in $(seq 100); do
-  NGX_WORKER=$(pgrep -P "$NGX_PID" | head -1 || true)
-  [ -n "$NGX_WORKER" ] && break
-  sleep 0.05
-done
+worker_of() {
+  local worker=""
+  for _ in $(seq 100); do
+    worker=$(pgrep -P "$1" | head -1 || true)
+    [ -n "$worker" ] && break
+    sleep 0.05
+  done
+  echo "$worker"
+}
+NGX_WORKER=$(worker_of "$NGX_PID")
+NGX_LOG_WORKER=$(worker_of "$NGX_LOG_PID")
 
 export DATAVERSE_URL="$ORIGIN" AZURE_TENANT_ID=tenant AZURE_CLIENT_ID=bench AZURE_CLIENT_SECRET=bench
 export DATAVERSE_PROXY_TOKEN_URL="$ORIGIN/tenant/oauth2/v2.0/token"
@@ -147,13 +157,16 @@ export RUST_LOG=warn TOKIO_WORKER_THREADS=1
 # Run from the scratch directory: no ./config.toml is picked up there.
 cd "$WORK"
 start dataverse-proxy "$BIN" serve; DVP_PID=$LAST
-wait_port $DVP
-TARGETS="dataverse-proxy nginx hyper-floor direct"
+DATAVERSE_PROXY_LISTEN=127.0.0.1:$DVP_LOG DATAVERSE_PROXY_ADMIN_LISTEN=127.0.0.1:$LOG_ADMIN \
+  DATAVERSE_PROXY_LOG_FORMAT=json RUST_LOG=info \
+  start dataverse-proxy-logged "$BIN" serve; DVP_LOG_PID=$LAST
+wait_port $DVP; wait_port $DVP_LOG
+TARGETS="dataverse-proxy nginx hyper-floor direct dataverse-proxy-logged nginx-logged"
 if [ -n "${BASELINE_BIN:-}" ]; then
   DATAVERSE_PROXY_LISTEN=127.0.0.1:$BASE DATAVERSE_PROXY_ADMIN_LISTEN=127.0.0.1:$BASE_ADMIN \
     start baseline "$BASELINE_BIN" serve; BASE_PID=$LAST
   wait_port $BASE
-  TARGETS="dataverse-proxy baseline nginx hyper-floor direct"
+  TARGETS="dataverse-proxy baseline nginx hyper-floor direct dataverse-proxy-logged nginx-logged"
 fi
 
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
@@ -202,6 +215,8 @@ for conns in 16 256; do
       direct) port=$UP; pid=""; path=/api/data/v9.2/accounts ;;
       hyper-floor) port=$BARE; pid=$BARE_PID; path=/api/data/v9.2/accounts ;;
       nginx) port=$NGX; pid=$NGX_WORKER; path=/api/data/v9.2/accounts ;;
+      nginx-logged) port=$NGX_LOG; pid=$NGX_LOG_WORKER; path=/api/data/v9.2/accounts ;;
+      dataverse-proxy-logged) port=$DVP_LOG; pid=$DVP_LOG_PID; path=/api/data/v9.2/accounts ;;
       dataverse-proxy) port=$DVP; pid=$DVP_PID; path=/api/data/v9.2/accounts ;;
     esac
     if [ "$target" = direct ]; then
@@ -239,6 +254,7 @@ for target in direct nginx hyper-floor dataverse-proxy; do
     "http://127.0.0.1:$port/api/data/v9.2/accounts" "$RATE" "$SECS" 32 ${auth:+"$auth"})
 done
 TOKENS=$(wc -l < "$WORK/logs/token.log")
+LINES_DROPPED=$(curl -s "http://127.0.0.1:$LOG_ADMIN/metrics" | awk '/^dataverse_proxy_log_lines_dropped_total/ {print $2}')
 RSS_256=$(cat "$WORK/rss256")
 
 # Link rewriting on 1 MB pages: the same bytes as JSON (rewritten) and as
@@ -277,6 +293,12 @@ mb() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1e6 }'; }
     a16=$(echo "${R[dataverse-proxy-16]}" | cut -d' ' -f$i); n16=$(echo "${R[nginx-16]}" | cut -d' ' -f$i)
     a256=$(echo "${R[dataverse-proxy-256]}" | cut -d' ' -f$i); n256=$(echo "${R[nginx-256]}" | cut -d' ' -f$i)
     echo "| $name | $(ratio "$a16" "$n16") | $(ratio "$a256" "$n256") |"
+  done
+  for i in 1 4; do
+    name=$(echo "req/s p50 p99 CPU-µs/req" | cut -d' ' -f$i)
+    a16=$(echo "${R[dataverse-proxy-logged-16]}" | cut -d' ' -f$i); n16=$(echo "${R[nginx-logged-16]}" | cut -d' ' -f$i)
+    a256=$(echo "${R[dataverse-proxy-logged-256]}" | cut -d' ' -f$i); n256=$(echo "${R[nginx-logged-256]}" | cut -d' ' -f$i)
+    echo "| $name, both logging each request (shipped configuration ÷ nginx with buffered access log) | $(ratio "$a16" "$n16") | $(ratio "$a256" "$n256") |"
   done
   f16=$(echo "${R[hyper-floor-16]}" | cut -d' ' -f4); f256=$(echo "${R[hyper-floor-256]}" | cut -d' ' -f4)
   n16=$(echo "${R[nginx-16]}" | cut -d' ' -f4); n256=$(echo "${R[nginx-256]}" | cut -d' ' -f4)
@@ -325,6 +347,10 @@ mb() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1e6 }'; }
   echo
   echo "Run: $(date -u +%Y-%m-%dT%H:%MZ), $DURATION per load run, $(nproc) cores, wrk on core 0, servers on core 1,"
   echo "dataverse-proxy with TOKIO_WORKER_THREADS=1, nginx $("$NGINX" -v 2>&1 | cut -d/ -f2) with worker_processes 1."
+  echo "dataverse-proxy and nginx log nothing; dataverse-proxy-logged runs the shipped configuration"
+  echo "(DATAVERSE_PROXY_LOG_FORMAT=json, RUST_LOG=info, stderr to a file), nginx-logged a JSON access line"
+  echo "with access_log buffer=64k flush=1s; access lines written: dataverse-proxy $(grep -c dataverse_proxy::access "$WORK/logs/dataverse-proxy-logged.out" || true),"
+  echo "nginx $(wc -l < "$WORK/logs/nginx-logged-access.log"); dataverse-proxy lines dropped: ${LINES_DROPPED:-?}."
 } >> "$RESULTS"
 
 mkdir -p "$ROOT/bench/results"

@@ -148,29 +148,6 @@ fn load(sources: &Sources) -> Result<Config, ExitCode> {
     })
 }
 
-/// Sets up logging to stderr; `RUST_LOG` filters (default `info`).
-pub fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::Layer as _;
-    use tracing_subscriber::layer::SubscriberExt as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let fmt = match format {
-        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
-        LogFormat::Text => fmt.boxed(),
-    };
-    // Each layer filters for itself: RUST_LOG decides what is logged, not
-    // which spans are exported.
-    let registry = tracing_subscriber::registry().with(fmt.with_filter(filter));
-    let spans = crate::telemetry::layer().map(|layer| {
-        layer.with_filter(tracing_subscriber::filter::filter_fn(|meta| {
-            meta.is_span() && meta.target().starts_with("dataverse_proxy")
-        }))
-    });
-    let _ = registry.with(spans).try_init();
-}
-
 /// Cancels `shutdown` on the first SIGINT or SIGTERM, and `abort` on the
 /// second (the drain ends at once).
 async fn shutdown_signals(shutdown: CancellationToken, abort: CancellationToken) {
@@ -249,7 +226,7 @@ async fn bind(config: &Config) -> Result<(TcpListener, TcpListener), ExitCode> {
 }
 
 async fn serve(config: Config, sources: Sources) -> ExitCode {
-    init_tracing(config.log.format);
+    let _log = crate::logging::init(config.log.format);
     let (proxy, admin) = match bind(&config).await {
         Ok(l) => l,
         Err(code) => return code,
@@ -325,7 +302,7 @@ async fn demo(mut sources: Sources) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_tracing(config.log.format);
+    let _log = crate::logging::init(config.log.format);
     let (proxy, admin) = match bind(&config).await {
         Ok(l) => l,
         Err(code) => return code,
@@ -404,7 +381,7 @@ fn demo_callers(h: &crate::sim::SimHandle) -> String {
 }
 
 async fn sim(entra: &str, dataverse: &str, client_secret: Option<String>) -> ExitCode {
-    init_tracing(LogFormat::Text);
+    let _log = crate::logging::init(LogFormat::Text);
     let mut cfg = SimConfig::default();
     if let Some(s) = client_secret {
         cfg.client_secret = s;
@@ -448,7 +425,7 @@ async fn sim(entra: &str, dataverse: &str, client_secret: Option<String>) -> Exi
 }
 
 async fn token(config: &Config, name: Option<&str>) -> ExitCode {
-    init_tracing(config.log.format);
+    let _log = crate::logging::init(config.log.format);
     let org = match name {
         Some(n) => config.orgs.iter().find(|o| o.name == n),
         None => config

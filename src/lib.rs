@@ -65,6 +65,7 @@ pub mod guard;
 pub mod http;
 pub mod identity;
 pub mod lanes;
+pub mod logging;
 pub mod metadata_cache;
 pub mod policy;
 pub mod rewrite;

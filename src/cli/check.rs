@@ -6,8 +6,6 @@ use std::process::ExitCode;
 use crate::config::{Config, CredentialConfig, CredentialKind, ManagedIdentity, OrgConfig};
 use crate::token::{Target, TokenProvider};
 
-use super::init_tracing;
-
 /// What a credential is, in words (for `check`).
 fn describe(c: &CredentialConfig) -> String {
     match &c.kind {
@@ -50,7 +48,7 @@ pub(super) fn provider_for(
 }
 
 pub(super) async fn check(config: &Config) -> ExitCode {
-    init_tracing(config.log.format);
+    let _log = crate::logging::init(config.log.format);
     println!(
         "configuration: ok ({} org{})",
         config.orgs.len(),

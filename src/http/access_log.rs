@@ -8,6 +8,9 @@
 //! `upstream_ms`, `dataverse_request_id`, `proxy_error`, `error`, `outcome`
 //! (`complete` or `aborted`).
 //!
+//! The line is built by hand and written off the request's path
+//! (`crate::logging`).
+//!
 //! A tower layer of its own rather than tower-http's trace callbacks: those
 //! are cloned from the layer for every request and carry no state of the
 //! request, and the line needs the org, the caller, Dataverse's request id
@@ -31,6 +34,7 @@ use super::metrics::Finished;
 use super::state::{AppState, OrgState};
 use super::status::board::Ended;
 use crate::error::{ErrorDetail, PROXY_ERROR_HEADER};
+use crate::logging::RequestLine;
 
 /// What the forwarding handler tells the access log about a request, as a
 /// response extension.
@@ -105,7 +109,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let start = Instant::now();
         let bytes_in = Arc::new(AtomicU64::new(0));
-        let request = RequestLine {
+        let request = Arrived {
             request_id: req.headers().get(REQUEST_ID).cloned(),
             method: req.method().clone(),
             uri: req.uri().clone(),
@@ -237,7 +241,7 @@ impl<B: http_body::Body> Drop for Logged<B> {
 }
 
 /// The request line as it arrived.
-struct RequestLine {
+struct Arrived {
     request_id: Option<HeaderValue>,
     method: http::Method,
     uri: http::Uri,
@@ -247,7 +251,7 @@ struct RequestLine {
 struct Entry {
     state: AppState,
     start: Instant,
-    request: RequestLine,
+    request: Arrived,
     status: http::StatusCode,
     info: RequestInfo,
     proxy_error: Option<HeaderValue>,
@@ -296,15 +300,9 @@ impl Entry {
             org.board.record(&ended);
         }
         self.state.recent_errors.record(&ended);
-        if !tracing::enabled!(tracing::Level::INFO) {
+        if !crate::logging::requests_logged() {
             return;
         }
-        let text = |v: &Option<HeaderValue>| {
-            v.as_ref()
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned()
-        };
         let path = if self.state.log_query {
             self.request
                 .uri
@@ -313,27 +311,28 @@ impl Entry {
         } else {
             self.request.uri.path()
         };
-        // The target is a contract (docs/logging.md), not this module's path.
-        tracing::event!(
-            target: "dataverse_proxy::access",
-            tracing::Level::INFO,
-            request.id = %text(&self.request.request_id),
-            caller = caller,
-            principal = self.info.principal.as_deref().unwrap_or("-"),
-            org = org,
-            method = %self.request.method,
-            path = %path,
-            status = self.status.as_u16(),
-            bytes_in = bytes_in,
-            bytes_out = bytes_out,
-            duration_ms = duration.as_millis() as u64,
-            upstream_ms = self.info.upstream.map_or(0, |d| d.as_millis() as u64),
-            dataverse_request_id = %text(&self.info.dataverse_request_id),
-            cache = self.info.cache.unwrap_or("-"),
-            proxy_error = %text(&self.proxy_error),
-            error = self.error.as_deref().unwrap_or(""),
-            outcome = if complete { "complete" } else { "aborted" },
-            "request"
-        );
+        crate::logging::request(&RequestLine {
+            request_id: text(self.request.request_id.as_ref()),
+            caller,
+            principal: self.info.principal.as_deref().unwrap_or("-"),
+            org,
+            method: self.request.method.as_str(),
+            path,
+            status: self.status.as_u16(),
+            bytes_in,
+            bytes_out,
+            duration_ms: duration.as_millis() as u64,
+            upstream_ms: self.info.upstream.map_or(0, |d| d.as_millis() as u64),
+            dataverse_request_id: text(self.info.dataverse_request_id.as_ref()),
+            cache: self.info.cache.unwrap_or("-"),
+            proxy_error: text(self.proxy_error.as_ref()),
+            error: self.error.as_deref().unwrap_or(""),
+            outcome: if complete { "complete" } else { "aborted" },
+        });
     }
+}
+
+/// A header's value as text, empty when absent or not visible ASCII.
+fn text(v: Option<&HeaderValue>) -> &str {
+    v.and_then(|v| v.to_str().ok()).unwrap_or("")
 }

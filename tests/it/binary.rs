@@ -265,37 +265,17 @@ async fn logs_never_contain_the_secret_or_a_token() {
     .await
     .expect("sim");
     let h = sim.handle.clone();
-    let (port, admin) = (free_port(), free_port());
-    let log_path = std::env::temp_dir().join(format!("dvp-log-{}.txt", uuid::Uuid::new_v4()));
-    let log = std::fs::File::create(&log_path).expect("log file");
-    let mut child = command()
-        .envs(sim_env(&h))
-        .env("RUST_LOG", "trace")
-        .env("DATAVERSE_PROXY_LISTEN", format!("127.0.0.1:{port}"))
-        .env("DATAVERSE_PROXY_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-        .env("DATAVERSE_PROXY_LOG_FORMAT", "json")
-        .arg("serve")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn");
-
+    let proxy = Logged::start(
+        &h,
+        &[
+            ("RUST_LOG", "trace"),
+            ("DATAVERSE_PROXY_LOG_FORMAT", "json"),
+        ],
+    )
+    .await;
     let c = client();
+    let port = proxy.port;
     let base = format!("http://127.0.0.1:{port}/api/data/v9.2");
-    let mut ready = false;
-    for _ in 0..200 {
-        if let Ok(r) = c
-            .get(format!("http://127.0.0.1:{admin}/readyz"))
-            .send()
-            .await
-            && r.status() == 200
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(ready, "proxy became ready");
     let caller_token = "caller-supplied-token-ABC123";
     for _ in 0..3 {
         let r = c
@@ -325,10 +305,9 @@ async fn logs_never_contain_the_secret_or_a_token() {
     assert_eq!(r.status(), 503);
     let _ = c.get(format!("http://127.0.0.1:{port}/nope")).send().await;
 
-    let _ = child.kill();
-    let _ = child.wait();
-    let logs = std::fs::read_to_string(&log_path).expect("logs");
-    let _ = std::fs::remove_file(&log_path);
+    // Lines are buffered for up to a second: SIGTERM writes what is left
+    // before the exit, the last request's line included.
+    let logs = proxy.stop();
     assert!(logs.contains("token fetch failed"), "logs were captured");
 
     // One access line per request, with the fields docs/logging.md lists.
@@ -382,6 +361,11 @@ async fn logs_never_contain_the_secret_or_a_token() {
         .find(|v| v["status"] == 503)
         .expect("a 503 line");
     assert_eq!(unavailable["proxy_error"], "token_unavailable");
+    let last = access.last().expect("lines");
+    assert_eq!(
+        (&last["path"], &last["status"]),
+        (&"/nope".into(), &404.into())
+    );
     assert!(
         unavailable["error"]
             .as_str()
@@ -413,4 +397,84 @@ async fn logs_never_contain_the_secret_or_a_token() {
         assert!(!logs.contains(sig), "an access token leaked into logs");
     }
     sim.shutdown();
+}
+
+/// Text lines on a pipe: no colour codes, one line per request.
+#[tokio::test]
+async fn text_logs_on_a_pipe_have_no_colours() {
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let proxy = Logged::start(&sim.handle, &[("RUST_LOG", "info")]).await;
+    for _ in 0..2 {
+        let url = format!("http://127.0.0.1:{}/api/data/v9.2/leads?$top=1", proxy.port);
+        let r = client().get(url).send().await.expect("get");
+        assert_eq!(r.status(), 200);
+    }
+    let logs = proxy.stop();
+    assert!(!logs.contains('\x1b'), "colour codes on a pipe:\n{logs}");
+    let requests: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("  INFO dataverse_proxy::access: request request.id="))
+        .collect();
+    assert_eq!(requests.len(), 2, "{logs}");
+    assert!(
+        requests[0].contains(" path=/api/data/v9.2/leads status=200 "),
+        "{}",
+        requests[0]
+    );
+    sim.shutdown();
+}
+
+/// The binary serving, its stderr in a file.
+struct Logged {
+    child: std::process::Child,
+    port: u16,
+    log_path: std::path::PathBuf,
+}
+
+impl Logged {
+    async fn start(sim: &dataverse_proxy::sim::SimHandle, env: &[(&str, &str)]) -> Self {
+        let (port, admin) = (free_port(), free_port());
+        let log_path = std::env::temp_dir().join(format!("dvp-log-{}.txt", uuid::Uuid::new_v4()));
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut child = command()
+            .envs(sim_env(sim))
+            .envs(env.iter().copied())
+            .env("DATAVERSE_PROXY_LISTEN", format!("127.0.0.1:{port}"))
+            .env("DATAVERSE_PROXY_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            .env("DATAVERSE_PROXY_SHUTDOWN_DELAY", "0s")
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn");
+        let ready = format!("http://127.0.0.1:{admin}/readyz");
+        for _ in 0..200 {
+            if let Ok(r) = client().get(&ready).send().await
+                && r.status() == 200
+            {
+                return Self {
+                    child,
+                    port,
+                    log_path,
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the proxy never became ready");
+    }
+
+    /// SIGTERM, exit 0, and everything it logged.
+    fn stop(mut self) -> String {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        assert_eq!(self.child.wait().expect("wait").code(), Some(0));
+        let logs = std::fs::read_to_string(&self.log_path).expect("logs");
+        let _ = std::fs::remove_file(&self.log_path);
+        logs
+    }
 }

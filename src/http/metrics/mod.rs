@@ -116,6 +116,8 @@ pub struct Metrics {
     bytes_in: Family<OrgLabel, Counter>,
     bytes_out: Family<OrgLabel, Counter>,
     in_flight: Gauge,
+    /// Copied in at scrape time from the log writer.
+    log_lines_dropped: Counter,
     /// Copied in at scrape time from the governors.
     governor: governor::GovernorFamilies,
     /// Copied in at scrape time from the orgs and their tokens.
@@ -404,6 +406,12 @@ impl Metrics {
             "Requests being served now",
             Gauge::default(),
         );
+        let log_lines_dropped = registered(
+            &mut r,
+            "log_lines_dropped",
+            "Log lines dropped because the log output could not keep up (docs/logging.md)",
+            Counter::default(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -425,6 +433,7 @@ impl Metrics {
             bytes_in,
             bytes_out,
             in_flight,
+            log_lines_dropped,
         }
     }
 
@@ -451,6 +460,9 @@ impl Metrics {
 
     /// Renders the registry, after copying the scrape-time figures in.
     pub async fn render(&self, state: &AppState) -> String {
+        let dropped = crate::logging::dropped_lines();
+        self.log_lines_dropped
+            .inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
         self.connections.render(&state.connections);
         for org in state.orgs.iter() {
             let l = OrgLabel {
