@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use dataverse_proxy::config::{Config, Sources};
-use dataverse_proxy::sim::{ServiceLimits, Sim, SimConfig, SimHandle};
+use dataverse_sim::{ServiceLimits, Sim, SimConfig, SimHandle};
 use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use dataverse_proxy::config::{Config, Sources};
-use dataverse_proxy::sim::{ServiceLimits, Sim, SimConfig, SimHandle};
+use dataverse_sim::{ServiceLimits, Sim, SimConfig, SimHandle};
 use tokio_util::sync::CancellationToken;
 
 mod common;

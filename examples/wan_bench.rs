@@ -22,7 +22,7 @@ use dataverse_proxy::compression::Coding;
 use dataverse_proxy::compression::stream::{decode, encode};
 use dataverse_proxy::config::{Config, Sources};
 use dataverse_proxy::rewrite::{RewriteBody, Rewriter};
-use dataverse_proxy::sim::{ServiceLimits, Sim, SimConfig, SimHandle};
+use dataverse_sim::{ServiceLimits, Sim, SimConfig, SimHandle};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

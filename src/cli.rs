@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, EXIT_CONFIG, LogFormat, Sources};
-use crate::sim::{Sim, SimConfig};
+use dataverse_sim::{Sim, SimConfig};
 
 mod check;
 
@@ -365,7 +365,7 @@ fn demo_banner(
 /// The demo's callers: Entra ID user tokens for the simulated proxy API act
 /// as their user (with the scope `Dataverse.Delegated`, with the user's own
 /// token); anything else from loopback needs no credential.
-fn demo_callers(h: &crate::sim::SimHandle) -> String {
+fn demo_callers(h: &dataverse_sim::SimHandle) -> String {
     let cfg = h.config();
     format!(
         "[caller_tokens]\naudiences = [\"{}\", \"{}\"]\ntenants = [\"{}\"]\nauthority_host = \"{}\"\n\n\

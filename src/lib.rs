@@ -41,10 +41,13 @@
 //!   connection pool per org over hyper's HTTP/1.1 connection (TLS, the
 //!   egress proxy).
 //! - **Wiring**: [`serve`] below and [`cli`] (the subcommands, signals).
-//! - **Simulator**: [`sim`]: Entra ID and the Dataverse Web API, used by
-//!   `demo`, `sim` and the tests.
+//! - **Logs**: [`logging`]: the request line and every other event, written
+//!   off the request's path through one bounded buffer.
 //! - **Traces**: [`telemetry`]: OpenTelemetry spans by the HTTP semantic
 //!   conventions, exported over OTLP when configured.
+//!
+//! The simulator of Entra ID and the Dataverse Web API that `demo`, `sim`
+//! and the tests use is a crate of its own (`crates/dataverse-sim`).
 //!
 //! A request enters at [`server::run`], crosses the layers listed in
 //! [`http`], and leaves through `http/forward/send.rs` and the org's pool
@@ -70,7 +73,6 @@ pub mod metadata_cache;
 pub mod policy;
 pub mod rewrite;
 pub mod server;
-pub mod sim;
 pub mod telemetry;
 pub mod tls;
 pub mod token;

@@ -21,4 +21,4 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
 fi
-exec cargo test --locked "$@"
+exec cargo test --workspace --locked "$@"

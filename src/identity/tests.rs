@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::*;
-use crate::sim::entra::CallerKey;
+use dataverse_sim::entra::CallerKey;
 
 const TENANT: &str = "7f3c8a2e-1b4d-4c6a-9e21-5d8f0a3b6c11";
 const AUDIENCE: &str = "api://dataverse-proxy";

@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use dataverse_proxy::sim::{DataverseFault, Sim, SimConfig};
+use dataverse_sim::{DataverseFault, Sim, SimConfig};
 
 use crate::harness::{client, sim_overrides};
 
@@ -20,7 +20,7 @@ pub(crate) fn command() -> Command {
 }
 
 /// The environment variables that point the binary at `sim`.
-pub(crate) fn sim_env(sim: &dataverse_proxy::sim::SimHandle) -> Vec<(&'static str, String)> {
+pub(crate) fn sim_env(sim: &dataverse_sim::SimHandle) -> Vec<(&'static str, String)> {
     let names = [
         ("org.url", "DATAVERSE_URL"),
         ("credential.tenant_id", "AZURE_TENANT_ID"),
@@ -432,7 +432,7 @@ struct Logged {
 }
 
 impl Logged {
-    async fn start(sim: &dataverse_proxy::sim::SimHandle, env: &[(&str, &str)]) -> Self {
+    async fn start(sim: &dataverse_sim::SimHandle, env: &[(&str, &str)]) -> Self {
         let (port, admin) = (free_port(), free_port());
         let log_path = std::env::temp_dir().join(format!("dvp-log-{}.txt", uuid::Uuid::new_v4()));
         let log = std::fs::File::create(&log_path).expect("log file");

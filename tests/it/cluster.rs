@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use dataverse_proxy::sim::{ServiceLimits, Sim, SimConfig};
+use dataverse_sim::{ServiceLimits, Sim, SimConfig};
 
 use crate::harness::client;
 use crate::listener::{Ca, temp_dir, write};

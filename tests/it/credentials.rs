@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dataverse_proxy::sim::{FEDERATION_AUDIENCE, Federation, Sim, SimConfig, SimHandle};
+use dataverse_sim::{FEDERATION_AUDIENCE, Federation, Sim, SimConfig, SimHandle};
 use serde_json::Value;
 
 use crate::harness::{Harness, Setup};
@@ -138,7 +138,7 @@ async fn a_wrong_certificate_is_refused_with_advice() {
 }
 
 fn federated_token(fed: &Federation, subject: &str) -> String {
-    let now = dataverse_proxy::sim::now_epoch();
+    let now = dataverse_sim::now_epoch();
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &serde_json::json!({

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use base64::Engine;
-use dataverse_proxy::sim::entra::TokenSubject;
-use dataverse_proxy::sim::{ServiceLimits, Sim, SimConfig, SimHandle};
+use dataverse_sim::entra::TokenSubject;
+use dataverse_sim::{ServiceLimits, Sim, SimConfig, SimHandle};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -181,8 +181,8 @@ async fn entras_refusals_are_the_callers_errors() {
         challenge.contains("error=\"insufficient_claims\""),
         "{challenge}"
     );
-    let encoded = base64::engine::general_purpose::STANDARD
-        .encode(dataverse_proxy::sim::entra::obo::MFA_CLAIMS);
+    let encoded =
+        base64::engine::general_purpose::STANDARD.encode(dataverse_sim::entra::obo::MFA_CLAIMS);
     assert!(
         challenge.contains(&format!("claims=\"{encoded}\"")),
         "{challenge}"

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use dataverse_proxy::sim::DataverseFault;
+use dataverse_sim::DataverseFault;
 use serde_json::Value;
 
 use crate::harness::{Harness, Setup};

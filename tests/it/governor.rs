@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use dataverse_proxy::sim::{DataverseFault, ServiceLimits};
+use dataverse_sim::{DataverseFault, ServiceLimits};
 
 use crate::harness::{Harness, Setup};
 

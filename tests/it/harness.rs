@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use dataverse_proxy::config::{Config, Sources};
-use dataverse_proxy::sim::{Sim, SimConfig, SimHandle};
+use dataverse_sim::{Sim, SimConfig, SimHandle};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

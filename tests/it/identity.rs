@@ -3,8 +3,8 @@
 //! calling user against the simulator's impersonation rules.
 
 use base64::Engine;
-use dataverse_proxy::sim::entra::{CallerApp, CallerKey, TokenSubject};
-use dataverse_proxy::sim::{Sim, SimConfig, SimHandle};
+use dataverse_sim::entra::{CallerApp, CallerKey, TokenSubject};
+use dataverse_sim::{Sim, SimConfig, SimHandle};
 use serde_json::{Value, json};
 use uuid::Uuid;
 

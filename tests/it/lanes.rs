@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use dataverse_proxy::callers::hash_key;
-use dataverse_proxy::sim::{AppUser, ServiceLimits, Sim, SimConfig, SimHandle};
+use dataverse_sim::{AppUser, ServiceLimits, Sim, SimConfig, SimHandle};
 
 use crate::harness::{Harness, client};
 use crate::redis::RedisServer;

@@ -75,7 +75,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use dataverse_proxy::sim::{Sim, SimConfig};
+use dataverse_sim::{Sim, SimConfig};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
 
 /// A throw-away CA, made per test.

@@ -3,10 +3,10 @@
 //! access rules.
 
 use crate::harness::{Harness, Setup};
-use dataverse_proxy::sim::{Sim, SimConfig};
+use dataverse_sim::{Sim, SimConfig};
 
 /// The `$metadata` requests Dataverse has seen so far.
-fn metadata_requests(h: &Harness) -> Vec<dataverse_proxy::sim::SeenRequest> {
+fn metadata_requests(h: &Harness) -> Vec<dataverse_sim::SeenRequest> {
     h.sim
         .seen()
         .into_iter()

@@ -5,7 +5,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use dataverse_proxy::sim::{DataverseFault, Sim, SimConfig};
+use dataverse_sim::{DataverseFault, Sim, SimConfig};
 use sha2::{Digest, Sha256};
 
 use crate::harness::{Harness, Setup, client};

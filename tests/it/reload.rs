@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::harness::Harness;
-use dataverse_proxy::sim::{Sim, SimConfig};
+use dataverse_sim::{Sim, SimConfig};
 
 /// A proxy whose config file holds `policy` (TOML lines of `[org.policy]`)
 /// and `extra`, with `admin_reload = true`.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use dataverse_proxy::sim::{ServiceLimits, Sim, SimConfig, SimHandle};
+use dataverse_sim::{ServiceLimits, Sim, SimConfig, SimHandle};
 
 use crate::binary::free_port;
 use crate::harness::client;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use dataverse_proxy::callers::hash_key;
-use dataverse_proxy::sim::{Sim, SimConfig};
+use dataverse_sim::{Sim, SimConfig};
 
 use crate::harness::{Harness, Setup};
 
@@ -247,10 +247,7 @@ const PRIVILEGED: [(&str, &str); 3] = [
     ("MSCRM.SuppressCallbackRegistrationExpanderJob", "true"),
 ];
 
-async fn whoami_with_privileged(
-    h: &Harness,
-    key: Option<&str>,
-) -> dataverse_proxy::sim::SeenRequest {
+async fn whoami_with_privileged(h: &Harness, key: Option<&str>) -> dataverse_sim::SeenRequest {
     let mut req = h
         .client
         .get(h.url("/WhoAmI"))
@@ -270,7 +267,7 @@ async fn whoami_with_privileged(
     h.sim.seen().pop().expect("seen")
 }
 
-fn privileged_seen(seen: &dataverse_proxy::sim::SeenRequest) -> Vec<&str> {
+fn privileged_seen(seen: &dataverse_sim::SeenRequest) -> Vec<&str> {
     seen.headers
         .keys()
         .map(|k| k.as_str())

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use dataverse_proxy::config::{Config, Sources};
-use dataverse_proxy::sim::{DataverseFault, ServiceLimits, Sim, SimConfig, SimHandle};
+use dataverse_sim::{DataverseFault, ServiceLimits, Sim, SimConfig, SimHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::{Harness, Setup, client, sim_overrides, spawn_proxy, wait_ready};

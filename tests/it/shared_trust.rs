@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use dataverse_proxy::sim::{ServiceLimits, Sim, SimConfig};
+use dataverse_sim::{ServiceLimits, Sim, SimConfig};
 
 use crate::listener::{Ca, temp_dir, write};
 use crate::redis::{RedisServer, Tls};

@@ -2,7 +2,7 @@
 //! its Entra ID and Dataverse answers are checked directly here.
 
 use base64::Engine;
-use dataverse_proxy::sim::{Sim, SimConfig, SimHandle};
+use dataverse_sim::{Sim, SimConfig, SimHandle};
 use serde_json::Value;
 
 use crate::harness::client;

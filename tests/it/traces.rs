@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use dataverse_proxy::sim::{DataverseFault, Sim, SimConfig, SimHandle};
+use dataverse_sim::{DataverseFault, Sim, SimConfig, SimHandle};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
 use opentelemetry_proto::tonic::trace::v1::Span;

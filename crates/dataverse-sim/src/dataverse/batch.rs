@@ -24,9 +24,9 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use uuid::Uuid;
 
-use super::dataverse::{dv_error, route};
-use super::multipart::{Part, boundary, split, split_head};
-use super::{SimState, lock};
+use super::{dv_error, route};
+use crate::multipart::{Part, boundary, split, split_head};
+use crate::{SimState, lock};
 
 /// Most operations in one batch (Dataverse: 1000).
 const MAX_OPERATIONS: usize = 1000;
@@ -51,11 +51,11 @@ fn parse_operation(part: &Part<'_>) -> Result<Operation, String> {
     };
     let method =
         Method::from_bytes(method.as_bytes()).map_err(|_| format!("invalid method '{method}'"))?;
-    if url.len() > super::dataverse::MAX_BATCH_URL {
+    if url.len() > super::MAX_BATCH_URL {
         return Err(format!(
             "the URL of a batch operation is {} characters long; at most {} are allowed",
             url.len(),
-            super::dataverse::MAX_BATCH_URL
+            super::MAX_BATCH_URL
         ));
     }
     let headers = lines

@@ -10,7 +10,7 @@
 //! publish a change (`change_schema`), which adds a column and changes
 //! every tag, as publishing customisations does.
 //!
-//! [`SimHandle`]: crate::sim::SimHandle
+//! [`SimHandle`]: crate::SimHandle
 
 use std::fmt::Write as _;
 

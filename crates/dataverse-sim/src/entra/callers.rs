@@ -102,11 +102,11 @@ pub struct CallerDirectory {
     apps: Mutex<Vec<CallerApp>>,
     token_version: Mutex<u8>,
     /// Requests for the discovery documents and keys.
-    pub(in crate::sim) key_requests: AtomicU64,
+    pub(crate) key_requests: AtomicU64,
 }
 
 impl CallerDirectory {
-    pub(in crate::sim) fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             keys: Mutex::new(Vec::new()),
             apps: Mutex::new(Vec::new()),
@@ -117,7 +117,7 @@ impl CallerDirectory {
 
     /// The signing key, generated on first use (RSA generation takes time,
     /// and most simulators never mint a caller token).
-    pub(in crate::sim) fn current_key(&self) -> Arc<CallerKey> {
+    pub(crate) fn current_key(&self) -> Arc<CallerKey> {
         let mut keys = lock(&self.keys);
         if keys.is_empty() {
             keys.push(Arc::new(CallerKey::generate()));
@@ -126,14 +126,14 @@ impl CallerDirectory {
     }
 
     /// The keys published now (an assertion signed with any of them holds).
-    pub(in crate::sim) fn published_keys(&self) -> Vec<Arc<CallerKey>> {
+    pub(crate) fn published_keys(&self) -> Vec<Arc<CallerKey>> {
         self.current_key();
         lock(&self.keys).clone()
     }
 
     /// Publishes a new key and signs with it from now on; one older key
     /// stays published.
-    pub(in crate::sim) fn rotate(&self) -> Arc<CallerKey> {
+    pub(crate) fn rotate(&self) -> Arc<CallerKey> {
         let key = Arc::new(CallerKey::generate());
         let mut keys = lock(&self.keys);
         keys.push(key.clone());
@@ -142,7 +142,7 @@ impl CallerDirectory {
         key
     }
 
-    pub(in crate::sim) fn add_app(&self, roles: &[&str]) -> CallerApp {
+    pub(crate) fn add_app(&self, roles: &[&str]) -> CallerApp {
         let app = CallerApp {
             client_id: Uuid::new_v4().to_string(),
             secret: format!("caller~{}", Uuid::new_v4().simple()),
@@ -152,11 +152,11 @@ impl CallerDirectory {
         app
     }
 
-    pub(in crate::sim) fn set_token_version(&self, version: u8) {
+    pub(crate) fn set_token_version(&self, version: u8) {
         *lock(&self.token_version) = version;
     }
 
-    pub(in crate::sim) fn token_version(&self) -> u8 {
+    pub(crate) fn token_version(&self) -> u8 {
         *lock(&self.token_version)
     }
 }
@@ -192,12 +192,7 @@ pub enum TokenSubject {
 }
 
 /// Realistic claims for a caller token of `version` (1 or 2), valid for an hour.
-pub(in crate::sim) fn claims(
-    sim: &EntraState,
-    tenant: &str,
-    who: &TokenSubject,
-    version: u8,
-) -> Value {
+pub(crate) fn claims(sim: &EntraState, tenant: &str, who: &TokenSubject, version: u8) -> Value {
     let now = now_epoch();
     let cfg = &sim.config;
     let aud = if version == 1 {

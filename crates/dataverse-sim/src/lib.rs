@@ -22,7 +22,6 @@
 //! simulator itself checks them.
 
 mod app_users;
-mod batch;
 pub mod dataverse;
 mod directory;
 pub mod entra;

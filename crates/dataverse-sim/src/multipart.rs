@@ -1,7 +1,7 @@
 //! The simulator's own `multipart/mixed` reader for `$batch` bodies (RFC
 //! 2046 §5.1, as the OData batch format uses it), lenient as a server is
 //! (LF-only lines are read too). The proxy does not use it: its strict
-//! reader is `crate::batch`, so the two are independent.
+//! reader is the proxy's own `batch` module, so the two are independent.
 
 /// One MIME part: its headers and content.
 pub struct Part<'a> {

@@ -10,22 +10,22 @@
 
 /// A parsed fetch: the table's logical name, the columns, the conditions
 /// (a column and the values it may have).
-pub(in crate::sim) struct Fetch {
-    pub(in crate::sim) entity: String,
-    pub(in crate::sim) attributes: Vec<String>,
-    pub(in crate::sim) conditions: Vec<(String, Vec<String>)>,
-    pub(in crate::sim) links: Vec<Link>,
+pub(crate) struct Fetch {
+    pub(crate) entity: String,
+    pub(crate) attributes: Vec<String>,
+    pub(crate) conditions: Vec<(String, Vec<String>)>,
+    pub(crate) links: Vec<Link>,
 }
 
 /// A `<link-entity>`: the joined table (logical name), its key (`from`),
 /// this table's lookup (`to`), the alias, and its columns.
 #[derive(Clone)]
-pub(in crate::sim) struct Link {
-    pub(in crate::sim) entity: String,
-    pub(in crate::sim) from: String,
-    pub(in crate::sim) to: String,
-    pub(in crate::sim) alias: String,
-    pub(in crate::sim) attributes: Vec<String>,
+pub(crate) struct Link {
+    pub(crate) entity: String,
+    pub(crate) from: String,
+    pub(crate) to: String,
+    pub(crate) alias: String,
+    pub(crate) attributes: Vec<String>,
 }
 
 /// One tag: its name (with a leading `/` for a closing tag), attributes,
@@ -35,7 +35,7 @@ struct Tag<'a> {
     attrs: Vec<(&'a str, String)>,
 }
 
-pub(in crate::sim) fn parse(xml: &str) -> Result<Fetch, String> {
+pub(crate) fn parse(xml: &str) -> Result<Fetch, String> {
     let mut fetch = Fetch {
         entity: String::new(),
         attributes: Vec::new(),
@@ -140,7 +140,7 @@ fn unescape(s: &str) -> String {
 
 /// Adds each link's columns of the row `row`'s lookup names, as
 /// `{alias}.{column}` (null where the lookup is empty).
-pub(in crate::sim) fn add_linked(
+pub(crate) fn add_linked(
     db: &super::Db,
     s: &super::Schema,
     row: &super::Row,
@@ -167,7 +167,7 @@ pub(in crate::sim) fn add_linked(
 
 /// Whether a row meets every condition: its column's value is one of the
 /// condition's values (text compared without case, numbers by value).
-pub(in crate::sim) fn matches(
+pub(crate) fn matches(
     fields: &serde_json::Map<String, serde_json::Value>,
     (id_field, id): (&str, uuid::Uuid),
     conditions: &[(String, Vec<String>)],

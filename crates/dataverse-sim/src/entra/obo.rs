@@ -16,7 +16,7 @@ use super::{
     EntraState, Version, authenticate, bad_request, basic_credentials, check_resource, client_id,
     no_store, sign_for, token_body,
 };
-use crate::sim::{SimHandle, lock};
+use crate::{SimHandle, lock};
 
 /// `grant_type` of the exchange.
 pub(super) const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";

@@ -56,7 +56,7 @@ const ODATA_JSON: &str = "application/json; odata.metadata=minimal";
 pub(super) struct OrgIds {
     organization: Uuid,
     business_unit: Uuid,
-    pub(in crate::sim) user: Uuid,
+    pub(crate) user: Uuid,
 }
 
 impl OrgIds {
@@ -70,6 +70,7 @@ impl OrgIds {
 }
 
 mod auth;
+mod batch;
 mod crud;
 mod fetch;
 mod files;
@@ -151,9 +152,9 @@ async fn handle(State(sim): State<Arc<SimState>>, req: Request) -> Response {
 
 /// Longest URL Dataverse takes on the request line (docs/dataverse.md,
 /// "Long queries"); inside `$batch` a part's URL may be twice as long.
-pub(in crate::sim) const MAX_URL: usize = 32_768;
+pub(crate) const MAX_URL: usize = 32_768;
 /// Longest URL of a `$batch` part.
-pub(in crate::sim) const MAX_BATCH_URL: usize = 65_536;
+pub(crate) const MAX_BATCH_URL: usize = 65_536;
 
 async fn execute(sim: Arc<SimState>, req: Request) -> Response {
     let url_len = sim.org_url.len() + req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
@@ -370,13 +371,8 @@ pub(super) async fn route(sim: &Arc<SimState>, req: Request) -> Response {
             .await
             {
                 Ok(bytes) => {
-                    super::batch::execute(
-                        sim,
-                        &format!("/api/data/{version}"),
-                        &parts.headers,
-                        bytes,
-                    )
-                    .await
+                    batch::execute(sim, &format!("/api/data/{version}"), &parts.headers, bytes)
+                        .await
                 }
                 Err(resp) => resp,
             }

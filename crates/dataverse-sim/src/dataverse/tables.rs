@@ -3,37 +3,37 @@
 use super::*;
 
 /// A table's shape.
-pub(in crate::sim) struct Schema {
-    pub(in crate::sim) entity_set: &'static str,
-    pub(in crate::sim) logical: &'static str,
-    pub(in crate::sim) id_field: &'static str,
+pub(crate) struct Schema {
+    pub(crate) entity_set: &'static str,
+    pub(crate) logical: &'static str,
+    pub(crate) id_field: &'static str,
     /// Columns a row may have (besides the id and the file columns).
-    pub(in crate::sim) columns: &'static [&'static str],
-    pub(in crate::sim) file_columns: &'static [&'static str],
+    pub(crate) columns: &'static [&'static str],
+    pub(crate) file_columns: &'static [&'static str],
     /// Single-valued navigations: a lookup column naming a row of another
     /// table (many-to-one).
-    pub(in crate::sim) lookups: &'static [Lookup],
+    pub(crate) lookups: &'static [Lookup],
     /// Collection-valued navigations: the rows of another table whose
     /// lookup names this row (one-to-many).
-    pub(in crate::sim) relations: &'static [Relation],
+    pub(crate) relations: &'static [Relation],
 }
 
 /// A many-to-one navigation: `nav` follows `column` (`_x_value`) to a row of `target`.
-pub(in crate::sim) struct Lookup {
-    pub(in crate::sim) nav: &'static str,
-    pub(in crate::sim) column: &'static str,
-    pub(in crate::sim) target: &'static str,
+pub(crate) struct Lookup {
+    pub(crate) nav: &'static str,
+    pub(crate) column: &'static str,
+    pub(crate) target: &'static str,
 }
 
 /// A one-to-many navigation: `nav` gives the rows of `target` whose
 /// `column` names this row.
-pub(in crate::sim) struct Relation {
-    pub(in crate::sim) nav: &'static str,
-    pub(in crate::sim) target: &'static str,
-    pub(in crate::sim) column: &'static str,
+pub(crate) struct Relation {
+    pub(crate) nav: &'static str,
+    pub(crate) target: &'static str,
+    pub(crate) column: &'static str,
 }
 
-pub(in crate::sim) const SCHEMAS: &[Schema] = &[
+pub(crate) const SCHEMAS: &[Schema] = &[
     Schema {
         entity_set: "accounts",
         logical: "account",
@@ -110,7 +110,7 @@ pub(in crate::sim) const SCHEMAS: &[Schema] = &[
 
 /// Lookups every table has, set by the simulator (never by a caller): who
 /// created or last changed a row, and on whose behalf (impersonation).
-pub(in crate::sim) const AUDIT_COLUMNS: [&str; 3] = [
+pub(crate) const AUDIT_COLUMNS: [&str; 3] = [
     "_createdby_value",
     "_createdonbehalfby_value",
     "_modifiedby_value",
@@ -118,7 +118,7 @@ pub(in crate::sim) const AUDIT_COLUMNS: [&str; 3] = [
 
 impl Schema {
     /// The columns a row shows: its own, its lookups, then the audit lookups.
-    pub(in crate::sim) fn all_columns(&self) -> impl Iterator<Item = &'static str> {
+    pub(crate) fn all_columns(&self) -> impl Iterator<Item = &'static str> {
         self.columns
             .iter()
             .copied()
@@ -128,7 +128,7 @@ impl Schema {
 
     /// The table a navigation of this one leads to, and whether it is a
     /// collection.
-    pub(in crate::sim) fn navigation(&self, nav: &str) -> Option<(&'static Schema, bool)> {
+    pub(crate) fn navigation(&self, nav: &str) -> Option<(&'static Schema, bool)> {
         if let Some(l) = self.lookups.iter().find(|l| l.nav == nav) {
             return schema(l.target).map(|t| (t, false));
         }
@@ -137,35 +137,35 @@ impl Schema {
     }
 }
 
-pub(in crate::sim) fn schema(entity_set: &str) -> Option<&'static Schema> {
+pub(crate) fn schema(entity_set: &str) -> Option<&'static Schema> {
     SCHEMAS.iter().find(|s| s.entity_set == entity_set)
 }
 
 #[derive(Clone)]
-pub(in crate::sim) struct StoredFile {
-    pub(in crate::sim) name: String,
-    pub(in crate::sim) data: Bytes,
+pub(crate) struct StoredFile {
+    pub(crate) name: String,
+    pub(crate) data: Bytes,
 }
 
 #[derive(Clone)]
-pub(in crate::sim) struct Row {
-    pub(in crate::sim) fields: Map<String, Value>,
-    pub(in crate::sim) version: u64,
-    pub(in crate::sim) files: HashMap<String, StoredFile>,
+pub(crate) struct Row {
+    pub(crate) fields: Map<String, Value>,
+    pub(crate) version: u64,
+    pub(crate) files: HashMap<String, StoredFile>,
 }
 
 /// The in-memory database.
 #[derive(Clone)]
-pub(in crate::sim) struct Db {
-    pub(in crate::sim) tables: HashMap<&'static str, BTreeMap<Uuid, Row>>,
-    pub(in crate::sim) next_version: u64,
+pub(crate) struct Db {
+    pub(crate) tables: HashMap<&'static str, BTreeMap<Uuid, Row>>,
+    pub(crate) next_version: u64,
 }
 
-pub(in crate::sim) const FIRST: &[&str] = &[
+pub(crate) const FIRST: &[&str] = &[
     "Yvonne", "Susanna", "Nancy", "Maria", "Sidney", "Scott", "Paul", "Rene", "Susan", "Patrick",
     "Thomas", "Rachel", "Jim", "Robert", "Cathan", "Alex", "Anne", "Brian", "Darren", "Eva",
 ];
-pub(in crate::sim) const LAST: &[&str] = &[
+pub(crate) const LAST: &[&str] = &[
     "McKay",
     "Stubberod",
     "Anderson",
@@ -185,7 +185,7 @@ pub(in crate::sim) const LAST: &[&str] = &[
     "Weber",
     "Moreno",
 ];
-pub(in crate::sim) const COMPANIES: &[&str] = &[
+pub(crate) const COMPANIES: &[&str] = &[
     "Fourth Coffee",
     "Litware, Inc.",
     "Adventure Works",
@@ -207,8 +207,8 @@ pub(in crate::sim) const COMPANIES: &[&str] = &[
     "Humongous Insurance",
     "Graphic Design Institute",
 ];
-pub(in crate::sim) const JOBS: &[&str] = &["Purchasing Manager", "Owner", "CFO", "Buyer"];
-pub(in crate::sim) const CITIES: &[&str] = &[
+pub(crate) const JOBS: &[&str] = &["Purchasing Manager", "Owner", "CFO", "Buyer"];
+pub(crate) const CITIES: &[&str] = &[
     "Redmond",
     "Seattle",
     "Dallas",
@@ -218,7 +218,7 @@ pub(in crate::sim) const CITIES: &[&str] = &[
     "Santa Cruz",
     "Renton",
 ];
-pub(in crate::sim) const SUBJECTS: &[&str] = &[
+pub(crate) const SUBJECTS: &[&str] = &[
     "Interested in online-only store",
     "New store opened this year - follow up",
     "Wants to expand",
@@ -231,7 +231,7 @@ pub(in crate::sim) const SUBJECTS: &[&str] = &[
 
 impl Db {
     /// A database with plausible sample rows.
-    pub(in crate::sim) fn seeded() -> Self {
+    pub(crate) fn seeded() -> Self {
         let mut db = Self {
             tables: SCHEMAS
                 .iter()
@@ -326,7 +326,7 @@ impl Db {
         }
     }
 
-    pub(in crate::sim) fn insert_seed(&mut self, set: &'static str, fields: Value) {
+    pub(crate) fn insert_seed(&mut self, set: &'static str, fields: Value) {
         let Value::Object(fields) = fields else {
             return;
         };
@@ -343,12 +343,12 @@ impl Db {
         }
     }
 
-    pub(in crate::sim) fn bump(&mut self) -> u64 {
+    pub(crate) fn bump(&mut self) -> u64 {
         self.next_version += 1;
         self.next_version
     }
 
-    pub(in crate::sim) fn seed_rows(&mut self, set: &str, n: usize) {
+    pub(crate) fn seed_rows(&mut self, set: &str, n: usize) {
         let Some(schema) = schema(set) else {
             return;
         };
@@ -368,7 +368,7 @@ impl Db {
         }
     }
 
-    pub(in crate::sim) fn put_file(
+    pub(crate) fn put_file(
         &mut self,
         set: &str,
         id: Uuid,
@@ -389,19 +389,19 @@ impl Db {
         true
     }
 
-    pub(in crate::sim) fn file(&self, set: &str, id: Uuid, column: &str) -> Option<Bytes> {
+    pub(crate) fn file(&self, set: &str, id: Uuid, column: &str) -> Option<Bytes> {
         let row = self.tables.get(set)?.get(&id)?;
         row.files.get(column).map(|f| f.data.clone())
     }
 
-    pub(in crate::sim) fn ids(&self, set: &str) -> Vec<Uuid> {
+    pub(crate) fn ids(&self, set: &str) -> Vec<Uuid> {
         self.tables
             .get(set)
             .map(|t| t.keys().copied().collect())
             .unwrap_or_default()
     }
 
-    pub(in crate::sim) fn row(&self, set: &str, id: Uuid) -> Option<Value> {
+    pub(crate) fn row(&self, set: &str, id: Uuid) -> Option<Value> {
         self.tables
             .get(set)?
             .get(&id)
@@ -410,13 +410,13 @@ impl Db {
 }
 
 /// A chunked file upload in progress (docs/dataverse.md, "File columns").
-pub(in crate::sim) struct Upload {
-    pub(in crate::sim) entity_set: &'static str,
-    pub(in crate::sim) id: Uuid,
-    pub(in crate::sim) column: String,
-    pub(in crate::sim) name: String,
-    pub(in crate::sim) data: Vec<u8>,
+pub(crate) struct Upload {
+    pub(crate) entity_set: &'static str,
+    pub(crate) id: Uuid,
+    pub(crate) column: String,
+    pub(crate) name: String,
+    pub(crate) data: Vec<u8>,
 }
 
 /// Chunk size the simulator asks for, as Dataverse does.
-pub(in crate::sim) const UPLOAD_CHUNK: usize = 4 * 1024 * 1024;
+pub(crate) const UPLOAD_CHUNK: usize = 4 * 1024 * 1024;
