@@ -8,8 +8,8 @@
 //!
 //! # Layout
 //!
-//! Layers of code point one way: data ← domain ← HTTP ← wiring. No module
-//! imports one of a layer above it.
+//! Layers of code point one way: data ← domain ← application ← HTTP ←
+//! wiring. No module imports one of a layer above it.
 //!
 //! - **Data**: [`config`]: the configuration as plain data (raw types,
 //!   sources, problems, one validator per section), layered flags > env >
@@ -26,25 +26,28 @@
 //!   [`rewrite`] (streaming org-URL ⇄ proxy-URL rewriting), [`compression`]
 //!   (content codings: what the caller accepts, streaming codecs) and
 //!   [`metadata_cache`] (`$metadata` and `EntityDefinitions` answers per org).
-//!   Each has its own error type.
+//!   Each has its own error type. [`stats`]: what requests leave behind for
+//!   the metrics and the status page (data only); [`logging`]: the request
+//!   line and every other event, written off the request's path;
+//!   [`telemetry`]: OpenTelemetry spans, exported over OTLP when configured.
+//! - **Application**: [`app`]: the composition root: [`app::AppState`]
+//!   built from the configuration (TLS, Redis, pools, token providers,
+//!   governors, the caller-token verifier, on-behalf-of), and the rules a
+//!   reload swaps (`app/rules.rs`, `app/reload.rs`).
 //! - **HTTP**: [`http`]: the proxy listener's service, its tower layers in
 //!   order in `http/mod.rs` (request id, sensitive headers, trace, access
 //!   log, catch-panic, body idle timeouts, the axum router, edge checks), the
 //!   forwarding handler in four steps (`http/forward/`: admit, plan, send
 //!   (or `cached` for metadata, `long_get` for GETs too long for a request
-//!   line), answer), bodies, header policy, metrics, the admin listener with
-//!   its status page (`http/status/`), and the rules a reload swaps (`http/rules.rs`,
-//!   `http/reload.rs`); [`error`]: [`error::ProxyError`], where domain errors
-//!   become statuses and OData bodies; [`server`]: the accept loop
+//!   line), answer), bodies and header policy; [`admin`]: the admin
+//!   listener apart from the data path (probes, `/metrics`, `/status`, the
+//!   status page, `/reload`); [`error`]: [`error::ProxyError`], where domain
+//!   errors become statuses and OData bodies; [`server`]: the accept loop
 //!   (HTTP/1.1 and HTTP/2, TLS and client certificates, connection cap,
 //!   header-read timeout, drain); [`upstream`]: where requests leave, a
-//!   connection pool per org over hyper's HTTP/1.1 connection (TLS, the
-//!   egress proxy).
+//!   connection pool per org over hyper's HTTP/1.1 connection and the one
+//!   outbound TLS setup (`upstream/tls.rs`), the egress proxy.
 //! - **Wiring**: [`serve`] below and [`cli`] (the subcommands, signals).
-//! - **Logs**: [`logging`]: the request line and every other event, written
-//!   off the request's path through one bounded buffer.
-//! - **Traces**: [`telemetry`]: OpenTelemetry spans by the HTTP semantic
-//!   conventions, exported over OTLP when configured.
 //!
 //! The simulator of Entra ID and the Dataverse Web API that `demo`, `sim`
 //! and the tests use is a crate of its own (`crates/dataverse-sim`).
@@ -57,6 +60,8 @@
 //! The library never binds sockets itself: [`serve`] takes bound listeners
 //! and a shutdown token, so tests run everything on ephemeral ports.
 
+pub mod admin;
+pub mod app;
 pub mod batch;
 pub mod callers;
 pub mod cli;
@@ -73,8 +78,8 @@ pub mod metadata_cache;
 pub mod policy;
 pub mod rewrite;
 pub mod server;
+pub mod stats;
 pub mod telemetry;
-pub mod tls;
 pub mod token;
 pub mod upstream;
 
@@ -159,7 +164,7 @@ pub async fn serve_with(
     ));
     let tls_watcher = tls.clone().map(|t| tokio::spawn(t.watch_files()));
     let redis_tasks = state.redis.as_ref().map(|r| r.spawn()).unwrap_or_default();
-    let status_ticker = http::status::spawn_ticker(state.clone(), control.shutdown.clone());
+    let status_ticker = admin::status::spawn_ticker(state.clone(), control.shutdown.clone());
     // Caller-token keys before the first caller needs them.
     let key_prefetch = state
         .verifier
@@ -176,7 +181,7 @@ pub async fn serve_with(
     };
     let admin_stop = CancellationToken::new();
     let admin_server = tokio::spawn(
-        axum::serve(admin, http::admin::router(state.clone()))
+        axum::serve(admin, admin::router(state.clone()))
             .with_graceful_shutdown(admin_stop.clone().cancelled_owned())
             .into_future(),
     );
@@ -271,7 +276,7 @@ async fn reload_on(
     loop {
         reload.notified().await;
         // An invalid file is logged problem by problem and changes nothing.
-        let _ = http::reload::reload(&state);
+        let _ = app::reload::reload(&state);
         if let Some(tls) = &tls {
             let tls = tls.clone();
             let _ = tokio::task::spawn_blocking(move || tls.reload()).await;

@@ -32,8 +32,8 @@ pub(super) fn provider_for(
     org: &OrgConfig,
     credential: &std::sync::Arc<crate::config::CredentialConfig>,
 ) -> Result<TokenProvider, String> {
-    let tls =
-        crate::tls::client_config(config.upstream.ca_file.as_deref()).map_err(|e| e.to_string())?;
+    let tls = crate::upstream::tls::client_config(config.upstream.ca_file.as_deref())
+        .map_err(|e| e.to_string())?;
     TokenProvider::new(
         credential.clone(),
         Target {

@@ -322,7 +322,7 @@ pub struct GovernorConfig {
 #[derive(Debug, Clone)]
 pub struct TokenConfig {
     /// Egress proxy, shared with the upstream client (TLS is shared too:
-    /// `crate::tls`).
+    /// the outbound TLS setup).
     pub egress: Option<EgressProxy>,
     /// Timeout of one token request.
     pub fetch_timeout: Duration,

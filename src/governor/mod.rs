@@ -33,6 +33,7 @@
 pub mod adaptive;
 pub mod budget;
 pub mod fair;
+pub mod flow;
 pub mod permit;
 pub mod redis;
 pub mod stats;
@@ -47,7 +48,7 @@ use tokio::time::Instant;
 
 pub use adaptive::{AdaptiveLimit, Throttle};
 pub use budget::RetryBudget;
-pub use fair::Flow;
+pub use flow::Flow;
 pub use permit::Permit;
 pub use redis::{RedisStore, SharedRedis};
 pub use stats::{GovernorError, GovernorStats};

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use super::fair::Flow;
+use super::flow::Flow;
 
 /// A slot taken from a store.
 #[derive(Debug, Clone, PartialEq, Eq)]

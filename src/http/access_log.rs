@@ -30,11 +30,11 @@ use http_body::{Frame, SizeHint};
 use tokio::time::Instant;
 
 use super::REQUEST_ID;
-use super::metrics::Finished;
-use super::state::{AppState, OrgState};
-use super::status::board::Ended;
+use crate::app::{AppState, OrgState};
 use crate::error::{ErrorDetail, PROXY_ERROR_HEADER};
 use crate::logging::RequestLine;
+use crate::stats::board::Ended;
+use crate::stats::metrics::Finished;
 
 /// What the forwarding handler tells the access log about a request, as a
 /// response extension.
@@ -55,7 +55,7 @@ pub struct RequestInfo {
     pub caller_slot: usize,
     /// The rules the request was admitted under (its caller's metric
     /// handles are theirs).
-    pub rules: Option<Arc<super::rules::Rules>>,
+    pub rules: Option<Arc<crate::app::rules::Rules>>,
     /// How the metadata cache served it (`hit`, `revalidated`, `miss`,
     /// `changed`), for the requests it serves.
     pub cache: Option<&'static str>,

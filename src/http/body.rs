@@ -135,7 +135,7 @@ const DRAIN_BYTES: usize = 1 << 20;
 
 impl DrainBounds {
     /// The bounds in force: [`DRAIN_BYTES`], and the disconnect grace.
-    pub fn of(state: &crate::http::state::AppState) -> Self {
+    pub fn of(state: &crate::app::AppState) -> Self {
         Self {
             bytes: DRAIN_BYTES,
             time: state.orgs.first().map_or(Duration::from_secs(5), |o| {

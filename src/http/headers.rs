@@ -35,14 +35,6 @@ pub mod names {
     /// Remaining execution time in the window.
     pub const RATELIMIT_TIME: HeaderName =
         HeaderName::from_static("x-ms-ratelimit-time-remaining-xrm-requests");
-    /// RFC 7239.
-    pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
-    /// De-facto forwarding headers.
-    pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-    /// De-facto forwarding headers.
-    pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-    /// De-facto forwarding headers.
-    pub const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 }
 
 /// Hop-by-hop headers per RFC 9110 §7.6.1 (and the obsolete `Proxy-Connection`).

@@ -1,5 +1,5 @@
-//! The HTTP layer: the proxy listener's service, read top to bottom as the
-//! path of a request, and the admin listener.
+//! The proxy listener's service, read top to bottom as the path of a
+//! request. The admin listener is `crate::admin`.
 //!
 //! ```text
 //! request id (x-request-id: the caller's, or a new UUID v4; on the answer too)
@@ -20,24 +20,15 @@
 //! timeout, drain, TLS and HTTP/2) is `src/server/`.
 
 pub mod access_log;
-pub mod admin;
 pub mod body;
 pub mod cors;
 pub mod edge;
 pub mod forward;
 pub mod headers;
 pub mod idle;
-pub mod metrics;
-pub mod public;
-pub mod reload;
 pub mod request_id;
-pub mod rules;
-pub mod state;
-pub mod status;
 
 use std::convert::Infallible;
-
-use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -49,7 +40,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
-pub use state::AppState;
+pub use crate::app::AppState;
 
 use idle::IdleTimeout;
 
@@ -123,7 +114,10 @@ async fn outside_the_api(State(state): State<AppState>, req: Request) -> Respons
 /// the trace context of a peer in `trace_from` its parent: anyone else
 /// could pick the trace id and the sampling decision. Never the query: it
 /// can carry personal data.
-fn request_span<B>(req: &http::Request<B>, trace_from: &TraceContextFrom) -> tracing::Span {
+fn request_span<B>(
+    req: &http::Request<B>,
+    trace_from: &crate::telemetry::TraceContextFrom,
+) -> tracing::Span {
     let id = req
         .headers()
         .get(REQUEST_ID)
@@ -155,24 +149,6 @@ fn request_span<B>(req: &http::Request<B>, trace_from: &TraceContextFrom) -> tra
         crate::telemetry::adopt_caller_context(&span, req.headers());
     }
     span
-}
-
-/// Whose W3C trace context becomes a request span's parent.
-#[derive(Debug, Clone)]
-pub enum TraceContextFrom {
-    /// Any caller's (`log.trust_caller_trace_context = true`).
-    Anyone,
-    /// Only these peers' (`trusted_proxies`).
-    Peers(Arc<[ipnet::IpNet]>),
-}
-
-impl TraceContextFrom {
-    fn admits(&self, ip: std::net::IpAddr) -> bool {
-        match self {
-            Self::Anyone => true,
-            Self::Peers(nets) => nets.iter().any(|n| n.contains(&ip)),
-        }
-    }
 }
 
 /// The method as the HTTP conventions name it: one of the registered

@@ -77,3 +77,21 @@ pub fn route_of(path: &str) -> Option<&'static str> {
         .starts_with("api/data/")
         .then_some("/{org}/api/data/{*rest}")
 }
+
+/// Whose W3C trace context becomes a request span's parent.
+#[derive(Debug, Clone)]
+pub enum TraceContextFrom {
+    /// Any caller's (`log.trust_caller_trace_context = true`).
+    Anyone,
+    /// Only these peers' (`trusted_proxies`).
+    Peers(std::sync::Arc<[ipnet::IpNet]>),
+}
+
+impl TraceContextFrom {
+    pub fn admits(&self, ip: std::net::IpAddr) -> bool {
+        match self {
+            Self::Anyone => true,
+            Self::Peers(nets) => nets.iter().any(|n| n.contains(&ip)),
+        }
+    }
+}

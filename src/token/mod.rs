@@ -206,7 +206,7 @@ impl fmt::Debug for TokenProvider {
 impl TokenProvider {
     /// Creates a provider; nothing is fetched until [`Self::get`] or the
     /// refresher runs. `tls` is the setup shared with the Dataverse client
-    /// (`crate::tls`).
+    /// (`crate::upstream::tls`).
     pub fn new(
         credential: Arc<CredentialConfig>,
         target: Target,

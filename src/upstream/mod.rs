@@ -2,7 +2,7 @@
 //! the connector it dials with.
 //!
 //! Dataverse is called over HTTP/1.1 with keep-alive pooling (no primary
-//! source states HTTP/2 support; every Microsoft sample uses 1.1). TLS is the one setup of `crate::tls` (platform roots, extra CA). Plain `http` is only
+//! source states HTTP/2 support; every Microsoft sample uses 1.1). TLS is the one setup of `crate::upstream::tls` (platform roots, extra CA). Plain `http` is only
 //! ever used for loopback orgs (the simulator): config validation enforces it.
 
 use std::future::Future;
@@ -24,6 +24,7 @@ use tower::ServiceExt;
 use crate::config::{EgressProxy, UpstreamConfig};
 
 pub mod pool;
+pub mod tls;
 
 pub use pool::{Pool, PooledBody, UpstreamError};
 

@@ -313,10 +313,12 @@ async fn an_egress_proxy_carries_token_and_dataverse_traffic() {
 #[test]
 fn an_extra_ca_bundle_is_loaded_into_the_shared_tls_config() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cert.pem");
-    assert!(dataverse_proxy::tls::client_config(Some(&path)).is_ok());
+    assert!(dataverse_proxy::upstream::tls::client_config(Some(&path)).is_ok());
     assert!(
-        dataverse_proxy::tls::client_config(Some(std::path::Path::new("/nonexistent.pem")))
-            .is_err()
+        dataverse_proxy::upstream::tls::client_config(Some(std::path::Path::new(
+            "/nonexistent.pem"
+        )))
+        .is_err()
     );
 }
 

@@ -129,7 +129,8 @@ fn config(idle: Duration) -> UpstreamConfig {
 
 fn pool_for(server: &Server, scheme: &str, idle: Duration, ca: Option<&str>) -> Pool {
     let cfg = config(idle);
-    let tls = dataverse_proxy::tls::client_config(ca.map(std::path::Path::new)).expect("tls");
+    let tls =
+        dataverse_proxy::upstream::tls::client_config(ca.map(std::path::Path::new)).expect("tls");
     upstream::pool(&cfg, &upstream::connector(&cfg, tls), server.origin(scheme))
 }
 
@@ -245,7 +246,7 @@ async fn a_reused_connection_closed_under_a_request_is_named_stale() {
         }
     });
     let cfg = config(Duration::from_secs(90));
-    let tls = dataverse_proxy::tls::client_config(None).expect("tls");
+    let tls = dataverse_proxy::upstream::tls::client_config(None).expect("tls");
     let origin = format!("http://localhost:{port}/").parse().expect("uri");
     let pool = upstream::pool(&cfg, &upstream::connector(&cfg, tls), origin);
     assert_eq!(get(&pool, port).await, "ok");

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 
+use crate::app::rules::Rules;
+use crate::app::{AppState, Links, OrgState};
 use crate::callers::{CallerRequest, Delegated, PeerCertificate};
 use crate::error::ProxyError;
 use crate::governor::Flow;
 use crate::http::access_log::RequestInfo;
-use crate::http::rules::Rules;
-use crate::http::state::{AppState, Links, OrgState};
 use crate::lanes::LaneSet;
 
 /// A request the proxy will forward, and what the next steps need of it.

@@ -8,6 +8,7 @@ use http_body_util::BodyExt;
 
 use super::admit::Admitted;
 use super::send::Sent;
+use crate::app::AppState;
 use crate::compression::stream::{decode, encode};
 use crate::compression::{
     AcceptEncoding, BodyCoding, Coding, Transcode, vary_on_accept_encoding, weaken_etag,
@@ -16,7 +17,6 @@ use crate::error::ProxyError;
 use crate::http::access_log::RequestInfo;
 use crate::http::body::{DrainBounds, Drainable, ProxyBody};
 use crate::http::headers;
-use crate::http::state::AppState;
 use crate::rewrite::{RewriteBody, Rewriter};
 
 /// Response headers that carry absolute org URLs.

@@ -16,11 +16,11 @@ use http_body_util::{BodyExt, Collected, Either, Full};
 use super::admit::Admitted;
 use super::plan::Planned;
 use super::send::{self, Sent};
+use crate::app::AppState;
 use crate::compression::{AcceptEncoding, Coding, Transcode, vary_on_accept_encoding, weaken_etag};
 use crate::error::ProxyError;
 use crate::http::access_log::RequestInfo;
 use crate::http::body::{UpstreamBody, is_rewritable};
-use crate::http::state::AppState;
 use crate::metadata_cache::{Entry, Fill, Key, Lookup, MetadataCache, Outcome, Turn, none_match};
 use crate::rewrite::Rewriter;
 

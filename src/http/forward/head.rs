@@ -62,7 +62,7 @@ impl AnswerHead {
                         head.time_remaining_ms = value
                             .to_str()
                             .ok()
-                            .and_then(crate::http::metrics::parse_seconds)
+                            .and_then(crate::stats::metrics::parse_seconds)
                             .map(|s| (s * 1000.0) as u64);
                     }
                     "x-ms-service-request-id" => service_id = Some(value),

@@ -10,12 +10,12 @@ use super::admit::Admitted;
 use super::answer::answer;
 use super::plan::{Planned, service_root};
 use super::send::{Sent, send};
+use crate::app::AppState;
 use crate::batch::long_get::{MAX_BATCH_URL, MAX_GET_URL, UnwrapError, unwrap, wrap};
 use crate::compression::AcceptEncoding;
 use crate::error::ProxyError;
 use crate::http::access_log::RequestInfo;
 use crate::http::body::RequestBody;
-use crate::http::state::AppState;
 
 /// The length of the URL Dataverse would see for `planned`, when it is a
 /// GET too long for a request line (else `None`).

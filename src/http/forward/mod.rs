@@ -42,7 +42,7 @@ use tokio::time::Instant;
 use super::REQUEST_ID;
 use super::access_log::RequestInfo;
 use super::body::Inbound;
-use super::state::AppState;
+use crate::app::AppState;
 use crate::compression::AcceptEncoding;
 use crate::error::ProxyError;
 

@@ -6,11 +6,11 @@ use axum::http::{HeaderMap, HeaderValue, Method, Uri, header};
 use bytes::Bytes;
 
 use super::admit::Admitted;
+use crate::app::AppState;
 use crate::config::Policy;
 use crate::error::ProxyError;
 use crate::http::body::{RequestBody, caller_body_fault};
 use crate::http::headers;
-use crate::http::state::AppState;
 use crate::policy::BatchContext;
 
 /// What goes to Dataverse (the bearer is added per attempt).

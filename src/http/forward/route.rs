@@ -6,10 +6,10 @@
 use std::sync::Arc;
 
 use super::admit::Admitted;
+use crate::app::AppState;
 use crate::callers::Delegated;
 use crate::error::ProxyError;
 use crate::governor::{Governor, Permit};
-use crate::http::state::AppState;
 use crate::token::{AccessToken, UserAssertion};
 
 /// Where the request is.

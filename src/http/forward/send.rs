@@ -16,12 +16,12 @@ use super::admit::Admitted;
 use super::head::AnswerHead;
 use super::plan::Planned;
 use super::route::Route;
+use crate::app::AppState;
 use crate::config::GovernorConfig;
 use crate::error::ProxyError;
 use crate::governor::{Permit, Throttle};
 use crate::http::access_log::RequestInfo;
 use crate::http::body::{UpstreamBody, caller_body_fault};
-use crate::http::state::AppState;
 
 /// Dataverse's answer, and the slot it holds until its body ends (none
 /// for an answer from the metadata cache).
@@ -222,7 +222,7 @@ fn decide<B>(
 /// trace context; the permit comes back with the outcome.
 async fn attempt(
     state: &AppState,
-    (org, mut req): (&crate::http::state::OrgState, Request<Body>),
+    (org, mut req): (&crate::app::OrgState, Request<Body>),
     mut permit: Permit,
     span: tracing::Span,
 ) -> (Permit, Result<Response<PooledBody>, ProxyError>) {
@@ -239,7 +239,7 @@ async fn attempt(
 /// appear), with the lane it went on, how long it waited for its slot and,
 /// on a replay, `http.request.resend_count`.
 fn attempt_span(
-    org: &crate::http::state::OrgState,
+    org: &crate::app::OrgState,
     req: &Request<Body>,
     lane: &str,
     (attempts, waited): (&Attempts, Duration),
@@ -285,7 +285,7 @@ fn record_attempt(span: &tracing::Span, outcome: &Result<Response<PooledBody>, P
 }
 
 /// Records how long Dataverse took to send its response headers.
-fn upstream_time(info: &mut RequestInfo, org: &crate::http::state::OrgState, sent_at: Instant) {
+fn upstream_time(info: &mut RequestInfo, org: &crate::app::OrgState, sent_at: Instant) {
     let waited = sent_at.elapsed();
     info.upstream = Some(info.upstream.unwrap_or_default() + waited);
     org.metrics.upstream(waited);

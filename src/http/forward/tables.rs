@@ -13,8 +13,8 @@ use axum::http::{Method, Request, header};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
+use crate::app::OrgState;
 use crate::error::ProxyError;
-use crate::http::state::OrgState;
 use crate::policy::tables::{Loaded, TableMap};
 
 /// How long a map serves before the org's `$metadata` is read again.

@@ -13,12 +13,12 @@ use super::admit::{Admitted, admit};
 use super::answer::{SMALL_ANSWER, answer};
 use super::plan::{plan, service_root, upstream_uri};
 use super::send::{Attempts, Next, Sent, next_step};
+use crate::app::AppState;
 use crate::compression::AcceptEncoding;
 use crate::config::{Config, GovernorConfig, Sources};
 use crate::error::ProxyError;
 use crate::http::access_log::RequestInfo;
 use crate::http::body::RequestBody;
-use crate::http::state::AppState;
 
 const ORG: &str = "http://127.0.0.1:9";
 const PEER: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);

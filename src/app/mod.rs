@@ -11,8 +11,12 @@ use axum::http::HeaderValue;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::metrics::{Metrics, RateLimitSeen, RequestHandles};
-use super::public::{Base, PublicUrl};
+use crate::stats::metrics::{Metrics, RateLimitSeen, RequestHandles};
+use public::{Base, PublicUrl};
+
+pub mod public;
+pub mod reload;
+pub mod rules;
 use crate::config::{Config, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::governor::Governor;
@@ -56,7 +60,7 @@ pub struct Shared {
     pub limits: Arc<ArcSwap<crate::config::LimitsConfig>>,
     /// Callers and policies (a reload may change them; each request keeps
     /// the generation it was admitted under).
-    pub rules: ArcSwap<super::rules::Rules>,
+    pub rules: ArcSwap<rules::Rules>,
     /// The configuration as started (a reload names what differs from it
     /// but needs a restart), and where a reload reads it again (set by
     /// `serve_with`; `None`: no reload).
@@ -66,7 +70,7 @@ pub struct Shared {
     /// Names the admin listener answers to besides addresses and `localhost`.
     pub admin_hosts: Arc<[String]>,
     /// Whose trace context a request span adopts.
-    pub trace_context_from: super::TraceContextFrom,
+    pub trace_context_from: crate::telemetry::TraceContextFrom,
     /// Caller request-rate quotas.
     pub quotas: Arc<crate::callers::Quotas>,
     /// Checks caller tokens, where `[caller_tokens]` is configured.
@@ -80,9 +84,9 @@ pub struct Shared {
     /// When the proxy started (Unix milliseconds), for the status page.
     pub started: u64,
     /// The last proxy errors, for the status page.
-    pub recent_errors: super::status::board::Recent,
+    pub recent_errors: crate::stats::board::Recent,
     /// Loads and reloads of the configuration, for the status page.
-    pub config_history: Mutex<super::status::ConfigStatus>,
+    pub config_history: Mutex<reload::ConfigStatus>,
     /// The accept loop's counters (open connections, closes by reason).
     pub connections: Arc<crate::server::ConnectionStats>,
 }
@@ -121,7 +125,7 @@ pub struct OrgState {
     /// Rewriters by public base URL (usually one entry).
     links: Mutex<Vec<(String, Arc<Links>)>>,
     /// What the status page shows of its requests.
-    pub board: super::status::board::OrgBoard,
+    pub board: crate::stats::board::OrgBoard,
     /// Request metrics of this org without a known caller (the callers'
     /// own are in the rules, which a reload may change).
     pub metrics: RequestHandles,
@@ -211,7 +215,7 @@ impl OrgState {
             tables: arc_swap::ArcSwapOption::empty(),
             tables_refresh: tokio::sync::Mutex::new(()),
             links: Mutex::new(Vec::new()),
-            board: super::status::board::OrgBoard::default(),
+            board: crate::stats::board::OrgBoard::default(),
             metrics: metrics.handles(&org.name, "-"),
         })
     }
@@ -248,7 +252,7 @@ impl AppState {
     pub fn new(config: &Config) -> std::io::Result<Self> {
         let metrics = Arc::new(Metrics::new());
         // One TLS setup for the token client and the Dataverse client.
-        let tls = crate::tls::client_config(config.upstream.ca_file.as_deref())
+        let tls = crate::upstream::tls::client_config(config.upstream.ca_file.as_deref())
             .map_err(std::io::Error::other)?;
         let redis = shared_redis(config)?;
         let connector = crate::upstream::connector(&config.upstream, tls.clone());
@@ -258,7 +262,7 @@ impl AppState {
             crate::token::entra_client(&config.token, tls.clone())
                 .map_err(std::io::Error::other)?,
         ));
-        let rules = super::rules::Rules::new(config, &metrics);
+        let rules = rules::Rules::new(config, &metrics);
         Ok(Self(Arc::new(Shared {
             orgs: built.orgs.into(),
             routes: Arc::new(built.routes),
@@ -282,9 +286,9 @@ impl AppState {
             admin_reload: config.admin_reload,
             admin_hosts: config.admin_hosts.clone().into(),
             trace_context_from: if config.log.trust_caller_trace_context {
-                super::TraceContextFrom::Anyone
+                crate::telemetry::TraceContextFrom::Anyone
             } else {
-                super::TraceContextFrom::Peers(config.trusted_proxies.clone().into())
+                crate::telemetry::TraceContextFrom::Peers(config.trusted_proxies.clone().into())
             },
             quotas: Arc::new(match &redis {
                 Some(r) => crate::callers::Quotas::shared(r.clone()),
@@ -294,11 +298,11 @@ impl AppState {
             obo,
             cors: config.cors.clone(),
             redis,
-            started: super::status::activity::unix_ms(),
-            recent_errors: super::status::board::Recent::default(),
+            started: crate::stats::activity::unix_ms(),
+            recent_errors: crate::stats::board::Recent::default(),
             connections: Arc::default(),
-            config_history: Mutex::new(super::status::ConfigStatus {
-                loaded: super::status::activity::unix_ms(),
+            config_history: Mutex::new(reload::ConfigStatus {
+                loaded: crate::stats::activity::unix_ms(),
                 ..Default::default()
             }),
         })))
@@ -313,7 +317,7 @@ impl AppState {
     }
 
     /// The configuration's history, for the status page.
-    pub fn config_status(&self) -> super::status::ConfigStatus {
+    pub fn config_status(&self) -> reload::ConfigStatus {
         self.config_history
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

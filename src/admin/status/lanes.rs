@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering;
 use serde::Serialize;
 
 use super::{GovernorStatus, TokenStatus};
+use crate::app::OrgState;
 use crate::governor::Governor;
-use crate::http::state::OrgState;
 
 /// One lane: an application user's token and budget.
 #[derive(Debug, Serialize)]

@@ -25,10 +25,11 @@
 
 use std::sync::Arc;
 
+use super::AppState;
 use super::rules::Rules;
-use super::state::AppState;
-use super::status::{ReloadError, activity::unix_ms};
 use crate::config::Config;
+use crate::stats::activity::unix_ms;
+use serde::Serialize;
 
 /// What a successful reload did not apply.
 #[derive(Debug, Default)]
@@ -268,4 +269,22 @@ pub fn restart_needed(started: &Config, new: &Config) -> Vec<&'static str> {
         .filter(|(_, changed)| *changed)
         .map(|(key, _)| key)
         .collect()
+}
+
+/// The configuration's history since the start.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConfigStatus {
+    /// When the rules in force were loaded (Unix milliseconds).
+    pub loaded: u64,
+    /// Successful reloads since the start.
+    pub reloads: u64,
+    /// The last reload that failed, if it was the last attempt: its
+    /// problems, each naming its key.
+    pub last_error: Option<ReloadError>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadError {
+    pub at: u64,
+    pub problems: Vec<String>,
 }

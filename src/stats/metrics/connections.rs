@@ -18,7 +18,7 @@ pub(super) struct Reason {
     reason: &'static str,
 }
 
-pub(super) struct ConnectionFamilies {
+pub(crate) struct ConnectionFamilies {
     open: Gauge,
     closed: Family<Reason, Counter>,
     refused: Family<Reason, Counter>,
@@ -48,7 +48,7 @@ impl ConnectionFamilies {
         }
     }
 
-    pub(super) fn render(&self, s: &ConnectionStats) {
+    pub(crate) fn render(&self, s: &ConnectionStats) {
         self.open.set(s.open.load(Ordering::Relaxed) as i64);
         for closed in Closed::ALL {
             let c = self.closed.get_or_create(&Reason {

@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use super::metrics::{Metrics, RequestHandles};
 use crate::config::{Access, Config, Impersonation, Policy};
+use crate::stats::metrics::{Metrics, RequestHandles};
 
 /// One generation of the rules.
 pub struct Rules {

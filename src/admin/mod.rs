@@ -2,7 +2,7 @@
 //! token is held for a lane of every org and shutdown has not begun; the
 //! lanes down are named), `/metrics`,
 //! and the operator's view: `/` (the status page) and `/status` (its data
-//! as JSON), see `http/status/`.
+//! as JSON), see `admin/status/`.
 
 use axum::Router;
 use axum::extract::State;
@@ -10,7 +10,10 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-use super::state::AppState;
+use crate::app::AppState;
+
+pub mod metrics;
+pub mod status;
 
 pub fn router(state: AppState) -> Router {
     // What a page in the operator's browser must not read through a
@@ -18,8 +21,8 @@ pub fn router(state: AppState) -> Router {
     // data and the metrics answer only to a Host the operator uses.
     let views = Router::new()
         .route("/metrics", get(metrics))
-        .route("/", get(super::status::page))
-        .route("/status", get(super::status::status))
+        .route("/", get(status::page))
+        .route("/status", get(status::status))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             known_host,
@@ -50,7 +53,7 @@ async fn known_host(
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let body = state.metrics.render(&state).await;
+    let body = metrics::render(&state.metrics, &state).await;
     (
         [(
             header::CONTENT_TYPE,
@@ -144,7 +147,7 @@ async fn reload(
     }
     let outcome = tokio::task::spawn_blocking({
         let state = state.clone();
-        move || super::reload::reload(&state)
+        move || crate::app::reload::reload(&state)
     })
     .await;
     match outcome {

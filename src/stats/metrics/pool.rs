@@ -10,7 +10,7 @@ use prometheus_client::registry::Registry;
 use super::{OrgLabel, registered, sync_counter};
 use crate::upstream::Pool;
 
-pub(super) struct PoolFamilies {
+pub(crate) struct PoolFamilies {
     opened: Family<OrgLabel, Counter>,
     idle: Family<OrgLabel, Gauge>,
 }
@@ -33,7 +33,7 @@ impl PoolFamilies {
         }
     }
 
-    pub(super) fn render(&self, pool: &Pool, org: &OrgLabel) {
+    pub(crate) fn render(&self, pool: &Pool, org: &OrgLabel) {
         sync_counter(&self.opened.get_or_create(org), pool.opened());
         self.idle.get_or_create(org).set(pool.idle() as i64);
     }

@@ -9,9 +9,16 @@
 
 use std::net::IpAddr;
 
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, HeaderName, header};
 
-use super::headers::names;
+/// RFC 7239.
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+/// De-facto forwarding headers.
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// De-facto forwarding headers.
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// De-facto forwarding headers.
+const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 
 /// Settings for deriving the public URL.
 #[derive(Debug, Clone)]
@@ -37,7 +44,7 @@ impl PublicUrl {
         let mut prefix = "";
         let trusted = self.trusted.iter().any(|net| net.contains(&peer));
         if trusted {
-            if let Some(fwd) = header_str(headers, names::FORWARDED) {
+            if let Some(fwd) = header_str(headers, FORWARDED) {
                 let (p, h) = parse_forwarded(fwd);
                 if let Some(p) = p {
                     proto = p;
@@ -46,19 +53,19 @@ impl PublicUrl {
                     host = h;
                 }
             } else {
-                match header_str(headers, names::X_FORWARDED_PROTO).map(first_value) {
+                match header_str(headers, X_FORWARDED_PROTO).map(first_value) {
                     Some(p) if p.eq_ignore_ascii_case("https") => proto = "https",
                     Some(p) if p.eq_ignore_ascii_case("http") => proto = "http",
                     _ => {}
                 }
-                if let Some(h) = header_str(headers, names::X_FORWARDED_HOST)
+                if let Some(h) = header_str(headers, X_FORWARDED_HOST)
                     .map(first_value)
                     .filter(|h| valid_host(h))
                 {
                     host = Some(h);
                 }
             }
-            if let Some(p) = header_str(headers, names::X_FORWARDED_PREFIX)
+            if let Some(p) = header_str(headers, X_FORWARDED_PREFIX)
                 .map(first_value)
                 .filter(|p| valid_prefix(p))
             {

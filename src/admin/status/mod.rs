@@ -8,8 +8,6 @@
 //! ever part of it: no token, no key, no secret, no configuration value
 //! beyond names, kinds and URLs.
 
-pub mod activity;
-pub mod board;
 mod lanes;
 
 use std::sync::atomic::Ordering;
@@ -19,8 +17,9 @@ use axum::http::header;
 use axum::response::{Html, IntoResponse};
 use serde::Serialize;
 
-use super::state::{AppState, OrgState};
-use activity::Sample;
+use crate::app::reload::ConfigStatus;
+use crate::app::{AppState, OrgState};
+use crate::stats::activity::Sample;
 
 /// The page, with `/*INITIAL*/null` where the first snapshot goes (so it
 /// renders at once, without waiting for its first fetch).
@@ -37,25 +36,7 @@ pub struct Status {
     pub draining: bool,
     pub config: ConfigStatus,
     pub orgs: Vec<OrgStatus>,
-    pub recent_errors: Vec<board::RecentError>,
-}
-
-/// The configuration's history since the start.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ConfigStatus {
-    /// When the rules in force were loaded (Unix milliseconds).
-    pub loaded: u64,
-    /// Successful reloads since the start.
-    pub reloads: u64,
-    /// The last reload that failed, if it was the last attempt: its
-    /// problems, each naming its key.
-    pub last_error: Option<ReloadError>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ReloadError {
-    pub at: u64,
-    pub problems: Vec<String>,
+    pub recent_errors: Vec<crate::stats::board::RecentError>,
 }
 
 #[derive(Debug, Serialize)]
@@ -174,7 +155,7 @@ pub async fn snapshot(state: &AppState) -> Status {
     }
     Status {
         version: env!("CARGO_PKG_VERSION"),
-        now: activity::unix_ms(),
+        now: crate::stats::activity::unix_ms(),
         started: state.started,
         ready: state.ready().await,
         draining: state.draining.load(Ordering::SeqCst),
@@ -188,7 +169,7 @@ async fn org_status(org: &OrgState) -> OrgStatus {
     let lanes = lanes::lanes(org).await;
     let throttled_total = lanes.iter().map(|l| l.governor.throttled_total).sum();
     let series = org.board.activity.series(throttled_total);
-    let five_minutes = (300 / activity::INTERVAL.as_secs()) as usize + 1;
+    let five_minutes = (300 / crate::stats::activity::INTERVAL.as_secs()) as usize + 1;
     let throttled_5m = series
         .iter()
         .rev()
@@ -228,19 +209,19 @@ async fn org_status(org: &OrgState) -> OrgStatus {
                 bytes: c.weighted_size(),
             }
         }),
-        interval_s: activity::INTERVAL.as_secs(),
+        interval_s: crate::stats::activity::INTERVAL.as_secs(),
         series,
     }
 }
 
-/// Closes every org's current interval each [`activity::INTERVAL`] until
+/// Closes every org's current interval each [`crate::stats::activity::INTERVAL`] until
 /// `shutdown`.
 pub fn spawn_ticker(
     state: AppState,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(activity::INTERVAL);
+        let mut tick = tokio::time::interval(crate::stats::activity::INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {

@@ -19,7 +19,7 @@ pub(super) struct OrgResult {
     result: &'static str,
 }
 
-pub(super) struct CacheFamilies {
+pub(crate) struct CacheFamilies {
     requests: Family<OrgResult, Counter>,
     variants: Family<OrgLabel, Counter>,
     bytes: Family<OrgLabel, Gauge>,
@@ -49,7 +49,7 @@ impl CacheFamilies {
         }
     }
 
-    pub(super) fn render(&self, cache: &MetadataCache, l: &OrgLabel) {
+    pub(crate) fn render(&self, cache: &MetadataCache, l: &OrgLabel) {
         let s = cache.stats();
         for (result, value) in [
             ("hit", &s.hits),

@@ -20,8 +20,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use super::state::AppState;
-
 /// Labels of a finished request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -37,14 +35,14 @@ pub struct RequestLabels {
     pub caller: String,
 }
 
-mod cache;
-mod connections;
-mod governor;
-mod pool;
+pub(crate) mod cache;
+pub(crate) mod connections;
+pub(crate) mod governor;
+pub(crate) mod pool;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OrgLabel {
-    org: String,
+pub(crate) struct OrgLabel {
+    pub(crate) org: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,16 +52,16 @@ struct OrgMethod {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TokenLabels {
-    credential: String,
-    result: &'static str,
-    reason: &'static str,
+pub(crate) struct TokenLabels {
+    pub(crate) credential: String,
+    pub(crate) result: &'static str,
+    pub(crate) reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TokenOrg {
-    org: String,
-    credential: String,
+pub(crate) struct TokenOrg {
+    pub(crate) org: String,
+    pub(crate) credential: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -108,7 +106,7 @@ pub fn parse_seconds(v: &str) -> Option<f64> {
 
 /// The proxy's metrics registry.
 pub struct Metrics {
-    registry: Registry,
+    pub(crate) registry: Registry,
     requests: Family<RequestLabels, Counter>,
     duration: Family<OrgMethod, Histogram>,
     upstream_duration: Family<OrgLabel, Histogram>,
@@ -117,26 +115,26 @@ pub struct Metrics {
     bytes_out: Family<OrgLabel, Counter>,
     in_flight: Gauge,
     /// Copied in at scrape time from the log writer.
-    log_lines_dropped: Counter,
+    pub(crate) log_lines_dropped: Counter,
     /// Copied in at scrape time from the governors.
-    governor: governor::GovernorFamilies,
+    pub(crate) governor: governor::GovernorFamilies,
     /// Copied in at scrape time from the orgs and their tokens.
-    org: OrgFamilies,
+    pub(crate) org: OrgFamilies,
     /// Copied in at scrape time from the metadata caches.
-    cache: cache::CacheFamilies,
+    pub(crate) cache: cache::CacheFamilies,
     /// Copied in at scrape time from the accept loop.
-    connections: connections::ConnectionFamilies,
+    pub(crate) connections: connections::ConnectionFamilies,
     /// Copied in at scrape time from the orgs' pools.
-    pools: pool::PoolFamilies,
+    pub(crate) pools: pool::PoolFamilies,
 }
 
 /// What Dataverse and Entra ID told us last, by org.
-struct OrgFamilies {
-    dop_hint: Family<OrgLabel, Gauge>,
-    ratelimit_burst: Family<OrgLabel, Gauge>,
-    ratelimit_time: Family<OrgLabel, Gauge<f64, AtomicU64>>,
-    token_fetches: Family<TokenLabels, Counter>,
-    token_expiry: Family<TokenOrg, Gauge<f64, AtomicU64>>,
+pub(crate) struct OrgFamilies {
+    pub(crate) dop_hint: Family<OrgLabel, Gauge>,
+    pub(crate) ratelimit_burst: Family<OrgLabel, Gauge>,
+    pub(crate) ratelimit_time: Family<OrgLabel, Gauge<f64, AtomicU64>>,
+    pub(crate) token_fetches: Family<TokenLabels, Counter>,
+    pub(crate) token_expiry: Family<TokenOrg, Gauge<f64, AtomicU64>>,
 }
 
 impl OrgFamilies {
@@ -457,68 +455,10 @@ impl Metrics {
             gateway: OnceLock::new(),
         }
     }
-
-    /// Renders the registry, after copying the scrape-time figures in.
-    pub async fn render(&self, state: &AppState) -> String {
-        let dropped = crate::logging::dropped_lines();
-        self.log_lines_dropped
-            .inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
-        self.connections.render(&state.connections);
-        for org in state.orgs.iter() {
-            let l = OrgLabel {
-                org: org.name.clone(),
-            };
-            self.governor.render(org);
-            self.pools.render(&org.pool, &l);
-            if let Some(cache) = &org.metadata {
-                self.cache.render(cache, &l);
-            }
-            let load = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as i64;
-            self.org
-                .dop_hint
-                .get_or_create(&l)
-                .set(load(&org.lanes.first().governor.stats().dop_hint));
-            if org.ratelimit.seen.load(Ordering::Relaxed) == 1 {
-                self.org
-                    .ratelimit_burst
-                    .get_or_create(&l)
-                    .set(org.ratelimit.burst_remaining.load(Ordering::Relaxed) as i64);
-                self.org
-                    .ratelimit_time
-                    .get_or_create(&l)
-                    .set(org.ratelimit.time_remaining_ms.load(Ordering::Relaxed) as f64 / 1000.0);
-            }
-            for lane in org.lanes.iter() {
-                let left = lane
-                    .token
-                    .expires_in()
-                    .await
-                    .map_or(0.0, |d| d.as_secs_f64());
-                let label = TokenOrg {
-                    org: org.name.clone(),
-                    credential: lane.token.credential_name().to_owned(),
-                };
-                self.org.token_expiry.get_or_create(&label).set(left);
-            }
-        }
-        for provider in state.providers() {
-            for (result, reason, count) in provider.stats().snapshot() {
-                let c = self.org.token_fetches.get_or_create(&TokenLabels {
-                    credential: provider.credential_name().to_owned(),
-                    result,
-                    reason,
-                });
-                sync_counter(&c, count);
-            }
-        }
-        let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
-    }
 }
 
 /// Raises a counter to `value` (counters mirrored from atomics only grow).
-fn sync_counter(c: &Counter, value: u64) {
+pub(crate) fn sync_counter(c: &Counter, value: u64) {
     let current = c.get();
     if value > current {
         c.inc_by(value - current);

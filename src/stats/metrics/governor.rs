@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 
 use super::{registered, sync_counter};
 use crate::governor::{Governor, Throttle};
-use crate::http::state::OrgState;
+use crate::lanes::Lanes;
 
 /// An org's lane (the lane's credential name).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,7 +37,7 @@ pub(super) struct OrgLaneState {
     state: &'static str,
 }
 
-pub(super) struct GovernorFamilies {
+pub(crate) struct GovernorFamilies {
     in_flight: Family<OrgLane, Gauge>,
     queued: Family<OrgLane, Gauge>,
     limit: Family<OrgLane, Gauge>,
@@ -144,13 +144,14 @@ impl GovernorFamilies {
         }
     }
 
-    pub(super) fn render(&self, org: &OrgState) {
-        for (i, lane) in org.lanes.iter().enumerate() {
+    /// Copies in the figures of an org's lanes.
+    pub(crate) fn render(&self, org: &str, lanes: &Lanes) {
+        for (i, lane) in lanes.iter().enumerate() {
             let l = OrgLane {
-                org: org.name.clone(),
+                org: org.to_owned(),
                 lane: lane.name.to_string(),
             };
-            let up = org.lanes.in_rotation(i);
+            let up = lanes.in_rotation(i);
             self.in_rotation.get_or_create(&l).set(i64::from(up));
             self.render_lane(&lane.governor, &l);
         }
