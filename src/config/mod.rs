@@ -69,7 +69,7 @@ use sources::*;
 /// Exit code for configuration errors (`EX_USAGE` from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
 
-/// Environment variables and the config keys they set (design §2).
+/// Environment variables and the config keys they set (docs/configuration.md).
 pub const ENV_KEYS: &[(&str, &str)] = &[
     ("DATAVERSE_URL", "org.url"),
     ("AZURE_TENANT_ID", "credential.tenant_id"),

@@ -23,9 +23,8 @@ use crate::server::ConflictingHost;
 /// them is answered at once with its error and goes no further.
 ///
 /// A small layer of its own rather than `axum::middleware::from_fn`, which
-/// boxes every request's future and clones the router behind it: measured at
-/// ~1,800 instructions per request (docs/benchmarks.md), for a check that
-/// is a few comparisons.
+/// boxes every request's future and clones the router behind it, for a
+/// check that is a few comparisons.
 #[derive(Clone)]
 pub struct EdgeLayer {
     limits: Arc<ArcSwap<LimitsConfig>>,

@@ -314,8 +314,7 @@ impl<S: Service> Connection<S> {
     /// The connection served, over TLS when `tls` is given. Boxed: its
     /// state (hyper's HTTP/1 and HTTP/2 machines, TLS) is tens of KB, and
     /// the task would otherwise copy it whole on every move into the
-    /// runtime; callgrind counted ~120k instructions of memcpy per new
-    /// connection.
+    /// runtime.
     fn serving(
         self,
         tls: Option<tokio_rustls::TlsAcceptor>,

@@ -29,11 +29,9 @@
 //! wakes it: it looks again at least every [`Timeouts::tick`], and every
 //! deadline a request, a head or a frame can start is at least that far
 //! from the moment it starts, so the look before a deadline arms it exactly.
-//! Measured: when the watchdog shared the connection's task and was woken
-//! on each request's start and end, every wake of the connection polled its
-//! timer, wake-up and eviction futures, and each wake-up re-armed a timer;
-//! moving it out took callgrind's count from 80.4k to 71.0k instructions per
-//! request at 16 connections (docs/benchmarks.md, round three).
+//! A task of its own because, sharing the connection's task, every wake of
+//! the connection polled the watchdog's timer, wake-up and eviction futures
+//! and re-armed a timer (docs/benchmarks.md has the count).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -153,9 +153,8 @@ struct Inner {
     /// A token was fetched at least once.
     fetched_once: std::sync::atomic::AtomicBool,
     /// The cache's current token as a plain pointer, so that a request reads
-    /// it under a read lock instead of querying moka (a `get` costs ~2,100
-    /// instructions, 3 % of a request: docs/benchmarks.md, "Round two"). The
-    /// cache stays the one store: this view is set only from what the cache
+    /// it under a read lock instead of querying moka, whose `get` costs more
+    /// than the rest of the token's part of a request. The cache stays the one store: this view is set only from what the cache
     /// holds or is given ([`Self::remember`]) and cleared with it.
     view: std::sync::RwLock<Option<Arc<AccessToken>>>,
     /// The last token was dropped after a 401.
@@ -321,9 +320,8 @@ impl TokenProvider {
         if let Some(token) = viewed.filter(|t| Instant::now() < t.serve_until) {
             return Ok(token);
         }
-        // Boxed: the cache and fetch futures are large (~4 KB), and inline
-        // they would make every request's future as large, copied at each
-        // move (measured: docs/benchmarks.md, "future sizes").
+        // Boxed: the cache and fetch futures are large, and inline they
+        // would make every request's future as large, copied at each move.
         Box::pin(self.get_from_cache()).await
     }
 

@@ -1,8 +1,8 @@
 //! A connection pool of our own per org, over hyper's HTTP/1.1 connection.
 //!
-//! Why not hyper-util's pooled client (which round two used): measured
-//! under callgrind it cost ~10 % of every request (docs/benchmarks.md):
-//! the `(scheme, authority)` key hashed with SipHash on checkout and on
+//! Why not hyper-util's pooled client: it costs every request work an org
+//! with one origin does not need (docs/benchmarks.md has the count): the
+//! `(scheme, authority)` key hashed with SipHash on checkout and on
 //! return, a task spawned per request to give the connection back once the
 //! answer's body ends, and the connector's info put into every response's
 //! extensions. An org has one origin, so its pool is a stack of idle
