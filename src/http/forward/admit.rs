@@ -6,6 +6,7 @@ use std::sync::Arc;
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 
+use super::call::Call;
 use crate::app::rules::Rules;
 use crate::app::{AppState, Links, OrgState};
 use crate::callers::{CallerRequest, Delegated, PeerCertificate};
@@ -68,11 +69,11 @@ const CALLER_OBJECT_ID: HeaderName = HeaderName::from_static("callerobjectid");
 
 /// Routes the request to an org and decides whether it may go there.
 pub async fn admit(
-    state: &AppState,
+    call: &mut Call<'_>,
     peer: IpAddr,
     parts: &Parts,
-    info: &mut RequestInfo,
 ) -> Result<Admitted, ProxyError> {
+    let (state, info) = (call.state, &mut *call.info);
     let host = parts
         .headers
         .get(header::HOST)

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 
 use super::admit::Admitted;
+use super::call::Call;
 use super::send::Sent;
 use crate::app::AppState;
 use crate::compression::stream::{decode, encode};
@@ -14,7 +15,6 @@ use crate::compression::{
     AcceptEncoding, BodyCoding, Coding, Transcode, vary_on_accept_encoding, weaken_etag,
 };
 use crate::error::ProxyError;
-use crate::http::access_log::RequestInfo;
 use crate::http::body::{DrainBounds, Drainable, ProxyBody};
 use crate::http::headers;
 use crate::rewrite::{RewriteBody, Rewriter};
@@ -32,15 +32,14 @@ pub const SMALL_ANSWER: usize = 64 * 1024;
 
 /// Turns Dataverse's answer into the caller's.
 pub async fn answer<B>(
-    state: &AppState,
+    call: &mut Call<'_>,
     admitted: &Admitted,
     sent: Sent<B>,
-    accept: &AcceptEncoding,
-    info: &mut RequestInfo,
 ) -> Result<Response<ProxyBody<B>>, ProxyError>
 where
     B: Drainable,
 {
+    let (state, accept, info) = (call.state, call.accept, &mut *call.info);
     let Sent {
         response,
         permit,

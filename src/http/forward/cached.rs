@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Collected, Either, Full};
 
 use super::admit::Admitted;
+use super::call::Call;
 use super::plan::Planned;
 use super::send::{self, Sent};
 use crate::app::AppState;
@@ -66,13 +67,12 @@ struct Asker<'a> {
 /// Serves from `cache` what it holds fresh; revalidates what is stale with
 /// `If-None-Match`; fetches (and keeps) the rest.
 pub async fn send(
-    state: &AppState,
+    call: &mut Call<'_>,
     admitted: &Admitted,
     (cache, key): CacheKey,
     mut planned: Planned,
-    (accept, arrived): (&AcceptEncoding, tokio::time::Instant),
-    info: &mut RequestInfo,
 ) -> Result<Cached, ProxyError> {
+    let (state, accept) = (call.state, call.accept);
     let asker = Asker {
         admitted,
         accept,
@@ -82,7 +82,7 @@ pub async fn send(
     let stale = match cache.lookup(&key, wants_check(&planned.headers)) {
         Lookup::Fresh(entry) => {
             let hit = Hit(&cache, &key, Outcome::Hit);
-            return served(state, hit, &entry, &asker, info).await;
+            return served(state, hit, &entry, &asker, call.info).await;
         }
         Lookup::Stale(entry) => entry.etag().cloned().map(|tag| (entry, tag)),
         Lookup::Miss => None,
@@ -93,7 +93,7 @@ pub async fn send(
         None => match cache.turn(&key).await {
             Turn::Ready(entry) => {
                 let hit = Hit(&cache, &key, Outcome::Hit);
-                return served(state, hit, &entry, &asker, info).await;
+                return served(state, hit, &entry, &asker, call.info).await;
             }
             Turn::Lead(lock) => Some(lock),
             Turn::Alone => None,
@@ -104,7 +104,7 @@ pub async fn send(
         planned.headers.remove(header::IF_MODIFIED_SINCE);
         planned.headers.insert(header::IF_NONE_MATCH, tag.clone());
     }
-    let sent = send::send(state, admitted, planned, arrived, info).await?;
+    let sent = send::send(call, admitted, planned).await?;
     let status = sent.response.status();
     if let (Some((entry, _)), StatusCode::NOT_MODIFIED) = (&stale, status) {
         let Sent {
@@ -116,7 +116,7 @@ pub async fn send(
         }
         let entry = cache.revalidated(&key, entry);
         let hit = Hit(&cache, &key, Outcome::Revalidated);
-        return served(state, hit, &entry, &asker, info).await;
+        return served(state, hit, &entry, &asker, call.info).await;
     }
     let outcome = if stale.is_some() {
         Outcome::Changed
@@ -124,7 +124,7 @@ pub async fn send(
         Outcome::Miss
     };
     cache.count(outcome);
-    info.cache = Some(outcome.label());
+    call.info.cache = Some(outcome.label());
     Ok(Cached::Answer(Box::new(
         keep(state, (&cache, key), sent, lock).await?,
     )))
@@ -365,9 +365,15 @@ async fn make(
     entry: &Entry,
     asker: &Asker<'_>,
 ) -> Result<Option<(HeaderMap, Bytes)>, ProxyError> {
+    // Made for the cache, not for this request: what it learns is not kept.
     let mut scratch = RequestInfo::default();
-    let sent = as_sent(entry);
-    let made = super::answer::answer(state, asker.admitted, sent, asker.accept, &mut scratch);
+    let call = &mut Call {
+        state,
+        arrived: tokio::time::Instant::now(),
+        accept: asker.accept,
+        info: &mut scratch,
+    };
+    let made = super::answer::answer(call, asker.admitted, as_sent(entry));
     let (mut parts, body) = made.await?.into_parts();
     let limited = http_body_util::Limited::new(body, cache.max_entry());
     let Ok(bytes) = limited.collect().await.map(Collected::to_bytes) else {

@@ -8,13 +8,11 @@ use bytes::Bytes;
 
 use super::admit::Admitted;
 use super::answer::answer;
+use super::call::Call;
 use super::plan::{Planned, service_root};
 use super::send::{Sent, send};
-use crate::app::AppState;
 use crate::batch::long_get::{MAX_BATCH_URL, MAX_GET_URL, UnwrapError, unwrap, wrap};
-use crate::compression::AcceptEncoding;
 use crate::error::ProxyError;
-use crate::http::access_log::RequestInfo;
 use crate::http::body::RequestBody;
 
 /// The length of the URL Dataverse would see for `planned`, when it is a
@@ -28,11 +26,10 @@ pub fn too_long_for_a_request_line(admitted: &Admitted, planned: &Planned) -> Op
 /// Sends `planned` (a GET of `url_len` characters) inside `$batch` and
 /// answers with the inner response.
 pub async fn forward(
-    state: &AppState,
+    call: &mut Call<'_>,
     admitted: &Admitted,
     mut planned: Planned,
-    (accept, arrived, url_len): (&AcceptEncoding, tokio::time::Instant, usize),
-    info: &mut RequestInfo,
+    url_len: usize,
 ) -> Result<Response<Body>, ProxyError> {
     if url_len > MAX_BATCH_URL {
         return Err(ProxyError::UrlTooLongForDataverse(url_len));
@@ -49,18 +46,18 @@ pub async fn forward(
     // The multipart answer is read here to find the part: not compressed.
     h.remove(header::ACCEPT_ENCODING);
     planned.body = RequestBody::Buffered(body);
-    let sent = send(state, admitted, planned, arrived, info).await?;
+    let sent = send(call, admitted, planned).await?;
     let Sent {
         response, permit, ..
     } = sent;
-    let idle = state.upstream.idle_timeout;
+    let idle = call.state.upstream.idle_timeout;
     let response = match unwrap(response, idle).await {
         Err(as_it_is) => as_it_is.map(http_body_util::Either::Left),
         Ok(Ok(inner)) => inner.map(http_body_util::Either::Right),
         Ok(Err(UnwrapError::Stalled(idle))) => return Err(ProxyError::UpstreamTimeout(idle)),
         Ok(Err(e)) => return Err(ProxyError::UpstreamBody(e.into())),
     };
-    let resp = answer(state, admitted, Sent::new(response, permit), accept, info).await?;
+    let resp = answer(call, admitted, Sent::new(response, permit)).await?;
     Ok(resp.map(Body::new))
 }
 

@@ -22,12 +22,15 @@
 mod admit;
 mod answer;
 mod cached;
+mod call;
 mod head;
 mod long_get;
 mod plan;
 mod route;
 mod send;
 mod tables;
+
+pub use call::Call;
 
 #[cfg(test)]
 mod tests;
@@ -69,7 +72,7 @@ pub async fn handle(
     resp
 }
 
-/// The four steps; `info` learns what the access log needs on the way.
+/// The four steps.
 async fn forward(
     state: &AppState,
     peer: SocketAddr,
@@ -80,45 +83,38 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let accept = AcceptEncoding::from_headers(&parts.headers);
     let body = Body::new(Inbound::new(body, state.limits.load().max_body));
-    let admitted = admit::admit(state, peer.ip(), &parts, info).await?;
+    let call = &mut Call {
+        state,
+        arrived,
+        accept: &accept,
+        info,
+    };
+    let admitted = admit::admit(call, peer.ip(), &parts).await?;
     let planned = plan::plan(state, &admitted, parts, body).await?;
     if let Some(len) = long_get::too_long_for_a_request_line(&admitted, &planned) {
-        let how = (&accept, arrived, len);
-        return Box::pin(long_get::forward(state, &admitted, planned, how, info)).await;
+        return Box::pin(long_get::forward(call, &admitted, planned, len)).await;
     }
     if let Some(cache) = cached::lookup_key(&admitted, &planned) {
         // Boxed: the metadata path's future is large (6.6 KB), and inline it
         // would make every request's future (moved into axum's box, copied
         // at each move) as large.
-        return Box::pin(cached_answer(
-            state,
-            &admitted,
-            cache,
-            planned,
-            (&accept, arrived),
-            info,
-        ))
-        .await;
+        return Box::pin(cached_answer(call, &admitted, cache, planned)).await;
     }
-    let sent = send::send(state, &admitted, planned, arrived, info).await?;
-    let resp = answer::answer(state, &admitted, sent, &accept, info).await?;
+    let sent = send::send(call, &admitted, planned).await?;
+    let resp = answer::answer(call, &admitted, sent).await?;
     Ok(resp.map(Body::new))
 }
 
 /// The metadata cache's path: a cached answer, or Dataverse's kept on the way.
 async fn cached_answer(
-    state: &AppState,
+    call: &mut Call<'_>,
     admitted: &admit::Admitted,
     cache: cached::CacheKey,
     planned: plan::Planned,
-    (accept, arrived): (&AcceptEncoding, Instant),
-    info: &mut RequestInfo,
 ) -> Result<Response, ProxyError> {
-    let sent = cached::send(state, admitted, cache, planned, (accept, arrived), info).await?;
+    let sent = cached::send(call, admitted, cache, planned).await?;
     Ok(match sent {
-        cached::Cached::Answer(sent) => answer::answer(state, admitted, *sent, accept, info)
-            .await?
-            .map(Body::new),
+        cached::Cached::Answer(sent) => answer::answer(call, admitted, *sent).await?.map(Body::new),
         cached::Cached::Made(made) => made.map(Body::new),
     })
 }

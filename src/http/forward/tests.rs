@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 
+use super::Call;
 use super::admit::{Admitted, admit};
 use super::answer::{SMALL_ANSWER, answer};
 use super::plan::{plan, service_root, upstream_uri};
@@ -56,13 +57,14 @@ async fn admitted(
     target: &str,
     headers: &[(&str, &str)],
 ) -> Result<Admitted, ProxyError> {
-    admit(
+    let accept = AcceptEncoding::from_headers(&HeaderMap::new());
+    let call = &mut Call {
         state,
-        PEER,
-        &parts(method, target, headers),
-        &mut RequestInfo::default(),
-    )
-    .await
+        arrived: tokio::time::Instant::now(),
+        accept: &accept,
+        info: &mut RequestInfo::default(),
+    };
+    admit(call, PEER, &parts(method, target, headers)).await
 }
 
 // --- admit ---
@@ -346,15 +348,16 @@ async fn answered_for(
     if !accept.is_empty() {
         caller.insert(header::ACCEPT_ENCODING, accept.parse().expect("value"));
     }
-    answer(
+    let accept = AcceptEncoding::from_headers(&caller);
+    let call = &mut Call {
         state,
-        &a,
-        Sent::new(upstream, Some(permit)),
-        &AcceptEncoding::from_headers(&caller),
-        &mut RequestInfo::default(),
-    )
-    .await
-    .expect("answered")
+        arrived: tokio::time::Instant::now(),
+        accept: &accept,
+        info: &mut RequestInfo::default(),
+    };
+    answer(call, &a, Sent::new(upstream, Some(permit)))
+        .await
+        .expect("answered")
 }
 
 fn upstream(body: String, headers: &[(&str, &str)]) -> Response<Full<Bytes>> {
