@@ -4,7 +4,7 @@
 //!
 //! Everything here is read from the running proxy at request time: token
 //! health, the governors, the metadata caches, and what the access log
-//! counted into the [`board`] and its [`activity`] rings. Nothing secret is
+//! counted into the [`crate::stats::board`] and its [`crate::stats::activity`] rings. Nothing secret is
 //! ever part of it: no token, no key, no secret, no configuration value
 //! beyond names, kinds and URLs.
 

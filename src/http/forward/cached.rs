@@ -66,7 +66,7 @@ struct Asker<'a> {
 
 /// Serves from `cache` what it holds fresh; revalidates what is stale with
 /// `If-None-Match`; fetches (and keeps) the rest.
-pub async fn send(
+pub async fn serve(
     call: &mut Call<'_>,
     admitted: &Admitted,
     (cache, key): CacheKey,

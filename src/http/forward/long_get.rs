@@ -25,7 +25,7 @@ pub fn too_long_for_a_request_line(admitted: &Admitted, planned: &Planned) -> Op
 
 /// Sends `planned` (a GET of `url_len` characters) inside `$batch` and
 /// answers with the inner response.
-pub async fn forward(
+pub async fn as_batch(
     call: &mut Call<'_>,
     admitted: &Admitted,
     mut planned: Planned,

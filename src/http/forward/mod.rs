@@ -12,12 +12,16 @@
 //!    response-header timeout; a 401 drops that token and replays once, a
 //!    429 closes the org's gate for everyone and replays after the wait,
 //!    when the body allows. Metadata GETs go through
-//!    [`cached::send()`](cached::send) instead: the org's metadata cache,
+//!    [`cached::serve()`](cached::serve) instead: the org's metadata cache,
 //!    revalidated with Dataverse when stale;
 //! 4. [`answer()`](answer::answer): Dataverse's headers filtered, org links
 //!    in link headers and in JSON and `$batch` bodies rewritten to the
 //!    proxy's public URL (decoded first when compressed, encoded again
 //!    as the caller accepts), the governor slot held until the body ends.
+//!
+//! The steps share one [`Call`]. A GET too long for Dataverse's request
+//! line goes inside a one-part `$batch` ([`long_get::as_batch`]); as whom
+//! a request is sent (a lane, or a delegated user) is [`sent_as`].
 
 mod admit;
 mod answer;
@@ -26,8 +30,8 @@ mod call;
 mod head;
 mod long_get;
 mod plan;
-mod route;
 mod send;
+mod sent_as;
 mod tables;
 
 pub use call::Call;
@@ -59,7 +63,7 @@ pub async fn handle(
     let request_id = req.headers().get(REQUEST_ID).cloned();
     let mut info = RequestInfo::default();
     let arrived = Instant::now();
-    let mut resp = match forward(&state, peer, req, &mut info).await {
+    let mut resp = match steps(&state, peer, req, &mut info).await {
         Ok(resp) => resp,
         Err(e) => e.to_response(request_id.as_ref()),
     };
@@ -73,7 +77,7 @@ pub async fn handle(
 }
 
 /// The four steps.
-async fn forward(
+async fn steps(
     state: &AppState,
     peer: SocketAddr,
     req: Request,
@@ -92,7 +96,7 @@ async fn forward(
     let admitted = admit::admit(call, peer.ip(), &parts).await?;
     let planned = plan::plan(state, &admitted, parts, body).await?;
     if let Some(len) = long_get::too_long_for_a_request_line(&admitted, &planned) {
-        return Box::pin(long_get::forward(call, &admitted, planned, len)).await;
+        return Box::pin(long_get::as_batch(call, &admitted, planned, len)).await;
     }
     if let Some(cache) = cached::lookup_key(&admitted, &planned) {
         // Boxed: the metadata path's future is large (6.6 KB), and inline it
@@ -112,7 +116,7 @@ async fn cached_answer(
     cache: cached::CacheKey,
     planned: plan::Planned,
 ) -> Result<Response, ProxyError> {
-    let sent = cached::send(call, admitted, cache, planned).await?;
+    let sent = cached::serve(call, admitted, cache, planned).await?;
     Ok(match sent {
         cached::Cached::Answer(sent) => answer::answer(call, admitted, *sent).await?.map(Body::new),
         cached::Cached::Made(made) => made.map(Body::new),

@@ -24,7 +24,7 @@ use super::Call;
 use super::admit::Admitted;
 use super::head::AnswerHead;
 use super::plan::Planned;
-use super::route::Route;
+use super::sent_as::SentAs;
 use crate::app::AppState;
 use crate::error::ProxyError;
 use crate::governor::Permit;
@@ -63,17 +63,17 @@ pub async fn send(
     let (state, arrived, info) = (call.state, call.arrived, &mut *call.info);
     let org = &admitted.org;
     let queued = Instant::now();
-    let (mut route, mut permit) = Route::start(admitted).await?;
+    let (mut sent_as, mut permit) = SentAs::start(admitted).await?;
     let mut waited = queued.elapsed();
-    route.governor().sent();
+    sent_as.governor().sent();
     let mut attempts = Attempts::default();
     let idempotent = is_idempotent(&planned.method, &planned.headers);
     loop {
-        let token = route.token(state, &mut permit).await?;
-        let governor = route.governor().clone();
+        let token = sent_as.token(state, &mut permit).await?;
+        let governor = sent_as.governor().clone();
         let req = upstream_request(&mut planned, token.header());
         let sent_at = Instant::now();
-        let span = attempt_span(org, &req, route.lane_name(), &attempts, waited);
+        let span = attempt_span(org, &req, sent_as.lane_name(), &attempts, waited);
         let (returned, outcome) = attempt(state, org, req, permit, span).await;
         permit = returned;
         let transient = TransientCheck {
@@ -106,14 +106,14 @@ pub async fn send(
                 });
             }
         };
-        let next = decide(&route, &response, &attempts, &planned, arrived);
+        let next = decide(&sent_as, &response, &attempts, &planned, arrived);
         let unauthorized = response.status() == StatusCode::UNAUTHORIZED;
-        if unauthorized && (!attempts.refreshed || route.exchanged_now()) {
+        if unauthorized && (!attempts.refreshed || sent_as.exchanged_now()) {
             // Revoked or rotated: drop this token (not a newer one),
             // whether or not the request can be replayed; a user's token
             // exchanged just now is the user's refusal, remembered.
             attempts.refreshed = true;
-            route.invalidate(state, &token).await;
+            sent_as.invalidate(state, &token).await;
         }
         match next {
             Next::Answer => {
@@ -133,10 +133,10 @@ pub async fn send(
                 // Another lane with an open gate takes the replay at once;
                 // else the wait, then the gate and the queue in turn.
                 let queued = Instant::now();
-                if !route.another_open() {
+                if !sent_as.another_open() {
                     tokio::time::sleep(wait).await;
                 }
-                permit = route.reacquire().await?;
+                permit = sent_as.reacquire().await?;
                 waited = queued.elapsed();
             }
         }
@@ -146,14 +146,14 @@ pub async fn send(
 /// What follows an answer that is a 401 or a 429: a 429 on one lane goes
 /// to another open lane at once; otherwise [`next_step`] decides.
 fn decide<B>(
-    route: &Route<'_>,
+    sent_as: &SentAs<'_>,
     response: &Response<B>,
     attempts: &Attempts,
     planned: &Planned,
     arrived: Instant,
 ) -> Next {
-    let governor = route.governor();
-    if replay_elsewhere(response, attempts, planned, governor) && route.another_open() {
+    let governor = sent_as.governor();
+    if replay_elsewhere(response, attempts, planned, governor) && sent_as.another_open() {
         // Throttled on this lane only: another lane takes it at once.
         return Next::Wait(Duration::ZERO);
     }

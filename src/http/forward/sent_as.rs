@@ -1,4 +1,4 @@
-//! Which budget and which token a request goes with: one of the org's
+//! As whom a request is sent, which decides its budget and its token: one of the org's
 //! lanes (an application user's token and governor), or, for a caller
 //! rule with `impersonate = "delegated"`, the user's own token (exchanged
 //! on-behalf-of) and the user's own governor.
@@ -12,8 +12,8 @@ use crate::error::ProxyError;
 use crate::governor::{Governor, Permit};
 use crate::token::{AccessToken, UserAssertion};
 
-/// Where the request is.
-pub enum Route<'a> {
+/// As whom the request is sent.
+pub enum SentAs<'a> {
     /// On lane `lane` of the org.
     Lane { admitted: &'a Admitted, lane: usize },
     /// As `user`, with the user's governor.
@@ -26,8 +26,8 @@ pub enum Route<'a> {
     },
 }
 
-impl<'a> Route<'a> {
-    /// The request's route and its first slot.
+impl<'a> SentAs<'a> {
+    /// As whom the request is sent, and its first slot.
     pub async fn start(admitted: &'a Admitted) -> Result<(Self, Permit), ProxyError> {
         if let Some(user) = admitted.delegated.as_deref() {
             let governor = admitted.org.users.of(&user.tenant, &user.object_id);
