@@ -275,6 +275,11 @@ impl AppState {
                     .map(|u| u.as_str().trim_end_matches('/').to_owned()),
                 trusted: config.trusted_proxies.clone(),
                 fallback_host: config.listen.to_string(),
+                scheme: if config.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
             }),
             unrouted: metrics.handles("-", "-"),
             metrics,

@@ -2,7 +2,8 @@
 //!
 //! In order: the configured `public_url`; else, when the peer is a trusted
 //! proxy, `Forwarded` (RFC 7239) or `X-Forwarded-Proto` / `-Host` /
-//! `-Prefix`; else `http://` + the `Host` header; else the listen address.
+//! `-Prefix`; else the listener's own scheme (`https` with `[tls]`) + the
+//! `Host` header; else the listen address.
 //! Forwarded values from untrusted peers are ignored: anyone could send
 //! them and steer the links of the answer. Every value is validated before
 //! it is written into a body.
@@ -29,6 +30,9 @@ pub struct PublicUrl {
     pub trusted: Vec<ipnet::IpNet>,
     /// Fallback authority (the listen address).
     pub fallback_host: String,
+    /// The scheme of the proxy listener: `https` when it serves TLS, so
+    /// that a link followed comes back to the same listener.
+    pub scheme: &'static str,
 }
 
 impl PublicUrl {
@@ -39,7 +43,7 @@ impl PublicUrl {
         if let Some(fixed) = &self.fixed {
             return Base::new([fixed, "", "", "", "", ""], false);
         }
-        let mut proto = "http";
+        let mut proto = self.scheme;
         let mut host = header_str(headers, header::HOST).filter(|h| valid_host(h));
         let mut prefix = "";
         let trusted = self.trusted.iter().any(|net| net.contains(&peer));
@@ -179,6 +183,7 @@ mod tests {
             fixed: None,
             trusted: trusted.iter().map(|t| t.parse().expect("net")).collect(),
             fallback_host: "127.0.0.1:8080".into(),
+            scheme: "http",
         }
     }
 
@@ -229,6 +234,19 @@ mod tests {
             cfg(&["10.0.0.0/8"]).derive(&h, PEER).to_string(),
             "https://gw.example.com"
         );
+    }
+
+    #[test]
+    fn a_tls_listener_keeps_its_scheme() {
+        let tls = PublicUrl {
+            scheme: "https",
+            ..cfg(&["10.0.0.0/8"])
+        };
+        let h = headers(&[("host", "proxy.local:8443")]);
+        assert_eq!(tls.derive(&h, PEER).to_string(), "https://proxy.local:8443");
+        // A trusted proxy in front that speaks plain HTTP to its clients says so.
+        let h = headers(&[("host", "proxy.local:8443"), ("x-forwarded-proto", "http")]);
+        assert_eq!(tls.derive(&h, PEER).to_string(), "http://proxy.local:8443");
     }
 
     #[test]

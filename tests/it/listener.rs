@@ -414,3 +414,52 @@ async fn client_certificates_name_callers_and_strangers_are_refused() {
     );
     h.stop().await;
 }
+
+/// Links derived on a TLS listener keep its scheme: a client follows
+/// `@odata.nextLink` back over TLS to the last page.
+#[tokio::test]
+async fn links_on_a_tls_listener_say_https_and_can_be_followed() {
+    let ca = Ca::new("links CA");
+    let dir = temp_dir();
+    let (cert, key) = ca.leaf("proxy", &["localhost", "127.0.0.1"], &[]);
+    let h = with_toml(
+        "",
+        &[
+            ("tls.cert_file", write(&dir, "tls.crt", &cert)),
+            ("tls.key_file", write(&dir, "tls.key", &key)),
+        ],
+    )
+    .await;
+    let base = h.proxy.replace("http://", "https://");
+    let client = https_client(&ca, None, true);
+    let mut url = format!("{base}/api/data/v9.2/accounts?$select=name");
+    let (mut pages, mut rows) = (0, 0);
+    loop {
+        let body: serde_json::Value = client
+            .get(&url)
+            .header("Prefer", "odata.maxpagesize=2")
+            .send()
+            .await
+            .expect("page over TLS")
+            .json()
+            .await
+            .expect("json");
+        let context = body["@odata.context"].as_str().expect("context");
+        assert!(
+            context.starts_with(&format!("{base}/api/data/v9.2/")),
+            "{context}"
+        );
+        pages += 1;
+        rows += body["value"].as_array().expect("rows").len();
+        match body["@odata.nextLink"].as_str() {
+            Some(next) => {
+                assert!(next.starts_with(&base), "{next}");
+                url = next.to_owned();
+            }
+            None => break,
+        }
+    }
+    assert!(pages > 1, "paged");
+    assert_eq!(rows, h.sim.ids("accounts").len());
+    h.stop().await;
+}
