@@ -264,6 +264,12 @@ async fn a_batch_with_a_change_set_and_content_id_references_round_trips() {
         )),
         "{text}"
     );
+    // Every part's head carries its own headers, as Dataverse's do.
+    assert_eq!(text.matches("OData-Version: 4.0").count(), 4, "{text}");
+    assert!(
+        text.contains(&format!("Location: {}/api/data/v9.2/accounts(", h.proxy)),
+        "{text}"
+    );
 
     // The simulator refuses batch URLs of a foreign host, so the success
     // above shows the request lines reached it rewritten to its own origin.

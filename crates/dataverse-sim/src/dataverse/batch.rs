@@ -107,6 +107,19 @@ impl Outcome {
     }
 }
 
+/// The headers of an answer part, as Dataverse writes them
+/// (docs/dataverse.md, "Batch"): `OData-Version: 4.0` in every part, and a
+/// created record's `Location` beside its `OData-EntityId`.
+fn part_headers(mut headers: HeaderMap) -> HeaderMap {
+    headers.insert("odata-version", HeaderValue::from_static("4.0"));
+    if let Some(id) = headers.get("odata-entityid").cloned()
+        && !headers.contains_key(http::header::LOCATION)
+    {
+        headers.insert(http::header::LOCATION, id);
+    }
+    headers
+}
+
 /// `odata-entityid` → `OData-EntityId`, as Dataverse writes headers.
 fn canonical(name: &HeaderName) -> String {
     match name.as_str() {
@@ -293,7 +306,7 @@ async fn run(
         Outcome {
             content_id: content_id.clone(),
             status: parts.status,
-            headers: parts.headers,
+            headers: part_headers(parts.headers),
             body,
         }
     };
@@ -398,6 +411,26 @@ mod tests {
         assert_eq!(op.method, Method::GET);
         assert_eq!(op.url, "leads");
         assert!(split(b"--b\r\nx\r\n\r\n", "b").is_none(), "unterminated");
+    }
+
+    #[test]
+    fn every_answer_part_says_its_odata_version_and_a_create_its_location() {
+        let mut created = HeaderMap::new();
+        let id = "https://org.example/api/data/v9.2/tasks(00000000-0000-0000-0000-000000000001)";
+        created.insert("odata-entityid", HeaderValue::from_static(id));
+        let outcome = Outcome {
+            content_id: Some("1".into()),
+            status: StatusCode::NO_CONTENT,
+            headers: part_headers(created),
+            body: Bytes::new(),
+        };
+        let mut out = String::new();
+        outcome.write(&mut out);
+        let head = out.split("\r\n\r\n").nth(1).expect("the part's HTTP head");
+        assert!(head.starts_with("HTTP/1.1 204 No Content\r\n"), "{out}");
+        assert!(head.contains("OData-Version: 4.0"), "{out}");
+        assert!(head.contains(&format!("Location: {id}")), "{out}");
+        assert!(head.contains(&format!("OData-EntityId: {id}")), "{out}");
     }
 
     #[test]
