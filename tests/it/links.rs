@@ -413,3 +413,33 @@ async fn small_answers_keep_an_exact_length_and_large_ones_stream() {
     }
     h.stop().await;
 }
+
+/// The service document, what clients ask first: every entity set, its
+/// context naming the proxy.
+#[tokio::test]
+async fn the_service_document_lists_the_entity_sets() {
+    let h = Harness::start().await;
+    for path in ["/api/data/v9.2/", "/api/data/v9.2"] {
+        let resp = h
+            .client
+            .get(format!("{}{path}", h.proxy))
+            .send()
+            .await
+            .expect("service document");
+        assert_eq!(resp.status(), 200, "{path}");
+        let body: serde_json::Value = resp.json().await.expect("json");
+        assert_eq!(
+            body["@odata.context"],
+            format!("{}/api/data/v9.2/$metadata", h.proxy)
+        );
+        let sets = body["value"].as_array().expect("value");
+        for name in ["accounts", "contacts", "leads"] {
+            assert!(
+                sets.iter()
+                    .any(|s| s["name"] == name && s["kind"] == "EntitySet" && s["url"] == name),
+                "{name} in {body}"
+            );
+        }
+    }
+    h.stop().await;
+}

@@ -180,6 +180,23 @@ fn build_csdl(version: u64) -> String {
     )
 }
 
+/// The service document (`GET /api/data/v9.2/`): every entity set of the
+/// `$metadata` container, as Dataverse lists them (docs/dataverse.md,
+/// "The service document").
+pub(super) fn service_document(base: &str) -> Response {
+    let custom = (0..CUSTOM_TABLES).map(|i| format!("{}s", custom_table(i)));
+    let sets: Vec<Value> = SCHEMAS
+        .iter()
+        .map(|s| s.entity_set.to_owned())
+        .chain(custom)
+        .map(|name| json!({"name": name, "kind": "EntitySet", "url": name}))
+        .collect();
+    super::json_response(
+        StatusCode::OK,
+        &json!({"@odata.context": format!("{base}/$metadata"), "value": sets}),
+    )
+}
+
 /// A table's navigation properties: name, target, collection-valued.
 fn navigations(s: &Schema) -> Vec<(&'static str, &'static Schema, bool)> {
     let single = s.lookups.iter().map(|l| (l.nav, l.target, false));

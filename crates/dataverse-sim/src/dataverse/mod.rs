@@ -247,6 +247,8 @@ fn take_fault(sim: &SimState) -> Option<Response> {
 
 /// What a path under `/api/data/vX.Y/` addresses.
 enum Target<'a> {
+    /// The service root: the service document.
+    Service,
     WhoAmI,
     Batch,
     Metadata,
@@ -268,6 +270,9 @@ fn parse_target(rest: &str) -> Result<Target<'_>, Response> {
             &format!("Resource not found for the segment '{rest}'."),
         )
     };
+    if rest.is_empty() {
+        return Ok(Target::Service);
+    }
     let segments: Vec<&str> = rest.split('/').collect();
     let first = segments.first().copied().unwrap_or_default();
     if segments.len() == 1 {
@@ -354,6 +359,7 @@ pub(super) async fn route(sim: &Arc<SimState>, req: Request) -> Response {
     };
     let method = req.method().clone();
     match (method, target) {
+        (Method::GET, Target::Service) => metadata::service_document(&ctx.base),
         (Method::GET, Target::WhoAmI) => ctx.whoami(),
         (Method::GET, Target::Metadata) => metadata::csdl(sim, req.headers()),
         (Method::GET, Target::Definitions(rest)) => {
