@@ -335,3 +335,57 @@ async fn forms_for_a_callers_own_host_are_never_kept() {
     assert_eq!(counter(&after, "miss"), 1, "{after}");
     h.stop().await;
 }
+
+/// Table definitions queried as SDKs query them: `$filter` by name,
+/// `$select` (with `MetadataId` always), `Attributes` expanded with their
+/// own options, keys by `MetadataId`; an option the simulator does not
+/// support is Dataverse's error, never an answer that ignored it.
+#[tokio::test]
+async fn table_definitions_answer_filters_selects_and_expansions() {
+    let h = Harness::start().await;
+    let get = |path: &str| {
+        let url = h.url(path);
+        let client = h.client.clone();
+        async move { client.get(url).send().await.expect("get") }
+    };
+    let query = "/EntityDefinitions?$select=LogicalName,EntitySetName,PrimaryIdAttribute,PrimaryNameAttribute\
+                 &$filter=LogicalName eq 'contact' or LogicalName eq 'account'\
+                 &$expand=Attributes($select=LogicalName,AttributeType;$filter=IsPrimaryId eq true)";
+    let body: serde_json::Value = get(query).await.json().await.expect("json");
+    let tables = body["value"].as_array().expect("value");
+    assert_eq!(tables.len(), 2, "{body}");
+    let account = tables
+        .iter()
+        .find(|t| t["LogicalName"] == "account")
+        .expect("account");
+    assert_eq!(account["EntitySetName"], "accounts");
+    assert_eq!(account["PrimaryIdAttribute"], "accountid");
+    assert_eq!(account["PrimaryNameAttribute"], "name");
+    assert!(account["MetadataId"].is_string(), "always returned");
+    assert!(account.get("DisplayName").is_none(), "not selected");
+    let attributes = account["Attributes"].as_array().expect("attributes");
+    assert_eq!(attributes.len(), 1, "{account}");
+    assert_eq!(attributes[0]["LogicalName"], "accountid");
+    assert_eq!(attributes[0]["AttributeType"], "Uniqueidentifier");
+
+    let id = account["MetadataId"].as_str().expect("id");
+    let by_id: serde_json::Value = get(&format!("/EntityDefinitions({id})?$select=LogicalName"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(by_id["LogicalName"], "account");
+
+    let unsupported = get("/EntityDefinitions?$top=1").await;
+    assert_eq!(unsupported.status(), 400);
+    let error: serde_json::Value = unsupported.json().await.expect("json");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("$top")
+    );
+    let unknown = get("/EntityDefinitions?$filter=NoSuchName eq 'x'").await;
+    assert_eq!(unknown.status(), 400);
+    h.stop().await;
+}

@@ -14,6 +14,7 @@
 
 use std::fmt::Write as _;
 
+use super::definitions::{Refused, Table};
 use super::*;
 
 /// Custom tables declared besides the ones with rows.
@@ -228,25 +229,40 @@ fn entity_type(out: &mut String, logical: &str, id: &str, columns: &[(String, &s
 
 /// `GET EntityDefinitions…` and `GET GlobalOptionSetDefinitions…`:
 /// `rest` is the path after the version, decoded.
-pub(super) fn definitions(sim: &SimState, base: &str, rest: &str, headers: &HeaderMap) -> Response {
+pub(super) fn definitions(
+    sim: &SimState,
+    (base, rest, query): (&str, &str, &str),
+    headers: &HeaderMap,
+) -> Response {
     let version = sim.schema_version();
     let resource = rest.split(['(', '/']).next().unwrap_or("");
-    let tag = etag(version, &resource.to_ascii_lowercase());
+    // Each query is its own answer, with its own tag.
+    let query_hash = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (rest, query).hash(&mut h);
+        h.finish()
+    };
+    let tag = etag(
+        version,
+        &format!("{}-{query_hash:x}", resource.to_ascii_lowercase()),
+    );
     if let Some(resp) = not_modified(headers, &tag) {
         return resp;
     }
     let body = if resource == "GlobalOptionSetDefinitions" {
         option_sets(base)
     } else {
-        match entity_definitions(base, rest, version) {
-            Some(body) => body,
-            None => {
+        match super::definitions::answer(base, rest, query, &tables(version)) {
+            Ok(Some(body)) => body,
+            Ok(None) => {
                 return dv_error(
                     StatusCode::NOT_FOUND,
                     "0x80060888",
                     &format!("Resource not found for the segment '{rest}'."),
                 );
             }
+            Err(Refused(status, message)) => return dv_error(status, "0x80060888", &message),
         }
     };
     let mut resp = json_response(StatusCode::OK, &body);
@@ -254,66 +270,30 @@ pub(super) fn definitions(sim: &SimState, base: &str, rest: &str, headers: &Head
     resp
 }
 
-/// A table's logical name, entity set and columns with their types.
-struct Table(String, String, Vec<(String, &'static str)>);
-
-/// Every table (logical names, sets, display names), or one by
-/// `(LogicalName='…')`, or its `/Attributes`.
-fn entity_definitions(base: &str, rest: &str, version: u64) -> Option<Value> {
-    let tables: Vec<Table> = SCHEMAS
+/// Every table as its definition shows it.
+fn tables(version: u64) -> Vec<Table> {
+    SCHEMAS
         .iter()
-        .map(|s| {
-            let cols = s
-                .all_columns()
-                .map(|c| (c.to_owned(), "Edm.String"))
-                .collect();
-            Table(s.logical.to_owned(), s.entity_set.to_owned(), cols)
+        .map(|s| Table {
+            logical: s.logical.to_owned(),
+            set: s.entity_set.to_owned(),
+            primary_id: s.id_field.to_owned(),
+            primary_name: s.columns.first().copied().unwrap_or(s.id_field).to_owned(),
+            columns: std::iter::once((s.id_field.to_owned(), "Edm.Guid"))
+                .chain(s.columns.iter().map(|c| ((*c).to_owned(), "Edm.String")))
+                .collect(),
         })
         .chain((0..CUSTOM_TABLES).map(|i| {
             let name = custom_table(i);
-            Table(name.clone(), format!("{name}s"), custom_columns(i, version))
+            Table {
+                primary_id: format!("{name}id"),
+                primary_name: format!("{name}id"),
+                set: format!("{name}s"),
+                columns: custom_columns(i, version),
+                logical: name,
+            }
         }))
-        .collect();
-    let definition = |Table(logical, set, columns): &Table| {
-        json!({
-            "MetadataId": Uuid::new_v5(&Uuid::NAMESPACE_OID, logical.as_bytes()),
-            "LogicalName": logical,
-            "EntitySetName": set,
-            "SchemaName": logical,
-            "IsCustomEntity": logical.starts_with("dvp_"),
-            "DisplayName": {"UserLocalizedLabel": {"Label": logical, "LanguageCode": 1033}},
-            "AttributeCount": columns.len(),
-        })
-    };
-    let Some(key) = rest.strip_prefix("EntityDefinitions(") else {
-        let value: Vec<Value> = tables.iter().map(definition).collect();
-        return Some(json!({
-            "@odata.context": format!("{base}/$metadata#EntityDefinitions"),
-            "value": value,
-        }));
-    };
-    let (key, tail) = key.split_once(')')?;
-    let logical = key.strip_prefix("LogicalName='")?.strip_suffix('\'')?;
-    let table = tables.iter().find(|t| t.0 == logical)?;
-    match tail {
-        "" => {
-            let mut one = definition(table);
-            one["@odata.context"] = json!(format!("{base}/$metadata#EntityDefinitions/$entity"));
-            Some(one)
-        }
-        "/Attributes" => {
-            let value: Vec<Value> = table
-                .2
-                .iter()
-                .map(|(name, ty)| json!({"LogicalName": name, "AttributeType": ty, "IsValidForRead": true}))
-                .collect();
-            Some(json!({
-                "@odata.context": format!("{base}/$metadata#EntityDefinitions('{logical}')/Attributes"),
-                "value": value,
-            }))
-        }
-        _ => None,
-    }
+        .collect()
 }
 
 fn option_sets(base: &str) -> Value {

@@ -72,6 +72,7 @@ impl OrgIds {
 mod auth;
 mod batch;
 mod crud;
+mod definitions;
 mod fetch;
 mod files;
 mod metadata;
@@ -363,7 +364,7 @@ pub(super) async fn route(sim: &Arc<SimState>, req: Request) -> Response {
         (Method::GET, Target::WhoAmI) => ctx.whoami(),
         (Method::GET, Target::Metadata) => metadata::csdl(sim, req.headers()),
         (Method::GET, Target::Definitions(rest)) => {
-            metadata::definitions(sim, &ctx.base, rest, req.headers())
+            metadata::definitions(sim, (&ctx.base, rest, &ctx.query), req.headers())
         }
         (Method::POST, Target::Batch) => {
             let (parts, body) = req.into_parts();
