@@ -443,3 +443,112 @@ async fn the_service_document_lists_the_entity_sets() {
     }
     h.stop().await;
 }
+
+/// Change tracking through the proxy: the last page of a tracked read
+/// carries a delta link naming the proxy; following it gives what was
+/// created, changed and deleted since, and `$count` counts those changes.
+#[tokio::test]
+async fn a_sync_client_follows_delta_links_through_the_proxy() {
+    let h = Harness::start().await;
+    let tracked = |url: String| {
+        h.client
+            .get(url)
+            .header("Prefer", "odata.track-changes, odata.maxpagesize=2")
+            .send()
+    };
+    let mut url = h.url("/accounts?$select=name");
+    let delta = loop {
+        let resp = tracked(url.clone()).await.expect("page");
+        let applied = resp.headers()["preference-applied"]
+            .to_str()
+            .expect("header")
+            .to_owned();
+        assert!(applied.contains("odata.track-changes"), "{applied}");
+        let body: serde_json::Value = resp.json().await.expect("json");
+        if let Some(next) = body["@odata.nextLink"].as_str() {
+            assert!(body.get("@odata.deltaLink").is_none(), "only the last page");
+            url = next.to_owned();
+            continue;
+        }
+        break body["@odata.deltaLink"]
+            .as_str()
+            .expect("a delta link")
+            .to_owned();
+    };
+    assert!(delta.starts_with(&h.url("/accounts?")), "{delta}");
+    assert!(delta.contains("$deltatoken="), "{delta}");
+
+    let ids = h.sim.ids("accounts");
+    let created = h
+        .client
+        .post(h.url("/accounts"))
+        .json(&serde_json::json!({"name": "Delta New"}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(created.status(), 204);
+    let patched = h
+        .client
+        .patch(h.url(&format!("/accounts({})", ids[0])))
+        .json(&serde_json::json!({"name": "Delta Changed"}))
+        .send()
+        .await
+        .expect("update");
+    assert_eq!(patched.status(), 204);
+    let deleted = h
+        .client
+        .delete(h.url(&format!("/accounts({})", ids[1])))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(deleted.status(), 204);
+
+    let changes: serde_json::Value = h
+        .client
+        .get(&delta)
+        .send()
+        .await
+        .expect("delta")
+        .json()
+        .await
+        .expect("json");
+    let rows = changes["value"].as_array().expect("value");
+    assert_eq!(rows.len(), 3, "{changes}");
+    let names: Vec<&str> = rows.iter().filter_map(|r| r["name"].as_str()).collect();
+    assert!(
+        names.contains(&"Delta New") && names.contains(&"Delta Changed"),
+        "{changes}"
+    );
+    let gone = rows
+        .iter()
+        .find(|r| r["reason"] == "deleted")
+        .expect("a deleted row");
+    assert_eq!(gone["id"], ids[1].to_string());
+    let next = changes["@odata.deltaLink"]
+        .as_str()
+        .expect("next delta link");
+    assert!(next.starts_with(&h.url("/accounts?")), "{next}");
+    assert!(!changes.to_string().contains(h.sim.org_url()), "{changes}");
+
+    let token = delta.split("$deltatoken=").nth(1).expect("token");
+    let count = h
+        .client
+        .get(h.url(&format!("/accounts/$count?$deltatoken={token}")))
+        .send()
+        .await
+        .expect("count")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(count, "3");
+
+    let refused = h
+        .client
+        .get(h.url("/accounts?$filter=name eq 'x'"))
+        .header("Prefer", "odata.track-changes")
+        .send()
+        .await
+        .expect("refused");
+    assert_eq!(refused.status(), 400);
+    h.stop().await;
+}

@@ -56,6 +56,13 @@ impl Ctx {
 
     pub(super) fn list(&self, s: &'static Schema, headers: &HeaderMap) -> Response {
         let q = Query::parse(&self.query);
+        if let Some(token) = q.get(changes::DELTA_TOKEN) {
+            return self.delta(s, &q, token);
+        }
+        let tracking = changes::asked(headers);
+        if tracking && let Some(refused) = changes::refusal(&q) {
+            return refused;
+        }
         let paging = match Paging::parse(&q, headers) {
             Ok(p) => p,
             Err(resp) => return resp,
@@ -128,11 +135,22 @@ impl Ctx {
                 "@odata.nextLink".into(),
                 Value::String(self.next_link(s, page_no, *first, *last)),
             );
+        } else if tracking {
+            body.insert(
+                "@odata.deltaLink".into(),
+                Value::String(self.delta_link(s, db.next_version)),
+            );
         }
         drop(db);
         let mut resp = json_response(StatusCode::OK, &Value::Object(body));
-        if let Some(n) = paging.page_size
-            && let Ok(v) = HeaderValue::from_str(&format!("odata.maxpagesize={n}"))
+        let applied: Vec<String> = paging
+            .page_size
+            .map(|n| format!("odata.maxpagesize={n}"))
+            .into_iter()
+            .chain(tracking.then(|| "odata.track-changes".to_owned()))
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&applied.join(","))
+            && !applied.is_empty()
         {
             resp.headers_mut().insert("preference-applied", v);
         }
@@ -380,12 +398,18 @@ impl Ctx {
     }
 
     pub(super) fn delete(&self, s: &'static Schema, id: Uuid) -> Response {
-        let removed = lock(&self.sim.db)
-            .tables
-            .get_mut(s.entity_set)
-            .and_then(|t| t.remove(&id));
+        let mut db = lock(&self.sim.db);
+        let removed = db.tables.get_mut(s.entity_set).and_then(|t| t.remove(&id));
         match removed {
-            Some(_) => StatusCode::NO_CONTENT.into_response(),
+            Some(_) => {
+                let version = db.bump();
+                db.deleted.push(Deleted {
+                    set: s.entity_set,
+                    id,
+                    version,
+                });
+                StatusCode::NO_CONTENT.into_response()
+            }
             None => not_found(s, id),
         }
     }

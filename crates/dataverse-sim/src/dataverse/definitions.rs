@@ -16,6 +16,8 @@ pub(super) struct Table {
     pub(super) primary_name: String,
     /// Columns and their OData types.
     pub(super) columns: Vec<(String, &'static str)>,
+    /// Changes are tracked (delta links).
+    pub(super) change_tracking: bool,
 }
 
 /// A refused query: Dataverse's status, code and message.
@@ -130,9 +132,8 @@ fn definition(t: &Table) -> Value {
         "IsCustomEntity": t.logical.starts_with("dvp_"),
         "DisplayName": {"UserLocalizedLabel": {"Label": t.logical, "LanguageCode": 1033}},
         "AttributeCount": t.columns.len(),
-        // The simulator keeps no change history.
-        "ChangeTrackingEnabled": false,
-        "CanChangeTrackingBeEnabled": {"Value": false, "CanBeChanged": false},
+        "ChangeTrackingEnabled": t.change_tracking,
+        "CanChangeTrackingBeEnabled": {"Value": t.change_tracking, "CanBeChanged": false},
     })
 }
 

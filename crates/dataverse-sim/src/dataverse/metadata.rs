@@ -282,6 +282,7 @@ fn tables(version: u64) -> Vec<Table> {
             columns: std::iter::once((s.id_field.to_owned(), "Edm.Guid"))
                 .chain(s.columns.iter().map(|c| ((*c).to_owned(), "Edm.String")))
                 .collect(),
+            change_tracking: true,
         })
         .chain((0..CUSTOM_TABLES).map(|i| {
             let name = custom_table(i);
@@ -290,6 +291,7 @@ fn tables(version: u64) -> Vec<Table> {
                 primary_name: format!("{name}id"),
                 set: format!("{name}s"),
                 columns: custom_columns(i, version),
+                change_tracking: false,
                 logical: name,
             }
         }))

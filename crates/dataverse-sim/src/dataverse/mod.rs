@@ -71,6 +71,7 @@ impl OrgIds {
 
 mod auth;
 mod batch;
+mod changes;
 mod crud;
 mod definitions;
 mod fetch;
@@ -261,6 +262,8 @@ enum Target<'a> {
     FileValue(&'static Schema, Uuid, &'a str),
     /// `{set}(id)/{navigation}`.
     Navigation(&'static Schema, Uuid, &'a str),
+    /// `{set}/$count`.
+    Count(&'static Schema),
 }
 
 fn parse_target(rest: &str) -> Result<Target<'_>, Response> {
@@ -295,10 +298,10 @@ fn parse_target(rest: &str) -> Result<Target<'_>, Response> {
     };
     let schema = schema(set).ok_or_else(not_found)?;
     let Some(key) = key else {
-        return if segments.len() == 1 {
-            Ok(Target::Collection(schema))
-        } else {
-            Err(not_found())
+        return match segments.as_slice() {
+            [_] => Ok(Target::Collection(schema)),
+            [_, "$count"] => Ok(Target::Count(schema)),
+            _ => Err(not_found()),
         };
     };
     let id = Uuid::parse_str(key).map_err(|_| {
@@ -385,6 +388,7 @@ pub(super) async fn route(sim: &Arc<SimState>, req: Request) -> Response {
             }
         }
         (Method::GET, Target::Collection(s)) => ctx.list(s, req.headers()),
+        (Method::GET, Target::Count(s)) => ctx.count(s),
         (Method::POST, Target::Collection(s)) => match read_json(sim, req).await {
             Ok((headers, body)) => ctx.create(s, &headers, body),
             Err(resp) => resp,

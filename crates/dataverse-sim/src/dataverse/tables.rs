@@ -159,6 +159,16 @@ pub(crate) struct Row {
 pub(crate) struct Db {
     pub(crate) tables: HashMap<&'static str, BTreeMap<Uuid, Row>>,
     pub(crate) next_version: u64,
+    /// Deleted rows, for change tracking.
+    pub(crate) deleted: Vec<Deleted>,
+}
+
+/// A deleted row: its table, id and the version of its deletion.
+#[derive(Clone)]
+pub(crate) struct Deleted {
+    pub(crate) set: &'static str,
+    pub(crate) id: Uuid,
+    pub(crate) version: u64,
 }
 
 pub(crate) const FIRST: &[&str] = &[
@@ -238,6 +248,7 @@ impl Db {
                 .map(|s| (s.entity_set, BTreeMap::new()))
                 .collect(),
             next_version: 71_000_000,
+            deleted: Vec::new(),
         };
         let created = utc_timestamp(now_epoch() - 86_400 * 30).replace(' ', "T");
         for i in 0..20 {
