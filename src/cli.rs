@@ -52,7 +52,12 @@ pub enum Command {
     /// Run the proxy from configuration (the default).
     Serve,
     /// Start the built-in Entra ID + Dataverse simulator and the proxy in front of it.
-    Demo,
+    Demo {
+        /// Serve the proxy over TLS with a certificate made for this run
+        /// (its CA is written to a file the banner names).
+        #[arg(long)]
+        tls: bool,
+    },
     /// Run only the simulator, printing the environment that points a proxy at it.
     Sim {
         /// Entra ID listen address.
@@ -124,7 +129,7 @@ pub async fn run(cli: Cli, env: HashMap<String, String>) -> ExitCode {
             Ok(config) => serve(config, sources).await,
             Err(code) => code,
         },
-        Command::Demo => demo(sources).await,
+        Command::Demo { tls } => demo(sources, tls).await,
         Command::Sim {
             entra_listen,
             dataverse_listen,
@@ -262,7 +267,7 @@ async fn serve(config: Config, sources: Sources) -> ExitCode {
     }
 }
 
-async fn demo(mut sources: Sources) -> ExitCode {
+async fn demo(mut sources: Sources, tls: bool) -> ExitCode {
     // The proxy's app exposes the API its callers' tokens are for, as the
     // on-behalf-of exchange needs (docs/azure-setup.md).
     let defaults = SimConfig::default();
@@ -292,6 +297,21 @@ async fn demo(mut sources: Sources) -> ExitCode {
         )
     });
     sources.overrides = h.proxy_overrides();
+    let tls = match tls.then(demo_tls).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("dataverse-proxy demo: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(t) = &tls {
+        sources
+            .overrides
+            .push(("tls.cert_file", t.cert_file.display().to_string()));
+        sources
+            .overrides
+            .push(("tls.key_file", t.key_file.display().to_string()));
+    }
     sources.inline_toml = Some(demo_callers(h));
     // A signed-in user of the org, and a token of theirs for the proxy's API.
     let user = uuid::Uuid::new_v4();
@@ -308,10 +328,14 @@ async fn demo(mut sources: Sources) -> ExitCode {
         Err(code) => return code,
     };
     let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
-    let p = format!("http://{}", local(&proxy, config.listen));
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let p = format!("{scheme}://{}", local(&proxy, config.listen));
     let a = format!("http://{}", local(&admin, config.admin_listen));
     let tokens = (user_token.as_str(), delegated_token.as_str());
-    let banner = demo_banner((&p, &a), (h.entra_url(), h.org_url()), tokens);
+    let mut banner = demo_banner((&p, &a), (h.entra_url(), h.org_url()), tokens);
+    if let Some(t) = &tls {
+        banner = format!("{}\n{banner}", trust_lines(&t.ca_file));
+    }
     // A closed stdout (e.g. piped into `head`) must not stop the demo.
     let _ = writeln!(std::io::stdout().lock(), "{banner}");
     let shutdown = CancellationToken::new();
@@ -324,6 +348,9 @@ async fn demo(mut sources: Sources) -> ExitCode {
     };
     let result = crate::serve_with(config, proxy, admin, control).await;
     sim.shutdown();
+    if let Some(dir) = tls.as_ref().and_then(|t| t.ca_file.parent()) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -331,6 +358,23 @@ async fn demo(mut sources: Sources) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The demo's TLS files, in a directory of the system's temporary one.
+fn demo_tls() -> Result<dataverse_sim::demo_tls::DemoTls, String> {
+    let dir = std::env::temp_dir().join(format!("dataverse-proxy-demo-{}", std::process::id()));
+    dataverse_sim::demo_tls::make(&dir)
+}
+
+/// How clients trust the demo's CA.
+fn trust_lines(ca: &std::path::Path) -> String {
+    let ca = ca.display();
+    format!(
+        "TLS: the proxy's certificate is signed by a CA made for this run. Trust it with:\n\
+         \x20 export CURL_CA_BUNDLE={ca}        # curl\n\
+         \x20 export REQUESTS_CA_BUNDLE={ca}    # Python (requests, Microsoft's Dataverse SDK)\n\
+         \x20 export NODE_EXTRA_CA_CERTS={ca}   # Node.js (DynamicsWebApi)\n"
+    )
 }
 
 /// What the demo prints: where everything listens and curl lines to try.

@@ -254,6 +254,70 @@ async fn demo_serves_the_simulators_leads() {
     let _ = child.wait();
 }
 
+/// `demo --tls`: the banner names the CA to trust, and a client that trusts
+/// it pages over TLS with links that keep the https scheme.
+#[tokio::test]
+async fn the_tls_demo_serves_https_with_a_ca_it_names() {
+    let mut child = command()
+        .args([
+            "demo",
+            "--tls",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("REQUESTS_CA_BUNDLE=") || line.contains("/leads?$select=subject") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let [trust, leads] = tokio::task::spawn_blocking(move || {
+        [(); 2].map(|()| {
+            rx.recv_timeout(Duration::from_secs(30))
+                .expect("a banner line")
+        })
+    })
+    .await
+    .expect("join");
+    let ca_file = trust
+        .split("REQUESTS_CA_BUNDLE=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the CA file");
+    let ca = std::fs::read_to_string(ca_file).expect("the CA file is written");
+    let url = leads.split('\'').nth(1).expect("quoted URL").to_owned();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let base = url.split("/api/").next().expect("base").to_owned();
+    let client = crate::listener::https_client_trusting(&ca, None, true);
+    let body: serde_json::Value = client
+        .get(format!("{base}/api/data/v9.2/accounts?$select=name"))
+        .header("Prefer", "odata.maxpagesize=3")
+        .send()
+        .await
+        .expect("https")
+        .json()
+        .await
+        .expect("json");
+    let next = body["@odata.nextLink"].as_str().expect("a next page");
+    assert!(next.starts_with(&base), "{next}");
+    let page = client.get(next).send().await.expect("next page over TLS");
+    assert_eq!(page.status(), 200);
+    let _ = child.kill();
+    let _ = child.wait();
+    if let Some(dir) = std::path::Path::new(ca_file).parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// Runs the real binary at trace level through successes and failures and
 /// checks that neither the client secret nor any token reaches its logs.
 #[tokio::test]

@@ -136,12 +136,21 @@ pub fn write(dir: &Path, name: &str, text: &str) -> String {
 
 /// A client trusting `ca`, optionally presenting `identity`, with ALPN h2 and http/1.1.
 fn https_client(ca: &Ca, identity: Option<&(String, String)>, h1_only: bool) -> reqwest::Client {
+    https_client_trusting(&ca.pem(), identity, h1_only)
+}
+
+/// A client that trusts the CA of `ca_pem` only.
+pub(crate) fn https_client_trusting(
+    ca_pem: &str,
+    identity: Option<&(String, String)>,
+    h1_only: bool,
+) -> reqwest::Client {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     dataverse_proxy::install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     roots
-        .add(CertificateDer::from_pem_slice(ca.pem().as_bytes()).expect("ca"))
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("ca"))
         .expect("root");
     let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
     let mut config = match identity {

@@ -23,6 +23,7 @@
 
 mod app_users;
 pub mod dataverse;
+pub mod demo_tls;
 mod directory;
 pub mod entra;
 mod limits;
