@@ -552,3 +552,59 @@ async fn a_sync_client_follows_delta_links_through_the_proxy() {
     assert_eq!(refused.status(), 400);
     h.stop().await;
 }
+
+/// The bulk messages through the proxy: `CreateMultiple` of 100 targets,
+/// `UpdateMultiple`, and a bad target that leaves the table as it was.
+#[tokio::test]
+async fn bulk_messages_create_and_update_many_records_at_once() {
+    let h = Harness::start().await;
+    let before = h.sim.ids("accounts").len();
+    let targets: Vec<serde_json::Value> = (0..100)
+        .map(|i| serde_json::json!({"@odata.type": "Microsoft.Dynamics.CRM.account", "name": format!("Bulk {i}")}))
+        .collect();
+    let created = h
+        .client
+        .post(h.url("/accounts/Microsoft.Dynamics.CRM.CreateMultiple"))
+        .json(&serde_json::json!({ "Targets": targets }))
+        .send()
+        .await
+        .expect("CreateMultiple");
+    assert_eq!(created.status(), 200);
+    let body: serde_json::Value = created.json().await.expect("json");
+    let ids = body["Ids"].as_array().expect("Ids");
+    assert_eq!(ids.len(), 100);
+    assert_eq!(h.sim.ids("accounts").len(), before + 100);
+
+    let updates: Vec<serde_json::Value> = ids[..2]
+        .iter()
+        .map(|id| serde_json::json!({"@odata.type": "Microsoft.Dynamics.CRM.account", "accountid": id, "name": "Bulk Updated"}))
+        .collect();
+    let updated = h
+        .client
+        .post(h.url("/accounts/Microsoft.Dynamics.CRM.UpdateMultiple"))
+        .json(&serde_json::json!({ "Targets": updates }))
+        .send()
+        .await
+        .expect("UpdateMultiple");
+    assert_eq!(updated.status(), 204);
+    let id = uuid::Uuid::parse_str(ids[0].as_str().expect("id")).expect("uuid");
+    assert_eq!(
+        h.sim.row("accounts", id).expect("row")["name"],
+        "Bulk Updated"
+    );
+
+    let mixed = serde_json::json!({"Targets": [
+        {"@odata.type": "Microsoft.Dynamics.CRM.account", "name": "Fine"},
+        {"@odata.type": "Microsoft.Dynamics.CRM.contact", "firstname": "Wrong table"},
+    ]});
+    let refused = h
+        .client
+        .post(h.url("/accounts/Microsoft.Dynamics.CRM.CreateMultiple"))
+        .json(&mixed)
+        .send()
+        .await
+        .expect("refused");
+    assert_eq!(refused.status(), 400);
+    assert_eq!(h.sim.ids("accounts").len(), before + 100, "nothing written");
+    h.stop().await;
+}

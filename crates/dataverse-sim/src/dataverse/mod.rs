@@ -71,6 +71,7 @@ impl OrgIds {
 
 mod auth;
 mod batch;
+mod bulk;
 mod changes;
 mod crud;
 mod definitions;
@@ -264,6 +265,8 @@ enum Target<'a> {
     Navigation(&'static Schema, Uuid, &'a str),
     /// `{set}/$count`.
     Count(&'static Schema),
+    /// `{set}/Microsoft.Dynamics.CRM.CreateMultiple` and the like.
+    Bulk(&'static Schema, bulk::Bulk),
 }
 
 fn parse_target(rest: &str) -> Result<Target<'_>, Response> {
@@ -301,6 +304,9 @@ fn parse_target(rest: &str) -> Result<Target<'_>, Response> {
         return match segments.as_slice() {
             [_] => Ok(Target::Collection(schema)),
             [_, "$count"] => Ok(Target::Count(schema)),
+            [_, message] => bulk::Bulk::of(message)
+                .map(|op| Target::Bulk(schema, op))
+                .ok_or_else(not_found),
             _ => Err(not_found()),
         };
     };
@@ -389,6 +395,10 @@ pub(super) async fn route(sim: &Arc<SimState>, req: Request) -> Response {
         }
         (Method::GET, Target::Collection(s)) => ctx.list(s, req.headers()),
         (Method::GET, Target::Count(s)) => ctx.count(s),
+        (Method::POST, Target::Bulk(s, op)) => match read_json(sim, req).await {
+            Ok((_, body)) => ctx.bulk(s, op, body),
+            Err(resp) => resp,
+        },
         (Method::POST, Target::Collection(s)) => match read_json(sim, req).await {
             Ok((headers, body)) => ctx.create(s, &headers, body),
             Err(resp) => resp,
