@@ -389,3 +389,77 @@ async fn table_definitions_answer_filters_selects_and_expansions() {
     assert_eq!(unknown.status(), 400);
     h.stop().await;
 }
+
+/// A table's relationships, keys and typed attributes, as clients read them.
+#[tokio::test]
+async fn table_definitions_answer_relationships_keys_and_attribute_casts() {
+    let h = Harness::start().await;
+    let get = |path: String| {
+        let url = h.url(&path);
+        let client = h.client.clone();
+        async move {
+            let resp = client.get(url).send().await.expect("get");
+            assert_eq!(resp.status(), 200, "{path}");
+            resp.json::<serde_json::Value>().await.expect("json")
+        }
+    };
+    let account = "/EntityDefinitions(LogicalName='account')";
+    let one_to_many = get(format!("{account}/OneToManyRelationships")).await;
+    let from_contacts = one_to_many["value"]
+        .as_array()
+        .expect("value")
+        .iter()
+        .find(|r| r["ReferencingEntity"] == "contact")
+        .expect("contacts name their account");
+    assert_eq!(from_contacts["ReferencedEntity"], "account");
+    assert_eq!(
+        from_contacts["ReferencedEntityNavigationPropertyName"],
+        "contact_customer_accounts"
+    );
+    let many_to_one = get(format!("{account}/ManyToOneRelationships")).await;
+    assert!(
+        many_to_one["value"]
+            .as_array()
+            .expect("value")
+            .iter()
+            .any(|r| r["ReferencedEntity"] == "contact"),
+        "{many_to_one}"
+    );
+    assert_eq!(
+        get(format!("{account}/Keys")).await["value"],
+        serde_json::json!([])
+    );
+    let dates = get(format!(
+        "{account}/Attributes/Microsoft.Dynamics.CRM.DateTimeAttributeMetadata?$select=LogicalName,DateTimeBehavior"
+    ))
+    .await;
+    let dates = dates["value"].as_array().expect("value");
+    assert!(
+        dates.iter().any(|a| a["LogicalName"] == "createdon"),
+        "{dates:?}"
+    );
+    assert!(
+        dates
+            .iter()
+            .all(|a| a["DateTimeBehavior"]["Value"] == "UserLocal")
+    );
+    let picklists = get(format!(
+        "{account}/Attributes/Microsoft.Dynamics.CRM.PicklistAttributeMetadata"
+    ))
+    .await;
+    assert_eq!(
+        picklists["value"],
+        serde_json::json!([]),
+        "the sample tables have no choice columns"
+    );
+    let unknown = h
+        .client
+        .get(h.url(&format!(
+            "{account}/Attributes/Microsoft.Dynamics.CRM.NoSuchMetadata"
+        )))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(unknown.status(), 404);
+    h.stop().await;
+}

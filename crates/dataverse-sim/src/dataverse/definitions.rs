@@ -1,8 +1,8 @@
 //! `EntityDefinitions` queried as Dataverse answers it (docs/dataverse.md,
 //! "Table definitions"): `$select` (with `MetadataId` always returned),
 //! `$filter` (`eq` joined by `and` / `or`), `$expand=Attributes` with its
-//! own `$select` and `$filter`, keys by `LogicalName` and `MetadataId`, and
-//! `/Attributes`. Any other query option gets Dataverse's error shape, never
+//! own `$select` and `$filter`, keys by `LogicalName` and `MetadataId`,
+//! `/Attributes` (and its type casts), `/Keys` and the relationships. Any other query option gets Dataverse's error shape, never
 //! an answer that ignores it.
 
 use serde_json::{Map, Value, json};
@@ -18,6 +18,22 @@ pub(super) struct Table {
     pub(super) columns: Vec<(String, &'static str)>,
     /// Changes are tracked (delta links).
     pub(super) change_tracking: bool,
+    /// Lookups of this table to others (many-to-one).
+    pub(super) many_to_one: Vec<Relationship>,
+    /// Lookups of other tables to this one (one-to-many).
+    pub(super) one_to_many: Vec<Relationship>,
+}
+
+/// A one-to-many relationship: `referencing` rows name a `referenced` row
+/// through `attribute`.
+pub(super) struct Relationship {
+    pub(super) schema_name: String,
+    pub(super) referenced: String,
+    pub(super) referenced_id: String,
+    pub(super) referencing: String,
+    pub(super) attribute: String,
+    pub(super) referencing_nav: String,
+    pub(super) referenced_nav: String,
 }
 
 /// A refused query: Dataverse's status, code and message.
@@ -75,8 +91,73 @@ pub(super) fn answer(
                 "value": value,
             })))
         }
-        _ => Ok(None),
+        "/Keys" => Ok(Some(json!({
+            // The simulated tables define no alternate keys.
+            "@odata.context": format!("{base}/$metadata#EntityDefinitions('{}')/Keys", table.logical),
+            "value": [],
+        }))),
+        "/ManyToOneRelationships" | "/OneToManyRelationships" => {
+            let (name, list) = match tail {
+                "/ManyToOneRelationships" => ("ManyToOneRelationships", &table.many_to_one),
+                _ => ("OneToManyRelationships", &table.one_to_many),
+            };
+            let value: Vec<Value> = list.iter().map(relationship).collect();
+            Ok(Some(json!({
+                "@odata.context": format!("{base}/$metadata#EntityDefinitions('{}')/{name}", table.logical),
+                "value": value,
+            })))
+        }
+        _ => match tail.strip_prefix("/Attributes/Microsoft.Dynamics.CRM.") {
+            Some(cast) if CASTS.iter().any(|(_, c)| *c == cast) => {
+                let all = attributes(table, None, None)?;
+                let value: Vec<Value> = all
+                    .into_iter()
+                    .filter(|a| cast_of(a["AttributeType"].as_str().unwrap_or("")) == Some(cast))
+                    .map(|a| select(a, q.select.as_deref(), "AttributeMetadata"))
+                    .collect::<Result<_, _>>()?;
+                Ok(Some(json!({
+                    "@odata.context": format!(
+                        "{base}/$metadata#EntityDefinitions('{}')/Attributes/Microsoft.Dynamics.CRM.{cast}",
+                        table.logical
+                    ),
+                    "value": value,
+                })))
+            }
+            _ => Ok(None),
+        },
     }
+}
+
+/// Attribute types and the metadata type a cast names.
+const CASTS: [(&str, &str); 7] = [
+    ("String", "StringAttributeMetadata"),
+    ("DateTime", "DateTimeAttributeMetadata"),
+    ("Integer", "IntegerAttributeMetadata"),
+    ("Decimal", "DecimalAttributeMetadata"),
+    ("Boolean", "BooleanAttributeMetadata"),
+    ("Picklist", "PicklistAttributeMetadata"),
+    ("Lookup", "LookupAttributeMetadata"),
+];
+
+fn cast_of(attribute_type: &str) -> Option<&'static str> {
+    CASTS
+        .iter()
+        .find(|(t, _)| *t == attribute_type)
+        .map(|(_, c)| *c)
+}
+
+fn relationship(r: &Relationship) -> Value {
+    json!({
+        "MetadataId": metadata_id(&r.schema_name),
+        "SchemaName": r.schema_name,
+        "RelationshipType": "OneToManyRelationship",
+        "ReferencedEntity": r.referenced,
+        "ReferencedAttribute": r.referenced_id,
+        "ReferencingEntity": r.referencing,
+        "ReferencingAttribute": r.attribute,
+        "ReferencingEntityNavigationPropertyName": r.referencing_nav,
+        "ReferencedEntityNavigationPropertyName": r.referenced_nav,
+    })
 }
 
 fn parse_query(query: &str) -> Result<Query, Refused> {
@@ -197,6 +278,11 @@ fn attributes(
             "IsValidForCreate": *name != t.primary_id,
             "IsValidForUpdate": *name != t.primary_id,
         });
+        let mut a = a;
+        if kind == "DateTime" {
+            a["DateTimeBehavior"] = json!({"Value": "UserLocal"});
+            a["Format"] = json!("DateAndTime");
+        }
         if matches(&a, filter, "AttributeMetadata")? {
             out.push(select(a, sel, "AttributeMetadata")?);
         }

@@ -14,7 +14,7 @@
 
 use std::fmt::Write as _;
 
-use super::definitions::{Refused, Table};
+use super::definitions::{Refused, Relationship, Table};
 use super::*;
 
 /// Custom tables declared besides the ones with rows.
@@ -270,6 +270,37 @@ pub(super) fn definitions(
     resp
 }
 
+/// The OData type of a sample table's column.
+fn column_type(column: &str) -> &'static str {
+    match column {
+        "createdon" | "modifiedon" => "Edm.DateTimeOffset",
+        _ => "Edm.String",
+    }
+}
+
+/// The relationship of a lookup of `s`: `s` references its target.
+fn lookup_relationship(s: &Schema, l: &Lookup) -> Option<Relationship> {
+    let target = schema(l.target)?;
+    let attribute = l.column.trim_start_matches('_').trim_end_matches("_value");
+    Some(Relationship {
+        schema_name: format!("{}_{}_{}", target.logical, s.logical, attribute),
+        referenced: target.logical.to_owned(),
+        referenced_id: target.id_field.to_owned(),
+        referencing: s.logical.to_owned(),
+        attribute: attribute.to_owned(),
+        referencing_nav: l.nav.to_owned(),
+        // The target's collection navigation for this lookup, where it has one.
+        referenced_nav: target
+            .relations
+            .iter()
+            .find(|r| r.target == s.entity_set && r.column == l.column)
+            .map_or_else(
+                || format!("{}_{}", s.entity_set, attribute),
+                |r| r.nav.to_owned(),
+            ),
+    })
+}
+
 /// Every table as its definition shows it.
 fn tables(version: u64) -> Vec<Table> {
     SCHEMAS
@@ -280,9 +311,20 @@ fn tables(version: u64) -> Vec<Table> {
             primary_id: s.id_field.to_owned(),
             primary_name: s.columns.first().copied().unwrap_or(s.id_field).to_owned(),
             columns: std::iter::once((s.id_field.to_owned(), "Edm.Guid"))
-                .chain(s.columns.iter().map(|c| ((*c).to_owned(), "Edm.String")))
+                .chain(s.columns.iter().map(|c| ((*c).to_owned(), column_type(c))))
                 .collect(),
             change_tracking: true,
+            many_to_one: s
+                .lookups
+                .iter()
+                .filter_map(|l| lookup_relationship(s, l))
+                .collect(),
+            one_to_many: SCHEMAS
+                .iter()
+                .flat_map(|other| other.lookups.iter().map(move |l| (other, l)))
+                .filter(|(_, l)| l.target == s.entity_set)
+                .filter_map(|(other, l)| lookup_relationship(other, l))
+                .collect(),
         })
         .chain((0..CUSTOM_TABLES).map(|i| {
             let name = custom_table(i);
@@ -292,6 +334,8 @@ fn tables(version: u64) -> Vec<Table> {
                 set: format!("{name}s"),
                 columns: custom_columns(i, version),
                 change_tracking: false,
+                many_to_one: Vec::new(),
+                one_to_many: Vec::new(),
                 logical: name,
             }
         }))
