@@ -177,36 +177,8 @@ async fn the_token_command_prints_a_token_dataverse_accepts() {
 /// The README's first command: `demo` prints curl lines that work.
 #[tokio::test]
 async fn demo_serves_the_simulators_leads() {
-    let mut child = command()
-        .args([
-            "demo",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
-    // Read the banner on a thread that keeps draining stdout afterwards.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.contains("/leads?$select=subject") || line.contains("Authorization: Bearer") {
-                let _ = tx.send(line);
-            }
-        }
-    });
-    let lines = tokio::task::spawn_blocking(move || {
-        [(); 3].map(|()| {
-            rx.recv_timeout(Duration::from_secs(30))
-                .expect("a curl line")
-        })
-    })
-    .await
-    .expect("join");
+    let wanted = ["/leads?$select=subject", "Authorization: Bearer"];
+    let (mut child, lines) = demo(&[], &wanted).await;
     let [leads, as_user, delegated] = lines;
     let url = leads.split('\'').nth(1).expect("quoted URL").to_owned();
     let resp = client().get(&url).send().await.expect("request");
@@ -258,36 +230,8 @@ async fn demo_serves_the_simulators_leads() {
 /// it pages over TLS with links that keep the https scheme.
 #[tokio::test]
 async fn the_tls_demo_serves_https_with_a_ca_it_names() {
-    let mut child = command()
-        .args([
-            "demo",
-            "--tls",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.contains("REQUESTS_CA_BUNDLE=") || line.contains("/leads?$select=subject") {
-                let _ = tx.send(line);
-            }
-        }
-    });
-    let [trust, leads] = tokio::task::spawn_blocking(move || {
-        [(); 2].map(|()| {
-            rx.recv_timeout(Duration::from_secs(30))
-                .expect("a banner line")
-        })
-    })
-    .await
-    .expect("join");
+    let wanted = ["REQUESTS_CA_BUNDLE=", "/leads?$select=subject"];
+    let (mut child, [trust, leads]) = demo(&["--tls"], &wanted).await;
     let ca_file = trust
         .split("REQUESTS_CA_BUNDLE=")
         .nth(1)
@@ -541,4 +485,40 @@ impl Logged {
         let _ = std::fs::remove_file(&self.log_path);
         logs
     }
+}
+
+/// `demo` with `extra` arguments on ephemeral ports, and the first `N`
+/// lines of its banner that hold one of `wanted`, in order.
+async fn demo<const N: usize>(
+    extra: &[&str],
+    wanted: &[&'static str],
+) -> (std::process::Child, [String; N]) {
+    let mut child = command()
+        .arg("demo")
+        .args(extra)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let wanted = wanted.to_vec();
+    // Read the banner on a thread that keeps draining stdout afterwards.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if wanted.iter().any(|w| line.contains(w)) {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let lines = tokio::task::spawn_blocking(move || {
+        [(); N].map(|()| {
+            rx.recv_timeout(Duration::from_secs(30))
+                .expect("a banner line")
+        })
+    })
+    .await
+    .expect("join");
+    (child, lines)
 }
