@@ -288,28 +288,21 @@ mb() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1e6 }'; }
   echo
   echo "| ratio (dataverse-proxy ÷ nginx) | 16 conns | 256 conns |"
   echo "|---|---|---|"
-  for i in 1 2 3 4; do
-    name=$(echo "req/s p50 p99 CPU-µs/req" | cut -d' ' -f$i)
-    a16=$(echo "${R[dataverse-proxy-16]}" | cut -d' ' -f$i); n16=$(echo "${R[nginx-16]}" | cut -d' ' -f$i)
-    a256=$(echo "${R[dataverse-proxy-256]}" | cut -d' ' -f$i); n256=$(echo "${R[nginx-256]}" | cut -d' ' -f$i)
-    echo "| $name | $(ratio "$a16" "$n16") | $(ratio "$a256" "$n256") |"
-  done
-  for i in 1 4; do
-    name=$(echo "req/s p50 p99 CPU-µs/req" | cut -d' ' -f$i)
-    a16=$(echo "${R[dataverse-proxy-logged-16]}" | cut -d' ' -f$i); n16=$(echo "${R[nginx-logged-16]}" | cut -d' ' -f$i)
-    a256=$(echo "${R[dataverse-proxy-logged-256]}" | cut -d' ' -f$i); n256=$(echo "${R[nginx-logged-256]}" | cut -d' ' -f$i)
-    echo "| $name, both logging each request (shipped configuration ÷ nginx with buffered access log) | $(ratio "$a16" "$n16") | $(ratio "$a256" "$n256") |"
-  done
-  f16=$(echo "${R[hyper-floor-16]}" | cut -d' ' -f4); f256=$(echo "${R[hyper-floor-256]}" | cut -d' ' -f4)
-  n16=$(echo "${R[nginx-16]}" | cut -d' ' -f4); n256=$(echo "${R[nginx-256]}" | cut -d' ' -f4)
-  echo "| CPU-µs/req, hyper-floor ÷ nginx | $(ratio "$f16" "$n16") | $(ratio "$f256" "$n256") |"
-  if [ -n "${BASELINE_BIN:-}" ]; then
-    for i in 1 4; do
-      name=$(echo "req/s p50 p99 CPU-µs/req" | cut -d' ' -f$i)
-      a16=$(echo "${R[dataverse-proxy-16]}" | cut -d' ' -f$i); b16=$(echo "${R[baseline-16]}" | cut -d' ' -f$i)
-      a256=$(echo "${R[dataverse-proxy-256]}" | cut -d' ' -f$i); b256=$(echo "${R[baseline-256]}" | cut -d' ' -f$i)
-      echo "| $name, dataverse-proxy ÷ baseline | $(ratio "$a16" "$b16") | $(ratio "$a256" "$b256") |"
+  # ratio_rows A B "FIELDS" SUFFIX: a row per field (1 req/s, 2 p50, 3 p99,
+  # 4 CPU) of target A's figures over target B's, at 16 and 256 conns.
+  ratio_rows() {
+    local i name
+    for i in $3; do
+      name=$(echo "req/s p50 p99 CPU-µs/req" | cut -d' ' -f"$i")
+      echo "| $name$4 | $(ratio "$(field "$1-16" "$i")" "$(field "$2-16" "$i")") | $(ratio "$(field "$1-256" "$i")" "$(field "$2-256" "$i")") |"
     done
+  }
+  field() { echo "${R[$1]}" | cut -d' ' -f"$2"; }
+  ratio_rows dataverse-proxy nginx "1 2 3 4" ""
+  ratio_rows dataverse-proxy-logged nginx-logged "1 4" ", both logging each request (shipped configuration ÷ nginx with buffered access log)"
+  ratio_rows hyper-floor nginx "4" ", hyper-floor ÷ nginx"
+  if [ -n "${BASELINE_BIN:-}" ]; then
+    ratio_rows dataverse-proxy baseline "1 4" ", dataverse-proxy ÷ baseline"
   fi
   echo
   echo "| ratio to direct (req/s) | 16 conns | 256 conns |"

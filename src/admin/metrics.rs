@@ -8,11 +8,8 @@ use crate::app::AppState;
 use crate::stats::metrics::{Metrics, OrgLabel, TokenLabels, TokenOrg, sync_counter};
 
 /// Renders the registry, after copying the scrape-time figures in.
-pub async fn render(metrics: &Metrics, state: &AppState) -> String {
-    let m = metrics;
-    let dropped = crate::logging::dropped_lines();
-    m.log_lines_dropped
-        .inc_by(dropped.saturating_sub(m.log_lines_dropped.get()));
+pub async fn render(m: &Metrics, state: &AppState) -> String {
+    sync_counter(&m.log_lines_dropped, crate::logging::dropped_lines());
     m.connections.render(&state.connections);
     for org in state.orgs.iter() {
         let l = OrgLabel {

@@ -46,16 +46,12 @@ impl LogGuard {
 pub fn init(format: LogFormat) -> LogGuard {
     use tracing_subscriber::Layer as _;
     use tracing_subscriber::filter::FilterExt as _;
+    use tracing_subscriber::filter::{LevelFilter, filter_fn};
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     if OUTPUT.get().is_some() {
         return LogGuard(None);
     }
-    let filter = || {
-        tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-    };
-    use tracing_subscriber::filter::{LevelFilter, filter_fn};
     let colours = std::io::stderr().is_terminal();
     let (writer, flusher) = LineWriter::start(Box::new(std::io::stderr()));
     let fmt = tracing_subscriber::fmt::layer()
@@ -70,7 +66,8 @@ pub fn init(format: LogFormat) -> LogGuard {
     // nothing unless traces are exported.
     // The hint keeps `RUST_LOG`'s level as the global maximum, so that
     // disabled levels stay a static check everywhere.
-    let filter = filter();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let level = filter.max_level_hint().unwrap_or(LevelFilter::TRACE);
     let events = filter_fn(|meta| meta.is_event()).with_max_level_hint(level);
     let registry = tracing_subscriber::registry().with(fmt.with_filter(filter.and(events)));

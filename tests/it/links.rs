@@ -606,5 +606,36 @@ async fn bulk_messages_create_and_update_many_records_at_once() {
         .expect("refused");
     assert_eq!(refused.status(), 400);
     assert_eq!(h.sim.ids("accounts").len(), before + 100, "nothing written");
+    // A target that names an existing record, after a good one: refused
+    // before the good one is written.
+    let clash = serde_json::json!({"Targets": [
+        {"@odata.type": "Microsoft.Dynamics.CRM.account", "name": "Fine"},
+        {"@odata.type": "Microsoft.Dynamics.CRM.account", "accountid": ids[0], "name": "Clash"},
+    ]});
+    let refused = h
+        .client
+        .post(h.url("/accounts/Microsoft.Dynamics.CRM.CreateMultiple"))
+        .json(&clash)
+        .send()
+        .await
+        .expect("refused");
+    assert_eq!(refused.status(), 412);
+    assert_eq!(h.sim.ids("accounts").len(), before + 100, "nothing written");
+    let missing = serde_json::json!({"Targets": [
+        {"@odata.type": "Microsoft.Dynamics.CRM.account", "accountid": ids[0], "name": "Not Kept"},
+        {"@odata.type": "Microsoft.Dynamics.CRM.account", "accountid": uuid::Uuid::new_v4(), "name": "Nobody"},
+    ]});
+    let refused = h
+        .client
+        .post(h.url("/accounts/Microsoft.Dynamics.CRM.UpdateMultiple"))
+        .json(&missing)
+        .send()
+        .await
+        .expect("refused");
+    assert_eq!(refused.status(), 404);
+    assert_eq!(
+        h.sim.row("accounts", id).expect("row")["name"],
+        "Bulk Updated"
+    );
     h.stop().await;
 }

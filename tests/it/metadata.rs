@@ -387,6 +387,12 @@ async fn table_definitions_answer_filters_selects_and_expansions() {
     );
     let unknown = get("/EntityDefinitions?$filter=NoSuchName eq 'x'").await;
     assert_eq!(unknown.status(), 400);
+    let grouped = get("/EntityDefinitions?$filter=(LogicalName eq 'account' or LogicalName eq 'lead') and IsCustomEntity eq true").await;
+    assert_eq!(
+        grouped.status(),
+        400,
+        "grouping is refused, not read wrongly"
+    );
     h.stop().await;
 }
 

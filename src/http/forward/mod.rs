@@ -63,7 +63,7 @@ pub async fn handle(
     let request_id = req.headers().get(REQUEST_ID).cloned();
     let mut info = RequestInfo::default();
     let arrived = Instant::now();
-    let mut resp = match steps(&state, peer, req, &mut info).await {
+    let mut resp = match steps(&state, peer, req, arrived, &mut info).await {
         Ok(resp) => resp,
         Err(e) => e.to_response(request_id.as_ref()),
     };
@@ -81,9 +81,9 @@ async fn steps(
     state: &AppState,
     peer: SocketAddr,
     req: Request,
+    arrived: Instant,
     info: &mut RequestInfo,
 ) -> Result<Response, ProxyError> {
-    let arrived = Instant::now();
     let (parts, body) = req.into_parts();
     let accept = AcceptEncoding::from_headers(&parts.headers);
     let body = Body::new(Inbound::new(body, state.limits.load().max_body));

@@ -24,6 +24,9 @@ impl Bulk {
     }
 }
 
+/// A target's id and its other fields.
+type Target = (Uuid, Map<String, Value>);
+
 fn bad(message: &str) -> Response {
     dv_error(StatusCode::BAD_REQUEST, "0x80040203", message)
 }
@@ -31,44 +34,28 @@ fn bad(message: &str) -> Response {
 impl Ctx {
     /// Runs `op` over the body's `Targets`.
     pub(super) fn bulk(&self, s: &'static Schema, op: Bulk, body: Map<String, Value>) -> Response {
-        let targets = match checked_targets(s, op, body) {
+        let targets = match checked_targets(s, body) {
             Ok(t) => t,
             Err(resp) => return resp,
         };
-        if op == Bulk::UpdateMultiple
-            && let Some(missing) = self.first_missing(s, &targets)
-        {
-            return dv_error(
-                StatusCode::NOT_FOUND,
-                "0x80040217",
-                &format!("{} With Id = {missing} Does Not Exist", s.logical),
-            );
-        }
+        let targets = match self.with_ids(s, op, targets) {
+            Ok(t) => t,
+            Err(resp) => return resp,
+        };
         let mut ids = Vec::with_capacity(targets.len());
-        for target in targets {
-            let id = target
-                .get(s.id_field)
-                .and_then(Value::as_str)
-                .map(str::to_owned);
-            let resp = match (op, id.as_deref().map(Uuid::parse_str)) {
-                (Bulk::UpdateMultiple, Some(Ok(id))) => {
-                    let mut fields = target;
-                    fields.remove(s.id_field);
-                    self.update(s, id, &HeaderMap::new(), fields)
+        for (id, mut fields) in targets {
+            let resp = match op {
+                Bulk::CreateMultiple => {
+                    fields.insert(s.id_field.into(), json!(id));
+                    self.create(s, &HeaderMap::new(), fields)
                 }
-                _ => self.create(s, &HeaderMap::new(), target),
+                Bulk::UpdateMultiple => self.update(s, id, &HeaderMap::new(), fields),
             };
+            // Everything that could refuse a target was checked above.
             if !resp.status().is_success() {
                 return resp;
             }
-            if let Some(id) = resp
-                .headers()
-                .get("odata-entityid")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|u| u.rsplit_once('(')?.1.strip_suffix(')').map(str::to_owned))
-            {
-                ids.push(id);
-            }
+            ids.push(id);
         }
         match op {
             Bulk::CreateMultiple => json_response(
@@ -82,23 +69,55 @@ impl Ctx {
         }
     }
 
-    /// The first target of an update whose record does not exist.
-    fn first_missing(&self, s: &Schema, targets: &[Map<String, Value>]) -> Option<String> {
+    /// Each target's id (a new one for a create that names none) and its
+    /// other fields, once the ids fit the table (an update's record
+    /// exists, a create's does not, none twice) and every `@odata.bind`
+    /// names a record, so that no target can fail once writing starts.
+    fn with_ids(
+        &self,
+        s: &'static Schema,
+        op: Bulk,
+        targets: Vec<Map<String, Value>>,
+    ) -> Result<Vec<Target>, Response> {
         let db = lock(&self.sim.db);
-        let table = db.tables.get(s.entity_set)?;
-        targets
-            .iter()
-            .filter_map(|t| t.get(s.id_field).and_then(Value::as_str))
-            .find(|id| Uuid::parse_str(id).map_or(true, |id| !table.contains_key(&id)))
-            .map(str::to_owned)
+        let table = db.tables.get(s.entity_set);
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::with_capacity(targets.len());
+        for mut t in targets {
+            let id = match (op, t.remove(s.id_field)) {
+                (_, Some(v)) => v
+                    .as_str()
+                    .and_then(|v| Uuid::parse_str(v).ok())
+                    .ok_or_else(|| bad("Invalid id value."))?,
+                (Bulk::CreateMultiple, None) => Uuid::new_v4(),
+                (Bulk::UpdateMultiple, None) => {
+                    let message = format!("Each item of 'Targets' must have its '{}'.", s.id_field);
+                    return Err(bad(&message));
+                }
+            };
+            let exists = table.is_some_and(|t| t.contains_key(&id));
+            if op == Bulk::UpdateMultiple && !exists {
+                let message = format!("{} With Id = {id} Does Not Exist", s.logical);
+                return Err(dv_error(StatusCode::NOT_FOUND, "0x80040217", &message));
+            }
+            if (op == Bulk::CreateMultiple && exists) || !seen.insert(id) {
+                return Err(dv_error(
+                    StatusCode::PRECONDITION_FAILED,
+                    "0x80040237",
+                    "A record with matching key values already exists.",
+                ));
+            }
+            navigation::bind_lookups(&db, s, &mut t.clone())?;
+            out.push((id, t));
+        }
+        Ok(out)
     }
 }
 
-/// The targets, each of this table, with known columns (and an id for an
-/// update), without their `@odata.type`.
+/// The targets, each of this table and with known columns, without their
+/// `@odata.type`.
 fn checked_targets(
     s: &'static Schema,
-    op: Bulk,
     mut body: Map<String, Value>,
 ) -> Result<Vec<Map<String, Value>>, Response> {
     let Some(Value::Array(targets)) = body.remove("Targets") else {
@@ -121,12 +140,6 @@ fn checked_targets(
             )));
         }
         Ctx::check_columns(s, &t)?;
-        if op == Bulk::UpdateMultiple && !t.contains_key(s.id_field) {
-            return Err(bad(&format!(
-                "Each item of 'Targets' must have its '{}'.",
-                s.id_field
-            )));
-        }
         out.push(t);
     }
     Ok(out)

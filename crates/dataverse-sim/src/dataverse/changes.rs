@@ -33,21 +33,9 @@ pub(super) fn refusal(q: &Query) -> Option<Response> {
 }
 
 impl Ctx {
-    /// The delta link of a read that saw versions up to `token`: the
-    /// caller's query (minus paging and any old token) and the token.
+    /// The delta link of a read that saw versions up to `token`.
     pub(super) fn delta_link(&self, s: &Schema, token: u64) -> String {
-        let mut link = format!("{}/{}?", self.base, s.entity_set);
-        for p in self.query.split('&').filter(|p| {
-            let name = percent_encoding::percent_decode_str(p.split('=').next().unwrap_or(""))
-                .decode_utf8_lossy()
-                .into_owned();
-            !p.is_empty() && name != "$skiptoken" && name != DELTA_TOKEN
-        }) {
-            link.push_str(p);
-            link.push('&');
-        }
-        link.push_str(&format!("{DELTA_TOKEN}={token}"));
-        link
+        self.link_with(s, (DELTA_TOKEN, &token.to_string()))
     }
 
     /// The changes of `s` since `token`, with the next delta link.

@@ -160,15 +160,23 @@ impl Ctx {
     /// The next page's link: the caller's query byte for byte (minus any old
     /// skiptoken) and a new paging cookie.
     fn next_link(&self, s: &Schema, page_no: usize, first: Uuid, last: Uuid) -> String {
+        let token = skiptoken(page_no, s.id_field, first, last);
+        self.link_with(s, ("$skiptoken", &token))
+    }
+
+    /// The collection's link with the caller's query byte for byte, less
+    /// any paging or delta token, and `option` set.
+    pub(super) fn link_with(&self, s: &Schema, (name, value): (&str, &str)) -> String {
         let mut link = format!("{}/{}?", self.base, s.entity_set);
         for p in self.query.split('&').filter(|p| {
-            !p.is_empty() && !p.starts_with("$skiptoken=") && !p.starts_with("%24skiptoken=")
+            let key = percent_encoding::percent_decode_str(p.split('=').next().unwrap_or(""))
+                .decode_utf8_lossy();
+            !p.is_empty() && key != "$skiptoken" && key != changes::DELTA_TOKEN
         }) {
             link.push_str(p);
             link.push('&');
         }
-        link.push_str("$skiptoken=");
-        link.push_str(&skiptoken(page_no, s.id_field, first, last));
+        link.push_str(&format!("{name}={value}"));
         link
     }
 

@@ -310,6 +310,16 @@ fn matches(d: &Value, filter: Option<&str>, ty: &str) -> Result<bool, Refused> {
     let Some(filter) = filter else {
         return Ok(true);
     };
+    if filter.contains(['(', ')']) {
+        // Grouping would change what `and` and `or` join: refused rather
+        // than read wrongly.
+        return Err(Refused(
+            http::StatusCode::BAD_REQUEST,
+            format!(
+                "The filter '{filter}' groups terms in parentheses, which definitions here do not support."
+            ),
+        ));
+    }
     let mut any = false;
     for alternative in filter.split(" or ") {
         let mut all = true;
@@ -322,7 +332,6 @@ fn matches(d: &Value, filter: Option<&str>, ty: &str) -> Result<bool, Refused> {
 }
 
 fn term_holds(d: &Value, term: &str, ty: &str) -> Result<bool, Refused> {
-    let term = term.trim_start_matches('(').trim_end_matches(')');
     let Some((name, literal)) = term.split_once(" eq ") else {
         return Err(Refused(
             http::StatusCode::BAD_REQUEST,
