@@ -269,9 +269,12 @@ impl Governor {
             // Redis does not answer: this replica's share of the limit,
             // once the slots taken from Redis before had time to end.
             Some(shared) => {
+                let config = inner.config.load();
                 let share = match shared.settling() {
                     true => 0,
-                    false => inner.config.load().fallback_concurrency,
+                    false => config.fallback_concurrency.saturating_sub(
+                        shared.reserve(config.fallback_concurrency, config.max_hold),
+                    ),
                 };
                 (inner.local.clone(), share, shared.taken())
             }

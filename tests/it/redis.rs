@@ -122,6 +122,28 @@ impl RedisServer {
             && &buf == b"+PONG\r\n"
     }
 
+    /// Sends one command and returns its answer as sent (plain connections
+    /// only): `FLUSHALL` stands for a node that answers without the state
+    /// it had.
+    pub async fn command(&self, words: &[&str]) -> String {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .expect("connect to redis-server");
+        let mut request = format!("*{}\r\n", words.len());
+        for w in words {
+            request.push_str(&format!("${}\r\n{w}\r\n", w.len()));
+        }
+        s.write_all(request.as_bytes()).await.expect("send");
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.expect("answer");
+        let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(
+            !answer.starts_with('-'),
+            "redis-server refused {words:?}: {answer}"
+        );
+        answer
+    }
+
     /// Kills the server (its state is gone, as after a restart without persistence).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

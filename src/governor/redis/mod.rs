@@ -78,6 +78,13 @@ struct OrgShared {
     /// How many local slots were registered last time (the ones past the
     /// count now are taken out).
     registered: AtomicUsize,
+    /// The epoch of the org's keys this replica knows ('' before the
+    /// first): another one means Redis lost the state it was written in.
+    epoch: Mutex<String>,
+    /// How many leases each other replica held at the last renewal: what
+    /// this replica leaves room for when Redis goes (see
+    /// [`SharedRedis::reserve`]).
+    others: Mutex<Vec<usize>>,
 }
 
 impl OrgShared {
@@ -163,6 +170,7 @@ struct Scripts {
     lower: redis::Script,
     raise: redis::Script,
     quota: redis::Script,
+    epoch: redis::Script,
 }
 
 impl std::fmt::Debug for SharedRedis {
@@ -223,6 +231,7 @@ impl SharedRedis {
                 lower: redis::Script::new(LOWER),
                 raise: redis::Script::new(RAISE),
                 quota: redis::Script::new(QUOTA),
+                epoch: redis::Script::new(EPOCH),
             },
         }))
     }
@@ -266,6 +275,8 @@ impl SharedRedis {
             heads: Mutex::new(HashMap::new()),
             local,
             registered: AtomicUsize::new(0),
+            epoch: Mutex::new(String::new()),
+            others: Mutex::new(Vec::new()),
         });
         let id = self.next_store.fetch_add(1, Ordering::Relaxed);
         lock(&self.orgs)
@@ -352,7 +363,55 @@ impl SharedRedis {
     /// can count them, so no replica takes a slot on its fallback cap
     /// until they have had that long to end (callers wait in the queue).
     pub fn settling(&self) -> bool {
-        self.state() == State::Down && lock(&self.lost_at).is_some_and(|t| t.elapsed() < SETTLE)
+        self.lost_within(SETTLE)
+    }
+
+    /// The slots `org`'s other replicas held beyond their fallback `share`
+    /// when this one last heard of them, while the shared state is lost and
+    /// for at most `max_hold` after: those replicas take no fallback slot
+    /// until they are below their share, and their extra slots may run
+    /// that long, so this replica's fallback cap leaves room for them.
+    fn reserve(&self, org: &OrgShared, share: usize, max_hold: Duration) -> usize {
+        if !self.lost_within(max_hold) {
+            return 0;
+        }
+        lock(&org.others)
+            .iter()
+            .map(|held| held.saturating_sub(share))
+            .sum()
+    }
+
+    fn lost_within(&self, time: Duration) -> bool {
+        self.state() != State::Shared && lock(&self.lost_at).is_some_and(|t| t.elapsed() < time)
+    }
+
+    /// Redis answers but lost the shared state (restarted empty, flushed,
+    /// failed over to a replica that missed the last writes): returning,
+    /// as after an outage, so that the leases and fallback slots of every
+    /// replica are written again before any takes slots from it.
+    fn lost_state(&self, why: &'static str) {
+        let mut since = lock(&self.returned_at);
+        if self.state() != State::Shared {
+            return;
+        }
+        *lock(&self.lost_at) = Some(tokio::time::Instant::now());
+        *since = Some(tokio::time::Instant::now());
+        *lock(&self.reason) = why;
+        self.state.store(State::Returning as u8, Ordering::Relaxed);
+        self.losses.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            reason = why,
+            "Redis lost the shared governor state: registering this replica's slots again before using it"
+        );
+    }
+
+    /// Learns `org`'s epoch, writing one when Redis has none.
+    async fn adopt_epoch(&self, org: &OrgShared) -> Result<(), StoreError> {
+        let mut call = self.scripts.epoch.key(format!("{}:epoch", org.key));
+        call.arg(uuid::Uuid::new_v4().simple().to_string());
+        let epoch: String = self.run(call).await?;
+        *lock(&org.epoch) = epoch;
+        Ok(())
     }
 
     /// Why the state last left `shared` (`unreachable`, `CROSSSLOT`, …).
@@ -522,6 +581,7 @@ impl SharedRedis {
             .flat_map(|stores| stores.values().cloned())
             .collect();
         for org in orgs {
+            let _ = self.adopt_epoch(&org).await;
             self.register_local(&org).await;
         }
         self.was_shared.store(true, Ordering::Relaxed);
@@ -550,19 +610,48 @@ impl SharedRedis {
         }
     }
 
+    /// Renews `org`'s leases and reads what the other replicas hold; a
+    /// lost epoch or lease of this replica's means Redis lost the shared
+    /// state, and the leases are written again at once.
     async fn renew(&self, org: &OrgShared) {
         let held: Vec<String> = lock(&org.held).iter().cloned().collect();
-        if held.is_empty() {
-            return;
-        }
         let mut call = self.scripts.renew.key(format!("{}:leases", org.key));
+        call.key(format!("{}:epoch", org.key));
         let readd = self.state() == State::Returning;
         call.arg(self.lease_time.as_millis() as u64)
-            .arg(u8::from(readd));
+            .arg(u8::from(readd))
+            .arg(&org.replica);
         for id in &held {
             call.arg(id);
         }
-        let _ = self.run::<i64>(call).await;
+        let Ok((epoch, missing, others)) =
+            self.run::<(String, Vec<String>, Vec<usize>)>(call).await
+        else {
+            return;
+        };
+        // What Redis holds while returning may not yet count every replica's
+        // slots: the view from before the loss stays until it is shared.
+        if !readd {
+            *lock(&org.others) = others;
+        }
+        let known = lock(&org.epoch).clone();
+        if known.is_empty() {
+            let _ = self.adopt_epoch(org).await;
+        }
+        // A lease released since the list was read is missing rightly.
+        let lost_lease = !readd && missing.iter().any(|id| lock(&org.held).contains(id));
+        let lost_epoch = !known.is_empty() && epoch != known;
+        if lost_epoch || lost_lease {
+            self.lost_state(if lost_epoch {
+                "state lost (a restart, flush or failover)"
+            } else {
+                "leases lost (a failover that missed the last writes)"
+            });
+            let _ = self.adopt_epoch(org).await;
+            if !readd && self.state() == State::Returning {
+                Box::pin(self.renew(org)).await;
+            }
+        }
     }
 
     /// Writes one lease per slot held on the local cap

@@ -5,9 +5,13 @@
 /// tickets with a smaller fair-share tag are ahead. KEYS: leases, limit,
 /// gate, queue (head tickets by their start tag), seen (tickets by last
 /// attempt), tags (flow → finish tag), vtime, tags-used (flows by last
-/// use); ARGV: lease ms, lease id,
+/// use), epoch; ARGV: lease ms, lease id,
 /// default limit, ticket ('' when not queued), flow, cost, min limit,
-/// ceiling, longest gate ms, slots this replica holds outside Redis.
+/// ceiling, longest gate ms, slots this replica holds outside Redis, the
+/// epoch this replica knows. An epoch that is not the known one (Redis
+/// lost its data: restarted empty, flushed, failed over) answers {3, 0}
+/// before anything is taken, so no lease is counted against a state that
+/// forgot the others'.
 /// A ticket's start tag is fixed (and its flow charged) when it first
 /// enters, so its place never moves; tickets of equal tags are ordered by
 /// their names, which begin with the head's arrival time.
@@ -19,6 +23,7 @@
 /// only the flows of the last ten minutes, not every address ever seen);
 /// coming back it starts at the virtual time, as a new flow does.
 pub(super) const ACQUIRE: &str = r"
+if redis.call('GET', KEYS[9]) ~= ARGV[11] then return {3, 0} end
 local maxgate = tonumber(ARGV[9])
 local gate = redis.call('PTTL', KEYS[3])
 if gate > maxgate then redis.call('PEXPIRE', KEYS[3], maxgate); gate = maxgate end
@@ -88,23 +93,50 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 ";
 
-/// Extends the leases still held (long answers outlive the lease time).
-/// With ARGV[2] = 1 (the replica is returning after Redis was away) it
-/// also writes again those Redis lost (a restart, a failover that lost the
-/// last writes); otherwise only leases still there are extended, so that a
-/// lease released meanwhile is never brought back. ARGV: lease ms, re-add,
-/// lease ids.
+/// Extends the leases still held (long answers outlive the lease time)
+/// and reports what a replica needs to see a loss: the epoch ('' when
+/// gone), the ids Redis no longer has (a restart, a failover that lost the
+/// last writes, a lease renewed too late), and how many leases each other
+/// replica holds (its ids begin with `{replica}:`). With ARGV[2] = 1 (the
+/// replica is returning after Redis lost its state) the missing leases are
+/// written again; otherwise a lease released meanwhile is never brought
+/// back. KEYS: leases, epoch; ARGV: lease ms, re-add, replica, lease ids.
 pub(super) const RENEW: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local epoch = redis.call('GET', KEYS[2])
+if epoch then redis.call('PEXPIRE', KEYS[2], 600000) else epoch = '' end
 local readd = ARGV[2] == '1'
-for i = 3, #ARGV do
-  if readd or redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+local missing = {}
+for i = 4, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
     redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
+  else
+    table.insert(missing, ARGV[i])
+    if readd then redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]) end
   end
 end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 3)
-return 1
+local counts, others = {}, {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local replica = string.match(id, '^([^:]+):')
+  if replica and replica ~= ARGV[3] then counts[replica] = (counts[replica] or 0) + 1 end
+end
+for _, n in pairs(counts) do table.insert(others, n) end
+return {epoch, missing, others}
+";
+
+/// The org's epoch: a random value written when there is none, so that a
+/// Redis that lost its data is told from one that kept it. KEYS: epoch;
+/// ARGV: a fresh value.
+pub(super) const EPOCH: &str = r"
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', 600000)
+  epoch = ARGV[1]
+end
+return epoch
 ";
 
 /// Registers the slots a replica holds on its local fallback cap as leases

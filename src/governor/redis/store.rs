@@ -43,6 +43,12 @@ impl RedisStore {
         self.redis.settling()
     }
 
+    /// The fallback slots to leave for other replicas' slots beyond their
+    /// `share` (see [`SharedRedis::reserve`]).
+    pub fn reserve(&self, share: usize, max_hold: Duration) -> usize {
+        self.redis.reserve(&self.org, share, max_hold)
+    }
+
     /// Where the shared state stands, and why it left `shared` last.
     pub fn state(&self) -> (super::State, &'static str) {
         (self.redis.state(), self.redis.reason())
@@ -102,7 +108,11 @@ impl SlotStore for RedisStore {
         let seq = ask.waiter.map(|w| w.seq);
         let (flow, cost) = (ask.flow.key.clone(), ask.flow.cost());
         Box::pin(async move {
-            let id = uuid::Uuid::new_v4().simple().to_string();
+            if lock(&self.org.epoch).is_empty() {
+                self.redis.adopt_epoch(&self.org).await?;
+            }
+            // The replica first: what each replica holds is read from the ids.
+            let id = format!("{}:{}", self.org.replica, uuid::Uuid::new_v4().simple());
             let key = &self.org.key;
             let mut call = self.redis.scripts.acquire.key(format!("{key}:leases"));
             for k in [
@@ -113,6 +123,7 @@ impl SlotStore for RedisStore {
                 "tags",
                 "vtime",
                 "tags-used",
+                "epoch",
             ] {
                 call.key(format!("{key}:{k}"));
             }
@@ -126,8 +137,15 @@ impl SlotStore for RedisStore {
                 .arg(b.min)
                 .arg(b.ceiling)
                 .arg(b.max_gate.as_millis().max(1) as u64)
-                .arg(ask.extra);
+                .arg(ask.extra)
+                .arg(&*lock(&self.org.epoch));
             let (code, value): (i64, u64) = self.redis.run(call).await?;
+            if code == 3 {
+                self.redis
+                    .lost_state("state lost (a restart, flush or failover)");
+                self.redis.adopt_epoch(&self.org).await?;
+                return Err(StoreError("Redis lost the shared state".to_owned()));
+            }
             Ok(match code {
                 1 => {
                     if let Some(seq) = seq {
