@@ -3,6 +3,7 @@
 //! link step keeps the suite fast).
 
 mod binary;
+mod clients;
 mod cluster;
 mod compression;
 mod connections;

@@ -209,3 +209,37 @@ async fn dataverse_demands_a_valid_bearer_and_challenges_like_dataverse() {
     assert!(h.seen().iter().all(|r| !r.authorized));
     sim.shutdown();
 }
+
+/// A query option the simulator does not run is refused in Dataverse's
+/// error shape, never ignored (rows in another order, or every row for a
+/// SQL query, would be a silent wrong answer).
+#[tokio::test]
+async fn query_options_the_simulator_does_not_run_are_refused() {
+    let h = crate::harness::Harness::start().await;
+    let token = h.sim_token().await;
+    for query in [
+        "$orderby=name",
+        "$apply=groupby((name))",
+        "sql=SELECT%20name%20FROM%20account",
+    ] {
+        let resp = client()
+            .get(format!(
+                "{}/api/data/v9.2/accounts?{query}",
+                h.sim.org_url()
+            ))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("simulator");
+        assert_eq!(resp.status(), 400, "{query}");
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(body["error"]["code"], "0x80060888", "{query}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("is not supported")),
+            "{body}"
+        );
+    }
+    h.stop().await;
+}

@@ -56,6 +56,9 @@ impl Ctx {
 
     pub(super) fn list(&self, s: &'static Schema, headers: &HeaderMap) -> Response {
         let q = Query::parse(&self.query);
+        if let Some(refused) = unsupported_option(&q) {
+            return refused;
+        }
         if let Some(token) = q.get(changes::DELTA_TOKEN) {
             return self.delta(s, &q, token);
         }
@@ -467,4 +470,31 @@ impl Paging {
             after,
         })
     }
+}
+
+/// The query options a collection read understands here; any other
+/// system query option (`$orderby`, `$apply`, …) or the `sql` parameter is
+/// refused as Dataverse refuses what it cannot run, rather than ignored
+/// (an answer in another order or unaggregated would be a silent lie).
+const OPTIONS: &[&str] = &[
+    "$select",
+    "$filter",
+    "$expand",
+    "$top",
+    "$count",
+    "$skiptoken",
+    changes::DELTA_TOKEN,
+    "fetchXml",
+];
+
+fn unsupported_option(q: &Query) -> Option<Response> {
+    let (name, _) = q
+        .options
+        .iter()
+        .find(|(k, _)| (k.starts_with('$') || k == "sql") && !OPTIONS.contains(&k.as_str()))?;
+    Some(dv_error(
+        StatusCode::BAD_REQUEST,
+        "0x80060888",
+        &format!("The query parameter {name} is not supported"),
+    ))
 }

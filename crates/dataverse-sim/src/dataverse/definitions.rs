@@ -211,6 +211,7 @@ fn definition(t: &Table) -> Value {
         "PrimaryIdAttribute": t.primary_id,
         "PrimaryNameAttribute": t.primary_name,
         "IsCustomEntity": t.logical.starts_with("dvp_"),
+        "IsPrivate": false,
         "DisplayName": {"UserLocalizedLabel": {"Label": t.logical, "LanguageCode": 1033}},
         "AttributeCount": t.columns.len(),
         "ChangeTrackingEnabled": t.change_tracking,
