@@ -90,6 +90,16 @@ pub enum ProxyError {
         /// When a request is allowed again.
         retry_after: Duration,
     },
+    /// 429: the caller spent its `daily_requests` today.
+    #[error(
+        "caller {caller} has spent its daily budget of {budget} Power Platform requests ([[callers]] daily_requests); it renews at 00:00 UTC"
+    )]
+    CallerDailyBudget {
+        caller: std::sync::Arc<str>,
+        budget: u64,
+        /// Until the next UTC midnight.
+        retry_after: Duration,
+    },
     /// 400: the request head cannot be forwarded (framing, target form).
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
@@ -225,7 +235,9 @@ impl ProxyError {
                 StatusCode::FORBIDDEN
             }
             Self::CallerKeysUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::CallerQuota { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::CallerQuota { .. } | Self::CallerDailyBudget { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::UriTooLong | Self::UrlTooLongForDataverse(_) => StatusCode::URI_TOO_LONG,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -256,6 +268,7 @@ impl ProxyError {
             Self::Forbidden(_) => "forbidden",
             Self::PolicyDenied(_) => "policy_denied",
             Self::CallerQuota { .. } => "caller_quota_exceeded",
+            Self::CallerDailyBudget { .. } => "caller_daily_budget_exhausted",
             Self::UriTooLong | Self::UrlTooLongForDataverse(_) => "uri_too_long",
             Self::HeadersTooLarge => "headers_too_large",
             Self::BodyTooLarge(_) => "body_too_large",
@@ -286,6 +299,7 @@ impl ProxyError {
             | Self::GovernorQueueFull { retry_after }
             | Self::GovernorQueueTimeout { retry_after, .. }
             | Self::CallerQuota { retry_after }
+            | Self::CallerDailyBudget { retry_after, .. }
             | Self::ConsentRequired { retry_after }
             | Self::DelegationRefused { retry_after }
             | Self::UserTokenRefused { retry_after }

@@ -25,7 +25,9 @@
 //!   [`identity`] (Entra ID caller tokens: discovery, keys, claims), [`batch`] (the strict `$batch` reader),
 //!   [`rewrite`] (streaming org-URL ⇄ proxy-URL rewriting), [`compression`]
 //!   (content codings: what the caller accepts, streaming codecs) and
-//!   [`metadata_cache`] (`$metadata` and `EntityDefinitions` answers per org).
+//!   [`metadata_cache`] (`$metadata` and `EntityDefinitions` answers per org),
+//!   [`usage`] (the Power Platform requests spent, by org, lane, caller and
+//!   user, shared through the governor's Redis).
 //!   Each has its own error type. [`stats`]: what requests leave behind for
 //!   the metrics and the status page (data only); [`logging`]: the request
 //!   line and every other event, written off the request's path;
@@ -82,6 +84,7 @@ pub mod stats;
 pub mod telemetry;
 pub mod token;
 pub mod upstream;
+pub mod usage;
 
 use std::sync::Arc;
 
@@ -164,6 +167,7 @@ pub async fn serve_with(
     ));
     let tls_watcher = tls.clone().map(|t| tokio::spawn(t.watch_files()));
     let redis_tasks = state.redis.as_ref().map(|r| r.spawn()).unwrap_or_default();
+    let usage_task = state.usage.spawn();
     let status_ticker = admin::status::spawn_ticker(state.clone(), control.shutdown.clone());
     // Caller-token keys before the first caller needs them.
     let key_prefetch = state
@@ -195,6 +199,9 @@ pub async fn serve_with(
     )
     .await;
     let result: std::io::Result<()> = Ok(());
+    // The last second's counts reach Redis before the process goes.
+    usage_task.abort();
+    state.usage.refresh().await;
     admin_stop.cancel();
     let _ = admin_server.await;
     reloader.abort();

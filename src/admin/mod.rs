@@ -2,7 +2,8 @@
 //! token is held for a lane of every org and shutdown has not begun; the
 //! lanes down are named), `/metrics`,
 //! and the operator's view: `/` (the status page) and `/status` (its data
-//! as JSON), see `admin/status/`.
+//! as JSON), see `admin/status/`, and `/usage` (the Power Platform requests
+//! spent by day, as CSV).
 
 use axum::Router;
 use axum::extract::State;
@@ -14,6 +15,7 @@ use crate::app::AppState;
 
 pub mod metrics;
 pub mod status;
+mod usage;
 
 pub fn router(state: AppState) -> Router {
     // What a page in the operator's browser must not read through a
@@ -23,6 +25,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/", get(status::page))
         .route("/status", get(status::status))
+        .route("/usage", get(usage::usage))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             known_host,

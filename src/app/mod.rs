@@ -81,6 +81,11 @@ pub struct Shared {
     pub cors: Option<crate::config::CorsConfig>,
     /// The governors' shared state, where `governor.redis_url` is set.
     pub redis: Option<Arc<crate::governor::SharedRedis>>,
+    /// The Power Platform requests spent, by org, lane, caller and user
+    /// (shared through `redis` where it is set).
+    pub usage: Arc<crate::usage::Ledger>,
+    /// When a daily budget or entitlement warns (`[usage] warn_at`).
+    pub usage_warn_at: f64,
     /// When the proxy started (Unix milliseconds), for the status page.
     pub started: u64,
     /// The last proxy errors, for the status page.
@@ -129,6 +134,8 @@ pub struct OrgState {
     /// Request metrics of this org without a known caller (the callers'
     /// own are in the rules, which a reload may change).
     pub metrics: RequestHandles,
+    /// The tenant's daily Power Platform request entitlement, if given.
+    pub daily_entitlement: Option<u64>,
 }
 
 /// The two link rewriters for one public URL.
@@ -217,6 +224,7 @@ impl OrgState {
             links: Mutex::new(Vec::new()),
             board: crate::stats::board::OrgBoard::default(),
             metrics: metrics.handles(&org.name, "-"),
+            daily_entitlement: org.daily_entitlement,
         })
     }
 }
@@ -302,6 +310,11 @@ impl AppState {
             verifier,
             obo,
             cors: config.cors.clone(),
+            usage: Arc::new(crate::usage::Ledger::new(
+                config.usage.retention_days,
+                redis.clone(),
+            )),
+            usage_warn_at: config.usage.warn_at,
             redis,
             started: crate::stats::activity::unix_ms(),
             recent_errors: crate::stats::board::Recent::default(),

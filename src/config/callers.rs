@@ -103,6 +103,13 @@ fn validate_caller(p: &mut Problems<'_>, key: &str, c: RawCaller) -> Caller {
             "e.g. requests_per_second = 20",
         );
     }
+    if c.daily_requests == Some(0) {
+        p.push(
+            &format!("{key}.daily_requests"),
+            "must be above zero",
+            "e.g. daily_requests = 50000 (Power Platform requests per UTC day), or leave it out",
+        );
+    }
     let weight = c.weight.unwrap_or(1);
     if !(1..=100).contains(&weight) {
         p.push(
@@ -132,6 +139,7 @@ fn validate_caller(p: &mut Problems<'_>, key: &str, c: RawCaller) -> Caller {
         orgs: c.orgs.unwrap_or_default(),
         read_only: c.read_only.unwrap_or(false),
         requests_per_second: c.requests_per_second,
+        daily_requests: c.daily_requests,
         weight: weight.clamp(1, 100),
         max_concurrency: c.max_concurrency,
         lanes: c.lanes.unwrap_or_default(),

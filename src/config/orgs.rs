@@ -16,6 +16,7 @@ struct Wanted {
     hosts: Vec<String>,
     scope: Option<String>,
     policy: Option<RawPolicy>,
+    daily_entitlement: Option<u64>,
 }
 
 /// Credentials by name, each validated once however many orgs use it.
@@ -106,6 +107,7 @@ pub(super) fn validate_orgs(
                 .default
                 .unwrap_or(single || (explicit_defaults == 0 && w.key == "org")),
             policy,
+            daily_entitlement: w.daily_entitlement,
             name: w.name,
         });
     }
@@ -188,6 +190,7 @@ fn wanted_orgs(org: RawOrg, named: Vec<RawNamedOrg>) -> Vec<Wanted> {
             hosts: org.hosts.unwrap_or_default(),
             scope: org.scope,
             policy: org.policy,
+            daily_entitlement: org.daily_entitlement,
         });
     }
     for (i, o) in named.into_iter().enumerate() {
@@ -201,6 +204,7 @@ fn wanted_orgs(org: RawOrg, named: Vec<RawNamedOrg>) -> Vec<Wanted> {
             hosts: o.hosts.unwrap_or_default(),
             scope: o.scope,
             policy: o.policy,
+            daily_entitlement: o.daily_entitlement,
         });
     }
     wanted

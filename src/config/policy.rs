@@ -92,6 +92,8 @@ pub struct Caller {
     pub read_only: bool,
     /// Requests per second at most (burst of the same size); `None`: no quota.
     pub requests_per_second: Option<f64>,
+    /// Power Platform requests per UTC day at most; `None`: no budget.
+    pub daily_requests: Option<u64>,
     /// Its share of a contended org relative to other callers (1..=100).
     pub weight: u32,
     /// Its requests in flight at most, per replica and org (token callers:

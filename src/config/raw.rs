@@ -27,6 +27,7 @@ pub struct RawConfig {
     pub(super) governor: RawGovernor,
     pub(super) log: RawLog,
     pub(super) shutdown: RawShutdown,
+    pub(super) usage: RawUsage,
     pub(super) limits: RawLimits,
     pub(super) callers: Option<Vec<RawCaller>>,
     pub(super) access: RawAccess,
@@ -161,6 +162,8 @@ pub(super) struct RawOrg {
     pub(super) policy: Option<RawPolicy>,
     #[serde(deserialize_with = "lenient_list")]
     pub(super) hosts: Option<Vec<String>>,
+    #[serde(deserialize_with = "lenient_number")]
+    pub(super) daily_entitlement: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -180,6 +183,8 @@ pub(super) struct RawNamedOrg {
     pub(super) scope: Option<String>,
     #[serde(default)]
     pub(super) policy: Option<RawPolicy>,
+    #[serde(default, deserialize_with = "lenient_number")]
+    pub(super) daily_entitlement: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -216,6 +221,8 @@ pub(super) struct RawCaller {
     pub(super) read_only: Option<bool>,
     #[serde(default)]
     pub(super) requests_per_second: Option<f64>,
+    #[serde(default, deserialize_with = "lenient_number")]
+    pub(super) daily_requests: Option<u64>,
     #[serde(default, deserialize_with = "lenient_number")]
     pub(super) weight: Option<u32>,
     #[serde(default, deserialize_with = "lenient_number")]
@@ -332,6 +339,15 @@ pub(super) struct RawLimits {
 pub(super) struct RawShutdown {
     pub(super) delay: Option<String>,
     pub(super) grace: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawUsage {
+    #[serde(deserialize_with = "lenient_number")]
+    pub(super) retention_days: Option<u32>,
+    #[serde(deserialize_with = "lenient_number")]
+    pub(super) warn_at: Option<f64>,
 }
 
 /// A number given as a number (TOML) or as a numeric string (environment

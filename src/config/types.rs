@@ -33,6 +33,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Shutdown settings.
     pub shutdown: ShutdownConfig,
+    /// Power Platform request accounting.
+    pub usage: UsageConfig,
     /// Limits at the edge.
     pub limits: LimitsConfig,
     /// Caller identification.
@@ -65,6 +67,9 @@ pub struct OrgConfig {
     pub default: bool,
     /// What may reach this org.
     pub policy: Policy,
+    /// The tenant's daily Power Platform request entitlement, for the
+    /// status page's projection and the warning (`None`: not shown).
+    pub daily_entitlement: Option<u64>,
 }
 
 impl OrgConfig {
@@ -373,6 +378,16 @@ pub struct LimitsConfig {
     /// Open connections from one source address at most (default: a
     /// quarter of `max_connections`).
     pub max_connections_per_ip: usize,
+}
+
+/// Power Platform request accounting (`[usage]`).
+#[derive(Debug, Clone, Copy)]
+pub struct UsageConfig {
+    /// Days of daily counts kept for `GET /usage`.
+    pub retention_days: u32,
+    /// The share of a daily budget or entitlement at which a warning is
+    /// logged and counted (0.8: 80 %).
+    pub warn_at: f64,
 }
 
 /// Shutdown settings.

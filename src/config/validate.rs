@@ -30,6 +30,7 @@ impl RawConfig {
         let governor = governor(&mut p, self.governor);
         let token = token(&mut p, self.token, &upstream);
         let shutdown = shutdown(&mut p, self.shutdown);
+        let usage = usage(&mut p, self.usage);
         let caller_tokens = caller_tokens(&mut p, self.caller_tokens);
         let tls = tls(&mut p, self.tls);
         let cors = cors(&mut p, self.cors);
@@ -72,6 +73,7 @@ impl RawConfig {
                 governor,
                 log,
                 shutdown,
+                usage,
                 limits,
                 access,
                 tls,
@@ -405,6 +407,30 @@ fn token(p: &mut Problems<'_>, t: RawToken, upstream: &UpstreamConfig) -> TokenC
         );
     }
     token
+}
+
+/// `[usage]`: how long daily counts are kept, when budgets warn.
+fn usage(p: &mut Problems<'_>, raw: RawUsage) -> UsageConfig {
+    let retention_days = raw.retention_days.unwrap_or(30);
+    if !(1..=400).contains(&retention_days) {
+        p.push(
+            "usage.retention_days",
+            &format!("{retention_days} is outside 1..=400"),
+            "e.g. retention_days = 30",
+        );
+    }
+    let warn_at = raw.warn_at.unwrap_or(0.8);
+    if !(warn_at > 0.0 && warn_at <= 1.0) {
+        p.push(
+            "usage.warn_at",
+            "must be a share above 0 and at most 1",
+            "e.g. warn_at = 0.8 (a warning at 80 % of a daily budget)",
+        );
+    }
+    UsageConfig {
+        retention_days,
+        warn_at,
+    }
 }
 
 /// `[shutdown]`: readiness delay and drain grace.

@@ -34,3 +34,4 @@ mod streaming;
 mod table_policy;
 mod token;
 mod traces;
+mod usage;

@@ -211,7 +211,7 @@ async fn admin_views_answer_only_to_known_hosts() {
             .expect("admin")
             .status()
     };
-    for path in ["/", "/status", "/metrics"] {
+    for path in ["/", "/status", "/metrics", "/usage"] {
         assert_eq!(get(path, "rebound.attacker.example").await, 403, "{path}");
         assert_eq!(get(path, "127.0.0.1").await, 200, "{path}");
         assert_eq!(get(path, "localhost").await, 200, "{path}");

@@ -9,6 +9,7 @@
 //! beyond names, kinds and URLs.
 
 mod lanes;
+mod usage;
 
 use std::sync::atomic::Ordering;
 
@@ -52,6 +53,8 @@ pub struct OrgStatus {
     pub callers: Vec<CallerStatus>,
     pub errors: Vec<ErrorCount>,
     pub metadata_cache: Option<CacheStatus>,
+    /// Power Platform requests spent today, by lane, caller and user.
+    pub usage: usage::OrgUsage,
     /// Seconds per point of `series`.
     pub interval_s: u64,
     /// The last 15 minutes, oldest first; the last point is under way.
@@ -150,8 +153,20 @@ pub fn script_safe(json: &str) -> String {
 /// The whole status, now.
 pub async fn snapshot(state: &AppState) -> Status {
     let mut orgs = Vec::new();
+    let spent = state.usage.snapshot();
+    let rules = state.rules.load();
+    let budget = |caller: &str| {
+        rules
+            .access
+            .callers
+            .iter()
+            .find(|c| &*c.name == caller)
+            .and_then(|c| c.daily_requests)
+    };
     for org in state.orgs.iter() {
-        orgs.push(org_status(org).await);
+        let mut status = org_status(org).await;
+        status.usage = usage::of(org, &spent, budget);
+        orgs.push(status);
     }
     Status {
         version: env!("CARGO_PKG_VERSION"),
@@ -209,6 +224,7 @@ async fn org_status(org: &OrgState) -> OrgStatus {
                 bytes: c.weighted_size(),
             }
         }),
+        usage: usage::OrgUsage::default(),
         interval_s: crate::stats::activity::INTERVAL.as_secs(),
         series,
     }

@@ -449,6 +449,35 @@ impl SharedRedis {
         }
     }
 
+    /// The prefix of every key (`governor.redis_prefix`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Runs a pipeline of plain commands with the timeout (the usage
+    /// ledger's batched increments and reads, whose keys share one hash
+    /// slot); a failure marks the state down.
+    pub async fn pipeline<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        let conn = self
+            .conn
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let Some(mut conn) = conn else {
+            return Err(StoreError("not connected".to_owned()));
+        };
+        let err = match tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => format!("{:?}", e.kind()),
+            Err(_) => format!("no answer within {:?}", self.timeout),
+        };
+        self.mark_down(&err);
+        Err(StoreError(err))
+    }
+
     /// Runs one command with the timeout; a failure marks the state down.
     async fn run<T: redis::FromRedisValue>(
         &self,

@@ -176,6 +176,9 @@ async fn identify(
         )
         .await?;
     let caller = admission.caller;
+    if let Some(c) = caller {
+        within_daily_budget(state, c)?;
+    }
     info.caller = caller.map(|c| c.name.clone());
     info.principal = admission.principal.as_ref().map(|p| Arc::from(p.flow_id()));
     info.caller_slot = caller
@@ -190,6 +193,25 @@ async fn identify(
         lanes: lanes_of(caller, org, admission.delegated.is_some())?,
         delegated: admission.delegated,
         flow: flow_of(caller, info.principal.as_deref(), &rules.access, request),
+    })
+}
+
+/// Refuses a caller that spent its `daily_requests` today (as every replica
+/// counted them, a second behind at most), before Dataverse sees the
+/// request.
+fn within_daily_budget(state: &AppState, caller: &crate::config::Caller) -> Result<(), ProxyError> {
+    let Some(budget) = caller.daily_requests else {
+        return Ok(());
+    };
+    if state.usage.caller_today(&caller.name) < budget {
+        return Ok(());
+    }
+    Err(ProxyError::CallerDailyBudget {
+        caller: caller.name.clone(),
+        budget,
+        retry_after: std::time::Duration::from_secs(crate::usage::until_renewal(
+            crate::usage::now_unix(),
+        )),
     })
 }
 

@@ -95,6 +95,7 @@ async fn steps(
     };
     let admitted = admit::admit(call, peer.ip(), &parts).await?;
     let planned = plan::plan(state, &admitted, parts, body).await?;
+    call.info.requests = planned.requests;
     if let Some(len) = long_get::too_long_for_a_request_line(&admitted, &planned) {
         return Box::pin(long_get::as_batch(call, &admitted, planned, len)).await;
     }

@@ -12,6 +12,7 @@ use crate::error::ProxyError;
 use crate::http::body::{RequestBody, caller_body_fault};
 use crate::http::headers;
 use crate::policy::BatchContext;
+use crate::usage::count;
 
 /// What goes to Dataverse (the bearer is added per attempt).
 pub struct Planned {
@@ -19,6 +20,8 @@ pub struct Planned {
     pub uri: Uri,
     pub headers: HeaderMap,
     pub body: RequestBody,
+    /// The Power Platform requests it is (`usage::count`).
+    pub requests: u32,
 }
 
 /// Builds the upstream request from the caller's.
@@ -38,6 +41,9 @@ pub async fn plan(
         headers.insert(name, value);
     }
     upstream_accept_encoding(&mut headers, state.upstream.compression, parts.uri.path());
+    let rest = &parts.uri.path()[admitted.prefix_len..];
+    let api_path = rest[service_root(rest).len()..].trim_start_matches('/');
+    let mut requests = count::of_path(api_path);
     let body = match &admitted.batch_origins {
         Some(origins) => {
             let tables = match admitted.policy().lists_tables() {
@@ -52,13 +58,23 @@ pub async fn plan(
                 tables: tables.as_deref(),
             };
             let bytes = read_batch(body, &headers, admitted.policy(), &ctx).await?;
+            requests = count::batch_operations(&bytes).max(1);
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             headers.remove(header::TRANSFER_ENCODING);
             Body::from(bytes)
         }
         None if writes_body(admitted, &parts.method, &headers) => {
-            let rest = &parts.uri.path()[admitted.prefix_len..];
             let bytes = read_checked_body(state, admitted, body, rest).await?;
+            if count::is_bulk(api_path) {
+                requests = count::bulk_targets(&bytes).unwrap_or(1).max(1);
+            }
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+            headers.remove(header::TRANSFER_ENCODING);
+            Body::from(bytes)
+        }
+        None if parts.method == Method::POST && count::is_bulk(api_path) => {
+            let bytes = read_whole(body, admitted.policy().batch_buffer).await?;
+            requests = count::bulk_targets(&bytes).unwrap_or(1).max(1);
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             headers.remove(header::TRANSFER_ENCODING);
             Body::from(bytes)
@@ -73,6 +89,7 @@ pub async fn plan(
         uri,
         headers,
         body,
+        requests,
     })
 }
 
@@ -137,6 +154,17 @@ async fn read_checked_body(
     };
     policy.check_reached(reached)?;
     Ok(bytes)
+}
+
+/// Reads a bulk message whole (up to the policy's `batch_buffer`, as a
+/// `$batch`): its `Targets` are the Power Platform requests it is.
+async fn read_whole(body: Body, limit: usize) -> Result<Bytes, ProxyError> {
+    Ok(
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit))
+            .await
+            .map_err(|e| caller_body_fault(&*e).unwrap_or(ProxyError::BodyTooLarge(limit)))?
+            .to_bytes(),
+    )
 }
 
 /// Reads a `$batch` body whole (up to the policy's `batch_buffer`) and

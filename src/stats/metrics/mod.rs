@@ -39,6 +39,7 @@ pub(crate) mod cache;
 pub(crate) mod connections;
 pub(crate) mod governor;
 pub(crate) mod pool;
+mod usage;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct OrgLabel {
@@ -126,6 +127,8 @@ pub struct Metrics {
     pub(crate) connections: connections::ConnectionFamilies,
     /// Copied in at scrape time from the orgs' pools.
     pub(crate) pools: pool::PoolFamilies,
+    /// Power Platform requests and daily budget warnings.
+    usage: usage::UsageFamilies,
 }
 
 /// What Dataverse and Entra ID told us last, by org.
@@ -423,6 +426,7 @@ impl Metrics {
             cache: cache::CacheFamilies::register(&mut r),
             connections: connections::ConnectionFamilies::register(&mut r),
             pools: pool::PoolFamilies::register(&mut r),
+            usage: usage::UsageFamilies::register(&mut r),
             registry: r,
             requests,
             duration,
