@@ -136,6 +136,8 @@ pub struct OrgState {
     pub metrics: RequestHandles,
     /// The tenant's daily Power Platform request entitlement, if given.
     pub daily_entitlement: Option<u64>,
+    /// `name`, shared by every count of the org's usage.
+    pub label: Arc<str>,
 }
 
 /// The two link rewriters for one public URL.
@@ -225,6 +227,7 @@ impl OrgState {
             board: crate::stats::board::OrgBoard::default(),
             metrics: metrics.handles(&org.name, "-"),
             daily_entitlement: org.daily_entitlement,
+            label: Arc::from(org.name.as_str()),
         })
     }
 }

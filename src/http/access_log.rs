@@ -35,7 +35,6 @@ use crate::error::{ErrorDetail, PROXY_ERROR_HEADER};
 use crate::logging::RequestLine;
 use crate::stats::board::Ended;
 use crate::stats::metrics::Finished;
-use crate::usage::{Spent, Who};
 
 /// What the forwarding handler tells the access log about a request, as a
 /// response extension.
@@ -304,7 +303,7 @@ impl Entry {
         };
         if let Some(org) = &self.info.org {
             org.board.record(&ended);
-            spend(&self.state, org, &self.info, self.status);
+            super::spend::spend(&self.state, org, &self.info, self.status);
         }
         self.state.recent_errors.record(&ended);
         if !crate::logging::requests_logged() {
@@ -342,71 +341,4 @@ impl Entry {
 /// A header's value as text, empty when absent or not visible ASCII.
 fn text(v: Option<&HeaderValue>) -> &str {
     v.and_then(|v| v.to_str().ok()).unwrap_or("")
-}
-
-/// Counts what a request that reached Dataverse spent of the daily
-/// entitlement (none for metadata or a cached answer), and warns once a
-/// day when its caller's budget or its org's entitlement passes
-/// `usage.warn_at`.
-fn spend(state: &AppState, org: &OrgState, info: &RequestInfo, status: http::StatusCode) {
-    if info.upstream.is_none() || info.requests == 0 {
-        return;
-    }
-    let dash = || Arc::<str>::from("-");
-    let lane = info.lane.clone().unwrap_or_else(dash);
-    let user = match &*lane {
-        // A user's own token: the user's own allocation.
-        "user" => info.principal.clone().unwrap_or_else(dash),
-        _ => dash(),
-    };
-    let spent = Spent {
-        who: Who {
-            org: Arc::from(org.name.as_str()),
-            lane,
-            caller: info.caller.clone().unwrap_or_else(dash),
-            user,
-        },
-        requests: info.requests,
-        executed: status.as_u16() < 400,
-        dataverse: info.upstream.unwrap_or_default(),
-    };
-    let who = &spent.who;
-    state.metrics.power_platform(
-        &org.name,
-        &who.lane,
-        &who.caller,
-        spent.executed,
-        u64::from(spent.requests),
-    );
-    state.usage.record(&spent);
-    let budget = info
-        .rules
-        .as_ref()
-        .and_then(|r| r.access.callers.get(info.caller_slot.checked_sub(1)?))
-        .and_then(|c| c.daily_requests);
-    let ledger = &state.usage;
-    if let Some(budget) = budget {
-        let used = ledger.caller_today(&who.caller);
-        if ledger.crossed(
-            &format!("caller:{}", who.caller),
-            used,
-            budget,
-            state.usage_warn_at,
-        ) {
-            tracing::warn!(caller = %who.caller, used, budget, "a caller passed its share of its daily Power Platform request budget (daily_requests)");
-            state.metrics.budget_warning("caller", &who.caller);
-        }
-    }
-    if let Some(entitlement) = org.daily_entitlement {
-        let used = ledger.org_today(&org.name);
-        if ledger.crossed(
-            &format!("org:{}", org.name),
-            used,
-            entitlement,
-            state.usage_warn_at,
-        ) {
-            tracing::warn!(org = %org.name, used, entitlement, "the org passed its share of the tenant's daily Power Platform request entitlement (daily_entitlement)");
-            state.metrics.budget_warning("org", &org.name);
-        }
-    }
 }

@@ -5,7 +5,8 @@
 //! request id (x-request-id: the caller's, or a new UUID v4; on the answer too)
 //! └─ sensitive headers (Authorization, Proxy-Authorization, Cookie, X-API-Key)
 //!    └─ trace (one span per request: id, method, path; never the query)
-//!       └─ access log (one line and the request metrics when the body ends)
+//!       └─ access log (one line, the request metrics and the Power Platform
+//!          requests spent, `spend.rs`, when the body ends)
 //!          └─ catch panic (a bug costs one request a 500, not the connection)
 //!             └─ body idle timeouts (caller stalls: 408; Dataverse stalls: abort)
 //!                └─ CORS, when configured (preflights answered here)
@@ -27,6 +28,7 @@ pub mod forward;
 pub mod headers;
 pub mod idle;
 pub mod request_id;
+mod spend;
 
 use std::convert::Infallible;
 

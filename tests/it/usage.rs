@@ -193,6 +193,10 @@ async fn a_caller_over_its_budget_is_refused_until_midnight_while_others_pass() 
     for _ in 0..5 {
         assert_eq!(get(&h.url("/WhoAmI"), "orders-key").await.status(), 200);
     }
+    eventually("five counted", async || {
+        counted(&h.metrics().await, "orders", "executed") == 5
+    })
+    .await;
     let seen = h.sim.seen().len();
     let refused = get(&h.url("/WhoAmI"), "orders-key").await;
     assert_eq!(refused.status(), 429);
@@ -322,6 +326,52 @@ async fn the_status_page_shows_todays_use_per_caller_in_chromium() {
     assert!(
         row.contains("/ 1200<"),
         "its Dataverse time against 1,200 s: {row}"
+    );
+    h.stop().await;
+}
+
+/// A reload changes a caller's budget and keeps what it spent: refused at
+/// 3, allowed 3 more under a budget of 6, refused again.
+#[tokio::test]
+async fn a_reload_changes_budgets_and_keeps_the_counts() {
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let h = Harness::with_file(sim, "admin_reload = true", &callers(3), &[]).await;
+    h.wait_ready().await;
+    let whoami = h.url("/WhoAmI");
+    for _ in 0..3 {
+        assert_eq!(get(&whoami, "orders-key").await.status(), 200);
+    }
+    eventually("three counted", async || {
+        counted(&h.metrics().await, "orders", "executed") == 3
+    })
+    .await;
+    assert_eq!(get(&whoami, "orders-key").await.status(), 429);
+    let path = h.config_file.as_ref().expect("a config file");
+    let text = std::fs::read_to_string(path).expect("config");
+    std::fs::write(
+        path,
+        text.replace("daily_requests = 3", "daily_requests = 6"),
+    )
+    .expect("write");
+    let reloaded = h
+        .client
+        .post(format!("{}/reload", h.admin))
+        .header("x-dataverse-proxy-reload", "1")
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(reloaded.status(), 200);
+    for _ in 0..3 {
+        assert_eq!(get(&whoami, "orders-key").await.status(), 200);
+    }
+    eventually("six counted", async || {
+        counted(&h.metrics().await, "orders", "executed") == 6
+    })
+    .await;
+    assert_eq!(
+        get(&whoami, "orders-key").await.status(),
+        429,
+        "refused at 6"
     );
     h.stop().await;
 }

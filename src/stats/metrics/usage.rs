@@ -1,12 +1,16 @@
 //! The Power Platform requests spent, by org, lane, caller and kind, and
 //! the daily budgets that passed their warning threshold.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
 use super::registered;
+use crate::usage::Who;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SpentLabels {
@@ -27,6 +31,9 @@ struct ThresholdLabels {
 pub(crate) struct UsageFamilies {
     spent: Family<SpentLabels, Counter>,
     thresholds: Family<ThresholdLabels, Counter>,
+    /// The executed and refused counters of each org, lane and caller, so
+    /// that a request finds them without building its labels.
+    handles: Mutex<HashMap<[Arc<str>; 3], [Counter; 2]>>,
 }
 
 impl UsageFamilies {
@@ -44,22 +51,37 @@ impl UsageFamilies {
                 "Times a daily budget passed usage.warn_at today: a caller's daily_requests (scope caller) or an org's daily_entitlement (scope org)",
                 Family::default(),
             ),
+            handles: Mutex::default(),
         }
     }
 }
 
 impl super::Metrics {
-    /// Counts `n` Power Platform requests.
-    pub fn power_platform(&self, org: &str, lane: &str, caller: &str, executed: bool, n: u64) {
-        self.usage
-            .spent
-            .get_or_create(&SpentLabels {
-                org: org.to_owned(),
-                lane: lane.to_owned(),
-                caller: caller.to_owned(),
-                kind: if executed { "executed" } else { "refused" },
+    /// Counts `n` Power Platform requests of `who`.
+    pub fn power_platform(&self, who: &Who, executed: bool, n: u64) {
+        let key = [who.org.clone(), who.lane.clone(), who.caller.clone()];
+        let mut handles = self
+            .usage
+            .handles
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let [done, refused] = handles.entry(key).or_insert_with(|| {
+            ["executed", "refused"].map(|kind| {
+                self.usage
+                    .spent
+                    .get_or_create(&SpentLabels {
+                        org: who.org.to_string(),
+                        lane: who.lane.to_string(),
+                        caller: who.caller.to_string(),
+                        kind,
+                    })
+                    .clone()
             })
-            .inc_by(n);
+        });
+        match executed {
+            true => done.inc_by(n),
+            false => refused.inc_by(n),
+        };
     }
 
     /// A daily budget passed its warning threshold.
