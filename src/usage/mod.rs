@@ -15,13 +15,14 @@ pub mod count;
 mod shared;
 mod tally;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use tally::{Bucket, Counts, Tally, Who};
 
 use crate::governor::SharedRedis;
+use rustc_hash::FxHashMap as HashMap;
 
 /// One call, as the ledger keeps it.
 #[derive(Debug, Clone)]
@@ -39,8 +40,8 @@ pub struct Spent {
 pub struct Ledger {
     retention_days: i64,
     redis: Option<Arc<SharedRedis>>,
-    /// Counts not yet written to Redis (without Redis, none: they go to
-    /// `totals` at once).
+    /// Counts since the last refresh, by minute only (a request updates one
+    /// map; the refresh adds their hours and days).
     pending: Mutex<Tally>,
     /// Counts this replica wrote to Redis, within the retention: written
     /// again when Redis lost them.
@@ -114,10 +115,7 @@ impl Ledger {
             refused: if spent.executed { 0 } else { n },
             dataverse_ms: spent.dataverse.as_millis() as u64,
         };
-        match self.redis {
-            Some(_) => lock(&self.pending).add(unix, &spent.who, counts),
-            None => lock(&self.totals).add(unix, &spent.who, counts),
-        }
+        lock(&self.pending).add_minute(unix, &spent.who, counts);
         let mut today = lock(&self.today);
         today.roll(unix.div_euclid(86_400));
         *today.callers.entry(spent.who.caller.clone()).or_default() += counts.executed;
@@ -158,7 +156,7 @@ impl Ledger {
     pub fn snapshot(&self) -> Snapshot {
         let unix = now_unix();
         let mut all = lock(&self.totals).clone();
-        all.merge(&lock(&self.pending));
+        all.merge(&lock(&self.pending).expanded());
         let [Bucket::Day(d), Bucket::Hour(h), Bucket::Minute(m)] = Bucket::all_at(unix) else {
             unreachable!("all_at gives a day, an hour and a minute");
         };
@@ -184,7 +182,7 @@ impl Ledger {
             },
             None => lock(&self.totals).clone(),
         };
-        all.merge(&lock(&self.pending));
+        all.merge(&lock(&self.pending).expanded());
         all.buckets.retain(|b, _| matches!(b, Bucket::Day(_)));
         all
     }
@@ -194,7 +192,10 @@ impl Ledger {
     pub async fn refresh(&self) {
         let unix = now_unix();
         let Some(redis) = &self.redis else {
-            lock(&self.totals).prune(unix, self.retention_days);
+            let pending = std::mem::take(&mut *lock(&self.pending)).expanded();
+            let mut totals = lock(&self.totals);
+            totals.merge(&pending);
+            totals.prune(unix, self.retention_days);
             return;
         };
         let fresh = uuid::Uuid::new_v4().simple().to_string();
@@ -203,7 +204,8 @@ impl Ledger {
         };
         let known = std::mem::replace(&mut *lock(&self.epoch), epoch.clone());
         let lost = !known.is_empty() && known != epoch;
-        let pending = std::mem::take(&mut *lock(&self.pending));
+        let minutes = std::mem::take(&mut *lock(&self.pending));
+        let pending = minutes.expanded();
         let mut to_write = pending.clone();
         if lost {
             tracing::warn!("Redis lost the usage counts: this replica writes all of its own again");
@@ -214,7 +216,7 @@ impl Ledger {
                 .await
                 .is_err()
         {
-            lock(&self.pending).merge(&pending);
+            lock(&self.pending).merge(&minutes);
             // The loss is seen again at the next try.
             *lock(&self.epoch) = known;
             return;
@@ -249,7 +251,7 @@ impl Ledger {
             }
         };
         add(lock(&self.totals).of(day));
-        add(lock(&self.pending).of(day));
+        add(lock(&self.pending).expanded().of(day));
         *lock(&self.today) = today;
     }
 
@@ -292,13 +294,16 @@ fn recent(unix: i64) -> Vec<Bucket> {
         .collect()
 }
 
+/// Counts by who spent them.
+pub type ByWho = HashMap<Who, Counts>;
+
 /// What the counts say at one moment.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub unix: i64,
-    pub today: HashMap<Who, Counts>,
-    pub rolling: HashMap<Who, Counts>,
-    pub five_minutes: HashMap<Who, Counts>,
+    pub today: ByWho,
+    pub rolling: ByWho,
+    pub five_minutes: ByWho,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -2,8 +2,11 @@
 //! per hour (the rolling 24 hours) and per minute (Dataverse time over the
 //! last 5 minutes). Buckets are numbered from the Unix epoch.
 
-use std::collections::HashMap;
 use std::sync::Arc;
+
+// Fx: a request hashes its `Who` on the way out; SipHash's guard against
+// chosen keys is not needed for names from the configuration.
+use rustc_hash::FxHashMap as HashMap;
 
 /// Who spent a request: the org, the lane (application user, or `user`
 /// for a user's own token), the proxy's caller (`-` when callers are not
@@ -80,6 +83,26 @@ impl Tally {
         }
     }
 
+    /// Adds `counts` to the minute `unix` falls in only (what a request
+    /// does: [`Tally::expanded`] adds the hours and days once a second).
+    pub fn add_minute(&mut self, unix: i64, who: &Who, counts: Counts) {
+        self.add_to(Bucket::Minute(unix.div_euclid(60)), who, counts);
+    }
+
+    /// This tally's minutes, also counted in their hours and days.
+    pub fn expanded(&self) -> Tally {
+        let mut out = self.clone();
+        for (bucket, row) in &self.buckets {
+            if let Bucket::Minute(m) = *bucket {
+                for (who, counts) in row {
+                    out.add_to(Bucket::Hour(m.div_euclid(60)), who, *counts);
+                    out.add_to(Bucket::Day(m.div_euclid(1_440)), who, *counts);
+                }
+            }
+        }
+        out
+    }
+
     /// Every count of `other` added to this one.
     pub fn merge(&mut self, other: &Tally) {
         for (bucket, row) in &other.buckets {
@@ -113,7 +136,7 @@ impl Tally {
 
     /// The sum of the buckets `from..=to`, by who.
     pub fn sum<F: Fn(i64) -> Bucket>(&self, from: i64, to: i64, bucket: F) -> HashMap<Who, Counts> {
-        let mut out: HashMap<Who, Counts> = HashMap::new();
+        let mut out: HashMap<Who, Counts> = HashMap::default();
         for i in from..=to {
             for (who, counts) in self.buckets.get(&bucket(i)).into_iter().flatten() {
                 out.entry(who.clone()).or_default().add(*counts);

@@ -6,7 +6,7 @@
 use serde::Serialize;
 
 use crate::app::OrgState;
-use crate::usage::{Counts, Snapshot, Who};
+use crate::usage::{ByWho, Snapshot, Who};
 
 /// Dataverse's execution-time limit per user: 1,200 s in 5 minutes
 /// (docs/dataverse.md, "Service protection limits").
@@ -55,9 +55,7 @@ pub fn of(org: &OrgState, snap: &Snapshot, budget: impl Fn(&str) -> Option<u64>)
         .collect();
     who.sort();
     who.dedup();
-    let get = |map: &std::collections::HashMap<Who, Counts>, w: &Who| {
-        map.get(w).copied().unwrap_or_default()
-    };
+    let get = |map: &ByWho, w: &Who| map.get(w).copied().unwrap_or_default();
     let rows: Vec<UsageRow> = who
         .into_iter()
         .map(|w| {

@@ -56,6 +56,16 @@ impl<'a> SentAs<'a> {
         }
     }
 
+    /// [`Self::lane_name`], shared (no allocation per request).
+    pub fn lane_label(&self) -> std::sync::Arc<str> {
+        static USER: std::sync::LazyLock<std::sync::Arc<str>> =
+            std::sync::LazyLock::new(|| std::sync::Arc::from("user"));
+        match self {
+            Self::Lane { admitted, lane } => admitted.org.lanes.get(*lane).name.clone(),
+            Self::User { .. } => USER.clone(),
+        }
+    }
+
     /// The governor of the slot held.
     pub fn governor(&self) -> &Governor {
         match self {

@@ -1,8 +1,9 @@
 //! The Power Platform requests spent, by org, lane, caller and kind, and
 //! the daily budgets that passed their warning threshold.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+
+use rustc_hash::FxHashMap as HashMap;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

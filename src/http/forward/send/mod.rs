@@ -74,9 +74,7 @@ pub async fn send(
         let req = upstream_request(&mut planned, token.header());
         let sent_at = Instant::now();
         let span = attempt_span(org, &req, sent_as.lane_name(), &attempts, waited);
-        if info.lane.as_deref() != Some(sent_as.lane_name()) {
-            info.lane = Some(std::sync::Arc::from(sent_as.lane_name()));
-        }
+        info.lane = Some(sent_as.lane_label());
         let (returned, outcome) = attempt(state, org, req, permit, span).await;
         permit = returned;
         let transient = TransientCheck {
