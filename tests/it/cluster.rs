@@ -70,6 +70,31 @@ async fn shares_one_cap(cluster: &RedisCluster, extra: &[(&'static str, String)]
         max >= 9,
         "the shared cap was in use, not the fallback 4 per replica: {max}"
     );
+    // The usage ledger's keys share a slot too: every replica sees the
+    // 540 requests of all three.
+    let executed = async |r: &Replica| -> u64 {
+        let status: serde_json::Value = client()
+            .get(format!("{}/status", r.admin))
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("json");
+        status["orgs"][0]["usage"]["executed"].as_u64().unwrap_or(0)
+    };
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        seen.clear();
+        for r in &replicas {
+            seen.push(executed(r).await);
+        }
+        if seen.iter().all(|n| *n == 540) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen, [540, 540, 540], "each replica counts all three's");
     for r in &replicas {
         let m = r.metrics().await;
         assert!(

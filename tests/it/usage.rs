@@ -279,6 +279,16 @@ async fn three_replicas_count_exactly_through_a_redis_restart() {
             && total(&replicas[2]).await == 42
     })
     .await;
+    // A replica replaced (its last counts written as it stops) loses nothing.
+    let replaced = replicas.pop().expect("a replica");
+    assert_eq!(
+        get(&replaced.url("/WhoAmI"), "orders-key").await.status(),
+        200
+    );
+    replaced.stop().await;
+    let fresh = Replica::start_with(&sim.handle, &overrides, Some(callers(100_000))).await;
+    eventually("43 on the new replica", async || total(&fresh).await == 43).await;
+    replicas.push(fresh);
     for r in replicas {
         r.stop().await;
     }
@@ -346,6 +356,12 @@ async fn a_reload_changes_budgets_and_keeps_the_counts() {
     })
     .await;
     assert_eq!(get(&whoami, "orders-key").await.status(), 429);
+    assert!(
+        h.metrics().await.contains(
+            "dataverse_proxy_daily_budget_warnings_total{scope=\"caller\",name=\"orders\"} 1"
+        ),
+        "a warning at 80 % of the budget"
+    );
     let path = h.config_file.as_ref().expect("a config file");
     let text = std::fs::read_to_string(path).expect("config");
     std::fs::write(
