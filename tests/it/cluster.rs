@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use dataverse_sim::{ServiceLimits, Sim, SimConfig};
 
-use crate::harness::client;
 use crate::listener::{Ca, temp_dir, write};
 use crate::redis::{ClusterSecurity, RedisCluster, Tls};
 use crate::shared::Replica;
@@ -73,15 +72,9 @@ async fn shares_one_cap(cluster: &RedisCluster, extra: &[(&'static str, String)]
     // The usage ledger's keys share a slot too: every replica sees the
     // 540 requests of all three.
     let executed = async |r: &Replica| -> u64 {
-        let status: serde_json::Value = client()
-            .get(format!("{}/status", r.admin))
-            .send()
-            .await
-            .expect("status")
-            .json()
-            .await
-            .expect("json");
-        status["orgs"][0]["usage"]["executed"].as_u64().unwrap_or(0)
+        r.status().await["orgs"][0]["usage"]["executed"]
+            .as_u64()
+            .unwrap_or(0)
     };
     let mut seen = Vec::new();
     for _ in 0..100 {
@@ -101,14 +94,7 @@ async fn shares_one_cap(cluster: &RedisCluster, extra: &[(&'static str, String)]
             m.contains("governor_state{org=\"default\",lane=\"default\",state=\"shared\"} 1"),
             "{m}"
         );
-        let status = client()
-            .get(format!("{}/status", r.admin))
-            .send()
-            .await
-            .expect("status")
-            .text()
-            .await
-            .expect("body");
+        let status = r.status().await.to_string();
         assert!(
             !status.contains("s3cret") && !m.contains("s3cret"),
             "the password is never shown"

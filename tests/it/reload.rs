@@ -32,7 +32,8 @@ fn rewrite(h: &Harness, policy: &str, extra: &str) {
     std::fs::write(path, format!("{head}[org.policy]\n{policy}\n{extra}")).expect("write");
 }
 
-async fn reload(h: &Harness) -> (u16, serde_json::Value) {
+/// `POST /reload`: its status and JSON answer.
+pub async fn reload(h: &Harness) -> (u16, serde_json::Value) {
     let resp = h
         .client
         .post(format!("{}/reload", h.admin))

@@ -83,6 +83,18 @@ impl Replica {
             .expect("text")
     }
 
+    /// Its `/status` as JSON.
+    pub async fn status(&self) -> serde_json::Value {
+        client()
+            .get(format!("{}/status", self.admin))
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("json")
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.server).await;

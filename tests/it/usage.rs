@@ -252,15 +252,9 @@ async fn three_replicas_count_exactly_through_a_redis_restart() {
         }
     };
     let total = async |r: &Replica| -> u64 {
-        let status: Value = client()
-            .get(format!("{}/status", r.admin))
-            .send()
-            .await
-            .expect("status")
-            .json()
-            .await
-            .expect("json");
-        status["orgs"][0]["usage"]["executed"].as_u64().unwrap_or(0)
+        r.status().await["orgs"][0]["usage"]["executed"]
+            .as_u64()
+            .unwrap_or(0)
     };
     spend(30).await;
     eventually("30 on every replica", async || {
@@ -369,14 +363,7 @@ async fn a_reload_changes_budgets_and_keeps_the_counts() {
         text.replace("daily_requests = 3", "daily_requests = 6"),
     )
     .expect("write");
-    let reloaded = h
-        .client
-        .post(format!("{}/reload", h.admin))
-        .header("x-dataverse-proxy-reload", "1")
-        .send()
-        .await
-        .expect("reload");
-    assert_eq!(reloaded.status(), 200);
+    assert_eq!(crate::reload::reload(&h).await.0, 200);
     for _ in 0..3 {
         assert_eq!(get(&whoami, "orders-key").await.status(), 200);
     }

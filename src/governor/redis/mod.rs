@@ -82,10 +82,10 @@ struct OrgShared {
     /// The epoch of the org's keys this replica knows ('' before the
     /// first): another one means Redis lost the state it was written in.
     epoch: Mutex<String>,
-    /// How many leases each other replica held at the last renewal: what
-    /// this replica leaves room for when Redis goes (see
-    /// [`SharedRedis::reserve`]).
-    others: Mutex<Vec<usize>>,
+    /// How many leases each other replica holds, by replica, as the
+    /// renewals read them: what this replica leaves room for when Redis
+    /// goes (see [`SharedRedis::reserve`]).
+    others: Mutex<HashMap<String, usize>>,
 }
 
 impl OrgShared {
@@ -277,7 +277,7 @@ impl SharedRedis {
             local,
             registered: AtomicUsize::new(0),
             epoch: Mutex::new(String::new()),
-            others: Mutex::new(Vec::new()),
+            others: Mutex::new(HashMap::new()),
         });
         let id = self.next_store.fetch_add(1, Ordering::Relaxed);
         lock(&self.orgs)
@@ -377,7 +377,7 @@ impl SharedRedis {
             return 0;
         }
         lock(&org.others)
-            .iter()
+            .values()
             .map(|held| held.saturating_sub(share))
             .sum()
     }
@@ -433,15 +433,37 @@ impl SharedRedis {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, StoreError> {
-        let conn = self
-            .conn
+        let mut conn = self.connection()?;
+        let result = tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await;
+        self.outcome(result)
+    }
+
+    /// Runs one script with the timeout; a failure marks the state down.
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.connection()?;
+        let result =
+            tokio::time::timeout(self.timeout, invocation.invoke_async::<T>(&mut conn)).await;
+        self.outcome(result)
+    }
+
+    /// The connection, when there is one.
+    fn connection(&self) -> Result<Conn, StoreError> {
+        self.conn
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        let Some(mut conn) = conn else {
-            return Err(StoreError("not connected".to_owned()));
-        };
-        let err = match tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await {
+            .clone()
+            .ok_or_else(|| StoreError("not connected".to_owned()))
+    }
+
+    /// A call's answer; a failure or no answer in time marks the state down.
+    fn outcome<T>(
+        &self,
+        result: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T, StoreError> {
+        let err = match result {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => format!("{:?}", e.kind()),
             Err(_) => format!("no answer within {:?}", self.timeout),
@@ -450,28 +472,12 @@ impl SharedRedis {
         Err(StoreError(err))
     }
 
-    /// Runs one command with the timeout; a failure marks the state down.
-    async fn run<T: redis::FromRedisValue>(
-        &self,
-        invocation: redis::ScriptInvocation<'_>,
-    ) -> Result<T, StoreError> {
-        let conn = self
-            .conn
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        let Some(mut conn) = conn else {
-            return Err(StoreError("not connected".to_owned()));
-        };
-        let result =
-            tokio::time::timeout(self.timeout, invocation.invoke_async::<T>(&mut conn)).await;
-        let err = match result {
-            Ok(Ok(v)) => return Ok(v),
-            Ok(Err(e)) => format!("{:?}", e.kind()),
-            Err(_) => format!("no answer within {:?}", self.timeout),
-        };
-        self.mark_down(&err);
-        Err(StoreError(err))
+    /// Every live store's org, for the background tasks.
+    fn all_orgs(&self) -> Vec<Arc<OrgShared>> {
+        lock(&self.orgs)
+            .values()
+            .flat_map(|stores| stores.values().cloned())
+            .collect()
     }
 
     /// Connects, then checks every second; marks the state shared when Redis answers.
@@ -577,11 +583,7 @@ impl SharedRedis {
             self.mark_answering();
             return;
         }
-        let orgs: Vec<Arc<OrgShared>> = lock(&self.orgs)
-            .values()
-            .flat_map(|stores| stores.values().cloned())
-            .collect();
-        for org in orgs {
+        for org in self.all_orgs() {
             let _ = self.adopt_epoch(&org).await;
             self.register_local(&org).await;
         }

@@ -50,11 +50,7 @@ impl SharedRedis {
             if self.state() == State::Down {
                 continue;
             }
-            let orgs: Vec<Arc<OrgShared>> = lock(&self.orgs)
-                .values()
-                .flat_map(|stores| stores.values().cloned())
-                .collect();
-            for org in orgs {
+            for org in self.all_orgs() {
                 self.renew(&org).await;
                 self.register_local(&org).await;
             }
@@ -76,15 +72,11 @@ impl SharedRedis {
             call.arg(id);
         }
         let Ok((epoch, missing, others)) =
-            self.run::<(String, Vec<String>, Vec<usize>)>(call).await
+            self.run::<(String, Vec<String>, Vec<String>)>(call).await
         else {
             return;
         };
-        // What Redis holds while returning may not yet count every replica's
-        // slots: the view from before the loss stays until it is shared.
-        if !readd {
-            *lock(&org.others) = others;
-        }
+        see_others(org, &others, readd);
         let known = lock(&org.epoch).clone();
         if known.is_empty() {
             let _ = self.adopt_epoch(org).await;
@@ -121,5 +113,24 @@ impl SharedRedis {
         if self.run::<i64>(call).await.is_ok() {
             org.registered.store(now, Ordering::Relaxed);
         }
+    }
+}
+
+/// Takes in what the other replicas hold (`replica, count, …`). Shared,
+/// that is the view; while returning, what Redis holds may not yet count
+/// every replica's slots (it may have come back empty), so a replica's
+/// count only grows until the state is shared again.
+fn see_others(org: &OrgShared, flat: &[String], returning: bool) {
+    let seen = flat
+        .chunks_exact(2)
+        .filter_map(|pair| Some((pair[0].clone(), pair[1].parse::<usize>().ok()?)));
+    let mut others = lock(&org.others);
+    if !returning {
+        *others = seen.collect();
+        return;
+    }
+    for (replica, held) in seen {
+        let known = others.entry(replica).or_default();
+        *known = (*known).max(held);
     }
 }

@@ -97,7 +97,8 @@ return 1
 /// and reports what a replica needs to see a loss: the epoch ('' when
 /// gone), the ids Redis no longer has (a restart, a failover that lost the
 /// last writes, a lease renewed too late), and how many leases each other
-/// replica holds (its ids begin with `{replica}:`). With ARGV[2] = 1 (the
+/// replica holds (its ids begin with `{replica}:`), as replica, count,
+/// replica, count… With ARGV[2] = 1 (the
 /// replica is returning after Redis lost its state) the missing leases are
 /// written again; otherwise a lease released meanwhile is never brought
 /// back. KEYS: leases, epoch; ARGV: lease ms, re-add, replica, lease ids.
@@ -123,7 +124,7 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   local replica = string.match(id, '^([^:]+):')
   if replica and replica ~= ARGV[3] then counts[replica] = (counts[replica] or 0) + 1 end
 end
-for _, n in pairs(counts) do table.insert(others, n) end
+for r, n in pairs(counts) do table.insert(others, r); table.insert(others, tostring(n)) end
 return {epoch, missing, others}
 ";
 
