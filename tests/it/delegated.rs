@@ -107,6 +107,29 @@ async fn each_user_reads_and_writes_as_themselves_with_their_own_token() {
     // Cached: no second exchange for A.
     assert_eq!(whoami(&h, &a_token).await.status(), 200);
     assert_eq!(h.sim.obo_exchanges(), 2);
+    // Each user's own allocation is counted apart: two for A, one for B.
+    let mut spent = Vec::new();
+    for _ in 0..100 {
+        let status: Value = h.admin_get("/status").await.json().await.expect("json");
+        spent = status["orgs"][0]["usage"]["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .map(|r| (r["lane"].clone(), r["user"].clone(), r["executed"].clone()))
+            .collect();
+        spent.sort_by_key(|(_, _, n)| n.as_u64());
+        if spent.len() == 2 && spent[1].2 == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        spent,
+        [
+            (json!("user"), json!(b_oid.to_string()), json!(1)),
+            (json!("user"), json!(a_oid.to_string()), json!(2)),
+        ]
+    );
     h.stop().await;
 }
 
