@@ -28,9 +28,15 @@ pub async fn usage(State(state): State<AppState>) -> impl IntoResponse {
         .flatten()
         .collect();
     rows.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    let running = state
+        .running
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .0
+        .clone();
     let mut csv = String::from(HEAD);
     for (day, who, counts) in rows {
-        let (caller_id, caller_type) = caller_id(&state, who);
+        let (caller_id, caller_type) = caller_id(&running, who);
         let environment = state
             .orgs
             .iter()
@@ -62,16 +68,10 @@ pub async fn usage(State(state): State<AppState>) -> impl IntoResponse {
 /// Whose allocation Dataverse counts: the user of a user's own token, else
 /// the lane's application user (its client id, as the admin center names
 /// application users).
-fn caller_id(state: &AppState, who: &Who) -> (String, &'static str) {
+fn caller_id(running: &crate::config::Config, who: &Who) -> (String, &'static str) {
     if &*who.lane == "user" {
         return (who.user.to_string(), "User");
     }
-    let running = state
-        .running
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .0
-        .clone();
     let client_id = running
         .orgs
         .iter()

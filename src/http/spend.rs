@@ -68,15 +68,9 @@ fn past_threshold(
     used: u64,
     budget: u64,
 ) -> bool {
-    if (used as f64) < state.usage_warn_at * budget as f64 {
-        return false;
-    }
-    let crossed = state.usage.crossed(
-        &format!("{scope}:{name}"),
-        used,
-        budget,
-        state.usage_warn_at,
-    );
+    let crossed = state
+        .usage
+        .crossed(scope, name, used, budget, state.usage_warn_at);
     if crossed {
         state.metrics.budget_warning(scope, name);
     }

@@ -137,9 +137,10 @@ impl Ledger {
         today.orgs.get(org).copied().unwrap_or(0)
     }
 
-    /// Whether `key`'s use of `budget` crossed `ratio` today for the first
-    /// time (a warning is due once a day).
-    pub fn crossed(&self, key: &str, used: u64, budget: u64, ratio: f64) -> bool {
+    /// Whether `name`'s (a caller's or an org's, by `scope`) use of
+    /// `budget` crossed `ratio` today for the first time (a warning is due
+    /// once a day).
+    pub fn crossed(&self, scope: &str, name: &str, used: u64, budget: u64, ratio: f64) -> bool {
         if budget == 0 || (used as f64) < ratio * budget as f64 {
             return false;
         }
@@ -148,7 +149,7 @@ impl Ledger {
         if warned.0 != day {
             *warned = (day, HashSet::new());
         }
-        warned.1.insert(key.to_owned())
+        warned.1.insert(format!("{scope}:{name}"))
     }
 
     /// What the counts say now: today, the rolling 24 hours and the last
@@ -357,10 +358,10 @@ mod tests {
     #[test]
     fn a_threshold_is_reported_once_a_day() {
         let ledger = Ledger::new(30, None);
-        assert!(!ledger.crossed("caller:a", 79, 100, 0.8));
-        assert!(ledger.crossed("caller:a", 80, 100, 0.8));
-        assert!(!ledger.crossed("caller:a", 90, 100, 0.8));
-        assert!(ledger.crossed("org:x", 90, 100, 0.8));
+        assert!(!ledger.crossed("caller", "a", 79, 100, 0.8));
+        assert!(ledger.crossed("caller", "a", 80, 100, 0.8));
+        assert!(!ledger.crossed("caller", "a", 90, 100, 0.8));
+        assert!(ledger.crossed("org", "a", 90, 100, 0.8));
     }
 
     #[test]

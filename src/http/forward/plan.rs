@@ -59,25 +59,19 @@ pub async fn plan(
             };
             let bytes = read_batch(body, &headers, admitted.policy(), &ctx).await?;
             requests = count::batch_operations(&bytes).max(1);
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-            headers.remove(header::TRANSFER_ENCODING);
-            Body::from(bytes)
+            whole(&mut headers, bytes)
         }
         None if writes_body(admitted, &parts.method, &headers) => {
             let bytes = read_checked_body(state, admitted, body, rest).await?;
             if count::is_bulk(api_path) {
                 requests = count::bulk_targets(&bytes).unwrap_or(1).max(1);
             }
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-            headers.remove(header::TRANSFER_ENCODING);
-            Body::from(bytes)
+            whole(&mut headers, bytes)
         }
         None if parts.method == Method::POST && count::is_bulk(api_path) => {
             let bytes = read_whole(body, admitted.policy().batch_buffer).await?;
             requests = count::bulk_targets(&bytes).unwrap_or(1).max(1);
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-            headers.remove(header::TRANSFER_ENCODING);
-            Body::from(bytes)
+            whole(&mut headers, bytes)
         }
         None => body,
     };
@@ -137,11 +131,7 @@ async fn read_checked_body(
     api_path: &str,
 ) -> Result<Bytes, ProxyError> {
     let policy = admitted.policy();
-    let limit = policy.batch_buffer;
-    let bytes = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit))
-        .await
-        .map_err(|e| caller_body_fault(&*e).unwrap_or(ProxyError::BodyTooLarge(limit)))?
-        .to_bytes();
+    let bytes = read_whole(body, policy.batch_buffer).await?;
     let map = super::tables::of(&admitted.org, state.upstream.response_timeout).await?;
     let rest = api_path[service_root(api_path).len()..].trim_start_matches('/');
     let rest = percent_encoding::percent_decode_str(rest).decode_utf8_lossy();
@@ -156,8 +146,9 @@ async fn read_checked_body(
     Ok(bytes)
 }
 
-/// Reads a bulk message whole (up to the policy's `batch_buffer`, as a
-/// `$batch`): its `Targets` are the Power Platform requests it is.
+/// Reads a body whole, up to `limit` (the policy's `batch_buffer`): a
+/// `$batch`, a write whose tables are checked, a bulk message whose
+/// `Targets` are counted.
 async fn read_whole(body: Body, limit: usize) -> Result<Bytes, ProxyError> {
     Ok(
         http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit))
@@ -165,6 +156,13 @@ async fn read_whole(body: Body, limit: usize) -> Result<Bytes, ProxyError> {
             .map_err(|e| caller_body_fault(&*e).unwrap_or(ProxyError::BodyTooLarge(limit)))?
             .to_bytes(),
     )
+}
+
+/// A body read whole, sent with its exact length.
+fn whole(headers: &mut HeaderMap, bytes: Bytes) -> Body {
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    headers.remove(header::TRANSFER_ENCODING);
+    Body::from(bytes)
 }
 
 /// Reads a `$batch` body whole (up to the policy's `batch_buffer`) and
@@ -176,11 +174,7 @@ async fn read_batch(
     policy: &Policy,
     ctx: &BatchContext<'_>,
 ) -> Result<Bytes, ProxyError> {
-    let limit = policy.batch_buffer;
-    let bytes = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit))
-        .await
-        .map_err(|e| caller_body_fault(&*e).unwrap_or(ProxyError::BodyTooLarge(limit)))?
-        .to_bytes();
+    let bytes = read_whole(body, policy.batch_buffer).await?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
